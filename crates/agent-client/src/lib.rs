@@ -1,0 +1,1 @@
+//! alcove-agent-client (placeholder until its layer lands).

@@ -1,0 +1,1 @@
+//! alcove-api (placeholder until its layer lands).

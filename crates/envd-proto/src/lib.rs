@@ -1,0 +1,1 @@
+//! alcove-envd-proto (placeholder until its layer lands).

@@ -1,0 +1,1 @@
+//! alcove-image (placeholder until its layer lands).

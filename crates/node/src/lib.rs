@@ -1,0 +1,1 @@
+//! alcove-node (placeholder until its layer lands).

@@ -1,0 +1,1 @@
+//! alcove-store (placeholder until its layer lands).

@@ -1,0 +1,1 @@
+//! alcove-vmm (placeholder until its layer lands).
