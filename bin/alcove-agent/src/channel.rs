@@ -131,7 +131,7 @@ impl Port for VirtioPort {
 
 /// Serves h2 sessions over `port` forever.
 pub async fn serve<P: Port>(port: Arc<P>, router: axum::Router) -> Result<(), ChannelError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::net::UnixStream>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<UnixStream>(1);
     let reader_port = Arc::clone(&port);
     let reader = std::thread::Builder::new()
         .name("channel-reader".into())
@@ -140,6 +140,14 @@ pub async fn serve<P: Port>(port: Arc<P>, router: axum::Router) -> Result<(), Ch
     let mut session_id: u64 = 0;
     while let Some(stream) = rx.recv().await {
         session_id += 1;
+        // Registering with the reactor must happen on the runtime, not in the reader thread.
+        let stream = match tokio::net::UnixStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(session_id, error = %e, "register the session socket");
+                continue;
+            }
+        };
         tracing::info!(session_id, "host channel session started");
         let router = router.clone();
         tokio::spawn(async move {
@@ -158,7 +166,7 @@ pub async fn serve<P: Port>(port: Arc<P>, router: axum::Router) -> Result<(), Ch
 /// Owns the port's read side: waits for a host, runs a session until it hangs up, repeats.
 fn reader_loop<P: Port>(
     port: Arc<P>,
-    sessions: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    sessions: tokio::sync::mpsc::Sender<UnixStream>,
 ) -> Result<(), ChannelError> {
     let mut buf = vec![0u8; 64 * 1024];
     // Whether the bytes now arriving belong to a session that already ended: they are dropped
@@ -178,10 +186,6 @@ fn reader_loop<P: Port>(
         agent_end
             .set_nonblocking(true)
             .map_err(ChannelError::SocketPair)?;
-        let agent_end = match tokio::net::UnixStream::from_std(agent_end) {
-            Ok(s) => s,
-            Err(e) => return Err(ChannelError::SocketPair(e)),
-        };
         if sessions.blocking_send(agent_end).is_err() {
             return Ok(());
         }
