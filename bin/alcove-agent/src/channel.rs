@@ -1,11 +1,18 @@
 //! The host channel: one virtio-serial port carrying a sequence of HTTP/2 (h2c) sessions.
 //!
 //! Session semantics (the host's snapshot/restore flow depends on them):
-//! - `read()` returning 0 means no host is connected. The current session, if any, ends; the
-//!   agent sleeps ~2 ms and reads again until data arrives.
-//! - The first data after that starts a brand-new h2 session (the host sends a fresh preface).
-//! - A write that finds the host gone (POLLHUP) ends the session; nothing ever blocks on a
-//!   disconnected host.
+//! - Every host connection begins with the HTTP/2 preface; a read that returns a chunk starting
+//!   with the preface starts a brand-new h2 session and ends the previous one, if any.
+//! - `read()` returning 0 means no host is connected *right now*; the agent sleeps (2 ms, backing
+//!   off to 16 ms while nobody connects) and reads again. It does not end the session: the guest
+//!   kernel handles the port-open/close notices and the data on separate paths, so a reconnecting
+//!   host's first bytes can arrive *before* the old host's close notice. Sessions are therefore
+//!   delimited by prefaces, not by disconnects.
+//! - Bytes that are neither a preface nor part of a live session are dropped.
+//! - Each session's output begins with `CHANNEL_SESSION_MARKER`; the host drops what precedes it
+//!   (the previous session's last frames, written while no host was connected).
+//! - A write that finds the host gone for longer than a grace period ends the session; nothing
+//!   ever blocks forever on a disconnected host.
 //!
 //! The port is opened once (virtio ports are exclusive-open). A reader thread owns reads and a
 //! per-session writer thread owns writes, so a blocking read never stops writes. Each session is
@@ -16,8 +23,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -28,6 +35,10 @@ use nix::sys::stat::Mode;
 /// Bytes a session begins with when the host speaks HTTP/2 with prior knowledge.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const RECONNECT_POLL: Duration = Duration::from_millis(2);
+/// The longest sleep between reads while no host is connected (idle guests stay cheap).
+const RECONNECT_POLL_MAX: Duration = Duration::from_millis(16);
+/// How long a write waits for a host that looks disconnected before the session is given up.
+const WRITE_HUP_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -113,6 +124,7 @@ impl Port for VirtioPort {
     }
 
     fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        let mut hup_since: Option<std::time::Instant> = None;
         loop {
             match nix::unistd::write(&self.fd, buf) {
                 Ok(n) => return Ok(n),
@@ -120,7 +132,15 @@ impl Port for VirtioPort {
                 Err(Errno::EAGAIN) => {
                     let revents = self.wait(PollFlags::POLLOUT, 100)?;
                     if revents.contains(PollFlags::POLLHUP) {
-                        return Err(io::ErrorKind::BrokenPipe.into());
+                        // A close notice can be stale (see the module doc): give the host a
+                        // moment to be seen as connected again before giving up on it.
+                        let since = *hup_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > WRITE_HUP_GRACE {
+                            return Err(io::ErrorKind::BrokenPipe.into());
+                        }
+                        std::thread::sleep(RECONNECT_POLL);
+                    } else {
+                        hup_since = None;
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -163,94 +183,132 @@ pub async fn serve<P: Port>(port: Arc<P>, router: axum::Router) -> Result<(), Ch
     }
 }
 
-/// Owns the port's read side: waits for a host, runs a session until it hangs up, repeats.
+/// One live session: the reader's end of the socket pair and the thread copying replies out.
+struct Session {
+    bridge: UnixStream,
+    writer: Option<std::thread::JoinHandle<()>>,
+    host_gone: Arc<AtomicBool>,
+}
+
+impl Session {
+    fn end(mut self) {
+        let _ = self.bridge.shutdown(std::net::Shutdown::Both);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Owns the port's read side: starts a session at every preface, feeds it, ends it when the
+/// next one starts or its side goes away.
 fn reader_loop<P: Port>(
     port: Arc<P>,
     sessions: tokio::sync::mpsc::Sender<UnixStream>,
 ) -> Result<(), ChannelError> {
     let mut buf = vec![0u8; 64 * 1024];
-    // Whether the bytes now arriving belong to a session that already ended: they are dropped
-    // until the host hangs up (or visibly starts over with a new preface).
-    let mut stale = false;
+    let mut current: Option<Session> = None;
+    let mut idle_sleep = RECONNECT_POLL;
+    // The session allowed to write to the port (see `writer_loop`).
+    let gate = Arc::new(Mutex::new(0u64));
     loop {
+        if let Some(s) = current.take_if(|s| s.host_gone.load(Ordering::Acquire)) {
+            s.end();
+        }
         let n = port.read(&mut buf).map_err(ChannelError::Read)?;
         if n == 0 {
-            stale = false;
-            std::thread::sleep(RECONNECT_POLL);
+            std::thread::sleep(idle_sleep);
+            idle_sleep = (idle_sleep * 2).min(RECONNECT_POLL_MAX);
             continue;
         }
-        if stale && !buf[..n].starts_with(H2_PREFACE) {
+        idle_sleep = RECONNECT_POLL;
+        let chunk = &buf[..n];
+        if chunk.starts_with(H2_PREFACE) {
+            let epoch = {
+                let mut g = gate.lock().unwrap_or_else(|e| e.into_inner());
+                *g += 1;
+                // Under the gate: no byte of an older session can follow the marker.
+                if let Err(e) = write_all(&*port, alcove_envd_proto::CHANNEL_SESSION_MARKER) {
+                    tracing::info!(error = %e, "could not start a session: the host is gone");
+                }
+                *g
+            };
+            if let Some(s) = current.take() {
+                s.end();
+            }
+            let (agent_end, bridge) = UnixStream::pair().map_err(ChannelError::SocketPair)?;
+            agent_end
+                .set_nonblocking(true)
+                .map_err(ChannelError::SocketPair)?;
+            if sessions.blocking_send(agent_end).is_err() {
+                return Ok(());
+            }
+            let session = start_session(&port, bridge, &gate, epoch);
+            current = Some(session);
+        }
+        let Some(session) = current.as_mut() else {
+            // Bytes of a session that already ended (its host left mid-request): drop them.
             continue;
+        };
+        if session.bridge.write_all(chunk).is_err() {
+            // The agent side closed the session; what the host still sends is stale.
+            if let Some(s) = current.take() {
+                s.end();
+            }
         }
-        let (agent_end, bridge) = UnixStream::pair().map_err(ChannelError::SocketPair)?;
-        agent_end
-            .set_nonblocking(true)
-            .map_err(ChannelError::SocketPair)?;
-        if sessions.blocking_send(agent_end).is_err() {
-            return Ok(());
-        }
-        stale = !run_session(&port, bridge, &buf[..n], &mut buf.clone());
     }
 }
 
-/// Shuttles one session's bytes. Returns true if the host hung up (clean end), false if the
-/// agent side ended first, in which case the host's further bytes are stale.
-fn run_session<P: Port>(
+fn start_session<P: Port>(
     port: &Arc<P>,
-    mut bridge: UnixStream,
-    first: &[u8],
-    buf: &mut [u8],
-) -> bool {
+    bridge: UnixStream,
+    gate: &Arc<Mutex<u64>>,
+    epoch: u64,
+) -> Session {
     let host_gone = Arc::new(AtomicBool::new(false));
-    let writer = match bridge.try_clone() {
-        Ok(out) => {
-            let port = Arc::clone(port);
-            let host_gone = Arc::clone(&host_gone);
-            std::thread::Builder::new()
-                .name("channel-writer".into())
-                .spawn(move || writer_loop(port, out, host_gone))
-                .ok()
-        }
-        Err(_) => None,
-    };
-    let mut clean = true;
-    if bridge.write_all(first).is_err() {
-        clean = false;
-    } else {
-        loop {
-            if host_gone.load(Ordering::Acquire) {
-                break;
-            }
-            match port.read(buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if bridge.write_all(&buf[..n]).is_err() {
-                        clean = false;
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "read from the host channel");
-                    break;
-                }
-            }
-        }
+    let writer = bridge.try_clone().ok().and_then(|out| {
+        let port = Arc::clone(port);
+        let host_gone = Arc::clone(&host_gone);
+        let gate = Arc::clone(gate);
+        std::thread::Builder::new()
+            .name("channel-writer".into())
+            .spawn(move || writer_loop(port, out, host_gone, gate, epoch))
+            .ok()
+    });
+    Session {
+        bridge,
+        writer,
+        host_gone,
     }
-    let _ = bridge.shutdown(std::net::Shutdown::Both);
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
-    clean
 }
 
 /// Copies the session's output to the port until the session closes or the host goes away.
-fn writer_loop<P: Port>(port: Arc<P>, mut from_agent: UnixStream, host_gone: Arc<AtomicBool>) {
+fn write_all<P: Port>(port: &P, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = port.write(data)?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Only the newest session may write: an ended session's last frames (hyper's GOAWAY as it shuts
+/// down) must never reach the host that replaced it.
+fn writer_loop<P: Port>(
+    port: Arc<P>,
+    mut from_agent: UnixStream,
+    host_gone: Arc<AtomicBool>,
+    gate: Arc<Mutex<u64>>,
+    epoch: u64,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from_agent.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let current = gate.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != epoch {
+            return;
+        }
         let mut off = 0;
         while off < n {
             match port.write(&buf[off..n]) {

@@ -18,6 +18,11 @@ use common::{sh, text};
 #[derive(Default)]
 struct Wire {
     connected: bool,
+    /// Reads that return 0 although a host is connected: a close notice that the guest kernel
+    /// handles after the next host's first bytes.
+    stale_eofs: usize,
+    /// Reads served since the current host connected.
+    reads: usize,
     epoch: u64,
     to_guest: VecDeque<u8>,
     to_host: VecDeque<u8>,
@@ -37,11 +42,17 @@ impl Port for FakePort {
             if !w.connected {
                 return Ok(0);
             }
+            // The late notice lands after the new host's first chunk, in front of its next one.
+            if w.stale_eofs > 0 && w.reads > 0 && !w.to_guest.is_empty() {
+                w.stale_eofs -= 1;
+                return Ok(0);
+            }
             if !w.to_guest.is_empty() {
                 let n = buf.len().min(w.to_guest.len());
                 for (i, b) in w.to_guest.drain(..n).enumerate() {
                     buf[i] = b;
                 }
+                w.reads += 1;
                 return Ok(n);
             }
             w = self
@@ -71,6 +82,7 @@ impl FakePort {
             let mut w = self.wire.lock().unwrap();
             w.connected = true;
             w.epoch += 1;
+            w.reads = 0;
             w.to_guest.clear();
             w.to_host.clear();
             w.epoch
@@ -139,7 +151,9 @@ async fn sessions_restart_after_the_host_reconnects() {
     tokio::spawn(channel::serve(Arc::clone(&port), router));
 
     // First host connection: a background process and a normal run.
-    let client = AgentClient::connect(port.connect(), quick()).await.unwrap();
+    let client = AgentClient::connect_channel(port.connect(), quick())
+        .await
+        .unwrap();
     client.health().await.unwrap();
     let out = client.run(sh("echo first")).await.unwrap();
     assert_eq!(text(&out.stdout), "first\n");
@@ -157,7 +171,9 @@ async fn sessions_restart_after_the_host_reconnects() {
 
     // A new host connection starts a new session on the same port, several times over.
     for round in 0..3 {
-        let client = AgentClient::connect(port.connect(), quick()).await.unwrap();
+        let client = AgentClient::connect_channel(port.connect(), quick())
+            .await
+            .unwrap();
         client.health().await.unwrap();
         let out = client
             .run(sh(&format!("echo round {round}")))
@@ -180,11 +196,42 @@ async fn large_output_crosses_the_channel() {
         Arc::clone(&port),
         alcove_agent::api::router(state),
     ));
-    let client = AgentClient::connect(port.connect(), quick()).await.unwrap();
+    let client = AgentClient::connect_channel(port.connect(), quick())
+        .await
+        .unwrap();
     let out = client
         .run(sh("head -c 5000000 /dev/zero | tr '\\0' a"))
         .await
         .unwrap();
     assert_eq!(out.stdout.len(), 5_000_000);
     assert!(out.stdout.iter().all(|&b| b == b'a'));
+}
+
+/// A host that reconnects faster than the guest notices the old one left: the new connection's
+/// bytes arrive with no disconnect seen in between, and the old close notice shows up late as a
+/// read of 0 in the middle of the new session. Neither may cost the new session its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_reconnects_and_stale_close_notices_keep_sessions_whole() {
+    let port = Arc::new(FakePort::default());
+    let state = AgentState::new(StateConfig {
+        touch_system: false,
+        output_buffer: 1 << 20,
+    });
+    tokio::spawn(channel::serve(
+        Arc::clone(&port),
+        alcove_agent::api::router(state),
+    ));
+    for round in 0..5 {
+        // No disconnect() between hosts: the next connect replaces the wire at once.
+        let client = AgentClient::connect_channel(port.connect(), quick())
+            .await
+            .unwrap();
+        client.health().await.unwrap();
+        port.wire.lock().unwrap().stale_eofs = 1;
+        let out = client
+            .run(sh(&format!("echo round {round}")))
+            .await
+            .unwrap();
+        assert_eq!(text(&out.stdout), format!("round {round}\n"));
+    }
 }

@@ -28,6 +28,8 @@ use alcove_envd_proto::process::{self as pb, process_event, process_input, proce
 
 pub use alcove_envd_proto;
 
+pub mod channel;
+
 /// Request body type of [`AgentClient::send`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type AgentBody = BoxBody<Bytes, BoxError>;
@@ -185,6 +187,15 @@ impl AgentClient {
             }
         });
         Ok(AgentClient { sender, timeouts })
+    }
+
+    /// Like [`AgentClient::connect`], over the agent's virtio-serial channel: stale bytes of the
+    /// previous session are skipped up to the agent's session marker.
+    pub async fn connect_channel<IO>(io: IO, timeouts: Timeouts) -> Result<AgentClient, ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::connect(channel::SkipToSession::new(io), timeouts).await
     }
 
     pub fn timeouts(&self) -> Timeouts {

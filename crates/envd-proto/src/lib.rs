@@ -21,3 +21,9 @@ pub mod filesystem {
 pub mod connect;
 
 pub use pbjson_types::Timestamp;
+
+/// Written by the agent on the virtio-serial channel at the start of every HTTP/2 session,
+/// before the server's SETTINGS frame. A host that reconnects can receive the last bytes of the
+/// previous session first (written while no host was connected); it drops everything up to this
+/// marker. Only the channel uses it: the agent's TCP listener speaks plain HTTP.
+pub const CHANNEL_SESSION_MARKER: &[u8] = b"\0alcove-session\0";

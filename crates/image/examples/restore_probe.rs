@@ -14,7 +14,13 @@ async fn main() {
     let vmm = QemuVmm::new(alcove_vmm::accel::detect(None));
     let progress: alcove_image::build::Progress = Arc::new(|e| eprintln!("{e:?}"));
     let recipe = alcove_image::Recipe::builtin("base").unwrap();
-    let opts = alcove_image::BuildOptions { cache_dir: cache.clone(), agent_bin: agent, vmm: vmm.clone(), force: false, progress };
+    let opts = alcove_image::BuildOptions {
+        cache_dir: cache.clone(),
+        agent_bin: agent,
+        vmm: vmm.clone(),
+        force: false,
+        progress,
+    };
     let t = alcove_image::build_template(&recipe, &opts).await.unwrap();
     println!("template {} built in {:.1}s", t.key, t.build_secs);
     for i in 0..n {
@@ -23,13 +29,28 @@ async fn main() {
         std::fs::copy(&t.overlay, &disk).unwrap();
         let mut spec = alcove_image::build::spec_for(&t.recipe, dir.path(), &t.kernel);
         spec.ram_file = t.mem.clone();
-        spec.disk = Disk { path: disk, format: DiskFormat::Qcow2, read_only: false };
+        spec.disk = Disk {
+            path: disk,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        };
         let t0 = Instant::now();
         let (vm, timings) = vmm.restore(&spec, &t.state).await.unwrap();
         let total = t0.elapsed();
-        tokio::time::sleep(std::time::Duration::from_millis(if i == 0 { 3000 } else { 300 })).await;
-        if i == 0 { let _ = std::process::Command::new("sh").arg("/tmp/pss.sh").status(); }
-        println!("restore {i}: {timings:?} total {total:?} pid {} console tail: {:?}", vm.pid(), vm.console().tail(2));
+        tokio::time::sleep(std::time::Duration::from_millis(if i == 0 {
+            3000
+        } else {
+            300
+        }))
+        .await;
+        if i == 0 {
+            let _ = std::process::Command::new("sh").arg("/tmp/pss.sh").status();
+        }
+        println!(
+            "restore {i}: {timings:?} total {total:?} pid {} console tail: {:?}",
+            vm.pid(),
+            vm.console().tail(2)
+        );
         vm.kill().await;
     }
 }

@@ -30,8 +30,15 @@ pub type Progress = Arc<dyn Fn(ProgressEvent) + Send + Sync>;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProgressEvent {
-    Step { index: u32, total: u32, name: String, cached: bool },
-    Line { text: String },
+    Step {
+        index: u32,
+        total: u32,
+        name: String,
+        cached: bool,
+    },
+    Line {
+        text: String,
+    },
 }
 
 pub struct BuildOptions {
@@ -73,7 +80,11 @@ impl Template {
         if got != self.state_sha256 {
             return Err(ImageError::Corrupt {
                 name: self.name.clone(),
-                detail: format!("device state {} has checksum {got}, expected {}", self.state.display(), self.state_sha256),
+                detail: format!(
+                    "device state {} has checksum {got}, expected {}",
+                    self.state.display(),
+                    self.state_sha256
+                ),
             });
         }
         Ok(())
@@ -86,12 +97,19 @@ impl Template {
         if got != self.mem_sha256 {
             return Err(ImageError::Corrupt {
                 name: self.name.clone(),
-                detail: format!("RAM file {} has checksum {got}, expected {}", self.mem.display(), self.mem_sha256),
+                detail: format!(
+                    "RAM file {} has checksum {got}, expected {}",
+                    self.mem.display(),
+                    self.mem_sha256
+                ),
             });
         }
         for p in [&self.kernel, &self.disk, &self.overlay] {
             if !p.exists() {
-                return Err(ImageError::Corrupt { name: self.name.clone(), detail: format!("{} is missing", p.display()) });
+                return Err(ImageError::Corrupt {
+                    name: self.name.clone(),
+                    detail: format!("{} is missing", p.display()),
+                });
             }
         }
         Ok(())
@@ -129,13 +147,28 @@ pub fn load_template(cache: &Path, name: &str) -> Result<Template, ImageError> {
         Err(_) => return Err(ImageError::UnknownTemplate(name.to_string())),
     };
     let manifest = templates_dir(cache).join(&key).join("manifest.json");
-    let text = std::fs::read_to_string(&manifest).map_err(|_| ImageError::UnknownTemplate(name.to_string()))?;
-    let t: Template = serde_json::from_str(&text)
-        .map_err(|e| ImageError::Corrupt { name: name.to_string(), detail: format!("manifest: {e}") })?;
+    let text = std::fs::read_to_string(&manifest)
+        .map_err(|_| ImageError::UnknownTemplate(name.to_string()))?;
+    let t: Template = serde_json::from_str(&text).map_err(|e| ImageError::Corrupt {
+        name: name.to_string(),
+        detail: format!("manifest: {e}"),
+    })?;
     if t.manifest_version != MANIFEST_VERSION {
-        return Err(ImageError::Corrupt { name: name.to_string(), detail: "manifest from another Alcove version".into() });
+        return Err(ImageError::Corrupt {
+            name: name.to_string(),
+            detail: "manifest from another Alcove version".into(),
+        });
     }
     Ok(t)
+}
+
+/// A template by its exact build key (what a sandbox was made from, even if `name` was rebuilt since).
+pub fn load_template_key(cache: &Path, key: &str) -> Result<Template, ImageError> {
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ImageError::UnknownTemplate(key.to_string()));
+    }
+    load_template_dir(&templates_dir(cache).join(key))
+        .map_err(|_| ImageError::UnknownTemplate(key.to_string()))
 }
 
 /// Names of templates that have a complete build.
@@ -175,7 +208,10 @@ async fn run_script(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| ImageError::Step { step, detail: format!("cannot run bash: {e}") })?;
+        .map_err(|e| ImageError::Step {
+            step,
+            detail: format!("cannot run bash: {e}"),
+        })?;
     let stderr = child.stderr.take().expect("piped");
     let p = progress.clone();
     let tail = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -191,16 +227,28 @@ async fn run_script(
             }
         }
     });
-    let out = child.wait_with_output().await.map_err(|e| ImageError::Step { step, detail: e.to_string() })?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| ImageError::Step {
+            step,
+            detail: e.to_string(),
+        })?;
     let _ = pump.await;
     if !out.status.success() {
         let t = tail.lock().expect("tail lock").join("\n");
-        return Err(ImageError::Step { step, detail: format!("{}; last output:\n{t}", out.status) });
+        return Err(ImageError::Step {
+            step,
+            detail: format!("{}; last output:\n{t}", out.status),
+        });
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = stdout.lines().last().unwrap_or("").trim();
     if path.is_empty() {
-        return Err(ImageError::Step { step, detail: "the script printed no output path".into() });
+        return Err(ImageError::Step {
+            step,
+            detail: "the script printed no output path".into(),
+        });
     }
     Ok(PathBuf::from(path))
 }
@@ -210,20 +258,34 @@ async fn run_cmd(step: &'static str, cmd: &mut tokio::process::Command) -> Resul
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| ImageError::Step { step, detail: format!("cannot start: {e}") })?;
+        .map_err(|e| ImageError::Step {
+            step,
+            detail: format!("cannot start: {e}"),
+        })?;
     if !out.status.success() {
         let mut detail = format!("{}", out.status);
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err.lines().collect();
-        detail.push_str(&format!("; stderr:\n{}", lines[lines.len().saturating_sub(20)..].join("\n")));
+        detail.push_str(&format!(
+            "; stderr:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        ));
         return Err(ImageError::Step { step, detail });
     }
     Ok(())
 }
 
 async fn qemu_version(vmm: &QemuVmm) -> String {
-    match tokio::process::Command::new(&vmm.binary).arg("--version").output().await {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string(),
+    match tokio::process::Command::new(&vmm.binary)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
         Err(_) => String::new(),
     }
 }
@@ -233,21 +295,37 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
     let started = Instant::now();
     let total = 6;
     let step = |index: u32, name: &str, cached: bool| {
-        (opts.progress)(ProgressEvent::Step { index, total, name: name.to_string(), cached })
+        (opts.progress)(ProgressEvent::Step {
+            index,
+            total,
+            name: name.to_string(),
+            cached,
+        })
     };
     let cache = &opts.cache_dir;
 
-    step(1, "guest kernel", false);
-    let kernel = run_script("guest kernel build", &[("build.sh", KERNEL_SCRIPT), ("config", KERNEL_CONFIG)], cache, &opts.progress)
-        .await?;
-    step(2, "base root file system", false);
-    let base = run_script(
-        "base rootfs build",
-        &[("build-base.sh", ROOTFS_SCRIPT), ("packages.txt", ROOTFS_PACKAGES)],
-        cache,
-        &opts.progress,
-    )
-    .await?;
+    // The kernel build is CPU-bound and the rootfs build mostly waits on the Debian mirror: run
+    // them side by side.
+    step(1, "guest kernel and base root file system", false);
+    let (kernel, base) = tokio::join!(
+        run_script(
+            "guest kernel build",
+            &[("build.sh", KERNEL_SCRIPT), ("config", KERNEL_CONFIG)],
+            cache,
+            &opts.progress
+        ),
+        run_script(
+            "base rootfs build",
+            &[
+                ("build-base.sh", ROOTFS_SCRIPT),
+                ("packages.txt", ROOTFS_PACKAGES)
+            ],
+            cache,
+            &opts.progress,
+        )
+    );
+    let (kernel, base) = (kernel?, base?);
+    step(2, "agent binary", false);
 
     let agent_sha = sha256_file(&opts.agent_bin)?;
     let mut h = Sha256::new();
@@ -258,7 +336,14 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
     h.update(agent_sha.as_bytes());
     h.update(qemu_version(&opts.vmm).await.as_bytes());
     h.update(opts.vmm.accel.accel.as_str().as_bytes());
-    h.update(alcove_vmm::qemu::QemuVmm::args(&opts.vmm, &spec_for(recipe, Path::new("/"), &kernel), false).join(" "));
+    h.update(
+        alcove_vmm::qemu::QemuVmm::args(
+            &opts.vmm,
+            &spec_for(recipe, Path::new("/"), &kernel),
+            false,
+        )
+        .join(" "),
+    );
     let key = hex::encode(&h.finalize()[..8]);
     let dir = templates_dir(cache).join(&key);
 
@@ -288,7 +373,11 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
     let mut spec = spec_for(recipe, &run_dir, &kernel);
     spec.ram_file = dir.join("mem");
     spec.ram_shared = true;
-    spec.disk = Disk { path: disk.clone(), format: DiskFormat::Raw, read_only: false };
+    spec.disk = Disk {
+        path: disk.clone(),
+        format: DiskFormat::Raw,
+        read_only: false,
+    };
     let boot_started = Instant::now();
     let vm = opts.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
     let ready = tokio::select! {
@@ -301,7 +390,12 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
         return Err(ImageError::NotReady(READY_TIMEOUT, tail));
     }
     let boot_to_ready = boot_started.elapsed();
-    (opts.progress)(ProgressEvent::Line { text: format!("[template] agent ready {:.1} s after boot", boot_to_ready.as_secs_f64()) });
+    (opts.progress)(ProgressEvent::Line {
+        text: format!(
+            "[template] agent ready {:.1} s after boot",
+            boot_to_ready.as_secs_f64()
+        ),
+    });
 
     step(5, "snapshot", false);
     let state = dir.join("state");
@@ -334,7 +428,10 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
         state,
         overlay,
         accel: opts.vmm.accel.accel.as_str().to_string(),
-        built_at_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        built_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         build_secs: started.elapsed().as_secs_f64(),
         boot_to_ready_secs: boot_to_ready.as_secs_f64(),
     };
@@ -355,7 +452,10 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
 
 fn load_template_dir(dir: &Path) -> Result<Template, ImageError> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(io(dir))?;
-    serde_json::from_str(&text).map_err(|e| ImageError::Corrupt { name: dir.display().to_string(), detail: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ImageError::Corrupt {
+        name: dir.display().to_string(),
+        detail: e.to_string(),
+    })
 }
 
 fn make_writable(dir: &Path) {
@@ -385,17 +485,34 @@ pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
         mem_mib: recipe.memory_mib,
         ram_file: PathBuf::new(),
         ram_shared: false,
-        disk: Disk { path: PathBuf::new(), format: DiskFormat::Qcow2, read_only: false },
+        disk: Disk {
+            path: PathBuf::new(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        },
         limits: None,
     }
 }
 
 /// Unpacks the base rootfs, applies the recipe, installs the agent and makes the ext4 image.
-async fn make_disk(recipe: &Recipe, base: &Path, agent: &Path, dir: &Path, disk: &Path) -> Result<(), ImageError> {
+async fn make_disk(
+    recipe: &Recipe,
+    base: &Path,
+    agent: &Path,
+    dir: &Path,
+    disk: &Path,
+) -> Result<(), ImageError> {
     let root = dir.join("rootfs");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
-    run_cmd("unpacking the base rootfs", tokio::process::Command::new("tar").arg("-xf").arg(base).arg("-C").arg(&root))
-        .await?;
+    run_cmd(
+        "unpacking the base rootfs",
+        tokio::process::Command::new("tar")
+            .arg("-xf")
+            .arg(base)
+            .arg("-C")
+            .arg(&root),
+    )
+    .await?;
 
     let mut script = String::new();
     if !recipe.apt.is_empty() {
@@ -405,10 +522,16 @@ async fn make_disk(recipe: &Recipe, base: &Path, agent: &Path, dir: &Path, disk:
         ));
     }
     if !recipe.pip.is_empty() {
-        script.push_str(&format!("pip install --no-cache-dir -q {}\n", shell_words(&recipe.pip)));
+        script.push_str(&format!(
+            "pip install --no-cache-dir -q {}\n",
+            shell_words(&recipe.pip)
+        ));
     }
     if !recipe.npm.is_empty() {
-        script.push_str(&format!("npm install -g --no-fund --no-audit {}\n", shell_words(&recipe.npm)));
+        script.push_str(&format!(
+            "npm install -g --no-fund --no-audit {}\n",
+            shell_words(&recipe.npm)
+        ));
     }
     for cmd in &recipe.run {
         script.push_str(cmd);
@@ -448,18 +571,31 @@ async fn make_disk(recipe: &Recipe, base: &Path, agent: &Path, dir: &Path, disk:
         "workdir": "/home/user",
     });
     let cfg_path = etc.join("template.json");
-    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).expect("serialises")).map_err(io(&cfg_path))?;
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_vec_pretty(&cfg).expect("serialises"),
+    )
+    .map_err(io(&cfg_path))?;
     let agent_dst = root.join(AGENT_GUEST_PATH.trim_start_matches('/'));
     std::fs::copy(agent, &agent_dst).map_err(io(&agent_dst))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&agent_dst, std::fs::Permissions::from_mode(0o755)).map_err(io(&agent_dst))?;
+        std::fs::set_permissions(&agent_dst, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&agent_dst))?;
     }
 
     run_cmd(
         "making the ext4 image",
         tokio::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "alcove-root", "-E", "root_owner=0:0", "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "alcove-root",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+            ])
             .arg(&root)
             .arg(disk)
             .arg(format!("{}M", recipe.disk_mib)),
@@ -470,7 +606,11 @@ async fn make_disk(recipe: &Recipe, base: &Path, agent: &Path, dir: &Path, disk:
 }
 
 fn shell_words(words: &[String]) -> String {
-    words.iter().map(|w| format!("'{}'", w.replace('\'', "'\\''"))).collect::<Vec<_>>().join(" ")
+    words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -479,7 +619,10 @@ mod tests {
 
     #[test]
     fn shell_words_quotes() {
-        assert_eq!(shell_words(&["a b".into(), "it's".into()]), "'a b' 'it'\\''s'");
+        assert_eq!(
+            shell_words(&["a b".into(), "it's".into()]),
+            "'a b' 'it'\\''s'"
+        );
     }
 
     #[test]

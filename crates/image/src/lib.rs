@@ -20,7 +20,9 @@ pub use recipe::Recipe;
 pub enum ImageError {
     #[error("template recipe is invalid: {0}")]
     Recipe(String),
-    #[error("unknown template `{0}`: build it with `alcove template build {0}` (built-in recipes: base)")]
+    #[error(
+        "unknown template `{0}`: build it with `alcove template build {0}` (built-in recipes: base)"
+    )]
     UnknownTemplate(String),
     #[error("{step} failed: {detail}")]
     Step { step: &'static str, detail: String },
@@ -28,8 +30,12 @@ pub enum ImageError {
     Io(String, #[source] std::io::Error),
     #[error("booting the template VM")]
     Boot(#[source] alcove_vmm::VmmError),
-    #[error("the template VM did not print the agent's ready line within {0:?}; console tail:\n{1}")]
+    #[error(
+        "the template VM did not print the agent's ready line within {0:?}; console tail:\n{1}"
+    )]
     NotReady(std::time::Duration, String),
-    #[error("template `{name}` is corrupt: {detail}; rebuild it with `alcove template build {name} --force`")]
+    #[error(
+        "template `{name}` is corrupt: {detail}; rebuild it with `alcove template build {name} --force`"
+    )]
     Corrupt { name: String, detail: String },
 }

@@ -77,22 +77,36 @@ impl Recipe {
         let bad = |m: String| Err(ImageError::Recipe(m));
         if self.name.is_empty()
             || self.name.len() > 64
-            || !self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         {
-            return bad(format!("name `{}` must be 1-64 chars of a-z, 0-9, - and _", self.name));
+            return bad(format!(
+                "name `{}` must be 1-64 chars of a-z, 0-9, - and _",
+                self.name
+            ));
         }
         if !(1..=16).contains(&self.vcpus) {
             return bad(format!("vcpus = {} is out of range 1..=16", self.vcpus));
         }
         if !(128..=65536).contains(&self.memory_mib) {
-            return bad(format!("memory_mib = {} is out of range 128..=65536", self.memory_mib));
+            return bad(format!(
+                "memory_mib = {} is out of range 128..=65536",
+                self.memory_mib
+            ));
         }
         if !(1024..=1_048_576).contains(&self.disk_mib) {
-            return bad(format!("disk_mib = {} is out of range 1024..=1048576", self.disk_mib));
+            return bad(format!(
+                "disk_mib = {} is out of range 1024..=1048576",
+                self.disk_mib
+            ));
         }
         for path in self.files.keys() {
             if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-                return bad(format!("file path `{path}` must be absolute and must not contain `..`"));
+                return bad(format!(
+                    "file path `{path}` must be absolute and must not contain `..`"
+                ));
             }
         }
         Ok(())

@@ -1,1 +1,46 @@
-//! alcove-node (placeholder until its layer lands).
+//! Sandbox lifecycle on one host: create (restore a template snapshot), track, run commands, kill
+//! and clean up. Every sandbox has a directory `<data>/sandboxes/<id>/` holding its record
+//! (`record.json`), its disk overlay and the VM's sockets; the record is the source of truth across
+//! processes, so the CLI, a server and a restarted server all see the same sandboxes.
+//!
+//! Invariants: a killed sandbox leaves nothing behind (no process, socket, overlay or record); a
+//! sandbox whose VM dies on its own keeps only its record, with the reason, until it is removed.
+//! Called by the `alcove` CLI and by the API server's backend.
+
+pub mod lifecycle;
+mod node;
+
+pub use lifecycle::SandboxState;
+pub use node::{
+    CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, SandboxInfo, new_sandbox_id,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(
+        "sandbox `{0}` does not exist (it was killed, timed out, or never existed); list sandboxes with `alcove sandbox ls`"
+    )]
+    NotFound(String),
+    #[error("sandbox `{id}` is not running ({state}); create a new sandbox")]
+    NotRunning { id: String, state: String },
+    #[error("template problem")]
+    Image(#[from] alcove_image::ImageError),
+    #[error("starting the sandbox VM")]
+    Vmm(#[from] alcove_vmm::VmmError),
+    #[error("talking to the sandbox agent")]
+    Agent(#[from] alcove_agent_client::ClientError),
+    #[error("the sandbox agent did not answer within {0:?}")]
+    AgentTimeout(std::time::Duration),
+    #[error("i/o on {0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("sandbox `{id}` is not paused ({state}); only a paused sandbox can be resumed")]
+    NotPaused { id: String, state: String },
+    #[error(
+        "the paused state of sandbox `{id}` is corrupt ({detail}); it was left as it is and cannot be resumed"
+    )]
+    CorruptSnapshot { id: String, detail: String },
+    #[error(
+        "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
+    )]
+    Capacity(usize),
+}

@@ -33,9 +33,15 @@ pub fn detect(forced: Option<Accel>) -> AccelChoice {
 
 fn detect_in(root: &Path, forced: Option<Accel>) -> AccelChoice {
     if let Some(accel) = forced {
-        return AccelChoice { accel, reason: format!("forced to {} by configuration", accel.as_str()) };
+        return AccelChoice {
+            accel,
+            reason: format!("forced to {} by configuration", accel.as_str()),
+        };
     }
-    let tcg = |reason: &str| AccelChoice { accel: Accel::Tcg, reason: reason.to_string() };
+    let tcg = |reason: &str| AccelChoice {
+        accel: Accel::Tcg,
+        reason: reason.to_string(),
+    };
     if !root.join("dev/kvm").exists() {
         return tcg("/dev/kvm does not exist; using TCG (software emulation, much slower)");
     }
@@ -48,8 +54,15 @@ fn detect_in(root: &Path, forced: Option<Accel>) -> AccelChoice {
     if !(root.join("sys/module/kvm_intel").exists() || root.join("sys/module/kvm_amd").exists()) {
         return tcg("/dev/kvm exists but neither kvm_intel nor kvm_amd is loaded; using TCG");
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open(root.join("dev/kvm")) {
-        Ok(_) => AccelChoice { accel: Accel::Kvm, reason: "hardware KVM".to_string() },
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("dev/kvm"))
+    {
+        Ok(_) => AccelChoice {
+            accel: Accel::Kvm,
+            reason: "hardware KVM".to_string(),
+        },
         Err(e) => tcg(&format!("/dev/kvm cannot be opened ({e}); using TCG")),
     }
 }

@@ -42,9 +42,17 @@ impl VmCgroup {
             std::fs::write(dir.join("memory.swap.max"), "0").ok();
             std::fs::write(dir.join("pids.max"), limits.max_tasks.to_string())?;
             std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-            return Ok(VmCgroup { memory_dir: Some(dir.clone()), dirs: vec![dir], v2: true });
+            return Ok(VmCgroup {
+                memory_dir: Some(dir.clone()),
+                dirs: vec![dir],
+                v2: true,
+            });
         }
-        let mut cg = VmCgroup { dirs: Vec::new(), memory_dir: None, v2: false };
+        let mut cg = VmCgroup {
+            dirs: Vec::new(),
+            memory_dir: None,
+            v2: false,
+        };
         let mut attach = |controller: &str, settings: &[(&str, String)]| -> std::io::Result<()> {
             let base = root.join(controller);
             if !base.join("cgroup.procs").exists() {
@@ -62,8 +70,17 @@ impl VmCgroup {
             cg.dirs.push(dir);
             Ok(())
         };
-        attach("cpu", &[("cpu.cfs_period_us", PERIOD_US.to_string()), ("cpu.cfs_quota_us", quota.to_string())])?;
-        attach("memory", &[("memory.limit_in_bytes", limits.memory_bytes.to_string())])?;
+        attach(
+            "cpu",
+            &[
+                ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ],
+        )?;
+        attach(
+            "memory",
+            &[("memory.limit_in_bytes", limits.memory_bytes.to_string())],
+        )?;
         attach("pids", &[("pids.max", limits.max_tasks.to_string())])?;
         Ok(cg)
     }
@@ -73,29 +90,78 @@ impl VmCgroup {
         let root = Path::new(ROOT);
         if root.join("cgroup.controllers").exists() {
             let dir = root.join("alcove").join(name);
-            return VmCgroup { memory_dir: Some(dir.clone()), dirs: vec![dir], v2: true };
+            return VmCgroup {
+                memory_dir: Some(dir.clone()),
+                dirs: vec![dir],
+                v2: true,
+            };
         }
-        let dirs: Vec<PathBuf> = ["cpu", "memory", "pids"].iter().map(|c| root.join(c).join("alcove").join(name)).filter(|d| d.exists()).collect();
-        let memory_dir = dirs.iter().find(|d| d.starts_with(root.join("memory"))).cloned();
-        VmCgroup { dirs, memory_dir, v2: false }
+        let dirs: Vec<PathBuf> = ["cpu", "memory", "pids"]
+            .iter()
+            .map(|c| root.join(c).join("alcove").join(name))
+            .filter(|d| d.exists())
+            .collect();
+        let memory_dir = dirs
+            .iter()
+            .find(|d| d.starts_with(root.join("memory")))
+            .cloned();
+        VmCgroup {
+            dirs,
+            memory_dir,
+            v2: false,
+        }
     }
 
     /// Whether the kernel's OOM killer acted in this cgroup (so a SIGKILL can be explained).
     pub fn oom_killed(&self) -> bool {
-        let Some(dir) = &self.memory_dir else { return false };
-        let (file, key) = if self.v2 { ("memory.events", "oom_kill") } else { ("memory.oom_control", "oom_kill") };
+        let Some(dir) = &self.memory_dir else {
+            return false;
+        };
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill")
+        } else {
+            ("memory.oom_control", "oom_kill")
+        };
         std::fs::read_to_string(dir.join(file))
             .ok()
-            .and_then(|t| t.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .is_some_and(|n| n > 0)
     }
 
-    /// Removes the directories; call after the process has exited.
+    /// Removes the directories; call after the process has exited. A process that exited but is
+    /// not reaped yet (its parent was a CLI invocation that is gone) still pins its cgroup, so
+    /// busy directories are retried from a background thread for a few seconds.
     pub fn remove(&self) {
-        for d in &self.dirs {
-            if let Err(e) = std::fs::remove_dir(d) {
-                tracing::warn!(dir = %d.display(), error = %e, "could not remove cgroup");
-            }
+        let busy: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .filter(|d| std::fs::remove_dir(d).is_err() && d.exists())
+            .cloned()
+            .collect();
+        if busy.is_empty() {
+            return;
         }
+        std::thread::spawn(move || {
+            for d in busy {
+                let mut last = None;
+                for _ in 0..50 {
+                    match std::fs::remove_dir(&d) {
+                        Ok(()) => {
+                            last = None;
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                if let Some(e) = last {
+                    tracing::warn!(dir = %d.display(), error = %e, "could not remove cgroup");
+                }
+            }
+        });
     }
 }

@@ -27,7 +27,13 @@ struct Ring {
 
 impl Default for Console {
     fn default() -> Self {
-        Console { inner: Arc::new(Mutex::new(Ring { buf: Vec::new(), total: 0 })), changed: watch::channel(0).0 }
+        Console {
+            inner: Arc::new(Mutex::new(Ring {
+                buf: Vec::new(),
+                total: 0,
+            })),
+            changed: watch::channel(0).0,
+        }
     }
 }
 

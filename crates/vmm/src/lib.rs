@@ -80,7 +80,10 @@ pub enum ExitReason {
     /// The host's OOM killer ended QEMU: the VM used more host memory than its cap.
     OutOfMemory,
     /// QEMU exited on its own with this status (crash, bad config, guest panic with panic=-1).
-    Exited { code: Option<i32>, signal: Option<i32> },
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 impl std::fmt::Display for ExitReason {
@@ -88,11 +91,18 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::GuestShutdown => write!(f, "the guest shut down"),
             ExitReason::OutOfMemory => {
-                write!(f, "the VM was killed by the host's out-of-memory killer (it exceeded its memory cap)")
+                write!(
+                    f,
+                    "the VM was killed by the host's out-of-memory killer (it exceeded its memory cap)"
+                )
             }
             ExitReason::Exited { code: Some(c), .. } => write!(f, "qemu exited with status {c}"),
-            ExitReason::Exited { signal: Some(s), .. } => {
-                let name = nix::sys::signal::Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("unknown");
+            ExitReason::Exited {
+                signal: Some(s), ..
+            } => {
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown");
                 write!(f, "qemu was killed by signal {s} ({name})")
             }
             ExitReason::Exited { .. } => write!(f, "qemu exited"),
@@ -109,7 +119,11 @@ pub enum VmmError {
     #[error("control socket error")]
     Qmp(#[from] qmp::QmpError),
     #[error("the hypervisor exited during {stage}: {reason}; console tail: {console}")]
-    DiedDuring { stage: &'static str, reason: ExitReason, console: String },
+    DiedDuring {
+        stage: &'static str,
+        reason: ExitReason,
+        console: String,
+    },
     #[error("migration {what} failed: {detail}")]
     Migration { what: &'static str, detail: String },
     #[error("timed out after {0:?} waiting for {1}")]
@@ -141,7 +155,10 @@ pub trait Vm: Send + Sync + 'static {
     fn console(&self) -> &console::Console;
     /// Stops the vCPUs and writes the device state to `state_file`; RAM stays in the RAM file
     /// (which must be shared). The VM stays stopped.
-    fn snapshot(&self, state_file: &std::path::Path) -> impl Future<Output = Result<(), VmmError>> + Send;
+    fn snapshot(
+        &self,
+        state_file: &std::path::Path,
+    ) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Stops the VM process (SIGKILL after a short grace) and waits for it to exit.
     fn kill(&self) -> impl Future<Output = ()> + Send;
     /// Resolves when the VM process has exited.

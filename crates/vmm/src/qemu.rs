@@ -35,15 +35,23 @@ pub struct QemuVmm {
 
 impl QemuVmm {
     pub fn new(accel: AccelChoice) -> QemuVmm {
-        QemuVmm { binary: PathBuf::from("qemu-system-x86_64"), accel, tsc_khz: crate::accel::host_tsc_khz() }
+        QemuVmm {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel,
+            tsc_khz: crate::accel::host_tsc_khz(),
+        }
     }
 
     /// The full QEMU argument list for `spec`.
     pub fn args(&self, spec: &VmSpec, incoming: bool) -> Vec<String> {
         let run = &spec.run_dir;
-        let mut cmdline = String::from("console=ttyS0 quiet root=/dev/vda rw rootfstype=ext4 reboot=t panic=-1");
+        let mut cmdline =
+            String::from("console=ttyS0 quiet root=/dev/vda rw rootfstype=ext4 reboot=t panic=-1");
         if self.accel.accel == Accel::Tcg {
-            cmdline.push_str(&format!(" tsc_early_khz={} tsc=reliable no_timer_check", self.tsc_khz));
+            cmdline.push_str(&format!(
+                " tsc_early_khz={} tsc=reliable no_timer_check",
+                self.tsc_khz
+            ));
         }
         if !spec.cmdline.is_empty() {
             cmdline.push(' ');
@@ -52,7 +60,13 @@ impl QemuVmm {
         let (accel, cpu) = match self.accel.accel {
             Accel::Kvm => ("kvm".to_string(), "host"),
             // tb-size bounds the translated-code cache (QEMU's default is up to 1 GiB).
-            Accel::Tcg => (format!("tcg,thread={},tb-size=128", if spec.vcpus > 1 { "multi" } else { "single" }), "max"),
+            Accel::Tcg => (
+                format!(
+                    "tcg,thread={},tb-size=128",
+                    if spec.vcpus > 1 { "multi" } else { "single" }
+                ),
+                "max",
+            ),
         };
         let disk = &spec.disk;
         let mut args: Vec<String> = [
@@ -124,7 +138,8 @@ impl QemuVmm {
     async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<(QemuVm, Duration), VmmError> {
         let t0 = Instant::now();
         let stderr_path = spec.run_dir.join("qemu.log");
-        let stderr = std::fs::File::create(&stderr_path).map_err(|e| VmmError::Io(stderr_path.display().to_string(), e))?;
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(|e| VmmError::Io(stderr_path.display().to_string(), e))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.args(spec, incoming))
             .stdin(Stdio::null())
@@ -146,13 +161,21 @@ impl QemuVmm {
                     use std::os::unix::process::ExitStatusExt;
                     if status.code() == Some(0) {
                         ExitReason::GuestShutdown
-                    } else if status.signal() == Some(9) && cgroup.as_ref().is_some_and(|c| c.oom_killed()) {
+                    } else if status.signal() == Some(9)
+                        && cgroup.as_ref().is_some_and(|c| c.oom_killed())
+                    {
                         ExitReason::OutOfMemory
                     } else {
-                        ExitReason::Exited { code: status.code(), signal: status.signal() }
+                        ExitReason::Exited {
+                            code: status.code(),
+                            signal: status.signal(),
+                        }
                     }
                 }
-                Err(_) => ExitReason::Exited { code: None, signal: None },
+                Err(_) => ExitReason::Exited {
+                    code: None,
+                    signal: None,
+                },
             };
             if let Some(c) = &cgroup {
                 c.remove();
@@ -172,7 +195,11 @@ impl QemuVmm {
         let console_sock = spec.run_dir.join("console.sock");
         let qmp_sock = spec.run_dir.join("qmp.sock");
         let connect = async {
-            vm.inner.console.attach(&console_sock, QMP_CONNECT_TIMEOUT).await.map_err(|_| VmmError::QmpConnectTimeout)?;
+            vm.inner
+                .console
+                .attach(&console_sock, QMP_CONNECT_TIMEOUT)
+                .await
+                .map_err(|_| VmmError::QmpConnectTimeout)?;
             let qmp = connect_qmp(&qmp_sock).await?;
             Ok::<_, VmmError>(qmp)
         };
@@ -199,13 +226,21 @@ impl QemuVmm {
             .map_err(|e| VmmError::Io(pid_path.display().to_string(), e))?
             .trim()
             .parse()
-            .map_err(|_| VmmError::Io(pid_path.display().to_string(), std::io::Error::other("bad pid file")))?;
+            .map_err(|_| {
+                VmmError::Io(
+                    pid_path.display().to_string(),
+                    std::io::Error::other("bad pid file"),
+                )
+            })?;
         let (tx, rx) = watch::channel(None);
         let dir = run_dir.to_path_buf();
         let cgroup = VmCgroup::existing(&cgroup_name(run_dir));
         if !is_our_qemu(pid, &dir) {
             cgroup.remove();
-            tx.send_replace(Some(ExitReason::Exited { code: None, signal: None }));
+            tx.send_replace(Some(ExitReason::Exited {
+                code: None,
+                signal: None,
+            }));
         } else {
             tokio::spawn(async move {
                 while is_our_qemu(pid, &dir) {
@@ -214,7 +249,10 @@ impl QemuVmm {
                 let reason = if cgroup.oom_killed() {
                     ExitReason::OutOfMemory
                 } else {
-                    ExitReason::Exited { code: None, signal: None }
+                    ExitReason::Exited {
+                        code: None,
+                        signal: None,
+                    }
                 };
                 cgroup.remove();
                 tx.send_replace(Some(reason));
@@ -230,7 +268,11 @@ impl QemuVmm {
             }),
         };
         if vm.exit_reason().is_none() {
-            let _ = vm.inner.console.attach(&run_dir.join("console.sock"), Duration::from_secs(1)).await;
+            let _ = vm
+                .inner
+                .console
+                .attach(&run_dir.join("console.sock"), Duration::from_secs(1))
+                .await;
         }
         Ok(vm)
     }
@@ -238,7 +280,10 @@ impl QemuVmm {
 
 /// The cgroup of a VM is named after its run dir (the sandbox id).
 fn cgroup_name(run_dir: &Path) -> String {
-    run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into())
+    run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm".into())
 }
 
 /// True while `pid` is a QEMU whose command line mentions `run_dir` (guards against pid reuse).
@@ -273,18 +318,27 @@ impl Vmm for QemuVmm {
         Ok(self.spawn(spec, false).await?.0)
     }
 
-    async fn restore(&self, spec: &VmSpec, state_file: &Path) -> Result<(QemuVm, RestoreTimings), VmmError> {
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        state_file: &Path,
+    ) -> Result<(QemuVm, RestoreTimings), VmmError> {
         let t0 = Instant::now();
         let (vm, spawn_to_qmp) = self.spawn(spec, true).await?;
         let result = async {
             let qmp = vm.qmp()?;
             set_ignore_shared(qmp).await?;
             let uri = format!("file:{}", state_file.display());
-            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT).await?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)
+                .await?;
             vm.wait_migration("restore").await?;
             let state_loaded = t0.elapsed();
             qmp.execute("cont", None, QMP_TIMEOUT).await?;
-            Ok(RestoreTimings { spawn_to_qmp, state_loaded, resumed: t0.elapsed() })
+            Ok(RestoreTimings {
+                spawn_to_qmp,
+                state_loaded,
+                resumed: t0.elapsed(),
+            })
         }
         .await;
         match result {
@@ -324,7 +378,10 @@ pub struct QemuVm {
 impl QemuVm {
     async fn qmp_or_connect(&self) -> Result<&Qmp, VmmError> {
         let path = self.inner.run_dir.join("qmp.sock");
-        self.inner.qmp.get_or_try_init(|| async move { connect_qmp(&path).await }).await
+        self.inner
+            .qmp
+            .get_or_try_init(|| async move { connect_qmp(&path).await })
+            .await
     }
 
     fn qmp(&self) -> Result<&Qmp, VmmError> {
@@ -340,7 +397,11 @@ impl QemuVm {
                 console.push_str(&log.chars().take(2000).collect::<String>());
             }
         }
-        VmmError::DiedDuring { stage, reason, console }
+        VmmError::DiedDuring {
+            stage,
+            reason,
+            console,
+        }
     }
 
     async fn wait_migration(&self, what: &'static str) -> Result<(), VmmError> {
@@ -351,7 +412,10 @@ impl QemuVm {
             match info["status"].as_str().unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
-                    let detail = info["error-desc"].as_str().unwrap_or("no detail from QEMU").to_string();
+                    let detail = info["error-desc"]
+                        .as_str()
+                        .unwrap_or("no detail from QEMU")
+                        .to_string();
                     return Err(VmmError::Migration { what, detail });
                 }
                 _ => {}
@@ -372,12 +436,18 @@ impl QemuVm {
 
     /// Stops the vCPUs (the VM keeps its memory).
     pub async fn pause(&self) -> Result<(), VmmError> {
-        self.qmp_or_connect().await?.execute("stop", None, QMP_TIMEOUT).await?;
+        self.qmp_or_connect()
+            .await?
+            .execute("stop", None, QMP_TIMEOUT)
+            .await?;
         Ok(())
     }
 
     pub async fn resume(&self) -> Result<(), VmmError> {
-        self.qmp_or_connect().await?.execute("cont", None, QMP_TIMEOUT).await?;
+        self.qmp_or_connect()
+            .await?
+            .execute("cont", None, QMP_TIMEOUT)
+            .await?;
         Ok(())
     }
 }
@@ -400,7 +470,8 @@ impl Vm for QemuVm {
         set_ignore_shared(qmp).await?;
         qmp.execute("stop", None, QMP_TIMEOUT).await?;
         let uri = format!("file:{}", state_file.display());
-        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT).await?;
+        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
+            .await?;
         self.wait_migration("snapshot").await
     }
 
@@ -410,7 +481,10 @@ impl Vm for QemuVm {
         }
         let pid = nix::unistd::Pid::from_raw(self.inner.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        if tokio::time::timeout(Duration::from_secs(10), self.wait_exit()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.wait_exit())
+            .await
+            .is_err()
+        {
             tracing::warn!(pid = self.inner.pid, "qemu did not exit 10 s after SIGKILL");
         }
     }
@@ -422,7 +496,10 @@ impl Vm for QemuVm {
                 return r;
             }
             if rx.changed().await.is_err() {
-                return ExitReason::Exited { code: None, signal: None };
+                return ExitReason::Exited {
+                    code: None,
+                    signal: None,
+                };
             }
         }
     }

@@ -32,7 +32,11 @@ pub enum QmpError {
     #[error("QMP line longer than {MAX_LINE} bytes")]
     LineTooLong,
     #[error("QMP command `{command}` failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
     #[error("QMP command `{0}` timed out after {1:?}")]
     Timeout(String, Duration),
 }
@@ -53,7 +57,10 @@ impl Qmp {
         let stream = UnixStream::connect(path).await.map_err(QmpError::Connect)?;
         let (r, w) = stream.into_split();
         let qmp = Qmp {
-            conn: Mutex::new(Conn { reader: BufReader::new(r), writer: w }),
+            conn: Mutex::new(Conn {
+                reader: BufReader::new(r),
+                writer: w,
+            }),
             events: std::sync::Mutex::new(Vec::new()),
         };
         {
@@ -74,7 +81,12 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -105,7 +117,9 @@ impl Qmp {
                 }
             }
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| QmpError::Timeout(command.to_string(), timeout))?
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout(command.to_string(), timeout))?
     }
 
     /// Events received so far (oldest first), drained.
@@ -118,7 +132,11 @@ async fn read_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<Value, QmpEr
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = (&mut *reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await.map_err(QmpError::Io)?;
+        let n = (&mut *reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(QmpError::Io)?;
         if n == 0 {
             return Err(QmpError::Closed);
         }

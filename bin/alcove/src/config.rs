@@ -1,0 +1,80 @@
+//! Options shared by every command, and how they become library configuration.
+
+use std::path::PathBuf;
+
+use alcove_vmm::{Accel, AccelChoice, QemuVmm};
+
+#[derive(clap::Args, Clone)]
+pub struct Global {
+    /// Sandbox records, disks and sockets.
+    #[arg(
+        long,
+        global = true,
+        env = "ALCOVE_DATA_DIR",
+        default_value = "/var/lib/alcove"
+    )]
+    pub data_dir: PathBuf,
+    /// Built kernels, root file systems and templates (rebuildable).
+    #[arg(long, global = true, env = "ALCOVE_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Force the accelerator (kvm or tcg) instead of detecting it.
+    #[arg(long, global = true, env = "ALCOVE_ACCEL")]
+    pub accel: Option<String>,
+    /// The in-guest agent binary (default: `alcove-agent` next to this binary).
+    #[arg(long, global = true, env = "ALCOVE_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+    /// Machine-readable output: one JSON document (or NDJSON events) on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/root"));
+            home.join(".cache/alcove")
+        })
+    }
+
+    pub fn accel(&self) -> AccelChoice {
+        let forced = match self.accel.as_deref() {
+            Some("kvm") => Some(Accel::Kvm),
+            Some("tcg") => Some(Accel::Tcg),
+            _ => None,
+        };
+        alcove_vmm::accel::detect(forced)
+    }
+
+    pub fn vmm(&self) -> QemuVmm {
+        let choice = self.accel();
+        tracing::info!(accel = choice.accel.as_str(), reason = %choice.reason, "accelerator chosen");
+        QemuVmm::new(choice)
+    }
+
+    pub fn agent_bin(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.agent_bin {
+            return Ok(p.clone());
+        }
+        let exe = std::env::current_exe()?;
+        let p = exe.with_file_name("alcove-agent");
+        if !p.exists() {
+            anyhow::bail!(
+                "the guest agent binary was not found at {}; build it with `cargo build --release -p alcove-agent` or pass --agent-bin",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+
+    pub async fn node(&self) -> anyhow::Result<std::sync::Arc<alcove_node::Node>> {
+        Ok(alcove_node::Node::open(alcove_node::NodeConfig {
+            data_dir: self.data_dir.clone(),
+            cache_dir: self.cache_dir(),
+            vmm: self.vmm(),
+            max_sandboxes: 1000,
+        })
+        .await?)
+    }
+}

@@ -1,0 +1,669 @@
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use alcove_agent_client::{AgentClient, InitRequest, RunOutput, RunRequest, Timeouts};
+use alcove_image::Template;
+use alcove_vmm::{Disk, DiskFormat, QemuVm, QemuVmm, RestoreTimings, Vm, Vmm};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+use crate::{NodeError, SandboxState};
+
+/// Bound on connecting to and initialising the agent of a freshly restored VM.
+const AGENT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Sandbox records, overlays and sockets.
+    pub data_dir: PathBuf,
+    /// Built templates (see `alcove-image`).
+    pub cache_dir: PathBuf,
+    pub vmm: QemuVmm,
+    pub max_sandboxes: usize,
+}
+
+/// What the node knows about one sandbox; persisted as `record.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub template: String,
+    pub template_key: String,
+    #[serde(flatten)]
+    pub state: SandboxState,
+    pub created_at_unix_ms: u64,
+    pub pid: u32,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub hostname: String,
+    pub envs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub template: String,
+    /// Chosen by the caller (the API server) or generated.
+    pub id: Option<String>,
+    pub envs: BTreeMap<String, String>,
+    /// The envd access token the agent will require on every call.
+    pub access_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateTimings {
+    pub restore: RestoreTimings,
+    /// Agent channel connected and HTTP/2 handshake done.
+    pub agent_connected: Duration,
+    /// `/init` answered: the sandbox is usable. Measured from the start of `create`.
+    pub ready: Duration,
+}
+
+struct Live {
+    info: Mutex<SandboxInfo>,
+    dir: PathBuf,
+    /// The running VM; `None` while paused or dead.
+    vm: Mutex<Option<QemuVm>>,
+    agent: tokio::sync::Mutex<Option<AgentClient>>,
+    /// Set while this process stops the VM on purpose (kill, pause), so the exit monitor does not
+    /// report the exit as a death.
+    stopping: AtomicBool,
+    /// Serialises lifecycle operations (pause, resume, kill) on one sandbox.
+    op: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    fn snapshot(&self) -> SandboxInfo {
+        self.info.lock().expect("info lock").clone()
+    }
+
+    fn vm(&self) -> Option<QemuVm> {
+        self.vm.lock().expect("vm lock").clone()
+    }
+
+    fn new(
+        info: SandboxInfo,
+        dir: PathBuf,
+        vm: Option<QemuVm>,
+        agent: Option<AgentClient>,
+    ) -> Arc<Live> {
+        Arc::new(Live {
+            info: Mutex::new(info),
+            dir,
+            vm: Mutex::new(vm),
+            agent: tokio::sync::Mutex::new(agent),
+            stopping: AtomicBool::new(false),
+            op: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn set_state(&self, next: SandboxState) -> Result<(), NodeError> {
+        let info = {
+            let mut info = self.info.lock().expect("info lock");
+            if !info.state.can_become(&next) {
+                tracing::warn!(sandbox_id = %info.id, from = %info.state, to = %next, "ignored state transition");
+                return Ok(());
+            }
+            info.state = next;
+            info.clone()
+        };
+        write_record(&self.dir, &info)
+    }
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    sandboxes: Mutex<HashMap<String, Arc<Live>>>,
+    templates: Mutex<HashMap<String, Arc<Template>>>,
+    monitors: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Node {
+    /// Lets go of every sandbox without stopping it: monitors end and agent connections close, so
+    /// another `Node` (a restarted server, the CLI) can take the sandboxes over.
+    fn drop(&mut self) {
+        for m in self.monitors.lock().expect("monitors lock").drain(..) {
+            m.abort();
+        }
+        self.sandboxes.lock().expect("sandboxes lock").clear();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut buf = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("/dev/urandom is readable");
+    buf
+}
+
+/// A 20-character lowercase alphanumeric id, the shape E2B's sandbox ids have.
+pub fn new_sandbox_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    random_bytes::<20>()
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn write_record(dir: &Path, info: &SandboxInfo) -> Result<(), NodeError> {
+    let tmp = dir.join("record.json.tmp");
+    let path = dir.join("record.json");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(info).expect("serialises"))
+        .map_err(|e| NodeError::Io(tmp.display().to_string(), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| NodeError::Io(path.display().to_string(), e))
+}
+
+/// Removes everything in a sandbox dir but its record (a dead sandbox keeps only its record).
+fn remove_all_but_record(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name() != "record.json" {
+                let _ =
+                    std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir_all(e.path()));
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Opens the node's data dir and picks up the sandboxes recorded there: running VMs are
+    /// re-attached, VMs that disappeared meanwhile are marked dead with the reason.
+    pub async fn open(cfg: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        let root = cfg.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let node = Arc::new(Node {
+            cfg,
+            sandboxes: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
+            monitors: Mutex::new(Vec::new()),
+        });
+        let entries =
+            std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let info: SandboxInfo = match std::fs::read(dir.join("record.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                Some(i) => i,
+                None => {
+                    // A create that died before writing its record: nothing to keep.
+                    tracing::warn!(dir = %dir.display(), "removing sandbox dir without a valid record");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
+            };
+            let mut vm = None;
+            if info.state.is_live() {
+                let attached = node.cfg.vmm.attach(&dir).await.ok();
+                match attached {
+                    Some(v) if v.exit_reason().is_none() => vm = Some(v),
+                    _ => {}
+                }
+            }
+            let live = Live::new(info.clone(), dir.clone(), vm.clone(), None);
+            if info.state.is_live() {
+                match vm {
+                    Some(vm) => node.spawn_monitor(live.clone(), vm),
+                    None => {
+                        let reason = format!(
+                            "the VM process (pid {}) is gone: it was stopped outside Alcove or crashed while no Alcove process was watching{}",
+                            info.pid,
+                            qemu_log_tail(&dir)
+                        );
+                        live.set_state(SandboxState::Dead { reason })?;
+                        remove_all_but_record(&dir);
+                    }
+                }
+            }
+            node.sandboxes
+                .lock()
+                .expect("sandboxes lock")
+                .insert(info.id.clone(), live);
+        }
+        Ok(node)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    fn template(&self, name: &str) -> Result<Arc<Template>, NodeError> {
+        if let Some(t) = self.templates.lock().expect("templates lock").get(name) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(alcove_image::load_template(&self.cfg.cache_dir, name)?);
+        self.templates
+            .lock()
+            .expect("templates lock")
+            .insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn spawn_monitor(self: &Arc<Self>, live: Arc<Live>, vm: QemuVm) {
+        let handle = tokio::spawn(async move {
+            let reason = vm.wait_exit().await;
+            if live.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let console = vm.console().tail(6);
+            let mut text = reason.to_string();
+            if !console.is_empty() {
+                text.push_str(&format!("; last console lines:\n{console}"));
+            }
+            text.push_str(&qemu_log_tail(&live.dir));
+            let id = live.snapshot().id;
+            tracing::warn!(sandbox_id = %id, reason = %text, "sandbox VM exited on its own");
+            let _ = live.set_state(SandboxState::Dead { reason: text });
+            remove_all_but_record(&live.dir);
+        });
+        let mut monitors = self.monitors.lock().expect("monitors lock");
+        monitors.retain(|h| !h.is_finished());
+        monitors.push(handle.abort_handle());
+    }
+
+    /// Creates a sandbox from a template snapshot and returns once its agent is initialised.
+    pub async fn create(
+        self: &Arc<Self>,
+        opts: CreateOptions,
+    ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
+        let t0 = Instant::now();
+        let live_count = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .filter(|l| l.snapshot().state.is_live())
+            .count();
+        if live_count >= self.cfg.max_sandboxes {
+            return Err(NodeError::Capacity(live_count));
+        }
+        let template = self.template(&opts.template)?;
+        template.verify_state()?;
+        let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
+        if !valid_id(&id) {
+            return Err(NodeError::Io(
+                id,
+                std::io::Error::other("invalid sandbox id"),
+            ));
+        }
+        let dir = self.cfg.data_dir.join("sandboxes").join(&id);
+        std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
+        let result = self.create_in(&id, &dir, &template, &opts, t0).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn create_in(
+        self: &Arc<Self>,
+        id: &str,
+        dir: &Path,
+        template: &Template,
+        opts: &CreateOptions,
+        t0: Instant,
+    ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
+        let disk = dir.join("disk.qcow2");
+        std::fs::copy(&template.overlay, &disk)
+            .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+        }
+        let mut info = SandboxInfo {
+            id: id.to_string(),
+            template: template.name.clone(),
+            template_key: template.key.clone(),
+            state: SandboxState::Creating,
+            created_at_unix_ms: now_ms(),
+            pid: 0,
+            vcpus: template.recipe.vcpus,
+            memory_mib: template.recipe.memory_mib,
+            hostname: id.to_string(),
+            envs: opts.envs.clone(),
+            access_token: opts.access_token.clone(),
+        };
+        write_record(dir, &info)?;
+
+        let spec = sandbox_spec(template, dir);
+        let (vm, restore) = self.cfg.vmm.restore(&spec, &template.state).await?;
+        info.pid = vm.pid();
+        // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
+        write_record(dir, &info)?;
+        let (agent, connected) = match connect_and_init(&vm, &info, true, t0).await {
+            Ok(x) => x,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        info.state = SandboxState::Running;
+        write_record(dir, &info)?;
+        let live = Live::new(
+            info.clone(),
+            dir.to_path_buf(),
+            Some(vm.clone()),
+            Some(agent),
+        );
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .insert(id.to_string(), live.clone());
+        self.spawn_monitor(live, vm);
+        tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, "sandbox created");
+        Ok((
+            info,
+            CreateTimings {
+                restore,
+                agent_connected: connected,
+                ready: t0.elapsed(),
+            },
+        ))
+    }
+
+    fn live(&self, id: &str) -> Result<Arc<Live>, NodeError> {
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| NodeError::NotFound(id.to_string()))
+    }
+
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, NodeError> {
+        Ok(self.live(id)?.snapshot())
+    }
+
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let mut v: Vec<SandboxInfo> = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .map(|l| l.snapshot())
+            .collect();
+        v.sort_by_key(|i| i.created_at_unix_ms);
+        v
+    }
+
+    /// The agent client of a running sandbox, connecting if this process has not yet.
+    pub async fn agent(&self, id: &str) -> Result<AgentClient, NodeError> {
+        let live = self.live(id)?;
+        let info = live.snapshot();
+        if info.state != SandboxState::Running {
+            return Err(NodeError::NotRunning {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        }
+        let mut slot = live.agent.lock().await;
+        if let Some(a) = slot.as_ref().filter(|a| !a.is_closed()) {
+            return Ok(a.clone());
+        }
+        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })?;
+        let agent = tokio::time::timeout(AGENT_INIT_TIMEOUT, connect_agent(&vm))
+            .await
+            .map_err(|_| NodeError::AgentTimeout(AGENT_INIT_TIMEOUT))??;
+        *slot = Some(agent.clone());
+        Ok(agent)
+    }
+
+    /// Runs a command to completion in a sandbox.
+    pub async fn run(&self, id: &str, mut req: RunRequest) -> Result<RunOutput, NodeError> {
+        let agent = self.agent(id).await?;
+        if req.access_token.is_none() {
+            req.access_token = self.live(id)?.snapshot().access_token;
+        }
+        Ok(agent.run(req).await?)
+    }
+
+    /// Kills a sandbox and removes every trace of it (process, sockets, overlay, record).
+    pub async fn kill(&self, id: &str) -> Result<(), NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        live.stopping.store(true, Ordering::SeqCst);
+        if let Some(vm) = live.vm() {
+            vm.kill().await;
+        }
+        let _ = live.set_state(SandboxState::Killed);
+        std::fs::remove_dir_all(&live.dir)
+            .map_err(|e| NodeError::Io(live.dir.display().to_string(), e))?;
+        self.sandboxes.lock().expect("sandboxes lock").remove(id);
+        tracing::info!(sandbox_id = %id, "sandbox killed");
+        Ok(())
+    }
+
+    /// The QEMU process of a live sandbox (for tests and metrics).
+    pub fn vm(&self, id: &str) -> Result<QemuVm, NodeError> {
+        self.live(id)?.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })
+    }
+
+    /// Pauses a running sandbox to disk: device state and memory go to `paused.state` (checksummed),
+    /// the disk overlay stays, and the VM process exits, so a paused sandbox uses no CPU or RAM.
+    pub async fn pause(&self, id: &str) -> Result<PauseTimings, NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let info = live.snapshot();
+        if info.state != SandboxState::Running {
+            return Err(NodeError::NotRunning {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        }
+        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })?;
+        let state_file = live.dir.join(PAUSED_STATE);
+        let tmp = live.dir.join(format!("{PAUSED_STATE}.tmp"));
+        live.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = vm.snapshot(&tmp).await {
+            // The VM is stopped but intact: let it run on rather than lose it.
+            let _ = std::fs::remove_file(&tmp);
+            let _ = vm.resume().await;
+            live.stopping.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        let saved = t0.elapsed();
+        vm.kill().await;
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+        let sha = alcove_image::build::sha256_file(&tmp)?;
+        std::fs::rename(&tmp, &state_file)
+            .map_err(|e| NodeError::Io(state_file.display().to_string(), e))?;
+        let size = std::fs::metadata(&state_file).map(|m| m.len()).unwrap_or(0);
+        live.set_state(SandboxState::Paused {
+            state_sha256: sha,
+            paused_at_unix_ms: now_ms(),
+        })?;
+        for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
+            let _ = std::fs::remove_file(live.dir.join(sock));
+        }
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, bytes = size, "sandbox paused");
+        Ok(PauseTimings {
+            saved,
+            total: t0.elapsed(),
+            state_bytes: size,
+        })
+    }
+
+    /// Resumes a paused sandbox: verifies the snapshot's checksum, restores the VM and sets the
+    /// guest clock. A failed resume leaves the sandbox paused and its snapshot untouched.
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<Duration, NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let info = live.snapshot();
+        let SandboxState::Paused { state_sha256, .. } = &info.state else {
+            return Err(NodeError::NotPaused {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        };
+        let state_file = live.dir.join(PAUSED_STATE);
+        let got = alcove_image::build::sha256_file(&state_file)?;
+        if &got != state_sha256 {
+            return Err(NodeError::CorruptSnapshot {
+                id: id.to_string(),
+                detail: format!(
+                    "{} has checksum {got}, recorded {state_sha256}",
+                    state_file.display()
+                ),
+            });
+        }
+        let template =
+            alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
+        let spec = sandbox_spec(&template, &live.dir);
+        let (vm, _) = self.cfg.vmm.restore(&spec, &state_file).await?;
+        let mut info = info.clone();
+        info.pid = vm.pid();
+        let (agent, _) = match connect_and_init(&vm, &info, false, t0).await {
+            Ok(x) => x,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        info.state = SandboxState::Running;
+        *live.info.lock().expect("info lock") = info.clone();
+        write_record(&live.dir, &info)?;
+        *live.vm.lock().expect("vm lock") = Some(vm.clone());
+        *live.agent.lock().await = Some(agent);
+        live.stopping.store(false, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&state_file);
+        self.spawn_monitor(live.clone(), vm);
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(t0.elapsed())
+    }
+}
+
+/// Where a paused sandbox's memory and device state live, inside its dir.
+const PAUSED_STATE: &str = "paused.state";
+
+#[derive(Debug, Clone, Copy)]
+pub struct PauseTimings {
+    /// Until the state file was complete (the VM was stopped at the start of it).
+    pub saved: Duration,
+    pub total: Duration,
+    pub state_bytes: u64,
+}
+
+/// The machine of a sandbox made from `template`, with its files in `dir`.
+fn sandbox_spec(template: &Template, dir: &Path) -> alcove_vmm::VmSpec {
+    let mut spec = alcove_image::build::spec_for(&template.recipe, dir, &template.kernel);
+    spec.ram_file = template.mem.clone();
+    spec.ram_shared = false;
+    spec.disk = Disk {
+        path: dir.join("disk.qcow2"),
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    };
+    spec.limits = Some(alcove_vmm::cgroup::Limits {
+        cpus: f64::from(template.recipe.vcpus),
+        // Guest RAM plus QEMU itself and its translated-code cache (128 MiB under TCG).
+        memory_bytes: (u64::from(template.recipe.memory_mib) + 384) << 20,
+        max_tasks: 256,
+    });
+    spec
+}
+
+async fn connect_agent(vm: &QemuVm) -> Result<AgentClient, NodeError> {
+    let stream = UnixStream::connect(vm.agent_socket())
+        .await
+        .map_err(|e| NodeError::Io(vm.agent_socket().display().to_string(), e))?;
+    Ok(AgentClient::connect_channel(stream, Timeouts::default()).await?)
+}
+
+/// Connects to a just-restored VM's agent and hands it the sandbox's identity. `fresh` is true for
+/// a new sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set.
+async fn connect_and_init(
+    vm: &QemuVm,
+    info: &SandboxInfo,
+    fresh: bool,
+    t0: Instant,
+) -> Result<(AgentClient, Duration), NodeError> {
+    let setup = async {
+        let agent = connect_agent(vm).await?;
+        let connected = t0.elapsed();
+        let init = InitRequest {
+            timestamp: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
+            entropy: Some(base64::engine::general_purpose::STANDARD.encode(random_bytes::<64>())),
+            env_vars: fresh.then(|| info.envs.clone().into_iter().collect()),
+            access_token: if fresh {
+                info.access_token.clone()
+            } else {
+                None
+            },
+            hostname: fresh.then(|| info.id.clone()),
+            sandbox_id: fresh.then(|| info.id.clone()),
+            ..Default::default()
+        };
+        agent.init(&init, None).await?;
+        Ok::<_, NodeError>((agent, connected))
+    };
+    tokio::select! {
+        r = tokio::time::timeout(AGENT_INIT_TIMEOUT, setup) => r.unwrap_or(Err(NodeError::AgentTimeout(AGENT_INIT_TIMEOUT))),
+        reason = vm.wait_exit() => Err(NodeError::NotRunning {
+            id: info.id.clone(),
+            state: format!("the VM exited while starting: {reason}; console: {}", vm.console().tail(6)),
+        }),
+    }
+}
+
+fn qemu_log_tail(dir: &Path) -> String {
+    match std::fs::read_to_string(dir.join("qemu.log")) {
+        Ok(s) if !s.trim().is_empty() => {
+            let lines: Vec<&str> = s.lines().collect();
+            format!(
+                "; qemu said: {}",
+                lines[lines.len().saturating_sub(3)..].join(" | ")
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_look_like_e2b_ids() {
+        let a = new_sandbox_id();
+        let b = new_sandbox_id();
+        assert_eq!(a.len(), 20);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
+        assert_ne!(a, b);
+        assert!(valid_id(&a));
+        assert!(!valid_id("../etc"));
+    }
+}

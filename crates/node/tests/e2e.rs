@@ -1,0 +1,415 @@
+//! End-to-end tests on real microVMs (QEMU, TCG on the dev machines) restored from the built
+//! `base` template. They need `alcove template build base` first, so they are `#[ignore]`d for a
+//! plain `cargo test`; `scripts/test.sh` builds the template and runs them with `--include-ignored`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alcove_agent_client::RunRequest;
+use alcove_node::{CreateOptions, Node, NodeConfig, SandboxState};
+use alcove_vmm::{QemuVmm, Vm};
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("ALCOVE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/alcove"))
+}
+
+async fn node(data: &Path) -> Arc<Node> {
+    Node::open(NodeConfig {
+        data_dir: data.to_path_buf(),
+        cache_dir: cache_dir(),
+        vmm: QemuVmm::new(alcove_vmm::accel::detect(None)),
+        max_sandboxes: 100,
+    })
+    .await
+    .expect("node opens")
+}
+
+/// Kills any VM still running under a test's data dir when the test ends, passed or failed, so a
+/// failing test does not leave QEMU processes behind.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in qemu_pids_under(&self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn data_dir() -> (tempfile::TempDir, Reaper) {
+    let dir = tempfile::tempdir().unwrap();
+    let reaper = Reaper(dir.path().to_path_buf());
+    (dir, reaper)
+}
+
+fn base() -> CreateOptions {
+    CreateOptions {
+        template: "base".into(),
+        ..Default::default()
+    }
+}
+
+fn sh(cmd: &str) -> RunRequest {
+    RunRequest {
+        cmd: "/bin/bash".into(),
+        args: vec!["-c".into(), cmd.into()],
+        ..Default::default()
+    }
+}
+
+async fn out(node: &Node, id: &str, cmd: &str) -> String {
+    let o = node.run(id, sh(cmd)).await.expect("command runs");
+    assert_eq!(
+        o.exit_code,
+        0,
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// QEMU processes whose command line mentions `dir`.
+fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn files_under(dir: &Path) -> usize {
+    fn walk(p: &Path) -> usize {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| {
+                        1 + if e.path().is_dir() {
+                            walk(&e.path())
+                        } else {
+                            0
+                        }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn runs_shell_python_and_node() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let mut opts = base();
+    opts.envs = BTreeMap::from([("GREETING".to_string(), "hello from the host".to_string())]);
+    let (info, _) = node.create(opts).await.unwrap();
+    assert_eq!(info.state, SandboxState::Running);
+
+    let o = node
+        .run(
+            &info.id,
+            RunRequest {
+                cmd: "/bin/echo".into(),
+                args: vec!["hi".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, b"hi\n");
+    assert_eq!(o.exit_code, 0);
+    assert_eq!(
+        out(&node, &info.id, "python3 -c 'print(6*7)'").await,
+        "42\n"
+    );
+    assert_eq!(
+        out(
+            &node,
+            &info.id,
+            "node -e 'console.log([1,2,3].map(x => x * 2).join(\",\"))'"
+        )
+        .await,
+        "2,4,6\n"
+    );
+    assert_eq!(
+        out(&node, &info.id, "echo $GREETING").await,
+        "hello from the host\n"
+    );
+    // The default user is `user`, as in E2B, with root through sudo.
+    assert_eq!(out(&node, &info.id, "whoami").await, "user\n");
+    assert_eq!(out(&node, &info.id, "sudo -n whoami").await, "root\n");
+    let failing = node.run(&info.id, sh("exit 3")).await.unwrap();
+    assert_eq!(failing.exit_code, 3);
+    node.kill(&info.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn siblings_are_isolated_and_unique() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (a, _) = node.create(base()).await.unwrap();
+    let (b, _) = node.create(base()).await.unwrap();
+
+    out(
+        &node,
+        &a.id,
+        "echo secret > /home/user/only-in-a.txt && sync",
+    )
+    .await;
+    assert_eq!(
+        out(&node, &a.id, "cat /home/user/only-in-a.txt").await,
+        "secret\n"
+    );
+    let o = node
+        .run(
+            &b.id,
+            sh("test -e /home/user/only-in-a.txt && echo visible || echo absent"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "absent\n");
+
+    let rand_a = out(
+        &node,
+        &a.id,
+        "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+    )
+    .await;
+    let rand_b = out(
+        &node,
+        &b.id,
+        "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+    )
+    .await;
+    assert_eq!(rand_a.len(), 64);
+    assert_ne!(
+        rand_a, rand_b,
+        "two sandboxes from one snapshot produced the same random bytes"
+    );
+    let py_a = out(
+        &node,
+        &a.id,
+        "python3 -c 'import random; print(random.random())'",
+    )
+    .await;
+    let py_b = out(
+        &node,
+        &b.id,
+        "python3 -c 'import random; print(random.random())'",
+    )
+    .await;
+    assert_ne!(py_a, py_b);
+
+    let host_a = out(&node, &a.id, "hostname").await;
+    let host_b = out(&node, &b.id, "hostname").await;
+    assert_eq!(host_a.trim(), a.id);
+    assert_eq!(host_b.trim(), b.id);
+    // The clock was set from the host at restore, not left at the template's build time.
+    let guest_now: i64 = out(&node, &a.id, "date +%s").await.trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() < 30,
+        "guest clock {guest_now} vs host {host_now}"
+    );
+
+    node.kill(&a.id).await.unwrap();
+    node.kill(&b.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn kill_leaves_nothing_behind() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let before_procs = qemu_pids_under(data.path()).len();
+    let before_files = files_under(data.path());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(node.create(base()).await.unwrap().0.id);
+    }
+    assert_eq!(qemu_pids_under(data.path()).len(), before_procs + 3);
+    assert!(files_under(data.path()) > before_files);
+    for id in &ids {
+        node.kill(id).await.unwrap();
+    }
+    assert_eq!(
+        qemu_pids_under(data.path()).len(),
+        before_procs,
+        "a QEMU process survived kill"
+    );
+    assert_eq!(
+        files_under(data.path()),
+        before_files,
+        "kill left files behind"
+    );
+    assert!(node.list().is_empty());
+    let err = node.run(&ids[0], sh("true")).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn qemu_killed_from_outside_is_reported_dead_with_reason() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (info, _) = node.create(base()).await.unwrap();
+    let pid = node.vm(&info.id).unwrap().pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut state = node.get(&info.id).unwrap().state;
+    for _ in 0..100 {
+        if !state.is_live() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state = node.get(&info.id).unwrap().state;
+    }
+    match &state {
+        SandboxState::Dead { reason } => assert!(reason.contains("SIGKILL"), "reason: {reason}"),
+        other => panic!("expected dead, got {other}"),
+    }
+    let err = node.run(&info.id, sh("true")).await.unwrap_err();
+    assert!(err.to_string().contains("not running"), "{err}");
+    // A new process opening the same data dir sees the same verdict.
+    drop(node);
+    let node2 = self::node(data.path()).await;
+    assert!(matches!(
+        node2.get(&info.id).unwrap().state,
+        SandboxState::Dead { .. }
+    ));
+    node2.kill(&info.id).await.unwrap();
+    assert_eq!(
+        files_under(data.path()),
+        1,
+        "only the sandboxes/ dir should remain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn a_restarted_node_reattaches_running_sandboxes() {
+    let (data, _reaper) = data_dir();
+    let id = {
+        let node = node(data.path()).await;
+        let (info, _) = node.create(base()).await.unwrap();
+        out(&node, &info.id, "echo kept > /tmp/state").await;
+        info.id
+    };
+    let node = node(data.path()).await;
+    assert_eq!(node.get(&id).unwrap().state, SandboxState::Running);
+    assert_eq!(out(&node, &id, "cat /tmp/state").await, "kept\n");
+    node.kill(&id).await.unwrap();
+    assert!(qemu_pids_under(data.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn pause_resume_keeps_processes_files_and_survives_a_restart() {
+    let (data, _reaper) = data_dir();
+    let id = {
+        let node = node(data.path()).await;
+        let (info, _) = node.create(base()).await.unwrap();
+        // A process holding state in memory and an open file, started in the background.
+        out(
+            &node,
+            &info.id,
+            "nohup python3 -c 'import time\nf = open(\"/home/user/counter.log\", \"a\")\nn = 0\nwhile True:\n    n += 1\n    f.write(f\"{n}\\n\"); f.flush()\n    time.sleep(0.2)' >/dev/null 2>&1 &",
+        )
+        .await;
+        out(&node, &info.id, "head -c 1000000 /dev/urandom > /home/user/blob && sha256sum /home/user/blob > /home/user/blob.sum").await;
+        // Python takes a while to start under TCG; wait for its first line.
+        out(&node, &info.id, "for i in $(seq 300); do test -s /home/user/counter.log && exit 0; sleep 0.1; done; exit 1").await;
+        info.id
+    };
+    for round in 0..3 {
+        // Each round in a new node, as after a server restart.
+        let node = node(data.path()).await;
+        let before: u64 = out(&node, &id, "sleep 0.5; tail -n1 /home/user/counter.log")
+            .await
+            .trim()
+            .parse()
+            .unwrap();
+        let p = node.pause(&id).await.unwrap();
+        assert!(matches!(
+            node.get(&id).unwrap().state,
+            SandboxState::Paused { .. }
+        ));
+        assert!(
+            qemu_pids_under(data.path()).is_empty(),
+            "a paused sandbox must not keep a VM process"
+        );
+        assert!(p.state_bytes > 0);
+        drop(node);
+        let node = self::node(data.path()).await;
+        node.resume(&id).await.unwrap();
+        assert_eq!(
+            out(&node, &id, "sha256sum -c /home/user/blob.sum").await,
+            "/home/user/blob: OK\n",
+            "round {round}"
+        );
+        let after: u64 = out(&node, &id, "sleep 0.6; tail -n1 /home/user/counter.log")
+            .await
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            after > before,
+            "round {round}: counter {before} -> {after}: the process did not survive"
+        );
+        assert_eq!(out(&node, &id, "pgrep -c -f counter.log").await.trim(), "1");
+    }
+    let node = node(data.path()).await;
+    node.kill(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn a_corrupt_pause_snapshot_is_refused_and_left_intact() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (info, _) = node.create(base()).await.unwrap();
+    node.pause(&info.id).await.unwrap();
+    let state = data
+        .path()
+        .join("sandboxes")
+        .join(&info.id)
+        .join("paused.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let err = node.resume(&info.id).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert!(matches!(
+        node.get(&info.id).unwrap().state,
+        SandboxState::Paused { .. }
+    ));
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        bytes,
+        "the snapshot must be left as it was"
+    );
+    assert!(qemu_pids_under(data.path()).is_empty());
+    node.kill(&info.id).await.unwrap();
+}

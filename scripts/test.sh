@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up everything and runs the whole test suite: formatting, lints, unit tests, then end-to-end
+# tests on real microVMs restored from the built templates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ALCOVE_AGENT_BIN="$PWD/target/release/alcove-agent"
+./scripts/build.sh
+echo "[test] cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "[test] cargo clippy" >&2
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "[test] unit and integration tests" >&2
+cargo test --locked --release --workspace
+echo "[test] end-to-end tests on microVMs" >&2
+cargo test --locked --release -p alcove-node --test e2e -- --include-ignored --test-threads=2
+echo "[test] all passed" >&2
