@@ -177,9 +177,12 @@ impl Store {
             )
             .optional()?;
         if let Some(a) = &found {
+            // At most one write a minute per key: authentication stays a read on hot paths.
+            let now = now_ms();
             conn.execute(
-                "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1",
-                params![a.key_id, now_ms()],
+                "UPDATE api_keys SET last_used_at = ?2
+                 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2 - 60000)",
+                params![a.key_id, now],
             )?;
         }
         Ok(found)
