@@ -19,7 +19,7 @@ use alcove_store::{DB_FILE, Store};
 use tracing::Instrument;
 
 use crate::backend::SandboxBackend;
-use crate::config::ServerConfig;
+use crate::config::{Limits, ServerConfig};
 use crate::error::{ApiError, chain};
 use crate::handlers::{self, AppState, BodyLimit};
 use crate::metrics::METRICS;
@@ -257,7 +257,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
-            limits.request_timeout,
+            limits.clone(),
             request_timeout,
         ))
         .layer(middleware::from_fn(count_request))
@@ -267,7 +267,18 @@ pub fn router(svc: Arc<Service>) -> Router {
         .with_state::<()>(svc as AppState)
 }
 
-async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+/// Every REST request has a deadline; creates get the (longer) create deadline plus slack, so the
+/// client sees the create's own outcome.
+async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let is_create = req.method() == http::Method::POST
+        && matches!(req.uri().path(), "/sandboxes" | "/v2/sandboxes");
+    let limit = if is_create {
+        limits
+            .request_timeout
+            .max(limits.create_timeout + Duration::from_secs(5))
+    } else {
+        limits.request_timeout
+    };
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::RequestTimeout.into_response(),
