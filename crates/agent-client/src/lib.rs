@@ -1,1 +1,573 @@
-//! alcove-agent-client (placeholder until its layer lands).
+//! Host-side client for alcove-agent, used by the node layer.
+//!
+//! The host connects to QEMU's unix socket for the `alcove.agent` virtio-serial port (or any
+//! other byte stream reaching the agent) and hands the stream to [`AgentClient::connect`], which
+//! runs the HTTP/2 (prior knowledge) handshake and spawns the connection task. On top of that:
+//! typed `health`, `init` and `run` (process.Start over Connect, binary codec), and a raw
+//! [`AgentClient::send`] passthrough the sandbox HTTP proxy uses for SDK traffic.
+//!
+//! Every await that crosses the channel is bounded by a timeout from [`Timeouts`]: the guest is
+//! untrusted and may also simply be gone (paused, killed).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use alcove_envd_proto::connect::{self, Code, Codec, EnvelopeDecoder, ErrorBody, Framing};
+use alcove_envd_proto::process::{self as pb, process_event, process_input, process_selector};
+
+pub use alcove_envd_proto;
+
+/// Request body type of [`AgentClient::send`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type AgentBody = BoxBody<Bytes, BoxError>;
+
+/// Largest Connect message accepted from the agent.
+const MAX_MESSAGE: usize = 16 << 20;
+/// Stdin is sent in pieces of this size (each a SendInput call).
+const STDIN_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("HTTP/2 handshake with the agent")]
+    Handshake(#[source] hyper::Error),
+    #[error("timed out waiting for the agent ({0}); the guest may be paused, overloaded or gone")]
+    Timeout(&'static str),
+    #[error("send {0} to the agent")]
+    Request(&'static str, #[source] hyper::Error),
+    #[error("read the agent's response to {0}")]
+    Body(&'static str, #[source] hyper::Error),
+    #[error("the agent answered {op} with HTTP {status}: {message}")]
+    Status {
+        op: &'static str,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("the agent failed {op} with {code}: {message}")]
+    Rpc {
+        op: &'static str,
+        code: Code,
+        message: String,
+    },
+    #[error("decode the agent's response to {0}")]
+    Decode(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+    #[error("the agent's stream for {0} ended before the process did")]
+    StreamEnded(&'static str),
+    #[error("build the request for {0}")]
+    Build(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+}
+
+/// Bounds on every wait that crosses the channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// The HTTP/2 handshake.
+    pub connect: Duration,
+    /// From sending a request to its response headers, and reading small bodies.
+    pub request: Duration,
+    /// Longest silence on a process stream; the agent sends keepalives every `keepalive`.
+    pub stream_idle: Duration,
+    /// Keepalive interval asked of the agent for streams.
+    pub keepalive: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            request: Duration::from_secs(30),
+            stream_idle: Duration::from_secs(45),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// envd's /init body, plus Alcove's extensions (`hostname`, `entropy`, `sandboxId`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<HashMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// RFC 3339, e.g. `2026-11-22T18:23:00.123Z`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Base64 of at least 32 random bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+}
+
+/// A command to run to completion.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub envs: HashMap<String, String>,
+    pub cwd: Option<String>,
+    /// `root`, `user`, ...; None runs as the agent's default user.
+    pub user: Option<String>,
+    /// Written to the process's stdin, which is then closed. None: stdin is /dev/null.
+    pub stdin: Option<Bytes>,
+    /// The access token, once /init set one.
+    pub access_token: Option<String>,
+    /// Overall limit for the run; None waits as long as the stream stays alive.
+    pub timeout: Option<Duration>,
+    /// Bytes of stdout plus stderr kept; past it output is dropped and `truncated` set.
+    /// 0 means the default (64 MiB).
+    pub output_limit: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOutput {
+    pub pid: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The exit code; -1 when the process was killed by a signal.
+    pub exit_code: i32,
+    /// True when the process exited on its own (false: a signal ended it).
+    pub exited: bool,
+    /// envd's status text: `exit status 1`, `signal: killed`, ...
+    pub status: String,
+    /// envd's error text, set for non-zero exits and signals.
+    pub error: Option<String>,
+    pub truncated: bool,
+}
+
+/// A connection to one agent. Cheap to clone; all clones share the HTTP/2 connection.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    sender: SendRequest<AgentBody>,
+    timeouts: Timeouts,
+}
+
+impl AgentClient {
+    /// Runs the HTTP/2 handshake over `io` and spawns the connection task (it ends when the
+    /// stream closes or every clone of the client is dropped).
+    pub async fn connect<IO>(io: IO, timeouts: Timeouts) -> Result<AgentClient, ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(2 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake(TokioIo::new(io));
+        let (sender, conn) = tokio::time::timeout(timeouts.connect, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout("HTTP/2 handshake"))?
+            .map_err(ClientError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "agent connection ended");
+            }
+        });
+        Ok(AgentClient { sender, timeouts })
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Whether the connection is still usable.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Forwards a request as is (SDK traffic from the proxy). The URI may be path-only; it is
+    /// completed for HTTP/2. Waits up to the request timeout for the response head; the body is
+    /// the caller's to read (and bound).
+    pub async fn send(
+        &self,
+        mut req: Request<AgentBody>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        *req.uri_mut() = agent_uri(&path)?;
+        // HTTP/1 framing headers have no meaning in HTTP/2 and make h2 reject the request.
+        for h in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+        ] {
+            req.headers_mut().remove(h);
+        }
+        *req.version_mut() = http::Version::HTTP_2;
+        self.request("request", req).await
+    }
+
+    async fn request(
+        &self,
+        op: &'static str,
+        req: Request<AgentBody>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let mut sender = self.sender.clone();
+        let fut = async {
+            sender
+                .ready()
+                .await
+                .map_err(|e| ClientError::Request(op, e))?;
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| ClientError::Request(op, e))
+        };
+        tokio::time::timeout(self.timeouts.request, fut)
+            .await
+            .map_err(|_| ClientError::Timeout(op))?
+    }
+
+    async fn read_small(
+        &self,
+        op: &'static str,
+        resp: Response<Incoming>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE);
+        let bytes = tokio::time::timeout(self.timeouts.request, body.collect())
+            .await
+            .map_err(|_| ClientError::Timeout(op))?
+            .map_err(|e| ClientError::Decode(op, e))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// `GET /health`: Ok when the agent answers 204.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let req = build(Method::GET, "/health", &[], empty())?;
+        let resp = self.request("health", req).await?;
+        let (status, body) = self.read_small("health", resp).await?;
+        expect_status("health", status, StatusCode::NO_CONTENT, &body)
+    }
+
+    /// `POST /init`. `current_token` is needed to change anything once a token is set.
+    pub async fn init(
+        &self,
+        init: &InitRequest,
+        current_token: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(init).map_err(|e| ClientError::Build("init", Box::new(e)))?;
+        let mut headers = vec![(header::CONTENT_TYPE.as_str(), "application/json".to_owned())];
+        if let Some(t) = current_token {
+            headers.push(("x-access-token", t.to_owned()));
+        }
+        let req = build(Method::POST, "/init", &headers, full(body))?;
+        let resp = self.request("init", req).await?;
+        let (status, body) = self.read_small("init", resp).await?;
+        expect_status("init", status, StatusCode::NO_CONTENT, &body)
+    }
+
+    /// Runs a command to completion through process.Start, feeding stdin if given.
+    pub async fn run(&self, req: RunRequest) -> Result<RunOutput, ClientError> {
+        match req.timeout {
+            Some(t) => tokio::time::timeout(t, self.run_inner(req))
+                .await
+                .map_err(|_| ClientError::Timeout("run: the command's overall timeout"))?,
+            None => self.run_inner(req).await,
+        }
+    }
+
+    async fn run_inner(&self, req: RunRequest) -> Result<RunOutput, ClientError> {
+        const OP: &str = "process.Start";
+        let start = pb::StartRequest {
+            process: Some(pb::ProcessConfig {
+                cmd: req.cmd.clone(),
+                args: req.args.clone(),
+                envs: req.envs.clone(),
+                cwd: req.cwd.clone(),
+            }),
+            pty: None,
+            tag: None,
+            stdin: Some(req.stdin.is_some()),
+        };
+        let headers = rpc_headers(
+            &req.user,
+            &req.access_token,
+            Framing::Streaming,
+            Some(self.timeouts.keepalive),
+        );
+        let body = connect::encode_message(Codec::Proto, &start);
+        let http_req = build(Method::POST, "/process.Process/Start", &headers, full(body))?;
+        let resp = self.request(OP, http_req).await?;
+        if resp.status() != StatusCode::OK {
+            let (status, body) = self.read_small(OP, resp).await?;
+            return Err(status_error(OP, status, &body));
+        }
+        let mut body = resp.into_body();
+        let mut decoder = EnvelopeDecoder::new(MAX_MESSAGE);
+        let limit = if req.output_limit == 0 {
+            64 << 20
+        } else {
+            req.output_limit
+        };
+        let mut out = RunOutput::default();
+        let mut stdin_task: Option<tokio::task::JoinHandle<Result<(), ClientError>>> = None;
+        loop {
+            let envelope = loop {
+                if let Some(e) = decoder
+                    .next_envelope()
+                    .map_err(|e| ClientError::Decode(OP, Box::new(e)))?
+                {
+                    break e;
+                }
+                let frame = tokio::time::timeout(self.timeouts.stream_idle, body.frame())
+                    .await
+                    .map_err(|_| ClientError::Timeout("process stream went silent"))?;
+                match frame {
+                    Some(Ok(f)) => {
+                        if let Ok(data) = f.into_data() {
+                            decoder.push(&data);
+                        }
+                    }
+                    Some(Err(e)) => return Err(ClientError::Body(OP, e)),
+                    None => return Err(ClientError::StreamEnded(OP)),
+                }
+            };
+            if envelope.is_end_stream() {
+                let end = envelope
+                    .end_stream()
+                    .map_err(|e| ClientError::Decode(OP, Box::new(e)))?;
+                return match end.error {
+                    Some(ErrorBody { code, message }) => Err(ClientError::Rpc {
+                        op: OP,
+                        code,
+                        message,
+                    }),
+                    None => Err(ClientError::StreamEnded(OP)),
+                };
+            }
+            let msg: pb::StartResponse = Codec::Proto
+                .decode(&envelope.payload)
+                .map_err(|e| ClientError::Decode(OP, Box::new(e)))?;
+            let Some(event) = msg.event.and_then(|e| e.event) else {
+                continue;
+            };
+            match event {
+                process_event::Event::Start(s) => {
+                    out.pid = s.pid;
+                    if let Some(data) = req.stdin.clone() {
+                        let client = self.clone();
+                        let (user, token) = (req.user.clone(), req.access_token.clone());
+                        stdin_task = Some(tokio::spawn(async move {
+                            client.feed_stdin(s.pid, data, &user, &token).await
+                        }));
+                    }
+                }
+                process_event::Event::Data(d) => {
+                    let (is_stderr, bytes) = match d.output {
+                        Some(process_event::data_event::Output::Stdout(b)) => (false, b),
+                        Some(process_event::data_event::Output::Stderr(b)) => (true, b),
+                        Some(process_event::data_event::Output::Pty(b)) => (false, b),
+                        None => continue,
+                    };
+                    let room = limit.saturating_sub(out.stdout.len() + out.stderr.len());
+                    if bytes.len() > room {
+                        out.truncated = true;
+                    }
+                    let take = bytes.len().min(room);
+                    let buf = if is_stderr {
+                        &mut out.stderr
+                    } else {
+                        &mut out.stdout
+                    };
+                    buf.extend_from_slice(&bytes[..take]);
+                }
+                process_event::Event::End(end) => {
+                    out.exit_code = end.exit_code;
+                    out.exited = end.exited;
+                    out.status = end.status;
+                    out.error = end.error;
+                    if let Some(t) = stdin_task {
+                        // The process ended; whatever stdin was not taken no longer matters,
+                        // but a failure to deliver it is worth reporting if it ended cleanly.
+                        t.abort();
+                    }
+                    return Ok(out);
+                }
+                process_event::Event::Keepalive(_) => {}
+            }
+        }
+    }
+
+    async fn feed_stdin(
+        &self,
+        pid: u32,
+        data: Bytes,
+        user: &Option<String>,
+        token: &Option<String>,
+    ) -> Result<(), ClientError> {
+        let selector = Some(pb::ProcessSelector {
+            selector: Some(process_selector::Selector::Pid(pid)),
+        });
+        for piece in data.chunks(STDIN_CHUNK) {
+            let req = pb::SendInputRequest {
+                process: selector.clone(),
+                input: Some(pb::ProcessInput {
+                    input: Some(process_input::Input::Stdin(data.slice_ref(piece))),
+                }),
+            };
+            let _: pb::SendInputResponse = self
+                .unary(
+                    "process.SendInput",
+                    "/process.Process/SendInput",
+                    &req,
+                    user,
+                    token,
+                )
+                .await?;
+        }
+        let req = pb::CloseStdinRequest { process: selector };
+        let _: pb::CloseStdinResponse = self
+            .unary(
+                "process.CloseStdin",
+                "/process.Process/CloseStdin",
+                &req,
+                user,
+                token,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A unary Connect call with the binary codec.
+    pub async fn unary<Req, Resp>(
+        &self,
+        op: &'static str,
+        path: &str,
+        msg: &Req,
+        user: &Option<String>,
+        token: &Option<String>,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: prost::Message + Serialize,
+        Resp: prost::Message + Default + serde::de::DeserializeOwned,
+    {
+        let headers = rpc_headers(user, token, Framing::Unary, None);
+        let req = build(Method::POST, path, &headers, full(Codec::Proto.encode(msg)))?;
+        let resp = self.request(op, req).await?;
+        let (status, body) = self.read_small(op, resp).await?;
+        if status != StatusCode::OK {
+            return Err(status_error(op, status, &body));
+        }
+        Codec::Proto
+            .decode(&body)
+            .map_err(|e| ClientError::Decode(op, Box::new(e)))
+    }
+}
+
+fn agent_uri(path: &str) -> Result<Uri, ClientError> {
+    format!("http://agent{path}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ClientError::Build("request URI", Box::new(e)))
+}
+
+fn build(
+    method: Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: AgentBody,
+) -> Result<Request<AgentBody>, ClientError> {
+    let mut b = Request::builder().method(method).uri(agent_uri(path)?);
+    for (k, v) in headers {
+        let v = HeaderValue::from_str(v)
+            .map_err(|e| ClientError::Build("request header", Box::new(e)))?;
+        b = b.header(*k, v);
+    }
+    b.body(body)
+        .map_err(|e| ClientError::Build("request", Box::new(e)))
+}
+
+fn rpc_headers(
+    user: &Option<String>,
+    token: &Option<String>,
+    framing: Framing,
+    keepalive: Option<Duration>,
+) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        (
+            "content-type",
+            Codec::Proto.content_type(framing).to_owned(),
+        ),
+        ("connect-protocol-version", "1".to_owned()),
+    ];
+    if let Some(u) = user {
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{u}:"));
+        h.push(("authorization", format!("Basic {v}")));
+    }
+    if let Some(t) = token {
+        h.push(("x-access-token", t.clone()));
+    }
+    if let Some(k) = keepalive {
+        h.push(("keepalive-ping-interval", k.as_secs().max(1).to_string()));
+    }
+    h
+}
+
+fn empty() -> AgentBody {
+    full(Bytes::new())
+}
+
+fn full(b: impl Into<Bytes>) -> AgentBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn expect_status(
+    op: &'static str,
+    got: StatusCode,
+    want: StatusCode,
+    body: &[u8],
+) -> Result<(), ClientError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(status_error(op, got, body))
+    }
+}
+
+/// A Connect error body if there is one, else the HTTP status with the body's message.
+fn status_error(op: &'static str, status: StatusCode, body: &[u8]) -> ClientError {
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        return ClientError::Rpc {
+            op,
+            code: e.code,
+            message: e.message,
+        };
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+    ClientError::Status {
+        op,
+        status,
+        message,
+    }
+}

@@ -1,0 +1,148 @@
+//! `POST /init`: envd's per-sandbox setup, called by the host right after every boot or
+//! snapshot restore, before any SDK traffic. It must stay fast: no process spawns.
+//!
+//! envd fields: `envVars`, `accessToken`, `timestamp`, `defaultUser`, `defaultWorkdir`.
+//! Alcove extensions: `hostname`, `entropy` (base64, at least 32 bytes, mixed into and credited
+//! to the kernel pool, then the CRNG is reseeded, so clones of one snapshot diverge), `sandboxId`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use base64::Engine;
+use bytes::Bytes;
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::{ACCESS_TOKEN_HEADER, ApiError};
+use crate::state::{AgentState, Counters};
+
+/// Minimum entropy accepted, in bytes (256 bits).
+pub const MIN_ENTROPY: usize = 32;
+/// envd's tolerances: the clock is only set when it is off by more than this.
+const MAX_BEHIND_NS: i128 = 50_000_000;
+const MAX_AHEAD_NS: i128 = 5_000_000_000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRequest {
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub access_token: Option<String>,
+    pub timestamp: Option<pbjson_types::Timestamp>,
+    pub default_user: Option<String>,
+    pub default_workdir: Option<String>,
+    pub hostname: Option<String>,
+    pub entropy: Option<String>,
+    pub sandbox_id: Option<String>,
+}
+
+pub async fn post_init(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, [(&'static str, &'static str); 1]), ApiError> {
+    let req: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        InitRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("/init body: {e}")))?
+    };
+    // Changing anything once a token is set takes that token (header or body).
+    if state.token_is_set() {
+        let header = headers
+            .get(ACCESS_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let body_token = req.access_token.as_deref().filter(|t| !t.is_empty());
+        let header_ok = header.is_some() && state.token_matches(header);
+        let body_ok = body_token.is_some() && state.token_matches(body_token);
+        if !header_ok && !body_ok {
+            Counters::inc(&state.counters.unauthorized);
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    apply(&state, req)?;
+    Ok((StatusCode::NO_CONTENT, [("cache-control", "no-store")]))
+}
+
+/// Validates everything first, then applies; a rejected request changes nothing.
+pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
+    let entropy = match &req.entropy {
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| ApiError::BadRequest("entropy must be base64".into()))?;
+            if bytes.len() < MIN_ENTROPY {
+                return Err(ApiError::BadRequest(format!(
+                    "entropy must be at least {MIN_ENTROPY} bytes, got {}",
+                    bytes.len()
+                )));
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    if let Some(h) = &req.hostname {
+        crate::system::validate_hostname(h).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    let ts_ns = req
+        .timestamp
+        .as_ref()
+        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+
+    let touch = state.config.touch_system;
+    if let (Some(bytes), true) = (entropy, touch) {
+        crate::system::add_entropy(&bytes).map_err(|e| {
+            ApiError::Internal(format!("credit entropy: {}", crate::rpc::error_chain(&e)))
+        })?;
+    }
+    // Stale or replayed timestamps never move the clock (or defaults) backwards.
+    let fresh = {
+        let mut last = state
+            .last_init_timestamp
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        match (ts_ns, *last) {
+            (Some(ts), Some(prev)) if ts <= prev => false,
+            (Some(ts), _) => {
+                *last = Some(ts);
+                true
+            }
+            (None, _) => true,
+        }
+    };
+    if !fresh {
+        return Ok(());
+    }
+    if let (Some(ts), true) = (ts_ns, touch) {
+        let now = crate::system::realtime_ns();
+        let off = now < ts - MAX_BEHIND_NS || now > ts + MAX_AHEAD_NS;
+        if let (true, Err(e)) = (off, crate::system::set_realtime_ns(ts)) {
+            tracing::warn!(error = %e, "set the clock from /init");
+        }
+    }
+    if let (Some(h), true) = (&req.hostname, touch) {
+        crate::system::set_hostname(h).map_err(|e| {
+            ApiError::Internal(format!("set hostname: {}", crate::rpc::error_chain(&e)))
+        })?;
+    }
+    {
+        let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(env) = req.env_vars {
+            d.env_vars = env;
+        }
+        if let Some(u) = req.default_user.filter(|u| !u.is_empty()) {
+            d.user = Some(u);
+        }
+        if let Some(w) = req.default_workdir.filter(|w| !w.is_empty()) {
+            d.workdir = Some(PathBuf::from(w));
+        }
+        if let Some(id) = req.sandbox_id.filter(|s| !s.is_empty()) {
+            d.sandbox_id = Some(id);
+        }
+    }
+    // As envd: a present token replaces the current one; an absent one clears it.
+    state.set_token(req.access_token.filter(|t| !t.is_empty()));
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Phase-1 checks through the host client: run, exit codes, stdin, envs, cwd, users, health.
+
+mod common;
+
+use alcove_agent_client::{ClientError, RunRequest, alcove_envd_proto::connect::Code};
+use common::*;
+
+#[tokio::test]
+async fn health_answers_204() {
+    let agent = Agent::start();
+    agent.client().await.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn echo_runs_and_exits_zero() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let out = run_ok(
+        &c,
+        RunRequest {
+            cmd: "/bin/echo".into(),
+            args: vec!["hello".into(), "world".into()],
+            user: Some("root".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(text(&out.stdout), "hello world\n");
+    assert_eq!(out.exit_code, 0);
+    assert!(out.exited);
+    assert_eq!(out.status, "exit status 0");
+    assert_eq!(out.error, None);
+    assert!(out.pid > 0);
+}
+
+#[tokio::test]
+async fn exit_codes_and_stderr_are_reported() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let out = run_ok(&c, sh("echo oops >&2; exit 3")).await;
+    assert_eq!(out.exit_code, 3);
+    assert_eq!(text(&out.stderr), "oops\n");
+    assert_eq!(out.error.as_deref(), Some("exit status 3"));
+    let out = run_ok(&c, sh("kill -9 $$")).await;
+    assert_eq!(out.exit_code, -1);
+    assert!(!out.exited);
+    assert_eq!(out.status, "signal: killed");
+}
+
+#[tokio::test]
+async fn stdin_is_fed_and_closed() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let mut req = sh("tr a-z A-Z; echo done");
+    req.stdin = Some(bytes::Bytes::from_static(b"hello stdin\n"));
+    let out = run_ok(&c, req).await;
+    assert_eq!(text(&out.stdout), "HELLO STDIN\ndone\n");
+    // Without stdin the process reads EOF at once.
+    let out = run_ok(&c, sh("cat; echo eof")).await;
+    assert_eq!(text(&out.stdout), "eof\n");
+}
+
+#[tokio::test]
+async fn envs_and_cwd_apply() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let mut req = sh("echo \"$FOO|$HOME|$USER|$(pwd)\"");
+    req.envs.insert("FOO".into(), "bar baz".into());
+    req.cwd = Some("/tmp".into());
+    let out = run_ok(&c, req).await;
+    assert_eq!(text(&out.stdout), "bar baz|/root|root|/tmp\n");
+    // Default cwd is the user's home.
+    let out = run_ok(&c, sh("pwd")).await;
+    assert_eq!(text(&out.stdout), "/root\n");
+}
+
+#[tokio::test]
+async fn missing_cwd_and_command_are_errors() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let mut req = sh("true");
+    req.cwd = Some("/no/such/dir".into());
+    match c.run(req).await {
+        Err(ClientError::Rpc { code, message, .. }) => {
+            assert_eq!(code, Code::InvalidArgument);
+            assert!(message.contains("/no/such/dir"), "{message}");
+        }
+        other => panic!("expected invalid_argument, got {other:?}"),
+    }
+    let req = RunRequest {
+        cmd: "/no/such/binary".into(),
+        user: Some("root".into()),
+        ..Default::default()
+    };
+    match c.run(req).await {
+        Err(ClientError::Rpc { code, .. }) => assert_eq!(code, Code::NotFound),
+        other => panic!("expected not_found, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn runs_as_the_requested_user() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let out = run_ok(&c, sh("id -u; id -g")).await;
+    assert_eq!(text(&out.stdout), "0\n0\n");
+    if nix::unistd::geteuid().is_root() {
+        let mut req = sh("id -un; id -u; echo $HOME");
+        req.user = Some("nobody".into());
+        req.cwd = Some("/tmp".into());
+        let out = run_ok(&c, req).await;
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert_eq!(
+            text(&out.stdout),
+            format!("nobody\n{}\n{}\n", nobody.uid, nobody.dir.display())
+        );
+    }
+    let mut req = sh("true");
+    req.user = Some("no-such-user-alcove".into());
+    match c.run(req).await {
+        Err(ClientError::Rpc { code, .. }) => assert_eq!(code, Code::PermissionDenied),
+        other => panic!("expected permission_denied, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn many_runs_share_one_connection() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let out = c.run(sh(&format!("echo {i}"))).await.unwrap();
+            assert_eq!(text(&out.stdout), format!("{i}\n"));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn init_sets_env_defaults_and_token() {
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let init = alcove_agent_client::InitRequest {
+        env_vars: Some([("FROM_INIT".to_owned(), "yes".to_owned())].into()),
+        access_token: Some("secret-token".into()),
+        timestamp: Some("2026-11-22T18:23:00Z".into()),
+        hostname: Some("sbx-test".into()),
+        entropy: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+        sandbox_id: Some("sbx-1".into()),
+        ..Default::default()
+    };
+    c.init(&init, None).await.unwrap();
+    // Without the token: refused.
+    match c.run(sh("true")).await {
+        Err(ClientError::Rpc { code, .. }) => assert_eq!(code, Code::Unauthenticated),
+        other => panic!("expected unauthenticated, got {other:?}"),
+    }
+    let mut req = sh("echo $FROM_INIT");
+    req.access_token = Some("secret-token".into());
+    let out = run_ok(&c, req).await;
+    assert_eq!(text(&out.stdout), "yes\n");
+    // A second /init without the current token cannot take over.
+    assert!(
+        c.init(&alcove_agent_client::InitRequest::default(), None)
+            .await
+            .is_err()
+    );
+    // Too little entropy is refused.
+    let bad = alcove_agent_client::InitRequest {
+        entropy: Some("AAAA".into()),
+        ..Default::default()
+    };
+    assert!(c.init(&bad, Some("secret-token")).await.is_err());
+    c.health().await.unwrap();
+}
