@@ -298,6 +298,7 @@ impl Service {
         timeout: Duration,
     ) -> Result<SandboxRecord, ApiError> {
         let id = req.sandbox_id.clone();
+        let template_id = req.template_id.clone();
         let result =
             tokio::time::timeout(self.limits.create_timeout, self.backend.create(req)).await;
         let failure = match result {
@@ -356,7 +357,7 @@ impl Service {
         }
         Err(match failure {
             BackendError::TemplateNotFound => ApiError::TemplateNotFound {
-                template: String::new(),
+                template: template_id,
             },
             BackendError::NoCapacity => ApiError::NoCapacity,
             BackendError::Timeout => ApiError::CreateTimeout,
