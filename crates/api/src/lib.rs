@@ -1,1 +1,34 @@
-//! alcove-api (placeholder until its layer lands).
+//! alcove-api: the control plane's HTTP surface.
+//!
+//! One listener serves E2B's REST API (as the official `e2b` SDKs call it), Alcove's additive
+//! extensions under `/alcove/v1/`, Prometheus `/metrics`, and sandbox traffic (routed by the
+//! `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers or `<port>-<sandboxID>.<domain>` hosts) to the
+//! VMs through a [`SandboxBackend`]. State lives in `alcove-store` (SQLite in the data dir).
+//!
+//! Entry points for the `alcove` binary: [`serve`] (or [`Server::bind`] + [`Server::run`]) and
+//! the CLI pieces in [`cli`]. The integrator implements [`SandboxBackend`] over the node library.
+//!
+//! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service`
+//! (logic, testable without HTTP), `proxy` (sandbox traffic), `error` (the one `ApiError`),
+//! `models` (wire types), `openapi` (generated document + drift test), `server` (startup,
+//! reaper), `metrics` (Prometheus text).
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod models;
+pub mod openapi;
+pub mod proxy;
+pub mod server;
+pub mod service;
+
+pub use backend::{
+    BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine, ResourceUsage,
+    SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
+};
+pub use config::{Limits, ServerConfig};
+pub use error::ApiError;
+pub use server::{API_KEY_FILE, ServeError, Server, serve};

@@ -1,1 +1,152 @@
-//! alcove-store (placeholder until its layer lands).
+//! alcove-store: the control plane's durable state in one SQLite file.
+//!
+//! Owns teams, API keys (stored as SHA-256 hashes; the plaintext is returned once at creation),
+//! templates and their aliases, and sandboxes with metadata, env var *names* (never values) and
+//! their state history. The database runs in WAL mode; its schema is a list of numbered
+//! migrations recorded in `PRAGMA user_version`, applied in order at [`Store::open`].
+//!
+//! Callers: `alcove-api` (the REST server, which calls in from `spawn_blocking`) and the
+//! `alcove keys` commands. All methods take `&self`; one connection behind a mutex serialises
+//! writers, which is what SQLite does anyway.
+
+mod keys;
+mod lifecycle;
+mod migrations;
+mod sandboxes;
+mod templates;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+
+pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
+pub use lifecycle::{SandboxState, UnknownState};
+pub use sandboxes::{
+    ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
+};
+pub use templates::TemplateRecord;
+
+/// The database file name inside the data directory.
+pub const DB_FILE: &str = "alcove.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the database")]
+    Open(#[source] rusqlite::Error),
+    #[error("migrating the database schema to version {version}")]
+    Migrate {
+        version: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the database schema (version {found}) is newer than this build understands ({known})")]
+    SchemaTooNew { found: usize, known: usize },
+    #[error("database query")]
+    Query(#[from] rusqlite::Error),
+    #[error("sandbox not found")]
+    SandboxNotFound,
+    #[error("team not found")]
+    TeamNotFound,
+    #[error("sandbox state change from {from} to {to} is not allowed")]
+    Transition {
+        from: SandboxState,
+        to: SandboxState,
+    },
+    #[error("a stored value is corrupt")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The control plane's database. Cheap to share behind an `Arc`.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it to the latest schema.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(StoreError::Open)?;
+        Self::with_connection(conn, migrations::MIGRATIONS.len())
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Store> {
+        let conn = Connection::open_in_memory().map_err(StoreError::Open)?;
+        Self::with_connection(conn, migrations::MIGRATIONS.len())
+    }
+
+    fn with_connection(mut conn: Connection, upto: usize) -> Result<Store> {
+        // WAL: readers never block the writer and a crash loses at most the last transaction.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(StoreError::Open)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(StoreError::Open)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(StoreError::Open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(StoreError::Open)?;
+        migrations::migrate(&mut conn, upto)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<usize> {
+        let v: i64 = self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok(v as usize)
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (statements are atomic), so
+        // a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one time unit stored in the database.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn everything_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let (secret, sandbox_id) = {
+            let store = Store::open(&path).unwrap();
+            let team = store.create_team("admin").unwrap();
+            let key = store.create_api_key(&team.id, "first").unwrap();
+            store
+                .upsert_template(&TemplateRecord::sample("tpl1", &["base"]))
+                .unwrap();
+            let rec = NewSandboxRecord::sample("sbx1", &team.id, "tpl1");
+            store.insert_sandbox(&rec).unwrap();
+            store
+                .transition("sbx1", SandboxState::Running, "started")
+                .unwrap();
+            (key.secret, rec.id)
+        };
+        let store = Store::open(&path).unwrap();
+        let auth = store.authenticate(&secret).unwrap().unwrap();
+        let sbx = store.sandbox(&sandbox_id).unwrap().unwrap();
+        assert_eq!(sbx.team_id, auth.team_id);
+        assert_eq!(sbx.state, SandboxState::Running);
+        assert_eq!(sbx.metadata.get("user").map(String::as_str), Some("alice"));
+        assert_eq!(store.resolve_template("base").unwrap().unwrap().id, "tpl1");
+        let events = store.sandbox_events(&sandbox_id).unwrap();
+        assert_eq!(events.len(), 2);
+    }
+}

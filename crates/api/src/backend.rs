@@ -1,0 +1,194 @@
+//! The seam between the control plane and the machines: [`SandboxBackend`].
+//!
+//! The API owns records, auth, limits and timeouts; a backend owns VMs. The integrator implements
+//! this trait over the node library (QEMU microVMs restored from template snapshots); tests use a
+//! fake. The trait is object-safe (`Arc<dyn SandboxBackend>`): async methods return boxed futures.
+//!
+//! Contract, for implementers:
+//! - Every method may be called concurrently, for different and for the same sandbox.
+//! - `create` returns once the in-guest agent answers; the API applies its own deadline on top.
+//! - `kill` of an unknown or already dead sandbox is `Ok` or `Err(SandboxNotFound)`, never a panic;
+//!   it must leave nothing behind.
+//! - `list` is the source of truth after a restart: sandboxes it does not report are marked `lost`.
+//! - `forward` carries one HTTP exchange (streaming both ways) to a port inside the sandbox.
+//!   Errors before a response exists are `BackendError`s; the proxy turns them into the 502s the
+//!   SDKs understand.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+pub use axum::body::Body;
+
+/// A boxed, `Send` future: what every backend method returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Port of the in-guest agent (E2B's envd protocol).
+pub const ENVD_PORT: u16 = 49983;
+/// Port of the code interpreter server.
+pub const CODE_INTERPRETER_PORT: u16 = 49999;
+
+/// What the backend needs to start a sandbox.
+#[derive(Debug, Clone)]
+pub struct CreateSandbox {
+    /// Chosen by the API; unique, lowercase alphanumeric, safe in a host name.
+    pub sandbox_id: String,
+    /// A template id from [`SandboxBackend::templates`] (aliases are resolved by the API).
+    pub template_id: String,
+    /// Environment for every process the agent starts. Values may be secrets: never log them.
+    pub env_vars: BTreeMap<String, String>,
+    /// Caller-supplied labels, for the backend's own bookkeeping and logs.
+    pub metadata: BTreeMap<String, String>,
+    /// The token the agent must require in `X-Access-Token` (the proxy checks it too).
+    pub envd_access_token: Option<String>,
+    /// `Some(false)` asks for no outbound network; `None` is the backend's default.
+    pub allow_internet_access: Option<bool>,
+    /// The template's resources, as the API knows them; the backend may override.
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+}
+
+/// What the backend started.
+#[derive(Debug, Clone)]
+pub struct StartedSandbox {
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    /// Version of the agent's envd protocol; the SDKs refuse anything below `0.1.0`.
+    pub envd_version: String,
+    pub started_at: SystemTime,
+}
+
+/// A sandbox the backend has a VM for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSandbox {
+    pub sandbox_id: String,
+    pub paused: bool,
+}
+
+/// What became of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxStatus {
+    Running,
+    Paused,
+    /// The VM is gone; `reason` says why (exit status, OOM, killed from outside...).
+    Exited {
+        reason: String,
+    },
+    /// The backend never heard of it (or forgot it, e.g. after a host restart).
+    Unknown,
+}
+
+/// A template the host can create sandboxes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateInfo {
+    pub template_id: String,
+    /// Names it can be created by, e.g. `base`, `code-interpreter-v1`.
+    pub aliases: Vec<String>,
+    /// Identifies the build (a UUID when possible: the SDK parses it as one).
+    pub build_id: String,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub envd_version: String,
+}
+
+/// One resource sample of a running sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceUsage {
+    pub timestamp: SystemTime,
+    pub cpu_count: u32,
+    pub cpu_used_pct: f64,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub mem_cache: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+/// One line of a sandbox's own log (guest console, agent), beside the API's lifecycle events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub timestamp: SystemTime,
+    pub level: LogLevel,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("sandbox not found")]
+    SandboxNotFound,
+    #[error("template not found")]
+    TemplateNotFound,
+    /// The host cannot fit another sandbox now (memory, CPU, slots).
+    #[error("no capacity for another sandbox")]
+    NoCapacity,
+    /// Nothing listens on the port inside the sandbox (or the agent is not up).
+    #[error("port is not open in the sandbox")]
+    PortNotOpen,
+    /// The VM or agent did not answer within the backend's own deadline.
+    #[error("the sandbox did not answer in time")]
+    Timeout,
+    /// Anything else; `op` names what failed, the cause is in `source`.
+    #[error("{op} failed")]
+    Failed {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What the API needs from the machines. See the module docs for the contract.
+pub trait SandboxBackend: Send + Sync + 'static {
+    /// Templates this host can create sandboxes from.
+    fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>>;
+
+    /// Starts a sandbox and returns once its agent answers.
+    fn create(&self, req: CreateSandbox) -> BoxFuture<'_, Result<StartedSandbox, BackendError>>;
+
+    /// Stops a sandbox and removes everything it left on the host.
+    fn kill<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// Every sandbox the backend has a VM for (used to reconcile after a restart and to notice
+    /// VMs that died underneath us).
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LiveSandbox>, BackendError>>;
+
+    /// Liveness of one sandbox, with the exit reason when it is gone.
+    fn status<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<SandboxStatus, BackendError>>;
+
+    /// The latest resource sample, if the backend has one.
+    fn metrics<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceUsage>, BackendError>>;
+
+    /// The sandbox's own log lines (console, agent). Defaults to none.
+    fn logs<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<LogLine>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code
+    /// interpreter ([`CODE_INTERPRETER_PORT`]) or any port a process listens on. The request's
+    /// URI is origin-form (path and query); bodies stream in both directions.
+    fn forward<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        port: u16,
+        req: http::Request<Body>,
+    ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>>;
+}

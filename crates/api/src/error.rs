@@ -1,0 +1,339 @@
+//! [`ApiError`]: every failure the listener answers with, REST and proxy alike.
+//!
+//! The body is E2B's `Error` model, `{"code": <status>, "message": ..., "error_code": ...}`, so the
+//! SDKs raise the right exception (401 → AuthenticationException, 404 → NotFound, 429 →
+//! RateLimitException, 502 with "was not found" → SandboxNotRunningException...). `error_code` is
+//! our stable machine-readable code. Messages are written for the caller, often an LLM: they say
+//! what happened and what to do next. 5xx bodies never carry internal details; those go to the log.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// E2B's error body.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The HTTP status code.
+    pub code: u16,
+    /// What went wrong and what to do next.
+    pub message: String,
+    /// Stable machine-readable code, e.g. `sandbox_not_found`.
+    pub error_code: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing API key")]
+    MissingApiKey,
+    #[error("invalid API key")]
+    InvalidApiKey,
+    #[error("sandbox not found")]
+    SandboxNotFound { sandbox_id: String },
+    #[error("template not found")]
+    TemplateNotFound { template: String },
+    #[error("invalid request body")]
+    InvalidBody { detail: String },
+    #[error("invalid query")]
+    InvalidQuery { detail: String },
+    #[error("request body too large")]
+    BodyTooLarge { limit: usize },
+    #[error("timeout out of range")]
+    TimeoutOutOfRange { requested: u64, max: u64 },
+    #[error("unsupported feature")]
+    Unsupported { feature: &'static str },
+    #[error("sandbox limit reached")]
+    SandboxLimit { limit: usize },
+    #[error("not implemented")]
+    NotImplemented { what: &'static str },
+    #[error("no capacity")]
+    NoCapacity,
+    #[error("sandbox create timed out")]
+    CreateTimeout,
+    #[error("sandbox create failed")]
+    CreateFailed,
+    #[error("request timed out")]
+    RequestTimeout,
+    #[error("route not found")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal,
+    // Sandbox traffic (the proxy).
+    #[error("bad sandbox routing header")]
+    BadRouting { detail: String },
+    #[error("sandbox access token rejected")]
+    AccessTokenRejected { sandbox_id: String },
+    #[error("sandbox not running")]
+    SandboxGone { sandbox_id: String },
+    #[error("port not open")]
+    PortNotOpen { sandbox_id: String, port: u16 },
+    #[error("sandbox did not answer")]
+    SandboxTimeout { sandbox_id: String },
+    #[error("sandbox unreachable")]
+    SandboxUnreachable { sandbox_id: String },
+}
+
+impl ApiError {
+    /// Status, stable code and caller-facing message. One exhaustive match: adding a variant
+    /// does not compile until it has all three.
+    pub fn parts(&self) -> (StatusCode, &'static str, String) {
+        use ApiError::*;
+        match self {
+            MissingApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "No API key was sent. Send it in the X-API-KEY header (the SDKs read E2B_API_KEY); \
+                 the server wrote its first key to <data-dir>/api-key."
+                    .into(),
+            ),
+            InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "The API key is not valid or was revoked. Check E2B_API_KEY, or create a key with \
+                 `alcove keys create`."
+                    .into(),
+            ),
+            SandboxNotFound { sandbox_id } => (
+                StatusCode::NOT_FOUND,
+                "sandbox_not_found",
+                format!(
+                    "Sandbox {sandbox_id} was not found: it never existed for this team, was \
+                     killed, or reached its timeout. List live sandboxes with GET /v2/sandboxes \
+                     or create a new one."
+                ),
+            ),
+            TemplateNotFound { template } => (
+                StatusCode::NOT_FOUND,
+                "template_not_found",
+                format!(
+                    "Template '{template}' was not found. List available templates with \
+                     GET /templates (or `alcove template ls`) and use an id or alias from it."
+                ),
+            ),
+            InvalidBody { detail } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_body",
+                format!("The request body is not valid: {detail}. Fix the JSON and retry."),
+            ),
+            InvalidQuery { detail } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("The query string is not valid: {detail}."),
+            ),
+            BodyTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "The request body is larger than the {limit} bytes this API accepts. Send \
+                     large data to the sandbox through its file API instead."
+                ),
+            ),
+            TimeoutOutOfRange { requested, max } => (
+                StatusCode::BAD_REQUEST,
+                "timeout_out_of_range",
+                format!(
+                    "A timeout of {requested} s is out of range: it must be between 1 and {max} \
+                     seconds. Ask for a shorter timeout and extend it later with set_timeout."
+                ),
+            ),
+            Unsupported { feature } => (
+                StatusCode::BAD_REQUEST,
+                "unsupported_feature",
+                format!(
+                    "'{feature}' is not supported by this Alcove server yet. Leave it out of the \
+                     request."
+                ),
+            ),
+            SandboxLimit { limit } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "sandbox_limit_reached",
+                format!(
+                    "This team already has {limit} sandboxes running, the configured maximum. \
+                     Kill sandboxes you no longer need (or wait for their timeout), then retry."
+                ),
+            ),
+            NotImplemented { what } => (
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                format!(
+                    "{what} is not implemented by this Alcove server yet. Keep the sandbox \
+                     running (set_timeout) or kill it instead."
+                ),
+            ),
+            NoCapacity => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sandbox_capacity_unavailable",
+                "The host has no capacity for another sandbox right now. Retry in a few seconds \
+                 or kill sandboxes you no longer need."
+                    .into(),
+            ),
+            CreateTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "sandbox_create_timeout",
+                "The sandbox did not start in time. Retry; if it keeps happening the host is \
+                 overloaded."
+                    .into(),
+            ),
+            CreateFailed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "sandbox_create_failed",
+                "The sandbox could not be started this time. Retry; the server log has the cause."
+                    .into(),
+            ),
+            RequestTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "request_timeout",
+                "The server did not finish the request in time. Retry.".into(),
+            ),
+            RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                "No such endpoint. See GET /openapi.json for the API; sandbox traffic needs the \
+                 E2b-Sandbox-Id and E2b-Sandbox-Port headers."
+                    .into(),
+            ),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "This endpoint does not accept that method. See GET /openapi.json.".into(),
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_server_error",
+                "Internal server error. Retry; the server log has the cause.".into(),
+            ),
+            BadRouting { detail } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_sandbox_route",
+                format!("The sandbox routing is not valid: {detail}."),
+            ),
+            AccessTokenRejected { sandbox_id } => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_access_token",
+                format!(
+                    "Sandbox {sandbox_id} is secured and the X-Access-Token header is missing or \
+                     wrong. Use the envdAccessToken returned when the sandbox was created or \
+                     connected."
+                ),
+            ),
+            // "was not found" is the phrase the SDKs match to raise SandboxNotRunningException.
+            SandboxGone { sandbox_id } => (
+                StatusCode::BAD_GATEWAY,
+                "sandbox_not_running",
+                format!(
+                    "The sandbox {sandbox_id} was not found: it was killed or reached its timeout."
+                ),
+            ),
+            // "port is not open" is the phrase the SDKs match to raise SandboxUnreachableException.
+            PortNotOpen { sandbox_id, port } => (
+                StatusCode::BAD_GATEWAY,
+                "port_not_open",
+                format!(
+                    "The sandbox {sandbox_id} is running but the port is not open: nothing \
+                     listens on port {port}. Start a server on 0.0.0.0:{port} inside the sandbox."
+                ),
+            ),
+            SandboxTimeout { sandbox_id } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "sandbox_timeout",
+                format!("The sandbox {sandbox_id} did not answer in time. Retry."),
+            ),
+            SandboxUnreachable { sandbox_id } => (
+                StatusCode::BAD_GATEWAY,
+                "sandbox_unreachable",
+                format!(
+                    "The sandbox {sandbox_id} could not be reached. Check its state with \
+                     GET /sandboxes/{sandbox_id} and retry."
+                ),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error_code, message) = self.parts();
+        if status.is_server_error() {
+            tracing::warn!(error_code, "request failed");
+        }
+        crate::metrics::METRICS.error(error_code);
+        let body = ErrorBody {
+            code: status.as_u16(),
+            message,
+            error_code: error_code.into(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<alcove_store::StoreError> for ApiError {
+    fn from(e: alcove_store::StoreError) -> Self {
+        match e {
+            alcove_store::StoreError::SandboxNotFound => ApiError::SandboxNotFound {
+                sandbox_id: String::new(),
+            },
+            other => {
+                tracing::error!(error = %crate::error::chain(&other), "store failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// The whole source chain of an error, on one line, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_what_the_sdk_maps_to_exceptions() {
+        let cases = [
+            (ApiError::InvalidApiKey, 401),
+            (
+                ApiError::SandboxNotFound {
+                    sandbox_id: "x".into(),
+                },
+                404,
+            ),
+            (ApiError::SandboxLimit { limit: 1 }, 429),
+            (ApiError::NoCapacity, 503),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.parts().0.as_u16(), status, "{e:?}");
+        }
+        let (_, _, msg) = ApiError::SandboxGone {
+            sandbox_id: "x".into(),
+        }
+        .parts();
+        assert!(msg.contains("was not found"));
+        let (_, _, msg) = ApiError::PortNotOpen {
+            sandbox_id: "x".into(),
+            port: 1,
+        }
+        .parts();
+        assert!(msg.contains("port is not open"));
+    }
+
+    #[test]
+    fn server_errors_do_not_leak_details() {
+        for e in [ApiError::Internal, ApiError::CreateFailed] {
+            let (status, _, msg) = e.parts();
+            assert!(status.is_server_error());
+            assert!(msg.contains("server log"));
+        }
+    }
+}

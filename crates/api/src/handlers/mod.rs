@@ -1,0 +1,100 @@
+//! REST handlers, split by resource, and the extractors they share.
+//!
+//! Each handler extracts (auth, path, query, body), validates, calls one [`Service`] method and
+//! maps the result. Extractor failures become [`ApiError`]s, never axum's plain-text rejections.
+
+pub mod extensions;
+pub mod sandboxes;
+pub mod system;
+pub mod templates;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::service::Service;
+
+pub type AppState = Arc<Service>;
+
+/// The team of the API key in `X-API-KEY` (or `Authorization: Bearer <key>`).
+pub struct Team(pub String);
+
+impl FromRequestParts<AppState> for Team {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = parts
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        let Some(key) = key else {
+            crate::metrics::Metrics::inc(&crate::metrics::METRICS.auth_failures);
+            return Err(ApiError::MissingApiKey);
+        };
+        // Keys are short; anything long is not ours and is not worth hashing.
+        if key.len() > 256 {
+            crate::metrics::Metrics::inc(&crate::metrics::METRICS.auth_failures);
+            return Err(ApiError::InvalidApiKey);
+        }
+        state.authenticate(key).await.map(Team)
+    }
+}
+
+/// A JSON body: size-limited by `DefaultBodyLimit`, with every failure a structured 400/413.
+/// An empty body reads as `{}`, so optional bodies (refreshes, connect) may be left out.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(usize::MAX);
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge { limit }
+            } else {
+                ApiError::InvalidBody {
+                    detail: "the body could not be read".into(),
+                }
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::InvalidBody {
+                detail: e.to_string(),
+            })
+    }
+}
+
+/// The configured body limit, put in request extensions so rejections can name it.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Query pairs, percent-decoded once.
+pub fn query_pairs(req_query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(req_query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}

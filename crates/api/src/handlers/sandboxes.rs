@@ -1,0 +1,502 @@
+//! `/sandboxes` and `/v2/sandboxes`: E2B's sandbox endpoints as the 2.63 SDKs call them.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use percent_encoding::percent_decode_str;
+
+use alcove_store::{ListOrder, SandboxState as StoreState};
+
+use super::{ApiJson, AppState, Team, query_pairs};
+use crate::error::{ApiError, ErrorBody};
+use crate::models::{
+    ConnectRequest, ListedSandbox, NewSandbox, RefreshRequest, Sandbox, SandboxDetail, SandboxLog,
+    SandboxLogs, SandboxLogsV2, SandboxMetric, SandboxesWithMetrics, TimeoutRequest, parse_rfc3339,
+};
+use crate::service::ListQuery;
+
+/// Largest page `GET /v2/sandboxes` returns.
+const MAX_PAGE: usize = 1000;
+
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Sandbox started", body = Sandbox),
+        (status = 400, description = "Invalid body, timeout out of range or unsupported feature", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "Unknown template", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Concurrent sandbox limit reached", body = ErrorBody),
+        (status = 500, description = "The sandbox could not be started", body = ErrorBody),
+        (status = 503, description = "No capacity on the host", body = ErrorBody),
+        (status = 504, description = "The sandbox did not start in time", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn create_v2(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    ApiJson(body): ApiJson<NewSandbox>,
+) -> Result<impl IntoResponse, ApiError> {
+    let sbx = svc.create(&team, body).await?;
+    Ok((StatusCode::CREATED, Json(sbx)))
+}
+
+/// Same as `POST /v2/sandboxes` (E2B's older path; `secure` is accepted and ignored).
+#[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Sandbox started", body = Sandbox),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "Unknown template", body = ErrorBody),
+        (status = 429, description = "Concurrent sandbox limit reached", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn create_v1(
+    state: State<AppState>,
+    team: Team,
+    body: ApiJson<NewSandbox>,
+) -> Result<impl IntoResponse, ApiError> {
+    create_v2(state, team, body).await
+}
+
+fn parse_metadata(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    // The SDKs percent-encode each key and value, then form-encode the pairs into this one
+    // parameter: undo both.
+    let mut out = Vec::new();
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+        let dec = |s: &str| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ApiError::InvalidQuery {
+                    detail: "metadata is not valid UTF-8 after decoding".into(),
+                })
+        };
+        out.push((dec(&k)?, dec(&v)?));
+    }
+    Ok(out)
+}
+
+fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery::default();
+    for (k, v) in query_pairs(raw) {
+        match k.as_str() {
+            "metadata" => q.metadata.extend(parse_metadata(&v)?),
+            "state" => {
+                for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let st = s
+                        .parse::<StoreState>()
+                        .map_err(|_| ApiError::InvalidQuery {
+                            detail: format!(
+                                "state '{s}' is not one of running, paused (or, as an Alcove \
+                             extension, creating, killed, lost)"
+                            ),
+                        })?;
+                    q.states.push(st);
+                }
+            }
+            "template" => q.template = Some(v),
+            "startedAfter" => {
+                q.started_after = Some(parse_rfc3339(&v).ok_or_else(|| ApiError::InvalidQuery {
+                    detail: format!("startedAfter '{v}' is not an RFC 3339 timestamp"),
+                })?)
+            }
+            "order" => {
+                q.order = match v.as_str() {
+                    "asc" => ListOrder::Asc,
+                    "desc" => ListOrder::Desc,
+                    _ => {
+                        return Err(ApiError::InvalidQuery {
+                            detail: "order must be asc or desc".into(),
+                        });
+                    }
+                }
+            }
+            "limit" => {
+                let n: usize = v.parse().map_err(|_| ApiError::InvalidQuery {
+                    detail: "limit must be a positive integer".into(),
+                })?;
+                if n == 0 || n > MAX_PAGE {
+                    return Err(ApiError::InvalidQuery {
+                        detail: format!("limit must be between 1 and {MAX_PAGE}"),
+                    });
+                }
+                q.limit = Some(n);
+            }
+            "nextToken" => q.next_token = Some(v).filter(|t| !t.is_empty()),
+            // Unknown parameters are ignored, as E2B does: newer SDKs may add filters.
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+#[utoipa::path(get, path = "/v2/sandboxes", tag = "sandboxes",
+    params(
+        ("metadata" = Option<String>, Query, description = "Form-encoded key=value pairs, each key and value percent-encoded; all must match"),
+        ("state" = Option<String>, Query, description = "Comma-separated states; default running,paused. Extension: creating, killed, lost"),
+        ("template" = Option<String>, Query, description = "Template id or alias"),
+        ("startedAfter" = Option<String>, Query, description = "RFC 3339"),
+        ("order" = Option<String>, Query, description = "asc (default) or desc, by start time"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1-1000"),
+        ("nextToken" = Option<String>, Query, description = "From the previous page's x-next-token header")),
+    responses(
+        (status = 200, description = "One page; `x-next-token` is set when more follow", body = [ListedSandbox]),
+        (status = 400, description = "Invalid filter", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn list_v2(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let q = parse_list_query(raw.as_deref())?;
+    let (items, next) = svc.list(&team, q).await?;
+    let mut headers = HeaderMap::new();
+    if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        headers.insert("x-next-token", t);
+    }
+    Ok((headers, Json(items)))
+}
+
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
+    params(("metadata" = Option<String>, Query, description = "As in GET /v2/sandboxes")),
+    responses(
+        (status = 200, description = "Running sandboxes", body = [ListedSandbox]),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn list_v1(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
+    let mut q = ListQuery {
+        states: vec![StoreState::Running],
+        ..Default::default()
+    };
+    for (k, v) in query_pairs(raw.as_deref()) {
+        if k == "metadata" {
+            q.metadata.extend(parse_metadata(&v)?);
+        }
+    }
+    Ok(Json(svc.list(&team, q).await?.0))
+}
+
+#[utoipa::path(get, path = "/sandboxes/{sandboxID}", tag = "sandboxes",
+    params(("sandboxID" = String, Path)),
+    responses(
+        (status = 200, description = "A running or paused sandbox", body = SandboxDetail),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn get(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxDetail>, ApiError> {
+    Ok(Json(svc.get(&team, &id).await?))
+}
+
+#[utoipa::path(delete, path = "/sandboxes/{sandboxID}", tag = "sandboxes",
+    params(("sandboxID" = String, Path)),
+    responses(
+        (status = 204, description = "Killed"),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn kill(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    svc.kill(&team, &id, "killed by API request").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/timeout", tag = "sandboxes",
+    params(("sandboxID" = String, Path)), request_body = TimeoutRequest,
+    responses(
+        (status = 204, description = "The sandbox now ends `timeout` seconds from now"),
+        (status = 400, description = "Timeout out of range", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn set_timeout(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<TimeoutRequest>,
+) -> Result<StatusCode, ApiError> {
+    svc.set_timeout(&team, &id, body.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/refreshes", tag = "sandboxes",
+    params(("sandboxID" = String, Path)), request_body = RefreshRequest,
+    responses(
+        (status = 204, description = "The sandbox lives at least `duration` more seconds"),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn refresh(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
+    svc.refresh(&team, &id, body.duration).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v2/sandboxes/{sandboxID}/connect", tag = "sandboxes",
+    params(("sandboxID" = String, Path)), request_body = ConnectRequest,
+    responses(
+        (status = 200, description = "The sandbox is running; its end time was extended if needed", body = Sandbox),
+        (status = 404, description = "No such live sandbox", body = ErrorBody),
+        (status = 501, description = "The sandbox is paused; resume is not implemented", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn connect(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ConnectRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(svc.connect(&team, &id, body.timeout).await?))
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/connect", tag = "sandboxes",
+    params(("sandboxID" = String, Path)), request_body = ConnectRequest,
+    responses(
+        (status = 200, description = "As POST /v2/sandboxes/{sandboxID}/connect", body = Sandbox),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn connect_v1(
+    state: State<AppState>,
+    team: Team,
+    id: Path<String>,
+    body: ApiJson<ConnectRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    connect(state, team, id, body).await
+}
+
+#[utoipa::path(get, path = "/sandboxes/{sandboxID}/metrics", tag = "sandboxes",
+    params(("sandboxID" = String, Path),
+        ("start" = Option<i64>, Query, description = "Ignored: the latest sample is returned"),
+        ("end" = Option<i64>, Query, description = "Ignored")),
+    responses(
+        (status = 200, description = "The latest resource sample (empty before the first)", body = [SandboxMetric]),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn metrics(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
+    Ok(Json(svc.metrics(&team, &id).await?))
+}
+
+#[utoipa::path(get, path = "/sandboxes/metrics", tag = "sandboxes",
+    params(("sandbox_ids" = String, Query, description = "Comma-separated sandbox ids (at most 100)")),
+    responses(
+        (status = 200, description = "Latest sample per live sandbox", body = SandboxesWithMetrics),
+        (status = 400, description = "Missing or too many ids", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn metrics_many(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<SandboxesWithMetrics>, ApiError> {
+    let ids: Vec<String> = query_pairs(raw.as_deref())
+        .into_iter()
+        .filter(|(k, _)| k == "sandbox_ids")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if ids.is_empty() || ids.len() > 100 {
+        return Err(ApiError::InvalidQuery {
+            detail: "sandbox_ids must list 1 to 100 comma-separated sandbox ids".into(),
+        });
+    }
+    Ok(Json(svc.metrics_many(&team, &ids).await?))
+}
+
+fn limit_param(raw: Option<&str>, default: usize) -> Result<usize, ApiError> {
+    match query_pairs(raw).into_iter().find(|(k, _)| k == "limit") {
+        None => Ok(default),
+        Some((_, v)) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ApiError::InvalidQuery {
+                detail: "limit must be between 1 and 10000".into(),
+            }),
+    }
+}
+
+#[utoipa::path(get, path = "/sandboxes/{sandboxID}/logs", tag = "sandboxes",
+    params(("sandboxID" = String, Path),
+        ("start" = Option<i64>, Query, description = "Unix ms; entries at or after it"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 1000)")),
+    responses(
+        (status = 200, description = "Lifecycle events and the sandbox's own log lines, oldest first", body = SandboxLogs),
+        (status = 404, description = "Unknown sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn logs_v1(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<SandboxLogs>, ApiError> {
+    let limit = limit_param(raw.as_deref(), 1000)?;
+    let start = query_pairs(raw.as_deref())
+        .into_iter()
+        .find(|(k, _)| k == "start")
+        .and_then(|(_, v)| v.parse::<i64>().ok())
+        .unwrap_or(i64::MIN);
+    let entries: Vec<_> = svc
+        .logs(&team, &id)
+        .await?
+        .into_iter()
+        .filter(|(at, _)| *at >= start)
+        .take(limit)
+        .map(|(_, e)| e)
+        .collect();
+    Ok(Json(SandboxLogs {
+        logs: entries
+            .iter()
+            .map(|e| SandboxLog {
+                timestamp: e.timestamp.clone(),
+                line: e.message.clone(),
+            })
+            .collect(),
+        log_entries: entries,
+    }))
+}
+
+#[utoipa::path(get, path = "/v2/sandboxes/{sandboxID}/logs", tag = "sandboxes",
+    params(("sandboxID" = String, Path),
+        ("cursor" = Option<i64>, Query, description = "Unix ms to start from"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 1000)"),
+        ("direction" = Option<String>, Query, description = "forward (default) or backward"),
+        ("level" = Option<String>, Query, description = "Minimum level: debug, info, warn, error"),
+        ("search" = Option<String>, Query, description = "Substring the message must contain")),
+    responses(
+        (status = 200, description = "Log entries", body = SandboxLogsV2),
+        (status = 404, description = "Unknown sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn logs_v2(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<SandboxLogsV2>, ApiError> {
+    let limit = limit_param(raw.as_deref(), 1000)?;
+    let pairs = query_pairs(raw.as_deref());
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let backward = get("direction").as_deref() == Some("backward");
+    let cursor = get("cursor").and_then(|v| v.parse::<i64>().ok());
+    let rank = |l: &str| match l {
+        "debug" => 0,
+        "info" => 1,
+        "warn" => 2,
+        _ => 3,
+    };
+    let min_level = get("level").map(|l| rank(&l)).unwrap_or(0);
+    let search = get("search");
+    let mut entries: Vec<_> = svc
+        .logs(&team, &id)
+        .await?
+        .into_iter()
+        .filter(|(at, e)| {
+            let in_range = match cursor {
+                Some(c) if backward => *at <= c,
+                Some(c) => *at >= c,
+                None => true,
+            };
+            in_range
+                && rank(&e.level) >= min_level
+                && search.as_deref().is_none_or(|s| e.message.contains(s))
+        })
+        .map(|(_, e)| e)
+        .collect();
+    if backward {
+        entries.reverse();
+    }
+    entries.truncate(limit);
+    Ok(Json(SandboxLogsV2 { logs: entries }))
+}
+
+/// Pause, resume, fork, snapshots and network updates land with the persistence and network
+/// issues; until then they answer 404 for unknown sandboxes (as the SDK expects) and 501.
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/pause", tag = "sandboxes",
+    params(("sandboxID" = String, Path)),
+    responses(
+        (status = 404, description = "No such live sandbox", body = ErrorBody),
+        (status = 501, description = "Not implemented yet", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn pause(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    svc.get(&team, &id).await?;
+    Err(ApiError::NotImplemented {
+        what: "Pausing a sandbox",
+    })
+}
+
+pub async fn not_implemented_for_sandbox(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    svc.get(&team, &id).await?;
+    Err(ApiError::NotImplemented {
+        what: "This sandbox operation (resume, fork, snapshots, network update)",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filter_is_decoded_like_the_sdk_encodes_it() {
+        // Python: urlencode({quote(k): quote(v)}) for {"a b": "x&y", "user": "alice"}; the
+        // outer query encoding is already undone by the time the value reaches us.
+        let raw = "a%2520b=x%2526y&user=alice";
+        assert_eq!(
+            parse_metadata(raw).unwrap(),
+            [
+                ("a b".to_string(), "x&y".to_string()),
+                ("user".into(), "alice".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn list_query_parses_sdk_parameters_and_rejects_bad_ones() {
+        let q = parse_list_query(Some(
+            "state=running%2Cpaused&limit=10&order=desc&startedAfter=2026-01-01T00%3A00%3A00%2B00%3A00",
+        ))
+        .unwrap();
+        assert_eq!(q.states, [StoreState::Running, StoreState::Paused]);
+        assert_eq!(q.limit, Some(10));
+        assert_eq!(q.order, ListOrder::Desc);
+        assert!(q.started_after.is_some());
+        for bad in [
+            "state=zombie",
+            "limit=0",
+            "limit=x",
+            "order=up",
+            "startedAfter=now",
+        ] {
+            assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `/templates`: the templates this host has built, by id and alias.
+
+use axum::Json;
+use axum::extract::{Path, State};
+
+use super::{AppState, Team};
+use crate::error::{ApiError, ErrorBody};
+use crate::models::{Template, TemplateAliasResponse, TemplateWithBuilds};
+
+#[utoipa::path(get, path = "/templates", tag = "templates",
+    params(("teamID" = Option<String>, Query, description = "Ignored: the key's team is used")),
+    responses(
+        (status = 200, description = "Templates visible to the team", body = [Template]),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn list(
+    State(svc): State<AppState>,
+    Team(team): Team,
+) -> Result<Json<Vec<Template>>, ApiError> {
+    Ok(Json(svc.templates(&team).await?))
+}
+
+/// The host's templates: every template here is a default one.
+#[utoipa::path(get, path = "/default-templates", tag = "templates",
+    responses(
+        (status = 200, description = "Templates the host provides", body = [Template]),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn defaults(state: State<AppState>, team: Team) -> Result<Json<Vec<Template>>, ApiError> {
+    list(state, team).await
+}
+
+#[utoipa::path(get, path = "/templates/{templateID}", tag = "templates",
+    params(("templateID" = String, Path, description = "Template id or alias")),
+    responses(
+        (status = 200, description = "The template and its build", body = TemplateWithBuilds),
+        (status = 404, description = "Unknown template", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn get(
+    State(svc): State<AppState>,
+    Team(_team): Team,
+    Path(id): Path<String>,
+) -> Result<Json<TemplateWithBuilds>, ApiError> {
+    Ok(Json(svc.template(&id).await?))
+}
+
+#[utoipa::path(get, path = "/templates/aliases/{alias}", tag = "templates",
+    params(("alias" = String, Path)),
+    responses(
+        (status = 200, description = "The template the alias names", body = TemplateAliasResponse),
+        (status = 404, description = "Unknown alias", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn alias(
+    State(svc): State<AppState>,
+    Team(_team): Team,
+    Path(alias): Path<String>,
+) -> Result<Json<TemplateAliasResponse>, ApiError> {
+    Ok(Json(svc.template_alias(&alias).await?))
+}

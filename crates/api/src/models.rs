@@ -1,0 +1,416 @@
+//! Wire types: the JSON the `e2b` SDKs send and expect (field names exactly as E2B's
+//! `spec/openapi.yml` and the SDK's generated models spell them), plus our additive extensions.
+//!
+//! Request bodies reject unknown fields, but list every field the 2.63 SDKs can send, so a
+//! client typo is a 400 and an SDK request never is.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
+
+/// `clientID` in E2B's responses is a legacy field the SDKs ignore.
+pub const CLIENT_ID: &str = "alcove";
+
+/// Body of `POST /sandboxes` and `POST /v2/sandboxes`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSandbox {
+    /// Template id or alias.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Lifetime in seconds from now; the server's default (300 s) when absent.
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// Pause instead of kill at the timeout. Not supported yet: `true` is refused.
+    #[serde(default, rename = "autoPause")]
+    pub auto_pause: Option<bool>,
+    #[serde(default, rename = "autoPauseMemory")]
+    pub auto_pause_memory: Option<bool>,
+    #[serde(default, rename = "autoResume")]
+    #[schema(value_type = Option<Object>)]
+    pub auto_resume: Option<Value>,
+    /// Ignored, as in E2B: sandboxes are always secured with an envd access token.
+    #[serde(default)]
+    pub secure: Option<bool>,
+    /// `false` asks for a sandbox without outbound network.
+    #[serde(default)]
+    pub allow_internet_access: Option<bool>,
+    /// Network policy. Not supported yet: must be absent, null or `{}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<Value>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment variables for every process in the sandbox. Only the names are stored.
+    #[serde(default, rename = "envVars")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// MCP gateway. Not supported: must be absent or null.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub mcp: Option<Value>,
+    /// Workload identity. Not supported: must be absent, null or `{}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub iam: Option<Value>,
+    /// Volumes. Not supported: must be absent, null or `[]`.
+    #[serde(default, rename = "volumeMounts")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub volume_mounts: Option<Value>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/timeout`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutRequest {
+    /// Seconds from now after which the sandbox is killed.
+    pub timeout: i64,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/refreshes`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// Keep the sandbox alive at least this many seconds from now.
+    #[serde(default)]
+    pub duration: Option<i64>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/connect` and `POST /v2/sandboxes/{sandboxID}/connect`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    /// Seconds from now; extends the sandbox's end time, never shortens it.
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// Resume with memory (paused sandboxes only; pause is not supported yet).
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// A created or connected sandbox (E2B `Sandbox`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Send as `X-Access-Token` on every request to the sandbox.
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    #[serde(rename = "trafficAccessToken")]
+    pub traffic_access_token: Option<String>,
+    /// Sandbox traffic reaches `<port>-<sandboxID>.<domain>`.
+    pub domain: Option<String>,
+}
+
+/// E2B's sandbox states. Sandboxes still `creating` are not listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLifecycle {
+    #[serde(rename = "autoResume")]
+    pub auto_resume: bool,
+    /// `kill` (pause on timeout is not supported yet).
+    #[serde(rename = "onTimeout")]
+    pub on_timeout: String,
+}
+
+/// `GET /sandboxes/{sandboxID}` (E2B `SandboxDetail`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxDetail {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// RFC 3339.
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    /// RFC 3339: when the sandbox will be killed unless its timeout is extended.
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    pub state: SandboxState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    #[serde(rename = "allowInternetAccess")]
+    pub allow_internet_access: Option<bool>,
+    pub domain: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub lifecycle: SandboxLifecycle,
+}
+
+/// One item of `GET /sandboxes` and `GET /v2/sandboxes` (E2B `ListedSandbox`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ListedSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    pub state: SandboxState,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One resource sample (E2B `SandboxMetric`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxMetric {
+    pub timestamp: String,
+    #[serde(rename = "timestampUnix")]
+    pub timestamp_unix: i64,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "cpuUsedPct")]
+    pub cpu_used_pct: f64,
+    #[serde(rename = "memUsed")]
+    pub mem_used: u64,
+    #[serde(rename = "memTotal")]
+    pub mem_total: u64,
+    #[serde(rename = "memCache")]
+    pub mem_cache: u64,
+    #[serde(rename = "diskUsed")]
+    pub disk_used: u64,
+    #[serde(rename = "diskTotal")]
+    pub disk_total: u64,
+}
+
+/// `GET /sandboxes/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxesWithMetrics {
+    pub sandboxes: BTreeMap<String, SandboxMetric>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLog {
+    pub timestamp: String,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLogEntry {
+    pub timestamp: String,
+    pub message: String,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    #[schema(value_type = Object)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// `GET /sandboxes/{sandboxID}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLogs {
+    pub logs: Vec<SandboxLog>,
+    #[serde(rename = "logEntries")]
+    pub log_entries: Vec<SandboxLogEntry>,
+}
+
+/// `GET /v2/sandboxes/{sandboxID}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLogsV2 {
+    pub logs: Vec<SandboxLogEntry>,
+}
+
+/// A template (E2B `Template`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    pub public: bool,
+    pub aliases: Vec<String>,
+    pub names: Vec<String>,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    #[serde(rename = "updatedAt")]
+    pub updated_at: String,
+    /// Always null: templates are built by the host operator.
+    #[serde(rename = "createdBy")]
+    #[schema(value_type = Option<Object>)]
+    pub created_by: Option<Value>,
+    #[serde(rename = "lastSpawnedAt")]
+    pub last_spawned_at: Option<String>,
+    #[serde(rename = "spawnCount")]
+    pub spawn_count: u64,
+    #[serde(rename = "buildCount")]
+    pub build_count: u64,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    /// `ready` for every template the host lists.
+    #[serde(rename = "buildStatus")]
+    pub build_status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuild {
+    /// A UUID.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub status: String,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    #[serde(rename = "updatedAt")]
+    pub updated_at: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+}
+
+/// `GET /templates/{templateID}` (E2B `TemplateWithBuilds`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateWithBuilds {
+    #[serde(flatten)]
+    pub template: Template,
+    pub builds: Vec<TemplateBuild>,
+}
+
+/// `GET /templates/aliases/{alias}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateAliasResponse {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub public: bool,
+}
+
+/// Extension: one state change in a sandbox's history.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxEventView {
+    pub at: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+}
+
+/// Extension (`GET /alcove/v1/sandboxes/{sandboxID}`): the full record of any sandbox this team
+/// ever created, including killed and lost ones, with its state history.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxRecordView {
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub alias: Option<String>,
+    /// `creating`, `running`, `paused`, `killed` or `lost`.
+    pub state: String,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "endedAt")]
+    pub ended_at: Option<String>,
+    /// Why a `killed` or `lost` sandbox ended.
+    #[serde(rename = "endReason")]
+    pub end_reason: Option<String>,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    pub metadata: BTreeMap<String, String>,
+    /// Names of the env vars it was created with (values are never stored).
+    #[serde(rename = "envVarNames")]
+    pub env_var_names: Vec<String>,
+    pub history: Vec<SandboxEventView>,
+}
+
+/// Formats Unix milliseconds as RFC 3339 (UTC, `Z`).
+pub fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// Parses RFC 3339 (any offset) into Unix milliseconds.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+pub fn system_time_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_with_offsets() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        let ms = 1_795_000_000_123;
+        assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        // What Python's isoformat() sends for an aware datetime.
+        assert_eq!(
+            parse_rfc3339("2026-11-22T19:00:00.500000+01:00"),
+            parse_rfc3339("2026-11-22T18:00:00.5Z")
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn sdk_create_bodies_parse_and_typos_do_not() {
+        let py = r#"{"templateID":"base","autoPause":false,"autoPauseMemory":true,
+            "metadata":{},"timeout":60,"envVars":{"A":"1"}}"#;
+        let b: NewSandbox = serde_json::from_str(py).unwrap();
+        assert_eq!(b.timeout, Some(60));
+        assert!(serde_json::from_str::<NewSandbox>(r#"{"templateId":"base"}"#).is_err());
+        assert!(serde_json::from_str::<NewSandbox>(r#"{"templateID":"b","tmeout":1}"#).is_err());
+    }
+}

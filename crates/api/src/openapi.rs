@@ -1,0 +1,95 @@
+//! The OpenAPI document, generated from the handlers' annotations and committed as
+//! `openapi/alcove.json`. The drift test below fails when the code and the file disagree; run
+//! `ALCOVE_UPDATE_OPENAPI=1 cargo test -p alcove-api openapi` to rewrite the file.
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::handlers::{extensions, sandboxes, system, templates};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Alcove API",
+        description = "E2B-compatible control API of Alcove (sandboxes, templates), plus Alcove \
+                       extensions under /alcove/v1. Sandbox traffic (the envd agent, the code \
+                       interpreter, any port) shares this listener: send E2b-Sandbox-Id and \
+                       E2b-Sandbox-Port headers, or use host <port>-<sandboxID>.<domain>."
+    ),
+    paths(
+        sandboxes::create_v2,
+        sandboxes::create_v1,
+        sandboxes::list_v2,
+        sandboxes::list_v1,
+        sandboxes::get,
+        sandboxes::kill,
+        sandboxes::set_timeout,
+        sandboxes::refresh,
+        sandboxes::connect,
+        sandboxes::connect_v1,
+        sandboxes::metrics,
+        sandboxes::metrics_many,
+        sandboxes::logs_v1,
+        sandboxes::logs_v2,
+        sandboxes::pause,
+        templates::list,
+        templates::defaults,
+        templates::get,
+        templates::alias,
+        extensions::sandbox_record,
+        system::health,
+        system::prometheus,
+        system::openapi,
+    ),
+    modifiers(&ApiKeyAuth),
+    tags(
+        (name = "sandboxes", description = "E2B-compatible sandbox lifecycle"),
+        (name = "templates", description = "E2B-compatible template listing"),
+        (name = "alcove", description = "Alcove extensions"),
+        (name = "system", description = "Health, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct ApiKeyAuth;
+
+impl Modify for ApiKeyAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "ApiKeyAuth",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-KEY"))),
+        );
+    }
+}
+
+/// The document as pretty JSON with a trailing newline (the committed file's exact bytes).
+pub fn document() -> String {
+    let mut doc = ApiDoc::openapi();
+    // The crate version would make every release rewrite the file; the API has its own.
+    doc.info.version = "2026.11".into();
+    let mut s = doc.to_pretty_json().unwrap_or_else(|_| "{}".into());
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    #[test]
+    fn openapi_document_matches_the_committed_file() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../openapi/alcove.json");
+        let generated = super::document();
+        if std::env::var_os("ALCOVE_UPDATE_OPENAPI").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "openapi/alcove.json is out of date with the code; regenerate it with \
+             ALCOVE_UPDATE_OPENAPI=1 cargo test -p alcove-api openapi and commit the result"
+        );
+    }
+}

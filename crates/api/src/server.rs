@@ -1,0 +1,302 @@
+//! Starting the server: data directory, first-start admin key, template sync, reconcile, the
+//! router, and the reaper. [`serve`] is the one-call entry point; [`Server::bind`] +
+//! [`Server::run`] let callers (the CLI, tests) see the bound address and first-start key.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+
+use alcove_store::{DB_FILE, Store};
+use tracing::Instrument;
+
+use crate::backend::SandboxBackend;
+use crate::config::{Limits, ServerConfig};
+use crate::error::{ApiError, chain};
+use crate::handlers::{self, AppState, BodyLimit};
+use crate::metrics::METRICS;
+use crate::proxy;
+use crate::service::Service;
+
+/// File in the data directory holding the first admin key.
+pub const API_KEY_FILE: &str = "api-key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("creating the data directory {0}")]
+    CreateDataDir(PathBuf, #[source] std::io::Error),
+    #[error("opening the store")]
+    OpenStore(#[source] alcove_store::StoreError),
+    #[error("creating the admin team and key")]
+    Bootstrap(#[source] alcove_store::StoreError),
+    #[error("writing the admin key to {0}")]
+    WriteApiKey(PathBuf, #[source] std::io::Error),
+    #[error("reconciling stored sandboxes with the backend")]
+    Reconcile,
+    #[error("binding {0}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("serving")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A bound, not yet serving, server.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    svc: Arc<Service>,
+    config: ServerConfig,
+    local_addr: SocketAddr,
+    first_start_key: Option<String>,
+}
+
+impl Server {
+    /// Opens the data directory and store, creates the admin key on first start, syncs
+    /// templates from the backend, reconciles stored sandboxes, and binds the listener.
+    pub async fn bind(
+        config: ServerConfig,
+        backend: Arc<dyn SandboxBackend>,
+    ) -> Result<Server, ServeError> {
+        create_private_dir(&config.data_dir)
+            .map_err(|e| ServeError::CreateDataDir(config.data_dir.clone(), e))?;
+        let db = config.data_dir.join(DB_FILE);
+        let store = tokio::task::spawn_blocking(move || Store::open(&db))
+            .await
+            .map_err(|_| ServeError::Reconcile)?
+            .map_err(ServeError::OpenStore)?;
+        let store = Arc::new(store);
+        let first_start_key = bootstrap(&store, &config.data_dir)?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| ServeError::Bind(config.listen, e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| ServeError::Bind(config.listen, e))?;
+        let domain = config
+            .domain
+            .clone()
+            .unwrap_or_else(|| format!("localhost:{}", local_addr.port()));
+        let svc = Arc::new(Service::new(store, backend, config.limits.clone(), domain));
+        match svc.sync_templates().await {
+            Ok(n) => tracing::info!(templates = n, "templates synced from the backend"),
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "template sync failed; using stored templates")
+            }
+        }
+        svc.reconcile().await.map_err(|_| ServeError::Reconcile)?;
+        Ok(Server {
+            listener,
+            svc,
+            config,
+            local_addr,
+            first_start_key,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin key, when this start created it (empty data directory).
+    pub fn first_start_key(&self) -> Option<&str> {
+        self.first_start_key.as_deref()
+    }
+
+    /// How to point the SDKs at this server, as shell lines.
+    pub fn sdk_env(&self) -> String {
+        let url = format!("http://{}", self.local_addr);
+        let key = match &self.first_start_key {
+            Some(k) => k.clone(),
+            None => format!(
+                "$(cat {})",
+                self.config.data_dir.join(API_KEY_FILE).display()
+            ),
+        };
+        format!(
+            "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={key}\n"
+        )
+    }
+
+    /// Serves until `shutdown` completes, running the reaper beside it.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let reaper = tokio::spawn(reaper(self.svc.clone()));
+        let app = router(self.svc.clone());
+        let res = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Serve);
+        reaper.abort();
+        res
+    }
+}
+
+/// Starts the server and serves until Ctrl-C. Logs how to point the SDKs at it.
+pub async fn serve(
+    config: ServerConfig,
+    backend: Arc<dyn SandboxBackend>,
+) -> Result<(), ServeError> {
+    let server = Server::bind(config, backend).await?;
+    tracing::info!(addr = %server.local_addr(), "alcove API listening\n{}", server.sdk_env());
+    server
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// On an empty store: the admin team and its first key, written to `DIR/api-key` (0600).
+fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !store.teams().map_err(ServeError::Bootstrap)?.is_empty() {
+        return Ok(None);
+    }
+    let team = store.create_team("admin").map_err(ServeError::Bootstrap)?;
+    let key = store
+        .create_api_key(&team.id, "admin (first start)")
+        .map_err(ServeError::Bootstrap)?;
+    let path = data_dir.join(API_KEY_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        writeln!(f, "{}", key.secret)?;
+        f.sync_all()
+    };
+    write().map_err(|e| ServeError::WriteApiKey(path.clone(), e))?;
+    tracing::info!(path = %path.display(), "created the admin API key");
+    Ok(Some(key.secret))
+}
+
+async fn reaper(svc: Arc<Service>) {
+    let limits = svc.limits().clone();
+    let mut tick = tokio::time::interval(limits.reaper_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_liveness = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        svc.reap_expired().await;
+        if last_liveness.elapsed() >= limits.liveness_interval {
+            last_liveness = tokio::time::Instant::now();
+            svc.check_liveness("while running").await;
+        }
+    }
+}
+
+/// The whole HTTP surface: sandbox traffic dispatch in front of the REST API.
+pub fn router(svc: Arc<Service>) -> Router {
+    use handlers::{extensions, sandboxes as s, system, templates as t};
+    let limits = svc.limits().clone();
+    let api = Router::new()
+        .route("/sandboxes", post(s::create_v1).get(s::list_v1))
+        .route("/v2/sandboxes", post(s::create_v2).get(s::list_v2))
+        .route("/sandboxes/metrics", get(s::metrics_many))
+        .route("/sandboxes/{sandboxID}", get(s::get).delete(s::kill))
+        .route("/sandboxes/{sandboxID}/timeout", post(s::set_timeout))
+        .route("/sandboxes/{sandboxID}/refreshes", post(s::refresh))
+        .route("/sandboxes/{sandboxID}/connect", post(s::connect_v1))
+        .route("/v2/sandboxes/{sandboxID}/connect", post(s::connect))
+        .route("/sandboxes/{sandboxID}/metrics", get(s::metrics))
+        .route("/sandboxes/{sandboxID}/logs", get(s::logs_v1))
+        .route("/v2/sandboxes/{sandboxID}/logs", get(s::logs_v2))
+        .route("/sandboxes/{sandboxID}/pause", post(s::pause))
+        .route(
+            "/sandboxes/{sandboxID}/resume",
+            post(s::not_implemented_for_sandbox),
+        )
+        .route(
+            "/sandboxes/{sandboxID}/fork",
+            post(s::not_implemented_for_sandbox),
+        )
+        .route(
+            "/sandboxes/{sandboxID}/snapshots",
+            post(s::not_implemented_for_sandbox),
+        )
+        .route(
+            "/sandboxes/{sandboxID}/network",
+            put(s::not_implemented_for_sandbox),
+        )
+        .route("/templates", get(t::list))
+        .route("/v2/templates", get(t::list))
+        .route("/default-templates", get(t::defaults))
+        .route("/templates/{templateID}", get(t::get))
+        .route("/templates/aliases/{alias}", get(t::alias))
+        .route(
+            "/alcove/v1/sandboxes/{sandboxID}",
+            get(extensions::sandbox_record),
+        )
+        .route("/health", get(system::health))
+        .route("/metrics", get(system::prometheus))
+        .route("/openapi.json", get(system::openapi))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            request_timeout,
+        ))
+        .layer(middleware::from_fn(count_request))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
+    api.layer(middleware::from_fn_with_state(svc.clone(), proxy::dispatch))
+        .with_state::<()>(svc as AppState)
+}
+
+/// Every REST request has a deadline; creates get the (longer) create deadline plus slack, so the
+/// client sees the create's own outcome.
+async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let is_create = req.method() == http::Method::POST
+        && matches!(req.uri().path(), "/sandboxes" | "/v2/sandboxes");
+    let limit = if is_create {
+        limits
+            .request_timeout
+            .max(limits.create_timeout + Duration::from_secs(5))
+    } else {
+        limits.request_timeout
+    };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+static NEXT_REQUEST_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+async fn count_request(req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = tracing::debug_span!("request", request_id, %method, %route);
+    let resp = next.run(req).instrument(span).await;
+    METRICS.request(&method, &route, resp.status().as_u16());
+    resp
+}

@@ -1,0 +1,1003 @@
+//! The control plane's logic, callable without HTTP: sandboxes (create, get, list, kill,
+//! timeouts, connect, metrics, logs), templates, auth, and the background duties (reaper,
+//! liveness, reconcile at startup).
+//!
+//! Handlers extract and validate, call one method here, and map the result. Every store call
+//! runs on the blocking pool ([`Service::db`]); every backend call that could hang has a
+//! deadline. A sandbox's secret env var values pass through to the backend and nowhere else.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alcove_store::{
+    ListOrder, NewSandboxRecord, PageCursor, SandboxFilter, SandboxRecord,
+    SandboxState as StoreState, Store, StoreError, TemplateRecord, now_ms,
+};
+
+use crate::backend::{
+    BackendError, CreateSandbox, LogLevel, ResourceUsage, SandboxBackend, SandboxStatus,
+};
+use crate::config::Limits;
+use crate::error::{ApiError, chain};
+use crate::metrics::{METRICS, Metrics};
+use crate::models::{self, CLIENT_ID, rfc3339, system_time_ms};
+
+/// Envd versions below this make the SDK kill the sandbox; used when the backend reports none.
+const FALLBACK_ENVD_VERSION: &str = "0.2.0";
+
+pub struct Service {
+    store: Arc<Store>,
+    backend: Arc<dyn SandboxBackend>,
+    limits: Limits,
+    domain: String,
+    /// Serialises the concurrency check with the insert, so N racing creates cannot all pass.
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+/// Filters of the list endpoints, already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub states: Vec<StoreState>,
+    pub metadata: Vec<(String, String)>,
+    pub template: Option<String>,
+    pub started_after: Option<i64>,
+    pub order: ListOrder,
+    pub limit: Option<usize>,
+    pub next_token: Option<String>,
+}
+
+/// What the proxy needs to route one request.
+#[derive(Debug, Clone)]
+pub struct ProxyTarget {
+    pub state: StoreState,
+    pub envd_access_token: Option<String>,
+}
+
+impl Service {
+    pub fn new(
+        store: Arc<Store>,
+        backend: Arc<dyn SandboxBackend>,
+        limits: Limits,
+        domain: String,
+    ) -> Self {
+        Service {
+            store,
+            backend,
+            limits,
+            domain,
+            create_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The domain sandbox traffic is routed by (`<port>-<id>.<domain>`).
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
+        &self.backend
+    }
+
+    /// Runs a store call on the blocking pool.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => r,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+
+    /// The team a presented API key belongs to.
+    pub async fn authenticate(&self, key: &str) -> Result<String, ApiError> {
+        let key = key.to_owned();
+        match self.db(move |s| s.authenticate(&key)).await? {
+            Some(a) => Ok(a.team_id),
+            None => {
+                Metrics::inc(&METRICS.auth_failures);
+                Err(ApiError::InvalidApiKey)
+            }
+        }
+    }
+
+    // ---- templates -------------------------------------------------------------------------
+
+    /// Copies the backend's templates into the store. Returns how many it has.
+    pub async fn sync_templates(&self) -> Result<usize, BackendError> {
+        let templates = self.backend.templates().await?;
+        let n = templates.len();
+        let now = now_ms();
+        let records: Vec<TemplateRecord> = templates
+            .into_iter()
+            .map(|t| TemplateRecord {
+                id: t.template_id,
+                team_id: None,
+                build_id: t.build_id,
+                cpu_count: t.cpu_count,
+                memory_mb: t.memory_mb,
+                disk_size_mb: t.disk_size_mb,
+                envd_version: t.envd_version,
+                public: true,
+                aliases: t.aliases,
+                created_at: now,
+                updated_at: now,
+            })
+            .collect();
+        let res = self
+            .db(move |s| {
+                for r in &records {
+                    s.upsert_template(r)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %chain(&e), "storing templates failed");
+        }
+        Ok(n)
+    }
+
+    /// Resolves a template by id or alias, asking the backend once more if the store does not
+    /// know it (a template built since the last sync).
+    async fn resolve_template(&self, name: &str) -> Result<TemplateRecord, ApiError> {
+        let n = name.to_owned();
+        if let Some(t) = self.db(move |s| s.resolve_template(&n)).await? {
+            return Ok(t);
+        }
+        if let Err(e) = self.sync_templates().await {
+            tracing::warn!(error = %chain(&e), "template sync failed");
+        }
+        let n = name.to_owned();
+        self.db(move |s| s.resolve_template(&n))
+            .await?
+            .ok_or_else(|| ApiError::TemplateNotFound {
+                template: name.to_owned(),
+            })
+    }
+
+    pub async fn templates(&self, team_id: &str) -> Result<Vec<models::Template>, ApiError> {
+        let team = team_id.to_owned();
+        let list = self.db(move |s| s.templates(Some(&team))).await?;
+        Ok(list.iter().map(template_view).collect())
+    }
+
+    pub async fn template(&self, id: &str) -> Result<models::TemplateWithBuilds, ApiError> {
+        let t = self.resolve_template(id).await?;
+        let view = template_view(&t);
+        let build = models::TemplateBuild {
+            build_id: view.build_id.clone(),
+            status: "ready".into(),
+            created_at: view.created_at.clone(),
+            updated_at: view.updated_at.clone(),
+            cpu_count: t.cpu_count,
+            memory_mb: t.memory_mb,
+            disk_size_mb: t.disk_size_mb,
+            envd_version: t.envd_version.clone(),
+        };
+        Ok(models::TemplateWithBuilds {
+            template: view,
+            builds: vec![build],
+        })
+    }
+
+    pub async fn template_alias(
+        &self,
+        alias: &str,
+    ) -> Result<models::TemplateAliasResponse, ApiError> {
+        let t = self.resolve_template(alias).await?;
+        Ok(models::TemplateAliasResponse {
+            template_id: t.id,
+            public: t.public,
+        })
+    }
+
+    // ---- sandboxes -------------------------------------------------------------------------
+
+    fn check_timeout(&self, secs: i64) -> Result<Duration, ApiError> {
+        let max = self.limits.max_timeout.as_secs();
+        if secs <= 0 || secs as u64 > max {
+            return Err(ApiError::TimeoutOutOfRange {
+                requested: secs.max(0) as u64,
+                max,
+            });
+        }
+        Ok(Duration::from_secs(secs as u64))
+    }
+
+    /// `POST /sandboxes`: validate, record as `creating`, start it, record as `running`.
+    pub async fn create(
+        self: &Arc<Self>,
+        team_id: &str,
+        req: models::NewSandbox,
+    ) -> Result<models::Sandbox, ApiError> {
+        let timeout = match req.timeout {
+            Some(t) => self.check_timeout(t)?,
+            None => self.limits.default_timeout,
+        };
+        reject_unsupported(&req)?;
+        let template = self.resolve_template(&req.template_id).await?;
+        let alias = (template.id != req.template_id).then(|| req.template_id.clone());
+        let env_vars = req.env_vars.unwrap_or_default();
+        let metadata = req.metadata.unwrap_or_default();
+        let sandbox_id = new_sandbox_id();
+        let token = random_token();
+        let now = now_ms();
+        let record = NewSandboxRecord {
+            id: sandbox_id.clone(),
+            team_id: team_id.to_owned(),
+            template_id: template.id.clone(),
+            alias: alias.clone(),
+            started_at: now,
+            end_at: now + timeout.as_millis() as i64,
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+            disk_size_mb: template.disk_size_mb,
+            envd_version: template.envd_version.clone(),
+            envd_access_token: Some(token.clone()),
+            auto_pause: false,
+            allow_internet_access: req.allow_internet_access,
+            metadata: metadata.clone(),
+            env_names: env_vars.keys().cloned().collect(),
+        };
+        {
+            let _guard = self.create_lock.lock().await;
+            let team = team_id.to_owned();
+            let limit = self.limits.max_concurrent_sandboxes;
+            let active = self.db(move |s| s.count_active(&team)).await?;
+            if active >= limit {
+                return Err(ApiError::SandboxLimit { limit });
+            }
+            self.db(move |s| s.insert_sandbox(&record)).await?;
+        }
+        tracing::info!(
+            sandbox_id = %sandbox_id, template_id = %template.id, team_id,
+            env_var_names = ?env_vars.keys().collect::<Vec<_>>(), "creating sandbox"
+        );
+
+        // The start runs in its own task: a client that hangs up mid-create must not leave a
+        // VM the store never hears about.
+        let this = self.clone();
+        let backend_req = CreateSandbox {
+            sandbox_id: sandbox_id.clone(),
+            template_id: template.id.clone(),
+            env_vars,
+            metadata,
+            envd_access_token: Some(token.clone()),
+            allow_internet_access: req.allow_internet_access,
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+        };
+        let task = tokio::spawn(async move { this.start(backend_req, timeout).await });
+        let started = match task.await {
+            Ok(r) => r?,
+            Err(_) => return Err(ApiError::Internal),
+        };
+        Ok(models::Sandbox {
+            template_id: template.id,
+            sandbox_id,
+            client_id: CLIENT_ID.into(),
+            envd_version: started.envd_version,
+            alias,
+            envd_access_token: Some(token),
+            traffic_access_token: None,
+            domain: Some(self.domain.clone()),
+        })
+    }
+
+    async fn start(
+        &self,
+        req: CreateSandbox,
+        timeout: Duration,
+    ) -> Result<SandboxRecord, ApiError> {
+        let id = req.sandbox_id.clone();
+        let template_id = req.template_id.clone();
+        let result =
+            tokio::time::timeout(self.limits.create_timeout, self.backend.create(req)).await;
+        let failure = match result {
+            Ok(Ok(started)) => {
+                let started_at = system_time_ms(started.started_at);
+                let end_at = now_ms() + timeout.as_millis() as i64;
+                let envd = if started.envd_version.is_empty() {
+                    FALLBACK_ENVD_VERSION.to_owned()
+                } else {
+                    started.envd_version.clone()
+                };
+                let id2 = id.clone();
+                let marked = self
+                    .db(move |s| {
+                        s.mark_running(
+                            &id2,
+                            started.cpu_count,
+                            started.memory_mb,
+                            started.disk_size_mb,
+                            &envd,
+                            started_at,
+                            end_at,
+                        )
+                    })
+                    .await;
+                match marked {
+                    Ok(rec) => {
+                        Metrics::inc(&METRICS.sandboxes_created);
+                        tracing::info!(sandbox_id = %id, "sandbox running");
+                        return Ok(rec);
+                    }
+                    Err(e) => {
+                        // Killed or lost while starting (e.g. the reaper): do not leak the VM.
+                        tracing::warn!(sandbox_id = %id, error = %chain(&e), "sandbox ended while starting");
+                        let _ = self.backend.kill(&id).await;
+                        return Err(ApiError::CreateFailed);
+                    }
+                }
+            }
+            Ok(Err(e)) => e,
+            Err(_) => BackendError::Timeout,
+        };
+        Metrics::inc(&METRICS.sandbox_create_failures);
+        tracing::error!(sandbox_id = %id, error = %chain(&failure), "sandbox create failed");
+        if matches!(failure, BackendError::Timeout) {
+            // The backend may still finish; make sure nothing stays behind.
+            let _ = self.backend.kill(&id).await;
+        }
+        let reason = format!("create failed: {failure}");
+        let id2 = id.clone();
+        if let Err(e) = self
+            .db(move |s| s.transition(&id2, StoreState::Killed, &reason))
+            .await
+        {
+            tracing::error!(sandbox_id = %id, error = %chain(&e), "recording failed create");
+        }
+        Err(match failure {
+            BackendError::TemplateNotFound => ApiError::TemplateNotFound {
+                template: template_id,
+            },
+            BackendError::NoCapacity => ApiError::NoCapacity,
+            BackendError::Timeout => ApiError::CreateTimeout,
+            _ => ApiError::CreateFailed,
+        })
+    }
+
+    /// The record of a sandbox this team can act on: `running` or `paused`.
+    async fn live_record(&self, team_id: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let id2 = id.to_owned();
+        let rec = self.db(move |s| s.sandbox(&id2)).await?;
+        match rec {
+            Some(r)
+                if r.team_id == team_id
+                    && matches!(r.state, StoreState::Running | StoreState::Paused) =>
+            {
+                Ok(r)
+            }
+            _ => Err(ApiError::SandboxNotFound {
+                sandbox_id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// Any record of this team, whatever its state.
+    async fn any_record(&self, team_id: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let id2 = id.to_owned();
+        match self.db(move |s| s.sandbox(&id2)).await? {
+            Some(r) if r.team_id == team_id => Ok(r),
+            _ => Err(ApiError::SandboxNotFound {
+                sandbox_id: id.to_owned(),
+            }),
+        }
+    }
+
+    pub async fn get(&self, team_id: &str, id: &str) -> Result<models::SandboxDetail, ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        Ok(models::SandboxDetail {
+            template_id: r.template_id.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: CLIENT_ID.into(),
+            started_at: rfc3339(r.started_at),
+            end_at: rfc3339(r.end_at),
+            envd_version: r.envd_version.clone(),
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            state: wire_state(r.state),
+            alias: r.alias.clone(),
+            envd_access_token: r.envd_access_token.clone(),
+            allow_internet_access: r.allow_internet_access,
+            domain: Some(self.domain.clone()),
+            metadata: r.metadata.clone(),
+            lifecycle: models::SandboxLifecycle {
+                auto_resume: false,
+                on_timeout: "kill".into(),
+            },
+        })
+    }
+
+    /// Extension: the full record with history, for any sandbox of the team.
+    pub async fn record(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<models::SandboxRecordView, ApiError> {
+        let r = self.any_record(team_id, id).await?;
+        let id2 = id.to_owned();
+        let events = self.db(move |s| s.sandbox_events(&id2)).await?;
+        Ok(models::SandboxRecordView {
+            sandbox_id: r.id,
+            template_id: r.template_id,
+            alias: r.alias,
+            state: r.state.to_string(),
+            created_at: rfc3339(r.created_at),
+            started_at: rfc3339(r.started_at),
+            end_at: rfc3339(r.end_at),
+            ended_at: r.ended_at.map(rfc3339),
+            end_reason: r.end_reason,
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            metadata: r.metadata,
+            env_var_names: r.env_names,
+            history: events
+                .into_iter()
+                .map(|e| models::SandboxEventView {
+                    at: rfc3339(e.at),
+                    from: e.from.map(|s| s.to_string()),
+                    to: e.to.to_string(),
+                    reason: e.reason,
+                })
+                .collect(),
+        })
+    }
+
+    /// One page of the team's sandboxes and the token of the next page.
+    pub async fn list(
+        &self,
+        team_id: &str,
+        q: ListQuery,
+    ) -> Result<(Vec<models::ListedSandbox>, Option<String>), ApiError> {
+        let after = match &q.next_token {
+            Some(t) => {
+                Some(
+                    decode_page_token(t).ok_or_else(|| ApiError::InvalidQuery {
+                        detail:
+                            "nextToken is not a token this server issued; start again without it"
+                                .into(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let states = if q.states.is_empty() {
+            vec![StoreState::Running, StoreState::Paused]
+        } else {
+            q.states
+        };
+        let filter = SandboxFilter {
+            team_id: Some(team_id.to_owned()),
+            states,
+            metadata: q.metadata,
+            template: q.template,
+            started_after: q.started_after,
+            order: q.order,
+            limit: q.limit,
+            after,
+        };
+        let page = self.db(move |s| s.list_sandboxes(&filter)).await?;
+        let items = page
+            .items
+            .into_iter()
+            .map(|r| models::ListedSandbox {
+                template_id: r.template_id,
+                sandbox_id: r.id,
+                client_id: CLIENT_ID.into(),
+                started_at: rfc3339(r.started_at),
+                end_at: rfc3339(r.end_at),
+                cpu_count: r.cpu_count,
+                memory_mb: r.memory_mb,
+                disk_size_mb: r.disk_size_mb,
+                state: wire_state(r.state),
+                envd_version: r.envd_version,
+                alias: r.alias,
+                metadata: r.metadata,
+            })
+            .collect();
+        Ok((items, page.next.map(|c| encode_page_token(&c))))
+    }
+
+    /// Kills a sandbox: the VM first, then the record.
+    pub async fn kill(&self, team_id: &str, id: &str, reason: &str) -> Result<(), ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        self.kill_record(&r.id, reason).await?;
+        Metrics::inc(&METRICS.sandboxes_killed);
+        Ok(())
+    }
+
+    async fn kill_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        match tokio::time::timeout(Duration::from_secs(30), self.backend.kill(id)).await {
+            Ok(Ok(())) | Ok(Err(BackendError::SandboxNotFound)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(sandbox_id = %id, error = %chain(&e), "backend kill failed");
+                return Err(ApiError::Internal);
+            }
+            Err(_) => {
+                tracing::error!(sandbox_id = %id, "backend kill timed out");
+                return Err(ApiError::Internal);
+            }
+        }
+        let (id2, reason) = (id.to_owned(), reason.to_owned());
+        match self
+            .db(move |s| s.transition(&id2, StoreState::Killed, &reason))
+            .await
+        {
+            // Already ended by a racing kill or the reaper: the outcome the caller wanted.
+            Ok(_) | Err(StoreError::Transition { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/timeout`: the sandbox ends `secs` from now (shorter or longer).
+    pub async fn set_timeout(&self, team_id: &str, id: &str, secs: i64) -> Result<(), ApiError> {
+        let d = self.check_timeout(secs)?;
+        let r = self.live_record(team_id, id).await?;
+        let end_at = now_ms() + d.as_millis() as i64;
+        self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
+        Ok(())
+    }
+
+    /// `POST /sandboxes/{id}/refreshes`: keep alive at least `secs` more; never shortens.
+    pub async fn refresh(
+        &self,
+        team_id: &str,
+        id: &str,
+        secs: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let d = match secs {
+            Some(s) => self.check_timeout(s)?,
+            None => self.limits.default_timeout,
+        };
+        let r = self.live_record(team_id, id).await?;
+        let end_at = (now_ms() + d.as_millis() as i64).max(r.end_at);
+        self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
+        Ok(())
+    }
+
+    /// `POST /v2/sandboxes/{id}/connect`: a running sandbox gets its end time extended (never
+    /// shortened) and its connection details back.
+    pub async fn connect(
+        &self,
+        team_id: &str,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<models::Sandbox, ApiError> {
+        let d = match timeout {
+            Some(t) => self.check_timeout(t)?,
+            None => self.limits.default_timeout,
+        };
+        let r = self.live_record(team_id, id).await?;
+        if r.state == StoreState::Paused {
+            return Err(ApiError::NotImplemented {
+                what: "Resuming a paused sandbox",
+            });
+        }
+        let end_at = (now_ms() + d.as_millis() as i64).max(r.end_at);
+        let id2 = r.id.clone();
+        self.db(move |s| s.set_end_at(&id2, end_at)).await?;
+        Ok(models::Sandbox {
+            template_id: r.template_id,
+            sandbox_id: r.id,
+            client_id: CLIENT_ID.into(),
+            envd_version: r.envd_version,
+            alias: r.alias,
+            envd_access_token: r.envd_access_token,
+            traffic_access_token: None,
+            domain: Some(self.domain.clone()),
+        })
+    }
+
+    async fn sample(&self, id: &str) -> Result<Option<models::SandboxMetric>, ApiError> {
+        match tokio::time::timeout(Duration::from_secs(10), self.backend.metrics(id)).await {
+            Ok(Ok(m)) => Ok(m.map(metric_view)),
+            Ok(Err(BackendError::SandboxNotFound)) => Ok(None),
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox_id = %id, error = %chain(&e), "metrics failed");
+                Ok(None)
+            }
+            Err(_) => Err(ApiError::SandboxTimeout {
+                sandbox_id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// `GET /sandboxes/{id}/metrics`: the latest sample (a series of one, or none yet).
+    pub async fn metrics(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Vec<models::SandboxMetric>, ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        Ok(self.sample(&r.id).await?.into_iter().collect())
+    }
+
+    /// `GET /sandboxes/metrics?sandbox_ids=a,b`.
+    pub async fn metrics_many(
+        &self,
+        team_id: &str,
+        ids: &[String],
+    ) -> Result<models::SandboxesWithMetrics, ApiError> {
+        let mut out = BTreeMap::new();
+        for id in ids {
+            let Ok(r) = self.live_record(team_id, id).await else {
+                continue;
+            };
+            if let Some(m) = self.sample(&r.id).await? {
+                out.insert(r.id, m);
+            }
+        }
+        Ok(models::SandboxesWithMetrics { sandboxes: out })
+    }
+
+    /// Log entries of any sandbox of the team: its lifecycle events merged with the backend's
+    /// own lines, oldest first.
+    pub async fn logs(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Vec<(i64, models::SandboxLogEntry)>, ApiError> {
+        let r = self.any_record(team_id, id).await?;
+        let id2 = r.id.clone();
+        let events = self.db(move |s| s.sandbox_events(&id2)).await?;
+        let mut out: Vec<(i64, models::SandboxLogEntry)> = events
+            .into_iter()
+            .map(|e| {
+                let message = match e.from {
+                    Some(from) => format!("sandbox {from} -> {}: {}", e.to, e.reason),
+                    None => format!("sandbox {}: {}", e.to, e.reason),
+                };
+                let level = if e.to == StoreState::Lost {
+                    "warn"
+                } else {
+                    "info"
+                };
+                (
+                    e.at,
+                    models::SandboxLogEntry {
+                        timestamp: rfc3339(e.at),
+                        message,
+                        level: level.into(),
+                        fields: BTreeMap::from([("source".to_string(), "alcove".to_string())]),
+                    },
+                )
+            })
+            .collect();
+        if !r.state.is_terminal()
+            && let Ok(Ok(lines)) =
+                tokio::time::timeout(Duration::from_secs(10), self.backend.logs(&r.id)).await
+        {
+            out.extend(lines.into_iter().map(|l| {
+                let at = system_time_ms(l.timestamp);
+                let level = match l.level {
+                    LogLevel::Debug => "debug",
+                    LogLevel::Info => "info",
+                    LogLevel::Warn => "warn",
+                    LogLevel::Error => "error",
+                };
+                (
+                    at,
+                    models::SandboxLogEntry {
+                        timestamp: rfc3339(at),
+                        message: l.message,
+                        level: level.into(),
+                        fields: BTreeMap::from([("source".to_string(), "sandbox".to_string())]),
+                    },
+                )
+            }));
+        }
+        out.sort_by_key(|(at, _)| *at);
+        Ok(out)
+    }
+
+    /// What the proxy needs for a sandbox, whatever team it belongs to (the proxy
+    /// authenticates with the sandbox's access token, not an API key).
+    pub async fn proxy_target(&self, id: &str) -> Result<Option<ProxyTarget>, ApiError> {
+        let id = id.to_owned();
+        Ok(self
+            .db(move |s| s.sandbox(&id))
+            .await?
+            .map(|r| ProxyTarget {
+                state: r.state,
+                envd_access_token: r.envd_access_token,
+            }))
+    }
+
+    pub async fn active_sandboxes(&self) -> usize {
+        self.db(|s| s.live_sandboxes())
+            .await
+            .map(|v| v.iter().filter(|r| r.state == StoreState::Running).count())
+            .unwrap_or(0)
+    }
+
+    // ---- background duties -----------------------------------------------------------------
+
+    /// Kills every running sandbox past its end time. Returns how many it killed.
+    pub async fn reap_expired(&self) -> usize {
+        let now = now_ms();
+        let ids = match self.db(move |s| s.expired_sandboxes(now)).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "reaper: listing expired sandboxes");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for id in ids {
+            match self
+                .kill_record(&id, "timeout: the sandbox reached its end time")
+                .await
+            {
+                Ok(()) => {
+                    n += 1;
+                    Metrics::inc(&METRICS.sandboxes_timed_out);
+                    tracing::info!(sandbox_id = %id, "reaper: killed at timeout");
+                }
+                Err(_) => tracing::warn!(sandbox_id = %id, "reaper: kill failed, will retry"),
+            }
+        }
+        n
+    }
+
+    /// Marks `lost` every running or paused sandbox whose VM the backend no longer has.
+    /// `creating` ones are left alone: their create call owns them.
+    pub async fn check_liveness(&self, context: &str) -> usize {
+        let records = match self.db(|s| s.live_sandboxes()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "liveness: listing sandboxes");
+                return 0;
+            }
+        };
+        let live = match self.backend.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "liveness: backend list failed");
+                return 0;
+            }
+        };
+        let live: HashSet<String> = live.into_iter().map(|l| l.sandbox_id).collect();
+        let mut lost = 0;
+        for r in records {
+            if r.state == StoreState::Creating || live.contains(&r.id) {
+                continue;
+            }
+            let why = match self.backend.status(&r.id).await {
+                Ok(SandboxStatus::Running | SandboxStatus::Paused) => continue,
+                Ok(SandboxStatus::Exited { reason }) => reason,
+                Ok(SandboxStatus::Unknown) | Err(BackendError::SandboxNotFound) => {
+                    "the backend has no VM for it".to_owned()
+                }
+                Err(e) => format!("the backend could not report on it ({e})"),
+            };
+            let reason = format!("lost {context}: {why}");
+            let id = r.id.clone();
+            let reason2 = reason.clone();
+            if self
+                .db(move |s| s.transition(&id, StoreState::Lost, &reason2))
+                .await
+                .is_ok()
+            {
+                lost += 1;
+                Metrics::inc(&METRICS.sandboxes_lost);
+                tracing::warn!(sandbox_id = %r.id, %reason, "sandbox lost");
+            }
+        }
+        lost
+    }
+
+    /// At startup: sandboxes left `creating` by a previous process are lost (their create call
+    /// died with it); running ones the backend still has are reattached, the others are lost;
+    /// VMs the store does not know are killed.
+    pub async fn reconcile(&self) -> Result<(), ApiError> {
+        let records = self.db(|s| s.live_sandboxes()).await?;
+        let live = match self.backend.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "reconcile: backend list failed");
+                return Err(ApiError::Internal);
+            }
+        };
+        let live_ids: HashSet<&str> = live.iter().map(|l| l.sandbox_id.as_str()).collect();
+        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        for r in &records {
+            if r.state == StoreState::Creating {
+                if live_ids.contains(r.id.as_str()) {
+                    let _ = self.backend.kill(&r.id).await;
+                }
+                let id = r.id.clone();
+                let _ = self
+                    .db(move |s| {
+                        s.transition(
+                            &id,
+                            StoreState::Lost,
+                            "lost at server restart: the server stopped while the sandbox was being created",
+                        )
+                    })
+                    .await;
+                Metrics::inc(&METRICS.sandboxes_lost);
+            } else if live_ids.contains(r.id.as_str()) {
+                tracing::info!(sandbox_id = %r.id, "reattached after restart");
+            }
+        }
+        self.check_liveness("at server restart").await;
+        for l in &live {
+            if !known.contains(l.sandbox_id.as_str()) {
+                tracing::warn!(sandbox_id = %l.sandbox_id, "killing a VM the store does not know");
+                let _ = self.backend.kill(&l.sandbox_id).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
+    fn empty(v: &Option<serde_json::Value>) -> bool {
+        match v {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::Object(m)) => m.is_empty(),
+            Some(serde_json::Value::Array(a)) => a.is_empty(),
+            Some(_) => false,
+        }
+    }
+    if req.auto_pause == Some(true) {
+        return Err(ApiError::Unsupported {
+            feature: "autoPause (pause on timeout)",
+        });
+    }
+    if !empty(&req.network) {
+        return Err(ApiError::Unsupported { feature: "network" });
+    }
+    if !empty(&req.mcp) {
+        return Err(ApiError::Unsupported { feature: "mcp" });
+    }
+    if !empty(&req.iam) {
+        return Err(ApiError::Unsupported { feature: "iam" });
+    }
+    if !empty(&req.volume_mounts) {
+        return Err(ApiError::Unsupported {
+            feature: "volumeMounts",
+        });
+    }
+    Ok(())
+}
+
+fn wire_state(s: StoreState) -> models::SandboxState {
+    match s {
+        StoreState::Paused => models::SandboxState::Paused,
+        _ => models::SandboxState::Running,
+    }
+}
+
+fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
+    let ms = system_time_ms(m.timestamp);
+    models::SandboxMetric {
+        timestamp: rfc3339(ms),
+        timestamp_unix: ms / 1000,
+        cpu_count: m.cpu_count,
+        cpu_used_pct: m.cpu_used_pct,
+        mem_used: m.mem_used,
+        mem_total: m.mem_total,
+        mem_cache: m.mem_cache,
+        disk_used: m.disk_used,
+        disk_total: m.disk_total,
+    }
+}
+
+fn template_view(t: &TemplateRecord) -> models::Template {
+    models::Template {
+        template_id: t.id.clone(),
+        build_id: build_uuid(&t.build_id),
+        cpu_count: t.cpu_count,
+        memory_mb: t.memory_mb,
+        disk_size_mb: t.disk_size_mb,
+        public: t.public,
+        aliases: t.aliases.clone(),
+        names: t.aliases.clone(),
+        created_at: rfc3339(t.created_at),
+        updated_at: rfc3339(t.updated_at),
+        created_by: None,
+        last_spawned_at: None,
+        spawn_count: 0,
+        build_count: 1,
+        envd_version: t.envd_version.clone(),
+        build_status: "ready".into(),
+    }
+}
+
+/// The SDK parses build ids as UUIDs; a backend build id that is not one (e.g. a content hash)
+/// is mapped to a stable UUID derived from it.
+fn build_uuid(build_id: &str) -> String {
+    if let Ok(u) = uuid::Uuid::parse_str(build_id) {
+        return u.to_string();
+    }
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(build_id.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+}
+
+/// 20 lowercase alphanumerics: valid in a DNS label, like E2B's ids.
+fn new_sandbox_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let bytes: [u8; 20] = rand::random();
+    // The first character is a letter so the id never looks like a port number.
+    bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let n = if i == 0 { 26 } else { ALPHABET.len() };
+            ALPHABET[*b as usize % n] as char
+        })
+        .collect()
+}
+
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 24]>())
+}
+
+fn encode_page_token(c: &PageCursor) -> String {
+    format!("{}.{}", c.started_at, c.id)
+}
+
+fn decode_page_token(t: &str) -> Option<PageCursor> {
+    let (ms, id) = t.split_once('.')?;
+    let started_at = ms.parse().ok()?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some(PageCursor {
+        started_at,
+        id: id.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_are_host_label_safe_and_distinct() {
+        let a = new_sandbox_id();
+        assert_eq!(a.len(), 20);
+        assert!(a.chars().next().unwrap().is_ascii_lowercase());
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
+        assert_ne!(a, new_sandbox_id());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let c = PageCursor {
+            started_at: 42,
+            id: "abc".into(),
+        };
+        assert_eq!(decode_page_token(&encode_page_token(&c)), Some(c));
+        for bad in ["", "x.abc", "42.", "42.a'b", "42"] {
+            assert_eq!(decode_page_token(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn build_ids_become_uuids() {
+        let u = "0b6f3a1e-1111-4222-8333-444455556666";
+        assert_eq!(build_uuid(u), u);
+        let h = build_uuid("sha256-abc");
+        assert!(uuid::Uuid::parse_str(&h).is_ok());
+        assert_eq!(h, build_uuid("sha256-abc"));
+    }
+}

@@ -1,0 +1,195 @@
+//! A fake [`SandboxBackend`] for the API's tests and the SDK-suite dev server: VMs are map
+//! entries; `forward` answers like a tiny echo server. Never used outside tests.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use alcove_api::{
+    BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, ResourceUsage, SandboxBackend,
+    SandboxStatus, StartedSandbox, TemplateInfo,
+};
+
+/// Port on which the fake answers "nothing listens here".
+pub const CLOSED_PORT: u16 = 1234;
+
+#[derive(Default)]
+pub struct FakeBackend {
+    pub vms: Mutex<HashMap<String, CreateSandbox>>,
+    /// Why each VM that disappeared did so.
+    pub exited: Mutex<HashMap<String, String>>,
+    pub fail_creates: AtomicBool,
+    pub create_delay: Mutex<Duration>,
+}
+
+impl FakeBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulates a VM dying underneath the server.
+    pub fn crash(&self, id: &str, reason: &str) {
+        self.vms.lock().unwrap().remove(id);
+        self.exited.lock().unwrap().insert(id.into(), reason.into());
+    }
+
+    pub fn env_of(&self, id: &str) -> Option<HashMap<String, String>> {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|vm| vm.env_vars.clone().into_iter().collect())
+    }
+}
+
+pub fn templates() -> Vec<TemplateInfo> {
+    vec![
+        TemplateInfo {
+            template_id: "tpl-base-0001".into(),
+            aliases: vec!["base".into()],
+            build_id: "6f1c2b1e-8a4b-4c3d-9e8f-0a1b2c3d4e5f".into(),
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 2048,
+            envd_version: "0.2.0".into(),
+        },
+        TemplateInfo {
+            template_id: "tpl-ci-0001".into(),
+            aliases: vec!["code-interpreter-v1".into()],
+            build_id: "sha256-feedface".into(),
+            cpu_count: 2,
+            memory_mb: 1024,
+            disk_size_mb: 4096,
+            envd_version: "0.2.0".into(),
+        },
+    ]
+}
+
+impl SandboxBackend for FakeBackend {
+    fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>> {
+        Box::pin(async { Ok(templates()) })
+    }
+
+    fn create(&self, req: CreateSandbox) -> BoxFuture<'_, Result<StartedSandbox, BackendError>> {
+        Box::pin(async move {
+            let delay = *self.create_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            if self.fail_creates.load(Ordering::SeqCst) {
+                return Err(BackendError::Failed {
+                    op: "restore snapshot",
+                    source: "qemu exited with status 1".into(),
+                });
+            }
+            let started = StartedSandbox {
+                cpu_count: req.cpu_count,
+                memory_mb: req.memory_mb,
+                disk_size_mb: 2048,
+                envd_version: "0.2.0".into(),
+                started_at: SystemTime::now(),
+            };
+            self.vms.lock().unwrap().insert(req.sandbox_id.clone(), req);
+            Ok(started)
+        })
+    }
+
+    fn kill<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            match self.vms.lock().unwrap().remove(sandbox_id) {
+                Some(_) => {
+                    self.exited
+                        .lock()
+                        .unwrap()
+                        .insert(sandbox_id.into(), "killed".into());
+                    Ok(())
+                }
+                None => Err(BackendError::SandboxNotFound),
+            }
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LiveSandbox>, BackendError>> {
+        Box::pin(async move {
+            Ok(self
+                .vms
+                .lock()
+                .unwrap()
+                .keys()
+                .map(|id| LiveSandbox {
+                    sandbox_id: id.clone(),
+                    paused: false,
+                })
+                .collect())
+        })
+    }
+
+    fn status<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<SandboxStatus, BackendError>> {
+        Box::pin(async move {
+            if self.vms.lock().unwrap().contains_key(sandbox_id) {
+                return Ok(SandboxStatus::Running);
+            }
+            Ok(match self.exited.lock().unwrap().get(sandbox_id) {
+                Some(reason) => SandboxStatus::Exited {
+                    reason: reason.clone(),
+                },
+                None => SandboxStatus::Unknown,
+            })
+        })
+    }
+
+    fn metrics<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceUsage>, BackendError>> {
+        Box::pin(async move {
+            let vms = self.vms.lock().unwrap();
+            let vm = vms.get(sandbox_id).ok_or(BackendError::SandboxNotFound)?;
+            Ok(Some(ResourceUsage {
+                timestamp: SystemTime::now(),
+                cpu_count: vm.cpu_count,
+                cpu_used_pct: 1.5,
+                mem_used: 64 << 20,
+                mem_total: (vm.memory_mb as u64) << 20,
+                mem_cache: 8 << 20,
+                disk_used: 100 << 20,
+                disk_total: 2048 << 20,
+            }))
+        })
+    }
+
+    fn forward<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        port: u16,
+        req: http::Request<Body>,
+    ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>> {
+        Box::pin(async move {
+            if !self.vms.lock().unwrap().contains_key(sandbox_id) {
+                return Err(BackendError::SandboxNotFound);
+            }
+            if port == CLOSED_PORT {
+                return Err(BackendError::PortNotOpen);
+            }
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let echo = serde_json::json!({
+                "sandbox": sandbox_id,
+                "port": port,
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "routingHeaders": parts.headers.contains_key("e2b-sandbox-id"),
+                "bodyLen": body.len(),
+            });
+            Ok(http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Body::from(echo.to_string()))
+                .unwrap())
+        })
+    }
+}

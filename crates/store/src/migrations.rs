@@ -1,0 +1,171 @@
+//! Versioned schema migrations. Migration `i` (0-based) takes the schema from version `i` to
+//! `i + 1`; the version lives in `PRAGMA user_version`. Migrations are append-only: never edit
+//! one that has shipped, add the next.
+
+use rusqlite::Connection;
+
+use crate::{Result, StoreError};
+
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE teams (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        team_id     TEXT NOT NULL REFERENCES teams(id),
+        name        TEXT NOT NULL,
+        prefix      TEXT NOT NULL,
+        hash        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL,
+        revoked_at  INTEGER
+    );
+    CREATE TABLE templates (
+        id            TEXT PRIMARY KEY,
+        team_id       TEXT REFERENCES teams(id),
+        build_id      TEXT NOT NULL,
+        cpu_count     INTEGER NOT NULL,
+        memory_mb     INTEGER NOT NULL,
+        disk_size_mb  INTEGER NOT NULL,
+        envd_version  TEXT NOT NULL,
+        public        INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+    );
+    CREATE TABLE template_aliases (
+        alias        TEXT PRIMARY KEY,
+        template_id  TEXT NOT NULL REFERENCES templates(id) ON DELETE CASCADE
+    );
+    CREATE TABLE sandboxes (
+        id                     TEXT PRIMARY KEY,
+        team_id                TEXT NOT NULL REFERENCES teams(id),
+        template_id            TEXT NOT NULL,
+        alias                  TEXT,
+        state                  TEXT NOT NULL,
+        created_at             INTEGER NOT NULL,
+        started_at             INTEGER NOT NULL,
+        end_at                 INTEGER NOT NULL,
+        cpu_count              INTEGER NOT NULL,
+        memory_mb              INTEGER NOT NULL,
+        disk_size_mb           INTEGER NOT NULL,
+        envd_version           TEXT NOT NULL,
+        envd_access_token      TEXT,
+        auto_pause             INTEGER NOT NULL,
+        allow_internet_access  INTEGER,
+        end_reason             TEXT,
+        ended_at               INTEGER
+    );
+    CREATE TABLE sandbox_metadata (
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        key         TEXT NOT NULL,
+        value       TEXT NOT NULL,
+        PRIMARY KEY (sandbox_id, key)
+    );
+    CREATE TABLE sandbox_env_names (
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        PRIMARY KEY (sandbox_id, name)
+    );
+    CREATE TABLE sandbox_events (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        at          INTEGER NOT NULL,
+        from_state  TEXT,
+        to_state    TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    CREATE INDEX sandbox_events_by_sandbox ON sandbox_events(sandbox_id, seq);
+    "#,
+    // 2: key usage tracking, and the index the list endpoints filter on.
+    r#"
+    ALTER TABLE api_keys ADD COLUMN last_used_at INTEGER;
+    CREATE INDEX sandboxes_by_team_state ON sandboxes(team_id, state, started_at);
+    "#,
+];
+
+/// Applies migrations until the schema is at version `upto`, each in its own transaction.
+pub(crate) fn migrate(conn: &mut Connection, upto: usize) -> Result<()> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(StoreError::Open)?;
+    let current = current as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(upto).skip(current) {
+        let version = i + 1;
+        let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version as i64)?;
+            tx.commit()
+        };
+        step(conn).map_err(|source| StoreError::Migrate { version, source })?;
+        tracing::info!(version, "store: applied schema migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DB_FILE, SandboxState, Store};
+
+    /// A database written by the first schema (a team, a key, a sandbox) opens under the
+    /// current one with everything intact, and the new column is there.
+    #[test]
+    fn an_old_database_migrates_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let secret = {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate(&mut conn, 1).unwrap();
+            let v: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 1);
+            conn.execute_batch(
+                "INSERT INTO teams VALUES ('t1', 'admin', 1);
+                 INSERT INTO sandboxes (id, team_id, template_id, state, created_at, started_at,
+                     end_at, cpu_count, memory_mb, disk_size_mb, envd_version, auto_pause)
+                 VALUES ('s1', 't1', 'base', 'running', 1, 1, 2, 2, 512, 1024, '0.2.0', 0);",
+            )
+            .unwrap();
+            let secret = "alcove_0123456789abcdef";
+            conn.execute(
+                "INSERT INTO api_keys (id, team_id, name, prefix, hash, created_at)
+                 VALUES ('k1', 't1', 'old', 'alcove_0123', ?1, 1)",
+                [crate::keys::hash_secret(secret)],
+            )
+            .unwrap();
+            secret
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+        let auth = store
+            .authenticate(secret)
+            .unwrap()
+            .expect("old key still valid");
+        assert_eq!(auth.team_id, "t1");
+        let keys = store.list_api_keys(None).unwrap();
+        assert!(keys[0].last_used_at.is_some(), "new column is written");
+        let s = store.sandbox("s1").unwrap().unwrap();
+        assert_eq!(s.state, SandboxState::Running);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+        assert!(matches!(
+            migrate(&mut conn, MIGRATIONS.len()),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+    }
+}

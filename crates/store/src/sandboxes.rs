@@ -1,0 +1,582 @@
+//! Sandbox records: what was asked for, what the backend gave, where each sandbox is in its
+//! lifecycle, and every state change with its reason. Env var values never reach this table,
+//! only their names, so a secret passed at create cannot leak through the database or logs.
+
+use std::collections::BTreeMap;
+
+use rusqlite::types::Value;
+use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
+
+use crate::{Result, SandboxState, Store, StoreError, now_ms};
+
+/// What the API records when a create request is accepted (state `creating`).
+#[derive(Debug, Clone)]
+pub struct NewSandboxRecord {
+    pub id: String,
+    pub team_id: String,
+    pub template_id: String,
+    /// The alias the caller named the template by, when it was one.
+    pub alias: Option<String>,
+    pub started_at: i64,
+    pub end_at: i64,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub envd_version: String,
+    pub envd_access_token: Option<String>,
+    pub auto_pause: bool,
+    pub allow_internet_access: Option<bool>,
+    pub metadata: BTreeMap<String, String>,
+    pub env_names: Vec<String>,
+}
+
+impl NewSandboxRecord {
+    #[cfg(test)]
+    pub(crate) fn sample(id: &str, team_id: &str, template_id: &str) -> NewSandboxRecord {
+        NewSandboxRecord {
+            id: id.into(),
+            team_id: team_id.into(),
+            template_id: template_id.into(),
+            alias: None,
+            started_at: now_ms(),
+            end_at: now_ms() + 300_000,
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            envd_version: "0.2.0".into(),
+            envd_access_token: Some("tok".into()),
+            auto_pause: false,
+            allow_internet_access: None,
+            metadata: BTreeMap::from([("user".to_string(), "alice".to_string())]),
+            env_names: vec!["SECRET".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub team_id: String,
+    pub template_id: String,
+    pub alias: Option<String>,
+    pub state: SandboxState,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub end_at: i64,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub envd_version: String,
+    pub envd_access_token: Option<String>,
+    pub auto_pause: bool,
+    pub allow_internet_access: Option<bool>,
+    /// Why the sandbox ended (`killed`/`lost` only).
+    pub end_reason: Option<String>,
+    pub ended_at: Option<i64>,
+    pub metadata: BTreeMap<String, String>,
+    pub env_names: Vec<String>,
+}
+
+/// One line of a sandbox's state history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxEvent {
+    pub seq: i64,
+    pub at: i64,
+    pub from: Option<SandboxState>,
+    pub to: SandboxState,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    #[default]
+    Asc,
+    Desc,
+}
+
+/// Where the next page starts: the last item of this page, in list order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub started_at: i64,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    pub team_id: Option<String>,
+    /// Empty means any state.
+    pub states: Vec<SandboxState>,
+    /// Every pair must match.
+    pub metadata: Vec<(String, String)>,
+    /// Template id or the alias it was created by.
+    pub template: Option<String>,
+    pub started_after: Option<i64>,
+    pub order: ListOrder,
+    pub limit: Option<usize>,
+    pub after: Option<PageCursor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<SandboxRecord>,
+    /// Set when more items follow.
+    pub next: Option<PageCursor>,
+}
+
+const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, started_at, end_at, \
+    cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
+    allow_internet_access, end_reason, ended_at";
+
+fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
+    let state: String = r.get(4)?;
+    let state = state.parse::<SandboxState>().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(SandboxRecord {
+        id: r.get(0)?,
+        team_id: r.get(1)?,
+        template_id: r.get(2)?,
+        alias: r.get(3)?,
+        state,
+        created_at: r.get(5)?,
+        started_at: r.get(6)?,
+        end_at: r.get(7)?,
+        cpu_count: r.get(8)?,
+        memory_mb: r.get(9)?,
+        disk_size_mb: r.get(10)?,
+        envd_version: r.get(11)?,
+        envd_access_token: r.get(12)?,
+        auto_pause: r.get(13)?,
+        allow_internet_access: r.get(14)?,
+        end_reason: r.get(15)?,
+        ended_at: r.get(16)?,
+        metadata: BTreeMap::new(),
+        env_names: Vec::new(),
+    })
+}
+
+fn load_details(conn: &rusqlite::Connection, s: &mut SandboxRecord) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, value FROM sandbox_metadata WHERE sandbox_id = ?1 ORDER BY key",
+    )?;
+    s.metadata = stmt
+        .query_map([&s.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn
+        .prepare_cached("SELECT name FROM sandbox_env_names WHERE sandbox_id = ?1 ORDER BY name")?;
+    s.env_names = stmt
+        .query_map([&s.id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+fn insert_event(
+    tx: &Transaction<'_>,
+    id: &str,
+    from: Option<SandboxState>,
+    to: SandboxState,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO sandbox_events (sandbox_id, at, from_state, to_state, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, now_ms(), from.map(|s| s.as_str()), to.as_str(), reason],
+    )?;
+    Ok(())
+}
+
+fn current_state(tx: &Transaction<'_>, id: &str) -> Result<SandboxState> {
+    let state: Option<String> = tx
+        .query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let state = state.ok_or(StoreError::SandboxNotFound)?;
+    state.parse().map_err(|e| StoreError::Corrupt(Box::new(e)))
+}
+
+impl Store {
+    /// Records an accepted create request, in state `creating`.
+    pub fn insert_sandbox(&self, s: &NewSandboxRecord) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO sandboxes ({COLUMNS}) VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL)"
+            ),
+            params![
+                s.id,
+                s.team_id,
+                s.template_id,
+                s.alias,
+                SandboxState::Creating.as_str(),
+                now_ms(),
+                s.started_at,
+                s.end_at,
+                s.cpu_count,
+                s.memory_mb,
+                s.disk_size_mb,
+                s.envd_version,
+                s.envd_access_token,
+                s.auto_pause,
+                s.allow_internet_access,
+            ],
+        )?;
+        for (k, v) in &s.metadata {
+            tx.execute(
+                "INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES (?1, ?2, ?3)",
+                params![s.id, k, v],
+            )?;
+        }
+        for name in &s.env_names {
+            tx.execute(
+                "INSERT OR IGNORE INTO sandbox_env_names (sandbox_id, name) VALUES (?1, ?2)",
+                params![s.id, name],
+            )?;
+        }
+        insert_event(&tx, &s.id, None, SandboxState::Creating, "create requested")?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Moves a sandbox to `to` if the lifecycle allows it, recording `reason` in its history.
+    pub fn transition(&self, id: &str, to: SandboxState, reason: &str) -> Result<SandboxRecord> {
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let from = current_state(&tx, id)?;
+            if !from.can_transition_to(to) {
+                return Err(StoreError::Transition { from, to });
+            }
+            if to.is_terminal() {
+                tx.execute(
+                    "UPDATE sandboxes SET state = ?2, end_reason = ?3, ended_at = ?4 WHERE id = ?1",
+                    params![id, to.as_str(), reason, now_ms()],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE sandboxes SET state = ?2 WHERE id = ?1",
+                    params![id, to.as_str()],
+                )?;
+            }
+            insert_event(&tx, id, Some(from), to, reason)?;
+            tx.commit()?;
+        }
+        self.sandbox(id)?.ok_or(StoreError::SandboxNotFound)
+    }
+
+    /// A `creating` sandbox came up: records what the backend actually gave it and marks it
+    /// `running`, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mark_running(
+        &self,
+        id: &str,
+        cpu_count: u32,
+        memory_mb: u32,
+        disk_size_mb: u32,
+        envd_version: &str,
+        started_at: i64,
+        end_at: i64,
+    ) -> Result<SandboxRecord> {
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let from = current_state(&tx, id)?;
+            if !from.can_transition_to(SandboxState::Running) {
+                return Err(StoreError::Transition {
+                    from,
+                    to: SandboxState::Running,
+                });
+            }
+            tx.execute(
+                "UPDATE sandboxes SET state = 'running', cpu_count = ?2, memory_mb = ?3,
+                     disk_size_mb = ?4, envd_version = ?5, started_at = ?6, end_at = ?7
+                 WHERE id = ?1",
+                params![
+                    id,
+                    cpu_count,
+                    memory_mb,
+                    disk_size_mb,
+                    envd_version,
+                    started_at,
+                    end_at
+                ],
+            )?;
+            insert_event(&tx, id, Some(from), SandboxState::Running, "started")?;
+            tx.commit()?;
+        }
+        self.sandbox(id)?.ok_or(StoreError::SandboxNotFound)
+    }
+
+    /// Sets when a live sandbox expires.
+    pub fn set_end_at(&self, id: &str, end_at: i64) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET end_at = ?2 WHERE id = ?1 AND state IN ('creating','running','paused')",
+            params![id, end_at],
+        )?;
+        if n == 0 {
+            return Err(StoreError::SandboxNotFound);
+        }
+        Ok(())
+    }
+
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
+        let conn = self.conn();
+        let s = conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"),
+                [id],
+                row_to_sandbox,
+            )
+            .optional()?;
+        let Some(mut s) = s else { return Ok(None) };
+        load_details(&conn, &mut s)?;
+        Ok(Some(s))
+    }
+
+    /// State history, oldest first.
+    pub fn sandbox_events(&self, id: &str) -> Result<Vec<SandboxEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at, from_state, to_state, reason FROM sandbox_events
+             WHERE sandbox_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            let from: Option<String> = r.get(2)?;
+            let to: String = r.get(3)?;
+            Ok((r.get(0)?, r.get(1)?, from, to, r.get(4)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at, from, to, reason): (i64, i64, Option<String>, String, String) = row?;
+            let parse = |s: &str| s.parse().map_err(|e| StoreError::Corrupt(Box::new(e)));
+            out.push(SandboxEvent {
+                seq,
+                at,
+                from: from.as_deref().map(parse).transpose()?,
+                to: parse(&to)?,
+                reason,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sandboxes matching `f`, one page of them.
+    pub fn list_sandboxes(&self, f: &SandboxFilter) -> Result<Page> {
+        let mut sql = format!("SELECT {COLUMNS} FROM sandboxes s WHERE 1=1");
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(team) = &f.team_id {
+            args.push(Value::Text(team.clone()));
+            sql += &format!(" AND team_id = ?{}", args.len());
+        }
+        if !f.states.is_empty() {
+            let mut marks = Vec::new();
+            for st in &f.states {
+                args.push(Value::Text(st.as_str().into()));
+                marks.push(format!("?{}", args.len()));
+            }
+            sql += &format!(" AND state IN ({})", marks.join(","));
+        }
+        for (k, v) in &f.metadata {
+            args.push(Value::Text(k.clone()));
+            args.push(Value::Text(v.clone()));
+            sql += &format!(
+                " AND EXISTS (SELECT 1 FROM sandbox_metadata m WHERE m.sandbox_id = s.id \
+                 AND m.key = ?{} AND m.value = ?{})",
+                args.len() - 1,
+                args.len()
+            );
+        }
+        if let Some(t) = &f.template {
+            args.push(Value::Text(t.clone()));
+            sql += &format!(" AND (template_id = ?{0} OR alias = ?{0})", args.len());
+        }
+        if let Some(after) = f.started_after {
+            args.push(Value::Integer(after));
+            sql += &format!(" AND started_at >= ?{}", args.len());
+        }
+        let (cmp, dir) = match f.order {
+            ListOrder::Asc => (">", "ASC"),
+            ListOrder::Desc => ("<", "DESC"),
+        };
+        if let Some(c) = &f.after {
+            args.push(Value::Integer(c.started_at));
+            args.push(Value::Text(c.id.clone()));
+            sql += &format!(
+                " AND (started_at, id) {cmp} (?{}, ?{})",
+                args.len() - 1,
+                args.len()
+            );
+        }
+        sql += &format!(" ORDER BY started_at {dir}, id {dir}");
+        if let Some(limit) = f.limit {
+            // One extra row tells whether another page follows.
+            args.push(Value::Integer(limit as i64 + 1));
+            sql += &format!(" LIMIT ?{}", args.len());
+        }
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let mut items = stmt
+            .query_map(params_from_iter(args), row_to_sandbox)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut next = None;
+        if let Some(limit) = f.limit
+            && items.len() > limit
+        {
+            items.truncate(limit);
+            next = items.last().map(|s| PageCursor {
+                started_at: s.started_at,
+                id: s.id.clone(),
+            });
+        }
+        for s in &mut items {
+            load_details(&conn, s)?;
+        }
+        Ok(Page { items, next })
+    }
+
+    /// Sandboxes that still have (or should have) a VM: creating, running or paused.
+    pub fn live_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        Ok(self
+            .list_sandboxes(&SandboxFilter {
+                states: vec![
+                    SandboxState::Creating,
+                    SandboxState::Running,
+                    SandboxState::Paused,
+                ],
+                ..Default::default()
+            })?
+            .items)
+    }
+
+    /// Running sandboxes whose end time has passed.
+    pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM sandboxes WHERE state = 'running' AND end_at <= ?1 ORDER BY end_at",
+        )?;
+        let ids = stmt
+            .query_map([now], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(ids)
+    }
+
+    /// Sandboxes of a team that hold a VM's CPU and memory (creating or running).
+    pub fn count_active(&self, team_id: &str) -> Result<usize> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM sandboxes WHERE team_id = ?1 AND state IN ('creating','running')",
+            [team_id],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with_team() -> (Store, String) {
+        let store = Store::open_in_memory().unwrap();
+        let team = store.create_team("t").unwrap();
+        (store, team.id)
+    }
+
+    #[test]
+    fn history_records_every_change_and_refuses_illegal_ones() {
+        let (store, team) = store_with_team();
+        store
+            .insert_sandbox(&NewSandboxRecord::sample("s1", &team, "base"))
+            .unwrap();
+        assert!(matches!(
+            store.transition("s1", SandboxState::Paused, "x"),
+            Err(StoreError::Transition { .. })
+        ));
+        store
+            .mark_running("s1", 4, 1024, 2048, "0.3.0", 10, 20)
+            .unwrap();
+        let s = store
+            .transition("s1", SandboxState::Killed, "killed by API request")
+            .unwrap();
+        assert_eq!(s.cpu_count, 4);
+        assert_eq!(s.end_reason.as_deref(), Some("killed by API request"));
+        assert!(s.ended_at.is_some());
+        assert!(matches!(
+            store.transition("s1", SandboxState::Running, "again"),
+            Err(StoreError::Transition { .. })
+        ));
+        let ev = store.sandbox_events("s1").unwrap();
+        let states: Vec<_> = ev.iter().map(|e| (e.from, e.to)).collect();
+        assert_eq!(
+            states,
+            [
+                (None, SandboxState::Creating),
+                (Some(SandboxState::Creating), SandboxState::Running),
+                (Some(SandboxState::Running), SandboxState::Killed),
+            ]
+        );
+        assert!(matches!(
+            store.transition("nope", SandboxState::Killed, "x"),
+            Err(StoreError::SandboxNotFound)
+        ));
+    }
+
+    #[test]
+    fn env_values_are_never_stored() {
+        let (store, team) = store_with_team();
+        let rec = NewSandboxRecord::sample("s1", &team, "base");
+        store.insert_sandbox(&rec).unwrap();
+        let s = store.sandbox("s1").unwrap().unwrap();
+        assert_eq!(s.env_names, ["SECRET"]);
+    }
+
+    #[test]
+    fn list_filters_and_pages() {
+        let (store, team) = store_with_team();
+        for i in 0..5 {
+            let mut rec = NewSandboxRecord::sample(&format!("s{i}"), &team, "base");
+            rec.started_at = 1000 + i;
+            rec.metadata = BTreeMap::from([("parity".to_string(), (i % 2).to_string())]);
+            store.insert_sandbox(&rec).unwrap();
+            store
+                .mark_running(&rec.id, 1, 1, 1, "0.2.0", rec.started_at, i64::MAX)
+                .unwrap();
+        }
+        store.transition("s4", SandboxState::Killed, "x").unwrap();
+
+        let even = store
+            .list_sandboxes(&SandboxFilter {
+                team_id: Some(team.clone()),
+                states: vec![SandboxState::Running],
+                metadata: vec![("parity".into(), "0".into())],
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<_> = even.items.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s0", "s2"]);
+
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .list_sandboxes(&SandboxFilter {
+                    order: ListOrder::Desc,
+                    limit: Some(2),
+                    after: after.clone(),
+                    ..Default::default()
+                })
+                .unwrap();
+            seen.extend(page.items.into_iter().map(|s| s.id));
+            match page.next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["s4", "s3", "s2", "s1", "s0"]);
+
+        assert_eq!(store.count_active(&team).unwrap(), 4);
+        assert_eq!(store.expired_sandboxes(i64::MAX).unwrap().len(), 4);
+        assert_eq!(store.live_sandboxes().unwrap().len(), 4);
+    }
+}

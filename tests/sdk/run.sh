@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs the official E2B SDK suites (Python e2b==2.63.0, JS e2b@2.51.0, both unmodified) against
+# an Alcove server started here on a free port with a fresh data directory.
+#
+#   tests/sdk/run.sh            real server: `alcove server` (needs the node backend wired in)
+#   tests/sdk/run.sh --fake     control API only, against the fake-backend dev server
+#                               (crates/api/examples/fake_server.rs): no VMs needed
+#
+# Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js" by default),
+# PYTEST_ARGS / NODE_TEST_ARGS for extra arguments. The SDKs are configured only through
+# E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+mode=real
+[[ "${1:-}" == "--fake" ]] && mode=fake
+suites="${SUITES:-python js}"
+
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-sdk.XXXXXX")"
+log="$data/server.log"
+
+if [[ $mode == fake ]]; then
+    cargo build --quiet --manifest-path "$root/Cargo.toml" -p alcove-api --example fake_server
+    server=("$root/target/debug/examples/fake_server" "127.0.0.1:$port" "$data/state")
+else
+    bin="${ALCOVE_BIN:-$root/target/debug/alcove}"
+    [[ -n "${ALCOVE_BIN:-}" ]] || cargo build --quiet --manifest-path "$root/Cargo.toml" -p alcove
+    server=("$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state")
+fi
+
+"${server[@]}" >"$log" 2>&1 &
+server_pid=$!
+cleanup() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    rm -rf "$data"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && [[ -s "$data/state/api-key" ]]; then
+        break
+    fi
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        echo "server exited during startup:" >&2
+        cat "$log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+export E2B_API_URL="http://127.0.0.1:$port"
+export E2B_SANDBOX_URL="http://127.0.0.1:$port"
+E2B_API_KEY="$(cat "$data/state/api-key")"
+export E2B_API_KEY
+echo "server ($mode) on $E2B_API_URL, log $log"
+
+status=0
+for suite in $suites; do
+    case "$suite" in
+    python)
+        venv="$root/tests/.venv"
+        [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/python/requirements.txt"
+        marker=()
+        [[ $mode == fake ]] && marker=(-m control)
+        (cd "$here/python" && "$venv/bin/python" -m pytest -q "${marker[@]}" ${PYTEST_ARGS:-}) || status=1
+        ;;
+    js)
+        (cd "$here/js" && npm ci --silent --no-audit --no-fund)
+        pattern=()
+        [[ $mode == fake ]] && pattern=(--test-name-pattern=control)
+        (cd "$here/js" && node --test --test-concurrency=4 "${pattern[@]}" ${NODE_TEST_ARGS:-} test/) || status=1
+        ;;
+    *) echo "unknown suite $suite" >&2; status=1 ;;
+    esac
+done
+
+if [[ $status != 0 ]]; then
+    echo "--- server log (tail) ---" >&2
+    tail -n 50 "$log" >&2
+fi
+exit $status
