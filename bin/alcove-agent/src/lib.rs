@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod channel;
+pub mod fs;
 pub mod init;
 pub mod paths;
 pub mod process;
