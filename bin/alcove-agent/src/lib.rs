@@ -62,6 +62,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
     let guest = matches!(config.mode, Mode::Guest { .. });
+    if guest {
+        process::protect_from_oom();
+    }
     let state = state::AgentState::new(state::StateConfig {
         touch_system: guest,
         output_buffer: config.output_buffer,
