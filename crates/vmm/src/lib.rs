@@ -1,1 +1,151 @@
-//! alcove-vmm (placeholder until its layer lands).
+//! The VM layer: a [`Vmm`] trait for "boot, snapshot, restore, stop" of one microVM, and its QEMU
+//! implementation driven over QMP ([`qemu::QemuVmm`]).
+//!
+//! Owns: QEMU command lines, the accelerator choice (KVM only on hardware KVM, TCG otherwise), the
+//! QMP conversation, and the per-VM sockets (QMP, serial console, agent virtio-serial port).
+//! Does not own: disks, templates or sandbox identity (see `alcove-image` and `alcove-node`).
+//!
+//! Invariant: a VM restored from a snapshot is started from exactly the machine description the
+//! snapshot was taken with ([`VmSpec`] minus the per-VM paths); the snapshot's RAM file is mapped
+//! copy-on-write by every restored VM and is never written after the snapshot.
+
+pub mod accel;
+pub mod cgroup;
+pub mod console;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use accel::{Accel, AccelChoice};
+pub use qemu::{QemuVm, QemuVmm};
+
+/// The machine a VM is built from. Two VMs with equal specs (ignoring `run_dir`, `disk` and
+/// `ram_shared`) are migration-compatible.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Directory for this VM's sockets; created by the caller, removed by the caller.
+    pub run_dir: PathBuf,
+    /// Uncompressed PVH kernel image.
+    pub kernel: PathBuf,
+    /// Extra kernel command line (the driver adds console, timing and panic options).
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    /// File backing guest RAM. `ram_shared = true` writes guest RAM into it (template boot);
+    /// `false` maps it copy-on-write (sandboxes restored from the template).
+    pub ram_file: PathBuf,
+    pub ram_shared: bool,
+    pub disk: Disk,
+    /// Host-side caps on the VM process; `None` runs it uncapped (template builds).
+    pub limits: Option<cgroup::Limits>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Timings of one restore, for benchmarks and logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreTimings {
+    pub spawn_to_qmp: Duration,
+    pub state_loaded: Duration,
+    pub resumed: Duration,
+}
+
+/// How a VM ended, as far as the VMM can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off or rebooted (we run with `-no-reboot`).
+    GuestShutdown,
+    /// The host's OOM killer ended QEMU: the VM used more host memory than its cap.
+    OutOfMemory,
+    /// QEMU exited on its own with this status (crash, bad config, guest panic with panic=-1).
+    Exited { code: Option<i32>, signal: Option<i32> },
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::GuestShutdown => write!(f, "the guest shut down"),
+            ExitReason::OutOfMemory => {
+                write!(f, "the VM was killed by the host's out-of-memory killer (it exceeded its memory cap)")
+            }
+            ExitReason::Exited { code: Some(c), .. } => write!(f, "qemu exited with status {c}"),
+            ExitReason::Exited { signal: Some(s), .. } => {
+                let name = nix::sys::signal::Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("unknown");
+                write!(f, "qemu was killed by signal {s} ({name})")
+            }
+            ExitReason::Exited { .. } => write!(f, "qemu exited"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("failed to start the hypervisor process")]
+    SpawnQemu(#[source] std::io::Error),
+    #[error("the hypervisor did not open its control socket in time")]
+    QmpConnectTimeout,
+    #[error("control socket error")]
+    Qmp(#[from] qmp::QmpError),
+    #[error("the hypervisor exited during {stage}: {reason}; console tail: {console}")]
+    DiedDuring { stage: &'static str, reason: ExitReason, console: String },
+    #[error("migration {what} failed: {detail}")]
+    Migration { what: &'static str, detail: String },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("i/o on {0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// A hypervisor that can boot VMs and restore them from snapshots.
+pub trait Vmm: Send + Sync + 'static {
+    type Vm: Vm;
+    /// Boots a fresh VM from `spec` (kernel + disk).
+    fn boot(&self, spec: &VmSpec) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    /// Starts a VM from `spec` and loads the device state in `state_file` (taken by
+    /// [`Vm::snapshot`] from a VM with a compatible spec), then lets it run.
+    fn restore(
+        &self,
+        spec: &VmSpec,
+        state_file: &std::path::Path,
+    ) -> impl Future<Output = Result<(Self::Vm, RestoreTimings), VmmError>> + Send;
+}
+
+/// One running VM.
+pub trait Vm: Send + Sync + 'static {
+    fn pid(&self) -> u32;
+    /// Unix socket that is the host end of the agent's virtio-serial port.
+    fn agent_socket(&self) -> PathBuf;
+    /// The serial console, as captured so far (bounded).
+    fn console(&self) -> &console::Console;
+    /// Stops the vCPUs and writes the device state to `state_file`; RAM stays in the RAM file
+    /// (which must be shared). The VM stays stopped.
+    fn snapshot(&self, state_file: &std::path::Path) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Stops the VM process (SIGKILL after a short grace) and waits for it to exit.
+    fn kill(&self) -> impl Future<Output = ()> + Send;
+    /// Resolves when the VM process has exited.
+    fn wait_exit(&self) -> impl Future<Output = ExitReason> + Send;
+    /// `Some` once the VM process has exited.
+    fn exit_reason(&self) -> Option<ExitReason>;
+}

@@ -1,0 +1,490 @@
+//! Template builds: kernel → base rootfs → template disk → boot → ready → snapshot.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alcove_vmm::{Disk, DiskFormat, QemuVmm, Vm, VmSpec, Vmm};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{ImageError, Recipe};
+
+const KERNEL_SCRIPT: &str = include_str!("../../../guest/kernel/build.sh");
+const KERNEL_CONFIG: &str = include_str!("../../../guest/kernel/config");
+const ROOTFS_SCRIPT: &str = include_str!("../../../guest/rootfs/build-base.sh");
+const ROOTFS_PACKAGES: &str = include_str!("../../../guest/rootfs/packages.txt");
+
+/// The line the agent prints on the console once it (and the template's start command) is ready.
+pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
+/// Where the agent lives in the guest; the kernel starts it as init.
+pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+const MANIFEST_VERSION: u32 = 1;
+
+/// Progress of a build, for the CLI's display.
+pub type Progress = Arc<dyn Fn(ProgressEvent) + Send + Sync>;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProgressEvent {
+    Step { index: u32, total: u32, name: String, cached: bool },
+    Line { text: String },
+}
+
+pub struct BuildOptions {
+    pub cache_dir: PathBuf,
+    /// The `alcove-agent` binary to install in the guest.
+    pub agent_bin: PathBuf,
+    pub vmm: QemuVmm,
+    /// Rebuild even when a complete template with the same key exists.
+    pub force: bool,
+    pub progress: Progress,
+}
+
+/// A built template, as recorded in its `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Template {
+    pub manifest_version: u32,
+    pub name: String,
+    pub key: String,
+    pub dir: PathBuf,
+    pub recipe: Recipe,
+    pub kernel: PathBuf,
+    pub disk: PathBuf,
+    pub mem: PathBuf,
+    pub state: PathBuf,
+    /// An empty qcow2 overlay over `disk`; each sandbox starts from a copy of it.
+    pub overlay: PathBuf,
+    pub state_sha256: String,
+    pub mem_sha256: String,
+    pub accel: String,
+    pub built_at_unix: u64,
+    pub build_secs: f64,
+    pub boot_to_ready_secs: f64,
+}
+
+impl Template {
+    /// Checks the device-state checksum (cheap; run before every restore).
+    pub fn verify_state(&self) -> Result<(), ImageError> {
+        let got = sha256_file(&self.state)?;
+        if got != self.state_sha256 {
+            return Err(ImageError::Corrupt {
+                name: self.name.clone(),
+                detail: format!("device state {} has checksum {got}, expected {}", self.state.display(), self.state_sha256),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks every checksum, including the RAM file (hundreds of MB; run at load, not per create).
+    pub fn verify_all(&self) -> Result<(), ImageError> {
+        self.verify_state()?;
+        let got = sha256_file(&self.mem)?;
+        if got != self.mem_sha256 {
+            return Err(ImageError::Corrupt {
+                name: self.name.clone(),
+                detail: format!("RAM file {} has checksum {got}, expected {}", self.mem.display(), self.mem_sha256),
+            });
+        }
+        for p in [&self.kernel, &self.disk, &self.overlay] {
+            if !p.exists() {
+                return Err(ImageError::Corrupt { name: self.name.clone(), detail: format!("{} is missing", p.display()) });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |e| ImageError::Io(path.display().to_string(), e)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn templates_dir(cache: &Path) -> PathBuf {
+    cache.join("templates")
+}
+
+/// The newest complete build of template `name`.
+pub fn load_template(cache: &Path, name: &str) -> Result<Template, ImageError> {
+    let link = templates_dir(cache).join("by-name").join(name);
+    let key = match std::fs::read_to_string(&link) {
+        Ok(k) => k.trim().to_string(),
+        Err(_) => return Err(ImageError::UnknownTemplate(name.to_string())),
+    };
+    let manifest = templates_dir(cache).join(&key).join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).map_err(|_| ImageError::UnknownTemplate(name.to_string()))?;
+    let t: Template = serde_json::from_str(&text)
+        .map_err(|e| ImageError::Corrupt { name: name.to_string(), detail: format!("manifest: {e}") })?;
+    if t.manifest_version != MANIFEST_VERSION {
+        return Err(ImageError::Corrupt { name: name.to_string(), detail: "manifest from another Alcove version".into() });
+    }
+    Ok(t)
+}
+
+/// Names of templates that have a complete build.
+pub fn list_templates(cache: &Path) -> Vec<Template> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(templates_dir(cache).join("by-name")) {
+        for e in rd.flatten() {
+            if let Ok(t) = load_template(cache, &e.file_name().to_string_lossy()) {
+                out.push(t);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Runs an embedded build script (with its data files beside it) and returns its last stdout line.
+async fn run_script(
+    step: &'static str,
+    files: &[(&str, &str)],
+    cache: &Path,
+    progress: &Progress,
+) -> Result<PathBuf, ImageError> {
+    let dir = tempfile::tempdir().map_err(io(Path::new("/tmp")))?;
+    for (name, content) in files {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).map_err(io(&p))?;
+        if name.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).map_err(io(&p))?;
+        }
+    }
+    let mut child = tokio::process::Command::new("bash")
+        .arg(dir.path().join(files[0].0))
+        .env("ALCOVE_CACHE", cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| ImageError::Step { step, detail: format!("cannot run bash: {e}") })?;
+    let stderr = child.stderr.take().expect("piped");
+    let p = progress.clone();
+    let tail = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let tail2 = tail.clone();
+    let pump = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            p(ProgressEvent::Line { text: line.clone() });
+            let mut t = tail2.lock().expect("tail lock");
+            t.push(line);
+            if t.len() > 20 {
+                t.remove(0);
+            }
+        }
+    });
+    let out = child.wait_with_output().await.map_err(|e| ImageError::Step { step, detail: e.to_string() })?;
+    let _ = pump.await;
+    if !out.status.success() {
+        let t = tail.lock().expect("tail lock").join("\n");
+        return Err(ImageError::Step { step, detail: format!("{}; last output:\n{t}", out.status) });
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout.lines().last().unwrap_or("").trim();
+    if path.is_empty() {
+        return Err(ImageError::Step { step, detail: "the script printed no output path".into() });
+    }
+    Ok(PathBuf::from(path))
+}
+
+async fn run_cmd(step: &'static str, cmd: &mut tokio::process::Command) -> Result<(), ImageError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| ImageError::Step { step, detail: format!("cannot start: {e}") })?;
+    if !out.status.success() {
+        let mut detail = format!("{}", out.status);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        detail.push_str(&format!("; stderr:\n{}", lines[lines.len().saturating_sub(20)..].join("\n")));
+        return Err(ImageError::Step { step, detail });
+    }
+    Ok(())
+}
+
+async fn qemu_version(vmm: &QemuVmm) -> String {
+    match tokio::process::Command::new(&vmm.binary).arg("--version").output().await {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Builds `recipe` (or returns the cached build with the same inputs).
+pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Template, ImageError> {
+    let started = Instant::now();
+    let total = 6;
+    let step = |index: u32, name: &str, cached: bool| {
+        (opts.progress)(ProgressEvent::Step { index, total, name: name.to_string(), cached })
+    };
+    let cache = &opts.cache_dir;
+
+    step(1, "guest kernel", false);
+    let kernel = run_script("guest kernel build", &[("build.sh", KERNEL_SCRIPT), ("config", KERNEL_CONFIG)], cache, &opts.progress)
+        .await?;
+    step(2, "base root file system", false);
+    let base = run_script(
+        "base rootfs build",
+        &[("build-base.sh", ROOTFS_SCRIPT), ("packages.txt", ROOTFS_PACKAGES)],
+        cache,
+        &opts.progress,
+    )
+    .await?;
+
+    let agent_sha = sha256_file(&opts.agent_bin)?;
+    let mut h = Sha256::new();
+    h.update(MANIFEST_VERSION.to_le_bytes());
+    h.update(recipe.canonical());
+    h.update(kernel.as_os_str().as_encoded_bytes());
+    h.update(base.as_os_str().as_encoded_bytes());
+    h.update(agent_sha.as_bytes());
+    h.update(qemu_version(&opts.vmm).await.as_bytes());
+    h.update(opts.vmm.accel.accel.as_str().as_bytes());
+    h.update(alcove_vmm::qemu::QemuVmm::args(&opts.vmm, &spec_for(recipe, Path::new("/"), &kernel), false).join(" "));
+    let key = hex::encode(&h.finalize()[..8]);
+    let dir = templates_dir(cache).join(&key);
+
+    if !opts.force
+        && let Ok(t) = load_template_dir(&dir)
+    {
+        step(3, "template disk", true);
+        step(4, "boot to ready", true);
+        step(5, "snapshot", true);
+        step(6, "done", true);
+        set_name(cache, &recipe.name, &key)?;
+        return Ok(t);
+    }
+    if dir.exists() {
+        make_writable(&dir);
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+
+    step(3, "template disk", false);
+    let disk = dir.join("disk.ext4");
+    make_disk(recipe, &base, &opts.agent_bin, &dir, &disk).await?;
+
+    step(4, "boot to ready", false);
+    let run_dir = dir.join("boot");
+    std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+    let mut spec = spec_for(recipe, &run_dir, &kernel);
+    spec.ram_file = dir.join("mem");
+    spec.ram_shared = true;
+    spec.disk = Disk { path: disk.clone(), format: DiskFormat::Raw, read_only: false };
+    let boot_started = Instant::now();
+    let vm = opts.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
+    let ready = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, vm.console().wait_for(READY_LINE)) => r.is_ok(),
+        _ = vm.wait_exit() => false,
+    };
+    if !ready {
+        let tail = vm.console().tail(30);
+        vm.kill().await;
+        return Err(ImageError::NotReady(READY_TIMEOUT, tail));
+    }
+    let boot_to_ready = boot_started.elapsed();
+    (opts.progress)(ProgressEvent::Line { text: format!("[template] agent ready {:.1} s after boot", boot_to_ready.as_secs_f64()) });
+
+    step(5, "snapshot", false);
+    let state = dir.join("state");
+    let snap = vm.snapshot(&state).await;
+    vm.kill().await;
+    snap.map_err(ImageError::Boot)?;
+    let _ = std::fs::remove_dir_all(&run_dir);
+
+    let overlay = dir.join("overlay.qcow2");
+    run_cmd(
+        "overlay creation",
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&disk)
+            .arg(&overlay),
+    )
+    .await?;
+    let mem = dir.join("mem");
+    let t = Template {
+        manifest_version: MANIFEST_VERSION,
+        name: recipe.name.clone(),
+        key: key.clone(),
+        dir: dir.clone(),
+        recipe: recipe.clone(),
+        kernel,
+        disk: disk.clone(),
+        state_sha256: sha256_file(&state)?,
+        mem_sha256: sha256_file(&mem)?,
+        mem,
+        state,
+        overlay,
+        accel: opts.vmm.accel.accel.as_str().to_string(),
+        built_at_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        build_secs: started.elapsed().as_secs_f64(),
+        boot_to_ready_secs: boot_to_ready.as_secs_f64(),
+    };
+    // Read-only from here on: restored VMs map `mem` copy-on-write and read `disk` under their
+    // overlays, so a write to either would change every sandbox made from this template.
+    for p in [&t.disk, &t.mem, &t.state, &t.overlay] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).map_err(io(p))?;
+    }
+    let manifest = dir.join("manifest.json");
+    let tmp = dir.join("manifest.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&t).expect("serialises")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &manifest).map_err(io(&manifest))?;
+    set_name(cache, &recipe.name, &key)?;
+    step(6, "done", false);
+    Ok(t)
+}
+
+fn load_template_dir(dir: &Path) -> Result<Template, ImageError> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(io(dir))?;
+    serde_json::from_str(&text).map_err(|e| ImageError::Corrupt { name: dir.display().to_string(), detail: e.to_string() })
+}
+
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));
+        }
+    }
+}
+
+fn set_name(cache: &Path, name: &str, key: &str) -> Result<(), ImageError> {
+    let dir = templates_dir(cache).join("by-name");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, key).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(io(&dir))
+}
+
+/// The machine description of a template's VMs (the run dir, RAM file and disk are per VM).
+pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
+    VmSpec {
+        run_dir: run_dir.to_path_buf(),
+        kernel: kernel.to_path_buf(),
+        cmdline: format!("init={AGENT_GUEST_PATH}"),
+        vcpus: recipe.vcpus,
+        mem_mib: recipe.memory_mib,
+        ram_file: PathBuf::new(),
+        ram_shared: false,
+        disk: Disk { path: PathBuf::new(), format: DiskFormat::Qcow2, read_only: false },
+        limits: None,
+    }
+}
+
+/// Unpacks the base rootfs, applies the recipe, installs the agent and makes the ext4 image.
+async fn make_disk(recipe: &Recipe, base: &Path, agent: &Path, dir: &Path, disk: &Path) -> Result<(), ImageError> {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    run_cmd("unpacking the base rootfs", tokio::process::Command::new("tar").arg("-xf").arg(base).arg("-C").arg(&root))
+        .await?;
+
+    let mut script = String::new();
+    if !recipe.apt.is_empty() {
+        script.push_str(&format!(
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {} && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb\n",
+            shell_words(&recipe.apt)
+        ));
+    }
+    if !recipe.pip.is_empty() {
+        script.push_str(&format!("pip install --no-cache-dir -q {}\n", shell_words(&recipe.pip)));
+    }
+    if !recipe.npm.is_empty() {
+        script.push_str(&format!("npm install -g --no-fund --no-audit {}\n", shell_words(&recipe.npm)));
+    }
+    for cmd in &recipe.run {
+        script.push_str(cmd);
+        script.push('\n');
+    }
+    if !script.is_empty() {
+        // A private mount namespace: /proc and /dev mounted for the chroot disappear with it,
+        // whatever happens to the script.
+        let r = root.display().to_string();
+        let outer = format!(
+            "set -e; mount -t proc proc '{r}/proc'; mount --rbind /dev '{r}/dev'; cp /etc/resolv.conf '{r}/etc/resolv.conf'; \
+             chroot '{r}' /bin/sh -ec \"$ALCOVE_SCRIPT\"; rm -f '{r}/etc/resolv.conf'"
+        );
+        run_cmd(
+            "template recipe steps",
+            tokio::process::Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &outer])
+                .env("ALCOVE_SCRIPT", &script),
+        )
+        .await?;
+    }
+
+    for (path, contents) in &recipe.files {
+        let p = root.join(path.trim_start_matches('/'));
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(&p, contents).map_err(io(&p))?;
+    }
+    let etc = root.join("etc/alcove");
+    std::fs::create_dir_all(&etc).map_err(io(&etc))?;
+    let cfg = serde_json::json!({
+        "start_cmd": recipe.start_cmd,
+        "ready_cmd": recipe.ready_cmd,
+        "envs": recipe.env,
+        "user": "user",
+        "workdir": "/home/user",
+    });
+    let cfg_path = etc.join("template.json");
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).expect("serialises")).map_err(io(&cfg_path))?;
+    let agent_dst = root.join(AGENT_GUEST_PATH.trim_start_matches('/'));
+    std::fs::copy(agent, &agent_dst).map_err(io(&agent_dst))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&agent_dst, std::fs::Permissions::from_mode(0o755)).map_err(io(&agent_dst))?;
+    }
+
+    run_cmd(
+        "making the ext4 image",
+        tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "alcove-root", "-E", "root_owner=0:0", "-d"])
+            .arg(&root)
+            .arg(disk)
+            .arg(format!("{}M", recipe.disk_mib)),
+    )
+    .await?;
+    std::fs::remove_dir_all(&root).map_err(io(&root))?;
+    Ok(())
+}
+
+fn shell_words(words: &[String]) -> String {
+    words.iter().map(|w| format!("'{}'", w.replace('\'', "'\\''"))).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_quotes() {
+        assert_eq!(shell_words(&["a b".into(), "it's".into()]), "'a b' 'it'\\''s'");
+    }
+
+    #[test]
+    fn embedded_recipes_are_present() {
+        assert!(KERNEL_CONFIG.contains("CONFIG_PVH=y"));
+        assert!(ROOTFS_PACKAGES.contains("python3"));
+    }
+}

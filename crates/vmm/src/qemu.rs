@@ -1,0 +1,433 @@
+//! The QEMU implementation of [`Vmm`]: `-M microvm,acpi=off` with virtio-mmio devices, guest RAM in
+//! a file (shared for template boots, copy-on-write for restores), QMP on a unix socket.
+//!
+//! QEMU runs in its own session so that a VM outlives the process that started it (the CLI, or a
+//! server being restarted); [`QemuVmm::attach`] picks a running VM up again from its run dir.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::accel::{Accel, AccelChoice};
+use crate::cgroup::VmCgroup;
+use crate::console::Console;
+use crate::qmp::Qmp;
+use crate::{ExitReason, RestoreTimings, Vm, VmSpec, Vmm, VmmError};
+
+/// Bound on single QMP commands; migration itself is polled under [`MIGRATION_TIMEOUT`].
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The name of the agent's virtio-serial port inside the guest.
+pub const AGENT_PORT_NAME: &str = "alcove.agent";
+
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    pub binary: PathBuf,
+    pub accel: AccelChoice,
+    pub tsc_khz: u64,
+}
+
+impl QemuVmm {
+    pub fn new(accel: AccelChoice) -> QemuVmm {
+        QemuVmm { binary: PathBuf::from("qemu-system-x86_64"), accel, tsc_khz: crate::accel::host_tsc_khz() }
+    }
+
+    /// The full QEMU argument list for `spec`.
+    pub fn args(&self, spec: &VmSpec, incoming: bool) -> Vec<String> {
+        let run = &spec.run_dir;
+        let mut cmdline = String::from("console=ttyS0 quiet root=/dev/vda rw rootfstype=ext4 reboot=t panic=-1");
+        if self.accel.accel == Accel::Tcg {
+            cmdline.push_str(&format!(" tsc_early_khz={} tsc=reliable no_timer_check", self.tsc_khz));
+        }
+        if !spec.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&spec.cmdline);
+        }
+        let (accel, cpu) = match self.accel.accel {
+            Accel::Kvm => ("kvm".to_string(), "host"),
+            // tb-size bounds the translated-code cache (QEMU's default is up to 1 GiB).
+            Accel::Tcg => (format!("tcg,thread={},tb-size=128", if spec.vcpus > 1 { "multi" } else { "single" }), "max"),
+        };
+        let disk = &spec.disk;
+        let mut args: Vec<String> = [
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
+            "-accel",
+            &accel,
+            "-cpu",
+            cpu,
+            "-smp",
+            &spec.vcpus.to_string(),
+            "-m",
+            &format!("{}M", spec.mem_mib),
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                spec.mem_mib,
+                spec.ram_file.display(),
+                if spec.ram_shared { "on" } else { "off" }
+            ),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            // QEMU confines itself with seccomp: no exec, no privilege changes, no new namespaces.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-kernel",
+            &spec.kernel.display().to_string(),
+            "-append",
+            &cmdline,
+            "-chardev",
+            &format!("socket,id=con,path={},server=on,wait=off", run.join("console.sock").display()),
+            "-serial",
+            "chardev:con",
+            "-device",
+            "virtio-serial-device,max_ports=2",
+            "-chardev",
+            &format!("socket,id=agent,path={},server=on,wait=off", run.join("agent.sock").display()),
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+            "-blockdev",
+            &format!(
+                "node-name=disk0,driver={},file.driver=file,file.filename={},read-only={},discard=unmap",
+                disk.format.as_str(),
+                disk.path.display(),
+                if disk.read_only { "on" } else { "off" }
+            ),
+            "-device",
+            "virtio-blk-device,drive=disk0",
+            "-device",
+            "virtio-rng-device",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
+            "-pidfile",
+            &run.join("qemu.pid").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
+        args
+    }
+
+    async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<(QemuVm, Duration), VmmError> {
+        let t0 = Instant::now();
+        let stderr_path = spec.run_dir.join("qemu.log");
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| VmmError::Io(stderr_path.display().to_string(), e))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.args(spec, incoming))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(VmmError::SpawnQemu)?;
+        let pid = child.id().expect("a just-spawned child has a pid");
+        let cgroup = spec.limits.and_then(|limits| {
+            VmCgroup::apply(&cgroup_name(&spec.run_dir), pid, limits)
+                .inspect_err(|e| tracing::warn!(error = %e, "could not apply host cgroup limits; the VM runs uncapped"))
+                .ok()
+        });
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    if status.code() == Some(0) {
+                        ExitReason::GuestShutdown
+                    } else if status.signal() == Some(9) && cgroup.as_ref().is_some_and(|c| c.oom_killed()) {
+                        ExitReason::OutOfMemory
+                    } else {
+                        ExitReason::Exited { code: status.code(), signal: status.signal() }
+                    }
+                }
+                Err(_) => ExitReason::Exited { code: None, signal: None },
+            };
+            if let Some(c) = &cgroup {
+                c.remove();
+            }
+            tx.send_replace(Some(reason));
+        });
+        let vm = QemuVm {
+            inner: Arc::new(Inner {
+                pid,
+                run_dir: spec.run_dir.clone(),
+                console: Console::default(),
+                qmp: tokio::sync::OnceCell::new(),
+                exit: rx,
+            }),
+        };
+        // The console first: the guest's first lines are what explains an early death.
+        let console_sock = spec.run_dir.join("console.sock");
+        let qmp_sock = spec.run_dir.join("qmp.sock");
+        let connect = async {
+            vm.inner.console.attach(&console_sock, QMP_CONNECT_TIMEOUT).await.map_err(|_| VmmError::QmpConnectTimeout)?;
+            let qmp = connect_qmp(&qmp_sock).await?;
+            Ok::<_, VmmError>(qmp)
+        };
+        let qmp = tokio::select! {
+            r = connect => r,
+            reason = vm.wait_exit() => Err(vm.died("start-up", reason)),
+        };
+        let qmp = match qmp {
+            Ok(q) => q,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        let _ = vm.inner.qmp.set(qmp);
+        Ok((vm, t0.elapsed()))
+    }
+
+    /// Re-attaches to a VM started earlier (by another process) from its run dir. Exit is noticed
+    /// by polling the pid; the exit status of a process we did not start cannot be known.
+    pub async fn attach(&self, run_dir: &Path) -> Result<QemuVm, VmmError> {
+        let pid_path = run_dir.join("qemu.pid");
+        let pid: u32 = std::fs::read_to_string(&pid_path)
+            .map_err(|e| VmmError::Io(pid_path.display().to_string(), e))?
+            .trim()
+            .parse()
+            .map_err(|_| VmmError::Io(pid_path.display().to_string(), std::io::Error::other("bad pid file")))?;
+        let (tx, rx) = watch::channel(None);
+        let dir = run_dir.to_path_buf();
+        let cgroup = VmCgroup::existing(&cgroup_name(run_dir));
+        if !is_our_qemu(pid, &dir) {
+            cgroup.remove();
+            tx.send_replace(Some(ExitReason::Exited { code: None, signal: None }));
+        } else {
+            tokio::spawn(async move {
+                while is_our_qemu(pid, &dir) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                let reason = if cgroup.oom_killed() {
+                    ExitReason::OutOfMemory
+                } else {
+                    ExitReason::Exited { code: None, signal: None }
+                };
+                cgroup.remove();
+                tx.send_replace(Some(reason));
+            });
+        }
+        let vm = QemuVm {
+            inner: Arc::new(Inner {
+                pid,
+                run_dir: run_dir.to_path_buf(),
+                console: Console::default(),
+                qmp: tokio::sync::OnceCell::new(),
+                exit: rx,
+            }),
+        };
+        if vm.exit_reason().is_none() {
+            let _ = vm.inner.console.attach(&run_dir.join("console.sock"), Duration::from_secs(1)).await;
+        }
+        Ok(vm)
+    }
+}
+
+/// The cgroup of a VM is named after its run dir (the sandbox id).
+fn cgroup_name(run_dir: &Path) -> String {
+    run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into())
+}
+
+/// True while `pid` is a QEMU whose command line mentions `run_dir` (guards against pid reuse).
+fn is_our_qemu(pid: u32, run_dir: &Path) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let needle = run_dir.as_os_str().as_encoded_bytes();
+            cmdline.windows(needle.len()).any(|w| w == needle)
+        }
+        Err(_) => false,
+    }
+}
+
+async fn connect_qmp(path: &Path) -> Result<Qmp, VmmError> {
+    let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+    loop {
+        match Qmp::connect(path, QMP_TIMEOUT).await {
+            Ok(q) => return Ok(q),
+            Err(crate::qmp::QmpError::Connect(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(crate::qmp::QmpError::Connect(_)) => return Err(VmmError::QmpConnectTimeout),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Vmm for QemuVmm {
+    type Vm = QemuVm;
+
+    async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
+        Ok(self.spawn(spec, false).await?.0)
+    }
+
+    async fn restore(&self, spec: &VmSpec, state_file: &Path) -> Result<(QemuVm, RestoreTimings), VmmError> {
+        let t0 = Instant::now();
+        let (vm, spawn_to_qmp) = self.spawn(spec, true).await?;
+        let result = async {
+            let qmp = vm.qmp()?;
+            set_ignore_shared(qmp).await?;
+            let uri = format!("file:{}", state_file.display());
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT).await?;
+            vm.wait_migration("restore").await?;
+            let state_loaded = t0.elapsed();
+            qmp.execute("cont", None, QMP_TIMEOUT).await?;
+            Ok(RestoreTimings { spawn_to_qmp, state_loaded, resumed: t0.elapsed() })
+        }
+        .await;
+        match result {
+            Ok(t) => Ok((vm, t)),
+            Err(e) => {
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn set_ignore_shared(qmp: &Qmp) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })),
+        QMP_TIMEOUT,
+    )
+    .await?;
+    Ok(())
+}
+
+struct Inner {
+    pid: u32,
+    run_dir: PathBuf,
+    console: Console,
+    qmp: tokio::sync::OnceCell<Qmp>,
+    exit: watch::Receiver<Option<ExitReason>>,
+}
+
+/// A QEMU process and its control connections. Cloning shares the same VM.
+#[derive(Clone)]
+pub struct QemuVm {
+    inner: Arc<Inner>,
+}
+
+impl QemuVm {
+    async fn qmp_or_connect(&self) -> Result<&Qmp, VmmError> {
+        let path = self.inner.run_dir.join("qmp.sock");
+        self.inner.qmp.get_or_try_init(|| async move { connect_qmp(&path).await }).await
+    }
+
+    fn qmp(&self) -> Result<&Qmp, VmmError> {
+        self.inner.qmp.get().ok_or(VmmError::QmpConnectTimeout)
+    }
+
+    fn died(&self, stage: &'static str, reason: ExitReason) -> VmmError {
+        let mut console = self.inner.console.tail(8);
+        if let Ok(log) = std::fs::read_to_string(self.inner.run_dir.join("qemu.log")) {
+            let log = log.trim();
+            if !log.is_empty() {
+                console.push_str("\nqemu: ");
+                console.push_str(&log.chars().take(2000).collect::<String>());
+            }
+        }
+        VmmError::DiedDuring { stage, reason, console }
+    }
+
+    async fn wait_migration(&self, what: &'static str) -> Result<(), VmmError> {
+        let qmp = self.qmp_or_connect().await?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let info = qmp.execute("query-migrate", None, QMP_TIMEOUT).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let detail = info["error-desc"].as_str().unwrap_or("no detail from QEMU").to_string();
+                    return Err(VmmError::Migration { what, detail });
+                }
+                _ => {}
+            }
+            if let Some(reason) = self.exit_reason() {
+                return Err(self.died(what, reason));
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout(MIGRATION_TIMEOUT, what));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.inner.run_dir
+    }
+
+    /// Stops the vCPUs (the VM keeps its memory).
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp_or_connect().await?.execute("stop", None, QMP_TIMEOUT).await?;
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp_or_connect().await?.execute("cont", None, QMP_TIMEOUT).await?;
+        Ok(())
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.inner.run_dir.join("agent.sock")
+    }
+
+    fn console(&self) -> &Console {
+        &self.inner.console
+    }
+
+    async fn snapshot(&self, state_file: &Path) -> Result<(), VmmError> {
+        let qmp = self.qmp_or_connect().await?;
+        set_ignore_shared(qmp).await?;
+        qmp.execute("stop", None, QMP_TIMEOUT).await?;
+        let uri = format!("file:{}", state_file.display());
+        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT).await?;
+        self.wait_migration("snapshot").await
+    }
+
+    async fn kill(&self) {
+        if self.exit_reason().is_some() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.inner.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if tokio::time::timeout(Duration::from_secs(10), self.wait_exit()).await.is_err() {
+            tracing::warn!(pid = self.inner.pid, "qemu did not exit 10 s after SIGKILL");
+        }
+    }
+
+    async fn wait_exit(&self) -> ExitReason {
+        let mut rx = self.inner.exit.clone();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return ExitReason::Exited { code: None, signal: None };
+            }
+        }
+    }
+
+    fn exit_reason(&self) -> Option<ExitReason> {
+        self.inner.exit.borrow().clone()
+    }
+}
