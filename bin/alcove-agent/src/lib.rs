@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod channel;
+pub mod fs;
 pub mod init;
 pub mod paths;
 pub mod process;
@@ -61,6 +62,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
     let guest = matches!(config.mode, Mode::Guest { .. });
+    if guest {
+        process::protect_from_oom();
+    }
     let state = state::AgentState::new(state::StateConfig {
         touch_system: guest,
         output_buffer: config.output_buffer,

@@ -50,6 +50,7 @@ pub struct AgentState {
     /// Nanoseconds since the epoch of the newest /init timestamp applied; older ones are ignored.
     pub last_init_timestamp: RwLock<Option<i128>>,
     pub processes: Arc<ProcessManager>,
+    pub watchers: crate::fs::watch::Watchers,
     pub counters: Counters,
 }
 
@@ -62,6 +63,7 @@ impl AgentState {
             token: RwLock::new(None),
             last_init_timestamp: RwLock::new(None),
             processes,
+            watchers: crate::fs::watch::Watchers::default(),
             counters: Counters::default(),
         })
     }

@@ -177,3 +177,65 @@ async fn init_sets_env_defaults_and_token() {
     assert!(c.init(&bad, Some("secret-token")).await.is_err());
     c.health().await.unwrap();
 }
+
+#[tokio::test]
+async fn template_start_cmd_runs_before_ready_and_is_reattachable() {
+    use alcove_agent_client::alcove_envd_proto::process as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let cfg = dir.path().join("template.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "start_cmd": format!("sleep 0.5; echo up > {}; echo serving; sleep 600", marker.display()),
+            "ready_cmd": format!("test -f {}", marker.display()),
+            "user": "root",
+            "workdir": "/tmp",
+            "envs": {"TEMPLATE_ENV": "1"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let agent = Agent::start_with(&["--template-config", cfg.to_str().unwrap()], &[]);
+    // The ready line came only after ready_cmd succeeded.
+    assert!(marker.exists());
+    let c = agent.client().await;
+    let list: pb::ListResponse = c
+        .unary(
+            "List",
+            "/process.Process/List",
+            &pb::ListRequest {},
+            &root(),
+        )
+        .await
+        .unwrap();
+    let p = list
+        .processes
+        .iter()
+        .find(|p| p.tag.as_deref() == Some("alcove-start-cmd"))
+        .expect("start_cmd is in the process list");
+    let pid = p.pid;
+    let mut s = connect_to(&c, by_tag("alcove-start-cmd")).await;
+    let mut out = Vec::new();
+    while !text(&out).contains("serving") {
+        match event_of(s.next().await.unwrap().unwrap().event) {
+            Some(pb::process_event::Event::Data(d)) => {
+                if let Some(pb::process_event::data_event::Output::Stdout(b)) = d.output {
+                    out.extend_from_slice(&b);
+                }
+            }
+            Some(pb::process_event::Event::Start(st)) => assert_eq!(st.pid, pid),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    signal(&c, pid, pb::Signal::Sigkill).await;
+}
+
+#[tokio::test]
+async fn a_template_that_never_gets_ready_still_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("template.json");
+    std::fs::write(&cfg, r#"{"ready_cmd": "false", "ready_timeout_secs": 1}"#).unwrap();
+    let agent = Agent::start_with(&["--template-config", cfg.to_str().unwrap()], &[]);
+    agent.client().await.health().await.unwrap();
+}

@@ -159,6 +159,79 @@ pub struct RunOutput {
     pub truncated: bool,
 }
 
+/// Who a Connect call runs as and the token it carries.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// `root`, `user`, ...; None: the agent's default user.
+    pub user: Option<String>,
+    pub access_token: Option<String>,
+}
+
+/// The messages of a server-streaming Connect call. Each wait is bounded by the stream-idle
+/// timeout (the agent sends keepalives, so silence means trouble).
+pub struct RpcStream<Resp> {
+    op: &'static str,
+    body: Incoming,
+    decoder: EnvelopeDecoder,
+    idle: Duration,
+    done: bool,
+    _marker: std::marker::PhantomData<fn() -> Resp>,
+}
+
+impl<Resp> RpcStream<Resp>
+where
+    Resp: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    /// The next message; None once the stream ended cleanly.
+    pub async fn next(&mut self) -> Option<Result<Resp, ClientError>> {
+        if self.done {
+            return None;
+        }
+        let r = self.next_inner().await;
+        if !matches!(r, Some(Ok(_))) {
+            self.done = true;
+        }
+        r
+    }
+
+    async fn next_inner(&mut self) -> Option<Result<Resp, ClientError>> {
+        let op = self.op;
+        let envelope = loop {
+            match self.decoder.next_envelope() {
+                Ok(Some(e)) => break e,
+                Ok(None) => {}
+                Err(e) => return Some(Err(ClientError::Decode(op, Box::new(e)))),
+            }
+            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
+                Ok(f) => f,
+                Err(_) => return Some(Err(ClientError::Timeout("stream went silent"))),
+            };
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+                Some(Err(e)) => return Some(Err(ClientError::Body(op, e))),
+                None => return Some(Err(ClientError::StreamEnded(op))),
+            }
+        };
+        if envelope.is_end_stream() {
+            return match envelope.end_stream() {
+                Ok(end) => end
+                    .error
+                    .map(|ErrorBody { code, message }| Err(ClientError::Rpc { op, code, message })),
+                Err(e) => Some(Err(ClientError::Decode(op, Box::new(e)))),
+            };
+        }
+        Some(
+            Codec::Proto
+                .decode(&envelope.payload)
+                .map_err(|e| ClientError::Decode(op, Box::new(e))),
+        )
+    }
+}
+
 /// A connection to one agent. Cheap to clone; all clones share the HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
@@ -319,21 +392,13 @@ impl AgentClient {
             tag: None,
             stdin: Some(req.stdin.is_some()),
         };
-        let headers = rpc_headers(
-            &req.user,
-            &req.access_token,
-            Framing::Streaming,
-            Some(self.timeouts.keepalive),
-        );
-        let body = connect::encode_message(Codec::Proto, &start);
-        let http_req = build(Method::POST, "/process.Process/Start", &headers, full(body))?;
-        let resp = self.request(OP, http_req).await?;
-        if resp.status() != StatusCode::OK {
-            let (status, body) = self.read_small(OP, resp).await?;
-            return Err(status_error(OP, status, &body));
-        }
-        let mut body = resp.into_body();
-        let mut decoder = EnvelopeDecoder::new(MAX_MESSAGE);
+        let opts = CallOptions {
+            user: req.user.clone(),
+            access_token: req.access_token.clone(),
+        };
+        let mut stream: RpcStream<pb::StartResponse> = self
+            .server_stream(OP, "/process.Process/Start", &start, &opts)
+            .await?;
         let limit = if req.output_limit == 0 {
             64 << 20
         } else {
@@ -342,42 +407,10 @@ impl AgentClient {
         let mut out = RunOutput::default();
         let mut stdin_task: Option<tokio::task::JoinHandle<Result<(), ClientError>>> = None;
         loop {
-            let envelope = loop {
-                if let Some(e) = decoder
-                    .next_envelope()
-                    .map_err(|e| ClientError::Decode(OP, Box::new(e)))?
-                {
-                    break e;
-                }
-                let frame = tokio::time::timeout(self.timeouts.stream_idle, body.frame())
-                    .await
-                    .map_err(|_| ClientError::Timeout("process stream went silent"))?;
-                match frame {
-                    Some(Ok(f)) => {
-                        if let Ok(data) = f.into_data() {
-                            decoder.push(&data);
-                        }
-                    }
-                    Some(Err(e)) => return Err(ClientError::Body(OP, e)),
-                    None => return Err(ClientError::StreamEnded(OP)),
-                }
+            let msg = match stream.next().await {
+                Some(m) => m?,
+                None => return Err(ClientError::StreamEnded(OP)),
             };
-            if envelope.is_end_stream() {
-                let end = envelope
-                    .end_stream()
-                    .map_err(|e| ClientError::Decode(OP, Box::new(e)))?;
-                return match end.error {
-                    Some(ErrorBody { code, message }) => Err(ClientError::Rpc {
-                        op: OP,
-                        code,
-                        message,
-                    }),
-                    None => Err(ClientError::StreamEnded(OP)),
-                };
-            }
-            let msg: pb::StartResponse = Codec::Proto
-                .decode(&envelope.payload)
-                .map_err(|e| ClientError::Decode(OP, Box::new(e)))?;
             let Some(event) = msg.event.and_then(|e| e.event) else {
                 continue;
             };
@@ -386,9 +419,9 @@ impl AgentClient {
                     out.pid = s.pid;
                     if let Some(data) = req.stdin.clone() {
                         let client = self.clone();
-                        let (user, token) = (req.user.clone(), req.access_token.clone());
+                        let opts = opts.clone();
                         stdin_task = Some(tokio::spawn(async move {
-                            client.feed_stdin(s.pid, data, &user, &token).await
+                            client.feed_stdin(s.pid, data, &opts).await
                         }));
                     }
                 }
@@ -432,8 +465,7 @@ impl AgentClient {
         &self,
         pid: u32,
         data: Bytes,
-        user: &Option<String>,
-        token: &Option<String>,
+        opts: &CallOptions,
     ) -> Result<(), ClientError> {
         let selector = Some(pb::ProcessSelector {
             selector: Some(process_selector::Selector::Pid(pid)),
@@ -450,8 +482,7 @@ impl AgentClient {
                     "process.SendInput",
                     "/process.Process/SendInput",
                     &req,
-                    user,
-                    token,
+                    opts,
                 )
                 .await?;
         }
@@ -461,11 +492,45 @@ impl AgentClient {
                 "process.CloseStdin",
                 "/process.Process/CloseStdin",
                 &req,
-                user,
-                token,
+                opts,
             )
             .await?;
         Ok(())
+    }
+
+    /// A server-streaming Connect call with the binary codec; the agent is asked for keepalives.
+    pub async fn server_stream<Req, Resp>(
+        &self,
+        op: &'static str,
+        path: &str,
+        msg: &Req,
+        opts: &CallOptions,
+    ) -> Result<RpcStream<Resp>, ClientError>
+    where
+        Req: prost::Message + Serialize,
+        Resp: prost::Message + Default + serde::de::DeserializeOwned,
+    {
+        let headers = rpc_headers(
+            &opts.user,
+            &opts.access_token,
+            Framing::Streaming,
+            Some(self.timeouts.keepalive),
+        );
+        let body = connect::encode_message(Codec::Proto, msg);
+        let req = build(Method::POST, path, &headers, full(body))?;
+        let resp = self.request(op, req).await?;
+        if resp.status() != StatusCode::OK {
+            let (status, body) = self.read_small(op, resp).await?;
+            return Err(status_error(op, status, &body));
+        }
+        Ok(RpcStream {
+            op,
+            body: resp.into_body(),
+            decoder: EnvelopeDecoder::new(MAX_MESSAGE),
+            idle: self.timeouts.stream_idle,
+            done: false,
+            _marker: std::marker::PhantomData,
+        })
     }
 
     /// A unary Connect call with the binary codec.
@@ -474,14 +539,13 @@ impl AgentClient {
         op: &'static str,
         path: &str,
         msg: &Req,
-        user: &Option<String>,
-        token: &Option<String>,
+        opts: &CallOptions,
     ) -> Result<Resp, ClientError>
     where
         Req: prost::Message + Serialize,
         Resp: prost::Message + Default + serde::de::DeserializeOwned,
     {
-        let headers = rpc_headers(user, token, Framing::Unary, None);
+        let headers = rpc_headers(&opts.user, &opts.access_token, Framing::Unary, None);
         let req = build(Method::POST, path, &headers, full(Codec::Proto.encode(msg)))?;
         let resp = self.request(op, req).await?;
         let (status, body) = self.read_small(op, resp).await?;

@@ -1,7 +1,9 @@
 //! The agent's HTTP surface: envd's plain endpoints (`/health`, `/init`, `/envs`, `/metrics`,
 //! `/files`) beside the Connect services, one access-token check in front of all of them.
 
+pub mod files;
 pub mod init;
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -21,6 +23,13 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/health", get(health))
         .route("/init", post(init::post_init))
         .route("/envs", get(envs))
+        .route("/metrics", get(metrics::get_metrics))
+        .route(
+            "/files",
+            get(files::download)
+                .post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route(
             "/process.Process/{method}",
             post(crate::rpc::process::handle),

@@ -306,6 +306,7 @@ impl ProcessManager {
             }
             None => None,
         };
+        let oom_kills_at_start = oom_kill_count();
         let output = OutputLog::new(self.output_buffer);
         let sub = output.subscribe_from_start();
         let handle = Arc::new(ProcessHandle {
@@ -345,7 +346,8 @@ impl ProcessManager {
             for p in pumps {
                 let _ = p.await;
             }
-            let end = end_event(status, h.api_signal.load(Ordering::Relaxed));
+            let oom_killed = oom_kill_count() > oom_kills_at_start;
+            let end = end_event(status, h.api_signal.load(Ordering::Relaxed), oom_killed);
             tracing::info!(pid = h.pid, status = %end.status, "process ended");
             h.stdin.lock().await.take();
             h.output.finish(end);
@@ -385,6 +387,46 @@ fn build_env(spec: &StartSpec) -> BTreeMap<String, String> {
     env
 }
 
+/// Set once the agent made itself unkillable by the OOM killer; children must not inherit that.
+static OOM_PROTECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the agent the OOM killer's last choice (guest only: it is the sandbox's lifeline).
+/// Processes it starts go back to a normal score (envd's 100) before exec.
+pub fn protect_from_oom() {
+    match std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        Ok(()) => OOM_PROTECTED.store(true, Ordering::Relaxed),
+        Err(e) => tracing::warn!(error = %e, "lower the agent's oom_score_adj"),
+    }
+}
+
+/// In the forked child: only open/write/close, which are async-signal-safe.
+fn reset_oom_score() {
+    // SAFETY: a static NUL-terminated path and a static buffer; the fd is closed before return.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            let _ = libc::write(fd, b"100".as_ptr().cast(), 3);
+            libc::close(fd);
+        }
+    }
+}
+
+/// The kernel's count of OOM kills so far (0 where /proc/vmstat lacks it).
+fn oom_kill_count() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// Child-side setup between fork and exec: own session (and controlling TTY for a PTY), then
 /// drop to the user's credentials the way login does (groups, gid, uid).
 fn install_pre_exec(cmd: &mut std::process::Command, user: &UserInfo, pty: bool) {
@@ -394,9 +436,13 @@ fn install_pre_exec(cmd: &mut std::process::Command, user: &UserInfo, pty: bool)
     let gid = user.gid.as_raw();
     let groups: Vec<libc::gid_t> = user.groups.iter().map(|g| g.as_raw()).collect();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (setsid, ioctl, setgroups, setgid, setuid) on data prepared before the fork.
+    // system calls (open/write/close, setsid, ioctl, setgroups, setgid, setuid) on data prepared
+    // before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            if OOM_PROTECTED.load(Ordering::Relaxed) {
+                reset_oom_score();
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -470,7 +516,11 @@ where
 
 /// The end event, worded like envd (Go's os.ProcessState) so SDK users see familiar text, with
 /// the cause added when the agent knows it.
-fn end_event(status: std::io::Result<std::process::ExitStatus>, api_signal: i32) -> EndEvent {
+fn end_event(
+    status: std::io::Result<std::process::ExitStatus>,
+    api_signal: i32,
+    oom_killed: bool,
+) -> EndEvent {
     let status = match status {
         Ok(s) => s,
         Err(e) => {
@@ -499,6 +549,8 @@ fn end_event(status: std::io::Result<std::process::ExitStatus>, api_signal: i32)
     let mut error = text.clone();
     if sig == api_signal {
         error.push_str(" (sent through process.Process/SendSignal)");
+    } else if sig == libc::SIGKILL && oom_killed {
+        error.push_str(" (likely by the kernel's OOM killer: the sandbox ran out of memory)");
     }
     EndEvent {
         exit_code: -1,

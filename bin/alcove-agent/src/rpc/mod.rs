@@ -297,3 +297,32 @@ pub fn error_response(codec: Codec, framing: Framing, e: RpcError) -> Response {
         ),
     }
 }
+
+/// The user a call runs as, from `Authorization: Basic`.
+pub fn call_user(
+    state: &crate::state::AgentState,
+    call: &Call,
+) -> Result<crate::users::UserInfo, RpcError> {
+    let name = crate::users::user_from_authorization(call.header("authorization"))
+        .map_err(|e| RpcError::from_error(Code::Unauthenticated, &e))?;
+    state.resolve_user(name.as_deref()).map_err(|e| match e {
+        crate::users::UserError::Unknown(_) => RpcError::from_error(Code::PermissionDenied, &e),
+        other => RpcError::from_error(Code::Internal, &other),
+    })
+}
+
+/// The Connect code for a failed filesystem operation.
+pub fn io_code(e: &std::io::Error) -> Code {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => Code::NotFound,
+        K::PermissionDenied => Code::PermissionDenied,
+        K::AlreadyExists => Code::AlreadyExists,
+        K::NotADirectory | K::IsADirectory | K::InvalidInput | K::DirectoryNotEmpty => {
+            Code::InvalidArgument
+        }
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => Code::ResourceExhausted,
+        _ if e.raw_os_error() == Some(libc::ELOOP) => Code::FailedPrecondition,
+        _ => Code::Internal,
+    }
+}

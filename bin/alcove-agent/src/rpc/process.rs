@@ -12,10 +12,9 @@ use alcove_envd_proto::process::{
     self as pb, ProcessEvent, process_event, process_input, process_selector, stream_input_request,
 };
 
-use super::{Call, RpcError, error_response, stream_response, unary_response};
+use super::{Call, RpcError, call_user, error_response, stream_response, unary_response};
 use crate::process::{Chunk, Item, ProcessError, ProcessHandle, Selector, StartSpec, Subscription};
 use crate::state::{AgentState, Counters};
-use crate::users::UserInfo;
 
 pub async fn handle(
     State(state): State<Arc<AgentState>>,
@@ -175,16 +174,6 @@ fn find_running(
         .processes
         .find_running(selector(sel)?)
         .map_err(process_error)
-}
-
-/// The user a call runs as, from `Authorization: Basic`.
-pub fn call_user(state: &AgentState, call: &Call) -> Result<UserInfo, RpcError> {
-    let name = crate::users::user_from_authorization(call.header("authorization"))
-        .map_err(|e| RpcError::from_error(Code::Unauthenticated, &e))?;
-    state.resolve_user(name.as_deref()).map_err(|e| match e {
-        crate::users::UserError::Unknown(_) => RpcError::from_error(Code::PermissionDenied, &e),
-        other => RpcError::from_error(Code::Internal, &other),
-    })
 }
 
 async fn start(
