@@ -13,4 +13,6 @@ echo "[test] unit and integration tests" >&2
 cargo test --locked --release --workspace
 echo "[test] end-to-end tests on microVMs" >&2
 cargo test --locked --release -p alcove-node --test e2e -- --include-ignored --test-threads=2
+echo "[test] official E2B SDK suites (Python e2b, JS e2b) against alcove server" >&2
+ALCOVE_BIN="$PWD/target/release/alcove" tests/sdk/run.sh
 echo "[test] all passed" >&2

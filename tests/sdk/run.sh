@@ -35,6 +35,9 @@ server_pid=$!
 cleanup() {
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
+    # Sandboxes outlive a server by design (a restarted server re-attaches them); a test run's
+    # must not outlive the run.
+    pkill -9 -f "$data/state" 2>/dev/null || true
     rm -rf "$data"
 }
 trap cleanup EXIT

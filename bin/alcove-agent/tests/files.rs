@@ -22,15 +22,15 @@ where
     S: futures::Stream<Item = Bytes> + Send + Sync + 'static,
 {
     use futures::StreamExt;
-    BodyExt::boxed(http_body_util::StreamBody::new(s.map(|b| {
-        Ok::<_, alcove_agent_client::BoxError>(http_body::Frame::data(b))
-    })))
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+        s.map(|b| Ok::<_, alcove_agent_client::BoxError>(http_body::Frame::data(b))),
+    ))
 }
 
 fn full(b: impl Into<Bytes>) -> AgentBody {
     http_body_util::Full::new(b.into())
         .map_err(|e| match e {})
-        .boxed()
+        .boxed_unsync()
 }
 
 /// Deterministic pseudo-random content (xorshift), one MiB per index.

@@ -250,7 +250,7 @@ async fn stdin_round_trips_interactively() {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let body: AgentBody = http_body_util::StreamBody::new(tokio_stream_from(rx))
         .map_err(|e: std::convert::Infallible| match e {})
-        .boxed();
+        .boxed_unsync();
     let req = http::Request::post("/process.Process/StreamInput")
         .header("content-type", "application/connect+proto")
         .header("authorization", "Basic cm9vdDo=")
@@ -528,7 +528,7 @@ async fn json_codec_streaming_and_unary() {
         .body(
             http_body_util::Full::new(body)
                 .map_err(|e| match e {})
-                .boxed(),
+                .boxed_unsync(),
         )
         .unwrap();
     let resp = c.send(req).await.unwrap();
@@ -566,7 +566,7 @@ async fn json_codec_streaming_and_unary() {
             .body(
                 http_body_util::Full::new(Bytes::from_static(json.as_bytes()))
                     .map_err(|e| match e {})
-                    .boxed(),
+                    .boxed_unsync(),
             )
             .unwrap()
     };

@@ -4,15 +4,46 @@ use std::path::PathBuf;
 
 use alcove_vmm::{Accel, AccelChoice, QemuVmm};
 
+/// Where the host keeps things and how it runs VMs; shared by the node commands and the server.
+#[derive(clap::Args, Clone)]
+pub struct HostOptions {
+    /// Built kernels, root file systems and templates (rebuildable).
+    #[arg(long, env = "ALCOVE_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Force the accelerator (kvm or tcg) instead of detecting it.
+    #[arg(long, env = "ALCOVE_ACCEL")]
+    pub accel: Option<String>,
+    /// Sandboxes this host runs at once, at most.
+    #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = 1000)]
+    pub max_vms: usize,
+}
+
+impl HostOptions {
+    pub async fn node(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<std::sync::Arc<alcove_node::Node>> {
+        let g = Global {
+            data_dir: data_dir.to_path_buf(),
+            cache_dir: self.cache_dir.clone(),
+            accel: self.accel.clone(),
+            agent_bin: None,
+            json: false,
+        };
+        Ok(alcove_node::Node::open(alcove_node::NodeConfig {
+            data_dir: data_dir.to_path_buf(),
+            cache_dir: g.cache_dir(),
+            vmm: g.vmm(),
+            max_sandboxes: self.max_vms,
+        })
+        .await?)
+    }
+}
+
 #[derive(clap::Args, Clone)]
 pub struct Global {
-    /// Sandbox records, disks and sockets.
-    #[arg(
-        long,
-        global = true,
-        env = "ALCOVE_DATA_DIR",
-        default_value = "/var/lib/alcove"
-    )]
+    /// Sandbox records, disks and sockets (the same dir as `alcove server --data-dir`).
+    #[arg(long, global = true, env = "ALCOVE_DATA_DIR", default_value_os_t = alcove_api::cli::default_data_dir())]
     pub data_dir: PathBuf,
     /// Built kernels, root file systems and templates (rebuildable).
     #[arg(long, global = true, env = "ALCOVE_CACHE")]

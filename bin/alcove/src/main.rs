@@ -1,5 +1,6 @@
 //! `alcove`: the one user-facing binary. Parses arguments, sets up tracing and calls the libraries.
 
+mod backend;
 mod bench;
 mod config;
 mod sandbox;
@@ -14,24 +15,65 @@ use clap::{Parser, Subcommand};
     about = "Sandboxes for AI agents: isolated microVMs restored from template snapshots"
 )]
 struct Cli {
-    #[command(flatten)]
-    global: config::Global,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build and list templates.
+    /// Run the E2B-compatible API server (sandboxes on this host, SQLite in the data dir).
+    Server(ServerCli),
+    /// Manage API keys in the server's data dir.
+    Keys(alcove_api::cli::KeysArgs),
+    /// Talk to a running server over its REST API.
     #[command(subcommand)]
-    Template(template::TemplateCmd),
-    /// Create, run commands in, list and kill sandboxes on this host.
-    #[command(subcommand)]
-    Sandbox(sandbox::SandboxCmd),
+    Client(ClientCmd),
+    /// Build and list templates on this host.
+    Template(WithGlobal<template::TemplateCmd>),
+    /// Create, run commands in, pause, list and kill sandboxes on this host, without a server.
+    Sandbox(WithGlobal<sandbox::SandboxCmd>),
     /// Measure create → first command latency, restore time and memory per idle sandbox.
-    Bench(bench::BenchArgs),
+    Bench(BenchCli),
     /// Show which accelerator would be used and why.
-    Info,
+    Info(InfoCli),
+}
+
+#[derive(clap::Args)]
+struct WithGlobal<C: Subcommand> {
+    #[command(flatten)]
+    global: config::Global,
+    #[command(subcommand)]
+    command: C,
+}
+
+#[derive(clap::Args)]
+struct BenchCli {
+    #[command(flatten)]
+    global: config::Global,
+    #[command(flatten)]
+    args: bench::BenchArgs,
+}
+
+#[derive(clap::Args)]
+struct InfoCli {
+    #[command(flatten)]
+    global: config::Global,
+}
+
+#[derive(clap::Args)]
+struct ServerCli {
+    #[command(flatten)]
+    server: alcove_api::cli::ServerArgs,
+    #[command(flatten)]
+    host: config::HostOptions,
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Sandboxes, through the API.
+    Sandbox(alcove_api::cli::SandboxArgs),
+    /// Templates, through the API.
+    Template(alcove_api::cli::TemplateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,25 +85,44 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let json = match &cli.command {
+        Command::Template(c) => c.global.json,
+        Command::Sandbox(c) => c.global.json,
+        Command::Bench(c) => c.global.json,
+        Command::Info(c) => c.global.json,
+        Command::Keys(k) => k.json,
+        Command::Client(ClientCmd::Sandbox(a)) => a.client.json,
+        Command::Client(ClientCmd::Template(a)) => a.client.json,
+        Command::Server(_) => false,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let json = cli.global.json;
     let result = rt.block_on(async move {
+        let mut out = std::io::stdout();
         match cli.command {
-            Command::Template(c) => template::run(&cli.global, c).await,
-            Command::Sandbox(c) => sandbox::run(&cli.global, c).await,
-            Command::Bench(a) => bench::run(&cli.global, a).await,
-            Command::Info => {
-                let choice = cli.global.accel();
-                if cli.global.json {
+            Command::Template(c) => template::run(&c.global, c.command).await,
+            Command::Sandbox(c) => sandbox::run(&c.global, c.command).await,
+            Command::Bench(c) => bench::run(&c.global, c.args).await,
+            Command::Info(c) => {
+                let choice = c.global.accel();
+                if c.global.json {
                     println!("{}", serde_json::json!({ "accel": choice.accel.as_str(), "reason": choice.reason }));
                 } else {
                     println!("accelerator: {}\nreason: {}", choice.accel.as_str(), choice.reason);
                 }
                 Ok(0)
             }
+            Command::Server(c) => {
+                let data_dir = c.server.config().data_dir;
+                let node = c.host.node(&data_dir).await?;
+                let backend = std::sync::Arc::new(backend::NodeBackend::new(node));
+                alcove_api::cli::run_server(c.server, backend, &mut out).await.map(|()| 0)
+            }
+            Command::Keys(k) => alcove_api::cli::run_keys(k, &mut out).map(|()| 0),
+            Command::Client(ClientCmd::Sandbox(a)) => alcove_api::cli::run_sandbox(a, &mut out).await.map(|()| 0),
+            Command::Client(ClientCmd::Template(a)) => alcove_api::cli::run_template(a, &mut out).await.map(|()| 0),
         }
     });
     match result {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -32,7 +32,7 @@ pub mod channel;
 
 /// Request body type of [`AgentClient::send`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type AgentBody = BoxBody<Bytes, BoxError>;
+pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest Connect message accepted from the agent.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -611,7 +611,9 @@ fn empty() -> AgentBody {
 }
 
 fn full(b: impl Into<Bytes>) -> AgentBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn expect_status(

@@ -27,3 +27,7 @@ pub use pbjson_types::Timestamp;
 /// previous session first (written while no host was connected); it drops everything up to this
 /// marker. Only the channel uses it: the agent's TCP listener speaks plain HTTP.
 pub const CHANNEL_SESSION_MARKER: &[u8] = b"\0alcove-session\0";
+
+/// The envd protocol version the agent implements, as reported to the SDKs (which switch
+/// features on by it: stdin, default user, octet-stream upload, file metadata, watch entries).
+pub const ENVD_VERSION: &str = "0.6.4";

@@ -37,6 +37,10 @@ test('pty: create, send input, resize', async () => {
     const dec = new TextDecoder()
     const h = await sbx.pty.create({ rows: 24, cols: 80, onData: (d) => { text += dec.decode(d) } })
     await sbx.pty.sendInput(h.pid, new TextEncoder().encode('stty size\n'))
+    // Resize only once the first answer is in: the shell reads its input when it gets to it,
+    // so a resize sent at once could land before the first `stty size` runs.
+    const deadline = Date.now() + 30_000
+    while (!/24 80/.test(text) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
     await sbx.pty.resize(h.pid, { rows: 40, cols: 120 })
     await sbx.pty.sendInput(h.pid, new TextEncoder().encode('stty size; exit\n'))
     await h.wait()

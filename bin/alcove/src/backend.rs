@@ -1,0 +1,285 @@
+//! The control plane's [`SandboxBackend`] over the node library: what `alcove server` runs.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use alcove_agent_client::AgentBody;
+use alcove_api::backend::{
+    BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
+    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
+};
+use alcove_node::{CreateOptions, Node, NodeError, SandboxState};
+use http_body_util::BodyExt;
+
+const ENVD_VERSION: &str = alcove_agent_client::alcove_envd_proto::ENVD_VERSION;
+/// Bound on reaching the agent for one forwarded request (connecting, not the whole exchange:
+/// uploads and command streams may run long).
+const FORWARD_CONNECT: Duration = Duration::from_secs(30);
+
+pub struct NodeBackend {
+    node: Arc<Node>,
+}
+
+impl NodeBackend {
+    pub fn new(node: Arc<Node>) -> NodeBackend {
+        NodeBackend { node }
+    }
+}
+
+fn failed(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
+    BackendError::Failed {
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn map_err(op: &'static str, e: NodeError) -> BackendError {
+    match e {
+        NodeError::NotFound(_) => BackendError::SandboxNotFound,
+        NodeError::Image(alcove_image::ImageError::UnknownTemplate(_)) => {
+            BackendError::TemplateNotFound
+        }
+        NodeError::Capacity(_) => BackendError::NoCapacity,
+        NodeError::AgentTimeout(_) => BackendError::Timeout,
+        other => failed(op, other),
+    }
+}
+
+/// A UUID-shaped build id from a template key (the SDK parses build ids as UUIDs).
+fn build_id(key: &str) -> String {
+    let hex: String = key.chars().chain(std::iter::repeat('0')).take(32).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+impl SandboxBackend for NodeBackend {
+    fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>> {
+        Box::pin(async move {
+            Ok(
+                alcove_image::build::list_templates(&self.node.config().cache_dir)
+                    .into_iter()
+                    .map(|t| TemplateInfo {
+                        template_id: t.name.clone(),
+                        aliases: vec![t.name.clone()],
+                        build_id: build_id(&t.key),
+                        cpu_count: t.recipe.vcpus,
+                        memory_mb: t.recipe.memory_mib,
+                        disk_size_mb: t.recipe.disk_mib,
+                        envd_version: ENVD_VERSION.to_string(),
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    fn create(&self, req: CreateSandbox) -> BoxFuture<'_, Result<StartedSandbox, BackendError>> {
+        Box::pin(async move {
+            let opts = CreateOptions {
+                template: req.template_id.clone(),
+                id: Some(req.sandbox_id.clone()),
+                envs: req.env_vars.clone(),
+                access_token: req.envd_access_token.clone(),
+            };
+            let (info, _) = self
+                .node
+                .create(opts)
+                .await
+                .map_err(|e| map_err("create sandbox", e))?;
+            let disk = alcove_image::build::list_templates(&self.node.config().cache_dir)
+                .into_iter()
+                .find(|t| t.key == info.template_key)
+                .map(|t| t.recipe.disk_mib)
+                .unwrap_or(0);
+            Ok(StartedSandbox {
+                cpu_count: info.vcpus,
+                memory_mb: info.memory_mib,
+                disk_size_mb: disk,
+                envd_version: ENVD_VERSION.to_string(),
+                started_at: SystemTime::now(),
+            })
+        })
+    }
+
+    fn kill<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .kill(sandbox_id)
+                .await
+                .map_err(|e| map_err("kill sandbox", e))
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LiveSandbox>, BackendError>> {
+        Box::pin(async move {
+            Ok(self
+                .node
+                .list()
+                .into_iter()
+                .filter_map(|s| match s.state {
+                    SandboxState::Running | SandboxState::Creating => Some(LiveSandbox {
+                        sandbox_id: s.id,
+                        paused: false,
+                    }),
+                    SandboxState::Paused { .. } => Some(LiveSandbox {
+                        sandbox_id: s.id,
+                        paused: true,
+                    }),
+                    _ => None,
+                })
+                .collect())
+        })
+    }
+
+    fn status<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<SandboxStatus, BackendError>> {
+        Box::pin(async move {
+            Ok(match self.node.get(sandbox_id) {
+                Err(NodeError::NotFound(_)) => SandboxStatus::Unknown,
+                Err(e) => return Err(map_err("sandbox status", e)),
+                Ok(info) => match info.state {
+                    SandboxState::Running | SandboxState::Creating => SandboxStatus::Running,
+                    SandboxState::Paused { .. } => SandboxStatus::Paused,
+                    SandboxState::Dead { reason } => SandboxStatus::Exited { reason },
+                    SandboxState::Killed => SandboxStatus::Exited {
+                        reason: "killed".into(),
+                    },
+                },
+            })
+        })
+    }
+
+    fn metrics<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceUsage>, BackendError>> {
+        Box::pin(async move {
+            let info = self
+                .node
+                .get(sandbox_id)
+                .map_err(|e| map_err("sandbox metrics", e))?;
+            let agent = self
+                .node
+                .agent(sandbox_id)
+                .await
+                .map_err(|e| map_err("sandbox metrics", e))?;
+            let mut req = http::Request::get("/metrics");
+            if let Some(t) = &info.access_token {
+                req = req.header("x-access-token", t);
+            }
+            let req = req
+                .body(empty())
+                .map_err(|e| failed("sandbox metrics", e))?;
+            let resp = agent
+                .send(req)
+                .await
+                .map_err(|e| failed("sandbox metrics", e))?;
+            let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+                .await
+                .map_err(|_| BackendError::Timeout)?
+                .map_err(|e| failed("sandbox metrics", e))?
+                .to_bytes();
+            let v: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(_) => return Ok(None),
+            };
+            let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            Ok(Some(ResourceUsage {
+                timestamp: SystemTime::now(),
+                cpu_count: v["cpu_count"].as_u64().unwrap_or(u64::from(info.vcpus)) as u32,
+                cpu_used_pct: v["cpu_used_pct"].as_f64().unwrap_or(0.0),
+                mem_used: n("mem_used"),
+                mem_total: n("mem_total"),
+                mem_cache: n("mem_cache"),
+                disk_used: n("disk_used"),
+                disk_total: n("disk_total"),
+            }))
+        })
+    }
+
+    fn logs<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<LogLine>, BackendError>> {
+        Box::pin(async move {
+            let info = self
+                .node
+                .get(sandbox_id)
+                .map_err(|e| map_err("sandbox logs", e))?;
+            let mut lines = Vec::new();
+            if let Ok(vm) = self.node.vm(sandbox_id) {
+                for l in alcove_vmm::Vm::console(&vm)
+                    .text()
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                {
+                    lines.push(LogLine {
+                        timestamp: SystemTime::now(),
+                        level: LogLevel::Info,
+                        message: l.to_string(),
+                    });
+                }
+            }
+            if let SandboxState::Dead { reason } = info.state {
+                lines.push(LogLine {
+                    timestamp: SystemTime::now(),
+                    level: LogLevel::Error,
+                    message: reason,
+                });
+            }
+            Ok(lines)
+        })
+    }
+
+    fn forward<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        port: u16,
+        req: http::Request<Body>,
+    ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>> {
+        Box::pin(async move {
+            if port != ENVD_PORT {
+                // Other ports need the sandbox network (guest TCP), which lands with network
+                // isolation; until then only the agent is reachable.
+                return Err(BackendError::PortNotOpen);
+            }
+            let agent = tokio::time::timeout(FORWARD_CONNECT, self.node.agent(sandbox_id))
+                .await
+                .map_err(|_| BackendError::Timeout)?
+                .map_err(|e| map_err("reach the sandbox agent", e))?;
+            let (parts, body) = req.into_parts();
+            let body: AgentBody = body
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .boxed_unsync();
+            let resp = agent
+                .send(http::Request::from_parts(parts, body))
+                .await
+                .map_err(|e| failed("forward to the sandbox agent", e))?;
+            let (parts, body) = resp.into_parts();
+            Ok(http::Response::from_parts(parts, Body::new(body)))
+        })
+    }
+}
+
+fn empty() -> AgentBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn build_ids_are_uuid_shaped() {
+        let id = super::build_id("56c1315d11e1a92a");
+        assert_eq!(id, "56c1315d-11e1-a92a-0000-000000000000");
+        assert_eq!(id.len(), 36);
+    }
+}
