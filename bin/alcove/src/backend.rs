@@ -91,15 +91,10 @@ impl SandboxBackend for NodeBackend {
                 .create(opts)
                 .await
                 .map_err(|e| map_err("create sandbox", e))?;
-            let disk = alcove_image::build::list_templates(&self.node.config().cache_dir)
-                .into_iter()
-                .find(|t| t.key == info.template_key)
-                .map(|t| t.recipe.disk_mib)
-                .unwrap_or(0);
             Ok(StartedSandbox {
                 cpu_count: info.vcpus,
                 memory_mb: info.memory_mib,
-                disk_size_mb: disk,
+                disk_size_mb: info.disk_mib,
                 envd_version: ENVD_VERSION.to_string(),
                 started_at: SystemTime::now(),
             })

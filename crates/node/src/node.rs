@@ -38,6 +38,9 @@ pub struct SandboxInfo {
     pub pid: u32,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Size of the sandbox's disk (records written before this field existed read as 0).
+    #[serde(default)]
+    pub disk_mib: u32,
     pub hostname: String,
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -338,6 +341,7 @@ impl Node {
             pid: 0,
             vcpus: template.recipe.vcpus,
             memory_mib: template.recipe.memory_mib,
+            disk_mib: template.recipe.disk_mib,
             hostname: id.to_string(),
             envs: opts.envs.clone(),
             access_token: opts.access_token.clone(),

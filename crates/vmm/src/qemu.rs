@@ -182,15 +182,7 @@ impl QemuVmm {
             }
             tx.send_replace(Some(reason));
         });
-        let vm = QemuVm {
-            inner: Arc::new(Inner {
-                pid,
-                run_dir: spec.run_dir.clone(),
-                console: Console::default(),
-                qmp: tokio::sync::OnceCell::new(),
-                exit: rx,
-            }),
-        };
+        let vm = QemuVm::new(pid, spec.run_dir.clone(), rx);
         // The console first: the guest's first lines are what explains an early death.
         let console_sock = spec.run_dir.join("console.sock");
         let qmp_sock = spec.run_dir.join("qmp.sock");
@@ -258,15 +250,7 @@ impl QemuVmm {
                 tx.send_replace(Some(reason));
             });
         }
-        let vm = QemuVm {
-            inner: Arc::new(Inner {
-                pid,
-                run_dir: run_dir.to_path_buf(),
-                console: Console::default(),
-                qmp: tokio::sync::OnceCell::new(),
-                exit: rx,
-            }),
-        };
+        let vm = QemuVm::new(pid, run_dir.to_path_buf(), rx);
         if vm.exit_reason().is_none() {
             let _ = vm
                 .inner
@@ -376,6 +360,18 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
+    fn new(pid: u32, run_dir: PathBuf, exit: watch::Receiver<Option<ExitReason>>) -> QemuVm {
+        QemuVm {
+            inner: Arc::new(Inner {
+                pid,
+                run_dir,
+                console: Console::default(),
+                qmp: tokio::sync::OnceCell::new(),
+                exit,
+            }),
+        }
+    }
+
     async fn qmp_or_connect(&self) -> Result<&Qmp, VmmError> {
         let path = self.inner.run_dir.join("qmp.sock");
         self.inner
