@@ -28,6 +28,9 @@ pub const DEFAULT_CHANNEL: &str = "alcove.agent";
 pub const ENVD_PORT: u16 = 49983;
 /// Template start configuration (optional).
 pub const DEFAULT_TEMPLATE_CONFIG: &str = "/etc/alcove/template.json";
+/// The sandbox's environment variables as a JSON object, rewritten at every `/init` (read by the
+/// code interpreter before each cell).
+pub const SANDBOX_ENV_FILE: &str = "/run/alcove/envs.json";
 /// The line written to the console once the agent serves and the template is ready.
 pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
 

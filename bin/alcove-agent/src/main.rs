@@ -36,7 +36,66 @@ struct Cli {
     output_buffer: usize,
 }
 
+/// `alcove-agent interpreter`: the code interpreter server (port 49999), started by the
+/// `code-interpreter-v1` template's start command. A separate process from the agent, so a
+/// misbehaving kernel can never take PID 1 down.
+#[derive(Debug, Parser)]
+#[command(name = "alcove-agent interpreter")]
+struct InterpreterCli {
+    /// TCP address to serve the e2b-code-interpreter protocol on.
+    #[arg(long, default_value = "0.0.0.0:49999")]
+    listen: std::net::SocketAddr,
+    /// Directory holding `<kernel>/kernel.json` (repeatable; searched in order).
+    #[arg(long = "kernel-dir")]
+    kernel_dirs: Vec<PathBuf>,
+    /// Python interpreter for kernelspecs that name a bare `python`.
+    #[arg(long, default_value = "/usr/bin/python3")]
+    python: PathBuf,
+    /// Scratch directory (connection files, IPython profile).
+    #[arg(long, default_value = "/tmp/alcove-interpreter")]
+    runtime_dir: PathBuf,
+    /// Working directory of contexts created without one.
+    #[arg(long, default_value = "/home/user")]
+    cwd: PathBuf,
+    /// The sandbox's environment variables (JSON object, written by the agent at /init).
+    #[arg(long, default_value = alcove_agent::SANDBOX_ENV_FILE)]
+    env_file: PathBuf,
+    /// Do not start the default Python kernel before listening.
+    #[arg(long)]
+    no_warm: bool,
+}
+
+fn interpreter_main() -> anyhow::Result<()> {
+    let cli = InterpreterCli::parse_from(std::env::args().skip(1));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ALCOVE_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = alcove_interpreter::Config::guest_defaults();
+    cfg.listen = cli.listen;
+    if !cli.kernel_dirs.is_empty() {
+        cfg.kernel_dirs = cli.kernel_dirs;
+    }
+    cfg.python = cli.python;
+    cfg.runtime_dir = cli.runtime_dir;
+    cfg.default_cwd = cli.cwd;
+    cfg.sandbox_env_file = cli.env_file;
+    cfg.warm_python = !cli.no_warm;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(alcove_interpreter::serve(cfg))?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("interpreter") {
+        return interpreter_main();
+    }
     let cli = Cli::parse();
     let guest = cli.listen.is_none();
     let config = alcove_agent::Config {

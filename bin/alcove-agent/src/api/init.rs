@@ -130,6 +130,9 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     {
         let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
         if let Some(env) = req.env_vars {
+            if touch {
+                write_env_file(&env);
+            }
             d.env_vars = env;
         }
         if let Some(u) = req.default_user.filter(|u| !u.is_empty()) {
@@ -145,4 +148,23 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     // As envd: a present token replaces the current one; an absent one clears it.
     state.set_token(req.access_token.filter(|t| !t.is_empty()));
     Ok(())
+}
+
+/// Publishes the sandbox's environment variables for in-guest servers that start processes of
+/// their own (the code interpreter's kernels); processes the agent starts get them directly.
+fn write_env_file(env: &std::collections::BTreeMap<String, String>) {
+    let path = std::path::Path::new(crate::SANDBOX_ENV_FILE);
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(env).unwrap_or_default())?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(error = %e, path = %path.display(), "write the sandbox environment file");
+    }
 }

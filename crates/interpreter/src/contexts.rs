@@ -1,0 +1,186 @@
+//! Code contexts: named, long-lived kernels. Each context owns one kernel at a time; a kernel
+//! that died is replaced on the next use (its state is gone, and the cell that saw it die
+//! reported that). The first context per language is that language's default, used by
+//! `/execute` calls that name a language but no context.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::kernel::{Kernel, KernelEnv, KernelError, kernel_for_language};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextInfo {
+    pub id: String,
+    pub language: String,
+    pub cwd: String,
+}
+
+pub struct Context {
+    pub info: ContextInfo,
+    kernel: tokio::sync::Mutex<Option<Arc<Kernel>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error(
+        "no context with id {0:?}; list them with GET /contexts or create one with POST /contexts"
+    )]
+    NotFound(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("working directory {0:?} does not exist in the sandbox; create it first or omit cwd")]
+    BadCwd(String),
+}
+
+pub struct Contexts {
+    env: KernelEnv,
+    default_cwd: PathBuf,
+    map: Mutex<HashMap<String, Arc<Context>>>,
+    defaults: Mutex<HashMap<String, String>>,
+    order: Mutex<Vec<String>>,
+}
+
+impl Contexts {
+    pub fn new(env: KernelEnv, default_cwd: PathBuf) -> Contexts {
+        Contexts {
+            env,
+            default_cwd,
+            map: Mutex::default(),
+            defaults: Mutex::default(),
+            order: Mutex::default(),
+        }
+    }
+
+    pub fn kernel_env(&self) -> &KernelEnv {
+        &self.env
+    }
+
+    fn canonical_language(&self, language: Option<&str>) -> Result<&'static str, ContextError> {
+        let (spec, lang) = kernel_for_language(language);
+        if spec.is_empty() || !self.env.available().contains(&lang) {
+            return Err(ContextError::Kernel(KernelError::UnknownLanguage {
+                language: language.unwrap_or("python").to_string(),
+                available: self.env.available().join(", "),
+            }));
+        }
+        Ok(lang)
+    }
+
+    /// Creates a context and starts its kernel.
+    pub async fn create(
+        &self,
+        language: Option<&str>,
+        cwd: Option<&str>,
+    ) -> Result<Arc<Context>, ContextError> {
+        let lang = self.canonical_language(language)?;
+        let cwd = match cwd {
+            Some(c) if !c.is_empty() => PathBuf::from(c),
+            _ => self.default_cwd.clone(),
+        };
+        if !cwd.is_dir() {
+            return Err(ContextError::BadCwd(cwd.display().to_string()));
+        }
+        let kernel = Kernel::start(&self.env, lang, &cwd, &[]).await?;
+        let ctx = Arc::new(Context {
+            info: ContextInfo {
+                id: uuid::Uuid::new_v4().to_string(),
+                language: lang.to_string(),
+                cwd: cwd.display().to_string(),
+            },
+            kernel: tokio::sync::Mutex::new(Some(kernel)),
+        });
+        self.map
+            .lock()
+            .expect("contexts")
+            .insert(ctx.info.id.clone(), ctx.clone());
+        self.order
+            .lock()
+            .expect("contexts")
+            .push(ctx.info.id.clone());
+        Ok(ctx)
+    }
+
+    /// The default context of `language`, created (and its kernel started) on first use.
+    pub async fn default_for(&self, language: Option<&str>) -> Result<Arc<Context>, ContextError> {
+        let lang = self.canonical_language(language)?;
+        let existing = self.defaults.lock().expect("contexts").get(lang).cloned();
+        if let Some(id) = existing
+            && let Ok(ctx) = self.get(&id)
+        {
+            return Ok(ctx);
+        }
+        let ctx = self.create(Some(lang), None).await?;
+        self.defaults
+            .lock()
+            .expect("contexts")
+            .insert(lang.to_string(), ctx.info.id.clone());
+        Ok(ctx)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Context>, ContextError> {
+        self.map
+            .lock()
+            .expect("contexts")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContextError::NotFound(id.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<ContextInfo> {
+        let map = self.map.lock().expect("contexts");
+        self.order
+            .lock()
+            .expect("contexts")
+            .iter()
+            .filter_map(|id| map.get(id).map(|c| c.info.clone()))
+            .collect()
+    }
+
+    /// Removes a context and kills its kernel.
+    pub async fn remove(&self, id: &str) -> Result<(), ContextError> {
+        let ctx = self
+            .map
+            .lock()
+            .expect("contexts")
+            .remove(id)
+            .ok_or_else(|| ContextError::NotFound(id.to_string()))?;
+        self.order.lock().expect("contexts").retain(|x| x != id);
+        self.defaults
+            .lock()
+            .expect("contexts")
+            .retain(|_, v| v != id);
+        ctx.kernel.lock().await.take();
+        Ok(())
+    }
+
+    /// Replaces the context's kernel with a fresh one: all state is cleared.
+    pub async fn restart(&self, id: &str) -> Result<(), ContextError> {
+        let ctx = self.get(id)?;
+        let mut slot = ctx.kernel.lock().await;
+        slot.take();
+        *slot = Some(
+            Kernel::start(&self.env, &ctx.info.language, Path::new(&ctx.info.cwd), &[]).await?,
+        );
+        Ok(())
+    }
+
+    /// The context's kernel, started again if the previous one died.
+    pub async fn kernel(&self, ctx: &Context) -> Result<Arc<Kernel>, ContextError> {
+        let mut slot = ctx.kernel.lock().await;
+        if let Some(k) = slot.as_ref()
+            && k.is_alive()
+        {
+            return Ok(k.clone());
+        }
+        if slot.is_some() {
+            tracing::warn!(context = %ctx.info.id, "kernel died; starting a new one");
+        }
+        slot.take();
+        let k = Kernel::start(&self.env, &ctx.info.language, Path::new(&ctx.info.cwd), &[]).await?;
+        *slot = Some(k.clone());
+        Ok(k)
+    }
+}
