@@ -541,9 +541,12 @@ async fn make_disk(
         // A private mount namespace: /proc and /dev mounted for the chroot disappear with it,
         // whatever happens to the script.
         let r = root.display().to_string();
+        // Downloads (pip, npm) go out through the host's network, so they trust what the host
+        // trusts: its CA bundle is lent to the build and removed after (the image keeps its own).
         let outer = format!(
             "set -e; mount -t proc proc '{r}/proc'; mount --rbind /dev '{r}/dev'; cp /etc/resolv.conf '{r}/etc/resolv.conf'; \
-             chroot '{r}' /bin/sh -ec \"$ALCOVE_SCRIPT\"; rm -f '{r}/etc/resolv.conf'"
+             if [ -s {HOST_CA} ]; then cp {HOST_CA} '{r}{BUILD_CA}'; export PIP_CERT={BUILD_CA} SSL_CERT_FILE={BUILD_CA} REQUESTS_CA_BUNDLE={BUILD_CA} NODE_EXTRA_CA_CERTS={BUILD_CA} npm_config_cafile={BUILD_CA}; fi; \
+             chroot '{r}' /bin/sh -ec \"$ALCOVE_SCRIPT\"; rm -f '{r}/etc/resolv.conf' '{r}{BUILD_CA}'"
         );
         run_cmd(
             "template recipe steps",
@@ -604,6 +607,10 @@ async fn make_disk(
     std::fs::remove_dir_all(&root).map_err(io(&root))?;
     Ok(())
 }
+
+/// The host's CA bundle, and where the recipe steps see it in the rootfs.
+const HOST_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+const BUILD_CA: &str = "/tmp/alcove-build-ca.crt";
 
 fn shell_words(words: &[String]) -> String {
     words

@@ -52,7 +52,13 @@ fn default_disk() -> u32 {
     4096
 }
 
-const BUILTIN: &[(&str, &str)] = &[("base", include_str!("../../../templates/base.toml"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("base", include_str!("../../../templates/base.toml")),
+    (
+        "code-interpreter-v1",
+        include_str!("../../../templates/code-interpreter-v1.toml"),
+    ),
+];
 
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe, ImageError> {

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# SDK-driven benchmarks (tests/sdk/bench/bench.py) against an `alcove server` started here with a
+# fresh data directory. Prints one JSON line per measurement (p50/p95/p99).
+#
+#   tests/sdk/bench.sh                    all modes: create burst code chart
+#   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
+# Environment: ALCOVE_BIN (default target/release/alcove).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+bin="${ALCOVE_BIN:-$root/target/release/alcove}"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-bench.XXXXXX")"
+"$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
+server_pid=$!
+cleanup() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    pkill -9 -f "$data/state" 2>/dev/null || true
+    rm -rf "$data"
+}
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && [[ -s "$data/state/api-key" ]] && break
+    sleep 0.1
+done
+export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port"
+E2B_API_KEY="$(cat "$data/state/api-key")"
+export E2B_API_KEY
+venv="$root/tests/.venv"
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/python/requirements.txt"
+"$venv/bin/python" "$here/bench/bench.py" "$@"

@@ -1,0 +1,132 @@
+"""SDK-driven benchmarks: what a user of the official SDKs sees, end to end through
+`alcove server`. Prints medians and percentiles; asserts nothing (timings belong in
+docs/benchmarks.md, not in tests).
+
+  create   base: Sandbox.create() -> commands.run("echo ok") result, sequential
+  burst    base: N concurrent creates (+ first command), all must succeed
+  code     code-interpreter-v1: Sandbox.create() -> run_code("1+1") result, sequential
+  chart    code-interpreter-v1: a matplotlib line chart round trip on a live sandbox
+
+Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import time
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summary(name, xs, extra=None):
+    ms = [x * 1000 for x in xs]
+    row = {
+        "name": name,
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(pct(ms, 95), 1),
+        "p99_ms": round(pct(ms, 99), 1),
+        "min_ms": round(min(ms), 1),
+        "max_ms": round(max(ms), 1),
+    }
+    if extra:
+        row.update(extra)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def create_and_run(_=None):
+    from e2b import Sandbox
+
+    t0 = time.perf_counter()
+    sbx = Sandbox.create("base", timeout=120)
+    try:
+        out = sbx.commands.run("echo ok").stdout.strip()
+        dt = time.perf_counter() - t0
+        assert out == "ok", out
+        return dt
+    finally:
+        sbx.kill()
+
+
+def bench_create(n):
+    create_and_run()  # warm the server's and the host's caches
+    summary("sdk create -> first command (base)", [create_and_run() for _ in range(n)])
+
+
+def bench_burst(n):
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=n) as ex:
+        futures = [ex.submit(create_and_run) for _ in range(n)]
+        results, failures = [], []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # reported, not raised: the count is the result
+                failures.append(repr(e))
+    summary(
+        f"sdk {n} concurrent creates -> first command (base)",
+        results or [float("nan")],
+        {"ok": len(results), "failed": len(failures), "wall_s": round(time.perf_counter() - t0, 1),
+         "errors": failures[:3]},
+    )
+
+
+def code_once():
+    from e2b_code_interpreter import Sandbox
+
+    t0 = time.perf_counter()
+    sbx = Sandbox.create(timeout=120)
+    try:
+        text = sbx.run_code("1+1").text
+        dt = time.perf_counter() - t0
+        assert text == "2", text
+        return dt
+    finally:
+        sbx.kill()
+
+
+def bench_code(n):
+    code_once()
+    summary("sdk create -> run_code('1+1') (code-interpreter-v1)", [code_once() for _ in range(n)])
+
+
+def bench_chart(n):
+    from e2b_code_interpreter import Sandbox
+
+    code = "import matplotlib.pyplot as plt\nplt.plot(range(100), [i * i for i in range(100)])\nplt.show()"
+    sbx = Sandbox.create(timeout=300)
+    try:
+        sbx.run_code(code)
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            ex = sbx.run_code(code)
+            xs.append(time.perf_counter() - t0)
+            assert any(r.png for r in ex.results) and any(r.chart for r in ex.results)
+        summary("matplotlib line chart round trip (png + chart)", xs)
+    finally:
+        sbx.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
+    ap.add_argument("-n", type=int, default=20, help="sequential iterations")
+    ap.add_argument("--burst", type=int, default=20, help="concurrent creates")
+    args = ap.parse_args()
+    for m in args.modes:
+        {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
+         "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n)}[m]()
+
+
+if __name__ == "__main__":
+    main()
