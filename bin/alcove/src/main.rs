@@ -121,7 +121,9 @@ fn main() -> std::process::ExitCode {
                 alcove_api::cli::run_server(c.server, backend, &mut out).await.map(|()| 0)
             }
             Command::Keys(k) => alcove_api::cli::run_keys(k, &mut out).map(|()| 0),
-            Command::Client(ClientCmd::Sandbox(a)) => alcove_api::cli::run_sandbox(a, &mut out).await.map(|()| 0),
+            Command::Client(ClientCmd::Sandbox(a)) => alcove_api::cli::run_sandbox(a, &mut out)
+                .await
+                .map(|c| u8::try_from(c).unwrap_or(1)),
             Command::Client(ClientCmd::Template(a)) => alcove_api::cli::run_template(a, &mut out).await.map(|()| 0),
         }
     });

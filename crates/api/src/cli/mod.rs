@@ -10,6 +10,7 @@
 //! to the binary.
 
 pub mod client;
+pub mod envd;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -315,6 +316,30 @@ pub enum SandboxCommand {
     Kill { id: String },
     /// Print a sandbox's log (lifecycle events and its own lines).
     Logs { id: String },
+    /// Run a command in a sandbox (bash -l -c, as the SDK's commands.run); exits with its code.
+    Exec {
+        id: String,
+        /// Run as this user (default: the sandbox's default user).
+        #[arg(long)]
+        user: Option<String>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// The command; several words are joined with spaces.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// An interactive shell on a terminal in the sandbox.
+    Shell {
+        id: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -328,10 +353,41 @@ fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
-pub async fn run_sandbox(args: SandboxArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+/// Runs a client sandbox command; returns the process exit code (`exec`, `shell`) or 0.
+pub async fn run_sandbox(args: SandboxArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
     let api = args.client.client()?;
     let json_out = args.client.json;
+    let envd = |id: &str, token: Option<String>, user: Option<String>| {
+        envd::EnvdClient::new(&args.client.api_url, id, token, user)
+    };
+    let token_of = |reply: &client::Reply| {
+        reply
+            .json
+            .get("envdAccessToken")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned)
+    };
     match args.command {
+        SandboxCommand::Exec {
+            id,
+            user,
+            cwd,
+            env,
+            command,
+        } => {
+            let info = api
+                .call("GET", &format!("/sandboxes/{}", enc(&id)), None)
+                .await?;
+            let client = envd(&id, token_of(&info), user);
+            return envd::exec(&client, &command.join(" "), cwd, env, json_out, out).await;
+        }
+        SandboxCommand::Shell { id, user, cwd } => {
+            let info = api
+                .call("GET", &format!("/sandboxes/{}", enc(&id)), None)
+                .await?;
+            let client = std::sync::Arc::new(envd(&id, token_of(&info), user));
+            return envd::shell(client, cwd).await;
+        }
         SandboxCommand::Create {
             template,
             timeout,
@@ -472,7 +528,7 @@ pub async fn run_sandbox(args: SandboxArgs, out: &mut (dyn Write + Send)) -> any
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// `alcove template ...` (the REST side; building templates belongs to the image layer).

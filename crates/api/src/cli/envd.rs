@@ -1,0 +1,454 @@
+//! `alcove client sandbox exec|shell`: envd's process service reached through the server's
+//! sandbox proxy, exactly as the SDKs reach it (the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers
+//! on the API's own address, `X-Access-Token` for secure sandboxes), over HTTP/1.1 with Connect's
+//! binary framing.
+
+use std::io::Write;
+use std::time::Duration;
+
+use alcove_envd_proto::connect::{self, Codec, EnvelopeDecoder};
+use alcove_envd_proto::process as pb;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::backend::ENVD_PORT;
+
+/// Largest single Connect message accepted from the sandbox.
+const MAX_MESSAGE: usize = 8 << 20;
+/// Bound on unary calls (input, resize) and on opening the stream.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvdError {
+    #[error("could not reach the server")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("{op} timed out")]
+    Timeout { op: &'static str },
+    #[error("{op}: the sandbox answered {status}: {message}")]
+    Status {
+        op: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("{op}: reading the response")]
+    Read {
+        op: &'static str,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{op}: malformed response from the sandbox: {detail}")]
+    Protocol { op: &'static str, detail: String },
+}
+
+pub struct EnvdClient {
+    base: String,
+    sandbox_id: String,
+    token: Option<String>,
+    user: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// What a process produced, as it arrives.
+pub enum Output {
+    Started(u32),
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Pty(Bytes),
+    Ended {
+        exit_code: i32,
+        error: Option<String>,
+    },
+}
+
+impl EnvdClient {
+    pub fn new(base: &str, sandbox_id: &str, token: Option<String>, user: Option<String>) -> Self {
+        EnvdClient {
+            base: base.trim_end_matches('/').to_owned(),
+            sandbox_id: sandbox_id.to_owned(),
+            token,
+            user,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    fn request(&self, method: &str, content_type: &str, body: Bytes) -> http::Request<Full<Bytes>> {
+        use base64::Engine;
+        let mut b = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}/process.Process/{method}", self.base))
+            .header("content-type", content_type)
+            .header("connect-protocol-version", "1")
+            .header("E2b-Sandbox-Id", &self.sandbox_id)
+            .header("E2b-Sandbox-Port", ENVD_PORT.to_string());
+        if let Some(t) = &self.token {
+            b = b.header("X-Access-Token", t);
+        }
+        if let Some(u) = &self.user {
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{u}:"));
+            b = b.header("authorization", format!("Basic {basic}"));
+        }
+        b.body(Full::new(body)).expect("valid request")
+    }
+
+    async fn unary<Req>(&self, op: &'static str, method: &str, msg: &Req) -> Result<(), EnvdError>
+    where
+        Req: prost::Message + serde::Serialize,
+    {
+        let req = self.request(method, "application/proto", Codec::Proto.encode(msg));
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| EnvdError::Timeout { op })?
+            .map_err(EnvdError::Connect)?;
+        let status = resp.status();
+        let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| EnvdError::Timeout { op })?
+            .map_err(|source| EnvdError::Read { op, source })?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(status_error(op, status.as_u16(), &body));
+        }
+        Ok(())
+    }
+
+    /// Starts a process and calls `on_output` for every event until it ends.
+    pub async fn start(
+        &self,
+        start: pb::StartRequest,
+        mut on_output: impl FnMut(Output),
+    ) -> Result<(), EnvdError> {
+        const OP: &str = "process.Start";
+        let body = connect::encode_message(Codec::Proto, &start);
+        let req = self.request("Start", "application/connect+proto", body);
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| EnvdError::Timeout { op: OP })?
+            .map_err(EnvdError::Connect)?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|source| EnvdError::Read { op: OP, source })?
+                .to_bytes();
+            return Err(status_error(OP, status.as_u16(), &bytes));
+        }
+        let mut dec = EnvelopeDecoder::new(MAX_MESSAGE);
+        let mut ended = false;
+        // The agent sends keepalives while a process is quiet, so a silent stream means the
+        // sandbox or the connection is gone.
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(120), body.frame())
+            .await
+            .map_err(|_| EnvdError::Timeout { op: OP })?
+        {
+            let frame = frame.map_err(|source| EnvdError::Read { op: OP, source })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            dec.push(&data);
+            while let Some(env) = dec.next_envelope().map_err(|e| EnvdError::Protocol {
+                op: OP,
+                detail: e.to_string(),
+            })? {
+                if env.is_end_stream() {
+                    let end = env.end_stream().map_err(|e| EnvdError::Protocol {
+                        op: OP,
+                        detail: e.to_string(),
+                    })?;
+                    if let Some(err) = end.error {
+                        return Err(EnvdError::Status {
+                            op: OP,
+                            status: err.code.http_status(),
+                            message: err.message,
+                        });
+                    }
+                    return if ended {
+                        Ok(())
+                    } else {
+                        Err(EnvdError::Protocol {
+                            op: OP,
+                            detail: "the stream ended before the process did".into(),
+                        })
+                    };
+                }
+                let msg: pb::StartResponse =
+                    Codec::Proto
+                        .decode(&env.payload)
+                        .map_err(|e| EnvdError::Protocol {
+                            op: OP,
+                            detail: e.to_string(),
+                        })?;
+                use pb::process_event::Event;
+                use pb::process_event::data_event::Output as Data;
+                match msg.event.and_then(|e| e.event) {
+                    Some(Event::Start(s)) => on_output(Output::Started(s.pid)),
+                    Some(Event::Data(d)) => match d.output {
+                        Some(Data::Stdout(b)) => on_output(Output::Stdout(b)),
+                        Some(Data::Stderr(b)) => on_output(Output::Stderr(b)),
+                        Some(Data::Pty(b)) => on_output(Output::Pty(b)),
+                        None => {}
+                    },
+                    Some(Event::End(e)) => {
+                        ended = true;
+                        on_output(Output::Ended {
+                            exit_code: e.exit_code,
+                            error: e.error,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if ended {
+            Ok(())
+        } else {
+            Err(EnvdError::Protocol {
+                op: OP,
+                detail: "the connection closed before the process ended".into(),
+            })
+        }
+    }
+
+    pub async fn send_pty_input(&self, pid: u32, data: Vec<u8>) -> Result<(), EnvdError> {
+        let msg = pb::SendInputRequest {
+            process: Some(pb::ProcessSelector {
+                selector: Some(pb::process_selector::Selector::Pid(pid)),
+            }),
+            input: Some(pb::ProcessInput {
+                input: Some(pb::process_input::Input::Pty(data.into())),
+            }),
+        };
+        self.unary("process.SendInput", "SendInput", &msg).await
+    }
+
+    pub async fn resize(&self, pid: u32, rows: u16, cols: u16) -> Result<(), EnvdError> {
+        let msg = pb::UpdateRequest {
+            process: Some(pb::ProcessSelector {
+                selector: Some(pb::process_selector::Selector::Pid(pid)),
+            }),
+            pty: Some(pb::Pty {
+                size: Some(pb::pty::Size {
+                    cols: u32::from(cols),
+                    rows: u32::from(rows),
+                }),
+            }),
+        };
+        self.unary("process.Update", "Update", &msg).await
+    }
+}
+
+fn status_error(op: &'static str, status: u16, body: &[u8]) -> EnvdError {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect());
+    EnvdError::Status {
+        op,
+        status,
+        message,
+    }
+}
+
+/// `exec`: runs `command` with bash (as the SDK's `commands.run` does), streaming its output,
+/// and returns its exit code.
+pub async fn exec(
+    client: &EnvdClient,
+    command: &str,
+    cwd: Option<String>,
+    envs: Vec<(String, String)>,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    let start = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), command.into()],
+            envs: envs.into_iter().collect(),
+            cwd,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut code = None;
+    let mut failure = None;
+    client
+        .start(start, |o| match o {
+            Output::Stdout(b) => {
+                if json {
+                    stdout.extend_from_slice(&b);
+                } else {
+                    let _ = out.write_all(&b);
+                    let _ = out.flush();
+                }
+            }
+            Output::Stderr(b) => {
+                if json {
+                    stderr.extend_from_slice(&b);
+                } else {
+                    let mut e = std::io::stderr();
+                    let _ = e.write_all(&b);
+                    let _ = e.flush();
+                }
+            }
+            Output::Ended { exit_code, error } => {
+                code = Some(exit_code);
+                failure = error;
+            }
+            _ => {}
+        })
+        .await?;
+    let code = code.unwrap_or(-1);
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({
+                "exit_code": code,
+                "stdout": String::from_utf8_lossy(&stdout),
+                "stderr": String::from_utf8_lossy(&stderr),
+                "error": failure,
+            }),
+        )?;
+        writeln!(out)?;
+    } else if let Some(e) = failure {
+        eprintln!("{e}");
+    }
+    Ok(code)
+}
+
+/// Puts the terminal in raw mode until dropped.
+struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawMode { saved: None };
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+        RawMode { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+fn terminal_size() -> (u16, u16) {
+    nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the valid, exclusively borrowed `ws`.
+    let ok = unsafe { get_winsize(libc::STDOUT_FILENO, &mut ws) }.is_ok();
+    if ok && ws.ws_row > 0 && ws.ws_col > 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (24, 80)
+    }
+}
+
+/// `shell`: an interactive login shell on a PTY in the sandbox; local keystrokes go in, the
+/// terminal's size follows the local one. Returns the shell's exit code.
+pub async fn shell(client: std::sync::Arc<EnvdClient>, cwd: Option<String>) -> anyhow::Result<i32> {
+    let (rows, cols) = terminal_size();
+    let start = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-i".into(), "-l".into()],
+            envs: [(
+                "TERM".to_string(),
+                std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+            )]
+            .into_iter()
+            .collect(),
+            cwd,
+        }),
+        pty: Some(pb::Pty {
+            size: Some(pb::pty::Size {
+                cols: u32::from(cols),
+                rows: u32::from(rows),
+            }),
+        }),
+        tag: None,
+        stdin: Some(true),
+    };
+    let raw = RawMode::enter();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<u32>();
+    let input_client = client.clone();
+    // Keystrokes: a blocking reader thread feeds a task that sends them in order.
+    let input = tokio::spawn(async move {
+        let Ok(pid) = pid_rx.await else { return };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+        loop {
+            tokio::select! {
+                data = rx.recv() => match data {
+                    Some(d) => {
+                        if input_client.send_pty_input(pid, d).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
+                    let (r, c) = terminal_size();
+                    let _ = input_client.resize(pid, r, c).await;
+                }
+            }
+        }
+    });
+    let mut pid_tx = Some(pid_tx);
+    let mut code = 0;
+    let result = client
+        .start(start, |o| match o {
+            Output::Started(pid) => {
+                if let Some(tx) = pid_tx.take() {
+                    let _ = tx.send(pid);
+                }
+            }
+            Output::Pty(b) | Output::Stdout(b) | Output::Stderr(b) => {
+                let mut so = std::io::stdout();
+                let _ = so.write_all(&b);
+                let _ = so.flush();
+            }
+            Output::Ended { exit_code, .. } => code = exit_code,
+        })
+        .await;
+    input.abort();
+    drop(raw);
+    result?;
+    Ok(code)
+}
