@@ -29,8 +29,10 @@ use alcove_envd_proto::process::{self as pb, process_event, process_input, proce
 pub use alcove_envd_proto;
 
 pub mod channel;
+mod http_tunnel;
 mod tunnel;
 
+pub use http_tunnel::is_upgrade;
 pub use tunnel::Tunnel;
 
 /// Request body type of [`AgentClient::send`].
