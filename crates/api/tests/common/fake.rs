@@ -175,7 +175,7 @@ impl SandboxBackend for FakeBackend {
             }
             if req.headers().contains_key("upgrade") {
                 // An echo "protocol" after a 101, as a WebSocket server in a sandbox would do.
-                let on = hyper::upgrade::on(&mut http::Request::from_parts(req.into_parts().0, ()));
+                let on = hyper::upgrade::on(http::Request::from_parts(req.into_parts().0, ()));
                 tokio::spawn(async move {
                     if let Ok(up) = on.await {
                         let mut io = hyper_util::rt::TokioIo::new(up);
