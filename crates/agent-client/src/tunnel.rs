@@ -93,8 +93,15 @@ impl AgentClient {
         let resp = self.request(OP, req).await?;
         let status = resp.status();
         if status != StatusCode::OK {
-            let (_, body) = self.read_small(OP, resp).await.unwrap_or_default();
-            let body = &body[..body.len().min(MAX_ERROR_BODY)];
+            // Hostile-guest rule: read at most a small error body, and not for long.
+            let limited = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
+            let body = tokio::time::timeout(self.timeouts.request, limited.collect())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let body = &body[..];
             let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
             if status == StatusCode::BAD_GATEWAY && v["error"] == "port_not_open" {
                 return Err(ClientError::PortNotOpen(port));
