@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use alcove_agent_client::ClientError;
 use common::*;
+use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -67,8 +68,35 @@ async fn closed_port_is_port_not_open() {
         Err(ClientError::PortNotOpen(p)) => assert_eq!(p, port),
         other => panic!("expected PortNotOpen, got {other:?}"),
     }
-    // The connection is still good afterwards.
+    // The connection is still good afterwards, and the refusal is counted.
     c.health().await.unwrap();
+    let port_open = echo_server().await;
+    drop(c.tunnel(port_open, None).await.unwrap());
+    let req = http::Request::get("/metrics?format=prometheus")
+        .body(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("alcove_agent_tunnels_refused_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alcove_agent_tunnels_opened_total 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -183,6 +183,9 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
             let upgrade = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
                 .then(|| upgrade_of(&parts.headers))
                 .flatten();
+            if upgrade.is_some() {
+                Metrics::inc(&METRICS.proxy_upgrades);
+            }
             strip_hop_by_hop(&mut parts.headers);
             restore_upgrade(&mut parts.headers, upgrade);
             Ok(Response::from_parts(parts, body))

@@ -14,15 +14,18 @@
 //! proxy (`AgentClient::tunnel`); the route sits behind the access-token check like every other.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, Request};
+use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::state::{AgentState, Counters};
 
 /// How long to wait for the guest-side connect (a listener that accepts slowly, a busy guest).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,10 +66,22 @@ impl IntoResponse for TunnelError {
     }
 }
 
-pub async fn open(Query(q): Query<TunnelQuery>, req: Request) -> Response {
+pub async fn open(
+    State(state): State<Arc<AgentState>>,
+    Query(q): Query<TunnelQuery>,
+    req: Request,
+) -> Response {
     match open_inner(q, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+        Ok(r) => {
+            Counters::inc(&state.counters.tunnels_opened);
+            r
+        }
+        Err(e) => {
+            if !matches!(e, TunnelError::BadPort) {
+                Counters::inc(&state.counters.tunnels_refused);
+            }
+            e.into_response()
+        }
     }
 }
 
