@@ -221,3 +221,86 @@ async fn tunnels_need_the_access_token_once_set() {
         .unwrap();
     assert_eq!(got, b"xbye");
 }
+
+/// A keep-alive HTTP/1.1 server answering `ok` to every request; counts connections.
+async fn keepalive_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(r).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (port, conns)
+}
+
+#[tokio::test]
+async fn the_port_client_reuses_connections_per_sandbox_and_port() {
+    use alcove_agent_client::{OpenTunnel, PortClient};
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use std::sync::atomic::Ordering;
+
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let opened = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = opened.clone();
+    let open: OpenTunnel = std::sync::Arc::new(move |id: String, port: u16| {
+        let c = c.clone();
+        seen.lock().unwrap().push((id, port));
+        Box::pin(async move { c.tunnel(port, None).await })
+    });
+    let pc: PortClient<Empty<Bytes>> = PortClient::new(open);
+    let (port, conns) = keepalive_server().await;
+    for _ in 0..3 {
+        let req = http::Request::get("/x").body(Empty::new()).unwrap();
+        let resp = pc.send("sbxa", port, req, T).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "one connection for three requests"
+    );
+    // Another sandbox id never shares that connection.
+    let req = http::Request::get("/x").body(Empty::new()).unwrap();
+    assert_eq!(pc.send("sbxb", port, req, T).await.unwrap().status(), 200);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *opened.lock().unwrap(),
+        vec![("sbxa".to_string(), port), ("sbxb".to_string(), port)]
+    );
+    // A closed port is PortNotOpen, not a generic failure.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let req = http::Request::get("/").body(Empty::new()).unwrap();
+    match pc.send("sbxa", closed, req, T).await {
+        Err(ClientError::PortNotOpen(p)) => assert_eq!(p, closed),
+        other => panic!("expected PortNotOpen, got {other:?}"),
+    }
+}

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use alcove_agent_client::{AgentBody, ClientError};
+use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
     BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
     ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
@@ -21,11 +21,32 @@ const PORT_RESPONSE_HEAD: Duration = Duration::from_secs(300);
 
 pub struct NodeBackend {
     node: Arc<Node>,
+    /// HTTP to every port but the agent's, through agent tunnels, connections pooled per
+    /// sandbox and port.
+    ports: PortClient<Body>,
 }
 
 impl NodeBackend {
     pub fn new(node: Arc<Node>) -> NodeBackend {
-        NodeBackend { node }
+        let n = Arc::clone(&node);
+        let open: OpenTunnel = Arc::new(move |id: String, port: u16| {
+            let node = Arc::clone(&n);
+            Box::pin(async move {
+                let agent = tokio::time::timeout(FORWARD_CONNECT, node.agent(&id))
+                    .await
+                    .map_err(|_| ClientError::Timeout("reach the sandbox agent"))?
+                    .map_err(|e| ClientError::Build("reach the sandbox agent", Box::new(e)))?;
+                let token = node
+                    .get(&id)
+                    .map_err(|e| ClientError::Build("reach the sandbox agent", Box::new(e)))?
+                    .access_token;
+                agent.tunnel(port, token.as_deref()).await
+            })
+        });
+        NodeBackend {
+            node,
+            ports: PortClient::new(open),
+        }
     }
 }
 
@@ -248,13 +269,9 @@ impl SandboxBackend for NodeBackend {
                 .map_err(|_| BackendError::Timeout)?
                 .map_err(|e| map_err("reach the sandbox agent", e))?;
             if port != ENVD_PORT {
-                let token = self
-                    .node
-                    .get(sandbox_id)
-                    .map_err(|e| map_err("reach the sandbox agent", e))?
-                    .access_token;
-                let resp = agent
-                    .forward_http(port, token.as_deref(), req, PORT_RESPONSE_HEAD)
+                let resp = self
+                    .ports
+                    .send(sandbox_id, port, req, PORT_RESPONSE_HEAD)
                     .await
                     .map_err(|e| match e {
                         ClientError::PortNotOpen(_) => BackendError::PortNotOpen,

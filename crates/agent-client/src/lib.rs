@@ -32,7 +32,7 @@ pub mod channel;
 mod http_tunnel;
 mod tunnel;
 
-pub use http_tunnel::is_upgrade;
+pub use http_tunnel::{OpenTunnel, PortClient, is_upgrade};
 pub use tunnel::Tunnel;
 
 /// Request body type of [`AgentClient::send`].
@@ -71,6 +71,8 @@ pub enum ClientError {
         &'static str,
         #[source] Box<dyn std::error::Error + Send + Sync>,
     ),
+    #[error("{0}")]
+    Pooled(&'static str, #[source] hyper_util::client::legacy::Error),
     /// Nothing listens on the port inside the guest (tunnel open).
     #[error("port {0} is not open inside the sandbox")]
     PortNotOpen(u16),
