@@ -248,6 +248,24 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
 async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
     use http_body_util::BodyExt;
     const PORT: u16 = 8000;
+    const BIG_PORT: u16 = 8001;
+    // No backslashes: it travels through `printf %b` in a shell command.
+    const SMALL_SERVER: &str = "import asyncio, sys
+CRLF = bytes([13, 10])
+RESP = b'HTTP/1.1 200 OK' + CRLF + b'Content-Length: 3' + CRLF + CRLF + b'ok' + bytes([10])
+async def serve(r, w):
+    try:
+        while True:
+            await r.readuntil(CRLF + CRLF)
+            w.write(RESP)
+            await w.drain()
+    except Exception:
+        w.close()
+async def main():
+    s = await asyncio.start_server(serve, '0.0.0.0', int(sys.argv[1]))
+    await s.serve_forever()
+asyncio.run(main())
+";
     let node = g.node().await?;
     let accel = g.accel();
     let say = |s: String| {
@@ -270,10 +288,14 @@ async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
     let id = info.id.clone();
     let result = async {
         let mib = a.port_download_mib;
+        // Small responses come from a keep-alive server that writes each response in one
+        // send (Python's http.server writes head and body separately, and Nagle plus delayed
+        // ACKs then add ~40 ms per keep-alive request); the download from http.server.
         let setup = format!(
-            "mkdir -p /tmp/www && echo ok > /tmp/www/small && \
-             head -c {mib}M /dev/urandom > /tmp/www/big && \
-             setsid python3 -m http.server {PORT} --protocol HTTP/1.1 --directory /tmp/www \
+            "mkdir -p /tmp/www && head -c {mib}M /dev/urandom > /tmp/www/big && \
+             printf '%b' {SMALL_SERVER:?} > /tmp/small_server.py || exit 1
+             setsid python3 /tmp/small_server.py {PORT} >/dev/null 2>&1 < /dev/null &
+             setsid python3 -m http.server {BIG_PORT} --directory /tmp/www \
              >/dev/null 2>&1 < /dev/null &"
         );
         let out = node
@@ -286,15 +308,15 @@ async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
         );
         let agent = node.agent(&id).await?;
         let token = node.get(&id)?.access_token;
-        let get = |path: &'static str| {
+        let get = |port: u16, path: &'static str| {
             let agent = agent.clone();
             let token = token.clone();
             async move {
                 let req = http::Request::get(path)
-                    .header("host", format!("{PORT}-bench.localhost"))
+                    .header("host", format!("{port}-bench.localhost"))
                     .body(http_body_util::Empty::<bytes::Bytes>::new())?;
                 let resp = agent
-                    .forward_http(PORT, token.as_deref(), req, Duration::from_secs(60))
+                    .forward_http(port, token.as_deref(), req, Duration::from_secs(60))
                     .await?;
                 anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
                 let mut body = resp.into_body();
@@ -307,10 +329,10 @@ async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
                 Ok::<usize, anyhow::Error>(n)
             }
         };
-        // Wait for the server, then warm up (TCG translates the server's paths on first use).
+        // Wait for both servers, then warm up (TCG translates the server's paths on first use).
         let t0 = Instant::now();
         loop {
-            match get("/small").await {
+            match tokio::try_join!(get(PORT, "/small"), get(BIG_PORT, "/")) {
                 Ok(_) => break,
                 Err(_) if t0.elapsed() < Duration::from_secs(60) => {
                     tokio::time::sleep(Duration::from_millis(200)).await
@@ -319,12 +341,12 @@ async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
             }
         }
         for _ in 0..5 {
-            get("/small").await?;
+            get(PORT, "/small").await?;
         }
         let mut lat = Series::default();
         for _ in 0..a.port_requests {
             let t = Instant::now();
-            get("/small").await?;
+            get(PORT, "/small").await?;
             lat.push(t.elapsed());
         }
         say(lat.line("GET through a new tunnel each (3-byte body)", "ms"));
@@ -354,7 +376,7 @@ async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
         say(pooled.line("GET over a pooled tunnel (keep-alive)", "ms"));
 
         let t = Instant::now();
-        let n = get("/big").await?;
+        let n = get(BIG_PORT, "/big").await?;
         let secs = t.elapsed().as_secs_f64();
         anyhow::ensure!(n == mib << 20, "downloaded {n} bytes, wanted {}", mib << 20);
         let tunnel_mbs = n as f64 / secs / 1e6;
