@@ -34,6 +34,8 @@ pub struct Counters {
     pub rpc_errors: AtomicU64,
     pub processes_started: AtomicU64,
     pub spawn_failures: AtomicU64,
+    pub tunnels_opened: AtomicU64,
+    pub tunnels_refused: AtomicU64,
 }
 
 impl Counters {

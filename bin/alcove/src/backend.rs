@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use alcove_agent_client::AgentBody;
+use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
     BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
     ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
@@ -15,14 +15,38 @@ const ENVD_VERSION: &str = alcove_agent_client::alcove_envd_proto::ENVD_VERSION;
 /// Bound on reaching the agent for one forwarded request (connecting, not the whole exchange:
 /// uploads and command streams may run long).
 const FORWARD_CONNECT: Duration = Duration::from_secs(30);
+/// Bound on a server in the sandbox answering with its response head (its body may stream on
+/// for as long as it likes). Generous: user servers may think before they answer.
+const PORT_RESPONSE_HEAD: Duration = Duration::from_secs(300);
 
 pub struct NodeBackend {
     node: Arc<Node>,
+    /// HTTP to every port but the agent's, through agent tunnels, connections pooled per
+    /// sandbox and port.
+    ports: PortClient<Body>,
 }
 
 impl NodeBackend {
     pub fn new(node: Arc<Node>) -> NodeBackend {
-        NodeBackend { node }
+        let n = Arc::clone(&node);
+        let open: OpenTunnel = Arc::new(move |id: String, port: u16| {
+            let node = Arc::clone(&n);
+            Box::pin(async move {
+                let agent = tokio::time::timeout(FORWARD_CONNECT, node.agent(&id))
+                    .await
+                    .map_err(|_| ClientError::Timeout("reach the sandbox agent"))?
+                    .map_err(|e| ClientError::Build("reach the sandbox agent", Box::new(e)))?;
+                let token = node
+                    .get(&id)
+                    .map_err(|e| ClientError::Build("reach the sandbox agent", Box::new(e)))?
+                    .access_token;
+                agent.tunnel(port, token.as_deref()).await
+            })
+        });
+        NodeBackend {
+            node,
+            ports: PortClient::new(open),
+        }
     }
 }
 
@@ -240,15 +264,23 @@ impl SandboxBackend for NodeBackend {
         req: http::Request<Body>,
     ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>> {
         Box::pin(async move {
-            if port != ENVD_PORT {
-                // Other ports need the sandbox network (guest TCP), which lands with network
-                // isolation; until then only the agent is reachable.
-                return Err(BackendError::PortNotOpen);
-            }
             let agent = tokio::time::timeout(FORWARD_CONNECT, self.node.agent(sandbox_id))
                 .await
                 .map_err(|_| BackendError::Timeout)?
                 .map_err(|e| map_err("reach the sandbox agent", e))?;
+            if port != ENVD_PORT {
+                let resp = self
+                    .ports
+                    .send(sandbox_id, port, req, PORT_RESPONSE_HEAD)
+                    .await
+                    .map_err(|e| match e {
+                        ClientError::PortNotOpen(_) => BackendError::PortNotOpen,
+                        ClientError::Timeout(_) => BackendError::Timeout,
+                        e => failed("forward to a sandbox port", e),
+                    })?;
+                let (parts, body) = resp.into_parts();
+                return Ok(http::Response::from_parts(parts, Body::new(body)));
+            }
             let (parts, body) = req.into_parts();
             let body: AgentBody = body
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)

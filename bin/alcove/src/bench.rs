@@ -24,6 +24,16 @@ pub struct BenchArgs {
     /// Idle sandboxes kept alive together for the memory measurement.
     #[arg(long, default_value_t = 50)]
     idle: usize,
+    /// Only measure the port tunnel instead: proxied HTTP request latency and a download
+    /// through the agent channel from a server in one sandbox.
+    #[arg(long)]
+    ports: bool,
+    /// Requests for the port tunnel latency series.
+    #[arg(long, default_value_t = 50)]
+    port_requests: usize,
+    /// MiB downloaded through the port tunnel (and, for comparison, envd's /files).
+    #[arg(long, default_value_t = 100)]
+    port_download_mib: usize,
 }
 
 #[derive(Default)]
@@ -79,6 +89,9 @@ fn echo_request() -> alcove_agent_client::RunRequest {
 }
 
 pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
+    if a.ports {
+        return ports(g, &a).await;
+    }
     let node = g.node().await?;
     let accel = g.accel();
     let opts = CreateOptions {
@@ -227,4 +240,192 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     } else {
         1
     })
+}
+
+/// Proxied HTTP through the port tunnel, as `NodeBackend::forward` does it for ports other than
+/// the agent's: latency of small GETs (to the end of the body) and throughput of one download,
+/// beside the same download through envd's `/files` on the agent's own h2 connection.
+async fn ports(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
+    use http_body_util::BodyExt;
+    const PORT: u16 = 8000;
+    const BIG_PORT: u16 = 8001;
+    // No backslashes: it travels through `printf %b` in a shell command.
+    const SMALL_SERVER: &str = "import asyncio, sys
+CRLF = bytes([13, 10])
+RESP = b'HTTP/1.1 200 OK' + CRLF + b'Content-Length: 3' + CRLF + CRLF + b'ok' + bytes([10])
+async def serve(r, w):
+    try:
+        while True:
+            await r.readuntil(CRLF + CRLF)
+            w.write(RESP)
+            await w.drain()
+    except Exception:
+        w.close()
+async def main():
+    s = await asyncio.start_server(serve, '0.0.0.0', int(sys.argv[1]))
+    await s.serve_forever()
+asyncio.run(main())
+";
+    let node = g.node().await?;
+    let accel = g.accel();
+    let say = |s: String| {
+        if !g.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "# alcove bench --ports: template {}, accelerator {} ({})",
+        a.template,
+        accel.accel.as_str(),
+        accel.reason
+    ));
+    let (info, _) = node
+        .create(CreateOptions {
+            template: a.template.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let id = info.id.clone();
+    let result = async {
+        let mib = a.port_download_mib;
+        // Small responses come from a keep-alive server that writes each response in one
+        // send (Python's http.server writes head and body separately, and Nagle plus delayed
+        // ACKs then add ~40 ms per keep-alive request); the download from http.server.
+        let setup = format!(
+            "mkdir -p /tmp/www && head -c {mib}M /dev/urandom > /tmp/www/big && \
+             printf '%b' {SMALL_SERVER:?} > /tmp/small_server.py || exit 1
+             setsid python3 /tmp/small_server.py {PORT} >/dev/null 2>&1 < /dev/null &
+             setsid python3 -m http.server {BIG_PORT} --directory /tmp/www \
+             >/dev/null 2>&1 < /dev/null &"
+        );
+        let out = node
+            .run(&id, crate::sandbox::run_request(&[setup], "root", None))
+            .await?;
+        anyhow::ensure!(
+            out.exit_code == 0,
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let agent = node.agent(&id).await?;
+        let token = node.get(&id)?.access_token;
+        let get = |port: u16, path: &'static str| {
+            let agent = agent.clone();
+            let token = token.clone();
+            async move {
+                let req = http::Request::get(path)
+                    .header("host", format!("{port}-bench.localhost"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+                let resp = agent
+                    .forward_http(port, token.as_deref(), req, Duration::from_secs(60))
+                    .await?;
+                anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+                let mut body = resp.into_body();
+                let mut n = 0usize;
+                while let Some(f) = body.frame().await {
+                    if let Ok(d) = f?.into_data() {
+                        n += d.len();
+                    }
+                }
+                Ok::<usize, anyhow::Error>(n)
+            }
+        };
+        // Wait for both servers, then warm up (TCG translates the server's paths on first use).
+        let t0 = Instant::now();
+        loop {
+            match tokio::try_join!(get(PORT, "/small"), get(BIG_PORT, "/")) {
+                Ok(_) => break,
+                Err(_) if t0.elapsed() < Duration::from_secs(60) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(e.context("the server in the sandbox never answered")),
+            }
+        }
+        for _ in 0..5 {
+            get(PORT, "/small").await?;
+        }
+        let mut lat = Series::default();
+        for _ in 0..a.port_requests {
+            let t = Instant::now();
+            get(PORT, "/small").await?;
+            lat.push(t.elapsed());
+        }
+        say(lat.line("GET through a new tunnel each (3-byte body)", "ms"));
+
+        // The proxy's way: connections pooled per sandbox and port (keep-alive server).
+        let open_agent = agent.clone();
+        let open_token = token.clone();
+        let open: alcove_agent_client::OpenTunnel = std::sync::Arc::new(move |_id, port| {
+            let (agent, token) = (open_agent.clone(), open_token.clone());
+            Box::pin(async move { agent.tunnel(port, token.as_deref()).await })
+        });
+        let pool: alcove_agent_client::PortClient<http_body_util::Empty<bytes::Bytes>> =
+            alcove_agent_client::PortClient::new(open);
+        let mut pooled = Series::default();
+        for i in 0..a.port_requests + 5 {
+            let t = Instant::now();
+            let req = http::Request::get("/small")
+                .header("host", format!("{PORT}-bench.localhost"))
+                .body(http_body_util::Empty::new())?;
+            let resp = pool.send(&id, PORT, req, Duration::from_secs(60)).await?;
+            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+            resp.into_body().collect().await?;
+            if i >= 5 {
+                pooled.push(t.elapsed());
+            }
+        }
+        say(pooled.line("GET over a pooled tunnel (keep-alive)", "ms"));
+
+        let t = Instant::now();
+        let n = get(BIG_PORT, "/big").await?;
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(n == mib << 20, "downloaded {n} bytes, wanted {}", mib << 20);
+        let tunnel_mbs = n as f64 / secs / 1e6;
+        say(format!(
+            "download {mib} MiB through the tunnel: {secs:.2} s, {tunnel_mbs:.1} MB/s"
+        ));
+
+        let mut req = http::Request::get("/files?path=/tmp/www/big&username=root");
+        if let Some(t) = &token {
+            req = req.header("x-access-token", t);
+        }
+        let t = Instant::now();
+        let resp = agent
+            .send(
+                req.body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )?,
+            )
+            .await?;
+        anyhow::ensure!(resp.status() == 200, "/files status {}", resp.status());
+        let mut body = resp.into_body();
+        let mut m = 0usize;
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f?.into_data() {
+                m += d.len();
+            }
+        }
+        let secs2 = t.elapsed().as_secs_f64();
+        let files_mbs = m as f64 / secs2 / 1e6;
+        say(format!(
+            "download {mib} MiB through envd /files:   {secs2:.2} s, {files_mbs:.1} MB/s"
+        ));
+        if g.json {
+            println!(
+                "{}",
+                json!({
+                    "template": a.template, "accel": accel.accel.as_str(),
+                    "tunnel_get_ms": lat.summary(),
+                    "pooled_get_ms": pooled.summary(),
+                    "tunnel_download": { "bytes": n, "secs": secs, "mb_per_s": tunnel_mbs },
+                    "files_download": { "bytes": m, "secs": secs2, "mb_per_s": files_mbs },
+                })
+            );
+        }
+        Ok(())
+    }
+    .await;
+    node.kill(&id).await?;
+    result.map(|()| 0)
 }

@@ -29,6 +29,11 @@ use alcove_envd_proto::process::{self as pb, process_event, process_input, proce
 pub use alcove_envd_proto;
 
 pub mod channel;
+mod http_tunnel;
+mod tunnel;
+
+pub use http_tunnel::{OpenTunnel, PortClient, is_upgrade};
+pub use tunnel::Tunnel;
 
 /// Request body type of [`AgentClient::send`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,6 +71,11 @@ pub enum ClientError {
         &'static str,
         #[source] Box<dyn std::error::Error + Send + Sync>,
     ),
+    #[error("{0}")]
+    Pooled(&'static str, #[source] hyper_util::client::legacy::Error),
+    /// Nothing listens on the port inside the guest (tunnel open).
+    #[error("port {0} is not open inside the sandbox")]
+    PortNotOpen(u16),
     #[error("the agent's stream for {0} ended before the process did")]
     StreamEnded(&'static str),
     #[error("build the request for {0}")]

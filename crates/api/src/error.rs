@@ -66,6 +66,8 @@ pub enum ApiError {
     BadRouting { detail: String },
     #[error("sandbox access token rejected")]
     AccessTokenRejected { sandbox_id: String },
+    #[error("traffic access token rejected")]
+    TrafficTokenRejected { sandbox_id: String, port: u16 },
     #[error("sandbox not running")]
     SandboxGone { sandbox_id: String },
     #[error("port not open")]
@@ -217,6 +219,13 @@ impl ApiError {
                     "Sandbox {sandbox_id} is secured and the X-Access-Token header is missing or \
                      wrong. Use the envdAccessToken returned when the sandbox was created or \
                      connected."
+                ),
+            ),
+            TrafficTokenRejected { sandbox_id, port } => (
+                StatusCode::FORBIDDEN,
+                "invalid_traffic_access_token",
+                format!(
+                    "Sandbox {sandbox_id} was created with allowPublicTraffic: false, so requests                      to its port {port} need its traffic access token in the                      e2b-traffic-access-token header; it is missing or wrong. Use the                      trafficAccessToken returned when the sandbox was created or connected."
                 ),
             ),
             // "was not found" is the phrase the SDKs match to raise SandboxNotRunningException.

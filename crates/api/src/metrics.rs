@@ -23,6 +23,7 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub proxy_requests: AtomicU64,
     pub proxy_failures: AtomicU64,
+    pub proxy_upgrades: AtomicU64,
 }
 
 impl Metrics {
@@ -69,7 +70,7 @@ impl Metrics {
         for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "alcove_api_errors_total{{code=\"{code}\"}} {n}");
         }
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "alcove_sandboxes_created_total",
                 "Sandboxes started.",
@@ -109,6 +110,11 @@ impl Metrics {
                 "alcove_proxy_failures_total",
                 "Sandbox requests answered with an error by the proxy.",
                 &self.proxy_failures,
+            ),
+            (
+                "alcove_proxy_upgrades_total",
+                "Sandbox requests switched to another protocol (WebSocket) by a 101.",
+                &self.proxy_upgrades,
             ),
         ];
         for (name, help, c) in counters {

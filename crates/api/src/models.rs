@@ -39,7 +39,9 @@ pub struct NewSandbox {
     /// `false` asks for a sandbox without outbound network.
     #[serde(default)]
     pub allow_internet_access: Option<bool>,
-    /// Network policy. Not supported yet: must be absent, null or `{}`.
+    /// Network settings. Only `allowPublicTraffic` is supported (`false`: ports other than the
+    /// agent's need the returned `trafficAccessToken` in `e2b-traffic-access-token`); egress
+    /// rules are refused.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub network: Option<Value>,

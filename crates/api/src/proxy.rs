@@ -9,7 +9,12 @@
 //! Access: requests to the agent port must carry the sandbox's envd access token in
 //! `X-Access-Token`, or a valid v1 URL signature (`/files?signature=...`, as the SDKs' upload and
 //! download URLs do); `GET /health` is open, as in envd. Other ports are open to whoever knows the
-//! sandbox id, as in E2B (traffic tokens arrive with the network issue).
+//! sandbox id, as in E2B, unless the sandbox was created with `network.allowPublicTraffic: false`:
+//! then they need its traffic access token in `e2b-traffic-access-token` (403 otherwise). That
+//! header is stripped before forwarding.
+//!
+//! Upgrades (WebSocket): the `Upgrade`/`Connection: upgrade` pair survives the hop-by-hop strip
+//! on the request and on a 101 answer; the backend joins both upgraded connections.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +35,8 @@ use crate::metrics::{METRICS, Metrics};
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 const ACCESS_TOKEN_HEADER: &str = "x-access-token";
+/// E2B's header for sandboxes created with `network.allowPublicTraffic: false`.
+const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
 /// Where a request should go, if it is sandbox traffic.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,12 +148,25 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
     {
         return Err(ApiError::AccessTokenRejected { sandbox_id });
     }
+    if port != ENVD_PORT
+        && let Some(token) = &target.traffic_access_token
+        && !req
+            .headers()
+            .get(TRAFFIC_TOKEN_HEADER)
+            .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
+    {
+        return Err(ApiError::TrafficTokenRejected { sandbox_id, port });
+    }
 
     let (mut parts, body) = req.into_parts();
-    for name in [SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER] {
+    for name in [SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER] {
         parts.headers.remove(name);
     }
+    // An upgrade (WebSocket) keeps its Upgrade/Connection pair: the backend needs them to ask
+    // the server in the sandbox for the switch, and hyper's `OnUpgrade` stays in the extensions.
+    let upgrade = upgrade_of(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
+    restore_upgrade(&mut parts.headers, upgrade);
     let path = parts
         .uri
         .path_and_query()
@@ -160,7 +180,14 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
     match svc.backend().forward(&sandbox_id, port, req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
+            let upgrade = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| upgrade_of(&parts.headers))
+                .flatten();
+            if upgrade.is_some() {
+                Metrics::inc(&METRICS.proxy_upgrades);
+            }
             strip_hop_by_hop(&mut parts.headers);
+            restore_upgrade(&mut parts.headers, upgrade);
             Ok(Response::from_parts(parts, body))
         }
         Err(BackendError::SandboxNotFound) => Err(ApiError::SandboxGone { sandbox_id }),
@@ -170,6 +197,28 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
             tracing::warn!(sandbox_id = %sandbox_id, port, error = %chain(&e), "forward failed");
             Err(ApiError::SandboxUnreachable { sandbox_id })
         }
+    }
+}
+
+/// The `Upgrade` value of a request or 101 response that asks for one (`Connection: upgrade`).
+fn upgrade_of(h: &http::HeaderMap) -> Option<http::HeaderValue> {
+    let asks = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| h.get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+fn restore_upgrade(h: &mut http::HeaderMap, upgrade: Option<http::HeaderValue>) {
+    if let Some(u) = upgrade {
+        h.insert(http::header::UPGRADE, u);
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
     }
 }
 

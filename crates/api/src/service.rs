@@ -52,6 +52,8 @@ pub struct ListQuery {
 pub struct ProxyTarget {
     pub state: StoreState,
     pub envd_access_token: Option<String>,
+    /// Required in `e2b-traffic-access-token` on ports other than the agent's, when set.
+    pub traffic_access_token: Option<String>,
 }
 
 impl Service {
@@ -223,6 +225,8 @@ impl Service {
             None => self.limits.default_timeout,
         };
         reject_unsupported(&req)?;
+        let public_traffic = allow_public_traffic(&req.network)?;
+        let traffic_token = (public_traffic == Some(false)).then(random_token);
         let template = self.resolve_template(&req.template_id).await?;
         let alias = (template.id != req.template_id).then(|| req.template_id.clone());
         let env_vars = req.env_vars.unwrap_or_default();
@@ -244,6 +248,7 @@ impl Service {
             envd_access_token: Some(token.clone()),
             auto_pause: false,
             allow_internet_access: req.allow_internet_access,
+            traffic_access_token: traffic_token.clone(),
             metadata: metadata.clone(),
             env_names: env_vars.keys().cloned().collect(),
         };
@@ -287,7 +292,7 @@ impl Service {
             envd_version: started.envd_version,
             alias,
             envd_access_token: Some(token),
-            traffic_access_token: None,
+            traffic_access_token: traffic_token,
             domain: Some(self.domain.clone()),
         })
     }
@@ -594,7 +599,7 @@ impl Service {
             envd_version: r.envd_version,
             alias: r.alias,
             envd_access_token: r.envd_access_token,
-            traffic_access_token: None,
+            traffic_access_token: r.traffic_access_token,
             domain: Some(self.domain.clone()),
         })
     }
@@ -711,6 +716,7 @@ impl Service {
             .map(|r| ProxyTarget {
                 state: r.state,
                 envd_access_token: r.envd_access_token,
+                traffic_access_token: r.traffic_access_token,
             }))
     }
 
@@ -856,9 +862,6 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
             feature: "autoPause (pause on timeout)",
         });
     }
-    if !empty(&req.network) {
-        return Err(ApiError::Unsupported { feature: "network" });
-    }
     if !empty(&req.mcp) {
         return Err(ApiError::Unsupported { feature: "mcp" });
     }
@@ -871,6 +874,40 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
         });
     }
     Ok(())
+}
+
+/// `network.allowPublicTraffic`, the one network setting supported so far; any other non-empty
+/// field (egress rules, DNS, proxies) is refused rather than silently ignored.
+fn allow_public_traffic(network: &Option<serde_json::Value>) -> Result<Option<bool>, ApiError> {
+    let map = match network {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(_) => {
+            return Err(ApiError::InvalidBody {
+                detail: "network must be an object".into(),
+            });
+        }
+    };
+    let mut public = None;
+    for (k, v) in map {
+        match (k.as_str(), v) {
+            (_, serde_json::Value::Null) => {}
+            ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
+            ("allowPublicTraffic", _) => {
+                return Err(ApiError::InvalidBody {
+                    detail: "network.allowPublicTraffic must be a boolean".into(),
+                });
+            }
+            (_, serde_json::Value::Array(a)) if a.is_empty() => {}
+            (_, serde_json::Value::Object(o)) if o.is_empty() => {}
+            _ => {
+                return Err(ApiError::Unsupported {
+                    feature: "network egress rules (only network.allowPublicTraffic is supported)",
+                });
+            }
+        }
+    }
+    Ok(public)
 }
 
 fn wire_state(s: StoreState) -> models::SandboxState {

@@ -643,3 +643,156 @@ async fn templates_and_aliases() {
 fn uuid_like(s: &str) -> bool {
     s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4
 }
+
+#[tokio::test]
+async fn traffic_tokens_guard_ports_when_public_traffic_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let s = TestServer::start(dir.path(), backend.clone(), fast_limits()).await;
+    let api = s.client();
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"allowPublicTraffic": false}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    let envd = r.json["envdAccessToken"].as_str().unwrap().to_owned();
+    let traffic = r.json["trafficAccessToken"].as_str().unwrap().to_owned();
+    assert!(traffic.len() >= 32);
+    assert_ne!(traffic, envd);
+
+    let mut sbx = s.client();
+    sbx.key = None;
+    let get = |port: &'static str, tok: Option<&'static str>| {
+        let (sbx, id) = (&sbx, id.clone());
+        async move {
+            let mut h = vec![("E2b-Sandbox-Id", id), ("E2b-Sandbox-Port", port.into())];
+            if let Some(t) = tok {
+                h.push(("e2b-traffic-access-token", t.into()));
+            }
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            sbx.send("GET", "/", &h, vec![]).await
+        }
+    };
+    let denied = get("8000", None).await;
+    assert_error(&denied, 403, "invalid_traffic_access_token");
+    assert!(
+        denied.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("e2b-traffic-access-token")
+    );
+    assert_error(
+        &get("8000", Some("wrong")).await,
+        403,
+        "invalid_traffic_access_token",
+    );
+    let tok: &'static str = Box::leak(traffic.clone().into_boxed_str());
+    let ok = get("8000", Some(tok)).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.json);
+    assert_eq!(
+        ok.json["trafficHeader"], false,
+        "the token is not forwarded"
+    );
+    // The host form is guarded the same way.
+    let host = format!("8000-{id}.localhost:{}", s.addr.port());
+    let by_host = sbx
+        .send("GET", "/", &[("host", host.as_str())], vec![])
+        .await;
+    assert_error(&by_host, 403, "invalid_traffic_access_token");
+    // The agent port keeps its own rule: the envd token, no traffic token needed.
+    let envd_ok = sbx
+        .send(
+            "GET",
+            "/envs",
+            &[
+                ("E2b-Sandbox-Id", id.as_str()),
+                ("X-Access-Token", envd.as_str()),
+            ],
+            vec![],
+        )
+        .await;
+    assert_eq!(envd_ok.status, 200, "{:?}", envd_ok.json);
+
+    // Connect hands the token out again, and it survives a restart (it lives in the store).
+    let c = api
+        .post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 60}))
+        .await;
+    assert_eq!(c.json["trafficAccessToken"], traffic.as_str());
+    drop(api);
+    s.stop().await;
+    let s = TestServer::start(dir.path(), backend, fast_limits()).await;
+    let mut sbx = s.client();
+    sbx.key = None;
+    let h = [
+        ("E2b-Sandbox-Id", id.as_str()),
+        ("E2b-Sandbox-Port", "8000"),
+    ];
+    assert_error(
+        &sbx.send("GET", "/", &h, vec![]).await,
+        403,
+        "invalid_traffic_access_token",
+    );
+    let h = [
+        ("E2b-Sandbox-Id", id.as_str()),
+        ("E2b-Sandbox-Port", "8000"),
+        ("e2b-traffic-access-token", traffic.as_str()),
+    ];
+    assert_eq!(sbx.send("GET", "/", &h, vec![]).await.status, 200);
+
+    // Public sandboxes get no token; egress rules are refused, not ignored.
+    let api = s.client();
+    let open = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"allowPublicTraffic": true}}),
+        )
+        .await;
+    assert_eq!(open.status, 201);
+    assert!(open.json["trafficAccessToken"].is_null());
+    let rules = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}),
+        )
+        .await;
+    assert_error(&rules, 400, "unsupported_feature");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn upgrades_pass_through_the_proxy_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, s) = start().await;
+    let api = s.client();
+    let r = api
+        .post("/v2/sandboxes", json!({"templateID": "base"}))
+        .await;
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: 8000-{id}.localhost:{}\r\nConnection: Upgrade\r\n\
+         Upgrade: echo\r\n\r\n",
+        s.addr.port()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "head: {buf:?}");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    conn.write_all(b"ping through the upgrade").await.unwrap();
+    let mut got = [0u8; 24];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping through the upgrade");
+    s.stop().await;
+}

@@ -84,6 +84,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE api_keys ADD COLUMN last_used_at INTEGER;
     CREATE INDEX sandboxes_by_team_state ON sandboxes(team_id, state, started_at);
     "#,
+    // 3: traffic access tokens (sandboxes created with `allowPublicTraffic: false`).
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

@@ -26,6 +26,9 @@ pub struct NewSandboxRecord {
     pub envd_access_token: Option<String>,
     pub auto_pause: bool,
     pub allow_internet_access: Option<bool>,
+    /// Set when the sandbox was created with `allowPublicTraffic: false`: proxied requests to
+    /// its ports (other than the agent's) must carry it.
+    pub traffic_access_token: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub env_names: Vec<String>,
 }
@@ -47,6 +50,7 @@ impl NewSandboxRecord {
             envd_access_token: Some("tok".into()),
             auto_pause: false,
             allow_internet_access: None,
+            traffic_access_token: None,
             metadata: BTreeMap::from([("user".to_string(), "alice".to_string())]),
             env_names: vec!["SECRET".into()],
         }
@@ -70,6 +74,7 @@ pub struct SandboxRecord {
     pub envd_access_token: Option<String>,
     pub auto_pause: bool,
     pub allow_internet_access: Option<bool>,
+    pub traffic_access_token: Option<String>,
     /// Why the sandbox ended (`killed`/`lost` only).
     pub end_reason: Option<String>,
     pub ended_at: Option<i64>,
@@ -125,7 +130,7 @@ pub struct Page {
 
 const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, started_at, end_at, \
     cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
-    allow_internet_access, end_reason, ended_at";
+    allow_internet_access, end_reason, ended_at, traffic_access_token";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(4)?;
@@ -150,6 +155,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
         allow_internet_access: r.get(14)?,
         end_reason: r.get(15)?,
         ended_at: r.get(16)?,
+        traffic_access_token: r.get(17)?,
         metadata: BTreeMap::new(),
         env_names: Vec::new(),
     })
@@ -203,7 +209,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({COLUMNS}) VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL, ?16)"
             ),
             params![
                 s.id,
@@ -221,6 +227,7 @@ impl Store {
                 s.envd_access_token,
                 s.auto_pause,
                 s.allow_internet_access,
+                s.traffic_access_token,
             ],
         )?;
         for (k, v) in &s.metadata {

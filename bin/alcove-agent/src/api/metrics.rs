@@ -68,6 +68,16 @@ fn prometheus(state: &AgentState) -> String {
             "Process starts that failed",
             c.spawn_failures.load(Ordering::Relaxed),
         ),
+        (
+            "alcove_agent_tunnels_opened_total",
+            "Tunnels to guest ports connected",
+            c.tunnels_opened.load(Ordering::Relaxed),
+        ),
+        (
+            "alcove_agent_tunnels_refused_total",
+            "Tunnels whose guest port was not open or did not connect in time",
+            c.tunnels_refused.load(Ordering::Relaxed),
+        ),
     ];
     let mut s = String::new();
     for (name, help, v) in rows {

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod init;
 pub mod metrics;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -29,6 +30,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
             get(files::download)
                 .post(files::upload)
                 .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/alcove/tunnel",
+            post(tunnel::open).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route(
             "/process.Process/{method}",

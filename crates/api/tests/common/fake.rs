@@ -173,6 +173,23 @@ impl SandboxBackend for FakeBackend {
             if port == CLOSED_PORT {
                 return Err(BackendError::PortNotOpen);
             }
+            if req.headers().contains_key("upgrade") {
+                // An echo "protocol" after a 101, as a WebSocket server in a sandbox would do.
+                let on = hyper::upgrade::on(http::Request::from_parts(req.into_parts().0, ()));
+                tokio::spawn(async move {
+                    if let Ok(up) = on.await {
+                        let mut io = hyper_util::rt::TokioIo::new(up);
+                        let (mut r, mut w) = tokio::io::split(&mut io);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                });
+                return Ok(http::Response::builder()
+                    .status(101)
+                    .header("upgrade", "echo")
+                    .header("connection", "upgrade")
+                    .body(Body::empty())
+                    .unwrap());
+            }
             let (parts, body) = req.into_parts();
             let body = axum::body::to_bytes(body, 1 << 20)
                 .await
@@ -183,6 +200,7 @@ impl SandboxBackend for FakeBackend {
                 "method": parts.method.as_str(),
                 "uri": parts.uri.to_string(),
                 "routingHeaders": parts.headers.contains_key("e2b-sandbox-id"),
+                "trafficHeader": parts.headers.contains_key("e2b-traffic-access-token"),
                 "bodyLen": body.len(),
             });
             Ok(http::Response::builder()
