@@ -28,6 +28,8 @@ else
     bin="${ALCOVE_BIN:-$root/target/debug/alcove}"
     [[ -n "${ALCOVE_BIN:-}" ]] || cargo build --quiet --manifest-path "$root/Cargo.toml" -p alcove
     server=("$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state")
+    # For the CLI tests (test_cli_client.py): the same binary, as a client of this server.
+    export ALCOVE_BIN="$bin"
 fi
 
 "${server[@]}" >"$log" 2>&1 &
