@@ -33,7 +33,14 @@ pub enum ContextError {
     Kernel(#[from] KernelError),
     #[error("working directory {0:?} does not exist in the sandbox; create it first or omit cwd")]
     BadCwd(String),
+    #[error(
+        "this sandbox already has {0} code contexts (each is a kernel process); remove one with DELETE /contexts/{{id}} first"
+    )]
+    TooMany(usize),
 }
+
+/// Contexts per sandbox: each is a kernel process of 50-150 MB.
+pub const MAX_CONTEXTS: usize = 32;
 
 pub struct Contexts {
     env: KernelEnv,
@@ -82,6 +89,9 @@ impl Contexts {
         };
         if !cwd.is_dir() {
             return Err(ContextError::BadCwd(cwd.display().to_string()));
+        }
+        if self.map.lock().expect("contexts").len() >= MAX_CONTEXTS {
+            return Err(ContextError::TooMany(MAX_CONTEXTS));
         }
         let kernel = Kernel::start(&self.env, lang, &cwd, &[]).await?;
         let ctx = Arc::new(Context {

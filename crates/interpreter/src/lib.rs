@@ -159,6 +159,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Context(ContextError::NotFound(_)) => StatusCode::NOT_FOUND,
             ApiError::Context(ContextError::BadCwd(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Context(ContextError::TooMany(_)) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Context(ContextError::Kernel(KernelError::UnknownLanguage { .. })) => {
                 StatusCode::BAD_REQUEST
             }
