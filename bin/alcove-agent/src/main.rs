@@ -65,8 +65,8 @@ struct InterpreterCli {
     no_warm: bool,
 }
 
-fn interpreter_main() -> anyhow::Result<()> {
-    let cli = InterpreterCli::parse_from(std::env::args().skip(1));
+/// Logs to stderr (the console in the guest), filtered by ALCOVE_AGENT_LOG (default info).
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ALCOVE_AGENT_LOG")
@@ -74,6 +74,11 @@ fn interpreter_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn interpreter_main() -> anyhow::Result<()> {
+    let cli = InterpreterCli::parse_from(std::env::args().skip(1));
+    init_tracing();
     let mut cfg = alcove_interpreter::Config::guest_defaults();
     cfg.listen = cli.listen;
     if !cli.kernel_dirs.is_empty() {
@@ -114,13 +119,7 @@ fn main() -> anyhow::Result<()> {
     if guest && alcove_agent::init::is_pid1() {
         alcove_agent::init::pid1_then_fork()?;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ALCOVE_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
     if let Err(e) = alcove_agent::run(config) {
         tracing::error!("alcove-agent failed: {e:#}");
         return Err(e);

@@ -278,7 +278,7 @@ impl Kernel {
             let iopub = zmq::create_client_iopub_connection(&info, "", &session).await?;
             Ok::<_, zmq::RuntimeError>((shell, iopub))
         };
-        let (shell, mut iopub) = match tokio::time::timeout(READY_TIMEOUT, connect).await {
+        let (shell, iopub) = match tokio::time::timeout(READY_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
                 kill_group(pid);
@@ -295,36 +295,20 @@ impl Kernel {
                 });
             }
         };
-        let (shell_tx, mut shell_rx) = shell.split();
+        let (shell_tx, shell_rx) = shell.split();
         let routes: Routes = Arc::default();
-        let r = routes.clone();
-        let ex = exited.clone();
-        let shell_reader = tokio::spawn(async move {
-            loop {
-                match shell_rx.read().await {
-                    Ok(msg) => route(&r, Channel::Shell, msg).await,
-                    Err(e) => {
-                        if !read_failed(&ex, "shell", &e).await {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        let r = routes.clone();
-        let ex = exited.clone();
-        let iopub_reader = tokio::spawn(async move {
-            loop {
-                match iopub.read().await {
-                    Ok(msg) => route(&r, Channel::IoPub, msg).await,
-                    Err(e) => {
-                        if !read_failed(&ex, "iopub", &e).await {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        let shell_reader = tokio::spawn(read_loop(
+            shell_rx,
+            Channel::Shell,
+            routes.clone(),
+            exited.clone(),
+        ));
+        let iopub_reader = tokio::spawn(read_loop(
+            iopub,
+            Channel::IoPub,
+            routes.clone(),
+            exited.clone(),
+        ));
         // When the process exits, drop every route so waiting executions end.
         let r = routes.clone();
         let mut ex = exited.clone();
@@ -458,8 +442,13 @@ impl Kernel {
         self.exec.clone().lock_owned().await
     }
 
-    /// Starts `code`; the caller holds the kernel's lock (see [`Kernel::lock`]).
-    async fn execute_locked(&self, code: &str, silent: bool) -> Result<Execution<'_>, KernelError> {
+    /// Sends an `execute_request` for `code` and registers its route; returns the message id
+    /// and the receiver of everything the kernel sends back for it.
+    async fn send_execute(
+        &self,
+        code: &str,
+        silent: bool,
+    ) -> Result<(String, mpsc::Receiver<(Channel, JupyterMessage)>), KernelError> {
         let mut req = ExecuteRequest::new(code.to_string());
         req.silent = silent;
         req.store_history = !silent;
@@ -472,9 +461,15 @@ impl Kernel {
             self.unregister(&id);
             return Err(e);
         }
+        Ok((id, rx))
+    }
+
+    /// Starts `code`; the caller holds the kernel's lock (see [`Kernel::lock`]).
+    async fn execute_locked(&self, code: &str, silent: bool) -> Result<Execution<'_>, KernelError> {
+        let (msg_id, rx) = self.send_execute(code, silent).await?;
         Ok(Execution {
             kernel: self,
-            msg_id: id,
+            msg_id,
             rx,
             state: ExecState::default(),
         })
@@ -487,18 +482,7 @@ impl Kernel {
         guard: OwnedMutexGuard<()>,
         code: &str,
     ) -> Result<OwnedExecution, KernelError> {
-        let mut req = ExecuteRequest::new(code.to_string());
-        req.silent = false;
-        req.store_history = true;
-        req.allow_stdin = false;
-        req.stop_on_error = true;
-        let msg = JupyterMessage::new(req, None);
-        let id = msg.header.msg_id.clone();
-        let rx = self.register(&id);
-        if let Err(e) = self.send(msg).await {
-            self.unregister(&id);
-            return Err(e);
-        }
+        let (id, rx) = self.send_execute(code, false).await?;
         Ok(OwnedExecution {
             kernel: self.clone(),
             guard: Some(guard),
@@ -553,17 +537,36 @@ async fn wait_listening(
     }
 }
 
+/// Routes every message of one channel until the kernel is gone.
+async fn read_loop<S: zeromq::SocketRecv + Send>(
+    mut conn: zmq::Connection<S>,
+    channel: Channel,
+    routes: Routes,
+    exited: watch::Receiver<Option<String>>,
+) {
+    loop {
+        match conn.read().await {
+            Ok(msg) => route(&routes, channel, msg).await,
+            Err(e) => {
+                if !read_failed(&exited, channel, &e).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// A message that fails to parse (a kernel's reply our protocol types do not know) is skipped;
 /// returns false once the kernel is gone and reading should stop.
 async fn read_failed(
     exited: &watch::Receiver<Option<String>>,
-    channel: &str,
+    channel: Channel,
     e: &zmq::RuntimeError,
 ) -> bool {
     if exited.borrow().is_some() {
         return false;
     }
-    tracing::debug!(channel, error = %e, "skipped a kernel message");
+    tracing::debug!(?channel, error = %e, "skipped a kernel message");
     // Never spin on a socket that keeps failing.
     tokio::time::sleep(Duration::from_millis(5)).await;
     true
