@@ -45,6 +45,11 @@ pub const MAX_CONTEXTS: usize = 32;
 pub struct Contexts {
     env: KernelEnv,
     default_cwd: PathBuf,
+    /// A started, idle Python kernel handed to the next Python context: kernel start (with its
+    /// imports) is seconds under software emulation, so it is paid ahead of time, and the spare
+    /// made before the template snapshot is in every sandbox already.
+    spare: tokio::sync::Mutex<Option<Arc<Kernel>>>,
+    keep_spare: std::sync::atomic::AtomicBool,
     map: Mutex<HashMap<String, Arc<Context>>>,
     defaults: Mutex<HashMap<String, String>>,
     order: Mutex<Vec<String>>,
@@ -58,7 +63,59 @@ impl Contexts {
             map: Mutex::default(),
             defaults: Mutex::default(),
             order: Mutex::default(),
+            spare: tokio::sync::Mutex::new(None),
+            keep_spare: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Keeps one spare Python kernel started from now on (see `spare`); returns once the first
+    /// spare is ready, so a snapshot taken after it holds one.
+    pub async fn keep_spare_python(self: &Arc<Self>) {
+        self.keep_spare
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.refill_spare().await;
+    }
+
+    async fn refill_spare(&self) {
+        let mut slot = self.spare.lock().await;
+        if slot.as_ref().is_some_and(|k| k.is_alive()) {
+            return;
+        }
+        match Kernel::start(&self.env, "python", &self.default_cwd, &[]).await {
+            Ok(k) => *slot = Some(k),
+            Err(e) => tracing::warn!(error = %e, "spare python kernel failed to start"),
+        }
+    }
+
+    /// A fresh kernel for `lang` in `cwd`: the spare when there is one (moved to `cwd`), else a
+    /// new process. Taking the spare starts the next one in the background.
+    async fn fresh_kernel(
+        self: &Arc<Self>,
+        lang: &str,
+        cwd: &Path,
+    ) -> Result<Arc<Kernel>, ContextError> {
+        if lang == "python" && self.keep_spare.load(std::sync::atomic::Ordering::SeqCst) {
+            let taken = self.spare.lock().await.take().filter(|k| k.is_alive());
+            let me = self.clone();
+            tokio::spawn(async move { me.refill_spare().await });
+            if let Some(k) = taken {
+                if cwd != self.default_cwd {
+                    let guard = k.lock().await;
+                    let code = format!(
+                        "__import__('os').chdir({})",
+                        serde_json::to_string(&cwd.display().to_string()).expect("serialises")
+                    );
+                    let failed = k.run_silent(&code).await?;
+                    drop(guard);
+                    if let Some(err) = failed {
+                        tracing::warn!(%err, "moving the spare kernel to its cwd failed");
+                        return Ok(Kernel::start(&self.env, lang, cwd, &[]).await?);
+                    }
+                }
+                return Ok(k);
+            }
+        }
+        Ok(Kernel::start(&self.env, lang, cwd, &[]).await?)
     }
 
     pub fn kernel_env(&self) -> &KernelEnv {
@@ -78,7 +135,7 @@ impl Contexts {
 
     /// Creates a context and starts its kernel.
     pub async fn create(
-        &self,
+        self: &Arc<Self>,
         language: Option<&str>,
         cwd: Option<&str>,
     ) -> Result<Arc<Context>, ContextError> {
@@ -93,7 +150,7 @@ impl Contexts {
         if self.map.lock().expect("contexts").len() >= MAX_CONTEXTS {
             return Err(ContextError::TooMany(MAX_CONTEXTS));
         }
-        let kernel = Kernel::start(&self.env, lang, &cwd, &[]).await?;
+        let kernel = self.fresh_kernel(lang, &cwd).await?;
         let ctx = Arc::new(Context {
             info: ContextInfo {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -114,7 +171,10 @@ impl Contexts {
     }
 
     /// The default context of `language`, created (and its kernel started) on first use.
-    pub async fn default_for(&self, language: Option<&str>) -> Result<Arc<Context>, ContextError> {
+    pub async fn default_for(
+        self: &Arc<Self>,
+        language: Option<&str>,
+    ) -> Result<Arc<Context>, ContextError> {
         let lang = self.canonical_language(language)?;
         let existing = self.defaults.lock().expect("contexts").get(lang).cloned();
         if let Some(id) = existing
@@ -178,7 +238,7 @@ impl Contexts {
     }
 
     /// The context's kernel, started again if the previous one died.
-    pub async fn kernel(&self, ctx: &Context) -> Result<Arc<Kernel>, ContextError> {
+    pub async fn kernel(self: &Arc<Self>, ctx: &Context) -> Result<Arc<Kernel>, ContextError> {
         let mut slot = ctx.kernel.lock().await;
         if let Some(k) = slot.as_ref()
             && k.is_alive()

@@ -52,8 +52,9 @@ pub struct Config {
     /// JSON object of the sandbox's environment variables (written by the agent at `/init`);
     /// read before each cell so a sandbox's `envs` reach its kernels.
     pub sandbox_env_file: PathBuf,
-    /// Start the default Python kernel before listening (the template snapshot then holds a
-    /// warm kernel, and `/health` only answers once it is ready).
+    /// Start the default Python kernel, and a spare for the next Python context, before
+    /// listening (the template snapshot then holds both warm, and `/health` only answers once
+    /// they are ready).
     pub warm_python: bool,
 }
 
@@ -75,7 +76,7 @@ impl Config {
 }
 
 struct AppState {
-    contexts: Contexts,
+    contexts: Arc<Contexts>,
     sandbox_env_file: PathBuf,
 }
 
@@ -104,7 +105,7 @@ pub async fn app(cfg: &Config) -> std::io::Result<Router> {
         ],
     };
     let state = Arc::new(AppState {
-        contexts: Contexts::new(env, cfg.default_cwd.clone()),
+        contexts: Arc::new(Contexts::new(env, cfg.default_cwd.clone())),
         sandbox_env_file: cfg.sandbox_env_file.clone(),
     });
     if cfg.warm_python {
@@ -114,6 +115,7 @@ pub async fn app(cfg: &Config) -> std::io::Result<Router> {
                 tracing::error!(error = %error_chain(&e), "default python kernel failed to start")
             }
         }
+        state.contexts.keep_spare_python().await;
     }
     Ok(Router::new()
         .route("/health", get(health))
@@ -130,7 +132,23 @@ pub async fn serve(cfg: Config) -> std::io::Result<()> {
     let router = app(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(addr = %cfg.listen, "code interpreter listening");
-    axum::serve(listener, router).await
+    // On SIGTERM/SIGINT the router (and with it every kernel, which kills its process group
+    // when dropped) goes away: kernels never outlive their server.
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
