@@ -52,7 +52,8 @@ fn run_script(python: &std::path::Path, url: &str, scratch: &std::path::Path, to
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stdout.trim_end().ends_with("SDK OK"),
-        "SDK script failed (token {token}):\n{stdout}\n{stderr}"
+        "SDK script failed (token {token}, {}):\n{stdout}\n{stderr}",
+        out.status
     );
 }
 
