@@ -1,0 +1,417 @@
+//! The egress proxy and resolver in real network namespaces, without a VM: a "guest" namespace
+//! stands in for the microVM, joined to the sandbox's namespace by a veth named like the tap, and
+//! runs Python clients. The "internet" is the test's own DNS zone and servers on 198.51.100.2 and
+//! 198.51.100.3 (TEST-NET-2 addresses on a veth interface of the host, which the operator guard
+//! trusts here), never an outside address; 198.51.100.1 on the same interface stands for a host
+//! service. Needs root, iproute2 and nftables (scripts/setup-host.sh).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alcove_net::egress::EgressConfig;
+use alcove_net::{Cidr, Guard, Netns, NetworkConfig, SandboxNet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A DNS zone: a.test -> 198.51.100.2, b.test -> 198.51.100.3, c.a.test -> 198.51.100.2; else NXDOMAIN.
+async fn fake_dns() -> SocketAddr {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let sock = tokio::net::UdpSocket::bind("198.51.100.2:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = Message::new();
+            r.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .add_queries(q.queries().to_vec());
+            let qn = q.queries()[0].name().clone();
+            let ip = match qn.to_ascii().trim_end_matches('.') {
+                "a.test" | "c.a.test" => Some(Ipv4Addr::new(198, 51, 100, 2)),
+                "b.test" => Some(Ipv4Addr::new(198, 51, 100, 3)),
+                _ => None,
+            };
+            match ip {
+                Some(ip) if q.queries()[0].query_type() == hickory_proto::rr::RecordType::A => {
+                    r.add_answer(Record::from_rdata(qn, 60, RData::A(A(ip))));
+                }
+                Some(_) => {}
+                None => {
+                    r.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    addr
+}
+
+/// A server on `ip:port` that answers every connection with `hello <tag>` after reading what
+/// the client sends first (an HTTP request or a TLS ClientHello), and keeps the connection open
+/// while the client does.
+async fn fake_server(ip: &str, port: u16, tag: &'static str) {
+    let l = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let body = format!("hello {tag}");
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                // hold until the client closes
+                while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+}
+
+/// The guest side: a Python client in the guest namespace. Prints one line per check.
+const CLIENT: &str = r#"
+import socket, ssl, sys, time
+def resolve(name):
+    try:
+        return socket.gethostbyname(name)
+    except OSError as e:
+        return "ERR"
+def get(ip, port, host, tls=False):
+    try:
+        s = socket.create_connection((ip, port), timeout=5)
+        if tls:
+            ctx = ssl.create_default_context()
+            inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            o = ctx.wrap_bio(inc, out, server_hostname=host)
+            try:
+                o.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            s.sendall(out.read())
+        else:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        data = s.recv(4096)
+        s.close()
+        return data.decode(errors="replace").split("\r\n\r\n")[-1] or "EMPTY"
+    except OSError as e:
+        return "REFUSED"
+for arg in sys.argv[1:]:
+    kind, rest = arg.split(":", 1)
+    if kind == "dns":
+        print(resolve(rest), flush=True)
+    elif kind == "hold":
+        ip, port = rest.split(",")
+        s = socket.create_connection((ip, int(port)), timeout=5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(4096)
+        print("HELD", flush=True)
+        sys.stdin.readline()
+        s.settimeout(5)
+        try:
+            print("CLOSED" if s.recv(1) == b"" else "OPEN", flush=True)
+        except OSError:
+            print("CLOSED", flush=True)
+    else:
+        ip, port, host = rest.split(",")
+        print(get(ip, int(port), host, tls=(kind == "tls")), flush=True)
+"#;
+
+struct Guest {
+    name: String,
+}
+
+impl Guest {
+    /// A guest namespace wired to `ns` through a veth whose sandbox end replaces the tap.
+    fn wire(ns: &Netns) -> Guest {
+        let name = format!("alcove-test-{}-{}", std::process::id(), rand_suffix());
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        sh(ns.command("ip").args(["link", "del", "tap0"]));
+        sh(ns.command("ip").args([
+            "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ]));
+        sh(ns
+            .command("ip")
+            .args(["addr", "add", "10.0.2.1/30", "dev", "tap0"]));
+        sh(ns.command("ip").args(["link", "set", "tap0", "up"]));
+        for c in [
+            "ip link set lo up",
+            "ip addr add 10.0.2.2/30 dev eth0",
+            "ip link set eth0 up",
+            "ip route add default via 10.0.2.1",
+        ] {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &name]);
+            cmd.args(c.split(' '));
+            sh(&mut cmd);
+        }
+        let etc = format!("/etc/netns/{name}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(format!("{etc}/resolv.conf"), "nameserver 10.0.2.1\n").unwrap();
+        Guest { name }
+    }
+
+    fn run(&self, checks: &[&str]) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", CLIENT])
+            .args(checks)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "guest client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+fn sh(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn config(internet: bool, allow: &[&str], deny: &[&str]) -> NetworkConfig {
+    NetworkConfig {
+        allow_internet_access: internet,
+        allow_out: allow.iter().map(|s| s.to_string()).collect(),
+        deny_out: deny.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The veth interface with the test internet's addresses (idempotent; shared by the tests).
+fn test_internet() {
+    let _ = Command::new("ip")
+        .args([
+            "link",
+            "add",
+            "alcove-inet",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "alcove-inet1",
+        ])
+        .output();
+    for a in ["198.51.100.1/32", "198.51.100.2/32", "198.51.100.3/32"] {
+        let _ = Command::new("ip")
+            .args(["addr", "add", a, "dev", "alcove-inet"])
+            .output();
+    }
+    sh(Command::new("ip").args(["link", "set", "alcove-inet", "up"]));
+    sh(Command::new("ip").args(["link", "set", "alcove-inet1", "up"]));
+}
+
+async fn setup(cfg: NetworkConfig, port: u16) -> (Arc<SandboxNet>, Guest, Netns) {
+    test_internet();
+    let dns = fake_dns().await;
+    fake_server("198.51.100.2", port, "a").await;
+    fake_server("198.51.100.3", port, "b").await;
+    // a host service the guard does not trust
+    fake_server("198.51.100.1", port, "host").await;
+    let guard = Guard::new(
+        &alcove_net::policy::host_addresses(),
+        vec![Cidr::parse("198.51.100.2/31").unwrap()],
+    );
+    let egress = Arc::new(EgressConfig::new(guard, dns));
+    let (ns, listeners) = tokio::task::spawn_blocking(|| Netns::create(true).unwrap())
+        .await
+        .unwrap();
+    let net = SandboxNet::start(egress, "sbx-test", cfg, listeners.unwrap()).unwrap();
+    let guest = Guest::wire(&ns);
+    (net, guest, ns)
+}
+
+async fn guest_run(g: &Arc<Guest>, checks: &[&str]) -> Vec<String> {
+    let g = g.clone();
+    let checks: Vec<String> = checks.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        g.run(&checks.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_internet_reaches_names_but_never_the_host() {
+    let (net, guest, _ns) = setup(config(true, &[], &[]), 18080).await;
+    let guest = Arc::new(guest);
+    let out = guest_run(
+        &guest,
+        &[
+            "dns:a.test",
+            "dns:nope.test",
+            "http:a.test,18080,a.test",
+            "http:198.51.100.3,18080,b.test",
+            "http:198.51.100.1,18080,host",
+            "http:169.254.169.254,80,metadata",
+            "http:10.0.2.1,15001,gateway",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        [
+            "198.51.100.2",
+            "ERR",
+            "hello a",
+            "hello b",
+            "REFUSED",
+            "REFUSED",
+            "REFUSED"
+        ]
+    );
+    let s = net.stats();
+    assert!(s.bytes_out > 0 && s.bytes_in > 0, "{s:?}");
+    assert_eq!(s.connections, 2, "{s:?}");
+    assert_eq!(s.connections_refused, 3, "{s:?}");
+    assert!(s.dns_queries >= 2, "{s:?}");
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_off_sends_nothing_not_even_dns() {
+    let (net, guest, _ns) = setup(config(false, &[], &[]), 18081).await;
+    let guest = Arc::new(guest);
+    let out = guest_run(&guest, &["dns:a.test", "http:198.51.100.2,18081,a.test"]).await;
+    assert_eq!(out, ["ERR", "REFUSED"]);
+    let s = net.stats();
+    assert!(
+        s.dns_refused >= 1 && s.connections == 0 && s.connections_refused == 1,
+        "{s:?}"
+    );
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_rules_bind_names_to_resolved_addresses() {
+    let cfg = config(true, &["a.test", "*.a.test"], &["0.0.0.0/0"]);
+    let (net, guest, _ns) = setup(cfg, 18082).await;
+    let guest = Arc::new(guest);
+    let out = guest_run(
+        &guest,
+        &[
+            // before the guest resolved it, the address is bound to no name
+            "http:198.51.100.2,18082,a.test",
+            "dns:a.test",
+            "dns:b.test",
+            "http:a.test,18082,a.test",
+            "tls:198.51.100.2,18082,a.test",
+            "dns:c.a.test",
+            "http:198.51.100.2,18082,c.a.test",
+            // the allowed name's address under another name (Host, then SNI)
+            "http:198.51.100.2,18082,b.test",
+            "tls:198.51.100.2,18082,b.test",
+            // an allowed name on an address it was not resolved to
+            "http:198.51.100.3,18082,a.test",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        [
+            "REFUSED",
+            "198.51.100.2",
+            "ERR",
+            "hello a",
+            "hello a",
+            "198.51.100.2",
+            "hello a",
+            "REFUSED",
+            "REFUSED",
+            "REFUSED"
+        ]
+    );
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_update_applies_to_new_and_open_connections() {
+    let (net, guest, _ns) = setup(config(true, &[], &[]), 18083).await;
+    let guest = Arc::new(guest);
+    assert_eq!(
+        guest_run(&guest, &["http:198.51.100.3,18083,b.test"]).await,
+        ["hello b"]
+    );
+    // hold a connection open, update the rules, see it closed
+    let mut child = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &guest.name,
+            "python3",
+            "-c",
+            CLIENT,
+            "hold:198.51.100.3,18083",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "HELD");
+    assert_eq!(net.stats().active_connections, 1);
+    net.update(config(true, &[], &["198.51.100.3"])).unwrap();
+    child.stdin.take().unwrap().write_all(b"\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "CLOSED");
+    let _ = child.wait().await;
+    assert_eq!(
+        guest_run(
+            &guest,
+            &[
+                "http:198.51.100.3,18083,b.test",
+                "http:198.51.100.2,18083,a.test"
+            ]
+        )
+        .await,
+        ["REFUSED", "hello a"]
+    );
+    assert_eq!(net.config().deny_out, ["198.51.100.3"]);
+    assert!(net.update(config(true, &[], &["example.com"])).is_err());
+    net.stop();
+}
