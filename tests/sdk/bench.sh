@@ -11,7 +11,11 @@ root="$(cd "$here/../.." && pwd)"
 bin="${ALCOVE_BIN:-$root/target/release/alcove}"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-bench.XXXXXX")"
-"$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
+# `net` mode: a host address the egress guard trusts (TEST-NET-2 on a veth), as in tests/sdk/run.sh.
+ip link show alcove-inet >/dev/null 2>&1 || ip link add alcove-inet type veth peer name alcove-inet1
+[[ $(ip -4 -o addr show dev alcove-inet) == *"inet 198.51.100.2/"* ]] || ip addr add 198.51.100.2/32 dev alcove-inet
+ip link set alcove-inet up && ip link set alcove-inet1 up
+ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
 server_pid=$!
 cleanup() {
     kill "$server_pid" 2>/dev/null || true

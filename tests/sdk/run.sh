@@ -32,6 +32,21 @@ else
     export ALCOVE_BIN="$bin"
 fi
 
+# The test "internet" (tests/sdk/python/test_network.py): TEST-NET-2 addresses on a veth of this
+# host, which the server's egress guard trusts (198.51.100.2-3) or not (198.51.100.1, a "host
+# service"), and a DNS zone the tests serve on 198.51.100.2:5353. No outside address is used.
+if [[ $mode == real ]]; then
+    ip link show alcove-inet >/dev/null 2>&1 ||
+        ip link add alcove-inet type veth peer name alcove-inet1
+    have="$(ip -4 -o addr show dev alcove-inet)"
+    for a in 198.51.100.1 198.51.100.2 198.51.100.3; do
+        [[ $have == *"inet $a/"* ]] || ip addr add "$a/32" dev alcove-inet
+    done
+    ip link set alcove-inet up
+    ip link set alcove-inet1 up
+    export ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 ALCOVE_DNS_UPSTREAM=198.51.100.2:5353
+fi
+
 "${server[@]}" >"$log" 2>&1 &
 server_pid=$!
 cleanup() {

@@ -109,6 +109,7 @@ impl SandboxBackend for NodeBackend {
                 id: Some(req.sandbox_id.clone()),
                 envs: req.env_vars.clone(),
                 access_token: req.envd_access_token.clone(),
+                network: req.network.clone(),
             };
             let (info, _) = self
                 .node
@@ -131,6 +132,18 @@ impl SandboxBackend for NodeBackend {
                 .kill(sandbox_id)
                 .await
                 .map_err(|e| map_err("kill sandbox", e))
+        })
+    }
+
+    fn update_network<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        network: alcove_net::NetworkConfig,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .set_network(sandbox_id, network)
+                .map_err(|e| map_err("network update", e))
         })
     }
 

@@ -16,6 +16,60 @@ pub struct HostOptions {
     /// Sandboxes this host runs at once, at most.
     #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = 1000)]
     pub max_vms: usize,
+    #[command(flatten)]
+    pub egress: EgressOptions,
+}
+
+/// Sandbox egress settings of this host (`docs/network.md`).
+#[derive(clap::Args, Clone, Default)]
+pub struct EgressOptions {
+    /// Reserved destinations sandboxes may reach anyway (CIDRs, comma-separated). Host addresses,
+    /// loopback, private, link-local (cloud metadata) and multicast ranges are refused otherwise,
+    /// whatever a sandbox's own rules allow.
+    #[arg(long, env = "ALCOVE_EGRESS_TRUSTED", value_delimiter = ',')]
+    pub egress_trusted: Vec<String>,
+    /// The DNS server that sandboxes' allowed queries go to (default: the first nameserver of
+    /// /etc/resolv.conf).
+    #[arg(long, env = "ALCOVE_DNS_UPSTREAM")]
+    pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Open TCP connections per sandbox, at most.
+    #[arg(long, env = "ALCOVE_NET_MAX_CONNECTIONS", default_value_t = 256)]
+    pub net_max_connections: usize,
+    /// Bandwidth per sandbox and direction in Mbit/s (0: unlimited).
+    #[arg(long, env = "ALCOVE_NET_BANDWIDTH_MBIT", default_value_t = 0)]
+    pub net_bandwidth_mbit: u64,
+}
+
+impl EgressOptions {
+    /// The same settings from the environment only (node commands run without server flags).
+    pub fn from_env() -> anyhow::Result<EgressOptions> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            e: EgressOptions,
+        }
+        Ok(P::try_parse_from(["alcove"])?.e)
+    }
+
+    pub fn config(&self) -> anyhow::Result<std::sync::Arc<alcove_net::EgressConfig>> {
+        let trusted = self
+            .egress_trusted
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| alcove_net::Cidr::parse(s.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--egress-trusted: {e}"))?;
+        let guard = alcove_net::Guard::new(&alcove_net::policy::host_addresses(), trusted);
+        let upstream = self
+            .dns_upstream
+            .unwrap_or_else(alcove_net::egress::host_resolver);
+        let mut c = alcove_net::EgressConfig::new(guard, upstream);
+        c.max_connections = self.net_max_connections.max(1);
+        c.bandwidth =
+            (self.net_bandwidth_mbit > 0).then(|| self.net_bandwidth_mbit * 1_000_000 / 8);
+        Ok(std::sync::Arc::new(c))
+    }
 }
 
 impl HostOptions {
@@ -35,6 +89,7 @@ impl HostOptions {
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms,
+            egress: self.egress.config()?,
         })
         .await?)
     }
@@ -105,6 +160,7 @@ impl Global {
             cache_dir: self.cache_dir(),
             vmm: self.vmm(),
             max_sandboxes: 1000,
+            egress: EgressOptions::from_env()?.config()?,
         })
         .await?)
     }

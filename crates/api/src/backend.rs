@@ -44,6 +44,8 @@ pub struct CreateSandbox {
     pub envd_access_token: Option<String>,
     /// `Some(false)` asks for no outbound network; `None` is the backend's default.
     pub allow_internet_access: Option<bool>,
+    /// Egress rules (already folding in `allow_internet_access`), validated by the API.
+    pub network: alcove_net::NetworkConfig,
     /// The template's resources, as the API knows them; the backend may override.
     pub cpu_count: u32,
     pub memory_mb: u32,
@@ -180,6 +182,20 @@ pub trait SandboxBackend: Send + Sync + 'static {
         _sandbox_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<LogLine>, BackendError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Replaces a running sandbox's egress rules. Backends without per-sandbox networks refuse.
+    fn update_network<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _network: alcove_net::NetworkConfig,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async {
+            Err(BackendError::Failed {
+                op: "network update",
+                source: "this backend has no per-sandbox networks".into(),
+            })
+        })
     }
 
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code

@@ -32,6 +32,7 @@ use crate::handlers::{extensions, sandboxes, system, templates};
         sandboxes::logs_v1,
         sandboxes::logs_v2,
         sandboxes::pause,
+        sandboxes::update_network,
         templates::list,
         templates::defaults,
         templates::get,

@@ -238,10 +238,7 @@ pub fn router(svc: Arc<Service>) -> Router {
             "/sandboxes/{sandboxID}/snapshots",
             post(s::not_implemented_for_sandbox),
         )
-        .route(
-            "/sandboxes/{sandboxID}/network",
-            put(s::not_implemented_for_sandbox),
-        )
+        .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
         .route("/default-templates", get(t::defaults))

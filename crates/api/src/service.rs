@@ -225,7 +225,7 @@ impl Service {
             None => self.limits.default_timeout,
         };
         reject_unsupported(&req)?;
-        let public_traffic = allow_public_traffic(&req.network)?;
+        let (public_traffic, network) = parse_network(&req.network, req.allow_internet_access)?;
         let traffic_token = (public_traffic == Some(false)).then(random_token);
         let template = self.resolve_template(&req.template_id).await?;
         let alias = (template.id != req.template_id).then(|| req.template_id.clone());
@@ -277,6 +277,7 @@ impl Service {
             metadata,
             envd_access_token: Some(token.clone()),
             allow_internet_access: req.allow_internet_access,
+            network,
             cpu_count: template.cpu_count,
             memory_mb: template.memory_mb,
         };
@@ -552,6 +553,37 @@ impl Service {
         let end_at = now_ms() + d.as_millis() as i64;
         self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
         Ok(())
+    }
+
+    /// `PUT /sandboxes/{id}/network`: replaces the egress rules of a running or paused sandbox;
+    /// they apply to new connections at once and close open ones they refuse.
+    pub async fn update_network(
+        &self,
+        team_id: &str,
+        id: &str,
+        body: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        let cfg = network_update(&body)?;
+        let r = self.live_record(team_id, id).await?;
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            self.backend.update_network(&r.id, cfg),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(BackendError::SandboxNotFound)) => Err(ApiError::SandboxNotFound {
+                sandbox_id: r.id.clone(),
+            }),
+            Ok(Err(e)) => {
+                tracing::error!(sandbox_id = %r.id, error = %chain(&e), "network update failed");
+                Err(ApiError::Internal)
+            }
+            Err(_) => {
+                tracing::error!(sandbox_id = %r.id, "network update timed out");
+                Err(ApiError::Internal)
+            }
+        }
     }
 
     /// `POST /sandboxes/{id}/refreshes`: keep alive at least `secs` more; never shortens.
@@ -876,11 +908,21 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `network.allowPublicTraffic`, the one network setting supported so far; any other non-empty
-/// field (egress rules, DNS, proxies) is refused rather than silently ignored.
-fn allow_public_traffic(network: &Option<serde_json::Value>) -> Result<Option<bool>, ApiError> {
+/// The create body's `network` (and top-level `allowInternetAccess`): `allowPublicTraffic` and the
+/// egress rules (`allowOut`, `denyOut`); `maskRequestHost` and `dnsServers` are accepted and have
+/// nothing to do here (every DNS packet goes to the sandbox's own resolver). Other non-empty
+/// fields (transform rules, egress proxies) are refused rather than silently ignored.
+fn parse_network(
+    network: &Option<serde_json::Value>,
+    allow_internet_access: Option<bool>,
+) -> Result<(Option<bool>, alcove_net::NetworkConfig), ApiError> {
+    let mut public = None;
+    let mut cfg = alcove_net::NetworkConfig {
+        allow_internet_access: allow_internet_access.unwrap_or(true),
+        ..Default::default()
+    };
     let map = match network {
-        None | Some(serde_json::Value::Null) => return Ok(None),
+        None | Some(serde_json::Value::Null) => return Ok((None, cfg)),
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => {
             return Err(ApiError::InvalidBody {
@@ -888,26 +930,123 @@ fn allow_public_traffic(network: &Option<serde_json::Value>) -> Result<Option<bo
             });
         }
     };
-    let mut public = None;
     for (k, v) in map {
         match (k.as_str(), v) {
-            (_, serde_json::Value::Null) => {}
             ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
+            ("allowPublicTraffic", serde_json::Value::Null) => {}
             ("allowPublicTraffic", _) => {
                 return Err(ApiError::InvalidBody {
                     detail: "network.allowPublicTraffic must be a boolean".into(),
                 });
             }
+            (_, serde_json::Value::Null) => {}
+            (
+                "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers" | "maskRequestHost",
+                _,
+            ) => {}
             (_, serde_json::Value::Array(a)) if a.is_empty() => {}
             (_, serde_json::Value::Object(o)) if o.is_empty() => {}
             _ => {
                 return Err(ApiError::Unsupported {
-                    feature: "network egress rules (only network.allowPublicTraffic is supported)",
+                    feature: "network transform rules and egress proxies (network.allowOut, denyOut and allowPublicTraffic are supported)",
                 });
             }
         }
     }
-    Ok(public)
+    let update = egress_rules(map)?;
+    cfg.allow_out = update.allow_out;
+    cfg.deny_out = update.deny_out;
+    if update.allow_internet_access == Some(false) {
+        cfg.allow_internet_access = false;
+    }
+    alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
+        detail: format!("network: {e}"),
+    })?;
+    Ok((public, cfg))
+}
+
+/// The egress fields of a create or `PUT .../network` body.
+struct EgressFields {
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+    allow_internet_access: Option<bool>,
+}
+
+fn egress_rules(
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<EgressFields, ApiError> {
+    fn list(
+        map: &serde_json::Map<String, serde_json::Value>,
+        k: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        match map.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ApiError::InvalidBody {
+                            detail: format!(
+                                "network.{k} must be a list of strings (CIDRs, IPs or domains)"
+                            ),
+                        })
+                })
+                .collect(),
+            Some(_) => Err(ApiError::InvalidBody {
+                detail: format!("network.{k} must be a list of strings (CIDRs, IPs or domains)"),
+            }),
+        }
+    }
+    let allow_internet_access = match map.get("allowInternetAccess") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            return Err(ApiError::InvalidBody {
+                detail: "allowInternetAccess must be a boolean".into(),
+            });
+        }
+    };
+    Ok(EgressFields {
+        allow_out: list(map, "allowOut")?,
+        deny_out: list(map, "denyOut")?,
+        allow_internet_access,
+    })
+}
+
+/// `PUT /sandboxes/{id}/network`: the new rules, replacing the old ones whole (omitted fields are
+/// cleared, as in E2B).
+pub fn network_update(body: &serde_json::Value) -> Result<alcove_net::NetworkConfig, ApiError> {
+    let Some(map) = body.as_object() else {
+        return Err(ApiError::InvalidBody {
+            detail: "the body must be a JSON object like {\"allowOut\": [...], \"denyOut\": [...]}"
+                .into(),
+        });
+    };
+    for (k, v) in map {
+        let empty = v.is_null()
+            || v.as_array().is_some_and(|a| a.is_empty())
+            || v.as_object().is_some_and(|o| o.is_empty());
+        if !matches!(
+            k.as_str(),
+            "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers"
+        ) && !empty
+        {
+            return Err(ApiError::Unsupported {
+                feature: "network transform rules and egress proxies (allowOut, denyOut and allowInternetAccess are supported)",
+            });
+        }
+    }
+    let f = egress_rules(map)?;
+    let cfg = alcove_net::NetworkConfig {
+        allow_internet_access: f.allow_internet_access.unwrap_or(true),
+        allow_out: f.allow_out,
+        deny_out: f.deny_out,
+    };
+    alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
+        detail: format!("network: {e}"),
+    })?;
+    Ok(cfg)
 }
 
 fn wire_state(s: StoreState) -> models::SandboxState {

@@ -510,6 +510,7 @@ fn fake_create(id: &str) -> alcove_api::CreateSandbox {
         metadata: Default::default(),
         envd_access_token: None,
         allow_internet_access: None,
+        network: Default::default(),
         cpu_count: 1,
         memory_mb: 1,
     }

@@ -378,6 +378,12 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
         format: DiskFormat::Raw,
         read_only: false,
     };
+    // The template boots with its NIC in a namespace of its own, with nothing behind it.
+    let (ns, _) = tokio::task::spawn_blocking(|| alcove_net::Netns::create(false))
+        .await
+        .expect("netns task")
+        .map_err(io(Path::new("network namespace")))?;
+    spec.netns = Some(std::sync::Arc::new(ns));
     let boot_started = Instant::now();
     let vm = opts.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
     let ready = tokio::select! {
@@ -480,7 +486,10 @@ pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
     VmSpec {
         run_dir: run_dir.to_path_buf(),
         kernel: kernel.to_path_buf(),
-        cmdline: format!("init={AGENT_GUEST_PATH}"),
+        cmdline: format!(
+            "init={AGENT_GUEST_PATH} {}",
+            alcove_net::netns::guest_kernel_cmdline()
+        ),
         vcpus: recipe.vcpus,
         mem_mib: recipe.memory_mib,
         ram_file: PathBuf::new(),
@@ -491,6 +500,8 @@ pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
             read_only: false,
         },
         limits: None,
+        nic: true,
+        netns: None,
     }
 }
 
@@ -564,6 +575,10 @@ async fn make_disk(
         }
         std::fs::write(&p, contents).map_err(io(&p))?;
     }
+    // The guest's resolver is the gateway of its network namespace (alcove-net).
+    let resolv = root.join("etc/resolv.conf");
+    let _ = std::fs::remove_file(&resolv);
+    std::fs::write(&resolv, alcove_net::netns::guest_resolv_conf()).map_err(io(&resolv))?;
     let etc = root.join("etc/alcove");
     std::fs::create_dir_all(&etc).map_err(io(&etc))?;
     let cfg = serde_json::json!({

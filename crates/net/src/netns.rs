@@ -173,7 +173,17 @@ impl Netns {
     /// Binds fresh proxy and resolver sockets in this namespace (after a server restart).
     pub fn listen(&self) -> io::Result<Listeners> {
         let fd = self.fd.as_raw_fd();
-        in_netns(Some(fd), bind_listeners)
+        // The previous holder's sockets may still be closing (a node dropped in this process).
+        let mut tries = 0;
+        loop {
+            match in_netns(Some(fd), bind_listeners) {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 40 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Moves the calling thread into this namespace. Meant for a child between fork and exec

@@ -156,7 +156,7 @@ impl RuleError {
 
 /// The network settings a caller gives at create (and replaces with `PUT /sandboxes/{id}/network`),
 /// as E2B names them. Kept verbatim in the sandbox's record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
     #[serde(default = "yes")]
@@ -171,11 +171,13 @@ fn yes() -> bool {
     true
 }
 
-impl NetworkConfig {
-    pub fn open() -> NetworkConfig {
+/// The default: internet access on, no lists.
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
         NetworkConfig {
             allow_internet_access: true,
-            ..Default::default()
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
         }
     }
 }

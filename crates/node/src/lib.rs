@@ -43,4 +43,8 @@ pub enum NodeError {
         "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
     )]
     Capacity(usize),
+    #[error("invalid network rules: {0}")]
+    BadNetwork(#[from] alcove_net::RuleError),
+    #[error("setting up the sandbox's network: {0}")]
+    Network(String),
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::{NodeError, SandboxState};
+use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, SandboxNet};
 
 /// Bound on connecting to and initialising the agent of a freshly restored VM.
 const AGENT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,6 +25,8 @@ pub struct NodeConfig {
     pub cache_dir: PathBuf,
     pub vmm: QemuVmm,
     pub max_sandboxes: usize,
+    /// Egress policy settings shared by every sandbox's network.
+    pub egress: Arc<EgressConfig>,
 }
 
 /// What the node knows about one sandbox; persisted as `record.json`.
@@ -45,6 +48,9 @@ pub struct SandboxInfo {
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// Egress rules (E2B's `network` / `allowInternetAccess`), as last set.
+    #[serde(default)]
+    pub network: NetworkConfig,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,6 +61,7 @@ pub struct CreateOptions {
     pub envs: BTreeMap<String, String>,
     /// The envd access token the agent will require on every call.
     pub access_token: Option<String>,
+    pub network: NetworkConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,6 +84,8 @@ struct Live {
     stopping: AtomicBool,
     /// Serialises lifecycle operations (pause, resume, kill) on one sandbox.
     op: tokio::sync::Mutex<()>,
+    /// The egress proxy and resolver of the running VM's namespace.
+    net: Mutex<Option<Arc<SandboxNet>>>,
 }
 
 impl Live {
@@ -101,7 +110,15 @@ impl Live {
             agent: tokio::sync::Mutex::new(agent),
             stopping: AtomicBool::new(false),
             op: tokio::sync::Mutex::new(()),
+            net: Mutex::new(None),
         })
+    }
+
+    /// Stops the sandbox's network service (the VM is gone or going).
+    fn stop_net(&self) {
+        if let Some(n) = self.net.lock().expect("net lock").take() {
+            n.stop();
+        }
     }
 
     fn set_state(&self, next: SandboxState) -> Result<(), NodeError> {
@@ -131,6 +148,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         for m in self.monitors.lock().expect("monitors lock").drain(..) {
             m.abort();
+        }
+        for live in self.sandboxes.lock().expect("sandboxes lock").values() {
+            live.stop_net();
         }
         self.sandboxes.lock().expect("sandboxes lock").clear();
     }
@@ -224,7 +244,25 @@ impl Node {
             let live = Live::new(info.clone(), dir.clone(), vm.clone(), None);
             if info.state.is_live() {
                 match vm {
-                    Some(vm) => node.spawn_monitor(live.clone(), vm),
+                    Some(vm) => {
+                        let pid = vm.pid();
+                        let listeners = tokio::task::spawn_blocking(move || {
+                            Netns::of_pid(pid).and_then(|ns| ns.listen())
+                        })
+                        .await
+                        .expect("netns task");
+                        match listeners {
+                            Ok(l) => {
+                                if let Err(e) = node.start_net(&live, l) {
+                                    tracing::warn!(sandbox_id = %info.id, error = %e, "could not serve the network of a re-attached sandbox: it has no egress");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(sandbox_id = %info.id, error = %e, "could not enter the network namespace of a re-attached sandbox: it has no egress");
+                            }
+                        }
+                        node.spawn_monitor(live.clone(), vm)
+                    }
                     None => {
                         let reason = format!(
                             "the VM process (pid {}) is gone: it was stopped outside Alcove or crashed while no Alcove process was watching{}",
@@ -275,6 +313,7 @@ impl Node {
             let id = live.snapshot().id;
             tracing::warn!(sandbox_id = %id, reason = %text, "sandbox VM exited on its own");
             let _ = live.set_state(SandboxState::Dead { reason: text });
+            live.stop_net();
             remove_all_but_record(&live.dir);
         });
         let mut monitors = self.monitors.lock().expect("monitors lock");
@@ -345,11 +384,15 @@ impl Node {
             hostname: id.to_string(),
             envs: opts.envs.clone(),
             access_token: opts.access_token.clone(),
+            network: opts.network.clone(),
         };
+        alcove_net::Rules::from_config(&info.network)?;
         write_record(dir, &info)?;
 
-        let spec = sandbox_spec(template, dir);
+        let mut spec = sandbox_spec(template, dir);
+        let listeners = self.new_netns(&mut spec).await?;
         let (vm, restore) = self.cfg.vmm.restore(&spec, &template.state).await?;
+        drop(spec);
         info.pid = vm.pid();
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
         write_record(dir, &info)?;
@@ -368,6 +411,7 @@ impl Node {
             Some(vm.clone()),
             Some(agent),
         );
+        self.start_net(&live, listeners)?;
         self.sandboxes
             .lock()
             .expect("sandboxes lock")
@@ -451,12 +495,64 @@ impl Node {
         if let Some(vm) = live.vm() {
             vm.kill().await;
         }
+        live.stop_net();
         let _ = live.set_state(SandboxState::Killed);
         std::fs::remove_dir_all(&live.dir)
             .map_err(|e| NodeError::Io(live.dir.display().to_string(), e))?;
         self.sandboxes.lock().expect("sandboxes lock").remove(id);
         tracing::info!(sandbox_id = %id, "sandbox killed");
         Ok(())
+    }
+
+    /// A fresh network namespace for a VM about to start from `spec`, with the egress sockets in it.
+    async fn new_netns(
+        &self,
+        spec: &mut alcove_vmm::VmSpec,
+    ) -> Result<alcove_net::Listeners, NodeError> {
+        let (ns, listeners) = tokio::task::spawn_blocking(|| Netns::create(true))
+            .await
+            .expect("netns task")
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        spec.netns = Some(Arc::new(ns));
+        Ok(listeners.expect("asked for listeners"))
+    }
+
+    fn start_net(&self, live: &Live, listeners: alcove_net::Listeners) -> Result<(), NodeError> {
+        let info = live.snapshot();
+        let net = SandboxNet::start(self.cfg.egress.clone(), &info.id, info.network, listeners)
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        if let Some(old) = live.net.lock().expect("net lock").replace(net) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// Replaces a sandbox's egress rules: open connections they refuse are closed, new ones follow
+    /// them. Kept in the record, so a resumed or re-attached sandbox keeps them.
+    pub fn set_network(&self, id: &str, network: NetworkConfig) -> Result<(), NodeError> {
+        let live = self.live(id)?;
+        alcove_net::Rules::from_config(&network)?;
+        if let Some(n) = live.net.lock().expect("net lock").as_ref() {
+            n.update(network.clone())?;
+        }
+        let info = {
+            let mut info = live.info.lock().expect("info lock");
+            info.network = network;
+            info.clone()
+        };
+        write_record(&live.dir, &info)
+    }
+
+    /// A sandbox's egress rules and, while it runs, its network counters.
+    pub fn network(&self, id: &str) -> Result<(NetworkConfig, Option<NetStats>), NodeError> {
+        let live = self.live(id)?;
+        let stats = live
+            .net
+            .lock()
+            .expect("net lock")
+            .as_ref()
+            .map(|n| n.stats());
+        Ok((live.snapshot().network, stats))
     }
 
     /// The QEMU process of a live sandbox (for tests and metrics).
@@ -496,6 +592,7 @@ impl Node {
         }
         let saved = t0.elapsed();
         vm.kill().await;
+        live.stop_net();
         *live.agent.lock().await = None;
         *live.vm.lock().expect("vm lock") = None;
         let sha = alcove_image::build::sha256_file(&tmp)?;
@@ -543,8 +640,10 @@ impl Node {
         }
         let template =
             alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
-        let spec = sandbox_spec(&template, &live.dir);
+        let mut spec = sandbox_spec(&template, &live.dir);
+        let listeners = self.new_netns(&mut spec).await?;
         let (vm, _) = self.cfg.vmm.restore(&spec, &state_file).await?;
+        drop(spec);
         let mut info = info.clone();
         info.pid = vm.pid();
         let (agent, _) = match connect_and_init(&vm, &info, false, t0).await {
@@ -559,6 +658,7 @@ impl Node {
         write_record(&live.dir, &info)?;
         *live.vm.lock().expect("vm lock") = Some(vm.clone());
         *live.agent.lock().await = Some(agent);
+        self.start_net(&live, listeners)?;
         live.stopping.store(false, Ordering::SeqCst);
         let _ = std::fs::remove_file(&state_file);
         self.spawn_monitor(live.clone(), vm);

@@ -40,6 +40,10 @@ pub struct VmSpec {
     pub disk: Disk,
     /// Host-side caps on the VM process; `None` runs it uncapped (template builds).
     pub limits: Option<cgroup::Limits>,
+    /// A virtio-net NIC on the tap `alcove_net::netns::TAP` (part of the machine description).
+    pub nic: bool,
+    /// The network namespace QEMU runs in (holding that tap); per VM, like `run_dir`.
+    pub netns: Option<std::sync::Arc<alcove_net::Netns>>,
 }
 
 #[derive(Debug, Clone)]

@@ -128,6 +128,18 @@ impl QemuVmm {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if spec.nic {
+            args.push("-netdev".into());
+            args.push(format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                alcove_net::netns::TAP
+            ));
+            args.push("-device".into());
+            args.push(format!(
+                "virtio-net-device,netdev=net0,mac={}",
+                alcove_net::netns::GUEST_MAC
+            ));
+        }
         if incoming {
             args.push("-incoming".into());
             args.push("defer".into());
@@ -147,6 +159,17 @@ impl QemuVmm {
             .stderr(stderr)
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(ns) = &spec.netns {
+            let ns = ns.try_clone().map_err(VmmError::SpawnQemu)?;
+            // SAFETY: setns is async-signal-safe; the fd was duplicated before the fork.
+            unsafe {
+                cmd.pre_exec(move || ns.enter());
+            }
+        } else if spec.nic {
+            return Err(VmmError::SpawnQemu(std::io::Error::other(
+                "a VM with a NIC needs a network namespace holding its tap",
+            )));
+        }
         let mut child = cmd.spawn().map_err(VmmError::SpawnQemu)?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let cgroup = spec.limits.and_then(|limits| {

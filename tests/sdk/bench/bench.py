@@ -6,6 +6,8 @@ docs/benchmarks.md, not in tests).
   burst    base: N concurrent creates (+ first command), all must succeed
   code     code-interpreter-v1: Sandbox.create() -> run_code("1+1") result, sequential
   chart    code-interpreter-v1: a matplotlib line chart round trip on a live sandbox
+  net      base: guest -> host through the egress proxy: request latency (new connection each)
+           and download throughput, measured in the guest (needs bench.sh's test address)
 
 Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
 """
@@ -117,6 +119,72 @@ def bench_chart(n):
         sbx.kill()
 
 
+NET_GUEST = r'''
+import json, socket, sys, time
+host, port, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lat = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"GET /small HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+    lat.append(time.perf_counter() - t0)
+s = socket.create_connection((host, port), timeout=30)
+s.sendall(f"GET /big/{mib} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+t0, got = time.perf_counter(), 0
+while (k := len(s.recv(1 << 20))):
+    got += k
+dt = time.perf_counter() - t0
+print(json.dumps({"lat": lat, "bytes": got, "secs": dt}))
+'''
+
+
+def bench_net(n, mib=100):
+    import http.server
+    import threading
+
+    from e2b import Sandbox
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self):
+            if self.path.startswith("/big/"):
+                size = int(self.path[5:]) << 20
+                self.send_response(200)
+                self.send_header("content-length", str(size))
+                self.end_headers()
+                chunk = b"\0" * (1 << 20)
+                for _ in range(size >> 20):
+                    self.wfile.write(chunk)
+            else:
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("198.51.100.2", 0), H)
+    port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    sbx = Sandbox.create("base", timeout=600)
+    try:
+        sbx.files.write("/tmp/netbench.py", NET_GUEST)
+        r = sbx.commands.run(f"python3 /tmp/netbench.py 198.51.100.2 {port} {n} {mib}", timeout=600)
+        res = json.loads(r.stdout)
+        summary("guest -> host HTTP request, new TCP connection each (through the egress proxy)", res["lat"])
+        mbit = res["bytes"] * 8 / res["secs"] / 1e6
+        print(json.dumps({"name": f"guest <- host download, {mib} MiB, one connection", "mbit_s": round(mbit, 1),
+                          "secs": round(res["secs"], 2)}), flush=True)
+    finally:
+        sbx.kill()
+        srv.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
@@ -125,7 +193,7 @@ def main():
     args = ap.parse_args()
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
-         "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n)}[m]()
+         "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n)}[m]()
 
 
 if __name__ == "__main__":

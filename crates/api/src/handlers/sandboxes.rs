@@ -228,6 +228,38 @@ pub async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// E2B's `SandboxNetworkUpdateConfig`: the new egress rules, replacing the old ones whole.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the handler reads the raw JSON; this type documents it
+pub struct NetworkUpdate {
+    /// CIDRs, IPs and domains (`example.com`, `*.example.com`); allowed entries win over denied.
+    #[serde(rename = "allowOut")]
+    allow_out: Option<Vec<String>>,
+    /// CIDRs and IPs.
+    #[serde(rename = "denyOut")]
+    deny_out: Option<Vec<String>>,
+    /// `false` is `denyOut: ["0.0.0.0/0"]`.
+    #[serde(rename = "allowInternetAccess")]
+    allow_internet_access: Option<bool>,
+}
+
+#[utoipa::path(put, path = "/sandboxes/{sandboxID}/network", tag = "sandboxes",
+    params(("sandboxID" = String, Path)), request_body = NetworkUpdate,
+    responses(
+        (status = 204, description = "The new rules apply: new connections follow them, open ones they refuse are closed"),
+        (status = 400, description = "A rule does not parse (the message says which and what to write)", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn update_network(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<StatusCode, ApiError> {
+    svc.update_network(&team, &id, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/refreshes", tag = "sandboxes",
     params(("sandboxID" = String, Path)), request_body = RefreshRequest,
     responses(
@@ -431,8 +463,7 @@ pub async fn logs_v2(
     Ok(Json(SandboxLogsV2 { logs: entries }))
 }
 
-/// Pause, resume, fork, snapshots and network updates land with the persistence and network
-/// issues; until then they answer 404 for unknown sandboxes (as the SDK expects) and 501.
+/// Pause, resume, fork and snapshots land with the persistence issue; until then they answer 404 for unknown sandboxes (as the SDK expects) and 501.
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/pause", tag = "sandboxes",
     params(("sandboxID" = String, Path)),
     responses(
@@ -457,7 +488,7 @@ pub async fn not_implemented_for_sandbox(
 ) -> Result<StatusCode, ApiError> {
     svc.get(&team, &id).await?;
     Err(ApiError::NotImplemented {
-        what: "This sandbox operation (resume, fork, snapshots, network update)",
+        what: "This sandbox operation (resume, fork, snapshots)",
     })
 }
 
