@@ -743,7 +743,8 @@ async fn traffic_tokens_guard_ports_when_public_traffic_is_off() {
     ];
     assert_eq!(sbx.send("GET", "/", &h, vec![]).await.status, 200);
 
-    // Public sandboxes get no token; egress rules are refused, not ignored.
+    // Public sandboxes get no token; egress rules are checked at create; what is not supported
+    // is refused, not ignored.
     let api = s.client();
     let open = api
         .post(
@@ -756,10 +757,29 @@ async fn traffic_tokens_guard_ports_when_public_traffic_is_off() {
     let rules = api
         .post(
             "/v2/sandboxes",
-            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}),
+            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"]}}),
         )
         .await;
-    assert_error(&rules, 400, "unsupported_feature");
+    assert_eq!(rules.status, 201, "{:?}", rules.json);
+    let bad = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"denyOut": ["example.com"]}}),
+        )
+        .await;
+    assert_error(&bad, 400, "invalid_request_body");
+    assert!(
+        bad.json["message"].as_str().unwrap().contains("allowOut"),
+        "{:?}",
+        bad.json
+    );
+    let proxy = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"egressProxy": {"address": "p:1080"}}}),
+        )
+        .await;
+    assert_error(&proxy, 400, "unsupported_feature");
     s.stop().await;
 }
 

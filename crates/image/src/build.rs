@@ -21,7 +21,9 @@ const ROOTFS_PACKAGES: &str = include_str!("../../../guest/rootfs/packages.txt")
 pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
 /// Where the agent lives in the guest; the kernel starts it as init.
 pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Generous: under TCG on a busy 2-core machine a template whose start command warms up a Python
+/// data stack has been seen to need more than 5 minutes.
+const READY_TIMEOUT: Duration = Duration::from_secs(900);
 const MANIFEST_VERSION: u32 = 1;
 
 /// Progress of a build, for the CLI's display.
