@@ -11,6 +11,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+use crate::snapshots::{self, SnapshotMeta};
 use crate::{NodeError, SandboxState};
 
 /// Bound on connecting to and initialising the agent of a freshly restored VM.
@@ -45,6 +46,9 @@ pub struct SandboxInfo {
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// The snapshot whose disk layer this sandbox's overlay sits on (none: the template's disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,6 +59,16 @@ pub struct CreateOptions {
     pub envs: BTreeMap<String, String>,
     /// The envd access token the agent will require on every call.
     pub access_token: Option<String>,
+    /// Restore this snapshot (see [`Node::snapshot`]) instead of the template's. `template` is
+    /// then ignored; env vars add to the snapshot's.
+    pub snapshot: Option<String>,
+}
+
+/// What a new sandbox is restored from.
+struct Source {
+    template: Arc<Template>,
+    /// `None`: the template's own snapshot.
+    snapshot: Option<SnapshotMeta>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -298,8 +312,27 @@ impl Node {
         if live_count >= self.cfg.max_sandboxes {
             return Err(NodeError::Capacity(live_count));
         }
-        let template = self.template(&opts.template)?;
-        template.verify_state()?;
+        let source = match &opts.snapshot {
+            None => {
+                let template = self.template(&opts.template)?;
+                template.verify_state()?;
+                Source {
+                    template,
+                    snapshot: None,
+                }
+            }
+            Some(snap) => {
+                let meta = self.restorable_snapshot(snap)?;
+                let template = Arc::new(alcove_image::build::load_template_key(
+                    &self.cfg.cache_dir,
+                    &meta.template_key,
+                )?);
+                Source {
+                    template,
+                    snapshot: Some(meta),
+                }
+            }
+        };
         let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
         if !valid_id(&id) {
             return Err(NodeError::Io(
@@ -309,24 +342,62 @@ impl Node {
         }
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
         std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
-        let result = self.create_in(&id, &dir, &template, &opts, t0).await;
+        let result = self.create_in(&id, &dir, &source, &opts, t0).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
+    /// A snapshot that can be restored now: recorded, not deleted, memory image intact.
+    fn restorable_snapshot(&self, snap: &str) -> Result<SnapshotMeta, NodeError> {
+        if !valid_id(snap) {
+            return Err(NodeError::SnapshotNotFound(snap.to_string()));
+        }
+        let dir = snapshots::snapshot_dir(&self.cfg.data_dir, snap);
+        let meta = snapshots::read_meta(&dir)
+            .filter(|m| !m.deleted)
+            .ok_or_else(|| NodeError::SnapshotNotFound(snap.to_string()))?;
+        let state = dir.join(snapshots::MEMORY);
+        let got =
+            alcove_image::build::sha256_file(&state).map_err(|e| NodeError::CorruptSnapshot {
+                id: snap.to_string(),
+                detail: format!("{} cannot be read ({e})", state.display()),
+            })?;
+        if got != meta.state_sha256 {
+            return Err(NodeError::CorruptSnapshot {
+                id: snap.to_string(),
+                detail: format!(
+                    "{} has checksum {got}, recorded {}",
+                    state.display(),
+                    meta.state_sha256
+                ),
+            });
+        }
+        Ok(meta)
+    }
+
     async fn create_in(
         self: &Arc<Self>,
         id: &str,
         dir: &Path,
-        template: &Template,
+        source: &Source,
         opts: &CreateOptions,
         t0: Instant,
     ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
+        let template = &source.template;
         let disk = dir.join("disk.qcow2");
-        std::fs::copy(&template.overlay, &disk)
-            .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+        match &source.snapshot {
+            None => {
+                std::fs::copy(&template.overlay, &disk)
+                    .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+            }
+            Some(meta) => {
+                let layer =
+                    snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::DISK);
+                make_overlay(&layer, &disk).await?;
+            }
+        }
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600))
@@ -345,21 +416,35 @@ impl Node {
             hostname: id.to_string(),
             envs: opts.envs.clone(),
             access_token: opts.access_token.clone(),
+            base_snapshot: source.snapshot.as_ref().map(|m| m.id.clone()),
         };
+        if let Some(meta) = &source.snapshot {
+            let mut envs = meta.envs.clone();
+            envs.extend(opts.envs.clone());
+            info.envs = envs;
+        }
         write_record(dir, &info)?;
 
         let spec = sandbox_spec(template, dir);
-        let (vm, restore) = self.cfg.vmm.restore(&spec, &template.state).await?;
+        let (state_file, guest_token) = match &source.snapshot {
+            None => (template.state.clone(), None),
+            Some(meta) => (
+                snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::MEMORY),
+                meta.access_token.clone(),
+            ),
+        };
+        let (vm, restore) = self.cfg.vmm.restore(&spec, &state_file).await?;
         info.pid = vm.pid();
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
         write_record(dir, &info)?;
-        let (agent, connected) = match connect_and_init(&vm, &info, true, t0).await {
-            Ok(x) => x,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e);
-            }
-        };
+        let (agent, connected) =
+            match connect_and_init(&vm, &info, true, guest_token.as_deref(), t0).await {
+                Ok(x) => x,
+                Err(e) => {
+                    vm.kill().await;
+                    return Err(e);
+                }
+            };
         info.state = SandboxState::Running;
         write_record(dir, &info)?;
         let live = Live::new(
@@ -456,6 +541,8 @@ impl Node {
             .map_err(|e| NodeError::Io(live.dir.display().to_string(), e))?;
         self.sandboxes.lock().expect("sandboxes lock").remove(id);
         tracing::info!(sandbox_id = %id, "sandbox killed");
+        // Its overlay may have been the last thing on a deleted snapshot's layer.
+        self.collect_snapshots();
         Ok(())
     }
 
@@ -531,7 +618,12 @@ impl Node {
             });
         };
         let state_file = live.dir.join(PAUSED_STATE);
-        let got = alcove_image::build::sha256_file(&state_file)?;
+        let got = alcove_image::build::sha256_file(&state_file).map_err(|e| {
+            NodeError::CorruptSnapshot {
+                id: id.to_string(),
+                detail: format!("{} cannot be read ({e})", state_file.display()),
+            }
+        })?;
         if &got != state_sha256 {
             return Err(NodeError::CorruptSnapshot {
                 id: id.to_string(),
@@ -541,13 +633,28 @@ impl Node {
                 ),
             });
         }
+        self.run_from_state(&live, &state_file, t0).await?;
+        let _ = std::fs::remove_file(&state_file);
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(t0.elapsed())
+    }
+
+    /// Starts a sandbox's VM again from a memory image of itself (a resume, or the restart that
+    /// ends a snapshot): same identity, only its clock is set and entropy added.
+    async fn run_from_state(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        state_file: &Path,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let mut info = live.snapshot();
         let template =
             alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
         let spec = sandbox_spec(&template, &live.dir);
-        let (vm, _) = self.cfg.vmm.restore(&spec, &state_file).await?;
-        let mut info = info.clone();
+        let (vm, _) = self.cfg.vmm.restore(&spec, state_file).await?;
         info.pid = vm.pid();
-        let (agent, _) = match connect_and_init(&vm, &info, false, t0).await {
+        let token = info.access_token.clone();
+        let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
             Ok(x) => x,
             Err(e) => {
                 vm.kill().await;
@@ -560,11 +667,206 @@ impl Node {
         *live.vm.lock().expect("vm lock") = Some(vm.clone());
         *live.agent.lock().await = Some(agent);
         live.stopping.store(false, Ordering::SeqCst);
-        let _ = std::fs::remove_file(&state_file);
         self.spawn_monitor(live.clone(), vm);
-        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
-        Ok(t0.elapsed())
+        Ok(())
     }
+
+    /// Takes snapshot `snapshot_id` of a running sandbox: its memory image, and its disk frozen
+    /// as a read-only layer. The sandbox is stopped while the image is written, then goes on
+    /// from that image on a new overlay over the layer, with the same id and identity.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        id: &str,
+        snapshot_id: &str,
+    ) -> Result<(SnapshotMeta, PauseTimings), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::Io(
+                snapshot_id.to_string(),
+                std::io::Error::other("invalid snapshot id"),
+            ));
+        }
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let info = live.snapshot();
+        if info.state != SandboxState::Running {
+            return Err(NodeError::NotRunning {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        }
+        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })?;
+        let root = snapshots::snapshots_root(&self.cfg.data_dir);
+        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        std::fs::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
+        let tmp = sdir.join("memory.state.tmp");
+        live.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = vm.snapshot(&tmp).await {
+            let _ = std::fs::remove_dir_all(&sdir);
+            let _ = vm.resume().await;
+            live.stopping.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        let saved = t0.elapsed();
+        vm.kill().await;
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+
+        let disk = live.dir.join("disk.qcow2");
+        let layer = sdir.join(snapshots::DISK);
+        let frozen = async {
+            std::fs::rename(&disk, &layer)
+                .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o400))
+                    .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            }
+            make_overlay(&layer, &disk).await?;
+            let sha = alcove_image::build::sha256_file(&tmp)?;
+            let memory = sdir.join(snapshots::MEMORY);
+            std::fs::rename(&tmp, &memory)
+                .map_err(|e| NodeError::Io(memory.display().to_string(), e))?;
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                sandbox_id: id.to_string(),
+                parent: info.base_snapshot.clone(),
+                template: info.template.clone(),
+                template_key: info.template_key.clone(),
+                state_sha256: sha,
+                state_bytes: std::fs::metadata(&memory).map(|m| m.len()).unwrap_or(0),
+                access_token: info.access_token.clone(),
+                envs: info.envs.clone(),
+                created_at_unix_ms: now_ms(),
+                deleted: false,
+            };
+            snapshots::write_meta(&sdir, &meta)?;
+            Ok::<_, NodeError>(meta)
+        }
+        .await;
+        let (meta, state_file) = match frozen {
+            Ok(meta) => {
+                let mut i = live.info.lock().expect("info lock");
+                i.base_snapshot = Some(snapshot_id.to_string());
+                (meta, sdir.join(snapshots::MEMORY))
+            }
+            Err(e) => {
+                // Put the disk back and let the sandbox go on from the image; no snapshot.
+                if layer.exists() {
+                    let _ = std::fs::remove_file(&disk);
+                    let _ = std::fs::rename(&layer, &disk);
+                }
+                let kept = live.dir.join("snapshot-failed.state");
+                let _ = std::fs::rename(&tmp, &kept);
+                let _ = std::fs::remove_dir_all(&sdir);
+                let restarted = self.run_from_state(&live, &kept, t0).await;
+                let _ = std::fs::remove_file(&kept);
+                if let Err(re) = restarted {
+                    let _ = live.set_state(SandboxState::Dead {
+                        reason: format!("a failed snapshot could not restart it: {re}"),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.run_from_state(&live, &state_file, t0).await {
+            let _ = live.set_state(SandboxState::Dead {
+                reason: format!(
+                    "it did not come back after snapshot {snapshot_id} was taken (the snapshot is intact): {e}"
+                ),
+            });
+            remove_all_but_record(&live.dir);
+            return Err(e);
+        }
+        tracing::info!(sandbox_id = %id, snapshot_id, ms = t0.elapsed().as_millis() as u64, bytes = meta.state_bytes, "snapshot taken");
+        Ok((
+            meta.clone(),
+            PauseTimings {
+                saved,
+                total: t0.elapsed(),
+                state_bytes: meta.state_bytes,
+            },
+        ))
+    }
+
+    /// Every snapshot on this node, deleted ones (whose layers are still needed) included.
+    pub fn snapshots(&self) -> Vec<SnapshotMeta> {
+        snapshots::all(&self.cfg.data_dir)
+    }
+
+    /// Deletes a snapshot: it cannot be restored any more and its memory image goes at once;
+    /// its disk layer goes when no sandbox or kept snapshot sits on it.
+    pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::SnapshotNotFound(snapshot_id.to_string()));
+        }
+        let dir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        let mut meta = snapshots::read_meta(&dir)
+            .filter(|m| !m.deleted)
+            .ok_or_else(|| NodeError::SnapshotNotFound(snapshot_id.to_string()))?;
+        meta.deleted = true;
+        snapshots::write_meta(&dir, &meta)?;
+        let _ = std::fs::remove_file(dir.join(snapshots::MEMORY));
+        tracing::info!(snapshot_id, "snapshot deleted");
+        self.collect_snapshots();
+        Ok(())
+    }
+
+    /// Removes the files of deleted snapshots nothing depends on any more.
+    pub fn collect_snapshots(&self) -> Vec<String> {
+        let metas = snapshots::all(&self.cfg.data_dir);
+        let bases: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|i| !matches!(i.state, SandboxState::Dead { .. } | SandboxState::Killed))
+            .filter_map(|i| i.base_snapshot)
+            .collect();
+        let gone = snapshots::collectable(&metas, &bases);
+        for id in &gone {
+            let dir = snapshots::snapshot_dir(&self.cfg.data_dir, id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(snapshot_id = %id, error = %e, "removing a collected snapshot");
+            } else {
+                tracing::info!(snapshot_id = %id, "snapshot files collected");
+            }
+        }
+        gone
+    }
+
+    /// The data directory's snapshot store, for disk-usage reports.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        snapshots::snapshots_root(&self.cfg.data_dir)
+    }
+}
+
+/// A new qcow2 overlay at `out` over the read-only layer `backing`.
+async fn make_overlay(backing: &Path, out: &Path) -> Result<(), NodeError> {
+    let status = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(out)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| NodeError::Io("qemu-img".into(), e))?;
+    if !status.status.success() {
+        return Err(NodeError::Io(
+            out.display().to_string(),
+            std::io::Error::other(format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&status.stderr).trim()
+            )),
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| NodeError::Io(out.display().to_string(), e))
 }
 
 /// Where a paused sandbox's memory and device state live, inside its dir.
@@ -606,10 +908,13 @@ async fn connect_agent(vm: &QemuVm) -> Result<AgentClient, NodeError> {
 
 /// Connects to a just-restored VM's agent and hands it the sandbox's identity. `fresh` is true for
 /// a new sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set.
+/// `guest_token` is the access token the guest already has (a resumed sandbox's own, or the
+/// snapshot's for a sandbox made from one): changing anything takes it.
 async fn connect_and_init(
     vm: &QemuVm,
     info: &SandboxInfo,
     fresh: bool,
+    guest_token: Option<&str>,
     t0: Instant,
 ) -> Result<(AgentClient, Duration), NodeError> {
     let setup = async {
@@ -628,7 +933,7 @@ async fn connect_and_init(
             sandbox_id: fresh.then(|| info.id.clone()),
             ..Default::default()
         };
-        agent.init(&init, None).await?;
+        agent.init(&init, guest_token).await?;
         Ok::<_, NodeError>((agent, connected))
     };
     tokio::select! {
