@@ -845,9 +845,13 @@ impl Node {
 
 /// A new qcow2 overlay at `out` over the read-only layer `backing`.
 async fn make_overlay(backing: &Path, out: &Path) -> Result<(), NodeError> {
+    // qemu-img resolves a relative backing name against the overlay's directory: record an
+    // absolute one, so the chain does not depend on where the data dir was named from.
+    let backing = std::path::absolute(backing)
+        .map_err(|e| NodeError::Io(backing.display().to_string(), e))?;
     let status = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(backing)
+        .arg(&backing)
         .arg(out)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
