@@ -277,7 +277,10 @@ impl Node {
     fn spawn_monitor(self: &Arc<Self>, live: Arc<Live>, vm: QemuVm) {
         let handle = tokio::spawn(async move {
             let reason = vm.wait_exit().await;
-            if live.stopping.load(Ordering::SeqCst) {
+            // Stopped on purpose, or already replaced by a new VM (the restart that ends a
+            // snapshot): not a death.
+            if live.stopping.load(Ordering::SeqCst) || live.vm().map(|v| v.pid()) != Some(vm.pid())
+            {
                 return;
             }
             let console = vm.console().tail(6);

@@ -96,7 +96,7 @@ def test_server_restart_between_pause_and_resume():
 
 def test_auto_pause_at_timeout_then_auto_resume_on_traffic():
     sbx = Sandbox.create(
-        TEMPLATE, timeout=5, lifecycle={"on_timeout": "pause", "auto_resume": True}
+        TEMPLATE, timeout=10, lifecycle={"on_timeout": "pause", "auto_resume": True}
     )
     try:
         sbx.files.write("/home/user/auto.txt", "kept")
