@@ -1368,8 +1368,25 @@ impl Service {
                     })
                     .await;
                 Metrics::inc(&METRICS.sandboxes_lost);
-            } else if live_ids.contains(r.id.as_str()) {
-                tracing::info!(sandbox_id = %r.id, "reattached after restart");
+            } else if let Some(l) = live.iter().find(|l| l.sandbox_id == r.id) {
+                // A crash between the backend's pause (or resume) and the store's record of it
+                // leaves the two disagreeing: the backend's VM state is the truth.
+                let fix = match (r.state, l.paused) {
+                    (StoreState::Running, true) => Some((
+                        StoreState::Paused,
+                        "found paused at server restart (the pause finished as the server stopped)",
+                    )),
+                    (StoreState::Paused, false) => Some((
+                        StoreState::Running,
+                        "found running at server restart (the resume finished as the server stopped)",
+                    )),
+                    _ => None,
+                };
+                if let Some((to, reason)) = fix {
+                    let id = r.id.clone();
+                    let _ = self.db(move |s| s.transition(&id, to, reason)).await;
+                }
+                tracing::info!(sandbox_id = %r.id, paused = l.paused, "reattached after restart");
             }
         }
         self.check_liveness("at server restart").await;

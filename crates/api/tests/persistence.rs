@@ -387,3 +387,37 @@ async fn fork_makes_independent_children_and_validates_count() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_restart_takes_the_backends_word_on_paused_or_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let s = TestServer::start(dir.path(), backend.clone(), fast_limits()).await;
+    let api = s.client();
+    let mk = || async {
+        api.post("/v2/sandboxes", json!({"templateID": "base"}))
+            .await
+            .json["sandboxID"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (a, b) = (mk().await, mk().await);
+    api.post(&format!("/sandboxes/{b}/pause"), json!({})).await;
+    drop(api);
+    s.stop().await;
+    // While the server is down: a finished pause of a, a finished resume of b.
+    backend.paused.lock().unwrap().insert(a.clone());
+    backend.paused.lock().unwrap().remove(&b);
+    let s = TestServer::start(dir.path(), backend, fast_limits()).await;
+    let api = s.client();
+    assert_eq!(
+        api.get(&format!("/sandboxes/{a}")).await.json["state"],
+        "paused"
+    );
+    assert_eq!(
+        api.get(&format!("/sandboxes/{b}")).await.json["state"],
+        "running"
+    );
+    s.stop().await;
+}
