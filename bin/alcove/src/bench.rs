@@ -378,7 +378,8 @@ async fn persistence(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
     let all_answered = t0.elapsed();
     let snap_dir = node.snapshots_dir().join(&snap);
     let layer = allocated_bytes(&snap_dir.join("disk.qcow2"));
-    let memory = allocated_bytes(&snap_dir.join("memory.state"));
+    // The full image, or once re-homed, the shared RAM file and its device state.
+    let memory = allocated_bytes(&snap_dir).saturating_sub(layer);
     let overlays: u64 = children
         .iter()
         .map(|id| {

@@ -361,7 +361,7 @@ impl Node {
         let meta = snapshots::read_meta(&dir)
             .filter(|m| !m.deleted)
             .ok_or_else(|| NodeError::SnapshotNotFound(snap.to_string()))?;
-        let state = dir.join(snapshots::MEMORY);
+        let state = meta.state_file(&dir);
         let got =
             alcove_image::build::sha256_file(&state).map_err(|e| NodeError::CorruptSnapshot {
                 id: snap.to_string(),
@@ -428,15 +428,23 @@ impl Node {
         }
         write_record(dir, &info)?;
 
-        let spec = sandbox_spec(template, dir);
+        let mut spec = sandbox_spec(template, dir);
         let (state_file, guest_token) = match &source.snapshot {
             None => (template.state.clone(), None),
-            Some(meta) => (
-                snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::MEMORY),
-                meta.access_token.clone(),
-            ),
+            Some(meta) => {
+                let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id);
+                if meta.shared_ram {
+                    spec.ram_file = sdir.join(snapshots::RAM);
+                }
+                (meta.state_file(&sdir), meta.access_token.clone())
+            }
         };
-        let (vm, restore) = self.cfg.vmm.restore(&spec, &state_file).await?;
+        let full_image = source.snapshot.as_ref().is_some_and(|m| !m.shared_ram);
+        let (vm, restore) = if full_image {
+            self.cfg.vmm.restore_full(&spec, &state_file).await?
+        } else {
+            self.cfg.vmm.restore(&spec, &state_file).await?
+        };
         info.pid = vm.pid();
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
         write_record(dir, &info)?;
@@ -636,7 +644,8 @@ impl Node {
                 ),
             });
         }
-        self.run_from_state(&live, &state_file, t0).await?;
+        self.run_from_state(&live, &state_file, None, false, t0)
+            .await?;
         let _ = std::fs::remove_file(&state_file);
         tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
         Ok(t0.elapsed())
@@ -648,13 +657,24 @@ impl Node {
         self: &Arc<Self>,
         live: &Arc<Live>,
         state_file: &Path,
+        ram_file: Option<&Path>,
+        full_image: bool,
         t0: Instant,
     ) -> Result<(), NodeError> {
         let mut info = live.snapshot();
         let template =
             alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
-        let spec = sandbox_spec(&template, &live.dir);
-        let (vm, _) = self.cfg.vmm.restore(&spec, state_file).await?;
+        let mut spec = sandbox_spec(&template, &live.dir);
+        if let Some(ram) = ram_file {
+            // A private mapping of the snapshot's RAM file. A later pause writes every page,
+            // so its resume can map the template's RAM file as usual.
+            spec.ram_file = ram.to_path_buf();
+        }
+        let (vm, _) = if full_image {
+            self.cfg.vmm.restore_full(&spec, state_file).await?
+        } else {
+            self.cfg.vmm.restore(&spec, state_file).await?
+        };
         info.pid = vm.pid();
         let token = info.access_token.clone();
         let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
@@ -708,7 +728,9 @@ impl Node {
         std::fs::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
         let tmp = sdir.join("memory.state.tmp");
         live.stopping.store(true, Ordering::SeqCst);
-        if let Err(e) = vm.snapshot(&tmp).await {
+        // Every page, in the stream format without `x-ignore-shared`: what a VM whose RAM is a
+        // shared file can load (see `share_memory`).
+        if let Err(e) = vm.save(&tmp, false).await {
             let _ = std::fs::remove_dir_all(&sdir);
             let _ = vm.resume().await;
             live.stopping.store(false, Ordering::SeqCst);
@@ -746,12 +768,13 @@ impl Node {
                 envs: info.envs.clone(),
                 created_at_unix_ms: now_ms(),
                 deleted: false,
+                shared_ram: false,
             };
             snapshots::write_meta(&sdir, &meta)?;
             Ok::<_, NodeError>(meta)
         }
         .await;
-        let (meta, state_file) = match frozen {
+        let (mut meta, state_file) = match frozen {
             Ok(meta) => {
                 let mut i = live.info.lock().expect("info lock");
                 i.base_snapshot = Some(snapshot_id.to_string());
@@ -766,7 +789,7 @@ impl Node {
                 let kept = live.dir.join("snapshot-failed.state");
                 let _ = std::fs::rename(&tmp, &kept);
                 let _ = std::fs::remove_dir_all(&sdir);
-                let restarted = self.run_from_state(&live, &kept, t0).await;
+                let restarted = self.run_from_state(&live, &kept, None, true, t0).await;
                 let _ = std::fs::remove_file(&kept);
                 if let Err(re) = restarted {
                     let _ = live.set_state(SandboxState::Dead {
@@ -776,7 +799,31 @@ impl Node {
                 return Err(e);
             }
         };
-        if let Err(e) = self.run_from_state(&live, &state_file, t0).await {
+        // Re-home the image into a shared RAM file, so the sandbox and everything restored from
+        // the snapshot share its pages; on failure the full image serves, as it is.
+        let mut state_file = state_file;
+        match self.share_memory(&info.template_key, &sdir).await {
+            Ok(sha) => {
+                meta.shared_ram = true;
+                meta.state_sha256 = sha;
+                meta.state_bytes = std::fs::metadata(sdir.join(snapshots::RAM_STATE))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    + snapshots::allocated_bytes(&sdir.join(snapshots::RAM));
+                snapshots::write_meta(&sdir, &meta)?;
+                let _ = std::fs::remove_file(sdir.join(snapshots::MEMORY));
+                state_file = sdir.join(snapshots::RAM_STATE);
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, snapshot_id, error = %error_chain(&e), "could not re-home the snapshot's memory into a shared RAM file; restores load the whole image");
+                let _ = std::fs::remove_file(sdir.join(snapshots::RAM));
+            }
+        }
+        let ram = meta.shared_ram.then(|| sdir.join(snapshots::RAM));
+        if let Err(e) = self
+            .run_from_state(&live, &state_file, ram.as_deref(), !meta.shared_ram, t0)
+            .await
+        {
             let _ = live.set_state(SandboxState::Dead {
                 reason: format!(
                     "it did not come back after snapshot {snapshot_id} was taken (the snapshot is intact): {e}"
@@ -796,6 +843,46 @@ impl Node {
         ))
     }
 
+    /// Loads a snapshot's full memory image into a stopped VM whose RAM is a new shared file in
+    /// the snapshot dir, then snapshots that VM again: RAM stays in the file (`x-ignore-shared`),
+    /// the state file keeps only devices. No guest code runs. Returns the new state's SHA-256.
+    async fn share_memory(&self, template_key: &str, sdir: &Path) -> Result<String, NodeError> {
+        let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
+        let run = sdir.join("load");
+        std::fs::create_dir_all(&run).map_err(|e| NodeError::Io(run.display().to_string(), e))?;
+        let mut spec = alcove_image::build::spec_for(&template.recipe, &run, &template.kernel);
+        spec.ram_file = sdir.join(snapshots::RAM);
+        spec.ram_shared = true;
+        spec.disk = Disk {
+            path: sdir.join(snapshots::DISK),
+            format: DiskFormat::Qcow2,
+            read_only: true,
+        };
+        let result = async {
+            let vm = self
+                .cfg
+                .vmm
+                .restore_stopped(&spec, &sdir.join(snapshots::MEMORY))
+                .await?;
+            let snap = vm.save(&sdir.join(snapshots::RAM_STATE), true).await;
+            vm.kill().await;
+            snap?;
+            Ok::<_, NodeError>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&run);
+        result?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ram = sdir.join(snapshots::RAM);
+            std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))
+                .map_err(|e| NodeError::Io(ram.display().to_string(), e))?;
+        }
+        Ok(alcove_image::build::sha256_file(
+            &sdir.join(snapshots::RAM_STATE),
+        )?)
+    }
+
     /// Every snapshot on this node, deleted ones (whose layers are still needed) included.
     pub fn snapshots(&self) -> Vec<SnapshotMeta> {
         snapshots::all(&self.cfg.data_dir)
@@ -813,7 +900,11 @@ impl Node {
             .ok_or_else(|| NodeError::SnapshotNotFound(snapshot_id.to_string()))?;
         meta.deleted = true;
         snapshots::write_meta(&dir, &meta)?;
-        let _ = std::fs::remove_file(dir.join(snapshots::MEMORY));
+        // Sandboxes running from the RAM file keep their mapping (the inode lives on until they
+        // end); a paused one's image holds all of its RAM, so nothing needs these files now.
+        for f in [snapshots::MEMORY, snapshots::RAM, snapshots::RAM_STATE] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
         tracing::info!(snapshot_id, "snapshot deleted");
         self.collect_snapshots();
         Ok(())
@@ -950,6 +1041,17 @@ async fn connect_and_init(
             state: format!("the VM exited while starting: {reason}; console: {}", vm.console().tail(6)),
         }),
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn qemu_log_tail(dir: &Path) -> String {

@@ -4,7 +4,8 @@
 //! `<data>/snapshots/<id>/` holds `disk.qcow2` (the sandbox's overlay at snapshot time, frozen
 //! read-only; its backing file is the layer below it: the template's disk or the parent
 //! snapshot's layer), `memory.state` (device state and every non-zero page of guest RAM, the
-//! format `Vmm::restore` loads), and `snapshot.json` ([`SnapshotMeta`]). Sandboxes made from a
+//! format `Vmm::restore` loads) or, once re-homed, `ram` (guest RAM as a file restores map
+//! copy-on-write) and `ram.state` (device state only), and `snapshot.json` ([`SnapshotMeta`]). Sandboxes made from a
 //! snapshot get a fresh qcow2 overlay whose backing file is the snapshot's layer, so disks are
 //! copy-on-write chains: storage grows with what each sandbox writes, not with how many there are.
 //!
@@ -42,10 +43,25 @@ pub struct SnapshotMeta {
     /// Deleted by the user: not restorable; the layer stays while something sits on it.
     #[serde(default)]
     pub deleted: bool,
+    /// The memory image was re-homed into a shared RAM file (`ram`, read-only) plus a small
+    /// device-state file (`ram.state`, whose SHA-256 is `state_sha256`): sandboxes made from
+    /// the snapshot map `ram` copy-on-write, as they map a template's, instead of each loading
+    /// the whole image into private memory.
+    #[serde(default)]
+    pub shared_ram: bool,
+}
+
+impl SnapshotMeta {
+    /// The file a restore loads (device state, plus all of RAM unless `shared_ram`).
+    pub fn state_file(&self, dir: &Path) -> PathBuf {
+        dir.join(if self.shared_ram { RAM_STATE } else { MEMORY })
+    }
 }
 
 pub(crate) const DISK: &str = "disk.qcow2";
 pub(crate) const MEMORY: &str = "memory.state";
+pub(crate) const RAM: &str = "ram";
+pub(crate) const RAM_STATE: &str = "ram.state";
 const META: &str = "snapshot.json";
 
 pub(crate) fn snapshots_root(data_dir: &Path) -> PathBuf {
@@ -155,6 +171,7 @@ mod tests {
             envs: Default::default(),
             created_at_unix_ms: 0,
             deleted,
+            shared_ram: false,
         }
     }
 

@@ -455,6 +455,10 @@ async fn snapshots_branch_into_independent_children_and_layers_are_collected() {
     let metas = node.snapshots();
     let b = metas.iter().find(|m| m.id == "snapb").unwrap();
     assert_eq!(b.parent.as_deref(), Some("snapa"));
+    assert!(
+        metas.iter().all(|m| m.shared_ram),
+        "memory images are re-homed into shared RAM files: {metas:?}"
+    );
 
     // Deleting the parent snapshot keeps its layer while sandboxes and snapb need it.
     node.delete_snapshot("snapa").unwrap();

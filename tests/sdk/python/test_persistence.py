@@ -192,11 +192,11 @@ def test_restore_one_snapshot_three_times_then_delete_it_under_live_children():
         src.kill()
 
 
-def damage(path):
+def damage(path, offset=4096):
     with open(path, "r+b") as f:
-        f.seek(4096)
+        f.seek(offset)
         b = f.read(1)
-        f.seek(4096)
+        f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
 
 
@@ -232,8 +232,11 @@ def test_a_corrupt_snapshot_is_a_clear_error():
     src = Sandbox.create(TEMPLATE, timeout=300)
     try:
         snap = src.create_snapshot()
-        mem = os.path.join(data, "snapshots", snap.snapshot_id, "memory.state")
-        damage(mem)
+        # The device state a restore loads: `ram.state` once the memory image was re-homed into
+        # a shared RAM file, else the full `memory.state`.
+        sdir = os.path.join(data, "snapshots", snap.snapshot_id)
+        name = "ram.state" if os.path.exists(os.path.join(sdir, "ram.state")) else "memory.state"
+        damage(os.path.join(sdir, name), offset=64)
         with pytest.raises(SandboxException) as e:
             Sandbox.create(snap.snapshot_id, timeout=60)
         assert "corrupt" in str(e.value), str(e.value)
