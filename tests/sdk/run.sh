@@ -8,7 +8,10 @@
 #
 # Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js" by default),
 # PYTEST_ARGS / NODE_TEST_ARGS for extra arguments. The SDKs are configured only through
-# E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY.
+# E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. For the persistence tests the suites also get
+# ALCOVE_SDK_RESTART_SERVER (a script that restarts the server on the same port and data
+# directory, as an operator would) and ALCOVE_SDK_DATA_DIR (the server's data directory, where
+# the tests damage a saved state on purpose).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -49,8 +52,32 @@ fi
 
 "${server[@]}" >"$log" 2>&1 &
 server_pid=$!
+echo "$server_pid" >"$data/server.pid"
+
+# Restarts the server in place: SIGTERM, wait for it to go, start it again on the same port and
+# data directory (appending to the same log), wait until it answers. Sandboxes live on.
+restart="$data/restart-server.sh"
+{
+    echo '#!/usr/bin/env bash'
+    echo 'set -euo pipefail'
+    echo "old=\$(cat '$data/server.pid')"
+    echo 'kill "$old" 2>/dev/null || true'
+    echo 'for _ in $(seq 1 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done'
+    printf '%q ' "${server[@]}"
+    echo ">>'$log' 2>&1 </dev/null &"
+    echo "echo \$! >'$data/server.pid'"
+    echo "for _ in \$(seq 1 300); do curl -fsS 'http://127.0.0.1:$port/health' >/dev/null 2>&1 && exit 0; sleep 0.1; done"
+    echo 'echo "the restarted server did not answer" >&2; exit 1'
+} >"$restart"
+chmod +x "$restart"
+export ALCOVE_SDK_RESTART_SERVER="$restart"
+export ALCOVE_SDK_DATA_DIR="$data/state"
+
 cleanup() {
+    server_pid="$(cat "$data/server.pid" 2>/dev/null || echo "$server_pid")"
     kill "$server_pid" 2>/dev/null || true
+    # Not our child after a restart: wait by polling.
+    for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
     wait "$server_pid" 2>/dev/null || true
     # Sandboxes outlive a server by design (a restarted server re-attaches them); a test run's
     # must not outlive the run.

@@ -65,6 +65,11 @@ fn map_err(op: &'static str, e: NodeError) -> BackendError {
         }
         NodeError::Capacity(_) => BackendError::NoCapacity,
         NodeError::AgentTimeout(_) => BackendError::Timeout,
+        NodeError::SnapshotNotFound(_) => BackendError::SnapshotNotFound,
+        NodeError::CorruptSnapshot { detail, .. } => BackendError::CorruptSnapshot { detail },
+        NodeError::NotRunning { state, .. } | NodeError::NotPaused { state, .. } => {
+            BackendError::WrongState { state }
+        }
         other => failed(op, other),
     }
 }
@@ -110,6 +115,7 @@ impl SandboxBackend for NodeBackend {
                 envs: req.env_vars.clone(),
                 access_token: req.envd_access_token.clone(),
                 network: req.network.clone(),
+                snapshot: req.snapshot_id.clone(),
             };
             let (info, _) = self
                 .node
@@ -132,6 +138,18 @@ impl SandboxBackend for NodeBackend {
                 .kill(sandbox_id)
                 .await
                 .map_err(|e| map_err("kill sandbox", e))
+        })
+    }
+
+    fn network<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<alcove_net::NetworkConfig>, BackendError>> {
+        Box::pin(async move {
+            self.node
+                .network(sandbox_id)
+                .map(|(n, _)| Some(n))
+                .map_err(|e| map_err("network rules", e))
         })
     }
 
@@ -267,6 +285,51 @@ impl SandboxBackend for NodeBackend {
                 });
             }
             Ok(lines)
+        })
+    }
+
+    fn pause<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .pause(sandbox_id)
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("pause sandbox", e))
+        })
+    }
+
+    fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .resume(sandbox_id)
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("resume sandbox", e))
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .snapshot(sandbox_id, snapshot_id)
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("snapshot sandbox", e))
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .delete_snapshot(snapshot_id)
+                .map_err(|e| map_err("delete snapshot", e))
         })
     }
 

@@ -34,6 +34,19 @@ pub struct BenchArgs {
     /// MiB downloaded through the port tunnel (and, for comparison, envd's /files).
     #[arg(long, default_value_t = 100)]
     port_download_mib: usize,
+    /// Only measure persistence instead: pause of an idle sandbox, resume → first command,
+    /// snapshot + fork into --fork-children, and the disk those forks use.
+    #[arg(long)]
+    persistence: bool,
+    /// Pause/resume rounds for --persistence.
+    #[arg(long, default_value_t = 10)]
+    pause_rounds: usize,
+    /// Children per fork for --persistence.
+    #[arg(long, default_value_t = 10)]
+    fork_children: usize,
+    /// MiB the parent writes before it is forked (--persistence).
+    #[arg(long, default_value_t = 100)]
+    fork_write_mib: usize,
 }
 
 #[derive(Default)]
@@ -91,6 +104,9 @@ fn echo_request() -> alcove_agent_client::RunRequest {
 pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     if a.ports {
         return ports(g, &a).await;
+    }
+    if a.persistence {
+        return persistence(g, &a).await;
     }
     let node = g.node().await?;
     let accel = g.accel();
@@ -240,6 +256,184 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     } else {
         1
     })
+}
+
+/// Pause/resume and snapshot/fork timings and the disk forks use, on the node directly.
+async fn persistence(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
+    use alcove_node::snapshots::allocated_bytes;
+    let node = g.node().await?;
+    let accel = g.accel();
+    let say = |s: String| {
+        if !g.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "# alcove bench --persistence: template {}, accelerator {} ({})",
+        a.template,
+        accel.accel.as_str(),
+        accel.reason
+    ));
+    let opts = CreateOptions {
+        template: a.template.clone(),
+        ..Default::default()
+    };
+    let echo = |node: &std::sync::Arc<alcove_node::Node>, id: String| {
+        let node = node.clone();
+        async move {
+            let out = node.run(&id, echo_request()).await?;
+            anyhow::ensure!(out.stdout == b"ok\n", "unexpected output");
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+
+    // Pause of an idle sandbox; resume → first command result.
+    let (info, _) = node.create(opts.clone()).await?;
+    echo(&node, info.id.clone()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut pause, mut resume, mut bytes) =
+        (Series::default(), Series::default(), Series::default());
+    for _ in 0..a.pause_rounds {
+        let p = node.pause(&info.id).await?;
+        pause.push(p.total);
+        bytes.0.push(p.state_bytes as f64 / (1 << 20) as f64);
+        let t0 = Instant::now();
+        node.resume(&info.id).await?;
+        echo(&node, info.id.clone()).await?;
+        resume.push(t0.elapsed());
+    }
+    node.kill(&info.id).await?;
+    say(pause.line("pause (idle sandbox, state written + VM gone)", "ms"));
+    say(bytes.line("pause image size", "MiB"));
+    say(resume.line("resume -> first command result", "ms"));
+
+    // Fork of a template-fresh sandbox into one child.
+    let (fresh, _) = node.create(opts.clone()).await?;
+    let t0 = Instant::now();
+    let snap = alcove_node::new_sandbox_id();
+    node.snapshot(&fresh.id, &snap).await?;
+    let fresh_snapshotted = t0.elapsed();
+    let (child, _) = node
+        .create(CreateOptions {
+            snapshot: Some(snap.clone()),
+            ..Default::default()
+        })
+        .await?;
+    echo(&node, child.id.clone()).await?;
+    let fresh_fork = t0.elapsed();
+    node.kill(&child.id).await?;
+    node.kill(&fresh.id).await?;
+    node.delete_snapshot(&snap)?;
+    say(format!(
+        "{:<44} snapshot {:.0} ms, child answers at {:.0} ms",
+        "fork of a template-fresh sandbox into 1",
+        fresh_snapshotted.as_secs_f64() * 1e3,
+        fresh_fork.as_secs_f64() * 1e3
+    ));
+
+    // A parent that wrote N MiB, forked into K children: time until all answer, and disk.
+    let (parent, _) = node.create(opts.clone()).await?;
+    let write = crate::sandbox::run_request(
+        &[format!(
+            "head -c {}M /dev/urandom > /home/user/big && sync",
+            a.fork_write_mib
+        )],
+        "user",
+        None,
+    );
+    node.run(&parent.id, write).await?;
+    let before = allocated_bytes(&node.snapshots_dir())
+        + allocated_bytes(&node.config().data_dir.join("sandboxes"));
+    let t0 = Instant::now();
+    let snap = alcove_node::new_sandbox_id();
+    node.snapshot(&parent.id, &snap).await?;
+    let snapshotted = t0.elapsed();
+    let mut tasks = Vec::new();
+    for _ in 0..a.fork_children {
+        let node = node.clone();
+        let snap = snap.clone();
+        tasks.push(tokio::spawn(async move {
+            let (c, _) = node
+                .create(CreateOptions {
+                    snapshot: Some(snap),
+                    ..Default::default()
+                })
+                .await?;
+            let out = node.run(&c.id, echo_request()).await?;
+            anyhow::ensure!(out.stdout == b"ok\n", "unexpected output");
+            Ok::<_, anyhow::Error>(c.id)
+        }));
+    }
+    let mut children = Vec::new();
+    let mut failures = 0usize;
+    for t in tasks {
+        match t.await? {
+            Ok(id) => children.push(id),
+            Err(e) => {
+                failures += 1;
+                eprintln!("fork child failed: {e:#}");
+            }
+        }
+    }
+    let all_answered = t0.elapsed();
+    let snap_dir = node.snapshots_dir().join(&snap);
+    let layer = allocated_bytes(&snap_dir.join("disk.qcow2"));
+    // The full image, or once re-homed, the shared RAM file and its device state.
+    let memory = allocated_bytes(&snap_dir).saturating_sub(layer);
+    let overlays: u64 = children
+        .iter()
+        .map(|id| {
+            allocated_bytes(
+                &node
+                    .config()
+                    .data_dir
+                    .join("sandboxes")
+                    .join(id)
+                    .join("disk.qcow2"),
+            )
+        })
+        .sum();
+    let after = allocated_bytes(&node.snapshots_dir())
+        + allocated_bytes(&node.config().data_dir.join("sandboxes"));
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    say(format!(
+        "{:<44} snapshot {:.0} ms, all {} answered at {:.0} ms ({} failed)",
+        format!("fork after writing {} MiB", a.fork_write_mib),
+        snapshotted.as_secs_f64() * 1e3,
+        children.len(),
+        all_answered.as_secs_f64() * 1e3,
+        failures
+    ));
+    say(format!(
+        "{:<44} frozen layer {:.1} MiB, {} child overlays {:.1} MiB together, memory image {:.1} MiB; disk growth {:.1} MiB for {} MiB written",
+        "disk of that fork",
+        mib(layer),
+        children.len(),
+        mib(overlays),
+        mib(memory),
+        mib(after.saturating_sub(before)),
+        a.fork_write_mib
+    ));
+    for id in &children {
+        node.kill(id).await?;
+    }
+    node.kill(&parent.id).await?;
+    node.delete_snapshot(&snap)?;
+    if g.json {
+        println!(
+            "{}",
+            json!({
+                "template": a.template, "accel": accel.accel.as_str(),
+                "pause_ms": pause.summary(), "pause_image_mib": bytes.summary(),
+                "resume_to_first_result_ms": resume.summary(),
+                "fresh_fork": { "snapshot_ms": fresh_snapshotted.as_secs_f64() * 1e3, "child_answers_ms": fresh_fork.as_secs_f64() * 1e3 },
+                "fork": { "children": a.fork_children, "failures": failures, "written_mib": a.fork_write_mib,
+                          "snapshot_ms": snapshotted.as_secs_f64() * 1e3, "all_answered_ms": all_answered.as_secs_f64() * 1e3,
+                          "layer_mib": mib(layer), "overlays_mib": mib(overlays), "memory_image_mib": mib(memory) },
+            })
+        );
+    }
+    Ok(if failures == 0 { 0 } else { 1 })
 }
 
 /// Proxied HTTP through the port tunnel, as `NodeBackend::forward` does it for ports other than

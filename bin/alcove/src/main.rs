@@ -28,6 +28,8 @@ enum Command {
     /// Talk to a running server over its REST API.
     #[command(subcommand)]
     Client(ClientCmd),
+    /// Snapshots and the checkpoint tree, through a running server's API.
+    Snapshot(alcove_api::cli::SnapshotArgs),
     /// Build and list templates on this host.
     Template(WithGlobal<template::TemplateCmd>),
     /// Create, run commands in, pause, list and kill sandboxes on this host, without a server.
@@ -93,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Keys(k) => k.json,
         Command::Client(ClientCmd::Sandbox(a)) => a.client.json,
         Command::Client(ClientCmd::Template(a)) => a.client.json,
+        Command::Snapshot(a) => a.client.json,
         Command::Server(_) => false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -125,6 +128,7 @@ fn main() -> std::process::ExitCode {
                 .await
                 .map(|c| u8::try_from(c).unwrap_or(1)),
             Command::Client(ClientCmd::Template(a)) => alcove_api::cli::run_template(a, &mut out).await.map(|()| 0),
+            Command::Snapshot(a) => alcove_api::cli::run_snapshot(a, &mut out).await.map(|()| 0),
         }
     });
     match result {

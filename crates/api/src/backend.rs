@@ -10,6 +10,11 @@
 //! - `kill` of an unknown or already dead sandbox is `Ok` or `Err(SandboxNotFound)`, never a panic;
 //!   it must leave nothing behind.
 //! - `list` is the source of truth after a restart: sandboxes it does not report are marked `lost`.
+//! - `pause` leaves no VM process behind and keeps the sandbox resumable across restarts of the
+//!   backend; `resume` of a sandbox whose saved state is damaged fails with `CorruptSnapshot` and
+//!   leaves that state as it was.
+//! - `snapshot` keeps the sandbox running (same id) and makes `snapshot_id` restorable by
+//!   `create` with [`CreateSandbox::snapshot_id`] until `delete_snapshot`.
 //! - `forward` carries one HTTP exchange (streaming both ways) to a port inside the sandbox.
 //!   Errors before a response exists are `BackendError`s; the proxy turns them into the 502s the
 //!   SDKs understand.
@@ -49,6 +54,9 @@ pub struct CreateSandbox {
     /// The template's resources, as the API knows them; the backend may override.
     pub cpu_count: u32,
     pub memory_mb: u32,
+    /// Restore this snapshot (memory and disk) instead of the template's own; `template_id` is
+    /// the template at the root of its chain. Env vars add to the snapshot's.
+    pub snapshot_id: Option<String>,
 }
 
 /// What the backend started.
@@ -140,6 +148,17 @@ pub enum BackendError {
     /// The VM or agent did not answer within the backend's own deadline.
     #[error("the sandbox did not answer in time")]
     Timeout,
+    /// The backend does not implement this operation.
+    #[error("{op} is not supported by this backend")]
+    Unsupported { op: &'static str },
+    /// A saved state (pause image, snapshot) failed its integrity check; it was left as it was.
+    #[error("the saved state is corrupt: {detail}")]
+    CorruptSnapshot { detail: String },
+    #[error("snapshot not found")]
+    SnapshotNotFound,
+    /// The sandbox is not in a state that allows the operation (e.g. pausing a paused one).
+    #[error("the sandbox is {state}")]
+    WrongState { state: String },
     /// Anything else; `op` names what failed, the cause is in `source`.
     #[error("{op} failed")]
     Failed {
@@ -191,9 +210,47 @@ pub trait SandboxBackend: Send + Sync + 'static {
         _network: alcove_net::NetworkConfig,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async {
-            Err(BackendError::Failed {
+            Err(BackendError::Unsupported {
                 op: "network update",
-                source: "this backend has no per-sandbox networks".into(),
+            })
+        })
+    }
+
+    /// A sandbox's current egress rules, if the backend keeps them.
+    fn network<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<alcove_net::NetworkConfig>, BackendError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Saves a running sandbox's memory, processes and disk to the host and stops its VM.
+    fn pause<'a>(&'a self, _sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "pause" }) })
+    }
+
+    /// Runs a paused sandbox again from what `pause` saved (checked before use).
+    fn resume<'a>(&'a self, _sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "resume" }) })
+    }
+
+    /// Takes snapshot `snapshot_id` of a running sandbox, which goes on running.
+    fn snapshot<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "snapshot" }) })
+    }
+
+    /// Makes a snapshot unrestorable and frees what no sandbox or other snapshot needs.
+    fn delete_snapshot<'a>(
+        &'a self,
+        _snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async {
+            Err(BackendError::Unsupported {
+                op: "delete snapshot",
             })
         })
     }

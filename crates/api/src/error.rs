@@ -13,7 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 /// E2B's error body.
-#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// The HTTP status code.
     pub code: u16,
@@ -49,6 +49,22 @@ pub enum ApiError {
     NotImplemented { what: &'static str },
     #[error("no capacity")]
     NoCapacity,
+    #[error("sandbox already paused")]
+    AlreadyPaused { sandbox_id: String },
+    #[error("sandbox already running")]
+    AlreadyRunning { sandbox_id: String },
+    #[error("sandbox is paused")]
+    SandboxPaused { sandbox_id: String },
+    #[error("pause failed")]
+    PauseFailed { sandbox_id: String },
+    #[error("resume failed")]
+    ResumeFailed { sandbox_id: String },
+    #[error("saved state corrupt")]
+    SnapshotCorrupt { what: String },
+    #[error("snapshot failed")]
+    SnapshotFailed { sandbox_id: String },
+    #[error("snapshot not found")]
+    SnapshotNotFound { snapshot_id: String },
     #[error("sandbox create timed out")]
     CreateTimeout,
     #[error("sandbox create failed")]
@@ -163,6 +179,73 @@ impl ApiError {
                 format!(
                     "{what} is not implemented by this Alcove server yet. Keep the sandbox \
                      running (set_timeout) or kill it instead."
+                ),
+            ),
+            AlreadyPaused { sandbox_id } => (
+                StatusCode::CONFLICT,
+                "sandbox_already_paused",
+                format!(
+                    "Sandbox {sandbox_id} is already paused. Resume it with connect \
+                     (POST /v2/sandboxes/{sandbox_id}/connect) when you need it again."
+                ),
+            ),
+            AlreadyRunning { sandbox_id } => (
+                StatusCode::CONFLICT,
+                "sandbox_already_running",
+                format!(
+                    "Sandbox {sandbox_id} is already running; there is nothing to resume. Use \
+                     connect to get its connection details."
+                ),
+            ),
+            SandboxPaused { sandbox_id } => (
+                StatusCode::CONFLICT,
+                "sandbox_paused",
+                format!(
+                    "Sandbox {sandbox_id} is paused. Resume it with connect \
+                     (POST /v2/sandboxes/{sandbox_id}/connect), then retry."
+                ),
+            ),
+            PauseFailed { sandbox_id } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "sandbox_pause_failed",
+                format!(
+                    "Sandbox {sandbox_id} could not be paused; it was left running if it still \
+                     could. Check it with GET /sandboxes/{sandbox_id} and retry; the server log \
+                     has the cause."
+                ),
+            ),
+            ResumeFailed { sandbox_id } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "sandbox_resume_failed",
+                format!(
+                    "Sandbox {sandbox_id} could not be resumed; it stays paused with its saved \
+                     state untouched. Retry; the server log has the cause."
+                ),
+            ),
+            SnapshotCorrupt { what } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "snapshot_corrupt",
+                format!(
+                    "The saved state of {what} is corrupt: its checksum does not match the one \
+                     recorded when it was saved, so it was not restored. It was left as it is \
+                     (nothing was changed or deleted). Restore an earlier snapshot instead \
+                     (GET /snapshots lists them), or kill the sandbox."
+                ),
+            ),
+            SnapshotFailed { sandbox_id } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "snapshot_failed",
+                format!(
+                    "The snapshot of sandbox {sandbox_id} could not be taken. Check the sandbox \
+                     with GET /sandboxes/{sandbox_id} and retry; the server log has the cause."
+                ),
+            ),
+            SnapshotNotFound { snapshot_id } => (
+                StatusCode::NOT_FOUND,
+                "snapshot_not_found",
+                format!(
+                    "Snapshot {snapshot_id} was not found: it never existed for this team or was \
+                     deleted. List snapshots with GET /snapshots."
                 ),
             ),
             NoCapacity => (

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub sandboxes_killed: AtomicU64,
     pub sandboxes_timed_out: AtomicU64,
     pub sandboxes_lost: AtomicU64,
+    pub sandboxes_paused: AtomicU64,
+    pub sandboxes_resumed: AtomicU64,
+    pub persistence_failures: AtomicU64,
+    pub snapshots_created: AtomicU64,
     pub auth_failures: AtomicU64,
     pub proxy_requests: AtomicU64,
     pub proxy_failures: AtomicU64,
@@ -70,7 +74,27 @@ impl Metrics {
         for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "alcove_api_errors_total{{code=\"{code}\"}} {n}");
         }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
+            (
+                "alcove_sandboxes_paused_total",
+                "Sandboxes paused (on request or at their end time with autoPause).",
+                &self.sandboxes_paused,
+            ),
+            (
+                "alcove_sandboxes_resumed_total",
+                "Paused sandboxes resumed (connect, resume, or traffic with autoResume).",
+                &self.sandboxes_resumed,
+            ),
+            (
+                "alcove_persistence_failures_total",
+                "Pauses, resumes, snapshots and forks that failed.",
+                &self.persistence_failures,
+            ),
+            (
+                "alcove_snapshots_created_total",
+                "Snapshots taken (create_snapshot and forks).",
+                &self.snapshots_created,
+            ),
             (
                 "alcove_sandboxes_created_total",
                 "Sandboxes started.",

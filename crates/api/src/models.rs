@@ -25,11 +25,13 @@ pub struct NewSandbox {
     /// Lifetime in seconds from now; the server's default (300 s) when absent.
     #[serde(default)]
     pub timeout: Option<i64>,
-    /// Pause instead of kill at the timeout. Not supported yet: `true` is refused.
+    /// Pause instead of kill at the timeout (memory, processes and disk are kept).
     #[serde(default, rename = "autoPause")]
     pub auto_pause: Option<bool>,
+    /// `false` (a filesystem-only pause) is not supported and refused.
     #[serde(default, rename = "autoPauseMemory")]
     pub auto_pause_memory: Option<bool>,
+    /// `{"enabled": true}`: traffic to a paused sandbox resumes it.
     #[serde(default, rename = "autoResume")]
     #[schema(value_type = Option<Object>)]
     pub auto_resume: Option<Value>,
@@ -88,9 +90,117 @@ pub struct ConnectRequest {
     /// Seconds from now; extends the sandbox's end time, never shortens it.
     #[serde(default)]
     pub timeout: Option<i64>,
-    /// Resume with memory (paused sandboxes only; pause is not supported yet).
+    /// `false` asks to cold-boot a paused sandbox from its disk alone; not supported (refused).
     #[serde(default)]
     pub memory: Option<bool>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/pause`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// `false` (filesystem-only pause) is not supported and refused; memory is always kept.
+    #[serde(default)]
+    pub memory: Option<bool>,
+    /// Accepted; the pause always needs the agent to answer.
+    #[serde(default, rename = "requireHealthyGuest")]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/resume`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// Lifetime in seconds from now (default: the one asked for at create).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// Pause instead of kill at the new end time.
+    #[serde(default, rename = "autoPause")]
+    pub auto_pause: Option<bool>,
+    /// `false` is not supported (refused).
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/snapshots`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A name the snapshot can also be restored by (the newest snapshot of that name wins).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `false` (filesystem-only snapshot) is not supported and refused.
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// A snapshot (E2B `SnapshotInfo`): create a sandbox from it with `templateID: snapshotID`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// The snapshot's name, or its id when it has none.
+    pub names: Vec<String>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/fork` and `POST /alcove/v1/sandboxes/{sandboxID}/fork`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// Lifetime of each child in seconds (default: the parent's).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// How many children, 1-100 (default 1).
+    #[serde(default)]
+    pub count: Option<i64>,
+}
+
+/// One child of a fork (E2B `SandboxForkResult`): exactly one of `sandbox` and `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::error::ErrorBody>,
+}
+
+/// Answer of `POST /alcove/v1/sandboxes/{sandboxID}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AlcoveForkResponse {
+    /// The checkpoint the children were restored from (deleted once taken: its disk layer
+    /// stays while the children need it).
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub children: Vec<ForkResult>,
+}
+
+/// One node of the checkpoint tree (`GET /alcove/v1/snapshots/tree`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotNode {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub name: Option<String>,
+    /// `snapshot` (asked for) or `fork` (taken by a fork).
+    pub kind: String,
+    /// The sandbox it was taken from.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    /// Deleted snapshots stay in the tree while descendants exist; they cannot be restored.
+    pub deleted: bool,
+    /// Running or paused sandboxes whose latest checkpoint this is.
+    pub sandboxes: Vec<String>,
+    #[schema(no_recursion)]
+    pub children: Vec<SnapshotNode>,
+}
+
+/// `GET /alcove/v1/snapshots/tree`: the team's snapshots as a forest rooted at templates.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotTree {
+    pub roots: Vec<SnapshotNode>,
 }
 
 /// A created or connected sandbox (E2B `Sandbox`).
@@ -127,7 +237,7 @@ pub enum SandboxState {
 pub struct SandboxLifecycle {
     #[serde(rename = "autoResume")]
     pub auto_resume: bool,
-    /// `kill` (pause on timeout is not supported yet).
+    /// `kill`, or `pause` for sandboxes created with `autoPause`.
     #[serde(rename = "onTimeout")]
     pub on_timeout: String,
 }

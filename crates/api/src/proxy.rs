@@ -134,7 +134,15 @@ pub async fn dispatch(State(svc): State<AppState>, req: Request, next: Next) -> 
 
 async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, ApiError> {
     let Route { sandbox_id, port } = route;
-    let target = svc.proxy_target(&sandbox_id).await?;
+    let mut target = svc.proxy_target(&sandbox_id).await?;
+    // A paused sandbox created with autoResume comes back for its traffic.
+    if target
+        .as_ref()
+        .is_some_and(|t| t.state == SandboxState::Paused)
+        && svc.resume_for_traffic(&sandbox_id).await?
+    {
+        target = svc.proxy_target(&sandbox_id).await?;
+    }
     let target = match target {
         Some(t) if t.state == SandboxState::Running => t,
         Some(t) if t.state == SandboxState::Creating => {

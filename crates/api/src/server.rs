@@ -226,28 +226,25 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/sandboxes/{sandboxID}/logs", get(s::logs_v1))
         .route("/v2/sandboxes/{sandboxID}/logs", get(s::logs_v2))
         .route("/sandboxes/{sandboxID}/pause", post(s::pause))
-        .route(
-            "/sandboxes/{sandboxID}/resume",
-            post(s::not_implemented_for_sandbox),
-        )
-        .route(
-            "/sandboxes/{sandboxID}/fork",
-            post(s::not_implemented_for_sandbox),
-        )
-        .route(
-            "/sandboxes/{sandboxID}/snapshots",
-            post(s::not_implemented_for_sandbox),
-        )
+        .route("/sandboxes/{sandboxID}/resume", post(s::resume))
+        .route("/sandboxes/{sandboxID}/fork", post(s::fork))
+        .route("/sandboxes/{sandboxID}/snapshots", post(s::create_snapshot))
+        .route("/snapshots", get(s::list_snapshots))
         .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
         .route("/default-templates", get(t::defaults))
-        .route("/templates/{templateID}", get(t::get))
+        .route("/templates/{templateID}", get(t::get).delete(t::delete))
         .route("/templates/aliases/{alias}", get(t::alias))
         .route(
             "/alcove/v1/sandboxes/{sandboxID}",
             get(extensions::sandbox_record),
         )
+        .route(
+            "/alcove/v1/sandboxes/{sandboxID}/fork",
+            post(extensions::fork),
+        )
+        .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
         .route("/health", get(system::health))
         .route("/metrics", get(system::prometheus))
         .route("/openapi.json", get(system::openapi))
@@ -267,8 +264,14 @@ pub fn router(svc: Arc<Service>) -> Router {
 /// Every REST request has a deadline; creates get the (longer) create deadline plus slack, so the
 /// client sees the create's own outcome.
 async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    // Creates, and what saves or restores a whole sandbox (pause, resume, connect, snapshots,
+    // forks), get the create deadline: under TCG they take seconds, a fork of many longer.
+    let path = req.uri().path();
     let is_create = req.method() == http::Method::POST
-        && matches!(req.uri().path(), "/sandboxes" | "/v2/sandboxes");
+        && (matches!(path, "/sandboxes" | "/v2/sandboxes")
+            || ["/pause", "/resume", "/connect", "/snapshots", "/fork"]
+                .iter()
+                .any(|s| path.ends_with(s)));
     let limit = if is_create {
         limits
             .request_timeout

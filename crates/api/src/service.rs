@@ -6,13 +6,13 @@
 //! runs on the blocking pool ([`Service::db`]); every backend call that could hang has a
 //! deadline. A sandbox's secret env var values pass through to the backend and nowhere else.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use alcove_store::{
     ListOrder, NewSandboxRecord, PageCursor, SandboxFilter, SandboxRecord,
-    SandboxState as StoreState, Store, StoreError, TemplateRecord, now_ms,
+    SandboxState as StoreState, SnapshotRecord, Store, StoreError, TemplateRecord, now_ms,
 };
 
 use crate::backend::{
@@ -33,6 +33,29 @@ pub struct Service {
     domain: String,
     /// Serialises the concurrency check with the insert, so N racing creates cannot all pass.
     create_lock: tokio::sync::Mutex<()>,
+    /// One lock per sandbox serialising pause, resume, snapshot and the reaper's actions on it.
+    ops: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Bound on the backend saving or restoring a sandbox (the whole of its memory under TCG).
+const PERSIST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Children one fork may ask for.
+pub const MAX_FORK_COUNT: i64 = 100;
+
+/// What a new sandbox is made from and how, after validation.
+struct NewSandboxParams {
+    template: TemplateRecord,
+    alias: Option<String>,
+    snapshot_id: Option<String>,
+    timeout: Duration,
+    env_vars: BTreeMap<String, String>,
+    metadata: BTreeMap<String, String>,
+    allow_internet_access: Option<bool>,
+    /// Egress rules, validated.
+    network: alcove_net::NetworkConfig,
+    public_traffic: Option<bool>,
+    auto_pause: bool,
+    auto_resume: bool,
 }
 
 /// Filters of the list endpoints, already parsed.
@@ -69,7 +92,17 @@ impl Service {
             limits,
             domain,
             create_lock: tokio::sync::Mutex::new(()),
+            ops: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.ops
+            .lock()
+            .expect("ops lock")
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -215,6 +248,8 @@ impl Service {
     }
 
     /// `POST /sandboxes`: validate, record as `creating`, start it, record as `running`.
+    /// `templateID` may name a snapshot of this team (by id or name): the sandbox is then
+    /// restored from it, memory and disk.
     pub async fn create(
         self: &Arc<Self>,
         team_id: &str,
@@ -225,12 +260,61 @@ impl Service {
             None => self.limits.default_timeout,
         };
         reject_unsupported(&req)?;
+        let auto_resume = auto_resume_enabled(&req.auto_resume)?;
+        let auto_pause = req.auto_pause == Some(true);
         let (public_traffic, network) = parse_network(&req.network, req.allow_internet_access)?;
+        let (t, name) = (team_id.to_owned(), req.template_id.clone());
+        let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
+        let (template, alias, snapshot_id) = match snapshot {
+            Some(snap) => (
+                self.resolve_template(&snap.template_id).await?,
+                None,
+                Some(snap.id),
+            ),
+            None => {
+                let template = self.resolve_template(&req.template_id).await?;
+                let alias = (template.id != req.template_id).then(|| req.template_id.clone());
+                (template, alias, None)
+            }
+        };
+        self.create_sandbox(
+            team_id,
+            NewSandboxParams {
+                template,
+                alias,
+                snapshot_id,
+                timeout,
+                env_vars: req.env_vars.unwrap_or_default(),
+                metadata: req.metadata.unwrap_or_default(),
+                allow_internet_access: req.allow_internet_access,
+                network,
+                public_traffic,
+                auto_pause,
+                auto_resume,
+            },
+        )
+        .await
+    }
+
+    async fn create_sandbox(
+        self: &Arc<Self>,
+        team_id: &str,
+        p: NewSandboxParams,
+    ) -> Result<models::Sandbox, ApiError> {
+        let NewSandboxParams {
+            template,
+            alias,
+            snapshot_id,
+            timeout,
+            env_vars,
+            metadata,
+            allow_internet_access,
+            network,
+            public_traffic,
+            auto_pause,
+            auto_resume,
+        } = p;
         let traffic_token = (public_traffic == Some(false)).then(random_token);
-        let template = self.resolve_template(&req.template_id).await?;
-        let alias = (template.id != req.template_id).then(|| req.template_id.clone());
-        let env_vars = req.env_vars.unwrap_or_default();
-        let metadata = req.metadata.unwrap_or_default();
         let sandbox_id = new_sandbox_id();
         let token = random_token();
         let now = now_ms();
@@ -246,11 +330,14 @@ impl Service {
             disk_size_mb: template.disk_size_mb,
             envd_version: template.envd_version.clone(),
             envd_access_token: Some(token.clone()),
-            auto_pause: false,
-            allow_internet_access: req.allow_internet_access,
+            auto_pause,
+            allow_internet_access,
             traffic_access_token: traffic_token.clone(),
             metadata: metadata.clone(),
             env_names: env_vars.keys().cloned().collect(),
+            auto_resume,
+            timeout_ms: timeout.as_millis() as i64,
+            snapshot_id: snapshot_id.clone(),
         };
         {
             let _guard = self.create_lock.lock().await;
@@ -263,7 +350,7 @@ impl Service {
             self.db(move |s| s.insert_sandbox(&record)).await?;
         }
         tracing::info!(
-            sandbox_id = %sandbox_id, template_id = %template.id, team_id,
+            sandbox_id = %sandbox_id, template_id = %template.id, snapshot_id = ?snapshot_id, team_id,
             env_var_names = ?env_vars.keys().collect::<Vec<_>>(), "creating sandbox"
         );
 
@@ -276,10 +363,11 @@ impl Service {
             env_vars,
             metadata,
             envd_access_token: Some(token.clone()),
-            allow_internet_access: req.allow_internet_access,
+            allow_internet_access,
             network,
             cpu_count: template.cpu_count,
             memory_mb: template.memory_mb,
+            snapshot_id,
         };
         let task = tokio::spawn(async move { this.start(backend_req, timeout).await });
         let started = match task.await {
@@ -365,6 +453,12 @@ impl Service {
             BackendError::TemplateNotFound => ApiError::TemplateNotFound {
                 template: template_id,
             },
+            BackendError::CorruptSnapshot { .. } => ApiError::SnapshotCorrupt {
+                what: "the snapshot this sandbox was to be made from".into(),
+            },
+            BackendError::SnapshotNotFound => ApiError::SnapshotNotFound {
+                snapshot_id: template_id,
+            },
             BackendError::NoCapacity => ApiError::NoCapacity,
             BackendError::Timeout => ApiError::CreateTimeout,
             _ => ApiError::CreateFailed,
@@ -418,8 +512,8 @@ impl Service {
             domain: Some(self.domain.clone()),
             metadata: r.metadata.clone(),
             lifecycle: models::SandboxLifecycle {
-                auto_resume: false,
-                on_timeout: "kill".into(),
+                auto_resume: r.auto_resume,
+                on_timeout: if r.auto_pause { "pause" } else { "kill" }.into(),
             },
         })
     }
@@ -604,27 +698,201 @@ impl Service {
     }
 
     /// `POST /v2/sandboxes/{id}/connect`: a running sandbox gets its end time extended (never
-    /// shortened) and its connection details back.
+    /// shortened) and its connection details back; a paused one is resumed first. The flag
+    /// says whether it was resumed (E2B answers 201 then, 200 otherwise).
     pub async fn connect(
         &self,
         team_id: &str,
         id: &str,
         timeout: Option<i64>,
-    ) -> Result<models::Sandbox, ApiError> {
-        let d = match timeout {
-            Some(t) => self.check_timeout(t)?,
-            None => self.limits.default_timeout,
-        };
-        let r = self.live_record(team_id, id).await?;
-        if r.state == StoreState::Paused {
-            return Err(ApiError::NotImplemented {
-                what: "Resuming a paused sandbox",
+        memory: Option<bool>,
+    ) -> Result<(models::Sandbox, bool), ApiError> {
+        self.resume(team_id, id, timeout, memory, false).await
+    }
+
+    /// `POST /sandboxes/{id}/resume` (`require_paused`: 409 for a running sandbox) and connect.
+    pub async fn resume(
+        &self,
+        team_id: &str,
+        id: &str,
+        timeout: Option<i64>,
+        memory: Option<bool>,
+        require_paused: bool,
+    ) -> Result<(models::Sandbox, bool), ApiError> {
+        if memory == Some(false) {
+            return Err(ApiError::Unsupported {
+                feature: "resuming from the disk alone (memory: false / on_resume=reboot)",
             });
         }
-        let end_at = (now_ms() + d.as_millis() as i64).max(r.end_at);
-        let id2 = r.id.clone();
-        self.db(move |s| s.set_end_at(&id2, end_at)).await?;
-        Ok(models::Sandbox {
+        let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
+        let r = self.live_record(team_id, id).await?;
+        let lock = self.op_lock(&r.id);
+        let _guard = lock.lock().await;
+        let r = self.live_record(team_id, id).await?;
+        if r.state == StoreState::Running {
+            if require_paused {
+                return Err(ApiError::AlreadyRunning { sandbox_id: r.id });
+            }
+            let d = requested.unwrap_or(self.limits.default_timeout);
+            let end_at = (now_ms() + d.as_millis() as i64).max(r.end_at);
+            let id2 = r.id.clone();
+            self.db(move |s| s.set_end_at(&id2, end_at)).await?;
+            return Ok((self.sandbox_view(r), false));
+        }
+        let d = requested.unwrap_or_else(|| self.restart_timeout(&r));
+        let r = self.resume_record(r, d, "resumed by API request").await?;
+        Ok((self.sandbox_view(r), true))
+    }
+
+    /// The lifetime a resume without its own timeout restarts: the one asked for at create.
+    fn restart_timeout(&self, r: &SandboxRecord) -> Duration {
+        r.timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64))
+            .unwrap_or(self.limits.default_timeout)
+    }
+
+    /// Resumes a paused sandbox (the caller holds its op lock) and records it running until
+    /// `lifetime` from now: paused time does not count against the lifetime.
+    async fn resume_record(
+        &self,
+        r: SandboxRecord,
+        lifetime: Duration,
+        reason: &str,
+    ) -> Result<SandboxRecord, ApiError> {
+        let team = r.team_id.clone();
+        let limit = self.limits.max_concurrent_sandboxes;
+        if self.db(move |s| s.count_active(&team)).await? >= limit {
+            return Err(ApiError::SandboxLimit { limit });
+        }
+        let id = r.id.clone();
+        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.resume(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                tracing::error!(sandbox_id = %id, error = %chain(&e), "resume failed");
+                return Err(match e {
+                    BackendError::SandboxNotFound => ApiError::SandboxNotFound { sandbox_id: id },
+                    BackendError::CorruptSnapshot { .. } => ApiError::SnapshotCorrupt {
+                        what: format!("paused sandbox {id}"),
+                    },
+                    BackendError::NoCapacity => ApiError::NoCapacity,
+                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
+                    _ => ApiError::ResumeFailed { sandbox_id: id },
+                });
+            }
+            Err(_) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                tracing::error!(sandbox_id = %id, "resume timed out");
+                return Err(ApiError::ResumeFailed { sandbox_id: id });
+            }
+        }
+        let end_at = now_ms() + lifetime.as_millis() as i64;
+        let (id2, reason) = (id.clone(), reason.to_owned());
+        let rec = self
+            .db(move |s| s.mark_resumed(&id2, end_at, &reason))
+            .await?;
+        Metrics::inc(&METRICS.sandboxes_resumed);
+        tracing::info!(sandbox_id = %id, "sandbox resumed");
+        Ok(rec)
+    }
+
+    /// The proxy found sandbox traffic for a paused sandbox: resume it when it was created with
+    /// `autoResume`. `Ok(false)`: it stays paused.
+    pub async fn resume_for_traffic(&self, id: &str) -> Result<bool, ApiError> {
+        let id2 = id.to_owned();
+        let Some(r) = self.db(move |s| s.sandbox(&id2)).await? else {
+            return Ok(false);
+        };
+        if !r.auto_resume {
+            return Ok(false);
+        }
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let id2 = id.to_owned();
+        let Some(r) = self.db(move |s| s.sandbox(&id2)).await? else {
+            return Ok(false);
+        };
+        match r.state {
+            StoreState::Running => Ok(true),
+            StoreState::Paused => {
+                let d = self.restart_timeout(&r);
+                self.resume_record(r, d, "resumed by traffic (autoResume)")
+                    .await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/pause`: memory, processes and disk go to the host's disk and the
+    /// VM stops.
+    pub async fn pause(
+        &self,
+        team_id: &str,
+        id: &str,
+        memory: Option<bool>,
+    ) -> Result<(), ApiError> {
+        if memory == Some(false) {
+            return Err(ApiError::Unsupported {
+                feature: "filesystem-only pause (memory: false); memory is always kept",
+            });
+        }
+        let r = self.live_record(team_id, id).await?;
+        self.pause_record(&r.id, "paused by API request").await
+    }
+
+    async fn pause_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let id2 = id.to_owned();
+        let r = self.db(move |s| s.sandbox(&id2)).await?;
+        match r.map(|r| r.state) {
+            Some(StoreState::Running) => {}
+            Some(StoreState::Paused) => {
+                return Err(ApiError::AlreadyPaused {
+                    sandbox_id: id.to_owned(),
+                });
+            }
+            _ => {
+                return Err(ApiError::SandboxNotFound {
+                    sandbox_id: id.to_owned(),
+                });
+            }
+        }
+        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.pause(id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                tracing::error!(sandbox_id = %id, error = %chain(&e), "pause failed");
+                return Err(match e {
+                    BackendError::SandboxNotFound => ApiError::SandboxNotFound {
+                        sandbox_id: id.to_owned(),
+                    },
+                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
+                    _ => ApiError::PauseFailed {
+                        sandbox_id: id.to_owned(),
+                    },
+                });
+            }
+            Err(_) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                tracing::error!(sandbox_id = %id, "pause timed out");
+                return Err(ApiError::PauseFailed {
+                    sandbox_id: id.to_owned(),
+                });
+            }
+        }
+        let (id2, reason) = (id.to_owned(), reason.to_owned());
+        self.db(move |s| s.transition(&id2, StoreState::Paused, &reason))
+            .await?;
+        Metrics::inc(&METRICS.sandboxes_paused);
+        tracing::info!(sandbox_id = %id, "sandbox paused");
+        Ok(())
+    }
+
+    fn sandbox_view(&self, r: SandboxRecord) -> models::Sandbox {
+        models::Sandbox {
             template_id: r.template_id,
             sandbox_id: r.id,
             client_id: CLIENT_ID.into(),
@@ -633,7 +901,272 @@ impl Service {
             envd_access_token: r.envd_access_token,
             traffic_access_token: r.traffic_access_token,
             domain: Some(self.domain.clone()),
+        }
+    }
+
+    // ---- snapshots and forks ---------------------------------------------------------------
+
+    /// Takes a snapshot of a running sandbox, which goes on running; records it in the tree
+    /// under the sandbox's previous checkpoint.
+    async fn take_snapshot(
+        &self,
+        r: &SandboxRecord,
+        name: Option<String>,
+        kind: &str,
+    ) -> Result<SnapshotRecord, ApiError> {
+        let lock = self.op_lock(&r.id);
+        let _guard = lock.lock().await;
+        let id2 = r.id.clone();
+        let r = match self.db(move |s| s.sandbox(&id2)).await? {
+            Some(r) if r.state == StoreState::Running => r,
+            Some(r) if r.state == StoreState::Paused => {
+                return Err(ApiError::SandboxPaused { sandbox_id: r.id });
+            }
+            _ => {
+                return Err(ApiError::SandboxNotFound {
+                    sandbox_id: r.id.clone(),
+                });
+            }
+        };
+        let snapshot_id = new_sandbox_id();
+        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.snapshot(&r.id, &snapshot_id))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                tracing::error!(sandbox_id = %r.id, error = %chain(&e), "snapshot failed");
+                return Err(match e {
+                    BackendError::SandboxNotFound => ApiError::SandboxNotFound { sandbox_id: r.id },
+                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
+                    _ => ApiError::SnapshotFailed { sandbox_id: r.id },
+                });
+            }
+            Err(_) => {
+                Metrics::inc(&METRICS.persistence_failures);
+                return Err(ApiError::SnapshotFailed { sandbox_id: r.id });
+            }
+        }
+        let rec = SnapshotRecord {
+            id: snapshot_id,
+            team_id: r.team_id.clone(),
+            sandbox_id: r.id.clone(),
+            parent_id: r.snapshot_id.clone(),
+            name,
+            kind: kind.to_owned(),
+            template_id: r.template_id.clone(),
+            created_at: now_ms(),
+            deleted_at: None,
+        };
+        let rec2 = rec.clone();
+        self.db(move |s| {
+            s.insert_snapshot(&rec2)?;
+            s.set_sandbox_snapshot(&rec2.sandbox_id, &rec2.id)
         })
+        .await?;
+        Metrics::inc(&METRICS.snapshots_created);
+        tracing::info!(sandbox_id = %r.id, snapshot_id = %rec.id, kind, "snapshot taken");
+        Ok(rec)
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`.
+    pub async fn create_snapshot(
+        &self,
+        team_id: &str,
+        id: &str,
+        name: Option<String>,
+        memory: Option<bool>,
+    ) -> Result<models::SnapshotInfo, ApiError> {
+        if memory == Some(false) {
+            return Err(ApiError::Unsupported {
+                feature: "filesystem-only snapshots (memory: false); snapshots always keep memory",
+            });
+        }
+        if let Some(n) = &name
+            && (n.is_empty() || n.len() > 128 || n.chars().any(char::is_control))
+        {
+            return Err(ApiError::InvalidBody {
+                detail: "name must be 1-128 printable characters".into(),
+            });
+        }
+        let r = self.live_record(team_id, id).await?;
+        let snap = self.take_snapshot(&r, name, "snapshot").await?;
+        Ok(snapshot_info(&snap))
+    }
+
+    /// `GET /snapshots`: the team's live snapshots (not forks' implicit ones), newest first.
+    pub async fn list_snapshots(
+        &self,
+        team_id: &str,
+        sandbox_id: Option<String>,
+        name: Option<String>,
+        limit: Option<usize>,
+        next_token: Option<String>,
+    ) -> Result<(Vec<models::SnapshotInfo>, Option<String>), ApiError> {
+        let team = team_id.to_owned();
+        let mut all: Vec<SnapshotRecord> = self
+            .db(move |s| s.snapshots_of_team(&team))
+            .await?
+            .into_iter()
+            .filter(|s| s.deleted_at.is_none() && s.kind == "snapshot")
+            .filter(|s| sandbox_id.as_deref().is_none_or(|id| s.sandbox_id == id))
+            .filter(|s| {
+                name.as_deref()
+                    .is_none_or(|n| s.id == n || s.name.as_deref() == Some(n))
+            })
+            .collect();
+        all.reverse();
+        let start = match next_token {
+            Some(t) => t.parse::<usize>().map_err(|_| ApiError::InvalidQuery {
+                detail: "nextToken is not a token this server issued; start again without it"
+                    .into(),
+            })?,
+            None => 0,
+        };
+        let limit = limit.unwrap_or(100);
+        let page: Vec<_> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(snapshot_info)
+            .collect();
+        let next = (start + limit < all.len()).then(|| (start + limit).to_string());
+        Ok((page, next))
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot id or name: it cannot be restored any more; the
+    /// backend frees what no sandbox or other snapshot needs.
+    pub async fn delete_snapshot(&self, team_id: &str, id: &str) -> Result<(), ApiError> {
+        let (team, name) = (team_id.to_owned(), id.to_owned());
+        let snap = self
+            .db(move |s| s.resolve_snapshot(&team, &name))
+            .await?
+            .ok_or_else(|| ApiError::SnapshotNotFound {
+                snapshot_id: id.to_owned(),
+            })?;
+        self.forget_snapshot(&snap.id).await
+    }
+
+    async fn forget_snapshot(&self, snapshot_id: &str) -> Result<(), ApiError> {
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            self.backend.delete_snapshot(snapshot_id),
+        )
+        .await
+        {
+            Ok(Ok(())) | Ok(Err(BackendError::SnapshotNotFound)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(snapshot_id, error = %chain(&e), "deleting a snapshot failed");
+                return Err(ApiError::Internal);
+            }
+            Err(_) => return Err(ApiError::Internal),
+        }
+        let id = snapshot_id.to_owned();
+        match self.db(move |s| s.delete_snapshot(&id)).await {
+            Ok(_) | Err(StoreError::SnapshotNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/fork`: one snapshot of the running sandbox, then `count` children
+    /// restored from it concurrently, each with its own id, token and entropy. Each child
+    /// succeeds or fails on its own. The snapshot itself is deleted once the children exist (its
+    /// disk layer stays while they need it).
+    pub async fn fork(
+        self: &Arc<Self>,
+        team_id: &str,
+        id: &str,
+        timeout: Option<i64>,
+        count: Option<i64>,
+    ) -> Result<models::AlcoveForkResponse, ApiError> {
+        let count = count.unwrap_or(1);
+        if !(1..=MAX_FORK_COUNT).contains(&count) {
+            return Err(ApiError::InvalidBody {
+                detail: format!("count must be between 1 and {MAX_FORK_COUNT}"),
+            });
+        }
+        let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
+        let r = self.live_record(team_id, id).await?;
+        let snap = self.take_snapshot(&r, None, "fork").await?;
+        let template = self.resolve_template(&r.template_id).await?;
+        let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
+        // Children keep the parent's egress rules.
+        let network = match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.backend.network(&r.id),
+        )
+        .await
+        {
+            Ok(Ok(Some(n))) => n,
+            _ => alcove_net::NetworkConfig {
+                allow_internet_access: r.allow_internet_access != Some(false),
+                ..Default::default()
+            },
+        };
+        let children = (0..count).map(|_| {
+            let this = self.clone();
+            let params = NewSandboxParams {
+                template: template.clone(),
+                alias: r.alias.clone(),
+                snapshot_id: Some(snap.id.clone()),
+                timeout: lifetime,
+                env_vars: BTreeMap::new(),
+                metadata: r.metadata.clone(),
+                allow_internet_access: r.allow_internet_access,
+                network: network.clone(),
+                public_traffic: r.traffic_access_token.is_some().then_some(false),
+                auto_pause: r.auto_pause,
+                auto_resume: r.auto_resume,
+            };
+            let team = team_id.to_owned();
+            async move { this.create_sandbox(&team, params).await }
+        });
+        let results = futures::future::join_all(children).await;
+        if let Err(e) = self.forget_snapshot(&snap.id).await {
+            tracing::warn!(snapshot_id = %snap.id, error = %e, "could not release a fork's snapshot");
+        }
+        Ok(models::AlcoveForkResponse {
+            snapshot_id: snap.id,
+            children: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(sbx) => models::ForkResult {
+                        sandbox: Some(sbx),
+                        error: None,
+                    },
+                    Err(e) => {
+                        let (status, code, message) = e.parts();
+                        models::ForkResult {
+                            sandbox: None,
+                            error: Some(crate::error::ErrorBody {
+                                code: status.as_u16(),
+                                message,
+                                error_code: code.into(),
+                            }),
+                        }
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// `GET /alcove/v1/snapshots/tree`: every snapshot of the team (deleted ones that still have
+    /// descendants included) nested under its parent, with the live sandboxes on each.
+    pub async fn snapshot_tree(&self, team_id: &str) -> Result<models::SnapshotTree, ApiError> {
+        let team = team_id.to_owned();
+        let snaps = self.db(move |s| s.snapshots_of_team(&team)).await?;
+        let team = team_id.to_owned();
+        let live = self
+            .db(move |s| {
+                s.list_sandboxes(&SandboxFilter {
+                    team_id: Some(team),
+                    states: vec![StoreState::Running, StoreState::Paused],
+                    ..Default::default()
+                })
+            })
+            .await?
+            .items;
+        Ok(build_tree(&snaps, &live))
     }
 
     async fn sample(&self, id: &str) -> Result<Option<models::SandboxMetric>, ApiError> {
@@ -772,7 +1305,27 @@ impl Service {
             }
         };
         let mut n = 0;
-        for id in ids {
+        for (id, auto_pause) in ids {
+            if auto_pause {
+                match self
+                    .pause_record(&id, "timeout: paused at its end time (autoPause)")
+                    .await
+                {
+                    Ok(()) => {
+                        n += 1;
+                        tracing::info!(sandbox_id = %id, "reaper: paused at timeout");
+                        continue;
+                    }
+                    Err(ApiError::AlreadyPaused { .. } | ApiError::SandboxNotFound { .. }) => {
+                        continue;
+                    }
+                    Err(_) => {
+                        // A sandbox that cannot be saved is killed rather than left running
+                        // forever past its end.
+                        tracing::warn!(sandbox_id = %id, "reaper: pause at timeout failed, killing");
+                    }
+                }
+            }
             match self
                 .kill_record(&id, "timeout: the sandbox reached its end time")
                 .await
@@ -865,8 +1418,25 @@ impl Service {
                     })
                     .await;
                 Metrics::inc(&METRICS.sandboxes_lost);
-            } else if live_ids.contains(r.id.as_str()) {
-                tracing::info!(sandbox_id = %r.id, "reattached after restart");
+            } else if let Some(l) = live.iter().find(|l| l.sandbox_id == r.id) {
+                // A crash between the backend's pause (or resume) and the store's record of it
+                // leaves the two disagreeing: the backend's VM state is the truth.
+                let fix = match (r.state, l.paused) {
+                    (StoreState::Running, true) => Some((
+                        StoreState::Paused,
+                        "found paused at server restart (the pause finished as the server stopped)",
+                    )),
+                    (StoreState::Paused, false) => Some((
+                        StoreState::Running,
+                        "found running at server restart (the resume finished as the server stopped)",
+                    )),
+                    _ => None,
+                };
+                if let Some((to, reason)) = fix {
+                    let id = r.id.clone();
+                    let _ = self.db(move |s| s.transition(&id, to, reason)).await;
+                }
+                tracing::info!(sandbox_id = %r.id, paused = l.paused, "reattached after restart");
             }
         }
         self.check_liveness("at server restart").await;
@@ -889,9 +1459,9 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
             Some(_) => false,
         }
     }
-    if req.auto_pause == Some(true) {
+    if req.auto_pause_memory == Some(false) {
         return Err(ApiError::Unsupported {
-            feature: "autoPause (pause on timeout)",
+            feature: "autoPauseMemory: false (filesystem-only pause); memory is always kept",
         });
     }
     if !empty(&req.mcp) {
@@ -906,6 +1476,71 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
         });
     }
     Ok(())
+}
+
+/// `autoResume: {"enabled": bool}` (absent or null: off).
+fn auto_resume_enabled(v: &Option<serde_json::Value>) -> Result<bool, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Object(m)) => match m.get("enabled") {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::InvalidBody {
+                detail: "autoResume.enabled must be a boolean".into(),
+            }),
+        },
+        Some(_) => Err(ApiError::InvalidBody {
+            detail: "autoResume must be an object like {\"enabled\": true}".into(),
+        }),
+    }
+}
+
+fn snapshot_info(s: &SnapshotRecord) -> models::SnapshotInfo {
+    models::SnapshotInfo {
+        snapshot_id: s.id.clone(),
+        names: vec![s.name.clone().unwrap_or_else(|| s.id.clone())],
+    }
+}
+
+/// Nests snapshots under their parents; roots are snapshots of template-fresh sandboxes (or
+/// whose parent is unknown). `live` are the team's running and paused sandboxes.
+fn build_tree(snaps: &[SnapshotRecord], live: &[SandboxRecord]) -> models::SnapshotTree {
+    let known: HashSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&SnapshotRecord>> = HashMap::new();
+    for s in snaps {
+        let parent = s.parent_id.as_deref().filter(|p| known.contains(p));
+        children.entry(parent).or_default().push(s);
+    }
+    fn node(
+        s: &SnapshotRecord,
+        children: &HashMap<Option<&str>, Vec<&SnapshotRecord>>,
+        live: &[SandboxRecord],
+    ) -> models::SnapshotNode {
+        models::SnapshotNode {
+            snapshot_id: s.id.clone(),
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            sandbox_id: s.sandbox_id.clone(),
+            template_id: s.template_id.clone(),
+            created_at: rfc3339(s.created_at),
+            deleted: s.deleted_at.is_some(),
+            sandboxes: live
+                .iter()
+                .filter(|r| r.snapshot_id.as_deref() == Some(s.id.as_str()))
+                .map(|r| r.id.clone())
+                .collect(),
+            children: children
+                .get(&Some(s.id.as_str()))
+                .map(|c| c.iter().map(|c| node(c, children, live)).collect())
+                .unwrap_or_default(),
+        }
+    }
+    models::SnapshotTree {
+        roots: children
+            .get(&None)
+            .map(|c| c.iter().map(|s| node(s, &children, live)).collect())
+            .unwrap_or_default(),
+    }
 }
 
 /// The create body's `network` (and top-level `allowInternetAccess`): `allowPublicTraffic` and the

@@ -292,11 +292,11 @@ async fn bad_input_gets_structured_4xx_and_the_server_keeps_serving() {
     assert_error(
         &api.post(
             "/v2/sandboxes",
-            json!({"templateID": "base", "autoPause": true}),
+            json!({"templateID": "base", "autoResume": {"enabled": "yes"}}),
         )
         .await,
         400,
-        "unsupported_feature",
+        "invalid_request_body",
     );
     assert_error(
         &api.post(
@@ -513,6 +513,7 @@ fn fake_create(id: &str) -> alcove_api::CreateSandbox {
         network: Default::default(),
         cpu_count: 1,
         memory_mb: 1,
+        snapshot_id: None,
     }
 }
 

@@ -9,11 +9,13 @@
 
 pub mod lifecycle;
 mod node;
+pub mod snapshots;
 
 pub use lifecycle::SandboxState;
 pub use node::{
     CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, SandboxInfo, new_sandbox_id,
 };
+pub use snapshots::SnapshotMeta;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -39,6 +41,10 @@ pub enum NodeError {
         "the paused state of sandbox `{id}` is corrupt ({detail}); it was left as it is and cannot be resumed"
     )]
     CorruptSnapshot { id: String, detail: String },
+    #[error(
+        "snapshot `{0}` does not exist (it was deleted, or never existed); list snapshots with GET /snapshots"
+    )]
+    SnapshotNotFound(String),
     #[error(
         "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
     )]

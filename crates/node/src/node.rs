@@ -11,6 +11,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+use crate::snapshots::{self, SnapshotMeta};
 use crate::{NodeError, SandboxState};
 use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, SandboxNet};
 
@@ -51,6 +52,9 @@ pub struct SandboxInfo {
     /// Egress rules (E2B's `network` / `allowInternetAccess`), as last set.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// The snapshot whose disk layer this sandbox's overlay sits on (none: the template's disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -62,6 +66,16 @@ pub struct CreateOptions {
     /// The envd access token the agent will require on every call.
     pub access_token: Option<String>,
     pub network: NetworkConfig,
+    /// Restore this snapshot (see [`Node::snapshot`]) instead of the template's. `template` is
+    /// then ignored; env vars add to the snapshot's.
+    pub snapshot: Option<String>,
+}
+
+/// What a new sandbox is restored from.
+struct Source {
+    template: Arc<Template>,
+    /// `None`: the template's own snapshot.
+    snapshot: Option<SnapshotMeta>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -301,7 +315,10 @@ impl Node {
     fn spawn_monitor(self: &Arc<Self>, live: Arc<Live>, vm: QemuVm) {
         let handle = tokio::spawn(async move {
             let reason = vm.wait_exit().await;
-            if live.stopping.load(Ordering::SeqCst) {
+            // Stopped on purpose, or already replaced by a new VM (the restart that ends a
+            // snapshot): not a death.
+            if live.stopping.load(Ordering::SeqCst) || live.vm().map(|v| v.pid()) != Some(vm.pid())
+            {
                 return;
             }
             let console = vm.console().tail(6);
@@ -337,8 +354,27 @@ impl Node {
         if live_count >= self.cfg.max_sandboxes {
             return Err(NodeError::Capacity(live_count));
         }
-        let template = self.template(&opts.template)?;
-        template.verify_state()?;
+        let source = match &opts.snapshot {
+            None => {
+                let template = self.template(&opts.template)?;
+                template.verify_state()?;
+                Source {
+                    template,
+                    snapshot: None,
+                }
+            }
+            Some(snap) => {
+                let meta = self.restorable_snapshot(snap)?;
+                let template = Arc::new(alcove_image::build::load_template_key(
+                    &self.cfg.cache_dir,
+                    &meta.template_key,
+                )?);
+                Source {
+                    template,
+                    snapshot: Some(meta),
+                }
+            }
+        };
         let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
         if !valid_id(&id) {
             return Err(NodeError::Io(
@@ -348,24 +384,62 @@ impl Node {
         }
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
         std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
-        let result = self.create_in(&id, &dir, &template, &opts, t0).await;
+        let result = self.create_in(&id, &dir, &source, &opts, t0).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
+    /// A snapshot that can be restored now: recorded, not deleted, memory image intact.
+    fn restorable_snapshot(&self, snap: &str) -> Result<SnapshotMeta, NodeError> {
+        if !valid_id(snap) {
+            return Err(NodeError::SnapshotNotFound(snap.to_string()));
+        }
+        let dir = snapshots::snapshot_dir(&self.cfg.data_dir, snap);
+        let meta = snapshots::read_meta(&dir)
+            .filter(|m| !m.deleted)
+            .ok_or_else(|| NodeError::SnapshotNotFound(snap.to_string()))?;
+        let state = meta.state_file(&dir);
+        let got =
+            alcove_image::build::sha256_file(&state).map_err(|e| NodeError::CorruptSnapshot {
+                id: snap.to_string(),
+                detail: format!("{} cannot be read ({e})", state.display()),
+            })?;
+        if got != meta.state_sha256 {
+            return Err(NodeError::CorruptSnapshot {
+                id: snap.to_string(),
+                detail: format!(
+                    "{} has checksum {got}, recorded {}",
+                    state.display(),
+                    meta.state_sha256
+                ),
+            });
+        }
+        Ok(meta)
+    }
+
     async fn create_in(
         self: &Arc<Self>,
         id: &str,
         dir: &Path,
-        template: &Template,
+        source: &Source,
         opts: &CreateOptions,
         t0: Instant,
     ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
+        let template = &source.template;
         let disk = dir.join("disk.qcow2");
-        std::fs::copy(&template.overlay, &disk)
-            .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+        match &source.snapshot {
+            None => {
+                std::fs::copy(&template.overlay, &disk)
+                    .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+            }
+            Some(meta) => {
+                let layer =
+                    snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::DISK);
+                make_overlay(&layer, &disk).await?;
+            }
+        }
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600))
@@ -384,25 +458,47 @@ impl Node {
             hostname: id.to_string(),
             envs: opts.envs.clone(),
             access_token: opts.access_token.clone(),
+            base_snapshot: source.snapshot.as_ref().map(|m| m.id.clone()),
             network: opts.network.clone(),
         };
         alcove_net::Rules::from_config(&info.network)?;
+        if let Some(meta) = &source.snapshot {
+            let mut envs = meta.envs.clone();
+            envs.extend(opts.envs.clone());
+            info.envs = envs;
+        }
         write_record(dir, &info)?;
 
         let mut spec = sandbox_spec(template, dir);
+        let (state_file, guest_token) = match &source.snapshot {
+            None => (template.state.clone(), None),
+            Some(meta) => {
+                let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id);
+                if meta.shared_ram {
+                    spec.ram_file = sdir.join(snapshots::RAM);
+                }
+                (meta.state_file(&sdir), meta.access_token.clone())
+            }
+        };
         let listeners = self.new_netns(&mut spec).await?;
-        let (vm, restore) = self.cfg.vmm.restore(&spec, &template.state).await?;
+        let full_image = source.snapshot.as_ref().is_some_and(|m| !m.shared_ram);
+        let (vm, restore) = if full_image {
+            self.cfg.vmm.restore_full(&spec, &state_file).await?
+        } else {
+            self.cfg.vmm.restore(&spec, &state_file).await?
+        };
         drop(spec);
         info.pid = vm.pid();
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
         write_record(dir, &info)?;
-        let (agent, connected) = match connect_and_init(&vm, &info, true, t0).await {
-            Ok(x) => x,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e);
-            }
-        };
+        let (agent, connected) =
+            match connect_and_init(&vm, &info, true, guest_token.as_deref(), t0).await {
+                Ok(x) => x,
+                Err(e) => {
+                    vm.kill().await;
+                    return Err(e);
+                }
+            };
         info.state = SandboxState::Running;
         write_record(dir, &info)?;
         let live = Live::new(
@@ -501,6 +597,8 @@ impl Node {
             .map_err(|e| NodeError::Io(live.dir.display().to_string(), e))?;
         self.sandboxes.lock().expect("sandboxes lock").remove(id);
         tracing::info!(sandbox_id = %id, "sandbox killed");
+        // Its overlay may have been the last thing on a deleted snapshot's layer.
+        self.collect_snapshots();
         Ok(())
     }
 
@@ -628,7 +726,12 @@ impl Node {
             });
         };
         let state_file = live.dir.join(PAUSED_STATE);
-        let got = alcove_image::build::sha256_file(&state_file)?;
+        let got = alcove_image::build::sha256_file(&state_file).map_err(|e| {
+            NodeError::CorruptSnapshot {
+                id: id.to_string(),
+                detail: format!("{} cannot be read ({e})", state_file.display()),
+            }
+        })?;
         if &got != state_sha256 {
             return Err(NodeError::CorruptSnapshot {
                 id: id.to_string(),
@@ -638,15 +741,42 @@ impl Node {
                 ),
             });
         }
+        self.run_from_state(&live, &state_file, None, false, t0)
+            .await?;
+        let _ = std::fs::remove_file(&state_file);
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(t0.elapsed())
+    }
+
+    /// Starts a sandbox's VM again from a memory image of itself (a resume, or the restart that
+    /// ends a snapshot): same identity, only its clock is set and entropy added.
+    async fn run_from_state(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        state_file: &Path,
+        ram_file: Option<&Path>,
+        full_image: bool,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let mut info = live.snapshot();
         let template =
             alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
         let mut spec = sandbox_spec(&template, &live.dir);
         let listeners = self.new_netns(&mut spec).await?;
-        let (vm, _) = self.cfg.vmm.restore(&spec, &state_file).await?;
+        if let Some(ram) = ram_file {
+            // A private mapping of the snapshot's RAM file. A later pause writes every page,
+            // so its resume can map the template's RAM file as usual.
+            spec.ram_file = ram.to_path_buf();
+        }
+        let (vm, _) = if full_image {
+            self.cfg.vmm.restore_full(&spec, state_file).await?
+        } else {
+            self.cfg.vmm.restore(&spec, state_file).await?
+        };
         drop(spec);
-        let mut info = info.clone();
         info.pid = vm.pid();
-        let (agent, _) = match connect_and_init(&vm, &info, false, t0).await {
+        let token = info.access_token.clone();
+        let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
             Ok(x) => x,
             Err(e) => {
                 vm.kill().await;
@@ -660,11 +790,287 @@ impl Node {
         *live.agent.lock().await = Some(agent);
         self.start_net(&live, listeners)?;
         live.stopping.store(false, Ordering::SeqCst);
-        let _ = std::fs::remove_file(&state_file);
         self.spawn_monitor(live.clone(), vm);
-        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
-        Ok(t0.elapsed())
+        Ok(())
     }
+
+    /// Takes snapshot `snapshot_id` of a running sandbox: its memory image, and its disk frozen
+    /// as a read-only layer. The sandbox is stopped while the image is written, then goes on
+    /// from that image on a new overlay over the layer, with the same id and identity.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        id: &str,
+        snapshot_id: &str,
+    ) -> Result<(SnapshotMeta, PauseTimings), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::Io(
+                snapshot_id.to_string(),
+                std::io::Error::other("invalid snapshot id"),
+            ));
+        }
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let info = live.snapshot();
+        if info.state != SandboxState::Running {
+            return Err(NodeError::NotRunning {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        }
+        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })?;
+        let root = snapshots::snapshots_root(&self.cfg.data_dir);
+        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        std::fs::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
+        let tmp = sdir.join("memory.state.tmp");
+        live.stopping.store(true, Ordering::SeqCst);
+        // Every page, in the stream format without `x-ignore-shared`: what a VM whose RAM is a
+        // shared file can load (see `share_memory`).
+        if let Err(e) = vm.save(&tmp, false).await {
+            let _ = std::fs::remove_dir_all(&sdir);
+            let _ = vm.resume().await;
+            live.stopping.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        let saved = t0.elapsed();
+        vm.kill().await;
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+
+        let disk = live.dir.join("disk.qcow2");
+        let layer = sdir.join(snapshots::DISK);
+        let frozen = async {
+            std::fs::rename(&disk, &layer)
+                .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o400))
+                    .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            }
+            make_overlay(&layer, &disk).await?;
+            let sha = alcove_image::build::sha256_file(&tmp)?;
+            let memory = sdir.join(snapshots::MEMORY);
+            std::fs::rename(&tmp, &memory)
+                .map_err(|e| NodeError::Io(memory.display().to_string(), e))?;
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                sandbox_id: id.to_string(),
+                parent: info.base_snapshot.clone(),
+                template: info.template.clone(),
+                template_key: info.template_key.clone(),
+                state_sha256: sha,
+                state_bytes: std::fs::metadata(&memory).map(|m| m.len()).unwrap_or(0),
+                access_token: info.access_token.clone(),
+                envs: info.envs.clone(),
+                created_at_unix_ms: now_ms(),
+                deleted: false,
+                shared_ram: false,
+            };
+            snapshots::write_meta(&sdir, &meta)?;
+            Ok::<_, NodeError>(meta)
+        }
+        .await;
+        let (mut meta, state_file) = match frozen {
+            Ok(meta) => {
+                let mut i = live.info.lock().expect("info lock");
+                i.base_snapshot = Some(snapshot_id.to_string());
+                (meta, sdir.join(snapshots::MEMORY))
+            }
+            Err(e) => {
+                // Put the disk back and let the sandbox go on from the image; no snapshot.
+                if layer.exists() {
+                    let _ = std::fs::remove_file(&disk);
+                    let _ = std::fs::rename(&layer, &disk);
+                }
+                let kept = live.dir.join("snapshot-failed.state");
+                let _ = std::fs::rename(&tmp, &kept);
+                let _ = std::fs::remove_dir_all(&sdir);
+                let restarted = self.run_from_state(&live, &kept, None, true, t0).await;
+                let _ = std::fs::remove_file(&kept);
+                if let Err(re) = restarted {
+                    let _ = live.set_state(SandboxState::Dead {
+                        reason: format!("a failed snapshot could not restart it: {re}"),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        // Re-home the image into a shared RAM file, so the sandbox and everything restored from
+        // the snapshot share its pages; on failure the full image serves, as it is.
+        let mut state_file = state_file;
+        match self.share_memory(&info.template_key, &sdir).await {
+            Ok(sha) => {
+                meta.shared_ram = true;
+                meta.state_sha256 = sha;
+                meta.state_bytes = std::fs::metadata(sdir.join(snapshots::RAM_STATE))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    + snapshots::allocated_bytes(&sdir.join(snapshots::RAM));
+                snapshots::write_meta(&sdir, &meta)?;
+                let _ = std::fs::remove_file(sdir.join(snapshots::MEMORY));
+                state_file = sdir.join(snapshots::RAM_STATE);
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, snapshot_id, error = %error_chain(&e), "could not re-home the snapshot's memory into a shared RAM file; restores load the whole image");
+                let _ = std::fs::remove_file(sdir.join(snapshots::RAM));
+            }
+        }
+        let ram = meta.shared_ram.then(|| sdir.join(snapshots::RAM));
+        if let Err(e) = self
+            .run_from_state(&live, &state_file, ram.as_deref(), !meta.shared_ram, t0)
+            .await
+        {
+            let _ = live.set_state(SandboxState::Dead {
+                reason: format!(
+                    "it did not come back after snapshot {snapshot_id} was taken (the snapshot is intact): {e}"
+                ),
+            });
+            remove_all_but_record(&live.dir);
+            return Err(e);
+        }
+        tracing::info!(sandbox_id = %id, snapshot_id, ms = t0.elapsed().as_millis() as u64, bytes = meta.state_bytes, "snapshot taken");
+        Ok((
+            meta.clone(),
+            PauseTimings {
+                saved,
+                total: t0.elapsed(),
+                state_bytes: meta.state_bytes,
+            },
+        ))
+    }
+
+    /// Loads a snapshot's full memory image into a stopped VM whose RAM is a new shared file in
+    /// the snapshot dir, then snapshots that VM again: RAM stays in the file (`x-ignore-shared`),
+    /// the state file keeps only devices. No guest code runs. Returns the new state's SHA-256.
+    async fn share_memory(&self, template_key: &str, sdir: &Path) -> Result<String, NodeError> {
+        let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
+        let run = sdir.join("load");
+        std::fs::create_dir_all(&run).map_err(|e| NodeError::Io(run.display().to_string(), e))?;
+        let mut spec = alcove_image::build::spec_for(&template.recipe, &run, &template.kernel);
+        spec.ram_file = sdir.join(snapshots::RAM);
+        spec.ram_shared = true;
+        spec.disk = Disk {
+            path: sdir.join(snapshots::DISK),
+            format: DiskFormat::Qcow2,
+            read_only: true,
+        };
+        // The NIC needs its tap, though this VM never runs.
+        let (ns, _) = tokio::task::spawn_blocking(|| Netns::create(false))
+            .await
+            .expect("netns task")
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        spec.netns = Some(Arc::new(ns));
+        let result = async {
+            let vm = self
+                .cfg
+                .vmm
+                .restore_stopped(&spec, &sdir.join(snapshots::MEMORY))
+                .await?;
+            let snap = vm.save(&sdir.join(snapshots::RAM_STATE), true).await;
+            vm.kill().await;
+            snap?;
+            Ok::<_, NodeError>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&run);
+        result?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ram = sdir.join(snapshots::RAM);
+            std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))
+                .map_err(|e| NodeError::Io(ram.display().to_string(), e))?;
+        }
+        Ok(alcove_image::build::sha256_file(
+            &sdir.join(snapshots::RAM_STATE),
+        )?)
+    }
+
+    /// Every snapshot on this node, deleted ones (whose layers are still needed) included.
+    pub fn snapshots(&self) -> Vec<SnapshotMeta> {
+        snapshots::all(&self.cfg.data_dir)
+    }
+
+    /// Deletes a snapshot: it cannot be restored any more and its memory image goes at once;
+    /// its disk layer goes when no sandbox or kept snapshot sits on it.
+    pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::SnapshotNotFound(snapshot_id.to_string()));
+        }
+        let dir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        let mut meta = snapshots::read_meta(&dir)
+            .filter(|m| !m.deleted)
+            .ok_or_else(|| NodeError::SnapshotNotFound(snapshot_id.to_string()))?;
+        meta.deleted = true;
+        snapshots::write_meta(&dir, &meta)?;
+        // Sandboxes running from the RAM file keep their mapping (the inode lives on until they
+        // end); a paused one's image holds all of its RAM, so nothing needs these files now.
+        for f in [snapshots::MEMORY, snapshots::RAM, snapshots::RAM_STATE] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        tracing::info!(snapshot_id, "snapshot deleted");
+        self.collect_snapshots();
+        Ok(())
+    }
+
+    /// Removes the files of deleted snapshots nothing depends on any more.
+    pub fn collect_snapshots(&self) -> Vec<String> {
+        let metas = snapshots::all(&self.cfg.data_dir);
+        let bases: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|i| !matches!(i.state, SandboxState::Dead { .. } | SandboxState::Killed))
+            .filter_map(|i| i.base_snapshot)
+            .collect();
+        let gone = snapshots::collectable(&metas, &bases);
+        for id in &gone {
+            let dir = snapshots::snapshot_dir(&self.cfg.data_dir, id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(snapshot_id = %id, error = %e, "removing a collected snapshot");
+            } else {
+                tracing::info!(snapshot_id = %id, "snapshot files collected");
+            }
+        }
+        gone
+    }
+
+    /// The data directory's snapshot store, for disk-usage reports.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        snapshots::snapshots_root(&self.cfg.data_dir)
+    }
+}
+
+/// A new qcow2 overlay at `out` over the read-only layer `backing`.
+async fn make_overlay(backing: &Path, out: &Path) -> Result<(), NodeError> {
+    // qemu-img resolves a relative backing name against the overlay's directory: record an
+    // absolute one, so the chain does not depend on where the data dir was named from.
+    let backing = std::path::absolute(backing)
+        .map_err(|e| NodeError::Io(backing.display().to_string(), e))?;
+    let status = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&backing)
+        .arg(out)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| NodeError::Io("qemu-img".into(), e))?;
+    if !status.status.success() {
+        return Err(NodeError::Io(
+            out.display().to_string(),
+            std::io::Error::other(format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&status.stderr).trim()
+            )),
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| NodeError::Io(out.display().to_string(), e))
 }
 
 /// Where a paused sandbox's memory and device state live, inside its dir.
@@ -706,10 +1112,13 @@ async fn connect_agent(vm: &QemuVm) -> Result<AgentClient, NodeError> {
 
 /// Connects to a just-restored VM's agent and hands it the sandbox's identity. `fresh` is true for
 /// a new sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set.
+/// `guest_token` is the access token the guest already has (a resumed sandbox's own, or the
+/// snapshot's for a sandbox made from one): changing anything takes it.
 async fn connect_and_init(
     vm: &QemuVm,
     info: &SandboxInfo,
     fresh: bool,
+    guest_token: Option<&str>,
     t0: Instant,
 ) -> Result<(AgentClient, Duration), NodeError> {
     let setup = async {
@@ -728,7 +1137,7 @@ async fn connect_and_init(
             sandbox_id: fresh.then(|| info.id.clone()),
             ..Default::default()
         };
-        agent.init(&init, None).await?;
+        agent.init(&init, guest_token).await?;
         Ok::<_, NodeError>((agent, connected))
     };
     tokio::select! {
@@ -738,6 +1147,17 @@ async fn connect_and_init(
             state: format!("the VM exited while starting: {reason}; console: {}", vm.console().tail(6)),
         }),
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn qemu_log_tail(dir: &Path) -> String {

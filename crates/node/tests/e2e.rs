@@ -417,3 +417,77 @@ async fn a_corrupt_pause_snapshot_is_refused_and_left_intact() {
     assert!(qemu_pids_under(data.path()).is_empty());
     node.kill(&info.id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn snapshots_branch_into_independent_children_and_layers_are_collected() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (parent, _) = node
+        .create(CreateOptions {
+            access_token: Some("parent-token".into()),
+            ..base()
+        })
+        .await
+        .unwrap();
+    out(&node, &parent.id, "echo base > /home/user/f && sync").await;
+    node.snapshot(&parent.id, "snapa").await.unwrap();
+    // The parent goes on, on a new overlay over the frozen layer.
+    assert_eq!(out(&node, &parent.id, "cat /home/user/f").await, "base\n");
+    out(&node, &parent.id, "echo parent > /home/user/f").await;
+    let mut kids = Vec::new();
+    for i in 0..2 {
+        let (c, _) = node
+            .create(CreateOptions {
+                snapshot: Some("snapa".into()),
+                access_token: Some(format!("kid-{i}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(out(&node, &c.id, "cat /home/user/f").await, "base\n");
+        assert_eq!(out(&node, &c.id, "hostname").await.trim(), c.id);
+        out(&node, &c.id, &format!("echo kid{i} > /home/user/f")).await;
+        kids.push(c.id);
+    }
+    for (i, k) in kids.iter().enumerate() {
+        assert_eq!(out(&node, k, "cat /home/user/f").await, format!("kid{i}\n"));
+    }
+    assert_eq!(out(&node, &parent.id, "cat /home/user/f").await, "parent\n");
+    // A second-level snapshot of a child sits on the first.
+    node.snapshot(&kids[0], "snapb").await.unwrap();
+    let metas = node.snapshots();
+    let b = metas.iter().find(|m| m.id == "snapb").unwrap();
+    assert_eq!(b.parent.as_deref(), Some("snapa"));
+    assert!(
+        metas.iter().all(|m| m.shared_ram),
+        "memory images are re-homed into shared RAM files: {metas:?}"
+    );
+
+    // Deleting the parent snapshot keeps its layer while sandboxes and snapb need it.
+    node.delete_snapshot("snapa").unwrap();
+    assert!(data.path().join("snapshots/snapa/disk.qcow2").exists());
+    assert!(!data.path().join("snapshots/snapa/memory.state").exists());
+    assert!(
+        node.create(CreateOptions {
+            snapshot: Some("snapa".into()),
+            ..Default::default()
+        })
+        .await
+        .is_err()
+    );
+    assert_eq!(out(&node, &kids[1], "cat /home/user/f").await, "kid1\n");
+    node.kill(&kids[1]).await.unwrap();
+    node.kill(&parent.id).await.unwrap();
+    // snapb and kids[0] still hold it.
+    assert!(data.path().join("snapshots/snapa").exists());
+    node.delete_snapshot("snapb").unwrap();
+    assert!(
+        data.path().join("snapshots/snapa").exists(),
+        "kids[0] sits on snapb on snapa"
+    );
+    node.kill(&kids[0]).await.unwrap();
+    assert!(!data.path().join("snapshots/snapa").exists());
+    assert!(!data.path().join("snapshots/snapb").exists());
+    assert!(qemu_pids_under(data.path()).is_empty());
+}

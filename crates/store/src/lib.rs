@@ -1,7 +1,7 @@
 //! alcove-store: the control plane's durable state in one SQLite file.
 //!
 //! Owns teams, API keys (stored as SHA-256 hashes; the plaintext is returned once at creation),
-//! templates and their aliases, and sandboxes with metadata, env var *names* (never values) and
+//! templates and their aliases, snapshots (the checkpoint tree), and sandboxes with metadata, env var *names* (never values) and
 //! their state history. The database runs in WAL mode; its schema is a list of numbered
 //! migrations recorded in `PRAGMA user_version`, applied in order at [`Store::open`].
 //!
@@ -13,6 +13,7 @@ mod keys;
 mod lifecycle;
 mod migrations;
 mod sandboxes;
+mod snapshots;
 mod templates;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ pub use lifecycle::{SandboxState, UnknownState};
 pub use sandboxes::{
     ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
 };
+pub use snapshots::SnapshotRecord;
 pub use templates::TemplateRecord;
 
 /// The database file name inside the data directory.
@@ -47,6 +49,8 @@ pub enum StoreError {
     Query(#[from] rusqlite::Error),
     #[error("sandbox not found")]
     SandboxNotFound,
+    #[error("snapshot not found")]
+    SnapshotNotFound,
     #[error("team not found")]
     TeamNotFound,
     #[error("sandbox state change from {from} to {to} is not allowed")]

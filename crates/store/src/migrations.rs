@@ -88,6 +88,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
     "#,
+    // 4: persistence. Pause/resume: auto-resume on traffic, the lifetime a resume restarts, when
+    // the sandbox was paused. Snapshots: the checkpoint tree (each snapshot records the
+    // snapshot its sandbox came from); sandboxes record the snapshot they were created from.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN timeout_ms INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN paused_at INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+    CREATE TABLE snapshots (
+        id           TEXT PRIMARY KEY,
+        team_id      TEXT NOT NULL REFERENCES teams(id),
+        sandbox_id   TEXT NOT NULL,
+        parent_id    TEXT REFERENCES snapshots(id),
+        name         TEXT,
+        kind         TEXT NOT NULL,
+        template_id  TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        deleted_at   INTEGER
+    );
+    CREATE INDEX snapshots_by_team ON snapshots(team_id, created_at);
+    CREATE INDEX snapshots_by_name ON snapshots(team_id, name, created_at);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.
@@ -161,6 +183,12 @@ mod tests {
         assert!(keys[0].last_used_at.is_some(), "new column is written");
         let s = store.sandbox("s1").unwrap().unwrap();
         assert_eq!(s.state, SandboxState::Running);
+        // Migration 4: old sandboxes get the defaults (no auto-resume, no recorded lifetime,
+        // not made from a snapshot), and the snapshots table exists.
+        assert!(!s.auto_resume);
+        assert_eq!(s.timeout_ms, None);
+        assert_eq!(s.snapshot_id, None);
+        assert!(store.snapshots_of_team("t1").unwrap().is_empty());
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub struct NewSandboxRecord {
     pub traffic_access_token: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub env_names: Vec<String>,
+    /// Resume when traffic arrives while paused (`autoResume.enabled`).
+    pub auto_resume: bool,
+    /// The lifetime asked for at create; a resume without its own timeout restarts it.
+    pub timeout_ms: i64,
+    /// The snapshot the sandbox is created from, when it is (create from snapshot, fork).
+    pub snapshot_id: Option<String>,
 }
 
 impl NewSandboxRecord {
@@ -53,6 +59,9 @@ impl NewSandboxRecord {
             traffic_access_token: None,
             metadata: BTreeMap::from([("user".to_string(), "alice".to_string())]),
             env_names: vec!["SECRET".into()],
+            auto_resume: false,
+            timeout_ms: 300_000,
+            snapshot_id: None,
         }
     }
 }
@@ -80,6 +89,11 @@ pub struct SandboxRecord {
     pub ended_at: Option<i64>,
     pub metadata: BTreeMap<String, String>,
     pub env_names: Vec<String>,
+    pub auto_resume: bool,
+    pub timeout_ms: Option<i64>,
+    /// When the sandbox was last paused.
+    pub paused_at: Option<i64>,
+    pub snapshot_id: Option<String>,
 }
 
 /// One line of a sandbox's state history.
@@ -130,7 +144,8 @@ pub struct Page {
 
 const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, started_at, end_at, \
     cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
-    allow_internet_access, end_reason, ended_at, traffic_access_token";
+    allow_internet_access, end_reason, ended_at, traffic_access_token, auto_resume, timeout_ms, \
+    paused_at, snapshot_id";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(4)?;
@@ -158,6 +173,10 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
         traffic_access_token: r.get(17)?,
         metadata: BTreeMap::new(),
         env_names: Vec::new(),
+        auto_resume: r.get(18)?,
+        timeout_ms: r.get(19)?,
+        paused_at: r.get(20)?,
+        snapshot_id: r.get(21)?,
     })
 }
 
@@ -209,7 +228,8 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({COLUMNS}) VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL, ?16)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL, ?16,
+                  ?17, ?18, NULL, ?19)"
             ),
             params![
                 s.id,
@@ -228,6 +248,9 @@ impl Store {
                 s.auto_pause,
                 s.allow_internet_access,
                 s.traffic_access_token,
+                s.auto_resume,
+                s.timeout_ms,
+                s.snapshot_id,
             ],
         )?;
         for (k, v) in &s.metadata {
@@ -260,6 +283,11 @@ impl Store {
                 tx.execute(
                     "UPDATE sandboxes SET state = ?2, end_reason = ?3, ended_at = ?4 WHERE id = ?1",
                     params![id, to.as_str(), reason, now_ms()],
+                )?;
+            } else if to == SandboxState::Paused {
+                tx.execute(
+                    "UPDATE sandboxes SET state = ?2, paused_at = ?3 WHERE id = ?1",
+                    params![id, to.as_str(), now_ms()],
                 )?;
             } else {
                 tx.execute(
@@ -314,6 +342,41 @@ impl Store {
             tx.commit()?;
         }
         self.sandbox(id)?.ok_or(StoreError::SandboxNotFound)
+    }
+
+    /// A paused sandbox runs again: `running`, with its new end time (paused time does not
+    /// count against the lifetime), in one transaction.
+    pub fn mark_resumed(&self, id: &str, end_at: i64, reason: &str) -> Result<SandboxRecord> {
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let from = current_state(&tx, id)?;
+            if from != SandboxState::Paused {
+                return Err(StoreError::Transition {
+                    from,
+                    to: SandboxState::Running,
+                });
+            }
+            tx.execute(
+                "UPDATE sandboxes SET state = 'running', end_at = ?2 WHERE id = ?1",
+                params![id, end_at],
+            )?;
+            insert_event(&tx, id, Some(from), SandboxState::Running, reason)?;
+            tx.commit()?;
+        }
+        self.sandbox(id)?.ok_or(StoreError::SandboxNotFound)
+    }
+
+    /// Records the latest checkpoint a sandbox descends from (after a snapshot of it).
+    pub fn set_sandbox_snapshot(&self, id: &str, snapshot_id: &str) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1",
+            params![id, snapshot_id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::SandboxNotFound);
+        }
+        Ok(())
     }
 
     /// Sets when a live sandbox expires.
@@ -457,14 +520,16 @@ impl Store {
             .items)
     }
 
-    /// Running sandboxes whose end time has passed.
-    pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<String>> {
+    /// Running sandboxes whose end time has passed, each with whether it pauses (`autoPause`)
+    /// rather than dies at its end. Paused sandboxes never expire.
+    pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<(String, bool)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id FROM sandboxes WHERE state = 'running' AND end_at <= ?1 ORDER BY end_at",
+            "SELECT id, auto_pause FROM sandboxes WHERE state = 'running' AND end_at <= ?1
+             ORDER BY end_at",
         )?;
         let ids = stmt
-            .query_map([now], |r| r.get(0))?
+            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(ids)
     }
@@ -585,5 +650,33 @@ mod tests {
         assert_eq!(store.count_active(&team).unwrap(), 4);
         assert_eq!(store.expired_sandboxes(i64::MAX).unwrap().len(), 4);
         assert_eq!(store.live_sandboxes().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn pause_and_resume_record_their_times_and_paused_sandboxes_never_expire() {
+        let (store, team) = store_with_team();
+        let mut rec = NewSandboxRecord::sample("s1", &team, "base");
+        rec.auto_pause = true;
+        rec.auto_resume = true;
+        store.insert_sandbox(&rec).unwrap();
+        store.mark_running("s1", 1, 1, 1, "0.2.0", 1, 10).unwrap();
+        assert_eq!(
+            store.expired_sandboxes(11).unwrap(),
+            [("s1".to_string(), true)]
+        );
+        let p = store
+            .transition("s1", SandboxState::Paused, "paused")
+            .unwrap();
+        assert!(p.paused_at.is_some());
+        assert!(p.auto_resume);
+        assert!(store.expired_sandboxes(i64::MAX).unwrap().is_empty());
+        // A paused sandbox holds no VM: it does not count against the concurrency limit.
+        assert_eq!(store.count_active(&team).unwrap(), 0);
+        let r = store.mark_resumed("s1", 99, "resumed").unwrap();
+        assert_eq!((r.state, r.end_at), (SandboxState::Running, 99));
+        assert!(matches!(
+            store.mark_resumed("s1", 100, "again"),
+            Err(StoreError::Transition { .. })
+        ));
     }
 }

@@ -330,17 +330,52 @@ impl Vmm for QemuVmm {
         spec: &VmSpec,
         state_file: &Path,
     ) -> Result<(QemuVm, RestoreTimings), VmmError> {
+        self.load(spec, state_file, true, true).await
+    }
+}
+
+impl QemuVmm {
+    /// Loads a state written by [`QemuVm::save`] with `ignore_shared: false` (every page of RAM
+    /// in the file) into a new VM and leaves its vCPUs stopped: no guest code runs. What
+    /// re-homing a memory image into a shared RAM file needs (load, then save again).
+    pub async fn restore_stopped(
+        &self,
+        spec: &VmSpec,
+        state_file: &Path,
+    ) -> Result<QemuVm, VmmError> {
+        Ok(self.load(spec, state_file, false, false).await?.0)
+    }
+
+    /// [`Vmm::restore`] of a state written with `ignore_shared: false`.
+    pub async fn restore_full(
+        &self,
+        spec: &VmSpec,
+        state_file: &Path,
+    ) -> Result<(QemuVm, RestoreTimings), VmmError> {
+        self.load(spec, state_file, true, false).await
+    }
+
+    async fn load(
+        &self,
+        spec: &VmSpec,
+        state_file: &Path,
+        run: bool,
+        ignore_shared: bool,
+    ) -> Result<(QemuVm, RestoreTimings), VmmError> {
         let t0 = Instant::now();
         let (vm, spawn_to_qmp) = self.spawn(spec, true).await?;
         let result = async {
             let qmp = vm.qmp()?;
-            set_ignore_shared(qmp).await?;
+            // The capability changes the stream's format: it must match the saving side.
+            set_ignore_shared(qmp, ignore_shared).await?;
             let uri = format!("file:{}", state_file.display());
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)
                 .await?;
             vm.wait_migration("restore").await?;
             let state_loaded = t0.elapsed();
-            qmp.execute("cont", None, QMP_TIMEOUT).await?;
+            if run {
+                qmp.execute("cont", None, QMP_TIMEOUT).await?;
+            }
             Ok(RestoreTimings {
                 spawn_to_qmp,
                 state_loaded,
@@ -358,10 +393,10 @@ impl Vmm for QemuVmm {
     }
 }
 
-async fn set_ignore_shared(qmp: &Qmp) -> Result<(), VmmError> {
+async fn set_ignore_shared(qmp: &Qmp, on: bool) -> Result<(), VmmError> {
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })),
+        Some(json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": on } ] })),
         QMP_TIMEOUT,
     )
     .await?;
@@ -453,6 +488,19 @@ impl QemuVm {
         &self.inner.run_dir
     }
 
+    /// Stops the vCPUs and writes the VM's state to `state_file`. With `ignore_shared`, RAM in a
+    /// shared file is left out (it stays in the file); without, every page of RAM is written,
+    /// whatever backs it. The VM stays stopped.
+    pub async fn save(&self, state_file: &Path, ignore_shared: bool) -> Result<(), VmmError> {
+        let qmp = self.qmp_or_connect().await?;
+        set_ignore_shared(qmp, ignore_shared).await?;
+        qmp.execute("stop", None, QMP_TIMEOUT).await?;
+        let uri = format!("file:{}", state_file.display());
+        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
+            .await?;
+        self.wait_migration("snapshot").await
+    }
+
     /// Stops the vCPUs (the VM keeps its memory).
     pub async fn pause(&self) -> Result<(), VmmError> {
         self.qmp_or_connect()
@@ -485,13 +533,7 @@ impl Vm for QemuVm {
     }
 
     async fn snapshot(&self, state_file: &Path) -> Result<(), VmmError> {
-        let qmp = self.qmp_or_connect().await?;
-        set_ignore_shared(qmp).await?;
-        qmp.execute("stop", None, QMP_TIMEOUT).await?;
-        let uri = format!("file:{}", state_file.display());
-        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
-            .await?;
-        self.wait_migration("snapshot").await
+        self.save(state_file, true).await
     }
 
     async fn kill(&self) {

@@ -4,6 +4,7 @@
 //! - `alcove keys create|list|revoke` → [`KeysArgs`] + [`run_keys`] (works on the data dir)
 //! - `alcove sandbox create|ls|info|kill|logs` → [`SandboxArgs`] + [`run_sandbox`] (REST client)
 //! - `alcove template ls` → [`TemplateArgs`] + [`run_template`] (REST client)
+//! - `alcove snapshot tree|ls|create|fork|rm` → [`SnapshotArgs`] + [`run_snapshot`] (REST client)
 //!
 //! Output goes to the writer the caller passes (stdout in the binary); `--json` prints the API's
 //! JSON as is, for scripts and agents. `exec`/`shell` need the envd protocol client and are left
@@ -581,6 +582,143 @@ pub async fn run_template(args: TemplateArgs, out: &mut (dyn Write + Send)) -> a
                 table(out, &["ID", "ALIASES", "CPUS", "MEMORY_MB", "ENVD"], rows)?;
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SnapshotCommand {
+    /// Show the checkpoint tree: every snapshot under the one its sandbox came from, with the
+    /// live sandboxes on each.
+    Tree,
+    /// List restorable snapshots (newest first).
+    Ls,
+    /// Snapshot a running sandbox (it goes on running) and print the snapshot id.
+    Create {
+        sandbox: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Fork a running sandbox into COUNT children (1-100) and print their ids.
+    Fork {
+        sandbox: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Delete a snapshot (its files go once no sandbox or other snapshot needs them).
+    Rm { snapshot: String },
+}
+
+pub async fn run_snapshot(args: SnapshotArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let api = args.client.client()?;
+    let json = args.client.json;
+    match args.command {
+        SnapshotCommand::Tree => {
+            let r = api.call("GET", "/alcove/v1/snapshots/tree", None).await?;
+            if json {
+                writeln!(out, "{}", r.json)?;
+            } else if r.json["roots"].as_array().is_none_or(|a| a.is_empty()) {
+                writeln!(out, "no snapshots")?;
+            } else {
+                for root in r.json["roots"].as_array().into_iter().flatten() {
+                    writeln!(out, "{}", str_of(&root["templateID"]))?;
+                    print_tree(out, root, "")?;
+                }
+            }
+        }
+        SnapshotCommand::Ls => {
+            let r = api.call("GET", "/snapshots?limit=1000", None).await?;
+            if json {
+                writeln!(out, "{}", r.json)?;
+            } else {
+                let rows = r
+                    .json
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        vec![
+                            str_of(&s["snapshotID"]),
+                            s["names"]
+                                .as_array()
+                                .map(|n| n.iter().map(str_of).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(out, &["ID", "NAMES"], rows)?;
+            }
+        }
+        SnapshotCommand::Create { sandbox, name } => {
+            let body = json!({ "name": name });
+            let r = api
+                .call(
+                    "POST",
+                    &format!("/sandboxes/{sandbox}/snapshots"),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                writeln!(out, "{}", r.json)?;
+            } else {
+                writeln!(out, "{}", str_of(&r.json["snapshotID"]))?;
+            }
+        }
+        SnapshotCommand::Fork { sandbox, count } => {
+            let body = json!({ "count": count });
+            let r = api
+                .call(
+                    "POST",
+                    &format!("/alcove/v1/sandboxes/{sandbox}/fork"),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                writeln!(out, "{}", r.json)?;
+            } else {
+                for c in r.json["children"].as_array().into_iter().flatten() {
+                    match c.get("sandbox") {
+                        Some(s) => writeln!(out, "{}", str_of(&s["sandboxID"]))?,
+                        None => writeln!(out, "error: {}", str_of(&c["error"]["message"]))?,
+                    }
+                }
+            }
+        }
+        SnapshotCommand::Rm { snapshot } => {
+            api.call("DELETE", &format!("/templates/{snapshot}"), None)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn print_tree(out: &mut dyn Write, node: &Value, indent: &str) -> std::io::Result<()> {
+    let mut label = str_of(&node["snapshotID"]);
+    if let Some(n) = node["name"].as_str() {
+        label.push_str(&format!(" ({n})"));
+    }
+    if node["kind"] == "fork" {
+        label.push_str(" [fork]");
+    }
+    if node["deleted"] == true {
+        label.push_str(" [deleted]");
+    }
+    label.push_str(&format!(" from {}", str_of(&node["sandboxID"])));
+    writeln!(out, "{indent}└─ {label}")?;
+    let child_indent = format!("{indent}   ");
+    for s in node["sandboxes"].as_array().into_iter().flatten() {
+        writeln!(out, "{child_indent}• sandbox {}", str_of(s))?;
+    }
+    for c in node["children"].as_array().into_iter().flatten() {
+        print_tree(out, c, &child_indent)?;
     }
     Ok(())
 }

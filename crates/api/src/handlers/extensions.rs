@@ -2,10 +2,11 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 
-use super::{AppState, Team};
+use super::{ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
-use crate::models::SandboxRecordView;
+use crate::models::{AlcoveForkResponse, ForkRequest, SandboxRecordView, SnapshotTree};
 
 /// Any sandbox the team ever created, including killed and lost ones, with why it ended and
 /// its full state history.
@@ -21,4 +22,36 @@ pub async fn sandbox_record(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxRecordView>, ApiError> {
     Ok(Json(svc.record(&team, &id).await?))
+}
+
+/// Forks a running sandbox into `count` (1-100) children in one call: one snapshot, then every
+/// child restored from it concurrently with its own id, access token, traffic token and entropy.
+#[utoipa::path(post, path = "/alcove/v1/sandboxes/{sandboxID}/fork", tag = "alcove",
+    params(("sandboxID" = String, Path)), request_body = ForkRequest,
+    responses(
+        (status = 201, description = "The checkpoint and one entry per child (a sandbox or its error)", body = AlcoveForkResponse),
+        (status = 400, description = "count out of 1-100", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody),
+        (status = 409, description = "The sandbox is paused", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn fork(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ForkRequest>,
+) -> Result<(StatusCode, Json<AlcoveForkResponse>), ApiError> {
+    let res = svc.fork(&team, &id, body.timeout, body.count).await?;
+    Ok((StatusCode::CREATED, Json(res)))
+}
+
+/// The team's checkpoint tree: every snapshot under the one its sandbox came from.
+#[utoipa::path(get, path = "/alcove/v1/snapshots/tree", tag = "alcove",
+    responses(
+        (status = 200, description = "Snapshots nested by parent, with the live sandboxes on each", body = SnapshotTree)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn snapshot_tree(
+    State(svc): State<AppState>,
+    Team(team): Team,
+) -> Result<Json<SnapshotTree>, ApiError> {
+    Ok(Json(svc.snapshot_tree(&team).await?))
 }

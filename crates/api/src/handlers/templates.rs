@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 
 use super::{AppState, Team};
 use crate::error::{ApiError, ErrorBody};
@@ -56,4 +57,33 @@ pub async fn alias(
     Path(alias): Path<String>,
 ) -> Result<Json<TemplateAliasResponse>, ApiError> {
     Ok(Json(svc.template_alias(&alias).await?))
+}
+
+/// Deletes a snapshot (what the SDKs' `delete_snapshot` calls). Templates built on the host are
+/// not deleted through the API.
+#[utoipa::path(delete, path = "/templates/{templateID}", tag = "templates",
+    params(("templateID" = String, Path, description = "Snapshot id or name")),
+    responses(
+        (status = 204, description = "The snapshot can no longer be restored; its files go once no sandbox or other snapshot needs them"),
+        (status = 400, description = "A host template, which the API does not delete", body = ErrorBody),
+        (status = 404, description = "Unknown snapshot", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn delete(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match svc.delete_snapshot(&team, &id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(ApiError::SnapshotNotFound { snapshot_id }) => {
+            if svc.template(&id).await.is_ok() {
+                Err(ApiError::Unsupported {
+                    feature: "deleting a host template (use `alcove template` on the host)",
+                })
+            } else {
+                Err(ApiError::SnapshotNotFound { snapshot_id })
+            }
+        }
+        Err(e) => Err(e),
+    }
 }

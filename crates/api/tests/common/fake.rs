@@ -1,7 +1,7 @@
 //! A fake [`SandboxBackend`] for the API's tests and the SDK-suite dev server: VMs are map
 //! entries; `forward` answers like a tiny echo server. Never used outside tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -21,6 +21,12 @@ pub struct FakeBackend {
     pub exited: Mutex<HashMap<String, String>>,
     pub fail_creates: AtomicBool,
     pub create_delay: Mutex<Duration>,
+    /// Sandboxes whose VM is paused (saved, not running).
+    pub paused: Mutex<HashSet<String>>,
+    /// Paused sandboxes whose saved state fails its checksum.
+    pub corrupt: Mutex<HashSet<String>>,
+    /// Snapshots: the VM config each was taken from.
+    pub snapshots: Mutex<HashMap<String, CreateSandbox>>,
 }
 
 impl FakeBackend {
@@ -81,6 +87,19 @@ impl SandboxBackend for FakeBackend {
                     source: "qemu exited with status 1".into(),
                 });
             }
+            let mut req = req;
+            if let Some(snap) = &req.snapshot_id {
+                let parent = self
+                    .snapshots
+                    .lock()
+                    .unwrap()
+                    .get(snap)
+                    .cloned()
+                    .ok_or(BackendError::SnapshotNotFound)?;
+                let mut env = parent.env_vars.clone();
+                env.extend(req.env_vars.clone());
+                req.env_vars = env;
+            }
             let started = StartedSandbox {
                 cpu_count: req.cpu_count,
                 memory_mb: req.memory_mb,
@@ -117,7 +136,7 @@ impl SandboxBackend for FakeBackend {
                 .keys()
                 .map(|id| LiveSandbox {
                     sandbox_id: id.clone(),
-                    paused: false,
+                    paused: self.paused.lock().unwrap().contains(id),
                 })
                 .collect())
         })
@@ -129,6 +148,9 @@ impl SandboxBackend for FakeBackend {
     ) -> BoxFuture<'a, Result<SandboxStatus, BackendError>> {
         Box::pin(async move {
             if self.vms.lock().unwrap().contains_key(sandbox_id) {
+                if self.paused.lock().unwrap().contains(sandbox_id) {
+                    return Ok(SandboxStatus::Paused);
+                }
                 return Ok(SandboxStatus::Running);
             }
             Ok(match self.exited.lock().unwrap().get(sandbox_id) {
@@ -160,6 +182,74 @@ impl SandboxBackend for FakeBackend {
         })
     }
 
+    fn pause<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            if !self.vms.lock().unwrap().contains_key(sandbox_id) {
+                return Err(BackendError::SandboxNotFound);
+            }
+            if !self.paused.lock().unwrap().insert(sandbox_id.to_owned()) {
+                return Err(BackendError::WrongState {
+                    state: "paused".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            if !self.vms.lock().unwrap().contains_key(sandbox_id) {
+                return Err(BackendError::SandboxNotFound);
+            }
+            if self.corrupt.lock().unwrap().contains(sandbox_id) {
+                return Err(BackendError::CorruptSnapshot {
+                    detail: "checksum mismatch".into(),
+                });
+            }
+            if !self.paused.lock().unwrap().remove(sandbox_id) {
+                return Err(BackendError::WrongState {
+                    state: "running".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let vm = self
+                .vms
+                .lock()
+                .unwrap()
+                .get(sandbox_id)
+                .cloned()
+                .ok_or(BackendError::SandboxNotFound)?;
+            self.snapshots
+                .lock()
+                .unwrap()
+                .insert(snapshot_id.to_owned(), vm);
+            Ok(())
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        snapshot_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.snapshots
+                .lock()
+                .unwrap()
+                .remove(snapshot_id)
+                .map(|_| ())
+                .ok_or(BackendError::SnapshotNotFound)
+        })
+    }
+
     fn forward<'a>(
         &'a self,
         sandbox_id: &'a str,
@@ -167,7 +257,9 @@ impl SandboxBackend for FakeBackend {
         req: http::Request<Body>,
     ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>> {
         Box::pin(async move {
-            if !self.vms.lock().unwrap().contains_key(sandbox_id) {
+            if !self.vms.lock().unwrap().contains_key(sandbox_id)
+                || self.paused.lock().unwrap().contains(sandbox_id)
+            {
                 return Err(BackendError::SandboxNotFound);
             }
             if port == CLOSED_PORT {
