@@ -788,7 +788,7 @@ impl Node {
         write_record(&live.dir, &info)?;
         *live.vm.lock().expect("vm lock") = Some(vm.clone());
         *live.agent.lock().await = Some(agent);
-        self.start_net(&live, listeners)?;
+        self.start_net(live, listeners)?;
         live.stopping.store(false, Ordering::SeqCst);
         self.spawn_monitor(live.clone(), vm);
         Ok(())
