@@ -488,3 +488,23 @@ pub enum StartError {
     #[error("serve the sandbox's network: {0}")]
     Io(std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_bucket_holds_a_sender_to_its_rate() {
+        // 1 MiB/s with a 256 KiB burst: 768 KiB more than the burst needs at least 0.5 s.
+        let b = Bucket::new(1 << 20);
+        let t0 = Instant::now();
+        for _ in 0..32 {
+            b.take(32 * 1024).await;
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+}

@@ -237,6 +237,14 @@ fn test_internet() {
 }
 
 async fn setup(cfg: NetworkConfig, port: u16) -> (Arc<SandboxNet>, Guest, Netns) {
+    setup_with(cfg, port, |_| {}).await
+}
+
+async fn setup_with(
+    cfg: NetworkConfig,
+    port: u16,
+    tune: impl FnOnce(&mut EgressConfig),
+) -> (Arc<SandboxNet>, Guest, Netns) {
     test_internet();
     let dns = fake_dns().await;
     fake_server("198.51.100.2", port, "a").await;
@@ -247,7 +255,9 @@ async fn setup(cfg: NetworkConfig, port: u16) -> (Arc<SandboxNet>, Guest, Netns)
         &alcove_net::policy::host_addresses(),
         vec![Cidr::parse("198.51.100.2/31").unwrap()],
     );
-    let egress = Arc::new(EgressConfig::new(guard, dns));
+    let mut egress = EgressConfig::new(guard, dns);
+    tune(&mut egress);
+    let egress = Arc::new(egress);
     let (ns, listeners) = tokio::task::spawn_blocking(|| Netns::create(true).unwrap())
         .await
         .unwrap();
@@ -413,5 +423,52 @@ async fn a_live_update_applies_to_new_and_open_connections() {
     );
     assert_eq!(net.config().deny_out, ["198.51.100.3"]);
     assert!(net.update(config(true, &[], &["example.com"])).is_err());
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_refused_and_counted() {
+    let (net, guest, _ns) =
+        setup_with(config(true, &[], &[]), 18084, |c| c.max_connections = 1).await;
+    let guest = Arc::new(guest);
+    let mut child = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &guest.name,
+            "python3",
+            "-c",
+            CLIENT,
+            "hold:198.51.100.3,18084",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "HELD");
+    assert_eq!(
+        guest_run(&guest, &["http:198.51.100.2,18084,a.test"]).await,
+        ["REFUSED"]
+    );
+    assert_eq!(net.stats().connections_over_limit, 1);
+    child.stdin.take().unwrap().write_all(b"\n").await.unwrap();
+    let _ = child.wait().await;
+    // the slot is free again once the held connection ends
+    let mut ok = Vec::new();
+    for _ in 0..20 {
+        ok = guest_run(&guest, &["http:198.51.100.2,18084,a.test"]).await;
+        if ok == ["hello a"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ok, ["hello a"]);
     net.stop();
 }
