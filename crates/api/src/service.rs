@@ -1552,12 +1552,15 @@ fn parse_network(
     allow_internet_access: Option<bool>,
 ) -> Result<(Option<bool>, alcove_net::NetworkConfig), ApiError> {
     let mut public = None;
-    let mut cfg = alcove_net::NetworkConfig {
-        allow_internet_access: allow_internet_access.unwrap_or(true),
-        ..Default::default()
-    };
+    let internet = allow_internet_access.unwrap_or(true);
     let map = match network {
-        None | Some(serde_json::Value::Null) => return Ok((None, cfg)),
+        None | Some(serde_json::Value::Null) => {
+            let cfg = alcove_net::NetworkConfig {
+                allow_internet_access: internet,
+                ..Default::default()
+            };
+            return Ok((None, cfg));
+        }
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => {
             return Err(ApiError::InvalidBody {
@@ -1588,28 +1591,15 @@ fn parse_network(
             }
         }
     }
-    let update = egress_rules(map)?;
-    cfg.allow_out = update.allow_out;
-    cfg.deny_out = update.deny_out;
-    if update.allow_internet_access == Some(false) {
-        cfg.allow_internet_access = false;
-    }
-    alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
-        detail: format!("network: {e}"),
-    })?;
-    Ok((public, cfg))
+    Ok((public, egress_config(map, internet)?))
 }
 
-/// The egress fields of a create or `PUT .../network` body.
-struct EgressFields {
-    allow_out: Vec<String>,
-    deny_out: Vec<String>,
-    allow_internet_access: Option<bool>,
-}
-
-fn egress_rules(
+/// The egress rules of a create or `PUT .../network` body, checked. Internet access is on when
+/// `internet` is and the body does not turn it off.
+fn egress_config(
     map: &serde_json::Map<String, serde_json::Value>,
-) -> Result<EgressFields, ApiError> {
+    internet: bool,
+) -> Result<alcove_net::NetworkConfig, ApiError> {
     fn list(
         map: &serde_json::Map<String, serde_json::Value>,
         k: &str,
@@ -1642,11 +1632,15 @@ fn egress_rules(
             });
         }
     };
-    Ok(EgressFields {
+    let cfg = alcove_net::NetworkConfig {
+        allow_internet_access: internet && allow_internet_access != Some(false),
         allow_out: list(map, "allowOut")?,
         deny_out: list(map, "denyOut")?,
-        allow_internet_access,
-    })
+    };
+    alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
+        detail: format!("network: {e}"),
+    })?;
+    Ok(cfg)
 }
 
 /// `PUT /sandboxes/{id}/network`: the new rules, replacing the old ones whole (omitted fields are
@@ -1672,16 +1666,7 @@ pub fn network_update(body: &serde_json::Value) -> Result<alcove_net::NetworkCon
             });
         }
     }
-    let f = egress_rules(map)?;
-    let cfg = alcove_net::NetworkConfig {
-        allow_internet_access: f.allow_internet_access.unwrap_or(true),
-        allow_out: f.allow_out,
-        deny_out: f.deny_out,
-    };
-    alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
-        detail: format!("network: {e}"),
-    })?;
-    Ok(cfg)
+    egress_config(map, true)
 }
 
 fn wire_state(s: StoreState) -> models::SandboxState {

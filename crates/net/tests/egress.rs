@@ -276,6 +276,33 @@ async fn guest_run(g: &Arc<Guest>, checks: &[&str]) -> Vec<String> {
     .unwrap()
 }
 
+/// Starts a guest client that holds a connection to `ip,port` open until its stdin gets a line,
+/// and waits until the connection is up.
+async fn hold(
+    guest: &Guest,
+    target: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::BufReader<tokio::process::ChildStdout>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &guest.name, "python3", "-c", CLIENT])
+        .arg(format!("hold:{target}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "HELD");
+    (child, stdout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_internet_reaches_names_but_never_the_host() {
     let (net, guest, _ns) = setup(config(true, &[], &[]), 18080).await;
@@ -378,32 +405,12 @@ async fn a_live_update_applies_to_new_and_open_connections() {
         ["hello b"]
     );
     // hold a connection open, update the rules, see it closed
-    let mut child = tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &guest.name,
-            "python3",
-            "-c",
-            CLIENT,
-            "hold:198.51.100.3,18083",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    use tokio::io::AsyncBufReadExt;
-    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(line.trim(), "HELD");
+    let (mut child, mut stdout) = hold(&guest, "198.51.100.3,18083").await;
     assert_eq!(net.stats().active_connections, 1);
     net.update(config(true, &[], &["198.51.100.3"])).unwrap();
     child.stdin.take().unwrap().write_all(b"\n").await.unwrap();
-    line.clear();
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
         .await
         .unwrap()
@@ -431,28 +438,7 @@ async fn connections_over_the_limit_are_refused_and_counted() {
     let (net, guest, _ns) =
         setup_with(config(true, &[], &[]), 18084, |c| c.max_connections = 1).await;
     let guest = Arc::new(guest);
-    let mut child = tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &guest.name,
-            "python3",
-            "-c",
-            CLIENT,
-            "hold:198.51.100.3,18084",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    use tokio::io::AsyncBufReadExt;
-    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(line.trim(), "HELD");
+    let (mut child, _stdout) = hold(&guest, "198.51.100.3,18084").await;
     assert_eq!(
         guest_run(&guest, &["http:198.51.100.2,18084,a.test"]).await,
         ["REFUSED"]

@@ -128,6 +128,22 @@ impl Live {
         })
     }
 
+    /// The record and VM of a running sandbox, or why it is not running.
+    fn running_vm(&self, id: &str) -> Result<(SandboxInfo, QemuVm), NodeError> {
+        let info = self.snapshot();
+        if info.state != SandboxState::Running {
+            return Err(NodeError::NotRunning {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        }
+        let vm = self.vm().ok_or_else(|| NodeError::NotRunning {
+            id: id.to_string(),
+            state: "no VM".into(),
+        })?;
+        Ok((info, vm))
+    }
+
     /// Stops the sandbox's network service (the VM is gone or going).
     fn stop_net(&self) {
         if let Some(n) = self.net.lock().expect("net lock").take() {
@@ -667,17 +683,7 @@ impl Node {
         let live = self.live(id)?;
         let _op = live.op.lock().await;
         let t0 = Instant::now();
-        let info = live.snapshot();
-        if info.state != SandboxState::Running {
-            return Err(NodeError::NotRunning {
-                id: id.to_string(),
-                state: info.state.to_string(),
-            });
-        }
-        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
-            id: id.to_string(),
-            state: "no VM".into(),
-        })?;
+        let (_, vm) = live.running_vm(id)?;
         let state_file = live.dir.join(PAUSED_STATE);
         let tmp = live.dir.join(format!("{PAUSED_STATE}.tmp"));
         live.stopping.store(true, Ordering::SeqCst);
@@ -811,17 +817,7 @@ impl Node {
         let live = self.live(id)?;
         let _op = live.op.lock().await;
         let t0 = Instant::now();
-        let info = live.snapshot();
-        if info.state != SandboxState::Running {
-            return Err(NodeError::NotRunning {
-                id: id.to_string(),
-                state: info.state.to_string(),
-            });
-        }
-        let vm = live.vm().ok_or_else(|| NodeError::NotRunning {
-            id: id.to_string(),
-            state: "no VM".into(),
-        })?;
+        let (info, vm) = live.running_vm(id)?;
         let root = snapshots::snapshots_root(&self.cfg.data_dir);
         std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
