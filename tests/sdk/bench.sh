@@ -4,7 +4,8 @@
 #
 #   tests/sdk/bench.sh                    all modes: create burst code chart
 #   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
-# Environment: ALCOVE_BIN (default target/release/alcove).
+# Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
+# base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -15,6 +16,7 @@ data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-bench.XXXXXX")"
 ip link show alcove-inet >/dev/null 2>&1 || ip link add alcove-inet type veth peer name alcove-inet1
 [[ $(ip -4 -o addr show dev alcove-inet) == *"inet 198.51.100.2/"* ]] || ip addr add 198.51.100.2/32 dev alcove-inet
 ip link set alcove-inet up && ip link set alcove-inet1 up
+ALCOVE_WARM_POOL="${ALCOVE_WARM_POOL-base=20,code-interpreter-v1=2}" \
 ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
 server_pid=$!
 cleanup() {

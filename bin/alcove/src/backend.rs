@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
     BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
-    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
+    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
 };
 use alcove_node::{CreateOptions, Node, NodeError, SandboxState};
 use http_body_util::BodyExt;
@@ -138,6 +138,24 @@ impl SandboxBackend for NodeBackend {
                 .kill(sandbox_id)
                 .await
                 .map_err(|e| map_err("kill sandbox", e))
+        })
+    }
+
+    fn warm_pool(&self) -> BoxFuture<'_, Result<Vec<WarmPool>, BackendError>> {
+        Box::pin(async move {
+            Ok(self
+                .node
+                .warm_pool()
+                .into_iter()
+                .map(|p| WarmPool {
+                    template_id: p.template,
+                    target: p.target,
+                    ready: p.ready,
+                    hits: p.hits,
+                    misses: p.misses,
+                    last_error: p.last_error,
+                })
+                .collect())
         })
     }
 

@@ -24,6 +24,11 @@ pub struct BenchArgs {
     /// Idle sandboxes kept alive together for the memory measurement.
     #[arg(long, default_value_t = 50)]
     idle: usize,
+    /// Keep this many warm VMs of the template ready (0: every create restores a VM). With a
+    /// pool, each sequential create and each concurrent round starts once the pool is full
+    /// again, and a back-to-back series shows what happens when creates outrun the refill.
+    #[arg(long, default_value_t = 0)]
+    warm_pool: usize,
     /// Only measure the port tunnel instead: proxied HTTP request latency and a download
     /// through the agent channel from a server in one sandbox.
     #[arg(long)]
@@ -130,6 +135,27 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     let (w, _) = node.create(opts.clone()).await?;
     node.run(&w.id, echo_request()).await?;
     node.kill(&w.id).await?;
+    let pooled = a.warm_pool > 0;
+    // Before a measured create: a full pool, so every series measures the same situation.
+    let refill = || async {
+        if pooled && !node.wait_warm_pool(Duration::from_secs(900)).await {
+            anyhow::bail!(
+                "the warm pool did not fill within 900 s: {:?}",
+                node.warm_pool()
+            );
+        }
+        Ok(())
+    };
+    if pooled {
+        let t0 = Instant::now();
+        node.set_warm_pool(&a.template, a.warm_pool);
+        refill().await?;
+        say(format!(
+            "warm pool of {} filled in {:.1} s",
+            a.warm_pool,
+            t0.elapsed().as_secs_f64()
+        ));
+    }
 
     let (mut seq, mut spawn_resume, mut ready, mut shell) = (
         Series::default(),
@@ -137,9 +163,12 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         Series::default(),
         Series::default(),
     );
+    let mut warm_hits = 0usize;
     for _ in 0..a.sequential {
+        refill().await?;
         let t0 = Instant::now();
         let (info, t) = node.create(opts.clone()).await?;
+        warm_hits += usize::from(t.warm);
         let out = node.run(&info.id, echo_request()).await?;
         seq.push(t0.elapsed());
         anyhow::ensure!(
@@ -147,7 +176,9 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
             "unexpected output {:?}",
             String::from_utf8_lossy(&out.stdout)
         );
-        spawn_resume.push(t.restore.resumed);
+        if !t.warm {
+            spawn_resume.push(t.restore.resumed);
+        }
         ready.push(t.ready);
         let t1 = Instant::now();
         node.run(
@@ -159,30 +190,60 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         node.kill(&info.id).await?;
     }
     say(seq.line("create -> first command result (sequential)", "ms"));
-    say(spawn_resume.line("qemu spawn -> vCPUs resumed", "ms"));
+    if pooled {
+        say(format!(
+            "  {warm_hits}/{} of those creates were served by the warm pool",
+            a.sequential
+        ));
+    }
+    let mut back_to_back = Series::default();
+    let mut b2b_hits = 0usize;
+    if pooled {
+        refill().await?;
+        for _ in 0..a.sequential {
+            let t0 = Instant::now();
+            let (info, t) = node.create(opts.clone()).await?;
+            let out = node.run(&info.id, echo_request()).await?;
+            back_to_back.push(t0.elapsed());
+            anyhow::ensure!(out.stdout == b"ok\n", "unexpected output");
+            b2b_hits += usize::from(t.warm);
+            node.kill(&info.id).await?;
+        }
+        say(back_to_back.line("  back to back, no wait for the refill", "ms"));
+        say(format!(
+            "  {b2b_hits}/{} of those were served by the pool",
+            a.sequential
+        ));
+    }
+    say(spawn_resume.line("qemu spawn -> vCPUs resumed (cold creates)", "ms"));
     say(ready.line("create -> agent initialised", "ms"));
     say(shell.line("then `bash -l -c 'echo ok'` as user", "ms"));
 
     let mut conc = Series::default();
     let mut failures = 0usize;
+    let mut conc_hits = 0usize;
     for _ in 0..a.rounds {
+        refill().await?;
         let mut tasks = Vec::new();
         for _ in 0..a.concurrent {
             let node = node.clone();
             let opts = opts.clone();
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
-                let (info, _) = node.create(opts).await?;
+                let (info, t) = node.create(opts).await?;
                 let out = node.run(&info.id, echo_request()).await;
                 let elapsed = t0.elapsed();
                 node.kill(&info.id).await?;
                 anyhow::ensure!(out?.stdout == b"ok\n", "unexpected output");
-                Ok::<_, anyhow::Error>(elapsed)
+                Ok::<_, anyhow::Error>((elapsed, t.warm))
             }));
         }
         for t in tasks {
             match t.await? {
-                Ok(d) => conc.push(d),
+                Ok((d, warm)) => {
+                    conc.push(d);
+                    conc_hits += usize::from(warm);
+                }
                 Err(e) => {
                     failures += 1;
                     eprintln!("concurrent create failed: {e:#}");
@@ -194,12 +255,24 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         &format!("create -> first command, {} at once", a.concurrent),
         "ms",
     ));
+    if pooled {
+        say(format!(
+            "  {conc_hits}/{} of those were served by the pool",
+            a.concurrent * a.rounds
+        ));
+    }
 
     let mut ids = Vec::new();
+    let mut warm_ids = Vec::new();
     let mut idle_failures = 0usize;
     for _ in 0..a.idle {
         match node.create(opts.clone()).await {
-            Ok((info, _)) => ids.push(info.id),
+            Ok((info, t)) => {
+                if t.warm {
+                    warm_ids.push(info.id.clone());
+                }
+                ids.push(info.id)
+            }
             Err(e) => {
                 idle_failures += 1;
                 eprintln!("idle create failed: {e:#}");
@@ -207,7 +280,7 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         }
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut pss = Series::default();
+    let (mut pss, mut pss_warm) = (Series::default(), Series::default());
     let mut answered = 0usize;
     for id in &ids {
         if let Some(p) = node
@@ -216,6 +289,9 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
             .and_then(|vm| pss_mib(alcove_vmm::Vm::pid(&vm)))
         {
             pss.0.push(p);
+            if warm_ids.contains(id) {
+                pss_warm.0.push(p);
+            }
         }
         if node
             .run(id, echo_request())
@@ -230,6 +306,9 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         &format!("PSS per idle sandbox ({} alive)", ids.len()),
         "MiB",
     ));
+    if pooled {
+        say(pss_warm.line("  of those, ones that came from the warm pool", "MiB"));
+    }
     say(format!(
         "{answered}/{} idle sandboxes answered a command after all were created",
         a.idle
@@ -237,17 +316,22 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     for id in &ids {
         node.kill(id).await?;
     }
+    node.drain_warm_pool().await;
     if g.json {
         println!(
             "{}",
             json!({
                 "template": a.template, "accel": accel.accel.as_str(),
+                "warm_pool": a.warm_pool,
                 "sequential_create_to_first_result_ms": seq.summary(),
+                "sequential_warm_hits": warm_hits,
+                "back_to_back_create_to_first_result_ms": back_to_back.summary(),
+                "back_to_back_warm_hits": b2b_hits,
                 "spawn_to_resumed_ms": spawn_resume.summary(),
                 "create_to_agent_ready_ms": ready.summary(),
                 "bash_login_echo_ms": shell.summary(),
-                "concurrent": { "at_once": a.concurrent, "rounds": a.rounds, "failures": failures, "create_to_first_result_ms": conc.summary() },
-                "idle": { "alive": ids.len(), "create_failures": idle_failures, "answered": answered, "pss_mib": pss.summary() },
+                "concurrent": { "at_once": a.concurrent, "rounds": a.rounds, "failures": failures, "warm_hits": conc_hits, "create_to_first_result_ms": conc.summary() },
+                "idle": { "alive": ids.len(), "create_failures": idle_failures, "answered": answered, "pss_mib": pss.summary(), "pss_mib_warm": pss_warm.summary() },
             })
         );
     }

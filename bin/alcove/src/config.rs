@@ -16,6 +16,15 @@ pub struct HostOptions {
     /// Sandboxes this host runs at once, at most.
     #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = 1000)]
     pub max_vms: usize,
+    /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT`, comma-separated; `""`
+    /// for none). A create takes a warm one instead of restoring a VM while the caller waits;
+    /// each costs an idle VM's memory. See docs/ARCHITECTURE.md, "Warm pool".
+    #[arg(
+        long,
+        env = "ALCOVE_WARM_POOL",
+        default_value = "base=2,code-interpreter-v1=1"
+    )]
+    pub warm_pool: String,
     #[command(flatten)]
     pub egress: EgressOptions,
 }
@@ -84,14 +93,31 @@ impl HostOptions {
             agent_bin: None,
             json: false,
         };
-        Ok(alcove_node::Node::open(alcove_node::NodeConfig {
+        let pools = alcove_node::parse_warm_pool(&self.warm_pool)
+            .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
+        let node = alcove_node::Node::open(alcove_node::NodeConfig {
             data_dir: data_dir.to_path_buf(),
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms,
             egress: self.egress.config()?,
         })
-        .await?)
+        .await?;
+        let built: Vec<String> = alcove_image::build::list_templates(&g.cache_dir())
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        for (template, size) in pools {
+            if !built.contains(&template) {
+                tracing::warn!(
+                    template,
+                    "--warm-pool names a template that is not built; no pool for it (build it with `alcove template build {template}` and restart)"
+                );
+                continue;
+            }
+            node.set_warm_pool(&template, size);
+        }
+        Ok(node)
     }
 }
 

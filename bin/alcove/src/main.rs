@@ -120,8 +120,11 @@ fn main() -> std::process::ExitCode {
             Command::Server(c) => {
                 let data_dir = c.server.config().data_dir;
                 let node = c.host.node(&data_dir).await?;
-                let backend = std::sync::Arc::new(backend::NodeBackend::new(node));
-                alcove_api::cli::run_server(c.server, backend, &mut out).await.map(|()| 0)
+                let backend = std::sync::Arc::new(backend::NodeBackend::new(node.clone()));
+                let served = alcove_api::cli::run_server(c.server, backend, &mut out).await;
+                // Warm VMs are nobody's sandboxes: they go with the server.
+                node.drain_warm_pool().await;
+                served.map(|()| 0)
             }
             Command::Keys(k) => alcove_api::cli::run_keys(k, &mut out).map(|()| 0),
             Command::Client(ClientCmd::Sandbox(a)) => alcove_api::cli::run_sandbox(a, &mut out)

@@ -104,6 +104,17 @@ pub struct TemplateInfo {
     pub envd_version: String,
 }
 
+/// One template's warm pool on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPool {
+    pub template_id: String,
+    pub target: usize,
+    pub ready: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub last_error: Option<String>,
+}
+
 /// One resource sample of a running sandbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceUsage {
@@ -214,6 +225,11 @@ pub trait SandboxBackend: Send + Sync + 'static {
                 op: "network update",
             })
         })
+    }
+
+    /// The host's warm pools: sandboxes restored ahead of demand, per template.
+    fn warm_pool(&self) -> BoxFuture<'_, Result<Vec<WarmPool>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     /// A sandbox's current egress rules, if the backend keeps them.

@@ -27,7 +27,7 @@ pub mod service;
 
 pub use backend::{
     BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine, ResourceUsage,
-    SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
+    SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
 };
 pub use config::{Limits, ServerConfig};
 pub use error::ApiError;

@@ -203,6 +203,25 @@ pub struct SnapshotTree {
     pub roots: Vec<SnapshotNode>,
 }
 
+/// One template's warm pool (`GET /alcove/v1/warm-pool`): VMs restored and warmed ahead of
+/// demand, which creates of that template take instead of restoring one while the caller waits.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WarmPoolView {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// VMs the host keeps ready (`alcove server --warm-pool`).
+    pub target: usize,
+    /// VMs ready now.
+    pub ready: usize,
+    /// Creates served from the pool since the server started.
+    pub hits: u64,
+    /// Creates that found the pool empty and restored a VM themselves.
+    pub misses: u64,
+    /// Why filling the pool fails, while it does.
+    #[serde(rename = "lastError", skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// A created or connected sandbox (E2B `Sandbox`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {

@@ -45,6 +45,7 @@ use crate::handlers::{extensions, sandboxes, system, templates};
         extensions::sandbox_record,
         extensions::fork,
         extensions::snapshot_tree,
+        extensions::warm_pool,
         system::health,
         system::prometheus,
         system::openapi,

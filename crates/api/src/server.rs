@@ -131,13 +131,27 @@ impl Server {
     ) -> Result<(), ServeError> {
         let reaper = tokio::spawn(reaper(self.svc.clone()));
         let app = router(self.svc.clone());
-        let res = axum::serve(
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = stopping.clone();
+        let serve = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve);
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            notify.notify_one();
+        });
+        // Open streams (command output, watches) get a grace period, not a veto.
+        let res = tokio::select! {
+            r = serve => r.map_err(ServeError::Serve),
+            _ = async {
+                stopping.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+                Ok(())
+            }
+        };
         reaper.abort();
         res
     }
@@ -150,11 +164,27 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let server = Server::bind(config, backend).await?;
     tracing::info!(addr = %server.local_addr(), "alcove API listening\n{}", server.sdk_env());
-    server
-        .run(async {
+    server.run(shutdown_signal()).await
+}
+
+/// How long open connections may go on after a shutdown signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM, whichever comes first.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+        }
+    }
+    tracing::info!("shutting down");
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -245,6 +275,7 @@ pub fn router(svc: Arc<Service>) -> Router {
             post(extensions::fork),
         )
         .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
+        .route("/alcove/v1/warm-pool", get(extensions::warm_pool))
         .route("/health", get(system::health))
         .route("/metrics", get(system::prometheus))
         .route("/openapi.json", get(system::openapi))

@@ -1150,6 +1150,33 @@ impl Service {
         })
     }
 
+    /// `GET /alcove/v1/warm-pool`.
+    pub async fn warm_pool(&self) -> Result<Vec<models::WarmPoolView>, ApiError> {
+        let pools =
+            match tokio::time::timeout(Duration::from_secs(10), self.backend.warm_pool()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %chain(&e), "warm pool status failed");
+                    return Err(ApiError::Internal);
+                }
+                Err(_) => {
+                    tracing::error!("the backend did not report its warm pools within 10 s");
+                    return Err(ApiError::Internal);
+                }
+            };
+        Ok(pools
+            .into_iter()
+            .map(|p| models::WarmPoolView {
+                template_id: p.template_id,
+                target: p.target,
+                ready: p.ready,
+                hits: p.hits,
+                misses: p.misses,
+                last_error: p.last_error,
+            })
+            .collect())
+    }
+
     /// `GET /alcove/v1/snapshots/tree`: every snapshot of the team (deleted ones that still have
     /// descendants included) nested under its parent, with the live sandboxes on each.
     pub async fn snapshot_tree(&self, team_id: &str) -> Result<models::SnapshotTree, ApiError> {

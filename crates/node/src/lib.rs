@@ -9,12 +9,14 @@
 
 pub mod lifecycle;
 mod node;
+mod pool;
 pub mod snapshots;
 
 pub use lifecycle::SandboxState;
 pub use node::{
     CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, SandboxInfo, new_sandbox_id,
 };
+pub use pool::{WarmPoolStatus, parse_warm_pool};
 pub use snapshots::SnapshotMeta;
 
 #[derive(Debug, thiserror::Error)]

@@ -55,6 +55,9 @@ pub struct SandboxInfo {
     /// The snapshot whose disk layer this sandbox's overlay sits on (none: the template's disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
+    /// A warm-pool VM nobody has claimed yet (see `pool.rs`): not a sandbox, never re-attached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -85,6 +88,9 @@ pub struct CreateTimings {
     pub agent_connected: Duration,
     /// `/init` answered: the sandbox is usable. Measured from the start of `create`.
     pub ready: Duration,
+    /// Served from the warm pool: no restore happened while the caller waited (`restore` and
+    /// `agent_connected` are zero).
+    pub warm: bool,
 }
 
 struct Live {
@@ -170,12 +176,16 @@ pub struct Node {
     sandboxes: Mutex<HashMap<String, Arc<Live>>>,
     templates: Mutex<HashMap<String, Arc<Template>>>,
     monitors: Mutex<Vec<tokio::task::AbortHandle>>,
+    pub(crate) pool: crate::pool::Pool,
 }
 
 impl Drop for Node {
     /// Lets go of every sandbox without stopping it: monitors end and agent connections close, so
-    /// another `Node` (a restarted server, the CLI) can take the sandboxes over.
+    /// another `Node` (a restarted server, the CLI) can take the sandboxes over. Warm-pool VMs are
+    /// not sandboxes: they are killed.
     fn drop(&mut self) {
+        self.pool.stop_filling();
+        self.pool.kill_now();
         for m in self.monitors.lock().expect("monitors lock").drain(..) {
             m.abort();
         }
@@ -246,6 +256,7 @@ impl Node {
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
             monitors: Mutex::new(Vec::new()),
+            pool: Default::default(),
         });
         let entries =
             std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
@@ -263,6 +274,11 @@ impl Node {
                     continue;
                 }
             };
+            if info.pooled {
+                // An unclaimed warm VM of a process that is gone: nobody will claim it.
+                node.remove_pooled_dir(&dir).await;
+                continue;
+            }
             let mut vm = None;
             if info.state.is_live() {
                 let attached = node.cfg.vmm.attach(&dir).await.ok();
@@ -312,11 +328,37 @@ impl Node {
         Ok(node)
     }
 
+    /// Kills the warm-pool VM whose dir this is (if it runs) and removes the dir.
+    pub(crate) async fn remove_pooled_dir(&self, dir: &Path) {
+        if let Ok(vm) = self.cfg.vmm.attach(dir).await {
+            vm.kill().await;
+        }
+        tracing::info!(dir = %dir.display(), "removed an unclaimed warm-pool VM");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Dirs of warm-pool VMs on disk (whatever the pool holds in memory).
+    pub(crate) fn pooled_dirs(&self) -> Vec<PathBuf> {
+        let root = self.cfg.data_dir.join("sandboxes");
+        std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|dir| {
+                std::fs::read(dir.join("record.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<SandboxInfo>(&b).ok())
+                    .is_some_and(|i| i.pooled)
+            })
+            .collect()
+    }
+
     pub fn config(&self) -> &NodeConfig {
         &self.cfg
     }
 
-    fn template(&self, name: &str) -> Result<Arc<Template>, NodeError> {
+    pub(crate) fn template(&self, name: &str) -> Result<Arc<Template>, NodeError> {
         if let Some(t) = self.templates.lock().expect("templates lock").get(name) {
             return Ok(t.clone());
         }
@@ -398,6 +440,20 @@ impl Node {
                 std::io::Error::other("invalid sandbox id"),
             ));
         }
+        alcove_net::Rules::from_config(&opts.network)?;
+        if source.snapshot.is_none() {
+            loop {
+                let (warm, stale) = self.pool.take(&source.template.name, &source.template.key);
+                crate::pool::discard(stale);
+                let Some(warm) = warm else { break };
+                match self.claim(warm, &id, &source.template, &opts, t0).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => {
+                        tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "a warm VM could not be claimed; trying the next");
+                    }
+                }
+            }
+        }
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
         std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
         let result = self.create_in(&id, &dir, &source, &opts, t0).await;
@@ -435,33 +491,74 @@ impl Node {
         Ok(meta)
     }
 
-    async fn create_in(
+    /// Makes a warm VM the sandbox `id`: its identity through `/init`, its egress rules served.
+    async fn claim(
         self: &Arc<Self>,
+        warm: crate::pool::WarmVm,
         id: &str,
-        dir: &Path,
-        source: &Source,
+        template: &Template,
         opts: &CreateOptions,
         t0: Instant,
     ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
-        let template = &source.template;
-        let disk = dir.join("disk.qcow2");
-        match &source.snapshot {
-            None => {
-                std::fs::copy(&template.overlay, &disk)
-                    .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
-            }
-            Some(meta) => {
-                let layer =
-                    snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::DISK);
-                make_overlay(&layer, &disk).await?;
-            }
+        let crate::pool::WarmVm {
+            dir,
+            vm,
+            agent,
+            listeners,
+            ..
+        } = warm;
+        if let Err(e) = vm.set_cpu_weight(100) {
+            tracing::warn!(sandbox_id = %id, error = %e, "could not restore a claimed VM's CPU weight");
         }
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+        let mut info = self.new_info(id, template, None, opts);
+        info.pid = vm.pid();
+        let mut init_ms = 0;
+        let claimed = async {
+            write_record(&dir, &info)?;
+            let t1 = Instant::now();
+            within_vm(&vm, id, AGENT_INIT_TIMEOUT, async {
+                Ok(agent.init(&init_request(&info, true), None).await?)
+            })
+            .await?;
+            init_ms = t1.elapsed().as_millis() as u64;
+            info.state = SandboxState::Running;
+            write_record(&dir, &info)
         }
-        let mut info = SandboxInfo {
+        .await;
+        if let Err(e) = claimed {
+            vm.kill().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let live = Live::new(info.clone(), dir, Some(vm.clone()), Some(agent));
+        self.start_net(&live, listeners)?;
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .insert(id.to_string(), live.clone());
+        self.spawn_monitor(live, vm);
+        tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, init_ms, "sandbox created from the warm pool");
+        Ok((
+            info,
+            CreateTimings {
+                ready: t0.elapsed(),
+                warm: true,
+                ..Default::default()
+            },
+        ))
+    }
+
+    /// The record of a new sandbox `id` about to be made from `template` (or a snapshot of it).
+    fn new_info(
+        &self,
+        id: &str,
+        template: &Template,
+        snapshot: Option<&SnapshotMeta>,
+        opts: &CreateOptions,
+    ) -> SandboxInfo {
+        let mut envs = snapshot.map(|m| m.envs.clone()).unwrap_or_default();
+        envs.extend(opts.envs.clone());
+        SandboxInfo {
             id: id.to_string(),
             template: template.name.clone(),
             template_key: template.key.clone(),
@@ -472,17 +569,74 @@ impl Node {
             memory_mib: template.recipe.memory_mib,
             disk_mib: template.recipe.disk_mib,
             hostname: id.to_string(),
-            envs: opts.envs.clone(),
+            envs,
             access_token: opts.access_token.clone(),
-            base_snapshot: source.snapshot.as_ref().map(|m| m.id.clone()),
+            base_snapshot: snapshot.map(|m| m.id.clone()),
             network: opts.network.clone(),
-        };
-        alcove_net::Rules::from_config(&info.network)?;
-        if let Some(meta) = &source.snapshot {
-            let mut envs = meta.envs.clone();
-            envs.extend(opts.envs.clone());
-            info.envs = envs;
+            pooled: false,
         }
+    }
+
+    /// Restores a warm-pool VM of `template` into `dir` and initialises its agent (clock and
+    /// entropy only: it has no identity until claimed).
+    pub(crate) async fn restore_pooled(
+        &self,
+        template: &Template,
+        vm_id: &str,
+        dir: &Path,
+    ) -> Result<(QemuVm, AgentClient, alcove_net::Listeners), NodeError> {
+        copy_template_disk(template, dir)?;
+        let mut info = self.new_info(vm_id, template, None, &CreateOptions::default());
+        info.pooled = true;
+        info.network = NetworkConfig::default();
+        write_record(dir, &info)?;
+        let mut spec = sandbox_spec(template, dir);
+        let listeners = self.new_netns(&mut spec).await?;
+        let (vm, _) = self.cfg.vmm.restore(&spec, &template.state).await?;
+        drop(spec);
+        // Warming up yields the host's cores to sandboxes in use (a claim restores the weight).
+        if let Err(e) = vm.set_cpu_weight(crate::pool::WARM_CPU_WEIGHT) {
+            tracing::debug!(error = %e, "could not lower a warm VM's CPU weight");
+        }
+        info.pid = vm.pid();
+        write_record(dir, &info)?;
+        // The same request a claim makes, with the VM's own id and no token or env: the claim's
+        // `/init` then runs code the VM has already run (under TCG: already translated).
+        let mut init = init_request(&info, true);
+        init.access_token = None;
+        let agent = within_vm(&vm, vm_id, AGENT_INIT_TIMEOUT, async {
+            let agent = connect_agent(&vm).await?;
+            agent.init(&init, None).await?;
+            Ok(agent)
+        })
+        .await;
+        match agent {
+            Ok(agent) => Ok((vm, agent, listeners)),
+            Err(e) => {
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in(
+        self: &Arc<Self>,
+        id: &str,
+        dir: &Path,
+        source: &Source,
+        opts: &CreateOptions,
+        t0: Instant,
+    ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
+        let template = &source.template;
+        match &source.snapshot {
+            None => copy_template_disk(template, dir)?,
+            Some(meta) => {
+                let layer =
+                    snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id).join(snapshots::DISK);
+                make_overlay(&layer, &dir.join("disk.qcow2")).await?;
+            }
+        }
+        let mut info = self.new_info(id, template, source.snapshot.as_ref(), opts);
         write_record(dir, &info)?;
 
         let mut spec = sandbox_spec(template, dir);
@@ -536,6 +690,7 @@ impl Node {
                 restore,
                 agent_connected: connected,
                 ready: t0.elapsed(),
+                warm: false,
             },
         ))
     }
@@ -1106,10 +1261,43 @@ async fn connect_agent(vm: &QemuVm) -> Result<AgentClient, NodeError> {
     Ok(AgentClient::connect_channel(stream, Timeouts::default()).await?)
 }
 
-/// Connects to a just-restored VM's agent and hands it the sandbox's identity. `fresh` is true for
-/// a new sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set.
-/// `guest_token` is the access token the guest already has (a resumed sandbox's own, or the
-/// snapshot's for a sandbox made from one): changing anything takes it.
+/// The `/init` that gives a just-restored VM its sandbox's identity. `fresh` is true for a new
+/// sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set and entropy.
+fn init_request(info: &SandboxInfo, fresh: bool) -> InitRequest {
+    InitRequest {
+        timestamp: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
+        entropy: Some(base64::engine::general_purpose::STANDARD.encode(random_bytes::<64>())),
+        env_vars: fresh.then(|| info.envs.clone().into_iter().collect()),
+        access_token: if fresh {
+            info.access_token.clone()
+        } else {
+            None
+        },
+        hostname: fresh.then(|| info.id.clone()),
+        sandbox_id: fresh.then(|| info.id.clone()),
+        ..Default::default()
+    }
+}
+
+/// Runs `work` against a VM, bounded by `limit`, and fails at once if the VM exits meanwhile.
+pub(crate) async fn within_vm<T>(
+    vm: &QemuVm,
+    id: &str,
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, NodeError>>,
+) -> Result<T, NodeError> {
+    tokio::select! {
+        r = tokio::time::timeout(limit, work) => r.unwrap_or(Err(NodeError::AgentTimeout(limit))),
+        reason = vm.wait_exit() => Err(NodeError::NotRunning {
+            id: id.to_string(),
+            state: format!("the VM exited while starting: {reason}; console: {}", vm.console().tail(6)),
+        }),
+    }
+}
+
+/// Connects to a just-restored VM's agent and hands it the sandbox's identity (see
+/// [`init_request`]). `guest_token` is the access token the guest already has (a resumed
+/// sandbox's own, or the snapshot's for a sandbox made from one): changing anything takes it.
 async fn connect_and_init(
     vm: &QemuVm,
     info: &SandboxInfo,
@@ -1117,35 +1305,26 @@ async fn connect_and_init(
     guest_token: Option<&str>,
     t0: Instant,
 ) -> Result<(AgentClient, Duration), NodeError> {
-    let setup = async {
+    within_vm(vm, &info.id, AGENT_INIT_TIMEOUT, async {
         let agent = connect_agent(vm).await?;
         let connected = t0.elapsed();
-        let init = InitRequest {
-            timestamp: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
-            entropy: Some(base64::engine::general_purpose::STANDARD.encode(random_bytes::<64>())),
-            env_vars: fresh.then(|| info.envs.clone().into_iter().collect()),
-            access_token: if fresh {
-                info.access_token.clone()
-            } else {
-                None
-            },
-            hostname: fresh.then(|| info.id.clone()),
-            sandbox_id: fresh.then(|| info.id.clone()),
-            ..Default::default()
-        };
-        agent.init(&init, guest_token).await?;
-        Ok::<_, NodeError>((agent, connected))
-    };
-    tokio::select! {
-        r = tokio::time::timeout(AGENT_INIT_TIMEOUT, setup) => r.unwrap_or(Err(NodeError::AgentTimeout(AGENT_INIT_TIMEOUT))),
-        reason = vm.wait_exit() => Err(NodeError::NotRunning {
-            id: info.id.clone(),
-            state: format!("the VM exited while starting: {reason}; console: {}", vm.console().tail(6)),
-        }),
-    }
+        agent.init(&init_request(info, fresh), guest_token).await?;
+        Ok((agent, connected))
+    })
+    .await
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// A sandbox's own disk: a copy of the template's empty qcow2 overlay, private to root.
+fn copy_template_disk(template: &Template, dir: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let disk = dir.join("disk.qcow2");
+    std::fs::copy(&template.overlay, &disk)
+        .map_err(|e| NodeError::Io(disk.display().to_string(), e))?;
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| NodeError::Io(disk.display().to_string(), e))
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

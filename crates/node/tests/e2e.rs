@@ -491,3 +491,113 @@ async fn snapshots_branch_into_independent_children_and_layers_are_collected() {
     assert!(!data.path().join("snapshots/snapb").exists());
     assert!(qemu_pids_under(data.path()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn warm_pool_sandboxes_get_their_own_identity_and_leave_nothing_behind() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    node.set_warm_pool("base", 2);
+    assert!(
+        node.wait_warm_pool(Duration::from_secs(600)).await,
+        "{:?}",
+        node.warm_pool()
+    );
+    assert_eq!(qemu_pids_under(data.path()).len(), 2);
+    assert!(node.list().is_empty(), "warm VMs are not sandboxes");
+
+    let mut made = Vec::new();
+    for name in ["a", "b"] {
+        let (info, t) = node
+            .create(CreateOptions {
+                template: "base".into(),
+                envs: BTreeMap::from([("WHO".to_string(), name.to_string())]),
+                access_token: Some(format!("token-{name}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(t.warm, "the pool was full, so {name} comes from it");
+        made.push(info);
+    }
+    let (a, b) = (&made[0], &made[1]);
+    for s in [a, b] {
+        assert_eq!(out(&node, &s.id, "hostname").await.trim(), s.id);
+        assert_eq!(out(&node, &s.id, "cat /etc/hostname").await.trim(), s.id);
+    }
+    assert_eq!(out(&node, &a.id, "echo $WHO").await, "a\n");
+    assert_eq!(out(&node, &b.id, "echo $WHO").await, "b\n");
+    let rand = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    assert_ne!(out(&node, &a.id, rand).await, out(&node, &b.id, rand).await);
+    out(&node, &a.id, "echo secret > /home/user/only-a").await;
+    assert!(
+        out(&node, &b.id, "ls /home/user/only-a 2>&1 || true")
+            .await
+            .contains("No such file")
+    );
+    // The claim set the sandbox's access token: the agent refuses another one.
+    let mut wrong = sh("true");
+    wrong.access_token = Some("token-b".into());
+    assert!(node.run(&a.id, wrong).await.is_err(), "a took b's token");
+
+    // The pool refills to its target; it counts what it served.
+    assert!(node.wait_warm_pool(Duration::from_secs(600)).await);
+    let pool = node.warm_pool();
+    assert_eq!((pool[0].target, pool[0].ready, pool[0].hits), (2, 2, 2));
+    assert_eq!(qemu_pids_under(data.path()).len(), 4);
+
+    node.kill(&a.id).await.unwrap();
+    node.kill(&b.id).await.unwrap();
+    node.drain_warm_pool().await;
+    assert!(qemu_pids_under(data.path()).is_empty());
+    assert_eq!(
+        std::fs::read_dir(data.path().join("sandboxes"))
+            .unwrap()
+            .count(),
+        0,
+        "no sandbox or warm VM dir is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn a_dead_warm_vm_is_skipped_and_a_new_node_removes_unclaimed_ones() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    node.set_warm_pool("base", 1);
+    assert!(node.wait_warm_pool(Duration::from_secs(600)).await);
+    // Killed from outside while it waits: a create must not hand it out.
+    for pid in qemu_pids_under(data.path()) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (info, t) = node.create(base()).await.unwrap();
+    assert!(!t.warm, "the dead warm VM was not used");
+    assert_eq!(out(&node, &info.id, "echo ok").await, "ok\n");
+    node.kill(&info.id).await.unwrap();
+
+    // A process that goes away with VMs in its pool: the next one opening the data dir removes
+    // them (the dropped node already SIGKILLed the ready ones).
+    assert!(node.wait_warm_pool(Duration::from_secs(600)).await);
+    drop(node);
+    let node = self::node(data.path()).await;
+    assert!(node.list().is_empty());
+    assert!(node.warm_pool().is_empty());
+    for _ in 0..50 {
+        if qemu_pids_under(data.path()).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(qemu_pids_under(data.path()).is_empty());
+    assert_eq!(
+        std::fs::read_dir(data.path().join("sandboxes"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

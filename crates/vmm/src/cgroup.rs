@@ -112,6 +112,23 @@ impl VmCgroup {
         }
     }
 
+    /// The VM's CPU weight against other cgroups when the host's cores are contended: 100 is
+    /// the default (cgroup v2 `cpu.weight`; v1 `cpu.shares` scaled to match), 1 the least. The
+    /// bandwidth cap stays as it is.
+    pub fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()> {
+        let weight = weight.clamp(1, 10_000);
+        for dir in &self.dirs {
+            if self.v2 {
+                return std::fs::write(dir.join("cpu.weight"), weight.to_string());
+            }
+            if dir.join("cpu.shares").exists() {
+                let shares = (u64::from(weight) * 1024 / 100).max(2);
+                return std::fs::write(dir.join("cpu.shares"), shares.to_string());
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the kernel's OOM killer acted in this cgroup (so a SIGKILL can be explained).
     pub fn oom_killed(&self) -> bool {
         let Some(dir) = &self.memory_dir else {

@@ -484,6 +484,11 @@ impl QemuVm {
         }
     }
 
+    /// Sets the VM's CPU weight (100 = default; see [`VmCgroup::set_cpu_weight`]).
+    pub fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()> {
+        VmCgroup::existing(&cgroup_name(&self.inner.run_dir)).set_cpu_weight(weight)
+    }
+
     pub fn run_dir(&self) -> &Path {
         &self.inner.run_dir
     }

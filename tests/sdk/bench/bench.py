@@ -2,8 +2,10 @@
 `alcove server`. Prints medians and percentiles; asserts nothing (timings belong in
 docs/benchmarks.md, not in tests).
 
-  create   base: Sandbox.create() -> commands.run("echo ok") result, sequential
-  burst    base: N concurrent creates (+ first command), all must succeed
+  create   base: Sandbox.create() -> commands.run("echo ok") result, sequential; with a warm
+           pool, once with the pool refilled before each create and once back to back
+  burst    base: N concurrent creates (+ first command), all must succeed (the pool is
+           refilled first)
   code     code-interpreter-v1: Sandbox.create() -> run_code("1+1") result, sequential
   chart    code-interpreter-v1: a matplotlib line chart round trip on a live sandbox
   net      base: guest -> host through the egress proxy: request latency (new connection each)
@@ -15,8 +17,10 @@ Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import time
+import urllib.request
 
 
 def pct(xs, p):
@@ -45,6 +49,36 @@ def summary(name, xs, extra=None):
     return row
 
 
+def warm_pool():
+    """The server's warm pools (GET /alcove/v1/warm-pool), keyed by template."""
+    req = urllib.request.Request(
+        os.environ["E2B_API_URL"] + "/alcove/v1/warm-pool",
+        headers={"X-API-KEY": os.environ["E2B_API_KEY"]},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {p["templateID"]: p for p in json.load(r)}
+
+
+def wait_for_pool(template, limit=900):
+    """Waits until the template's warm pool (if it has one) is full again."""
+    deadline = time.monotonic() + limit
+    while True:
+        p = warm_pool().get(template)
+        if p is None or p["ready"] >= p["target"]:
+            return p
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm pool of {template} not full after {limit} s: {p}")
+        time.sleep(0.1)
+
+
+def pool_hits(template, before):
+    after = warm_pool().get(template)
+    if after is None or before is None:
+        return {}
+    return {"warm_pool": after["target"], "pool_hits": after["hits"] - before["hits"],
+            "pool_misses": after["misses"] - before["misses"]}
+
+
 def create_and_run(_=None):
     from e2b import Sandbox
 
@@ -61,10 +95,20 @@ def create_and_run(_=None):
 
 def bench_create(n):
     create_and_run()  # warm the server's and the host's caches
-    summary("sdk create -> first command (base)", [create_and_run() for _ in range(n)])
+    before = wait_for_pool("base")
+    xs = []
+    for _ in range(n):
+        wait_for_pool("base")
+        xs.append(create_and_run())
+    summary("sdk create -> first command (base)", xs, pool_hits("base", before))
+    if before is not None:
+        before = wait_for_pool("base")
+        summary("sdk create -> first command (base), back to back", [create_and_run() for _ in range(n)],
+                pool_hits("base", before))
 
 
 def bench_burst(n):
+    before = wait_for_pool("base")
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as ex:
         futures = [ex.submit(create_and_run) for _ in range(n)]
@@ -78,7 +122,7 @@ def bench_burst(n):
         f"sdk {n} concurrent creates -> first command (base)",
         results or [float("nan")],
         {"ok": len(results), "failed": len(failures), "wall_s": round(time.perf_counter() - t0, 1),
-         "errors": failures[:3]},
+         "errors": failures[:3], **pool_hits("base", before)},
     )
 
 
@@ -98,7 +142,12 @@ def code_once():
 
 def bench_code(n):
     code_once()
-    summary("sdk create -> run_code('1+1') (code-interpreter-v1)", [code_once() for _ in range(n)])
+    before = wait_for_pool("code-interpreter-v1")
+    xs = []
+    for _ in range(n):
+        wait_for_pool("code-interpreter-v1")
+        xs.append(code_once())
+    summary("sdk create -> run_code('1+1') (code-interpreter-v1)", xs, pool_hits("code-interpreter-v1", before))
 
 
 def bench_chart(n):

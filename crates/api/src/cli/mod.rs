@@ -114,7 +114,7 @@ pub async fn run_server(
     out.flush()?;
     server
         .run(async {
-            let _ = tokio::signal::ctrl_c().await;
+            crate::server::shutdown_signal().await;
         })
         .await
         .context("serving")?;

@@ -6,7 +6,9 @@ use axum::http::StatusCode;
 
 use super::{ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
-use crate::models::{AlcoveForkResponse, ForkRequest, SandboxRecordView, SnapshotTree};
+use crate::models::{
+    AlcoveForkResponse, ForkRequest, SandboxRecordView, SnapshotTree, WarmPoolView,
+};
 
 /// Any sandbox the team ever created, including killed and lost ones, with why it ended and
 /// its full state history.
@@ -54,4 +56,17 @@ pub async fn snapshot_tree(
     Team(team): Team,
 ) -> Result<Json<SnapshotTree>, ApiError> {
     Ok(Json(svc.snapshot_tree(&team).await?))
+}
+
+/// The host's warm pools: per template, how many restored VMs wait ready for a create, and how
+/// many creates they served.
+#[utoipa::path(get, path = "/alcove/v1/warm-pool", tag = "alcove",
+    responses(
+        (status = 200, description = "One entry per template with a pool", body = [WarmPoolView])),
+    security(("ApiKeyAuth" = [])))]
+pub async fn warm_pool(
+    State(svc): State<AppState>,
+    Team(_team): Team,
+) -> Result<Json<Vec<WarmPoolView>>, ApiError> {
+    Ok(Json(svc.warm_pool().await?))
 }
