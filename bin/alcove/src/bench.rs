@@ -207,6 +207,9 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
             back_to_back.push(t0.elapsed());
             anyhow::ensure!(out.stdout == b"ok\n", "unexpected output");
             b2b_hits += usize::from(t.warm);
+            if !t.warm {
+                spawn_resume.push(t.restore.resumed);
+            }
             node.kill(&info.id).await?;
         }
         say(back_to_back.line("  back to back, no wait for the refill", "ms"));
@@ -222,6 +225,7 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     let mut conc = Series::default();
     let mut failures = 0usize;
     let mut conc_hits = 0usize;
+    let mut conc_create = Series::default();
     for _ in 0..a.rounds {
         refill().await?;
         let mut tasks = Vec::new();
@@ -231,17 +235,24 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
                 let (info, t) = node.create(opts).await?;
+                let created = t0.elapsed();
                 let out = node.run(&info.id, echo_request()).await;
                 let elapsed = t0.elapsed();
-                node.kill(&info.id).await?;
-                anyhow::ensure!(out?.stdout == b"ok\n", "unexpected output");
-                Ok::<_, anyhow::Error>((elapsed, t.warm))
+                // Kill only once every sandbox of the round has answered.
+                Ok::<_, anyhow::Error>((info.id, out, created, elapsed, t.warm))
             }));
         }
         for t in tasks {
             match t.await? {
-                Ok((d, warm)) => {
+                Ok((id, out, created, d, warm)) => {
+                    node.kill(&id).await?;
+                    match out {
+                        Ok(o) if o.stdout == b"ok\n" => {}
+                        Ok(o) => anyhow::bail!("unexpected output {:?}", o.stdout),
+                        Err(e) => anyhow::bail!("the first command failed: {e}"),
+                    }
                     conc.push(d);
+                    conc_create.push(created);
                     conc_hits += usize::from(warm);
                 }
                 Err(e) => {
@@ -255,6 +266,7 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         &format!("create -> first command, {} at once", a.concurrent),
         "ms",
     ));
+    say(conc_create.line("  of which create", "ms"));
     if pooled {
         say(format!(
             "  {conc_hits}/{} of those were served by the pool",

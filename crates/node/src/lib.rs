@@ -1,6 +1,8 @@
-//! Sandbox lifecycle on one host: create (restore a template snapshot), track, run commands, kill
-//! and clean up. Every sandbox has a directory `<data>/sandboxes/<id>/` holding its record
-//! (`record.json`), its disk overlay and the VM's sockets; the record is the source of truth across
+//! Sandbox lifecycle on one host: create (restore a template snapshot, or claim a VM from the
+//! warm pool), track, run commands, kill and clean up. Every sandbox has a directory under
+//! `<data>/sandboxes/` holding its record (`record.json`, which names the sandbox), its disk
+//! overlay and the VM's sockets. The directory is named by the sandbox id, or for a sandbox that
+//! came from the warm pool by its VM's own id. The record is the source of truth across
 //! processes, so the CLI, a server and a restarted server all see the same sandboxes.
 //!
 //! Invariants: a killed sandbox leaves nothing behind (no process, socket, overlay or record); a

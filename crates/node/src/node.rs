@@ -58,6 +58,9 @@ pub struct SandboxInfo {
     /// A warm-pool VM nobody has claimed yet (see `pool.rs`): not a sandbox, never re-attached.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// The process whose pool holds this warm VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -275,8 +278,11 @@ impl Node {
                 }
             };
             if info.pooled {
-                // An unclaimed warm VM of a process that is gone: nobody will claim it.
-                node.remove_pooled_dir(&dir).await;
+                // Another live process's warm VM (a server, while this is a CLI command) is its
+                // business; one of a process that is gone will never be claimed.
+                if !info.pool_owner.is_some_and(other_alcove_process_alive) {
+                    node.remove_pooled_dir(&dir).await;
+                }
                 continue;
             }
             let mut vm = None;
@@ -337,8 +343,8 @@ impl Node {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// Dirs of warm-pool VMs on disk (whatever the pool holds in memory).
-    pub(crate) fn pooled_dirs(&self) -> Vec<PathBuf> {
+    /// Dirs of warm-pool VMs of process `owner` on disk (whatever the pool holds in memory).
+    pub(crate) fn pooled_dirs(&self, owner: u32) -> Vec<PathBuf> {
         let root = self.cfg.data_dir.join("sandboxes");
         std::fs::read_dir(&root)
             .into_iter()
@@ -349,7 +355,7 @@ impl Node {
                 std::fs::read(dir.join("record.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<SandboxInfo>(&b).ok())
-                    .is_some_and(|i| i.pooled)
+                    .is_some_and(|i| i.pooled && i.pool_owner == Some(owner))
             })
             .collect()
     }
@@ -574,6 +580,7 @@ impl Node {
             base_snapshot: snapshot.map(|m| m.id.clone()),
             network: opts.network.clone(),
             pooled: false,
+            pool_owner: None,
         }
     }
 
@@ -588,16 +595,17 @@ impl Node {
         copy_template_disk(template, dir)?;
         let mut info = self.new_info(vm_id, template, None, &CreateOptions::default());
         info.pooled = true;
+        info.pool_owner = Some(std::process::id());
         info.network = NetworkConfig::default();
         write_record(dir, &info)?;
         let mut spec = sandbox_spec(template, dir);
+        // Warming up yields the host's cores to sandboxes in use (a claim restores the weight).
+        if let Some(l) = spec.limits.as_mut() {
+            l.cpu_weight = crate::pool::WARM_CPU_WEIGHT;
+        }
         let listeners = self.new_netns(&mut spec).await?;
         let (vm, _) = self.cfg.vmm.restore(&spec, &template.state).await?;
         drop(spec);
-        // Warming up yields the host's cores to sandboxes in use (a claim restores the weight).
-        if let Err(e) = vm.set_cpu_weight(crate::pool::WARM_CPU_WEIGHT) {
-            tracing::debug!(error = %e, "could not lower a warm VM's CPU weight");
-        }
         info.pid = vm.pid();
         write_record(dir, &info)?;
         // The same request a claim makes, with the VM's own id and no token or env: the claim's
@@ -1250,6 +1258,7 @@ fn sandbox_spec(template: &Template, dir: &Path) -> alcove_vmm::VmSpec {
         // Guest RAM plus QEMU itself and its translated-code cache (128 MiB under TCG).
         memory_bytes: (u64::from(template.recipe.memory_mib) + 384) << 20,
         max_tasks: 256,
+        cpu_weight: 100,
     });
     spec
 }
@@ -1312,6 +1321,13 @@ async fn connect_and_init(
         Ok((agent, connected))
     })
     .await
+}
+
+/// Whether `pid` is an Alcove process other than this one (a warm VM's owner).
+fn other_alcove_process_alive(pid: u32) -> bool {
+    pid != std::process::id()
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("alcove"))
 }
 
 /// A sandbox's own disk: a copy of the template's empty qcow2 overlay, private to root.

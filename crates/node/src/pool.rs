@@ -7,8 +7,9 @@
 //! read and remove. Under TCG that warm-up is most of a create's cost (translating the guest's
 //! code in a new QEMU process); under KVM it is cheap and the pool still saves the restore.
 //!
-//! Warm VMs run at the lowest CPU weight, so refilling the pool after a claim does not slow the
-//! sandboxes in use (the new one's first commands above all); the claim restores the weight.
+//! Warm VMs run at the lowest CPU weight, and refills start once creates pause (1.5 s without
+//! one, or 5 s short of the target under a steady stream), so refilling does not slow the
+//! sandboxes in use, the new ones' first commands above all; a claim restores the weight.
 //!
 //! When a create claims a warm VM, the VM gets the sandbox's identity through `/init` (id,
 //! hostname, env vars, access token, another 64 bytes of entropy, the clock) and its egress
@@ -16,8 +17,9 @@
 //! namespace has no route, and its proxy sockets are not served until the claim.
 //!
 //! Warm VMs are not sandboxes: they are not listed, not counted against the node's sandbox
-//! limit, and never survive their process. Their records say `pooled`, and [`crate::Node::open`]
-//! kills and removes any it finds (left by a process that died without draining its pool).
+//! limit, and never survive their process. Their records say `pooled` and name the owning
+//! process; [`crate::Node::open`] kills and removes those whose owner is gone (it died without
+//! draining its pool) and leaves a live server's pool alone (a CLI command on the same data dir).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -34,8 +36,10 @@ use crate::node::Node;
 /// CPU weight of warm VMs until claimed (100 is a sandbox's): filling the pool takes only what
 /// sandboxes in use leave of the host's cores.
 pub(crate) const WARM_CPU_WEIGHT: u32 = 1;
-/// How long after a create the pool waits before it warms a VM.
+/// How long after a create the pool waits before it warms a VM...
 const REFILL_DELAY: Duration = Duration::from_millis(1500);
+/// ...unless it has been short of its target this long.
+const MAX_REFILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a failed fill waits before the pool tries that template again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Bound on one warm-up command.
@@ -75,6 +79,8 @@ struct Entry {
     misses: u64,
     last_error: Option<String>,
     retry_at: Option<Instant>,
+    /// Since when the pool has had fewer VMs than its target.
+    short_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -204,7 +210,7 @@ impl Node {
             kill_warm(w).await;
         }
         // A VM the stopped filler was warming has a dir and maybe a process, and no entry.
-        for dir in self.pooled_dirs() {
+        for dir in self.pooled_dirs(std::process::id()) {
             self.remove_pooled_dir(&dir).await;
         }
     }
@@ -285,34 +291,33 @@ async fn fill(node: Weak<Node>, wake: Arc<tokio::sync::Notify>) {
         let wanted = {
             let Some(node) = node.upgrade() else { return };
             let now = Instant::now();
-            let pools = node.pool.lock();
+            let mut pools = node.pool.lock();
+            for e in pools.values_mut() {
+                if e.ready.len() >= e.target {
+                    e.short_since = None;
+                } else if e.short_since.is_none() {
+                    e.short_since = Some(now);
+                }
+            }
             pools
                 .iter()
                 .find(|(_, e)| e.ready.len() < e.target && e.retry_at.is_none_or(|t| t <= now))
-                .map(|(t, _)| t.clone())
+                .map(|(t, e)| (t.clone(), e.short_since.unwrap_or(now)))
         };
-        let Some(template) = wanted else {
+        let Some((template, short_since)) = wanted else {
             // Woken by a take, a new target, or the next retry time.
             let _ = tokio::time::timeout(RETRY_AFTER, wake.notified()).await;
             continue;
         };
-        // A fresh sandbox's first commands come right after its create: let them have the
-        // cores before warming the next VM.
+        // New sandboxes' first commands come right after their creates: let them have the cores
+        // until creates pause, but under a steady stream of creates refill anyway.
         let last = node
             .upgrade()
             .and_then(|n| *n.pool.last_take.lock().expect("last take lock"));
-        let low = node.upgrade().is_some_and(|n| {
-            n.pool
-                .lock()
-                .get(&template)
-                .is_some_and(|e| e.ready.len() * 2 < e.target)
-        });
-        // Unless the pool runs low: then creates keep coming and the refill must not wait.
-        if let Some(wait) = last
-            .filter(|_| !low)
-            .and_then(|t| REFILL_DELAY.checked_sub(t.elapsed()))
-        {
-            tokio::time::sleep(wait).await;
+        let quiet = last.and_then(|t| REFILL_DELAY.checked_sub(t.elapsed()));
+        let overdue = MAX_REFILL_WAIT.checked_sub(short_since.elapsed());
+        if let (Some(quiet), Some(overdue)) = (quiet, overdue) {
+            tokio::time::sleep(quiet.min(overdue)).await;
             continue;
         }
         let Some(n) = node.upgrade() else { return };

@@ -11,6 +11,9 @@ pub struct Limits {
     pub cpus: f64,
     pub memory_bytes: u64,
     pub max_tasks: u32,
+    /// Share of contended CPU against other cgroups: 100 is the default, 1 the least (see
+    /// [`VmCgroup::set_cpu_weight`]).
+    pub cpu_weight: u32,
 }
 
 /// One VM's cgroup(s). Removing it (after the process exited) removes the directories.
@@ -22,6 +25,11 @@ pub struct VmCgroup {
 }
 
 const ROOT: &str = "/sys/fs/cgroup";
+
+/// cgroup v1 `cpu.shares` (default 1024, least 2) for a v2-style weight (default 100).
+fn v1_shares(weight: u32) -> u64 {
+    (u64::from(weight.clamp(1, 10_000)) * 1024 / 100).max(2)
+}
 const PERIOD_US: u64 = 100_000;
 
 impl VmCgroup {
@@ -41,12 +49,14 @@ impl VmCgroup {
             std::fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
             std::fs::write(dir.join("memory.swap.max"), "0").ok();
             std::fs::write(dir.join("pids.max"), limits.max_tasks.to_string())?;
-            std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-            return Ok(VmCgroup {
+            let cg = VmCgroup {
                 memory_dir: Some(dir.clone()),
-                dirs: vec![dir],
+                dirs: vec![dir.clone()],
                 v2: true,
-            });
+            };
+            cg.set_cpu_weight(limits.cpu_weight)?;
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+            return Ok(cg);
         }
         let mut cg = VmCgroup {
             dirs: Vec::new(),
@@ -75,6 +85,7 @@ impl VmCgroup {
             &[
                 ("cpu.cfs_period_us", PERIOD_US.to_string()),
                 ("cpu.cfs_quota_us", quota.to_string()),
+                ("cpu.shares", v1_shares(limits.cpu_weight).to_string()),
             ],
         )?;
         attach(
@@ -122,8 +133,7 @@ impl VmCgroup {
                 return std::fs::write(dir.join("cpu.weight"), weight.to_string());
             }
             if dir.join("cpu.shares").exists() {
-                let shares = (u64::from(weight) * 1024 / 100).max(2);
-                return std::fs::write(dir.join("cpu.shares"), shares.to_string());
+                return std::fs::write(dir.join("cpu.shares"), v1_shares(weight).to_string());
             }
         }
         Ok(())

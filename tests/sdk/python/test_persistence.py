@@ -2,6 +2,7 @@
 restart), autoPause + autoResume, snapshots restored many times, forks that diverge, deleting a
 parent snapshot under live children, and damaged saved state reported clearly."""
 
+import json
 import os
 import subprocess
 import time
@@ -192,6 +193,20 @@ def test_restore_one_snapshot_three_times_then_delete_it_under_live_children():
         src.kill()
 
 
+def sandbox_dir(data, sandbox_id):
+    """The node's directory of a sandbox: the one whose record names it (a sandbox that came from
+    the warm pool lives in its VM's directory, named by the VM's own id)."""
+    root = os.path.join(data, "sandboxes")
+    for name in os.listdir(root):
+        try:
+            with open(os.path.join(root, name, "record.json")) as f:
+                if json.load(f).get("id") == sandbox_id:
+                    return os.path.join(root, name)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no record for sandbox {sandbox_id} under {root}")
+
+
 def damage(path, offset=4096):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -207,7 +222,7 @@ def test_a_corrupt_pause_state_is_a_clear_error_and_left_intact():
     sbx = Sandbox.create(TEMPLATE, timeout=300)
     try:
         sbx.pause()
-        state = os.path.join(data, "sandboxes", sbx.sandbox_id, "paused.state")
+        state = os.path.join(sandbox_dir(data, sbx.sandbox_id), "paused.state")
         damage(state)
         size = os.path.getsize(state)
         with pytest.raises(SandboxException) as e:
