@@ -537,12 +537,7 @@ impl Node {
             return Err(e);
         }
         let live = Live::new(info.clone(), dir, Some(vm.clone()), Some(agent));
-        self.start_net(&live, listeners)?;
-        self.sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .insert(id.to_string(), live.clone());
-        self.spawn_monitor(live, vm);
+        self.adopt(live, vm, listeners)?;
         tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, init_ms, "sandbox created from the warm pool");
         Ok((
             info,
@@ -552,6 +547,23 @@ impl Node {
                 ..Default::default()
             },
         ))
+    }
+
+    /// Takes a just-started sandbox into the node: its egress served, listed, its VM watched.
+    fn adopt(
+        self: &Arc<Self>,
+        live: Arc<Live>,
+        vm: QemuVm,
+        listeners: alcove_net::Listeners,
+    ) -> Result<(), NodeError> {
+        self.start_net(&live, listeners)?;
+        let id = live.snapshot().id;
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .insert(id, live.clone());
+        self.spawn_monitor(live, vm);
+        Ok(())
     }
 
     /// The record of a new sandbox `id` about to be made from `template` (or a snapshot of it).
@@ -685,12 +697,7 @@ impl Node {
             Some(vm.clone()),
             Some(agent),
         );
-        self.start_net(&live, listeners)?;
-        self.sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .insert(id.to_string(), live.clone());
-        self.spawn_monitor(live, vm);
+        self.adopt(live, vm, listeners)?;
         tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, "sandbox created");
         Ok((
             info,

@@ -93,14 +93,20 @@ def create_and_run(_=None):
         sbx.kill()
 
 
-def bench_create(n):
-    create_and_run()  # warm the server's and the host's caches
-    before = wait_for_pool("base")
+def pool_ready_series(template, once, n):
+    """`once()` n times, each with the template's warm pool full; returns (timings, pool hits)."""
+    before = wait_for_pool(template)
     xs = []
     for _ in range(n):
-        wait_for_pool("base")
-        xs.append(create_and_run())
-    summary("sdk create -> first command (base)", xs, pool_hits("base", before))
+        wait_for_pool(template)
+        xs.append(once())
+    return xs, pool_hits(template, before)
+
+
+def bench_create(n):
+    create_and_run()  # warm the server's and the host's caches
+    summary("sdk create -> first command (base)", *pool_ready_series("base", create_and_run, n))
+    before = warm_pool().get("base")
     if before is not None:
         before = wait_for_pool("base")
         summary("sdk create -> first command (base), back to back", [create_and_run() for _ in range(n)],
@@ -142,12 +148,8 @@ def code_once():
 
 def bench_code(n):
     code_once()
-    before = wait_for_pool("code-interpreter-v1")
-    xs = []
-    for _ in range(n):
-        wait_for_pool("code-interpreter-v1")
-        xs.append(code_once())
-    summary("sdk create -> run_code('1+1') (code-interpreter-v1)", xs, pool_hits("code-interpreter-v1", before))
+    summary("sdk create -> run_code('1+1') (code-interpreter-v1)",
+            *pool_ready_series("code-interpreter-v1", code_once, n))
 
 
 def bench_chart(n):
