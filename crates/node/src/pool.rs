@@ -2,9 +2,9 @@
 //! instead of restoring a VM while the caller waits.
 //!
 //! A warm VM is restored from the template's snapshot exactly as a create would restore it, in
-//! its own network namespace and cgroup, and then runs a fixed warm-up through its agent: `/init`
-//! with fresh entropy and the clock, a login shell as `user`, `/bin/echo` as root, a file write,
-//! read and remove. Under TCG that warm-up is most of a create's cost (translating the guest's
+//! its own network namespace and cgroup, and then runs a fixed warm-up through its agent: the
+//! `/init` a claim sends (with the VM's own id and no token), a login shell as `user`,
+//! `/bin/echo` as root and as `user`, a temp file written, read and removed. Under TCG that warm-up is most of a create's cost (translating the guest's
 //! code in a new QEMU process); under KVM it is cheap and the pool still saves the restore.
 //!
 //! Warm VMs run at the lowest CPU weight, and refills start once creates pause (1.5 s without
