@@ -98,6 +98,26 @@ fn pss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The accelerator, and a printer that is quiet under `--json`, after the mode's header line.
+fn start<'a>(
+    g: &'a Global,
+    template: &str,
+    mode: &str,
+) -> (alcove_vmm::AccelChoice, impl Fn(String) + 'a) {
+    let accel = g.accel();
+    let say = move |s: String| {
+        if !g.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "# alcove bench{mode}: template {template}, accelerator {} ({})",
+        accel.accel.as_str(),
+        accel.reason
+    ));
+    (accel, say)
+}
+
 fn echo_request() -> alcove_agent_client::RunRequest {
     alcove_agent_client::RunRequest {
         cmd: "/bin/echo".into(),
@@ -114,22 +134,11 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
         return persistence(g, &a).await;
     }
     let node = g.node().await?;
-    let accel = g.accel();
     let opts = CreateOptions {
         template: a.template.clone(),
         ..Default::default()
     };
-    let say = |s: String| {
-        if !g.json {
-            println!("{s}");
-        }
-    };
-    say(format!(
-        "# alcove bench: template {}, accelerator {} ({})",
-        a.template,
-        accel.accel.as_str(),
-        accel.reason
-    ));
+    let (accel, say) = start(g, &a.template, "");
 
     // Warm-up: the first restore after a build pays page-cache misses on the template files.
     let (w, _) = node.create(opts.clone()).await?;
@@ -358,18 +367,7 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
 async fn persistence(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
     use alcove_node::snapshots::allocated_bytes;
     let node = g.node().await?;
-    let accel = g.accel();
-    let say = |s: String| {
-        if !g.json {
-            println!("{s}");
-        }
-    };
-    say(format!(
-        "# alcove bench --persistence: template {}, accelerator {} ({})",
-        a.template,
-        accel.accel.as_str(),
-        accel.reason
-    ));
+    let (accel, say) = start(g, &a.template, " --persistence");
     let opts = CreateOptions {
         template: a.template.clone(),
         ..Default::default()
@@ -557,18 +555,7 @@ async def main():
 asyncio.run(main())
 ";
     let node = g.node().await?;
-    let accel = g.accel();
-    let say = |s: String| {
-        if !g.json {
-            println!("{s}");
-        }
-    };
-    say(format!(
-        "# alcove bench --ports: template {}, accelerator {} ({})",
-        a.template,
-        accel.accel.as_str(),
-        accel.reason
-    ));
+    let (accel, say) = start(g, &a.template, " --ports");
     let (info, _) = node
         .create(CreateOptions {
             template: a.template.clone(),

@@ -15,6 +15,9 @@ use crate::snapshots::{self, SnapshotMeta};
 use crate::{NodeError, SandboxState};
 use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, SandboxNet};
 
+/// A sandbox's CPU weight on the host (cgroup `cpu.weight` scale; warm-pool VMs run lower).
+const SANDBOX_CPU_WEIGHT: u32 = 100;
+
 /// Bound on connecting to and initialising the agent of a freshly restored VM.
 const AGENT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -513,7 +516,7 @@ impl Node {
             listeners,
             ..
         } = warm;
-        if let Err(e) = vm.set_cpu_weight(100) {
+        if let Err(e) = vm.set_cpu_weight(SANDBOX_CPU_WEIGHT) {
             tracing::warn!(sandbox_id = %id, error = %e, "could not restore a claimed VM's CPU weight");
         }
         let mut info = self.new_info(id, template, None, opts);
@@ -608,7 +611,6 @@ impl Node {
         let mut info = self.new_info(vm_id, template, None, &CreateOptions::default());
         info.pooled = true;
         info.pool_owner = Some(std::process::id());
-        info.network = NetworkConfig::default();
         write_record(dir, &info)?;
         let mut spec = sandbox_spec(template, dir);
         // Warming up yields the host's cores to sandboxes in use (a claim restores the weight).
@@ -1265,7 +1267,7 @@ fn sandbox_spec(template: &Template, dir: &Path) -> alcove_vmm::VmSpec {
         // Guest RAM plus QEMU itself and its translated-code cache (128 MiB under TCG).
         memory_bytes: (u64::from(template.recipe.memory_mib) + 384) << 20,
         max_tasks: 256,
-        cpu_weight: 100,
+        cpu_weight: SANDBOX_CPU_WEIGHT,
     });
     spec
 }

@@ -299,22 +299,20 @@ async fn fill(node: Weak<Node>, wake: Arc<tokio::sync::Notify>) {
                     e.short_since = Some(now);
                 }
             }
+            let last_take = *node.pool.last_take.lock().expect("last take lock");
             pools
                 .iter()
                 .find(|(_, e)| e.ready.len() < e.target && e.retry_at.is_none_or(|t| t <= now))
-                .map(|(t, e)| (t.clone(), e.short_since.unwrap_or(now)))
+                .map(|(t, e)| (t.clone(), e.short_since.unwrap_or(now), last_take))
         };
-        let Some((template, short_since)) = wanted else {
+        let Some((template, short_since, last_take)) = wanted else {
             // Woken by a take, a new target, or the next retry time.
             let _ = tokio::time::timeout(RETRY_AFTER, wake.notified()).await;
             continue;
         };
         // New sandboxes' first commands come right after their creates: let them have the cores
         // until creates pause, but under a steady stream of creates refill anyway.
-        let last = node
-            .upgrade()
-            .and_then(|n| *n.pool.last_take.lock().expect("last take lock"));
-        let quiet = last.and_then(|t| REFILL_DELAY.checked_sub(t.elapsed()));
+        let quiet = last_take.and_then(|t| REFILL_DELAY.checked_sub(t.elapsed()));
         let overdue = MAX_REFILL_WAIT.checked_sub(short_since.elapsed());
         if let (Some(quiet), Some(overdue)) = (quiet, overdue) {
             tokio::time::sleep(quiet.min(overdue)).await;
