@@ -649,6 +649,43 @@ mod tests {
         );
     }
 
+    /// The machine description is hashed into every template key: a change here rebuilds every
+    /// template and must be deliberate.
+    #[test]
+    fn machine_description_is_stable() {
+        let vmm = QemuVmm {
+            binary: "qemu-system-x86_64".into(),
+            accel: alcove_vmm::AccelChoice {
+                accel: alcove_vmm::Accel::Tcg,
+                reason: String::new(),
+            },
+            tsc_khz: 2_000_000,
+        };
+        let recipe = Recipe::builtin("base").unwrap();
+        let spec = spec_for(&recipe, Path::new("/"), Path::new("/k/vmlinux"));
+        assert_eq!(
+            vmm.args(&spec, false).join(" "),
+            "-M microvm,acpi=off,x-option-roms=off,memory-backend=mem \
+             -accel tcg,thread=multi,tb-size=128 -cpu max -smp 2 -m 512M \
+             -object memory-backend-file,id=mem,size=512M,mem-path=,share=off \
+             -nodefaults -no-user-config -display none -no-reboot \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -kernel /k/vmlinux \
+             -append console=ttyS0 quiet root=/dev/vda rw rootfstype=ext4 reboot=t panic=-1 \
+             tsc_early_khz=2000000 tsc=reliable no_timer_check init=/usr/local/bin/alcove-agent \
+             ip=10.0.2.2::10.0.2.1:255.255.255.252::eth0:off \
+             -chardev socket,id=con,path=/console.sock,server=on,wait=off -serial chardev:con \
+             -device virtio-serial-device,max_ports=2 \
+             -chardev socket,id=agent,path=/agent.sock,server=on,wait=off \
+             -device virtserialport,chardev=agent,name=alcove.agent \
+             -blockdev node-name=disk0,driver=qcow2,file.driver=file,file.filename=,read-only=off,discard=unmap \
+             -device virtio-blk-device,drive=disk0 -device virtio-rng-device \
+             -qmp unix:/qmp.sock,server=on,wait=off -pidfile /qemu.pid \
+             -netdev tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off \
+             -device virtio-net-device,netdev=net0,mac=02:a1:c0:00:00:02"
+        );
+    }
+
     #[test]
     fn embedded_recipes_are_present() {
         assert!(KERNEL_CONFIG.contains("CONFIG_PVH=y"));
