@@ -74,6 +74,9 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
                 vmm: g.vmm(),
                 force,
                 progress,
+                // The template VM's NIC sits on a tap in a namespace of its own, with nothing
+                // behind it: no egress proxy or resolver during the build's boot.
+                netns: Arc::new(|| alcove_net::Netns::create(false).map(|(ns, _)| ns.into())),
             };
             let t = alcove_image::build_template(&recipe, &opts).await?;
             if let Some(pb) = bar {

@@ -1,11 +1,13 @@
 //! Template builds: kernel → base rootfs → template disk → boot → ready → snapshot.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alcove_vmm::{Disk, DiskFormat, QemuVmm, Vm, VmSpec, Vmm};
+use alcove_guest_contract::{AGENT_CHANNEL, AGENT_GUEST_PATH, READY_LINE};
+use alcove_vmm::{Disk, DiskFormat, Nic, QemuVmm, Vm, VmSpec, Vmm};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -17,10 +19,6 @@ const KERNEL_CONFIG: &str = include_str!("../../../guest/kernel/config");
 const ROOTFS_SCRIPT: &str = include_str!("../../../guest/rootfs/build-base.sh");
 const ROOTFS_PACKAGES: &str = include_str!("../../../guest/rootfs/packages.txt");
 
-/// The line the agent prints on the console once it (and the template's start command) is ready.
-pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
-/// Where the agent lives in the guest; the kernel starts it as init.
-pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
 /// Generous: under TCG on a busy 2-core machine a template whose start command warms up a Python
 /// data stack has been seen to need more than 5 minutes.
 const READY_TIMEOUT: Duration = Duration::from_secs(900);
@@ -28,6 +26,11 @@ const MANIFEST_VERSION: u32 = 1;
 
 /// Progress of a build, for the CLI's display.
 pub type Progress = Arc<dyn Fn(ProgressEvent) + Send + Sync>;
+
+/// Makes the network namespace a template VM boots in: one holding the tap named
+/// [`alcove_guest_contract::net::TAP`] and nothing behind it (`alcove_net::Netns::create(false)`).
+/// Returns the namespace's fd. Called on a blocking thread.
+pub type NetnsFactory = Arc<dyn Fn() -> std::io::Result<OwnedFd> + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -51,6 +54,8 @@ pub struct BuildOptions {
     /// Rebuild even when a complete template with the same key exists.
     pub force: bool,
     pub progress: Progress,
+    /// The template VM's network namespace (its NIC is part of the machine description).
+    pub netns: NetnsFactory,
 }
 
 /// A built template, as recorded in its `manifest.json`.
@@ -381,11 +386,12 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
         read_only: false,
     };
     // The template boots with its NIC in a namespace of its own, with nothing behind it.
-    let (ns, _) = tokio::task::spawn_blocking(|| alcove_net::Netns::create(false))
+    let netns = opts.netns.clone();
+    let ns = tokio::task::spawn_blocking(move || netns())
         .await
         .expect("netns task")
         .map_err(io(Path::new("network namespace")))?;
-    spec.netns = Some(std::sync::Arc::new(ns));
+    spec.netns = Some(Arc::new(ns));
     let boot_started = Instant::now();
     let vm = opts.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
     let ready = tokio::select! {
@@ -490,7 +496,7 @@ pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
         kernel: kernel.to_path_buf(),
         cmdline: format!(
             "init={AGENT_GUEST_PATH} {}",
-            alcove_net::netns::guest_kernel_cmdline()
+            alcove_guest_contract::net::kernel_cmdline()
         ),
         vcpus: recipe.vcpus,
         mem_mib: recipe.memory_mib,
@@ -502,7 +508,11 @@ pub fn spec_for(recipe: &Recipe, run_dir: &Path, kernel: &Path) -> VmSpec {
             read_only: false,
         },
         limits: None,
-        nic: true,
+        agent_port: AGENT_CHANNEL.to_string(),
+        nic: Some(Nic {
+            tap: alcove_guest_contract::net::TAP.to_string(),
+            mac: alcove_guest_contract::net::GUEST_MAC.to_string(),
+        }),
         netns: None,
     }
 }
@@ -580,7 +590,7 @@ async fn make_disk(
     // The guest's resolver is the gateway of its network namespace (alcove-net).
     let resolv = root.join("etc/resolv.conf");
     let _ = std::fs::remove_file(&resolv);
-    std::fs::write(&resolv, alcove_net::netns::guest_resolv_conf()).map_err(io(&resolv))?;
+    std::fs::write(&resolv, alcove_guest_contract::net::resolv_conf()).map_err(io(&resolv))?;
     let etc = root.join("etc/alcove");
     std::fs::create_dir_all(&etc).map_err(io(&etc))?;
     let cfg = serde_json::json!({

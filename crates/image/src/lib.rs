@@ -7,13 +7,17 @@
 //! QEMU version, accelerator), so an unchanged recipe is a cache hit and a changed input is a new
 //! template; `manifest.json` is written last and marks a template complete.
 //!
+//! What the guest expects (the agent's path, its ready line, its network settings) comes from
+//! `alcove-guest-contract`; the template VM's network namespace is made by the caller
+//! ([`BuildOptions::netns`]).
+//!
 //! Build recipes for the kernel and the base rootfs are the shell scripts under `guest/`, embedded
 //! in the binary so an installed `alcove` needs no source checkout.
 
 pub mod build;
 pub mod recipe;
 
-pub use build::{BuildOptions, Progress, Template, build_template, load_template};
+pub use build::{BuildOptions, NetnsFactory, Progress, Template, build_template, load_template};
 pub use recipe::Recipe;
 
 #[derive(Debug, thiserror::Error)]

@@ -16,33 +16,19 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 
-/// The guest's address (eth0); the same in every sandbox.
-pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-/// The namespace's end of the tap: the guest's gateway and DNS server.
-pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
-pub const TAP: &str = "tap0";
-pub const GUEST_MAC: &str = "02:a1:c0:00:00:02";
+// The guest's side of the link (its address, gateway, MAC) is fixed by the guest contract; the
+// namespace is built to match it.
+pub use alcove_guest_contract::net::{GATEWAY_IP, GUEST_IP, GUEST_MAC, PREFIX_LEN, TAP};
 const GATEWAY_MAC: &str = "02:a1:c0:00:00:01";
 /// Where redirected TCP lands inside the namespace.
 pub const PROXY_PORT: u16 = 15001;
-
-/// The guest kernel's static network configuration (`ip=` on the command line: the guest needs no
-/// DHCP client and is configured before the agent starts).
-pub fn guest_kernel_cmdline() -> String {
-    format!("ip={GUEST_IP}::{GATEWAY_IP}:255.255.255.252::eth0:off")
-}
-
-/// The `/etc/resolv.conf` of every guest.
-pub fn guest_resolv_conf() -> String {
-    format!("nameserver {GATEWAY_IP}\noptions timeout:2 attempts:2\n")
-}
 
 fn ip_batch() -> String {
     format!(
         "link set lo up
 tuntap add dev {TAP} mode tap
 link set dev {TAP} address {GATEWAY_MAC}
-addr add {GATEWAY_IP}/30 dev {TAP}
+addr add {GATEWAY_IP}/{PREFIX_LEN} dev {TAP}
 link set dev {TAP} up
 "
     )
@@ -215,6 +201,13 @@ impl Netns {
     }
 }
 
+/// The namespace's fd: what `alcove_vmm::VmSpec::netns` takes.
+impl From<Netns> for OwnedFd {
+    fn from(ns: Netns) -> OwnedFd {
+        ns.fd
+    }
+}
+
 /// The address a redirected connection was originally sent to.
 pub fn original_dst(s: &impl AsFd) -> io::Result<SocketAddrV4> {
     let sin = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::OriginalDst)?;
@@ -234,7 +227,7 @@ mod tests {
     #[test]
     fn cmdline_and_rules_name_the_same_addresses() {
         assert_eq!(
-            guest_kernel_cmdline(),
+            alcove_guest_contract::net::kernel_cmdline(),
             "ip=10.0.2.2::10.0.2.1:255.255.255.252::eth0:off"
         );
         assert!(ip_batch().contains(GATEWAY_MAC) && ip_batch().contains("10.0.2.1/30"));

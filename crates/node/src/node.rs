@@ -799,7 +799,7 @@ impl Node {
             .await
             .expect("netns task")
             .map_err(|e| NodeError::Network(e.to_string()))?;
-        spec.netns = Some(Arc::new(ns));
+        spec.netns = Some(Arc::new(ns.into()));
         Ok(listeners.expect("asked for listeners"))
     }
 
@@ -1131,7 +1131,7 @@ impl Node {
             .await
             .expect("netns task")
             .map_err(|e| NodeError::Network(e.to_string()))?;
-        spec.netns = Some(Arc::new(ns));
+        spec.netns = Some(Arc::new(ns.into()));
         let result = async {
             let vm = self
                 .cfg

@@ -3,7 +3,9 @@
 //!
 //! Owns: QEMU command lines, the accelerator choice (KVM only on hardware KVM, TCG otherwise), the
 //! QMP conversation, and the per-VM sockets (QMP, serial console, agent virtio-serial port).
-//! Does not own: disks, templates or sandbox identity (see `alcove-image` and `alcove-node`).
+//! Does not own: disks, templates or sandbox identity (see `alcove-image` and `alcove-node`),
+//! network namespaces and taps (`alcove-net`), or what the guest expects (`alcove-guest-contract`):
+//! the caller hands all of those in as plain values in [`VmSpec`]. A leaf: no other Alcove crate.
 //!
 //! Invariant: a VM restored from a snapshot is started from exactly the machine description the
 //! snapshot was taken with ([`VmSpec`] minus the per-VM paths); the snapshot's RAM file is mapped
@@ -15,7 +17,9 @@ pub mod console;
 pub mod qemu;
 pub mod qmp;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use accel::{Accel, AccelChoice};
@@ -40,10 +44,26 @@ pub struct VmSpec {
     pub disk: Disk,
     /// Host-side caps on the VM process; `None` runs it uncapped (template builds).
     pub limits: Option<cgroup::Limits>,
-    /// A virtio-net NIC on the tap `alcove_net::netns::TAP` (part of the machine description).
-    pub nic: bool,
-    /// The network namespace QEMU runs in (holding that tap); per VM, like `run_dir`.
-    pub netns: Option<std::sync::Arc<alcove_net::Netns>>,
+    /// The name of the virtio-serial port the agent is reached over (the guest sees it as
+    /// `/dev/virtio-ports/<name>`; the host end is `agent.sock` in `run_dir`).
+    pub agent_port: String,
+    /// A virtio-net NIC (part of the machine description); its tap must be in `netns`.
+    pub nic: Option<Nic>,
+    /// The network namespace QEMU runs in (it enters it before exec), as an open namespace fd
+    /// (`/proc/<pid>/ns/net`, `/run/netns/<name>`, ...); per VM, like `run_dir`. The namespace
+    /// lives as long as something holds it: this fd (the caller's, for as long as it keeps the
+    /// spec) and then the QEMU process. `None` runs QEMU in the caller's namespace, which only
+    /// works without a NIC.
+    pub netns: Option<Arc<OwnedFd>>,
+}
+
+/// A virtio-net NIC backed by a tap device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's name in the VM's network namespace (QEMU's `ifname`).
+    pub tap: String,
+    /// The guest-visible MAC address.
+    pub mac: String,
 }
 
 #[derive(Debug, Clone)]

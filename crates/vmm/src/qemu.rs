@@ -23,9 +23,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The name of the agent's virtio-serial port inside the guest.
-pub const AGENT_PORT_NAME: &str = "alcove.agent";
-
 #[derive(Debug, Clone)]
 pub struct QemuVmm {
     pub binary: PathBuf,
@@ -108,7 +105,7 @@ impl QemuVmm {
             "-chardev",
             &format!("socket,id=agent,path={},server=on,wait=off", run.join("agent.sock").display()),
             "-device",
-            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+            &format!("virtserialport,chardev=agent,name={}", spec.agent_port),
             "-blockdev",
             &format!(
                 "node-name=disk0,driver={},file.driver=file,file.filename={},read-only={},discard=unmap",
@@ -128,17 +125,14 @@ impl QemuVmm {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if spec.nic {
+        if let Some(nic) = &spec.nic {
             args.push("-netdev".into());
             args.push(format!(
                 "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
-                alcove_net::netns::TAP
+                nic.tap
             ));
             args.push("-device".into());
-            args.push(format!(
-                "virtio-net-device,netdev=net0,mac={}",
-                alcove_net::netns::GUEST_MAC
-            ));
+            args.push(format!("virtio-net-device,netdev=net0,mac={}", nic.mac));
         }
         if incoming {
             args.push("-incoming".into());
@@ -163,9 +157,12 @@ impl QemuVmm {
             let ns = ns.try_clone().map_err(VmmError::SpawnQemu)?;
             // SAFETY: setns is async-signal-safe; the fd was duplicated before the fork.
             unsafe {
-                cmd.pre_exec(move || ns.enter());
+                cmd.pre_exec(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
             }
-        } else if spec.nic {
+        } else if spec.nic.is_some() {
             return Err(VmmError::SpawnQemu(std::io::Error::other(
                 "a VM with a NIC needs a network namespace holding its tap",
             )));

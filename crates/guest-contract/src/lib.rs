@@ -1,0 +1,92 @@
+//! The guest contract: everything the host side (`alcove-image`, `alcove-node`,
+//! `alcove-agent-client`, `alcove-api`) and the guest side (`alcove-agent`, `alcove-interpreter`)
+//! must agree on, defined once.
+//!
+//! Changing a value here changes what a template's guest expects, so a change means rebuilding
+//! templates (the guest network settings and the agent's path are part of every template's
+//! kernel command line, which is hashed into its key). Serde only, so both sides can depend on it
+//! without pulling anything else in.
+
+pub mod net;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// envd's port inside the guest: the agent serves the envd protocol on it, and the SDKs address
+/// it (`E2b-Sandbox-Port: 49983`).
+pub const ENVD_PORT: u16 = 49983;
+/// The code interpreter's port inside a `code-interpreter-v1` guest (`E2b-Sandbox-Port: 49999`).
+pub const CODE_INTERPRETER_PORT: u16 = 49999;
+/// The name of the virtio-serial port the host reaches the agent over (`/dev/virtio-ports/...`
+/// in the guest, QEMU's `virtserialport,name=...` on the host).
+pub const AGENT_CHANNEL: &str = "alcove.agent";
+/// The console line the agent prints once it serves and the template's start and ready commands
+/// succeeded: the host snapshots a template VM when it sees it.
+pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
+/// Where the agent lives in the guest; the kernel starts it as init (`init=` on the command line).
+pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
+
+/// The body of `POST /init`: envd's fields (`envVars`, `accessToken`, `timestamp`,
+/// `defaultUser`, `defaultWorkdir`) plus Alcove's extensions (`hostname`, `entropy`,
+/// `sandboxId`). The host sends it after every boot or restore; the agent applies it.
+///
+/// The JSON is envd's: camelCase names, absent fields left out (and read as absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// The host's wall clock, RFC 3339, e.g. `2026-11-22T18:23:00.123Z`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Base64 of at least 32 random bytes, credited to the guest kernel's entropy pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_request_speaks_envd_json() {
+        let req = InitRequest {
+            env_vars: Some([("A".to_owned(), "1".to_owned())].into()),
+            access_token: Some("tok".into()),
+            timestamp: Some("2026-11-22T18:23:00Z".into()),
+            default_user: Some("user".into()),
+            default_workdir: Some("/home/user".into()),
+            hostname: Some("sbx".into()),
+            entropy: Some("AAAA".into()),
+            sandbox_id: Some("sbx".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"envVars":{"A":"1"},"accessToken":"tok","timestamp":"2026-11-22T18:23:00Z","defaultUser":"user","defaultWorkdir":"/home/user","hostname":"sbx","entropy":"AAAA","sandboxId":"sbx"}"#
+        );
+        let back: InitRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_and_read_as_absent() {
+        assert_eq!(
+            serde_json::to_string(&InitRequest::default()).unwrap(),
+            "{}"
+        );
+        let req: InitRequest = serde_json::from_str(r#"{"accessToken":null,"unknown":1}"#).unwrap();
+        assert_eq!(req, InitRequest::default());
+    }
+}
