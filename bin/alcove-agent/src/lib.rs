@@ -1,6 +1,8 @@
 //! alcove-agent as a library: boot-time setup, the transports (virtio-serial h2c session, TCP)
 //! and the envd protocol surface (HTTP endpoints plus the `process` and `filesystem` Connect
 //! services). `main.rs` only builds a [`Config`] and calls [`run`], so tests drive the same code.
+//! What the host relies on (the channel's name, envd's port, the ready line, the `/init` body)
+//! comes from `alcove-guest-contract`.
 
 pub mod api;
 pub mod channel;
@@ -22,17 +24,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-/// Name of the virtio-serial port the host talks to.
-pub const DEFAULT_CHANNEL: &str = "alcove.agent";
-/// envd's TCP port, served inside the guest.
-pub const ENVD_PORT: u16 = 49983;
 /// Template start configuration (optional).
 pub const DEFAULT_TEMPLATE_CONFIG: &str = "/etc/alcove/template.json";
 /// The sandbox's environment variables as a JSON object, rewritten at every `/init` (read by the
 /// code interpreter before each cell).
 pub const SANDBOX_ENV_FILE: &str = "/run/alcove/envs.json";
-/// The line written to the console once the agent serves and the template is ready.
-pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
 
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -109,7 +105,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 /// Tells the host it may snapshot: the console in the guest, stdout on a host.
 fn announce_ready(guest: bool) {
     use std::io::Write;
-    let line = format!("{READY_LINE}\n");
+    let line = format!("{}\n", alcove_guest_contract::READY_LINE);
     if guest {
         match std::fs::OpenOptions::new().write(true).open("/dev/console") {
             Ok(mut c) => {

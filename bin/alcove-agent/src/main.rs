@@ -4,6 +4,7 @@
 //! over the `alcove.agent` virtio-serial port and TCP 49983. On a host, `--listen ADDR` serves TCP
 //! only, for tests. Everything lives in the library; this file parses flags and sets up logging.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,11 +21,11 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// virtio-serial port name of the host channel (guest mode).
-    #[arg(long, default_value = alcove_agent::DEFAULT_CHANNEL)]
+    #[arg(long, default_value = alcove_guest_contract::AGENT_CHANNEL)]
     channel: String,
     /// TCP address served in guest mode (envd's port).
-    #[arg(long, default_value = "0.0.0.0:49983")]
-    envd_addr: std::net::SocketAddr,
+    #[arg(long, default_value_t = any_addr(alcove_guest_contract::ENVD_PORT))]
+    envd_addr: SocketAddr,
     /// Template start configuration read at boot.
     #[arg(long, default_value = alcove_agent::DEFAULT_TEMPLATE_CONFIG)]
     template_config: PathBuf,
@@ -43,8 +44,8 @@ struct Cli {
 #[command(name = "alcove-agent interpreter")]
 struct InterpreterCli {
     /// TCP address to serve the e2b-code-interpreter protocol on.
-    #[arg(long, default_value = "0.0.0.0:49999")]
-    listen: std::net::SocketAddr,
+    #[arg(long, default_value_t = any_addr(alcove_guest_contract::CODE_INTERPRETER_PORT))]
+    listen: SocketAddr,
     /// Directory holding `<kernel>/kernel.json` (repeatable; searched in order).
     #[arg(long = "kernel-dir")]
     kernel_dirs: Vec<PathBuf>,
@@ -63,6 +64,11 @@ struct InterpreterCli {
     /// Do not start the default Python kernel before listening.
     #[arg(long)]
     no_warm: bool,
+}
+
+/// `0.0.0.0:port`: every interface of the guest.
+fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
 }
 
 /// Logs to stderr (the console in the guest), filtered by ALCOVE_AGENT_LOG (default info).

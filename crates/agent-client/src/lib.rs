@@ -1,6 +1,7 @@
 //! Host-side client for alcove-agent, used by the node layer.
 //!
-//! The host connects to QEMU's unix socket for the `alcove.agent` virtio-serial port (or any
+//! The host connects to QEMU's unix socket for the `alcove.agent` virtio-serial port
+//! ([`alcove_guest_contract::AGENT_CHANNEL`]) (or any
 //! other byte stream reaching the agent) and hands the stream to [`AgentClient::connect`], which
 //! runs the HTTP/2 (prior knowledge) handshake and spawns the connection task. On top of that:
 //! typed `health`, `init` and `run` (process.Start over Connect, binary codec), and a raw
@@ -109,29 +110,9 @@ impl Default for Timeouts {
     }
 }
 
-/// envd's /init body, plus Alcove's extensions (`hostname`, `entropy`, `sandboxId`).
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct InitRequest {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub env_vars: Option<HashMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_token: Option<String>,
-    /// RFC 3339, e.g. `2026-11-22T18:23:00.123Z`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_user: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_workdir: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    /// Base64 of at least 32 random bytes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub entropy: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sandbox_id: Option<String>,
-}
+/// envd's /init body, plus Alcove's extensions (`hostname`, `entropy`, `sandboxId`): the guest
+/// contract's, which the agent reads.
+pub use alcove_guest_contract::InitRequest;
 
 /// A command to run to completion.
 #[derive(Debug, Clone, Default)]

@@ -29,10 +29,9 @@ pub use axum::body::Body;
 /// A boxed, `Send` future: what every backend method returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Port of the in-guest agent (E2B's envd protocol).
-pub const ENVD_PORT: u16 = 49983;
-/// Port of the code interpreter server.
-pub const CODE_INTERPRETER_PORT: u16 = 49999;
+/// The in-guest agent's port (E2B's envd protocol) and the code interpreter's, from the guest
+/// contract.
+pub use alcove_guest_contract::{CODE_INTERPRETER_PORT, ENVD_PORT};
 
 /// What the backend needs to start a sandbox.
 #[derive(Debug, Clone)]

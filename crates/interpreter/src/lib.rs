@@ -32,8 +32,6 @@ use serde::Deserialize;
 use contexts::{ContextError, Contexts};
 use kernel::{KernelEnv, KernelError};
 
-/// The port the SDKs address (`E2b-Sandbox-Port: 49999`).
-pub const PORT: u16 = 49999;
 /// The helper module of Python kernels (charts, environment helpers, warm imports).
 pub const PYTHON_HELPER: &str = include_str!("../python/_alcove_kernel.py");
 /// IPython startup file: loads the helper without leaving names in the user's namespace.
@@ -61,7 +59,7 @@ pub struct Config {
 impl Config {
     pub fn guest_defaults() -> Config {
         Config {
-            listen: SocketAddr::from(([0, 0, 0, 0], PORT)),
+            listen: SocketAddr::from(([0, 0, 0, 0], alcove_guest_contract::CODE_INTERPRETER_PORT)),
             kernel_dirs: vec![
                 "/usr/local/share/jupyter/kernels".into(),
                 "/usr/share/jupyter/kernels".into(),

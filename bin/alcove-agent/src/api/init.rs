@@ -1,11 +1,11 @@
 //! `POST /init`: envd's per-sandbox setup, called by the host right after every boot or
 //! snapshot restore, before any SDK traffic. It must stay fast: no process spawns.
 //!
+//! The body is the guest contract's [`InitRequest`] (the host's client sends the same type).
 //! envd fields: `envVars`, `accessToken`, `timestamp`, `defaultUser`, `defaultWorkdir`.
 //! Alcove extensions: `hostname`, `entropy` (base64, at least 32 bytes, mixed into and credited
 //! to the kernel pool, then the CRNG is reseeded, so clones of one snapshot diverge), `sandboxId`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,6 +16,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Deserialize;
 
+pub use alcove_guest_contract::InitRequest;
+
 use super::{ACCESS_TOKEN_HEADER, ApiError};
 use crate::state::{AgentState, Counters};
 
@@ -24,19 +26,6 @@ pub const MIN_ENTROPY: usize = 32;
 /// envd's tolerances: the clock is only set when it is off by more than this.
 const MAX_BEHIND_NS: i128 = 50_000_000;
 const MAX_AHEAD_NS: i128 = 5_000_000_000;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct InitRequest {
-    pub env_vars: Option<BTreeMap<String, String>>,
-    pub access_token: Option<String>,
-    pub timestamp: Option<pbjson_types::Timestamp>,
-    pub default_user: Option<String>,
-    pub default_workdir: Option<String>,
-    pub hostname: Option<String>,
-    pub entropy: Option<String>,
-    pub sandbox_id: Option<String>,
-}
 
 pub async fn post_init(
     State(state): State<Arc<AgentState>>,
@@ -49,6 +38,10 @@ pub async fn post_init(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("/init body: {e}")))?
     };
+    // Checked here, with the body, so a bad timestamp is refused as a bad body was before.
+    if let Some(t) = &req.timestamp {
+        parse_timestamp(t).map_err(|e| ApiError::BadRequest(format!("/init body: {e}")))?;
+    }
     // Changing anything once a token is set takes that token (header or body).
     if state.token_is_set() {
         let header = headers
@@ -86,10 +79,13 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     if let Some(h) = &req.hostname {
         crate::system::validate_hostname(h).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
-    let ts_ns = req
-        .timestamp
-        .as_ref()
-        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+    let ts_ns = match &req.timestamp {
+        Some(t) => {
+            let t = parse_timestamp(t).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            Some(t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
+        }
+        None => None,
+    };
 
     let touch = state.config.touch_system;
     if let (Some(bytes), true) = (entropy, touch) {
@@ -148,6 +144,13 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     // As envd: a present token replaces the current one; an absent one clears it.
     state.set_token(req.access_token.filter(|t| !t.is_empty()));
     Ok(())
+}
+
+/// An RFC 3339 timestamp, read as envd reads `timestamp` (the protobuf JSON mapping).
+fn parse_timestamp(s: &str) -> Result<pbjson_types::Timestamp, serde::de::value::Error> {
+    pbjson_types::Timestamp::deserialize(
+        serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s),
+    )
 }
 
 /// Publishes the sandbox's environment variables for in-guest servers that start processes of
