@@ -25,8 +25,8 @@ use std::time::Duration;
 pub use accel::{Accel, AccelChoice};
 pub use qemu::{QemuVm, QemuVmm};
 
-/// The machine a VM is built from. Two VMs with equal specs (ignoring `run_dir`, `disk` and
-/// `ram_shared`) are migration-compatible.
+/// The machine a VM is built from. Two VMs with equal specs (ignoring `run_dir`, `disk`,
+/// `ram_shared` and `netns`) are migration-compatible.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     /// Directory for this VM's sockets; created by the caller, removed by the caller.

@@ -171,3 +171,17 @@ fn write_env_file(env: &std::collections::BTreeMap<String, String>) {
         tracing::warn!(error = %e, path = %path.display(), "write the sandbox environment file");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = parse_timestamp("2026-11-22T18:23:00.123456789Z").unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_795_371_780, 123_456_789));
+        let t = parse_timestamp("2026-11-22T20:23:00+02:00").unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_795_371_780, 0));
+        assert!(parse_timestamp("yesterday").is_err());
+    }
+}
