@@ -73,13 +73,27 @@ enum ClientCmd {
     Template(client::TemplateArgs),
 }
 
+/// `ALCOVE_LOG`, else `RUST_LOG`, else the default: a server logs Alcove's own `info` lines (one
+/// per request, one per sandbox state change), other commands only warnings, so that what they
+/// print is all a terminal shows. A target directive matches by prefix, so `alcove` covers every
+/// crate of the workspace (`alcove_api`, `alcove_node`, ...).
+fn log_filter(command: &Command) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    EnvFilter::try_from_env("ALCOVE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            EnvFilter::new(match command {
+                Command::Server(_) => "warn,alcove=info",
+                _ => "warn",
+            })
+        })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr only: stdout carries what a command prints (`--json`: one document).
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ALCOVE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(log_filter(&cli.command))
         .with_writer(std::io::stderr)
         .init();
     let json = match &cli.command {
