@@ -257,3 +257,33 @@ impl Global {
         .await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Server {
+        #[command(flatten)]
+        opts: ServerOptions,
+    }
+
+    #[test]
+    fn server_defaults_are_the_libraries() {
+        use clap::Parser;
+        let opts = Server::try_parse_from(["alcove"]).unwrap().opts;
+        let (config, lib) = (opts.api(), Limits::default());
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(DEFAULT_API_URL, format!("http://{DEFAULT_LISTEN}"));
+        assert_eq!(config.limits.default_timeout, lib.default_timeout);
+        assert_eq!(config.limits.max_timeout, lib.max_timeout);
+        assert_eq!(
+            config.limits.max_concurrent_sandboxes,
+            lib.max_concurrent_sandboxes
+        );
+        assert_eq!(config.limits.max_body_bytes, lib.max_body_bytes);
+        assert_eq!(config.limits.request_timeout, lib.request_timeout);
+        assert_eq!(opts.max_vms, DEFAULT_MAX_VMS);
+        assert_eq!(opts.warm_pool, DEFAULT_WARM_POOL);
+    }
+}
