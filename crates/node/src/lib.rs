@@ -12,13 +12,13 @@
 pub mod lifecycle;
 mod node;
 mod pool;
+mod record;
 pub mod snapshots;
 
-pub use lifecycle::SandboxState;
-pub use node::{
-    CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, SandboxInfo, new_sandbox_id,
-};
+pub use lifecycle::{Event, SandboxState, TransitionError};
+pub use node::{CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, new_sandbox_id};
 pub use pool::{WarmPoolStatus, parse_warm_pool};
+pub use record::SandboxInfo;
 pub use snapshots::SnapshotMeta;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,12 @@ pub enum NodeError {
         "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
     )]
     Capacity(usize),
+    #[error("sandbox `{id}` changed state meanwhile")]
+    Transition {
+        id: String,
+        #[source]
+        source: lifecycle::TransitionError,
+    },
     #[error("invalid network rules: {0}")]
     BadNetwork(#[from] alcove_net::RuleError),
     #[error("setting up the sandbox's network: {0}")]

@@ -8,9 +8,10 @@ use alcove_agent_client::{AgentClient, InitRequest, RunOutput, RunRequest, Timeo
 use alcove_image::Template;
 use alcove_vmm::{Disk, DiskFormat, QemuVm, QemuVmm, RestoreTimings, Vm, Vmm};
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+use crate::lifecycle::Event;
+use crate::record::{self, Record, SandboxInfo, remove_all_but_record};
 use crate::snapshots::{self, SnapshotMeta};
 use crate::{NodeError, SandboxState};
 use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, SandboxNet};
@@ -31,39 +32,6 @@ pub struct NodeConfig {
     pub max_sandboxes: usize,
     /// Egress policy settings shared by every sandbox's network.
     pub egress: Arc<EgressConfig>,
-}
-
-/// What the node knows about one sandbox; persisted as `record.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SandboxInfo {
-    pub id: String,
-    pub template: String,
-    pub template_key: String,
-    #[serde(flatten)]
-    pub state: SandboxState,
-    pub created_at_unix_ms: u64,
-    pub pid: u32,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// Size of the sandbox's disk (records written before this field existed read as 0).
-    #[serde(default)]
-    pub disk_mib: u32,
-    pub hostname: String,
-    pub envs: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub access_token: Option<String>,
-    /// Egress rules (E2B's `network` / `allowInternetAccess`), as last set.
-    #[serde(default)]
-    pub network: NetworkConfig,
-    /// The snapshot whose disk layer this sandbox's overlay sits on (none: the template's disk).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_snapshot: Option<String>,
-    /// A warm-pool VM nobody has claimed yet (see `pool.rs`): not a sandbox, never re-attached.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pooled: bool,
-    /// The process whose pool holds this warm VM.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool_owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,8 +68,8 @@ pub struct CreateTimings {
 }
 
 struct Live {
-    info: Mutex<SandboxInfo>,
-    dir: PathBuf,
+    /// The sandbox's record; changed only through [`Live::apply`].
+    record: Record,
     /// The running VM; `None` while paused or dead.
     vm: Mutex<Option<QemuVm>>,
     agent: tokio::sync::Mutex<Option<AgentClient>>,
@@ -116,22 +84,16 @@ struct Live {
 
 impl Live {
     fn snapshot(&self) -> SandboxInfo {
-        self.info.lock().expect("info lock").clone()
+        self.record.info()
     }
 
     fn vm(&self) -> Option<QemuVm> {
         self.vm.lock().expect("vm lock").clone()
     }
 
-    fn new(
-        info: SandboxInfo,
-        dir: PathBuf,
-        vm: Option<QemuVm>,
-        agent: Option<AgentClient>,
-    ) -> Arc<Live> {
+    fn new(record: Record, vm: Option<QemuVm>, agent: Option<AgentClient>) -> Arc<Live> {
         Arc::new(Live {
-            info: Mutex::new(info),
-            dir,
+            record,
             vm: Mutex::new(vm),
             agent: tokio::sync::Mutex::new(agent),
             stopping: AtomicBool::new(false),
@@ -163,17 +125,13 @@ impl Live {
         }
     }
 
-    fn set_state(&self, next: SandboxState) -> Result<(), NodeError> {
-        let info = {
-            let mut info = self.info.lock().expect("info lock");
-            if !info.state.can_become(&next) {
-                tracing::warn!(sandbox_id = %info.id, from = %info.state, to = %next, "ignored state transition");
-                return Ok(());
-            }
-            info.state = next;
-            info.clone()
-        };
-        write_record(&self.dir, &info)
+    fn dir(&self) -> &Path {
+        self.record.dir()
+    }
+
+    /// The one way a sandbox's state and record change (see `lifecycle.rs`).
+    fn apply(&self, event: Event) -> Result<SandboxInfo, NodeError> {
+        self.record.apply(event)
     }
 }
 
@@ -231,26 +189,6 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-fn write_record(dir: &Path, info: &SandboxInfo) -> Result<(), NodeError> {
-    let tmp = dir.join("record.json.tmp");
-    let path = dir.join("record.json");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(info).expect("serialises"))
-        .map_err(|e| NodeError::Io(tmp.display().to_string(), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| NodeError::Io(path.display().to_string(), e))
-}
-
-/// Removes everything in a sandbox dir but its record (a dead sandbox keeps only its record).
-fn remove_all_but_record(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_name() != "record.json" {
-                let _ =
-                    std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir_all(e.path()));
-            }
-        }
-    }
-}
-
 impl Node {
     /// Opens the node's data dir and picks up the sandboxes recorded there: running VMs are
     /// re-attached, VMs that disappeared meanwhile are marked dead with the reason.
@@ -268,10 +206,7 @@ impl Node {
             std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         for entry in entries.flatten() {
             let dir = entry.path();
-            let info: SandboxInfo = match std::fs::read(dir.join("record.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-            {
+            let info = match record::read(&dir) {
                 Some(i) => i,
                 None => {
                     // A create that died before writing its record: nothing to keep.
@@ -296,7 +231,7 @@ impl Node {
                     _ => {}
                 }
             }
-            let live = Live::new(info.clone(), dir.clone(), vm.clone(), None);
+            let live = Live::new(Record::loaded(&dir, info.clone()), vm.clone(), None);
             if info.state.is_live() {
                 match vm {
                     Some(vm) => {
@@ -324,7 +259,7 @@ impl Node {
                             info.pid,
                             qemu_log_tail(&dir)
                         );
-                        live.set_state(SandboxState::Dead { reason })?;
+                        live.apply(Event::Vanished { reason })?;
                         remove_all_but_record(&dir);
                     }
                 }
@@ -355,10 +290,7 @@ impl Node {
             .flatten()
             .map(|e| e.path())
             .filter(|dir| {
-                std::fs::read(dir.join("record.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<SandboxInfo>(&b).ok())
-                    .is_some_and(|i| i.pooled && i.pool_owner == Some(owner))
+                record::read(dir).is_some_and(|i| i.pooled && i.pool_owner == Some(owner))
             })
             .collect()
     }
@@ -393,12 +325,14 @@ impl Node {
             if !console.is_empty() {
                 text.push_str(&format!("; last console lines:\n{console}"));
             }
-            text.push_str(&qemu_log_tail(&live.dir));
+            text.push_str(&qemu_log_tail(live.dir()));
             let id = live.snapshot().id;
             tracing::warn!(sandbox_id = %id, reason = %text, "sandbox VM exited on its own");
-            let _ = live.set_state(SandboxState::Dead { reason: text });
+            if let Err(e) = live.apply(Event::Crashed { reason: text }) {
+                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "could not record the VM's exit");
+            }
             live.stop_net();
-            remove_all_but_record(&live.dir);
+            remove_all_but_record(live.dir());
         });
         let mut monitors = self.monitors.lock().expect("monitors lock");
         monitors.retain(|h| !h.is_finished());
@@ -523,23 +457,26 @@ impl Node {
         info.pid = vm.pid();
         let mut init_ms = 0;
         let claimed = async {
-            write_record(&dir, &info)?;
+            let record = Record::create(&dir, info.clone())?;
             let t1 = Instant::now();
             within_vm(&vm, id, AGENT_INIT_TIMEOUT, async {
                 Ok(agent.init(&init_request(&info, true), None).await?)
             })
             .await?;
             init_ms = t1.elapsed().as_millis() as u64;
-            info.state = SandboxState::Running;
-            write_record(&dir, &info)
+            let info = record.apply(Event::Ready)?;
+            Ok::<_, NodeError>((record, info))
         }
         .await;
-        if let Err(e) = claimed {
-            vm.kill().await;
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let live = Live::new(info.clone(), dir, Some(vm.clone()), Some(agent));
+        let (record, info) = match claimed {
+            Ok(x) => x,
+            Err(e) => {
+                vm.kill().await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let live = Live::new(record, Some(vm.clone()), Some(agent));
         self.adopt(live, vm, listeners)?;
         tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, init_ms, "sandbox created from the warm pool");
         Ok((
@@ -611,7 +548,7 @@ impl Node {
         let mut info = self.new_info(vm_id, template, None, &CreateOptions::default());
         info.pooled = true;
         info.pool_owner = Some(std::process::id());
-        write_record(dir, &info)?;
+        let record = Record::create(dir, info)?;
         let mut spec = sandbox_spec(template, dir);
         // Warming up yields the host's cores to sandboxes in use (a claim restores the weight).
         if let Some(l) = spec.limits.as_mut() {
@@ -620,8 +557,7 @@ impl Node {
         let listeners = self.new_netns(&mut spec).await?;
         let (vm, _) = self.cfg.vmm.restore(&spec, &template.state).await?;
         drop(spec);
-        info.pid = vm.pid();
-        write_record(dir, &info)?;
+        let info = record.apply(Event::VmStarted { pid: vm.pid() })?;
         // The same request a claim makes, with the VM's own id and no token or env: the claim's
         // `/init` then runs code the VM has already run (under TCG: already translated).
         let mut init = init_request(&info, true);
@@ -658,8 +594,10 @@ impl Node {
                 make_overlay(&layer, &dir.join("disk.qcow2")).await?;
             }
         }
-        let mut info = self.new_info(id, template, source.snapshot.as_ref(), opts);
-        write_record(dir, &info)?;
+        let record = Record::create(
+            dir,
+            self.new_info(id, template, source.snapshot.as_ref(), opts),
+        )?;
 
         let mut spec = sandbox_spec(template, dir);
         let (state_file, guest_token) = match &source.snapshot {
@@ -680,9 +618,14 @@ impl Node {
             self.cfg.vmm.restore(&spec, &state_file).await?
         };
         drop(spec);
-        info.pid = vm.pid();
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
-        write_record(dir, &info)?;
+        let info = match record.apply(Event::VmStarted { pid: vm.pid() }) {
+            Ok(info) => info,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
         let (agent, connected) =
             match connect_and_init(&vm, &info, true, guest_token.as_deref(), t0).await {
                 Ok(x) => x,
@@ -691,14 +634,14 @@ impl Node {
                     return Err(e);
                 }
             };
-        info.state = SandboxState::Running;
-        write_record(dir, &info)?;
-        let live = Live::new(
-            info.clone(),
-            dir.to_path_buf(),
-            Some(vm.clone()),
-            Some(agent),
-        );
+        let info = match record.apply(Event::Ready) {
+            Ok(info) => info,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        let live = Live::new(record, Some(vm.clone()), Some(agent));
         self.adopt(live, vm, listeners)?;
         tracing::info!(sandbox_id = %id, template = %template.name, ms = t0.elapsed().as_millis() as u64, "sandbox created");
         Ok((
@@ -780,9 +723,11 @@ impl Node {
             vm.kill().await;
         }
         live.stop_net();
-        let _ = live.set_state(SandboxState::Killed);
-        std::fs::remove_dir_all(&live.dir)
-            .map_err(|e| NodeError::Io(live.dir.display().to_string(), e))?;
+        if let Err(e) = live.apply(Event::Killed) {
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "could not record the kill; removing the sandbox anyway");
+        }
+        std::fs::remove_dir_all(live.dir())
+            .map_err(|e| NodeError::Io(live.dir().display().to_string(), e))?;
         self.sandboxes.lock().expect("sandboxes lock").remove(id);
         tracing::info!(sandbox_id = %id, "sandbox killed");
         // Its overlay may have been the last thing on a deleted snapshot's layer.
@@ -821,12 +766,8 @@ impl Node {
         if let Some(n) = live.net.lock().expect("net lock").as_ref() {
             n.update(network.clone())?;
         }
-        let info = {
-            let mut info = live.info.lock().expect("info lock");
-            info.network = network;
-            info.clone()
-        };
-        write_record(&live.dir, &info)
+        live.apply(Event::NetworkSet { network })?;
+        Ok(())
     }
 
     /// A sandbox's egress rules and, while it runs, its network counters.
@@ -856,8 +797,8 @@ impl Node {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let (_, vm) = live.running_vm(id)?;
-        let state_file = live.dir.join(PAUSED_STATE);
-        let tmp = live.dir.join(format!("{PAUSED_STATE}.tmp"));
+        let state_file = live.dir().join(PAUSED_STATE);
+        let tmp = live.dir().join(format!("{PAUSED_STATE}.tmp"));
         live.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = vm.snapshot(&tmp).await {
             // The VM is stopped but intact: let it run on rather than lose it.
@@ -875,12 +816,12 @@ impl Node {
         std::fs::rename(&tmp, &state_file)
             .map_err(|e| NodeError::Io(state_file.display().to_string(), e))?;
         let size = std::fs::metadata(&state_file).map(|m| m.len()).unwrap_or(0);
-        live.set_state(SandboxState::Paused {
+        live.apply(Event::Paused {
             state_sha256: sha,
-            paused_at_unix_ms: now_ms(),
+            at_unix_ms: now_ms(),
         })?;
         for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
-            let _ = std::fs::remove_file(live.dir.join(sock));
+            let _ = std::fs::remove_file(live.dir().join(sock));
         }
         tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, bytes = size, "sandbox paused");
         Ok(PauseTimings {
@@ -903,7 +844,7 @@ impl Node {
                 state: info.state.to_string(),
             });
         };
-        let state_file = live.dir.join(PAUSED_STATE);
+        let state_file = live.dir().join(PAUSED_STATE);
         let got = alcove_image::build::sha256_file(&state_file).map_err(|e| {
             NodeError::CorruptSnapshot {
                 id: id.to_string(),
@@ -936,10 +877,10 @@ impl Node {
         full_image: bool,
         t0: Instant,
     ) -> Result<(), NodeError> {
-        let mut info = live.snapshot();
+        let info = live.snapshot();
         let template =
             alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
-        let mut spec = sandbox_spec(&template, &live.dir);
+        let mut spec = sandbox_spec(&template, live.dir());
         let listeners = self.new_netns(&mut spec).await?;
         if let Some(ram) = ram_file {
             // A private mapping of the snapshot's RAM file. A later pause writes every page,
@@ -952,7 +893,6 @@ impl Node {
             self.cfg.vmm.restore(&spec, state_file).await?
         };
         drop(spec);
-        info.pid = vm.pid();
         let token = info.access_token.clone();
         let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
             Ok(x) => x,
@@ -961,9 +901,15 @@ impl Node {
                 return Err(e);
             }
         };
-        info.state = SandboxState::Running;
-        *live.info.lock().expect("info lock") = info.clone();
-        write_record(&live.dir, &info)?;
+        let pid = vm.pid();
+        let event = match info.state {
+            SandboxState::Paused { .. } => Event::Resumed { pid },
+            _ => Event::Restarted { pid },
+        };
+        if let Err(e) = live.apply(event) {
+            vm.kill().await;
+            return Err(e);
+        }
         *live.vm.lock().expect("vm lock") = Some(vm.clone());
         *live.agent.lock().await = Some(agent);
         self.start_net(live, listeners)?;
@@ -1009,7 +955,7 @@ impl Node {
         *live.agent.lock().await = None;
         *live.vm.lock().expect("vm lock") = None;
 
-        let disk = live.dir.join("disk.qcow2");
+        let disk = live.dir().join("disk.qcow2");
         let layer = sdir.join(snapshots::DISK);
         let frozen = async {
             std::fs::rename(&disk, &layer)
@@ -1039,28 +985,28 @@ impl Node {
                 shared_ram: false,
             };
             snapshots::write_meta(&sdir, &meta)?;
+            // The overlay sits on the layer from now on: recorded before anything can collect it.
+            live.apply(Event::Snapshotted {
+                snapshot_id: snapshot_id.to_string(),
+            })?;
             Ok::<_, NodeError>(meta)
         }
         .await;
         let (mut meta, state_file) = match frozen {
-            Ok(meta) => {
-                let mut i = live.info.lock().expect("info lock");
-                i.base_snapshot = Some(snapshot_id.to_string());
-                (meta, sdir.join(snapshots::MEMORY))
-            }
+            Ok(meta) => (meta, sdir.join(snapshots::MEMORY)),
             Err(e) => {
                 // Put the disk back and let the sandbox go on from the image; no snapshot.
                 if layer.exists() {
                     let _ = std::fs::remove_file(&disk);
                     let _ = std::fs::rename(&layer, &disk);
                 }
-                let kept = live.dir.join("snapshot-failed.state");
+                let kept = live.dir().join("snapshot-failed.state");
                 let _ = std::fs::rename(&tmp, &kept);
                 let _ = std::fs::remove_dir_all(&sdir);
                 let restarted = self.run_from_state(&live, &kept, None, true, t0).await;
                 let _ = std::fs::remove_file(&kept);
                 if let Err(re) = restarted {
-                    let _ = live.set_state(SandboxState::Dead {
+                    let _ = live.apply(Event::Crashed {
                         reason: format!("a failed snapshot could not restart it: {re}"),
                     });
                 }
@@ -1092,12 +1038,12 @@ impl Node {
             .run_from_state(&live, &state_file, ram.as_deref(), !meta.shared_ram, t0)
             .await
         {
-            let _ = live.set_state(SandboxState::Dead {
+            let _ = live.apply(Event::Crashed {
                 reason: format!(
                     "it did not come back after snapshot {snapshot_id} was taken (the snapshot is intact): {e}"
                 ),
             });
-            remove_all_but_record(&live.dir);
+            remove_all_but_record(live.dir());
             return Err(e);
         }
         tracing::info!(sandbox_id = %id, snapshot_id, ms = t0.elapsed().as_millis() as u64, bytes = meta.state_bytes, "snapshot taken");
