@@ -9,14 +9,26 @@
 //! sandbox whose VM dies on its own keeps only its record, with the reason, until it is removed.
 //! Called by the `alcove` CLI and by the API server's backend.
 
+mod cleanup;
+mod create;
+#[cfg(test)]
+mod fake;
+pub mod host;
 pub mod lifecycle;
+mod live;
 mod node;
+mod persist;
 mod pool;
+mod reattach;
 mod record;
 pub mod snapshots;
+#[cfg(test)]
+mod tests;
 
+pub use create::{CreateOptions, CreateTimings};
 pub use lifecycle::{Event, SandboxState, TransitionError};
-pub use node::{CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, new_sandbox_id};
+pub use node::{Node, NodeConfig, new_sandbox_id};
+pub use persist::PauseTimings;
 pub use pool::{WarmPoolStatus, parse_warm_pool};
 pub use record::SandboxInfo;
 pub use snapshots::SnapshotMeta;
