@@ -65,7 +65,7 @@ pub enum NodeError {
         "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
     )]
     Capacity(usize),
-    #[error("sandbox `{id}` changed state meanwhile")]
+    #[error("sandbox `{id}` cannot do this in its current state")]
     Transition {
         id: String,
         #[source]

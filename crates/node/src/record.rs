@@ -144,3 +144,69 @@ pub(crate) fn remove_all_but_record(dir: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> SandboxInfo {
+        SandboxInfo {
+            id: "sbx".into(),
+            template: "base".into(),
+            template_key: "k".into(),
+            state: SandboxState::Creating,
+            created_at_unix_ms: 1,
+            pid: 0,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_mib: 0,
+            hostname: "sbx".into(),
+            envs: BTreeMap::new(),
+            access_token: None,
+            network: NetworkConfig::default(),
+            base_snapshot: None,
+            pooled: false,
+            pool_owner: None,
+        }
+    }
+
+    #[test]
+    fn apply_writes_what_the_event_carries_and_refuses_illegal_events_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Record::create(dir.path(), info()).unwrap();
+        assert_eq!(read(dir.path()).unwrap().state, SandboxState::Creating);
+
+        r.apply(Event::VmStarted { pid: 42 }).unwrap();
+        assert_eq!(read(dir.path()).unwrap().pid, 42);
+        r.apply(Event::Ready).unwrap();
+        r.apply(Event::Snapshotted {
+            snapshot_id: "s1".into(),
+        })
+        .unwrap();
+        let on_disk = read(dir.path()).unwrap();
+        assert_eq!(on_disk.state, SandboxState::Running);
+        assert_eq!(on_disk.base_snapshot.as_deref(), Some("s1"));
+
+        let err = r.apply(Event::Resumed { pid: 7 }).unwrap_err();
+        assert!(
+            matches!(&err, NodeError::Transition { id, source } if id == "sbx" && source.from == "running" && source.event == "resumed"),
+            "{err:?}"
+        );
+        assert_eq!(
+            read(dir.path()).unwrap().pid,
+            42,
+            "a refused event writes nothing"
+        );
+        assert_eq!(r.info().pid, 42);
+
+        r.apply(Event::Killed).unwrap();
+        assert!(r.apply(Event::Killed).is_err(), "killed is terminal");
+        assert!(
+            r.apply(Event::NetworkSet {
+                network: NetworkConfig::default()
+            })
+            .is_err()
+        );
+        assert_eq!(read(dir.path()).unwrap().state, SandboxState::Killed);
+    }
+}
