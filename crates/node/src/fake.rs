@@ -2,7 +2,8 @@
 //!
 //! A fake VM is a pid from a counter (above any real pid), a `qemu.pid` file, and a fake agent
 //! served on the VM's `agent.sock`: the session marker, then HTTP/2 answering `/init` and
-//! `/health` with 204, so the node's real agent path (`AgentClient` over the unix socket) runs.
+//! `/health` with 204 and `process.Start` with a command that exits 0, so the node's real agent
+//! path (`AgentClient` over the unix socket) runs.
 //! Saves write a small file; restores read the one they are given. VMs are registered by run dir
 //! in the [`FakeVmm`] (clones share it), so a second `Node::open` re-attaches them the way it
 //! re-attaches QEMU processes that outlived their node. Tests crash VMs and inject faults.
@@ -16,7 +17,7 @@ use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, RuleError};
 use alcove_vmm::console::Console;
 use alcove_vmm::{ExitReason, RestoreTimings, Vm, VmSpec, Vmm, VmmError};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
@@ -199,12 +200,14 @@ impl FakeVm {
                     }
                     let svc = hyper::service::service_fn(
                         |req: http::Request<hyper::body::Incoming>| async move {
-                            let status = match req.uri().path() {
-                                "/init" | "/health" => http::StatusCode::NO_CONTENT,
-                                _ => http::StatusCode::NOT_FOUND,
-                            };
+                            let path = req.uri().path().to_string();
                             let _ = BodyExt::collect(req.into_body()).await;
-                            let mut resp = http::Response::new(Empty::<Bytes>::new());
+                            let (status, body) = match path.as_str() {
+                                "/init" | "/health" => (http::StatusCode::NO_CONTENT, Bytes::new()),
+                                "/process.Process/Start" => (http::StatusCode::OK, exited_ok()),
+                                _ => (http::StatusCode::NOT_FOUND, Bytes::new()),
+                            };
+                            let mut resp = http::Response::new(Full::new(body));
                             *resp.status_mut() = status;
                             Ok::<_, std::convert::Infallible>(resp)
                         },
@@ -220,6 +223,25 @@ impl FakeVm {
         *self.inner.agent.lock().unwrap() = Some(task.abort_handle());
         Ok(())
     }
+}
+
+/// A `process.Start` stream in which the command exits 0 at once (the warm pool's warm-up).
+fn exited_ok() -> Bytes {
+    use alcove_envd_proto::connect::{Codec, encode_end_stream, encode_message};
+    use alcove_envd_proto::process::{ProcessEvent, StartResponse, process_event};
+    let end = StartResponse {
+        event: Some(ProcessEvent {
+            event: Some(process_event::Event::End(process_event::EndEvent {
+                exit_code: 0,
+                exited: true,
+                status: "exit status 0".into(),
+                error: None,
+            })),
+        }),
+    };
+    let mut b = encode_message(Codec::Proto, &end).to_vec();
+    b.extend_from_slice(&encode_end_stream(None));
+    Bytes::from(b)
 }
 
 impl Vm for FakeVm {

@@ -391,3 +391,34 @@ async fn creates_beyond_the_limit_are_refused() {
         node.kill(&id).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_create_claims_a_warm_vm_and_the_claimed_sandbox_lives_like_any_other() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    node.set_warm_pool("base", 1);
+    assert!(
+        node.wait_warm_pool(Duration::from_secs(10)).await,
+        "{:?}",
+        node.warm_pool()
+    );
+    assert!(node.list().is_empty(), "warm VMs are not sandboxes");
+
+    let (info, timings) = node.create(base()).await.unwrap();
+    assert!(timings.warm);
+    assert_eq!(info.state, SandboxState::Running);
+    let vm = node.vm(&info.id).unwrap();
+    assert_eq!(info.pid, vm.pid());
+    // The record (in the warm VM's own dir) names the sandbox.
+    let dir = vm.agent_socket().parent().unwrap().to_path_buf();
+    let rec = on_disk(&dir);
+    assert_eq!((rec.id.as_str(), rec.pooled), (info.id.as_str(), false));
+    assert_eq!(rec.state, SandboxState::Running);
+    node.agent(&info.id).await.unwrap().health().await.unwrap();
+
+    node.pause(&info.id).await.unwrap();
+    node.resume(&info.id).await.unwrap();
+    node.kill(&info.id).await.unwrap();
+    assert!(!dir.exists());
+    node.drain_warm_pool().await;
+}
