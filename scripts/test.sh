@@ -11,6 +11,8 @@ echo "[test] cargo clippy" >&2
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "[test] unit and integration tests" >&2
 cargo test --locked --release --workspace
+echo "[test] tests that need root (network namespaces, acting as other users)" >&2
+cargo test --locked --release --workspace --exclude alcove-node -- --ignored
 echo "[test] end-to-end tests on microVMs" >&2
 cargo test --locked --release -p alcove-node --test e2e -- --include-ignored --test-threads=2
 echo "[test] official E2B SDK suites (Python e2b, JS e2b) against alcove server" >&2

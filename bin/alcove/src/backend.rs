@@ -70,7 +70,24 @@ fn map_err(op: &'static str, e: NodeError) -> BackendError {
         NodeError::NotRunning { state, .. } | NodeError::NotPaused { state, .. } => {
             BackendError::WrongState { state }
         }
+        NodeError::Transition { source, .. } => BackendError::WrongState {
+            state: source.from.to_string(),
+        },
         other => failed(op, other),
+    }
+}
+
+/// The one mapping from the node's state to the API's, used by `list` and `status` alike: a
+/// sandbox being created already counts as running (the API hands out its id only once the
+/// create returned), a killed one as exited.
+fn status_of(state: SandboxState) -> SandboxStatus {
+    match state {
+        SandboxState::Creating | SandboxState::Running => SandboxStatus::Running,
+        SandboxState::Paused { .. } => SandboxStatus::Paused,
+        SandboxState::Dead { reason } => SandboxStatus::Exited { reason },
+        SandboxState::Killed => SandboxStatus::Exited {
+            reason: "killed".into(),
+        },
     }
 }
 
@@ -189,16 +206,16 @@ impl SandboxBackend for NodeBackend {
                 .node
                 .list()
                 .into_iter()
-                .filter_map(|s| match s.state {
-                    SandboxState::Running | SandboxState::Creating => Some(LiveSandbox {
+                .filter_map(|s| match status_of(s.state) {
+                    SandboxStatus::Running => Some(LiveSandbox {
                         sandbox_id: s.id,
                         paused: false,
                     }),
-                    SandboxState::Paused { .. } => Some(LiveSandbox {
+                    SandboxStatus::Paused => Some(LiveSandbox {
                         sandbox_id: s.id,
                         paused: true,
                     }),
-                    _ => None,
+                    SandboxStatus::Exited { .. } | SandboxStatus::Unknown => None,
                 })
                 .collect())
         })
@@ -212,14 +229,7 @@ impl SandboxBackend for NodeBackend {
             Ok(match self.node.get(sandbox_id) {
                 Err(NodeError::NotFound(_)) => SandboxStatus::Unknown,
                 Err(e) => return Err(map_err("sandbox status", e)),
-                Ok(info) => match info.state {
-                    SandboxState::Running | SandboxState::Creating => SandboxStatus::Running,
-                    SandboxState::Paused { .. } => SandboxStatus::Paused,
-                    SandboxState::Dead { reason } => SandboxStatus::Exited { reason },
-                    SandboxState::Killed => SandboxStatus::Exited {
-                        reason: "killed".into(),
-                    },
-                },
+                Ok(info) => status_of(info.state),
             })
         })
     }

@@ -1,12 +1,63 @@
-//! Options shared by every command, and how they become library configuration.
+//! The `alcove` binary's configuration: [`ServerOptions`] (every flag and env var of
+//! `alcove server`), [`Global`] (the node commands'), and how they become library configuration.
+//!
+//! Defaults are written once: a limit the API enforces takes its default from
+//! [`Limits::default`], the rest are constants here.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use alcove_api::Limits;
 use alcove_vmm::{Accel, AccelChoice, QemuVmm};
 
-/// Where the host keeps things and how it runs VMs; shared by the node commands and the server.
+/// Where `alcove server` listens unless told otherwise; the client commands look there.
+macro_rules! default_listen {
+    () => {
+        "127.0.0.1:3000"
+    };
+}
+pub const DEFAULT_LISTEN: &str = default_listen!();
+pub const DEFAULT_API_URL: &str = concat!("http://", default_listen!());
+/// Sandboxes one host runs at once, at most.
+pub const DEFAULT_MAX_VMS: usize = 1000;
+/// The warm pool's sizes per template (see docs/ARCHITECTURE.md, "Warm pool").
+pub const DEFAULT_WARM_POOL: &str = "base=2,code-interpreter-v1=1";
+
+/// `$ALCOVE_DATA_DIR` (through clap), else `$XDG_DATA_HOME/alcove`, else `~/.local/share/alcove`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("alcove");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/var/lib".into());
+    PathBuf::from(home).join(".local/share/alcove")
+}
+
+/// `alcove server`: the API (listener, data, limits) and the host it runs sandboxes on.
 #[derive(clap::Args, Clone)]
-pub struct HostOptions {
+pub struct ServerOptions {
+    /// Address for the API and sandbox traffic.
+    #[arg(long, env = "ALCOVE_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Holds the database and, after the first start, the admin key (`api-key`).
+    #[arg(long, env = "ALCOVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Domain for `<port>-<sandboxID>.<domain>` routing (default `localhost:<port>`).
+    #[arg(long, env = "ALCOVE_DOMAIN")]
+    pub domain: Option<String>,
+    /// Lifetime in seconds of a sandbox created without a timeout.
+    #[arg(long, default_value_t = Limits::default().default_timeout.as_secs())]
+    pub default_timeout: u64,
+    /// Longest lifetime in seconds a sandbox may ask for.
+    #[arg(long, default_value_t = Limits::default().max_timeout.as_secs())]
+    pub max_timeout: u64,
+    /// Sandboxes one team may run at once.
+    #[arg(long, default_value_t = Limits::default().max_concurrent_sandboxes)]
+    pub max_sandboxes: usize,
+    /// Largest REST request body in bytes (sandbox traffic is not capped).
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
     /// Built kernels, root file systems and templates (rebuildable).
     #[arg(long, env = "ALCOVE_CACHE")]
     pub cache_dir: Option<PathBuf>,
@@ -14,16 +65,12 @@ pub struct HostOptions {
     #[arg(long, env = "ALCOVE_ACCEL")]
     pub accel: Option<String>,
     /// Sandboxes this host runs at once, at most.
-    #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = 1000)]
+    #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = DEFAULT_MAX_VMS)]
     pub max_vms: usize,
     /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT`, comma-separated; `""`
     /// for none). A create takes a warm one instead of restoring a VM while the caller waits;
     /// each costs an idle VM's memory. See docs/ARCHITECTURE.md, "Warm pool".
-    #[arg(
-        long,
-        env = "ALCOVE_WARM_POOL",
-        default_value = "base=2,code-interpreter-v1=1"
-    )]
+    #[arg(long, env = "ALCOVE_WARM_POOL", default_value = DEFAULT_WARM_POOL)]
     pub warm_pool: String,
     #[command(flatten)]
     pub egress: EgressOptions,
@@ -81,13 +128,32 @@ impl EgressOptions {
     }
 }
 
-impl HostOptions {
-    pub async fn node(
-        &self,
-        data_dir: &std::path::Path,
-    ) -> anyhow::Result<std::sync::Arc<alcove_node::Node>> {
+impl ServerOptions {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// The API server's configuration.
+    pub fn api(&self) -> alcove_api::ServerConfig {
+        alcove_api::ServerConfig {
+            listen: self.listen,
+            data_dir: self.data_dir(),
+            domain: self.domain.clone(),
+            limits: Limits {
+                default_timeout: Duration::from_secs(self.default_timeout),
+                max_timeout: Duration::from_secs(self.max_timeout),
+                max_concurrent_sandboxes: self.max_sandboxes,
+                max_body_bytes: self.max_body_bytes,
+                ..Limits::default()
+            },
+        }
+    }
+
+    /// Opens the node the server runs sandboxes on, with its warm pools set.
+    pub async fn node(&self) -> anyhow::Result<Arc<alcove_node::Node>> {
+        let data_dir = self.data_dir();
         let g = Global {
-            data_dir: data_dir.to_path_buf(),
+            data_dir: data_dir.clone(),
             cache_dir: self.cache_dir.clone(),
             accel: self.accel.clone(),
             agent_bin: None,
@@ -96,7 +162,7 @@ impl HostOptions {
         let pools = alcove_node::parse_warm_pool(&self.warm_pool)
             .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
         let node = alcove_node::Node::open(alcove_node::NodeConfig {
-            data_dir: data_dir.to_path_buf(),
+            data_dir,
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms,
@@ -124,7 +190,7 @@ impl HostOptions {
 #[derive(clap::Args, Clone)]
 pub struct Global {
     /// Sandbox records, disks and sockets (the same dir as `alcove server --data-dir`).
-    #[arg(long, global = true, env = "ALCOVE_DATA_DIR", default_value_os_t = alcove_api::cli::default_data_dir())]
+    #[arg(long, global = true, env = "ALCOVE_DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
     /// Built kernels, root file systems and templates (rebuildable).
     #[arg(long, global = true, env = "ALCOVE_CACHE")]
@@ -185,9 +251,39 @@ impl Global {
             data_dir: self.data_dir.clone(),
             cache_dir: self.cache_dir(),
             vmm: self.vmm(),
-            max_sandboxes: 1000,
+            max_sandboxes: DEFAULT_MAX_VMS,
             egress: EgressOptions::from_env()?.config()?,
         })
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Server {
+        #[command(flatten)]
+        opts: ServerOptions,
+    }
+
+    #[test]
+    fn server_defaults_are_the_libraries() {
+        use clap::Parser;
+        let opts = Server::try_parse_from(["alcove"]).unwrap().opts;
+        let (config, lib) = (opts.api(), Limits::default());
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(DEFAULT_API_URL, format!("http://{DEFAULT_LISTEN}"));
+        assert_eq!(config.limits.default_timeout, lib.default_timeout);
+        assert_eq!(config.limits.max_timeout, lib.max_timeout);
+        assert_eq!(
+            config.limits.max_concurrent_sandboxes,
+            lib.max_concurrent_sandboxes
+        );
+        assert_eq!(config.limits.max_body_bytes, lib.max_body_bytes);
+        assert_eq!(config.limits.request_timeout, lib.request_timeout);
+        assert_eq!(opts.max_vms, DEFAULT_MAX_VMS);
+        assert_eq!(opts.warm_pool, DEFAULT_WARM_POOL);
     }
 }

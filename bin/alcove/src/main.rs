@@ -2,8 +2,11 @@
 
 mod backend;
 mod bench;
+mod client;
 mod config;
+mod keys;
 mod sandbox;
+mod server;
 mod template;
 
 use clap::{Parser, Subcommand};
@@ -22,14 +25,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the E2B-compatible API server (sandboxes on this host, SQLite in the data dir).
-    Server(ServerCli),
+    Server(config::ServerOptions),
     /// Manage API keys in the server's data dir.
-    Keys(alcove_api::cli::KeysArgs),
+    Keys(keys::KeysArgs),
     /// Talk to a running server over its REST API.
     #[command(subcommand)]
     Client(ClientCmd),
     /// Snapshots and the checkpoint tree, through a running server's API.
-    Snapshot(alcove_api::cli::SnapshotArgs),
+    Snapshot(client::SnapshotArgs),
     /// Build and list templates on this host.
     Template(WithGlobal<template::TemplateCmd>),
     /// Create, run commands in, pause, list and kill sandboxes on this host, without a server.
@@ -62,29 +65,35 @@ struct InfoCli {
     global: config::Global,
 }
 
-#[derive(clap::Args)]
-struct ServerCli {
-    #[command(flatten)]
-    server: alcove_api::cli::ServerArgs,
-    #[command(flatten)]
-    host: config::HostOptions,
-}
-
 #[derive(Subcommand)]
 enum ClientCmd {
     /// Sandboxes, through the API.
-    Sandbox(alcove_api::cli::SandboxArgs),
+    Sandbox(client::SandboxArgs),
     /// Templates, through the API.
-    Template(alcove_api::cli::TemplateArgs),
+    Template(client::TemplateArgs),
+}
+
+/// `ALCOVE_LOG`, else `RUST_LOG`, else the default: a server logs Alcove's own `info` lines (one
+/// per request, one per sandbox state change), other commands only warnings, so that what they
+/// print is all a terminal shows. A target directive matches by prefix, so `alcove` covers every
+/// crate of the workspace (`alcove_api`, `alcove_node`, ...).
+fn log_filter(command: &Command) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    EnvFilter::try_from_env("ALCOVE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            EnvFilter::new(match command {
+                Command::Server(_) => "warn,alcove=info",
+                _ => "warn",
+            })
+        })
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr only: stdout carries what a command prints (`--json`: one document).
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ALCOVE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(log_filter(&cli.command))
         .with_writer(std::io::stderr)
         .init();
     let json = match &cli.command {
@@ -117,21 +126,13 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(0)
             }
-            Command::Server(c) => {
-                let data_dir = c.server.config().data_dir;
-                let node = c.host.node(&data_dir).await?;
-                let backend = std::sync::Arc::new(backend::NodeBackend::new(node.clone()));
-                let served = alcove_api::cli::run_server(c.server, backend, &mut out).await;
-                // Warm VMs are nobody's sandboxes: they go with the server.
-                node.drain_warm_pool().await;
-                served.map(|()| 0)
-            }
-            Command::Keys(k) => alcove_api::cli::run_keys(k, &mut out).map(|()| 0),
-            Command::Client(ClientCmd::Sandbox(a)) => alcove_api::cli::run_sandbox(a, &mut out)
+            Command::Server(c) => server::run(c, &mut out).await.map(|()| 0),
+            Command::Keys(k) => keys::run_keys(k, &mut out).map(|()| 0),
+            Command::Client(ClientCmd::Sandbox(a)) => client::run_sandbox(a, &mut out)
                 .await
                 .map(|c| u8::try_from(c).unwrap_or(1)),
-            Command::Client(ClientCmd::Template(a)) => alcove_api::cli::run_template(a, &mut out).await.map(|()| 0),
-            Command::Snapshot(a) => alcove_api::cli::run_snapshot(a, &mut out).await.map(|()| 0),
+            Command::Client(ClientCmd::Template(a)) => client::run_template(a, &mut out).await.map(|()| 0),
+            Command::Snapshot(a) => client::run_snapshot(a, &mut out).await.map(|()| 0),
         }
     });
     match result {

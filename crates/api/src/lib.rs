@@ -5,8 +5,9 @@
 //! `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers or `<port>-<sandboxID>.<domain>` hosts) to the
 //! VMs through a [`SandboxBackend`]. State lives in `alcove-store` (SQLite in the data dir).
 //!
-//! Entry points for the `alcove` binary: [`serve`] (or [`Server::bind`] + [`Server::run`]) and
-//! the CLI pieces in [`cli`]. The integrator implements [`SandboxBackend`] over the node library.
+//! Entry point for the `alcove` binary: [`serve`] (or [`Server::bind`] + [`Server::run`]). The
+//! integrator implements [`SandboxBackend`] over the node library. The REST client lives in
+//! `alcove-client`, the command line in `bin/alcove`.
 //!
 //! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service`
 //! (logic, testable without HTTP), `proxy` (sandbox traffic), `error` (the one `ApiError`),
@@ -14,7 +15,6 @@
 //! reaper), `metrics` (Prometheus text).
 
 pub mod backend;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod handlers;

@@ -110,7 +110,10 @@ pub async fn app(cfg: &Config) -> std::io::Result<Router> {
         match state.contexts.default_for(Some("python")).await {
             Ok(ctx) => tracing::info!(context = %ctx.info.id, "default python kernel ready"),
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "default python kernel failed to start")
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "default python kernel failed to start"
+                )
             }
         }
         state.contexts.keep_spare_python().await;
@@ -149,7 +152,12 @@ pub async fn serve(cfg: Config) -> std::io::Result<()> {
         .await
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line (`what failed: why: root cause`), for a message someone
+/// reads: an error body, whose reader (the SDK, an LLM) sees nothing else. A log line records the
+/// error itself instead (`error = &e as &dyn Error`) and the subscriber prints its sources.
+///
+/// The guest's one copy: `alcove-agent` uses it too (it depends on this crate, not the reverse).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -310,6 +318,15 @@ async fn restart_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_names_every_cause_in_order() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("starting the kernel")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("no such file"));
+        assert_eq!(error_chain(&e), "starting the kernel: no such file");
+    }
 
     #[test]
     fn env_names() {

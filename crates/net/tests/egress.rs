@@ -3,7 +3,8 @@
 //! runs Python clients. The "internet" is the test's own DNS zone and servers on 198.51.100.2 and
 //! 198.51.100.3 (TEST-NET-2 addresses on a veth interface of the host, which the operator guard
 //! trusts here), never an outside address; 198.51.100.1 on the same interface stands for a host
-//! service. Needs root, iproute2 and nftables (scripts/setup-host.sh).
+//! service. Needs root, iproute2 and nftables (scripts/setup-host.sh), so the tests are `#[ignore]`d
+//! for a plain `cargo test`; `scripts/test.sh` runs them with `--include-ignored`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -304,6 +305,7 @@ async fn hold(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
 async fn open_internet_reaches_names_but_never_the_host() {
     let (net, guest, _ns) = setup(config(true, &[], &[]), 18080).await;
     let guest = Arc::new(guest);
@@ -341,6 +343,7 @@ async fn open_internet_reaches_names_but_never_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
 async fn internet_off_sends_nothing_not_even_dns() {
     let (net, guest, _ns) = setup(config(false, &[], &[]), 18081).await;
     let guest = Arc::new(guest);
@@ -355,6 +358,7 @@ async fn internet_off_sends_nothing_not_even_dns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
 async fn domain_rules_bind_names_to_resolved_addresses() {
     let cfg = config(true, &["a.test", "*.a.test"], &["0.0.0.0/0"]);
     let (net, guest, _ns) = setup(cfg, 18082).await;
@@ -397,6 +401,7 @@ async fn domain_rules_bind_names_to_resolved_addresses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
 async fn a_live_update_applies_to_new_and_open_connections() {
     let (net, guest, _ns) = setup(config(true, &[], &[]), 18083).await;
     let guest = Arc::new(guest);
@@ -434,6 +439,7 @@ async fn a_live_update_applies_to_new_and_open_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
 async fn connections_over_the_limit_are_refused_and_counted() {
     let (net, guest, _ns) =
         setup_with(config(true, &[], &[]), 18084, |c| c.max_connections = 1).await;

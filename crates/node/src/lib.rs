@@ -9,16 +9,28 @@
 //! sandbox whose VM dies on its own keeps only its record, with the reason, until it is removed.
 //! Called by the `alcove` CLI and by the API server's backend.
 
+mod cleanup;
+mod create;
+#[cfg(test)]
+mod fake;
+pub mod host;
 pub mod lifecycle;
+mod live;
 mod node;
+mod persist;
 mod pool;
+mod reattach;
+mod record;
 pub mod snapshots;
+#[cfg(test)]
+mod tests;
 
-pub use lifecycle::SandboxState;
-pub use node::{
-    CreateOptions, CreateTimings, Node, NodeConfig, PauseTimings, SandboxInfo, new_sandbox_id,
-};
+pub use create::{CreateOptions, CreateTimings};
+pub use lifecycle::{Event, SandboxState, TransitionError};
+pub use node::{Node, NodeConfig, new_sandbox_id};
+pub use persist::PauseTimings;
 pub use pool::{WarmPoolStatus, parse_warm_pool};
+pub use record::SandboxInfo;
 pub use snapshots::SnapshotMeta;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +65,12 @@ pub enum NodeError {
         "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
     )]
     Capacity(usize),
+    #[error("sandbox `{id}` cannot do this in its current state")]
+    Transition {
+        id: String,
+        #[source]
+        source: lifecycle::TransitionError,
+    },
     #[error("invalid network rules: {0}")]
     BadNetwork(#[from] alcove_net::RuleError),
     #[error("setting up the sandbox's network: {0}")]

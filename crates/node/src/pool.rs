@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use alcove_agent_client::{AgentClient, RunRequest};
-use alcove_vmm::{QemuVm, Vm};
+use alcove_vmm::{Vm, Vmm};
+
+use crate::host::EgressSockets;
 use serde::Serialize;
 
 use crate::NodeError;
@@ -46,11 +48,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 const WARM_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A restored, warmed VM waiting to become a sandbox.
-pub(crate) struct WarmVm {
+pub(crate) struct WarmVm<M> {
     pub dir: PathBuf,
-    pub vm: QemuVm,
+    pub vm: M,
     pub agent: AgentClient,
-    pub listeners: alcove_net::Listeners,
+    pub listeners: EgressSockets,
     pub template_key: String,
 }
 
@@ -71,10 +73,9 @@ pub struct WarmPoolStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Default)]
-struct Entry {
+struct Entry<M> {
     target: usize,
-    ready: VecDeque<WarmVm>,
+    ready: VecDeque<WarmVm<M>>,
     hits: u64,
     misses: u64,
     last_error: Option<String>,
@@ -83,17 +84,41 @@ struct Entry {
     short_since: Option<Instant>,
 }
 
-#[derive(Default)]
-pub(crate) struct Pool {
-    entries: Mutex<BTreeMap<String, Entry>>,
+impl<M> Default for Entry<M> {
+    fn default() -> Self {
+        Entry {
+            target: 0,
+            ready: VecDeque::new(),
+            hits: 0,
+            misses: 0,
+            last_error: None,
+            retry_at: None,
+            short_since: None,
+        }
+    }
+}
+
+pub(crate) struct Pool<M> {
+    entries: Mutex<BTreeMap<String, Entry<M>>>,
     /// When a create last took from (or missed) a pool.
     last_take: Mutex<Option<Instant>>,
     wake: Arc<tokio::sync::Notify>,
     filler: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+impl<M> Default for Pool<M> {
+    fn default() -> Self {
+        Pool {
+            entries: Mutex::default(),
+            last_take: Mutex::default(),
+            wake: Arc::default(),
+            filler: Mutex::default(),
+        }
+    }
+}
+
+impl<M: Vm> Pool<M> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry<M>>> {
         self.entries.lock().expect("pool lock")
     }
 
@@ -116,7 +141,8 @@ impl Pool {
 
     /// A warm VM of `template` whose build is `key`, if one is ready; stale ones (another build,
     /// or a VM that died while waiting) are handed back for killing.
-    pub(crate) fn take(&self, template: &str, key: &str) -> (Option<WarmVm>, Vec<WarmVm>) {
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn take(&self, template: &str, key: &str) -> (Option<WarmVm<M>>, Vec<WarmVm<M>>) {
         let mut stale = Vec::new();
         *self.last_take.lock().expect("last take lock") = Some(Instant::now());
         let mut pools = self.lock();
@@ -141,11 +167,11 @@ impl Pool {
     }
 }
 
-impl Node {
+impl<V: Vmm> Node<V> {
     /// Keeps `size` warm VMs of `template` ready (0 empties its pool). Filling happens in the
     /// background, one VM at a time; creates of that template take from the pool when it has one.
     pub fn set_warm_pool(self: &Arc<Self>, template: &str, size: usize) {
-        let surplus: Vec<WarmVm> = {
+        let surplus: Vec<WarmVm<V::Vm>> = {
             let mut pools = self.pool.lock();
             let e = pools.entry(template.to_string()).or_default();
             e.target = size;
@@ -196,7 +222,7 @@ impl Node {
     /// Stops filling and kills every warm VM (on shutdown).
     pub async fn drain_warm_pool(&self) {
         self.pool.stop_filling();
-        let all: Vec<WarmVm> = {
+        let all: Vec<WarmVm<V::Vm>> = {
             let mut pools = self.pool.lock();
             pools
                 .values_mut()
@@ -216,17 +242,17 @@ impl Node {
     }
 
     /// Restores one VM of `template` and warms it up.
-    async fn warm_one(self: &Arc<Self>, template: &str) -> Result<WarmVm, NodeError> {
+    async fn warm_one(self: &Arc<Self>, template: &str) -> Result<WarmVm<V::Vm>, NodeError> {
         let t = self.template(template)?;
         t.verify_state()?;
         let vm_id = crate::node::new_sandbox_id();
         let dir = self.config().data_dir.join("sandboxes").join(&vm_id);
         std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
-        let mut started: Option<QemuVm> = None;
+        let mut started: Option<V::Vm> = None;
         let result = async {
             let (vm, agent, listeners) = self.restore_pooled(&t, &vm_id, &dir).await?;
             started = Some(vm.clone());
-            crate::node::within_vm(&vm, &vm_id, WARM_COMMAND_TIMEOUT, warm_up(&agent)).await?;
+            crate::create::within_vm(&vm, &vm_id, WARM_COMMAND_TIMEOUT, warm_up(&agent)).await?;
             Ok::<_, NodeError>(WarmVm {
                 dir: dir.clone(),
                 vm,
@@ -286,7 +312,7 @@ async fn warm_up(agent: &AgentClient) -> Result<(), NodeError> {
 }
 
 /// The pool's background task: keeps every pool at its target, one VM at a time.
-async fn fill(node: Weak<Node>, wake: Arc<tokio::sync::Notify>) {
+async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
     loop {
         let wanted = {
             let Some(node) = node.upgrade() else { return };
@@ -349,7 +375,7 @@ async fn fill(node: Weak<Node>, wake: Arc<tokio::sync::Notify>) {
 }
 
 /// Kills warm VMs nobody will claim, in the background.
-pub(crate) fn discard(vms: Vec<WarmVm>) {
+pub(crate) fn discard<M: Vm>(vms: Vec<WarmVm<M>>) {
     if vms.is_empty() {
         return;
     }
@@ -360,7 +386,7 @@ pub(crate) fn discard(vms: Vec<WarmVm>) {
     });
 }
 
-async fn kill_warm(w: WarmVm) {
+async fn kill_warm<M: Vm>(w: WarmVm<M>) {
     w.vm.kill().await;
     drop(w.listeners);
     let _ = std::fs::remove_dir_all(&w.dir);

@@ -156,7 +156,8 @@ pub enum VmmError {
     Io(String, #[source] std::io::Error),
 }
 
-/// A hypervisor that can boot VMs and restore them from snapshots.
+/// A hypervisor that can boot VMs and restore them from snapshots: the seam between the node and
+/// the VMs it runs (`alcove-node` is generic over it; its unit tests use an in-memory fake).
 pub trait Vmm: Send + Sync + 'static {
     type Vm: Vm;
     /// Boots a fresh VM from `spec` (kernel + disk).
@@ -168,10 +169,30 @@ pub trait Vmm: Send + Sync + 'static {
         spec: &VmSpec,
         state_file: &std::path::Path,
     ) -> impl Future<Output = Result<(Self::Vm, RestoreTimings), VmmError>> + Send;
+    /// [`Vmm::restore`] of a state written by [`Vm::save`] with `ignore_shared: false` (every
+    /// page of RAM in the file).
+    fn restore_full(
+        &self,
+        spec: &VmSpec,
+        state_file: &std::path::Path,
+    ) -> impl Future<Output = Result<(Self::Vm, RestoreTimings), VmmError>> + Send;
+    /// Like [`Vmm::restore_full`], but leaves the vCPUs stopped: no guest code runs (what
+    /// re-homing a memory image into a shared RAM file needs: load, then save again).
+    fn restore_stopped(
+        &self,
+        spec: &VmSpec,
+        state_file: &std::path::Path,
+    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    /// Picks up a VM started earlier (maybe by another process) from its run dir. A VM that is
+    /// gone comes back already exited.
+    fn attach(
+        &self,
+        run_dir: &std::path::Path,
+    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
 }
 
-/// One running VM.
-pub trait Vm: Send + Sync + 'static {
+/// One running VM. Cloning shares the same VM.
+pub trait Vm: Clone + Send + Sync + 'static {
     fn pid(&self) -> u32;
     /// Unix socket that is the host end of the agent's virtio-serial port.
     fn agent_socket(&self) -> PathBuf;
@@ -183,6 +204,17 @@ pub trait Vm: Send + Sync + 'static {
         &self,
         state_file: &std::path::Path,
     ) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Stops the vCPUs and writes the VM's state to `state_file`. With `ignore_shared`, RAM in a
+    /// shared file is left out; without, every page of RAM is written. The VM stays stopped.
+    fn save(
+        &self,
+        state_file: &std::path::Path,
+        ignore_shared: bool,
+    ) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Lets the vCPUs of a stopped VM run again.
+    fn resume(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Sets the VM's host CPU weight (100 = a sandbox's default).
+    fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()>;
     /// Stops the VM process (SIGKILL after a short grace) and waits for it to exit.
     fn kill(&self) -> impl Future<Output = ()> + Send;
     /// Resolves when the VM process has exited.

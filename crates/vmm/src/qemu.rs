@@ -329,6 +329,22 @@ impl Vmm for QemuVmm {
     ) -> Result<(QemuVm, RestoreTimings), VmmError> {
         self.load(spec, state_file, true, true).await
     }
+
+    async fn restore_full(
+        &self,
+        spec: &VmSpec,
+        state_file: &Path,
+    ) -> Result<(QemuVm, RestoreTimings), VmmError> {
+        QemuVmm::restore_full(self, spec, state_file).await
+    }
+
+    async fn restore_stopped(&self, spec: &VmSpec, state_file: &Path) -> Result<QemuVm, VmmError> {
+        QemuVmm::restore_stopped(self, spec, state_file).await
+    }
+
+    async fn attach(&self, run_dir: &Path) -> Result<QemuVm, VmmError> {
+        QemuVmm::attach(self, run_dir).await
+    }
 }
 
 impl QemuVmm {
@@ -535,7 +551,19 @@ impl Vm for QemuVm {
     }
 
     async fn snapshot(&self, state_file: &Path) -> Result<(), VmmError> {
-        self.save(state_file, true).await
+        QemuVm::save(self, state_file, true).await
+    }
+
+    async fn save(&self, state_file: &Path, ignore_shared: bool) -> Result<(), VmmError> {
+        QemuVm::save(self, state_file, ignore_shared).await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        QemuVm::resume(self).await
+    }
+
+    fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()> {
+        QemuVm::set_cpu_weight(self, weight)
     }
 
     async fn kill(&self) {

@@ -67,16 +67,8 @@ impl RpcError {
     }
 }
 
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+/// An error's whole source chain as one message (the guest's one implementation).
+pub use alcove_interpreter::error_chain;
 
 /// The parts of a Connect request every handler needs.
 pub struct Call {

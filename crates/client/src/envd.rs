@@ -1,20 +1,22 @@
-//! `alcove client sandbox exec|shell`: envd's process service reached through the server's
-//! sandbox proxy, exactly as the SDKs reach it (the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers
-//! on the API's own address, `X-Access-Token` for secure sandboxes), over HTTP/1.1 with Connect's
-//! binary framing.
+//! [`EnvdClient`]: envd's process service reached through the server's sandbox proxy, exactly as
+//! the SDKs reach it (the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers on the API's own address,
+//! `X-Access-Token` for secure sandboxes), over HTTP/1.1 with Connect's binary framing. Behind
+//! `alcove client sandbox exec|shell`.
 
-use std::io::Write;
 use std::time::Duration;
 
 use alcove_envd_proto::connect::{self, Codec, EnvelopeDecoder};
 use alcove_envd_proto::process as pb;
+/// The process service's message types, for building a [`pb::StartRequest`].
+pub use alcove_envd_proto::process;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::backend::ENVD_PORT;
+/// The port envd serves on in the guest (E2B's), which the proxy routes to.
+pub use alcove_guest_contract::ENVD_PORT;
 
 /// Largest single Connect message accepted from the sandbox.
 const MAX_MESSAGE: usize = 8 << 20;
@@ -43,6 +45,7 @@ pub enum EnvdError {
     Protocol { op: &'static str, detail: String },
 }
 
+/// One sandbox's envd, as one user (the sandbox's default user when `None`).
 pub struct EnvdClient {
     base: String,
     sandbox_id: String,
@@ -64,6 +67,7 @@ pub enum Output {
 }
 
 impl EnvdClient {
+    /// `base` is the server's URL; `token` the sandbox's `envdAccessToken` (secure sandboxes).
     pub fn new(base: &str, sandbox_id: &str, token: Option<String>, user: Option<String>) -> Self {
         EnvdClient {
             base: base.trim_end_matches('/').to_owned(),
@@ -251,204 +255,4 @@ fn status_error(op: &'static str, status: u16, body: &[u8]) -> EnvdError {
         status,
         message,
     }
-}
-
-/// `exec`: runs `command` with bash (as the SDK's `commands.run` does), streaming its output,
-/// and returns its exit code.
-pub async fn exec(
-    client: &EnvdClient,
-    command: &str,
-    cwd: Option<String>,
-    envs: Vec<(String, String)>,
-    json: bool,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<i32> {
-    let start = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), command.into()],
-            envs: envs.into_iter().collect(),
-            cwd,
-        }),
-        pty: None,
-        tag: None,
-        stdin: Some(false),
-    };
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let mut code = None;
-    let mut failure = None;
-    client
-        .start(start, |o| match o {
-            Output::Stdout(b) => {
-                if json {
-                    stdout.extend_from_slice(&b);
-                } else {
-                    let _ = out.write_all(&b);
-                    let _ = out.flush();
-                }
-            }
-            Output::Stderr(b) => {
-                if json {
-                    stderr.extend_from_slice(&b);
-                } else {
-                    let mut e = std::io::stderr();
-                    let _ = e.write_all(&b);
-                    let _ = e.flush();
-                }
-            }
-            Output::Ended { exit_code, error } => {
-                code = Some(exit_code);
-                failure = error;
-            }
-            _ => {}
-        })
-        .await?;
-    let code = code.unwrap_or(-1);
-    if json {
-        serde_json::to_writer_pretty(
-            &mut *out,
-            &serde_json::json!({
-                "exit_code": code,
-                "stdout": String::from_utf8_lossy(&stdout),
-                "stderr": String::from_utf8_lossy(&stderr),
-                "error": failure,
-            }),
-        )?;
-        writeln!(out)?;
-    } else if let Some(e) = failure {
-        eprintln!("{e}");
-    }
-    Ok(code)
-}
-
-/// Puts the terminal in raw mode until dropped.
-struct RawMode {
-    saved: Option<nix::sys::termios::Termios>,
-}
-
-impl RawMode {
-    fn enter() -> RawMode {
-        use nix::sys::termios;
-        let stdin = std::io::stdin();
-        let Ok(saved) = termios::tcgetattr(&stdin) else {
-            return RawMode { saved: None };
-        };
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
-        RawMode { saved: Some(saved) }
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.saved {
-            let _ = nix::sys::termios::tcsetattr(
-                std::io::stdin(),
-                nix::sys::termios::SetArg::TCSANOW,
-                saved,
-            );
-        }
-    }
-}
-
-fn terminal_size() -> (u16, u16) {
-    nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the valid, exclusively borrowed `ws`.
-    let ok = unsafe { get_winsize(libc::STDOUT_FILENO, &mut ws) }.is_ok();
-    if ok && ws.ws_row > 0 && ws.ws_col > 0 {
-        (ws.ws_row, ws.ws_col)
-    } else {
-        (24, 80)
-    }
-}
-
-/// `shell`: an interactive login shell on a PTY in the sandbox; local keystrokes go in, the
-/// terminal's size follows the local one. Returns the shell's exit code.
-pub async fn shell(client: std::sync::Arc<EnvdClient>, cwd: Option<String>) -> anyhow::Result<i32> {
-    let (rows, cols) = terminal_size();
-    let start = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-i".into(), "-l".into()],
-            envs: [(
-                "TERM".to_string(),
-                std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
-            )]
-            .into_iter()
-            .collect(),
-            cwd,
-        }),
-        pty: Some(pb::Pty {
-            size: Some(pb::pty::Size {
-                cols: u32::from(cols),
-                rows: u32::from(rows),
-            }),
-        }),
-        tag: None,
-        stdin: Some(true),
-    };
-    let raw = RawMode::enter();
-    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<u32>();
-    let input_client = client.clone();
-    // Keystrokes: a blocking reader thread feeds a task that sends them in order.
-    let input = tokio::spawn(async move {
-        let Ok(pid) = pid_rx.await else { return };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 4096];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut winch =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
-        loop {
-            tokio::select! {
-                data = rx.recv() => match data {
-                    Some(d) => {
-                        if input_client.send_pty_input(pid, d).await.is_err() {
-                            break;
-                        }
-                    }
-                    None => break,
-                },
-                _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
-                    let (r, c) = terminal_size();
-                    let _ = input_client.resize(pid, r, c).await;
-                }
-            }
-        }
-    });
-    let mut pid_tx = Some(pid_tx);
-    let mut code = 0;
-    let result = client
-        .start(start, |o| match o {
-            Output::Started(pid) => {
-                if let Some(tx) = pid_tx.take() {
-                    let _ = tx.send(pid);
-                }
-            }
-            Output::Pty(b) | Output::Stdout(b) | Output::Stderr(b) => {
-                let mut so = std::io::stdout();
-                let _ = so.write_all(&b);
-                let _ = so.flush();
-            }
-            Output::Ended { exit_code, .. } => code = exit_code,
-        })
-        .await;
-    input.abort();
-    drop(raw);
-    result?;
-    Ok(code)
 }

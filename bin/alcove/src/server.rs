@@ -1,0 +1,53 @@
+//! `alcove server`: the API over this host's node, until SIGINT or SIGTERM.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backend::NodeBackend;
+use crate::config::ServerOptions;
+
+/// Opens the node, serves the API over it, printing how to point the SDKs at it, and on the way
+/// out kills the warm pool's VMs (they are nobody's sandboxes).
+pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let node = opts.node().await?;
+    let served = serve(&opts, Arc::new(NodeBackend::new(node.clone())), out).await;
+    node.drain_warm_pool().await;
+    served
+}
+
+async fn serve(
+    opts: &ServerOptions,
+    backend: Arc<NodeBackend>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let config = opts.api();
+    let data_dir = config.data_dir.clone();
+    let server = alcove_api::Server::bind(config, backend)
+        .await
+        .context("starting the server")?;
+    writeln!(
+        out,
+        "alcove API listening on http://{}",
+        server.local_addr()
+    )?;
+    if server.first_start_key().is_some() {
+        writeln!(
+            out,
+            "First start: created the admin API key in {}",
+            data_dir.join(alcove_api::API_KEY_FILE).display()
+        )?;
+    }
+    writeln!(
+        out,
+        "Point the E2B SDKs at it with:\n\n{}",
+        server.sdk_env()
+    )?;
+    out.flush()?;
+    server
+        .run(alcove_api::server::shutdown_signal())
+        .await
+        .context("serving")?;
+    Ok(())
+}

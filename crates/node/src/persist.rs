@@ -1,0 +1,401 @@
+//! Persistence of running sandboxes: pause to a checksummed memory image and resume from it,
+//! snapshots (memory image plus the disk frozen as a read-only layer) and the restart that ends
+//! one, re-homing a snapshot's memory into a shared RAM file, and deleting snapshots.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use alcove_vmm::{Disk, DiskFormat, Vm, Vmm};
+
+use crate::create::{connect_and_init, make_overlay, sandbox_spec};
+use crate::lifecycle::Event;
+use crate::live::Live;
+use crate::node::{Node, error_chain, now_ms, qemu_log_tail, valid_id};
+use crate::record::remove_all_but_record;
+use crate::snapshots::{self, SnapshotMeta};
+use crate::{NodeError, SandboxState};
+
+/// Where a paused sandbox's memory and device state live, inside its dir.
+pub(crate) const PAUSED_STATE: &str = "paused.state";
+
+#[derive(Debug, Clone, Copy)]
+pub struct PauseTimings {
+    /// Until the state file was complete (the VM was stopped at the start of it).
+    pub saved: Duration,
+    pub total: Duration,
+    pub state_bytes: u64,
+}
+
+impl<V: Vmm> Node<V> {
+    /// Pauses a running sandbox to disk: device state and memory go to `paused.state` (checksummed),
+    /// the disk overlay stays, and the VM process exits, so a paused sandbox uses no CPU or RAM.
+    pub async fn pause(&self, id: &str) -> Result<PauseTimings, NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let (_, vm) = live.running_vm(id)?;
+        let state_file = live.dir().join(PAUSED_STATE);
+        let tmp = live.dir().join(format!("{PAUSED_STATE}.tmp"));
+        live.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = vm.snapshot(&tmp).await {
+            // The VM is stopped but intact: let it run on rather than lose it.
+            let _ = std::fs::remove_file(&tmp);
+            let _ = vm.resume().await;
+            live.stopping.store(false, Ordering::SeqCst);
+            self.record_death_during(&live, &vm, "pause");
+            return Err(e.into());
+        }
+        let saved = t0.elapsed();
+        vm.kill().await;
+        live.stop_net();
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+        let sha = alcove_image::build::sha256_file(&tmp)?;
+        std::fs::rename(&tmp, &state_file)
+            .map_err(|e| NodeError::Io(state_file.display().to_string(), e))?;
+        let size = std::fs::metadata(&state_file).map(|m| m.len()).unwrap_or(0);
+        live.apply(Event::Paused {
+            state_sha256: sha,
+            at_unix_ms: now_ms(),
+        })?;
+        for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
+            let _ = std::fs::remove_file(live.dir().join(sock));
+        }
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, bytes = size, "sandbox paused");
+        Ok(PauseTimings {
+            saved,
+            total: t0.elapsed(),
+            state_bytes: size,
+        })
+    }
+
+    /// After a failed save: a VM that died meanwhile was not seen by its monitor (this process
+    /// was stopping it), so its death is recorded here.
+    fn record_death_during(&self, live: &Live<V>, vm: &V::Vm, what: &str) {
+        let Some(reason) = vm.exit_reason() else {
+            return;
+        };
+        let reason = format!(
+            "the VM exited during a {what}: {reason}{}",
+            qemu_log_tail(live.dir())
+        );
+        if let Err(e) = live.apply(Event::Crashed { reason }) {
+            tracing::warn!(sandbox_id = %live.snapshot().id, error = %error_chain(&e), "could not record the VM's exit");
+        }
+        live.stop_net();
+        *live.vm.lock().expect("vm lock") = None;
+        remove_all_but_record(live.dir());
+    }
+
+    /// Resumes a paused sandbox: verifies the snapshot's checksum, restores the VM and sets the
+    /// guest clock. A failed resume leaves the sandbox paused and its snapshot untouched.
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<Duration, NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let info = live.snapshot();
+        let SandboxState::Paused { state_sha256, .. } = &info.state else {
+            return Err(NodeError::NotPaused {
+                id: id.to_string(),
+                state: info.state.to_string(),
+            });
+        };
+        let state_file = live.dir().join(PAUSED_STATE);
+        let got = alcove_image::build::sha256_file(&state_file).map_err(|e| {
+            NodeError::CorruptSnapshot {
+                id: id.to_string(),
+                detail: format!("{} cannot be read ({e})", state_file.display()),
+            }
+        })?;
+        if &got != state_sha256 {
+            return Err(NodeError::CorruptSnapshot {
+                id: id.to_string(),
+                detail: format!(
+                    "{} has checksum {got}, recorded {state_sha256}",
+                    state_file.display()
+                ),
+            });
+        }
+        self.run_from_state(&live, &state_file, None, false, t0)
+            .await?;
+        let _ = std::fs::remove_file(&state_file);
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(t0.elapsed())
+    }
+
+    /// Starts a sandbox's VM again from a memory image of itself (a resume, or the restart that
+    /// ends a snapshot): same identity, only its clock is set and entropy added.
+    pub(crate) async fn run_from_state(
+        self: &Arc<Self>,
+        live: &Arc<Live<V>>,
+        state_file: &Path,
+        ram_file: Option<&Path>,
+        full_image: bool,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let info = live.snapshot();
+        let template =
+            alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
+        let mut spec = sandbox_spec(&template, live.dir());
+        let listeners = self.new_netns(&mut spec).await?;
+        if let Some(ram) = ram_file {
+            // A private mapping of the snapshot's RAM file. A later pause writes every page,
+            // so its resume can map the template's RAM file as usual.
+            spec.ram_file = ram.to_path_buf();
+        }
+        let (vm, _) = if full_image {
+            self.cfg.vmm.restore_full(&spec, state_file).await?
+        } else {
+            self.cfg.vmm.restore(&spec, state_file).await?
+        };
+        drop(spec);
+        let token = info.access_token.clone();
+        let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
+            Ok(x) => x,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        let pid = vm.pid();
+        let event = match info.state {
+            SandboxState::Paused { .. } => Event::Resumed { pid },
+            _ => Event::Restarted { pid },
+        };
+        if let Err(e) = live.apply(event) {
+            vm.kill().await;
+            return Err(e);
+        }
+        *live.vm.lock().expect("vm lock") = Some(vm.clone());
+        *live.agent.lock().await = Some(agent);
+        self.start_net(live, listeners)?;
+        live.stopping.store(false, Ordering::SeqCst);
+        self.spawn_monitor(live.clone(), vm);
+        Ok(())
+    }
+
+    /// Takes snapshot `snapshot_id` of a running sandbox: its memory image, and its disk frozen
+    /// as a read-only layer. The sandbox is stopped while the image is written, then goes on
+    /// from that image on a new overlay over the layer, with the same id and identity.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        id: &str,
+        snapshot_id: &str,
+    ) -> Result<(SnapshotMeta, PauseTimings), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::Io(
+                snapshot_id.to_string(),
+                std::io::Error::other("invalid snapshot id"),
+            ));
+        }
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let (info, vm) = live.running_vm(id)?;
+        let root = snapshots::snapshots_root(&self.cfg.data_dir);
+        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        std::fs::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
+        let tmp = sdir.join("memory.state.tmp");
+        live.stopping.store(true, Ordering::SeqCst);
+        // Every page, in the stream format without `x-ignore-shared`: what a VM whose RAM is a
+        // shared file can load (see `share_memory`).
+        if let Err(e) = vm.save(&tmp, false).await {
+            let _ = std::fs::remove_dir_all(&sdir);
+            let _ = vm.resume().await;
+            live.stopping.store(false, Ordering::SeqCst);
+            self.record_death_during(&live, &vm, "snapshot");
+            return Err(e.into());
+        }
+        let saved = t0.elapsed();
+        vm.kill().await;
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+
+        let disk = live.dir().join("disk.qcow2");
+        let layer = sdir.join(snapshots::DISK);
+        let frozen = async {
+            std::fs::rename(&disk, &layer)
+                .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o400))
+                    .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
+            }
+            make_overlay(&layer, &disk).await?;
+            let sha = alcove_image::build::sha256_file(&tmp)?;
+            let memory = sdir.join(snapshots::MEMORY);
+            std::fs::rename(&tmp, &memory)
+                .map_err(|e| NodeError::Io(memory.display().to_string(), e))?;
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                sandbox_id: id.to_string(),
+                parent: info.base_snapshot.clone(),
+                template: info.template.clone(),
+                template_key: info.template_key.clone(),
+                state_sha256: sha,
+                state_bytes: std::fs::metadata(&memory).map(|m| m.len()).unwrap_or(0),
+                access_token: info.access_token.clone(),
+                envs: info.envs.clone(),
+                created_at_unix_ms: now_ms(),
+                deleted: false,
+                shared_ram: false,
+            };
+            snapshots::write_meta(&sdir, &meta)?;
+            // The overlay sits on the layer from now on: recorded before anything can collect it.
+            live.apply(Event::Snapshotted {
+                snapshot_id: snapshot_id.to_string(),
+            })?;
+            Ok::<_, NodeError>(meta)
+        }
+        .await;
+        let (mut meta, state_file) = match frozen {
+            Ok(meta) => (meta, sdir.join(snapshots::MEMORY)),
+            Err(e) => {
+                // Put the disk back and let the sandbox go on from the image; no snapshot.
+                if layer.exists() {
+                    let _ = std::fs::remove_file(&disk);
+                    let _ = std::fs::rename(&layer, &disk);
+                }
+                let kept = live.dir().join("snapshot-failed.state");
+                let _ = std::fs::rename(&tmp, &kept);
+                let _ = std::fs::remove_dir_all(&sdir);
+                let restarted = self.run_from_state(&live, &kept, None, true, t0).await;
+                let _ = std::fs::remove_file(&kept);
+                if let Err(re) = restarted {
+                    let _ = live.apply(Event::Crashed {
+                        reason: format!("a failed snapshot could not restart it: {re}"),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        // Re-home the image into a shared RAM file, so the sandbox and everything restored from
+        // the snapshot share its pages; on failure the full image serves, as it is.
+        let mut state_file = state_file;
+        match self.share_memory(&info.template_key, &sdir).await {
+            Ok(sha) => {
+                meta.shared_ram = true;
+                meta.state_sha256 = sha;
+                meta.state_bytes = std::fs::metadata(sdir.join(snapshots::RAM_STATE))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    + snapshots::allocated_bytes(&sdir.join(snapshots::RAM));
+                snapshots::write_meta(&sdir, &meta)?;
+                let _ = std::fs::remove_file(sdir.join(snapshots::MEMORY));
+                state_file = sdir.join(snapshots::RAM_STATE);
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, snapshot_id, error = %error_chain(&e), "could not re-home the snapshot's memory into a shared RAM file; restores load the whole image");
+                let _ = std::fs::remove_file(sdir.join(snapshots::RAM));
+            }
+        }
+        let ram = meta.shared_ram.then(|| sdir.join(snapshots::RAM));
+        if let Err(e) = self
+            .run_from_state(&live, &state_file, ram.as_deref(), !meta.shared_ram, t0)
+            .await
+        {
+            let _ = live.apply(Event::Crashed {
+                reason: format!(
+                    "it did not come back after snapshot {snapshot_id} was taken (the snapshot is intact): {e}"
+                ),
+            });
+            remove_all_but_record(live.dir());
+            return Err(e);
+        }
+        tracing::info!(sandbox_id = %id, snapshot_id, ms = t0.elapsed().as_millis() as u64, bytes = meta.state_bytes, "snapshot taken");
+        Ok((
+            meta.clone(),
+            PauseTimings {
+                saved,
+                total: t0.elapsed(),
+                state_bytes: meta.state_bytes,
+            },
+        ))
+    }
+
+    /// Loads a snapshot's full memory image into a stopped VM whose RAM is a new shared file in
+    /// the snapshot dir, then snapshots that VM again: RAM stays in the file (`x-ignore-shared`),
+    /// the state file keeps only devices. No guest code runs. Returns the new state's SHA-256.
+    pub(crate) async fn share_memory(
+        &self,
+        template_key: &str,
+        sdir: &Path,
+    ) -> Result<String, NodeError> {
+        let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
+        let run = sdir.join("load");
+        std::fs::create_dir_all(&run).map_err(|e| NodeError::Io(run.display().to_string(), e))?;
+        let mut spec = alcove_image::build::spec_for(&template.recipe, &run, &template.kernel);
+        spec.ram_file = sdir.join(snapshots::RAM);
+        spec.ram_shared = true;
+        spec.disk = Disk {
+            path: sdir.join(snapshots::DISK),
+            format: DiskFormat::Qcow2,
+            read_only: true,
+        };
+        // The NIC needs its tap, though this VM never runs.
+        let net = self.net.clone();
+        let (ns, _) = tokio::task::spawn_blocking(move || net.create(false))
+            .await
+            .expect("netns task")
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        spec.netns = ns;
+        let result = async {
+            let vm = self
+                .cfg
+                .vmm
+                .restore_stopped(&spec, &sdir.join(snapshots::MEMORY))
+                .await?;
+            let snap = vm.save(&sdir.join(snapshots::RAM_STATE), true).await;
+            vm.kill().await;
+            snap?;
+            Ok::<_, NodeError>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&run);
+        result?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ram = sdir.join(snapshots::RAM);
+            std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))
+                .map_err(|e| NodeError::Io(ram.display().to_string(), e))?;
+        }
+        Ok(alcove_image::build::sha256_file(
+            &sdir.join(snapshots::RAM_STATE),
+        )?)
+    }
+
+    /// Every snapshot on this node, deleted ones (whose layers are still needed) included.
+    pub fn snapshots(&self) -> Vec<SnapshotMeta> {
+        snapshots::all(&self.cfg.data_dir)
+    }
+
+    /// Deletes a snapshot: it cannot be restored any more and its memory image goes at once;
+    /// its disk layer goes when no sandbox or kept snapshot sits on it.
+    pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), NodeError> {
+        if !valid_id(snapshot_id) {
+            return Err(NodeError::SnapshotNotFound(snapshot_id.to_string()));
+        }
+        let dir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
+        let mut meta = snapshots::read_meta(&dir)
+            .filter(|m| !m.deleted)
+            .ok_or_else(|| NodeError::SnapshotNotFound(snapshot_id.to_string()))?;
+        meta.deleted = true;
+        snapshots::write_meta(&dir, &meta)?;
+        // Sandboxes running from the RAM file keep their mapping (the inode lives on until they
+        // end); a paused one's image holds all of its RAM, so nothing needs these files now.
+        for f in [snapshots::MEMORY, snapshots::RAM, snapshots::RAM_STATE] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        tracing::info!(snapshot_id, "snapshot deleted");
+        self.collect_snapshots();
+        Ok(())
+    }
+
+    /// The data directory's snapshot store, for disk-usage reports.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        snapshots::snapshots_root(&self.cfg.data_dir)
+    }
+}

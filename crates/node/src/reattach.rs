@@ -1,0 +1,136 @@
+//! Picking sandboxes up: [`Node::open`] reads every record of a data dir, re-attaches VMs that
+//! still run (and serves their egress again), records the ones that vanished meanwhile, and
+//! removes warm-pool VMs whose owner is gone; one monitor per running VM records its death.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use alcove_vmm::{Vm, Vmm};
+
+use crate::NodeError;
+use crate::host::{HostNetwork, RealNetwork};
+use crate::lifecycle::Event;
+use crate::live::Live;
+use crate::node::{Node, NodeConfig, error_chain, other_alcove_process_alive, qemu_log_tail};
+use crate::record::{self, Record, remove_all_but_record};
+
+impl<V: Vmm> Node<V> {
+    /// Opens the node's data dir and picks up the sandboxes recorded there: running VMs are
+    /// re-attached, VMs that disappeared meanwhile are marked dead with the reason.
+    pub async fn open(cfg: NodeConfig<V>) -> Result<Arc<Node<V>>, NodeError> {
+        Self::open_with(cfg, Arc::new(RealNetwork)).await
+    }
+
+    /// [`Node::open`] with the host's network side effects done by `net` (tests: a fake).
+    pub async fn open_with(
+        cfg: NodeConfig<V>,
+        net: Arc<dyn HostNetwork>,
+    ) -> Result<Arc<Node<V>>, NodeError> {
+        let root = cfg.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let node = Arc::new(Node {
+            cfg,
+            sandboxes: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
+            monitors: Mutex::new(Vec::new()),
+            pool: Default::default(),
+            net,
+        });
+        let entries =
+            std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let info = match record::read(&dir) {
+                Some(i) => i,
+                None => {
+                    // A create that died before writing its record: nothing to keep.
+                    tracing::warn!(dir = %dir.display(), "removing sandbox dir without a valid record");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
+            };
+            if info.pooled {
+                // Another live process's warm VM (a server, while this is a CLI command) is its
+                // business; one of a process that is gone will never be claimed.
+                if !info.pool_owner.is_some_and(other_alcove_process_alive) {
+                    node.remove_pooled_dir(&dir).await;
+                }
+                continue;
+            }
+            let mut vm = None;
+            if info.state.is_live() {
+                let attached = node.cfg.vmm.attach(&dir).await.ok();
+                match attached {
+                    Some(v) if v.exit_reason().is_none() => vm = Some(v),
+                    _ => {}
+                }
+            }
+            let live = Live::new(Record::loaded(&dir, info.clone()), vm.clone(), None);
+            if info.state.is_live() {
+                match vm {
+                    Some(vm) => {
+                        let pid = vm.pid();
+                        let net = node.net.clone();
+                        let listeners = tokio::task::spawn_blocking(move || net.of_pid(pid))
+                            .await
+                            .expect("netns task");
+                        match listeners {
+                            Ok(l) => {
+                                if let Err(e) = node.start_net(&live, l) {
+                                    tracing::warn!(sandbox_id = %info.id, error = %e, "could not serve the network of a re-attached sandbox: it has no egress");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(sandbox_id = %info.id, error = %e, "could not enter the network namespace of a re-attached sandbox: it has no egress");
+                            }
+                        }
+                        node.spawn_monitor(live.clone(), vm)
+                    }
+                    None => {
+                        let reason = format!(
+                            "the VM process (pid {}) is gone: it was stopped outside Alcove or crashed while no Alcove process was watching{}",
+                            info.pid,
+                            qemu_log_tail(&dir)
+                        );
+                        live.apply(Event::Vanished { reason })?;
+                        remove_all_but_record(&dir);
+                    }
+                }
+            }
+            node.sandboxes
+                .lock()
+                .expect("sandboxes lock")
+                .insert(info.id.clone(), live);
+        }
+        Ok(node)
+    }
+
+    pub(crate) fn spawn_monitor(self: &Arc<Self>, live: Arc<Live<V>>, vm: V::Vm) {
+        let handle = tokio::spawn(async move {
+            let reason = vm.wait_exit().await;
+            // Stopped on purpose, or already replaced by a new VM (the restart that ends a
+            // snapshot): not a death.
+            if live.stopping.load(Ordering::SeqCst) || live.vm().map(|v| v.pid()) != Some(vm.pid())
+            {
+                return;
+            }
+            let console = vm.console().tail(6);
+            let mut text = reason.to_string();
+            if !console.is_empty() {
+                text.push_str(&format!("; last console lines:\n{console}"));
+            }
+            text.push_str(&qemu_log_tail(live.dir()));
+            let id = live.snapshot().id;
+            tracing::warn!(sandbox_id = %id, reason = %text, "sandbox VM exited on its own");
+            if let Err(e) = live.apply(Event::Crashed { reason: text }) {
+                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "could not record the VM's exit");
+            }
+            live.stop_net();
+            remove_all_but_record(live.dir());
+        });
+        let mut monitors = self.monitors.lock().expect("monitors lock");
+        monitors.retain(|h| !h.is_finished());
+        monitors.push(handle.abort_handle());
+    }
+}

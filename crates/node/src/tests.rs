@@ -1,0 +1,424 @@
+//! The node against the fake VMM (`fake.rs`): every lifecycle operation and failure the node
+//! handles, as an ordinary user, with no QEMU. Templates are laid out on disk as a build would
+//! leave them (manifest, state, an empty qcow2 overlay made by `qemu-img`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alcove_vmm::Vm;
+
+use crate::fake::{FakeNetwork, FakeVmm};
+use crate::record::SandboxInfo;
+use crate::{CreateOptions, Node, NodeConfig, NodeError, SandboxState};
+
+const KEY: &str = "ab12cd34";
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    cache: PathBuf,
+    vmm: FakeVmm,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let cache = tmp.path().join("cache");
+        let dir = cache.join("templates").join(KEY);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("state");
+        std::fs::write(&state, b"fake-state of the template").unwrap();
+        std::fs::write(dir.join("mem"), b"ram").unwrap();
+        std::fs::write(dir.join("disk.raw"), b"").unwrap();
+        let overlay = dir.join("overlay.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&overlay)
+            .arg("16M")
+            .output()
+            .expect("qemu-img runs");
+        assert!(out.status.success(), "qemu-img: {out:?}");
+        let manifest = serde_json::json!({
+            "manifest_version": 1,
+            "name": "base",
+            "key": KEY,
+            "dir": dir,
+            "recipe": { "name": "base" },
+            "kernel": dir.join("vmlinux"),
+            "disk": dir.join("disk.raw"),
+            "mem": dir.join("mem"),
+            "state": state,
+            "overlay": overlay,
+            "state_sha256": alcove_image::build::sha256_file(&state).unwrap(),
+            "mem_sha256": "",
+            "accel": "tcg",
+            "built_at_unix": 0,
+            "build_secs": 0.0,
+            "boot_to_ready_secs": 0.0,
+        });
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        let by_name = cache.join("templates").join("by-name");
+        std::fs::create_dir_all(&by_name).unwrap();
+        std::fs::write(by_name.join("base"), KEY).unwrap();
+        Fixture {
+            _tmp: tmp,
+            data,
+            cache,
+            vmm: FakeVmm::default(),
+        }
+    }
+
+    /// A node over the fixture's data dir (again: a restarted process).
+    async fn open(&self) -> Arc<Node<FakeVmm>> {
+        Node::open_with(
+            NodeConfig {
+                data_dir: self.data.clone(),
+                cache_dir: self.cache.clone(),
+                vmm: self.vmm.clone(),
+                max_sandboxes: 10,
+                egress: Arc::new(alcove_net::EgressConfig::new(
+                    alcove_net::Guard::new(&[], vec![]),
+                    "127.0.0.1:53".parse().unwrap(),
+                )),
+            },
+            Arc::new(FakeNetwork),
+        )
+        .await
+        .expect("node opens")
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.data.join("sandboxes").join(id)
+    }
+}
+
+fn base() -> CreateOptions {
+    CreateOptions {
+        template: "base".into(),
+        ..Default::default()
+    }
+}
+
+fn on_disk(dir: &Path) -> SandboxInfo {
+    serde_json::from_slice(&std::fs::read(dir.join("record.json")).unwrap()).unwrap()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Polls until the sandbox's state is `name`, for at most 5 s.
+async fn state_becomes(node: &Node<FakeVmm>, id: &str, name: &str) -> SandboxState {
+    for _ in 0..500 {
+        let s = node.get(id).unwrap().state;
+        if s.name() == name {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id} never became {name}: {}", node.get(id).unwrap().state);
+}
+
+#[tokio::test]
+async fn create_runs_the_sandbox_and_kill_removes_every_trace() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, timings) = node.create(base()).await.unwrap();
+    assert_eq!(info.state, SandboxState::Running);
+    assert!(!timings.warm);
+    let vm = node.vm(&info.id).unwrap();
+    assert_eq!(info.pid, vm.pid());
+    let rec = on_disk(&f.dir(&info.id));
+    assert_eq!(rec.state, SandboxState::Running);
+    assert_eq!(rec.pid, vm.pid());
+    assert!(f.dir(&info.id).join("disk.qcow2").exists());
+    node.agent(&info.id).await.unwrap().health().await.unwrap();
+    assert_eq!(node.list().len(), 1);
+
+    node.kill(&info.id).await.unwrap();
+    assert!(vm.exit_reason().is_some());
+    assert!(!f.dir(&info.id).exists());
+    assert!(matches!(node.get(&info.id), Err(NodeError::NotFound(_))));
+    assert!(node.list().is_empty());
+}
+
+#[tokio::test]
+async fn pause_writes_an_image_and_ends_the_vm_and_resume_brings_it_back() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    let vm = node.vm(&info.id).unwrap();
+
+    let t = node.pause(&info.id).await.unwrap();
+    assert!(t.state_bytes > 0);
+    assert!(vm.exit_reason().is_some(), "the VM process ends on pause");
+    let state = node.get(&info.id).unwrap().state;
+    assert!(matches!(state, SandboxState::Paused { .. }), "{state}");
+    assert_eq!(on_disk(&f.dir(&info.id)).state, state);
+    assert!(f.dir(&info.id).join("paused.state").exists());
+    assert!(node.vm(&info.id).is_err());
+    assert!(matches!(
+        node.pause(&info.id).await,
+        Err(NodeError::NotRunning { .. })
+    ));
+
+    node.resume(&info.id).await.unwrap();
+    let now = node.get(&info.id).unwrap();
+    assert_eq!(now.state, SandboxState::Running);
+    let vm2 = node.vm(&info.id).unwrap();
+    assert_ne!(vm2.pid(), vm.pid());
+    assert_eq!(now.pid, vm2.pid());
+    assert_eq!(on_disk(&f.dir(&info.id)).pid, vm2.pid());
+    assert!(!f.dir(&info.id).join("paused.state").exists());
+    node.agent(&info.id).await.unwrap().health().await.unwrap();
+    assert!(matches!(
+        node.resume(&info.id).await,
+        Err(NodeError::NotPaused { .. })
+    ));
+    node.kill(&info.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_keeps_the_sandbox_running_and_forks_start_from_it() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (a, _) = node.create(base()).await.unwrap();
+    let before = node.vm(&a.id).unwrap().pid();
+
+    let (meta, _) = node.snapshot(&a.id, "snap1").await.unwrap();
+    assert_eq!(meta.sandbox_id, a.id);
+    assert!(
+        meta.shared_ram,
+        "the memory image was re-homed into a RAM file"
+    );
+    let now = node.get(&a.id).unwrap();
+    assert_eq!(now.state, SandboxState::Running);
+    assert_eq!(now.base_snapshot.as_deref(), Some("snap1"));
+    assert_eq!(
+        on_disk(&f.dir(&a.id)).base_snapshot.as_deref(),
+        Some("snap1")
+    );
+    assert_ne!(now.pid, before, "the sandbox goes on in a new VM");
+    node.agent(&a.id).await.unwrap().health().await.unwrap();
+
+    let (b, _) = node
+        .create(CreateOptions {
+            snapshot: Some("snap1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(b.state, SandboxState::Running);
+    assert_eq!(b.base_snapshot.as_deref(), Some("snap1"));
+    assert_ne!(b.id, a.id);
+    node.agent(&b.id).await.unwrap().health().await.unwrap();
+
+    // A deleted snapshot's layer stays while sandboxes sit on it, and goes with the last one.
+    node.delete_snapshot("snap1").unwrap();
+    assert!(node.snapshots_dir().join("snap1").exists());
+    node.kill(&a.id).await.unwrap();
+    assert!(node.snapshots_dir().join("snap1").exists());
+    node.kill(&b.id).await.unwrap();
+    assert!(!node.snapshots_dir().join("snap1").exists());
+    assert!(matches!(
+        node.create(CreateOptions {
+            snapshot: Some("snap1".into()),
+            ..Default::default()
+        })
+        .await,
+        Err(NodeError::SnapshotNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_vm_that_crashes_while_running_is_recorded_dead_with_its_reason() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    f.vmm.vm_in(&f.dir(&info.id)).unwrap().crash();
+
+    let SandboxState::Dead { reason } = state_becomes(&node, &info.id, "dead").await else {
+        unreachable!()
+    };
+    assert!(reason.contains("signal 11"), "reason: {reason}");
+    assert_eq!(on_disk(&f.dir(&info.id)).state.name(), "dead");
+    assert_eq!(files(&f.dir(&info.id)), ["record.json"]);
+    assert!(matches!(
+        node.pause(&info.id).await,
+        Err(NodeError::NotRunning { .. })
+    ));
+    node.kill(&info.id).await.unwrap();
+    assert!(!f.dir(&info.id).exists());
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_during_pause_fails_the_pause_and_is_recorded_dead() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    f.vmm.crash_on_next_save();
+
+    assert!(node.pause(&info.id).await.is_err());
+    let state = node.get(&info.id).unwrap().state;
+    let SandboxState::Dead { reason } = &state else {
+        panic!("state after a crash during pause: {state}")
+    };
+    assert!(reason.contains("during a pause"), "reason: {reason}");
+    assert_eq!(on_disk(&f.dir(&info.id)).state, state);
+    assert!(!f.dir(&info.id).join("paused.state").exists());
+    assert!(!f.dir(&info.id).join("paused.state.tmp").exists());
+    assert!(matches!(
+        node.resume(&info.id).await,
+        Err(NodeError::NotPaused { .. })
+    ));
+    node.kill(&info.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn resume_refuses_a_missing_or_corrupt_image_and_leaves_the_sandbox_paused() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    node.pause(&info.id).await.unwrap();
+    let image = f.dir(&info.id).join("paused.state");
+    let good = std::fs::read(&image).unwrap();
+
+    std::fs::write(&image, b"fake-state, but not the one that was written").unwrap();
+    let err = node.resume(&info.id).await.unwrap_err();
+    assert!(matches!(err, NodeError::CorruptSnapshot { .. }), "{err}");
+    assert_eq!(node.get(&info.id).unwrap().state.name(), "paused");
+
+    std::fs::remove_file(&image).unwrap();
+    let err = node.resume(&info.id).await.unwrap_err();
+    assert!(matches!(err, NodeError::CorruptSnapshot { .. }), "{err}");
+    assert_eq!(node.get(&info.id).unwrap().state.name(), "paused");
+    assert_eq!(on_disk(&f.dir(&info.id)).state.name(), "paused");
+
+    // Put back, it resumes: nothing was changed by the failed attempts.
+    std::fs::write(&image, good).unwrap();
+    node.resume(&info.id).await.unwrap();
+    assert_eq!(node.get(&info.id).unwrap().state, SandboxState::Running);
+    node.kill(&info.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_node_reattaches_running_vms_keeps_paused_ones_and_records_vanished_ones() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (running, _) = node.create(base()).await.unwrap();
+    let (paused, _) = node.create(base()).await.unwrap();
+    let (gone, _) = node.create(base()).await.unwrap();
+    node.pause(&paused.id).await.unwrap();
+    let pid = node.vm(&running.id).unwrap().pid();
+    drop(node);
+    // While no node watches, one VM ends.
+    f.vmm.vm_in(&f.dir(&gone.id)).unwrap().crash();
+
+    let node = f.open().await;
+    assert_eq!(node.list().len(), 3);
+    let r = node.get(&running.id).unwrap();
+    assert_eq!(r.state, SandboxState::Running);
+    assert_eq!(node.vm(&running.id).unwrap().pid(), pid);
+    node.agent(&running.id)
+        .await
+        .unwrap()
+        .health()
+        .await
+        .unwrap();
+
+    assert_eq!(node.get(&paused.id).unwrap().state.name(), "paused");
+    node.resume(&paused.id).await.unwrap();
+    node.agent(&paused.id)
+        .await
+        .unwrap()
+        .health()
+        .await
+        .unwrap();
+
+    let SandboxState::Dead { reason } = node.get(&gone.id).unwrap().state else {
+        panic!("a VM that ended while no node watched is dead")
+    };
+    assert!(reason.contains("is gone"), "reason: {reason}");
+    assert_eq!(on_disk(&f.dir(&gone.id)).state.name(), "dead");
+
+    // The re-attached VM is watched again.
+    f.vmm.vm_in(&f.dir(&running.id)).unwrap().crash();
+    state_becomes(&node, &running.id, "dead").await;
+    for id in [&running.id, &paused.id, &gone.id] {
+        node.kill(id).await.unwrap();
+    }
+    assert!(node.list().is_empty());
+}
+
+#[tokio::test]
+async fn network_rules_are_kept_in_the_record() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    let rules = alcove_net::NetworkConfig {
+        allow_internet_access: false,
+        ..Default::default()
+    };
+    node.set_network(&info.id, rules.clone()).unwrap();
+    assert_eq!(node.network(&info.id).unwrap().0, rules);
+    assert_eq!(on_disk(&f.dir(&info.id)).network, rules);
+    node.pause(&info.id).await.unwrap();
+    node.resume(&info.id).await.unwrap();
+    assert_eq!(node.get(&info.id).unwrap().network, rules);
+    node.kill(&info.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn creates_beyond_the_limit_are_refused() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(node.create(base()).await.unwrap().0.id);
+    }
+    assert!(matches!(
+        node.create(base()).await,
+        Err(NodeError::Capacity(10))
+    ));
+    for id in ids {
+        node.kill(&id).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_create_claims_a_warm_vm_and_the_claimed_sandbox_lives_like_any_other() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    node.set_warm_pool("base", 1);
+    assert!(
+        node.wait_warm_pool(Duration::from_secs(10)).await,
+        "{:?}",
+        node.warm_pool()
+    );
+    assert!(node.list().is_empty(), "warm VMs are not sandboxes");
+
+    let (info, timings) = node.create(base()).await.unwrap();
+    assert!(timings.warm);
+    assert_eq!(info.state, SandboxState::Running);
+    let vm = node.vm(&info.id).unwrap();
+    assert_eq!(info.pid, vm.pid());
+    // The record (in the warm VM's own dir) names the sandbox.
+    let dir = vm.agent_socket().parent().unwrap().to_path_buf();
+    let rec = on_disk(&dir);
+    assert_eq!((rec.id.as_str(), rec.pooled), (info.id.as_str(), false));
+    assert_eq!(rec.state, SandboxState::Running);
+    node.agent(&info.id).await.unwrap().health().await.unwrap();
+
+    node.pause(&info.id).await.unwrap();
+    node.resume(&info.id).await.unwrap();
+    node.kill(&info.id).await.unwrap();
+    assert!(!dir.exists());
+    node.drain_warm_pool().await;
+}
