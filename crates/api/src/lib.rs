@@ -26,9 +26,9 @@ pub mod server;
 pub mod service;
 
 pub use backend::{
-    BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine, ResourceUsage,
-    SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
+    BackendError, BackendOp, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine,
+    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
 };
-pub use config::{Limits, ServerConfig};
+pub use config::{BackendDeadlines, Limits, ServerConfig};
 pub use error::ApiError;
 pub use server::{API_KEY_FILE, ServeError, Server, serve};

@@ -130,6 +130,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let reaper = tokio::spawn(reaper(self.svc.clone()));
+        let liveness = tokio::spawn(liveness(self.svc.clone()));
         let app = router(self.svc.clone());
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = stopping.clone();
@@ -153,6 +154,7 @@ impl Server {
             }
         };
         reaper.abort();
+        liveness.abort();
         res
     }
 }
@@ -224,18 +226,27 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
     Ok(Some(key.secret))
 }
 
+/// Kills (or pauses) sandboxes at their end time. Each sandbox's work runs in its own task
+/// ([`Service::reap_expired`]), so a tick never waits on the backend.
 async fn reaper(svc: Arc<Service>) {
-    let limits = svc.limits().clone();
-    let mut tick = tokio::time::interval(limits.reaper_interval);
+    let mut tick = tokio::time::interval(svc.limits().reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_liveness = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         svc.reap_expired().await;
-        if last_liveness.elapsed() >= limits.liveness_interval {
-            last_liveness = tokio::time::Instant::now();
-            svc.check_liveness("while running").await;
-        }
+    }
+}
+
+/// Notices VMs that vanished. Its own loop: a slow or hung backend `list` (cut off at its
+/// deadline) must not hold up the reaper.
+async fn liveness(svc: Arc<Service>) {
+    let mut tick = tokio::time::interval(svc.limits().liveness_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick completes at once; reconcile has just checked.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        svc.check_liveness("while running").await;
     }
 }
 

@@ -15,8 +15,10 @@ use alcove_store::{
     SandboxState as StoreState, SnapshotRecord, Store, StoreError, TemplateRecord, now_ms,
 };
 
+use tracing::Instrument;
+
 use crate::backend::{
-    BackendError, CreateSandbox, LogLevel, ResourceUsage, SandboxBackend, SandboxStatus,
+    BackendError, BackendOp, CreateSandbox, LogLevel, ResourceUsage, SandboxBackend, SandboxStatus,
 };
 use crate::config::Limits;
 use crate::error::{ApiError, chain};
@@ -35,10 +37,11 @@ pub struct Service {
     create_lock: tokio::sync::Mutex<()>,
     /// One lock per sandbox serialising pause, resume, snapshot and the reaper's actions on it.
     ops: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sandboxes the reaper is working on: each gets its own task, so one hung backend call
+    /// delays that sandbox alone.
+    reaping: std::sync::Mutex<HashSet<String>>,
 }
 
-/// Bound on the backend saving or restoring a sandbox (the whole of its memory under TCG).
-const PERSIST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Children one fork may ask for.
 pub const MAX_FORK_COUNT: i64 = 100;
 
@@ -93,6 +96,7 @@ impl Service {
             domain,
             create_lock: tokio::sync::Mutex::new(()),
             ops: std::sync::Mutex::new(HashMap::new()),
+            reaping: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -116,6 +120,62 @@ impl Service {
 
     pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
         &self.backend
+    }
+
+    /// The one path every backend call takes: the operation's deadline (from [`Limits`]), the
+    /// call, error and timeout counters, and one log line for a failure, inside the caller's
+    /// span (request id, sandbox id). A call past its deadline is [`BackendError::Timeout`]; the
+    /// future is dropped. `id` is the sandbox the call is about (the snapshot for
+    /// `DeleteSnapshot`), `""` for none. Map a failure for a caller with [`api_error`].
+    pub(crate) async fn call<T>(
+        &self,
+        op: BackendOp,
+        id: &str,
+        fut: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let res = match self.limits.backend_deadline(op) {
+            Some(deadline) => match tokio::time::timeout(deadline, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    METRICS.backend_call(op.name(), Err(true));
+                    tracing::warn!(
+                        op = op.name(),
+                        id,
+                        deadline_ms = deadline.as_millis() as u64,
+                        "backend call did not answer within its deadline"
+                    );
+                    return Err(BackendError::Timeout);
+                }
+            },
+            None => fut.await,
+        };
+        match &res {
+            Ok(_) => METRICS.backend_call(op.name(), Ok(())),
+            Err(e) => {
+                METRICS.backend_call(op.name(), Err(matches!(e, BackendError::Timeout)));
+                if is_outcome(e) {
+                    // An answer about the sandbox (gone, port closed...), not a failure.
+                    tracing::debug!(op = op.name(), id, error = %e, "backend call refused");
+                } else {
+                    tracing::error!(op = op.name(), id, error = %chain(e), "backend call failed");
+                }
+            }
+        }
+        res
+    }
+
+    /// Records a sandbox's state change in the store and logs it (with its reason) once it is
+    /// recorded. A move the store's lifecycle refuses is an error and is not logged.
+    pub(crate) async fn transition(
+        &self,
+        id: &str,
+        to: StoreState,
+        reason: &str,
+    ) -> Result<SandboxRecord, StoreError> {
+        let (id2, reason2) = (id.to_owned(), reason.to_owned());
+        let rec = self.db(move |s| s.transition(&id2, to, &reason2)).await?;
+        log_state_change(id, to, reason);
+        Ok(rec)
     }
 
     /// Runs a store call on the blocking pool.
@@ -147,7 +207,9 @@ impl Service {
 
     /// Copies the backend's templates into the store. Returns how many it has.
     pub async fn sync_templates(&self) -> Result<usize, BackendError> {
-        let templates = self.backend.templates().await?;
+        let templates = self
+            .call(BackendOp::Templates, "", self.backend.templates())
+            .await?;
         let n = templates.len();
         let now = now_ms();
         let records: Vec<TemplateRecord> = templates
@@ -369,10 +431,13 @@ impl Service {
             memory_mb: template.memory_mb,
             snapshot_id,
         };
-        let task = tokio::spawn(async move { this.start(backend_req, timeout).await });
+        let task = tokio::spawn(
+            async move { this.start(backend_req, timeout).await }
+                .instrument(tracing::Span::current()),
+        );
         let started = match task.await {
             Ok(r) => r?,
-            Err(_) => return Err(ApiError::Internal),
+            Err(join) => return Err(ApiError::internal(join)),
         };
         Ok(models::Sandbox {
             template_id: template.id,
@@ -393,10 +458,11 @@ impl Service {
     ) -> Result<SandboxRecord, ApiError> {
         let id = req.sandbox_id.clone();
         let template_id = req.template_id.clone();
-        let result =
-            tokio::time::timeout(self.limits.create_timeout, self.backend.create(req)).await;
+        let result = self
+            .call(BackendOp::Create, &id, self.backend.create(req))
+            .await;
         let failure = match result {
-            Ok(Ok(started)) => {
+            Ok(started) => {
                 let started_at = system_time_ms(started.started_at);
                 let end_at = now_ms() + timeout.as_millis() as i64;
                 let envd = if started.envd_version.is_empty() {
@@ -421,48 +487,33 @@ impl Service {
                 match marked {
                     Ok(rec) => {
                         Metrics::inc(&METRICS.sandboxes_created);
-                        tracing::info!(sandbox_id = %id, "sandbox running");
+                        log_state_change(&id, StoreState::Running, "started");
                         return Ok(rec);
                     }
                     Err(e) => {
                         // Killed or lost while starting (e.g. the reaper): do not leak the VM.
                         tracing::warn!(sandbox_id = %id, error = %chain(&e), "sandbox ended while starting");
-                        let _ = self.backend.kill(&id).await;
+                        let _ = self
+                            .call(BackendOp::Kill, &id, self.backend.kill(&id))
+                            .await;
                         return Err(ApiError::CreateFailed);
                     }
                 }
             }
-            Ok(Err(e)) => e,
-            Err(_) => BackendError::Timeout,
+            Err(e) => e,
         };
         Metrics::inc(&METRICS.sandbox_create_failures);
-        tracing::error!(sandbox_id = %id, error = %chain(&failure), "sandbox create failed");
         if matches!(failure, BackendError::Timeout) {
             // The backend may still finish; make sure nothing stays behind.
-            let _ = self.backend.kill(&id).await;
+            let _ = self
+                .call(BackendOp::Kill, &id, self.backend.kill(&id))
+                .await;
         }
         let reason = format!("create failed: {failure}");
-        let id2 = id.clone();
-        if let Err(e) = self
-            .db(move |s| s.transition(&id2, StoreState::Killed, &reason))
-            .await
-        {
+        if let Err(e) = self.transition(&id, StoreState::Killed, &reason).await {
             tracing::error!(sandbox_id = %id, error = %chain(&e), "recording failed create");
         }
-        Err(match failure {
-            BackendError::TemplateNotFound => ApiError::TemplateNotFound {
-                template: template_id,
-            },
-            BackendError::CorruptSnapshot { .. } => ApiError::SnapshotCorrupt {
-                what: "the snapshot this sandbox was to be made from".into(),
-            },
-            BackendError::SnapshotNotFound => ApiError::SnapshotNotFound {
-                snapshot_id: template_id,
-            },
-            BackendError::NoCapacity => ApiError::NoCapacity,
-            BackendError::Timeout => ApiError::CreateTimeout,
-            _ => ApiError::CreateFailed,
-        })
+        Err(api_error(BackendOp::Create, &template_id, failure))
     }
 
     /// The record of a sandbox this team can act on: `running` or `paused`.
@@ -618,22 +669,11 @@ impl Service {
     }
 
     async fn kill_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
-        match tokio::time::timeout(Duration::from_secs(30), self.backend.kill(id)).await {
-            Ok(Ok(())) | Ok(Err(BackendError::SandboxNotFound)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(sandbox_id = %id, error = %chain(&e), "backend kill failed");
-                return Err(ApiError::Internal);
-            }
-            Err(_) => {
-                tracing::error!(sandbox_id = %id, "backend kill timed out");
-                return Err(ApiError::Internal);
-            }
+        match self.call(BackendOp::Kill, id, self.backend.kill(id)).await {
+            Ok(()) | Err(BackendError::SandboxNotFound) => {}
+            Err(e) => return Err(api_error(BackendOp::Kill, id, e)),
         }
-        let (id2, reason) = (id.to_owned(), reason.to_owned());
-        match self
-            .db(move |s| s.transition(&id2, StoreState::Killed, &reason))
-            .await
-        {
+        match self.transition(id, StoreState::Killed, reason).await {
             // Already ended by a racing kill or the reaper: the outcome the caller wanted.
             Ok(_) | Err(StoreError::Transition { .. }) => Ok(()),
             Err(e) => Err(e.into()),
@@ -659,25 +699,13 @@ impl Service {
     ) -> Result<(), ApiError> {
         let cfg = network_update(&body)?;
         let r = self.live_record(team_id, id).await?;
-        match tokio::time::timeout(
-            std::time::Duration::from_secs(30),
+        self.call(
+            BackendOp::UpdateNetwork,
+            &r.id,
             self.backend.update_network(&r.id, cfg),
         )
         .await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(BackendError::SandboxNotFound)) => Err(ApiError::SandboxNotFound {
-                sandbox_id: r.id.clone(),
-            }),
-            Ok(Err(e)) => {
-                tracing::error!(sandbox_id = %r.id, error = %chain(&e), "network update failed");
-                Err(ApiError::Internal)
-            }
-            Err(_) => {
-                tracing::error!(sandbox_id = %r.id, "network update timed out");
-                Err(ApiError::Internal)
-            }
-        }
+        .map_err(|e| api_error(BackendOp::UpdateNetwork, &r.id, e))
     }
 
     /// `POST /sandboxes/{id}/refreshes`: keep alive at least `secs` more; never shortens.
@@ -766,34 +794,20 @@ impl Service {
             return Err(ApiError::SandboxLimit { limit });
         }
         let id = r.id.clone();
-        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.resume(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                tracing::error!(sandbox_id = %id, error = %chain(&e), "resume failed");
-                return Err(match e {
-                    BackendError::SandboxNotFound => ApiError::SandboxNotFound { sandbox_id: id },
-                    BackendError::CorruptSnapshot { .. } => ApiError::SnapshotCorrupt {
-                        what: format!("paused sandbox {id}"),
-                    },
-                    BackendError::NoCapacity => ApiError::NoCapacity,
-                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
-                    _ => ApiError::ResumeFailed { sandbox_id: id },
-                });
-            }
-            Err(_) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                tracing::error!(sandbox_id = %id, "resume timed out");
-                return Err(ApiError::ResumeFailed { sandbox_id: id });
-            }
+        if let Err(e) = self
+            .call(BackendOp::Resume, &id, self.backend.resume(&id))
+            .await
+        {
+            Metrics::inc(&METRICS.persistence_failures);
+            return Err(api_error(BackendOp::Resume, &id, e));
         }
         let end_at = now_ms() + lifetime.as_millis() as i64;
-        let (id2, reason) = (id.clone(), reason.to_owned());
+        let (id2, reason2) = (id.clone(), reason.to_owned());
         let rec = self
-            .db(move |s| s.mark_resumed(&id2, end_at, &reason))
+            .db(move |s| s.mark_resumed(&id2, end_at, &reason2))
             .await?;
         Metrics::inc(&METRICS.sandboxes_resumed);
-        tracing::info!(sandbox_id = %id, "sandbox resumed");
+        log_state_change(&id, StoreState::Running, reason);
         Ok(rec)
     }
 
@@ -860,34 +874,15 @@ impl Service {
                 });
             }
         }
-        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.pause(id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                tracing::error!(sandbox_id = %id, error = %chain(&e), "pause failed");
-                return Err(match e {
-                    BackendError::SandboxNotFound => ApiError::SandboxNotFound {
-                        sandbox_id: id.to_owned(),
-                    },
-                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
-                    _ => ApiError::PauseFailed {
-                        sandbox_id: id.to_owned(),
-                    },
-                });
-            }
-            Err(_) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                tracing::error!(sandbox_id = %id, "pause timed out");
-                return Err(ApiError::PauseFailed {
-                    sandbox_id: id.to_owned(),
-                });
-            }
+        if let Err(e) = self
+            .call(BackendOp::Pause, id, self.backend.pause(id))
+            .await
+        {
+            Metrics::inc(&METRICS.persistence_failures);
+            return Err(api_error(BackendOp::Pause, id, e));
         }
-        let (id2, reason) = (id.to_owned(), reason.to_owned());
-        self.db(move |s| s.transition(&id2, StoreState::Paused, &reason))
-            .await?;
+        self.transition(id, StoreState::Paused, reason).await?;
         Metrics::inc(&METRICS.sandboxes_paused);
-        tracing::info!(sandbox_id = %id, "sandbox paused");
         Ok(())
     }
 
@@ -929,23 +924,16 @@ impl Service {
             }
         };
         let snapshot_id = new_sandbox_id();
-        match tokio::time::timeout(PERSIST_TIMEOUT, self.backend.snapshot(&r.id, &snapshot_id))
+        if let Err(e) = self
+            .call(
+                BackendOp::Snapshot,
+                &r.id,
+                self.backend.snapshot(&r.id, &snapshot_id),
+            )
             .await
         {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                tracing::error!(sandbox_id = %r.id, error = %chain(&e), "snapshot failed");
-                return Err(match e {
-                    BackendError::SandboxNotFound => ApiError::SandboxNotFound { sandbox_id: r.id },
-                    BackendError::Unsupported { op } => ApiError::Unsupported { feature: op },
-                    _ => ApiError::SnapshotFailed { sandbox_id: r.id },
-                });
-            }
-            Err(_) => {
-                Metrics::inc(&METRICS.persistence_failures);
-                return Err(ApiError::SnapshotFailed { sandbox_id: r.id });
-            }
+            Metrics::inc(&METRICS.persistence_failures);
+            return Err(api_error(BackendOp::Snapshot, &r.id, e));
         }
         let rec = SnapshotRecord {
             id: snapshot_id,
@@ -1048,18 +1036,16 @@ impl Service {
     }
 
     async fn forget_snapshot(&self, snapshot_id: &str) -> Result<(), ApiError> {
-        match tokio::time::timeout(
-            Duration::from_secs(30),
-            self.backend.delete_snapshot(snapshot_id),
-        )
-        .await
+        match self
+            .call(
+                BackendOp::DeleteSnapshot,
+                snapshot_id,
+                self.backend.delete_snapshot(snapshot_id),
+            )
+            .await
         {
-            Ok(Ok(())) | Ok(Err(BackendError::SnapshotNotFound)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(snapshot_id, error = %chain(&e), "deleting a snapshot failed");
-                return Err(ApiError::Internal);
-            }
-            Err(_) => return Err(ApiError::Internal),
+            Ok(()) | Err(BackendError::SnapshotNotFound) => {}
+            Err(e) => return Err(api_error(BackendOp::DeleteSnapshot, snapshot_id, e)),
         }
         let id = snapshot_id.to_owned();
         match self.db(move |s| s.delete_snapshot(&id)).await {
@@ -1091,13 +1077,11 @@ impl Service {
         let template = self.resolve_template(&r.template_id).await?;
         let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
         // Children keep the parent's egress rules.
-        let network = match tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            self.backend.network(&r.id),
-        )
-        .await
+        let network = match self
+            .call(BackendOp::Network, &r.id, self.backend.network(&r.id))
+            .await
         {
-            Ok(Ok(Some(n))) => n,
+            Ok(Some(n)) => n,
             _ => alcove_net::NetworkConfig {
                 allow_internet_access: r.allow_internet_access != Some(false),
                 ..Default::default()
@@ -1152,18 +1136,10 @@ impl Service {
 
     /// `GET /alcove/v1/warm-pool`.
     pub async fn warm_pool(&self) -> Result<Vec<models::WarmPoolView>, ApiError> {
-        let pools =
-            match tokio::time::timeout(Duration::from_secs(10), self.backend.warm_pool()).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %chain(&e), "warm pool status failed");
-                    return Err(ApiError::Internal);
-                }
-                Err(_) => {
-                    tracing::error!("the backend did not report its warm pools within 10 s");
-                    return Err(ApiError::Internal);
-                }
-            };
+        let pools = self
+            .call(BackendOp::WarmPool, "", self.backend.warm_pool())
+            .await
+            .map_err(|e| api_error(BackendOp::WarmPool, "", e))?;
         Ok(pools
             .into_iter()
             .map(|p| models::WarmPoolView {
@@ -1197,16 +1173,14 @@ impl Service {
     }
 
     async fn sample(&self, id: &str) -> Result<Option<models::SandboxMetric>, ApiError> {
-        match tokio::time::timeout(Duration::from_secs(10), self.backend.metrics(id)).await {
-            Ok(Ok(m)) => Ok(m.map(metric_view)),
-            Ok(Err(BackendError::SandboxNotFound)) => Ok(None),
-            Ok(Err(e)) => {
-                tracing::warn!(sandbox_id = %id, error = %chain(&e), "metrics failed");
-                Ok(None)
-            }
-            Err(_) => Err(ApiError::SandboxTimeout {
-                sandbox_id: id.to_owned(),
-            }),
+        match self
+            .call(BackendOp::Metrics, id, self.backend.metrics(id))
+            .await
+        {
+            Ok(m) => Ok(m.map(metric_view)),
+            Err(e @ BackendError::Timeout) => Err(api_error(BackendOp::Metrics, id, e)),
+            // No sample is an answer too: the series is empty.
+            Err(_) => Ok(None),
         }
     }
 
@@ -1272,8 +1246,9 @@ impl Service {
             })
             .collect();
         if !r.state.is_terminal()
-            && let Ok(Ok(lines)) =
-                tokio::time::timeout(Duration::from_secs(10), self.backend.logs(&r.id)).await
+            && let Ok(lines) = self
+                .call(BackendOp::Logs, &r.id, self.backend.logs(&r.id))
+                .await
         {
             out.extend(lines.into_iter().map(|l| {
                 let at = system_time_ms(l.timestamp);
@@ -1321,8 +1296,11 @@ impl Service {
 
     // ---- background duties -----------------------------------------------------------------
 
-    /// Kills every running sandbox past its end time. Returns how many it killed.
-    pub async fn reap_expired(&self) -> usize {
+    /// Starts the end-of-life work (pause with `autoPause`, else kill) of every running sandbox
+    /// past its end time, each in its own task: a backend call that hangs on one sandbox holds
+    /// up that sandbox alone, until its deadline, and the next tick retries it. A sandbox
+    /// already being worked on is skipped. Returns how many it started on.
+    pub async fn reap_expired(self: &Arc<Self>) -> usize {
         let now = now_ms();
         let ids = match self.db(move |s| s.expired_sandboxes(now)).await {
             Ok(ids) => ids,
@@ -1331,45 +1309,63 @@ impl Service {
                 return 0;
             }
         };
-        let mut n = 0;
+        let mut started = 0;
         for (id, auto_pause) in ids {
-            if auto_pause {
-                match self
-                    .pause_record(&id, "timeout: paused at its end time (autoPause)")
-                    .await
-                {
-                    Ok(()) => {
-                        n += 1;
-                        tracing::info!(sandbox_id = %id, "reaper: paused at timeout");
-                        continue;
-                    }
-                    Err(ApiError::AlreadyPaused { .. } | ApiError::SandboxNotFound { .. }) => {
-                        continue;
-                    }
-                    Err(_) => {
-                        // A sandbox that cannot be saved is killed rather than left running
-                        // forever past its end.
-                        tracing::warn!(sandbox_id = %id, "reaper: pause at timeout failed, killing");
-                    }
+            let Some(guard) = ReapGuard::claim(self, &id) else {
+                continue;
+            };
+            started += 1;
+            let span = tracing::info_span!("reap", sandbox_id = %id);
+            tokio::spawn(
+                async move {
+                    guard.svc.reap_one(&guard.id, auto_pause).await;
                 }
-            }
+                .instrument(span),
+            );
+        }
+        started
+    }
+
+    async fn reap_one(&self, id: &str, auto_pause: bool) {
+        if auto_pause {
             match self
-                .kill_record(&id, "timeout: the sandbox reached its end time")
+                .pause_record(id, "timeout: paused at its end time (autoPause)")
                 .await
             {
                 Ok(()) => {
-                    n += 1;
-                    Metrics::inc(&METRICS.sandboxes_timed_out);
-                    tracing::info!(sandbox_id = %id, "reaper: killed at timeout");
+                    tracing::info!("reaper: paused at timeout");
+                    return;
                 }
-                Err(_) => tracing::warn!(sandbox_id = %id, "reaper: kill failed, will retry"),
+                Err(ApiError::AlreadyPaused { .. } | ApiError::SandboxNotFound { .. }) => return,
+                Err(e) => {
+                    // A sandbox that cannot be saved is killed rather than left running
+                    // forever past its end.
+                    let code = e.parts().1;
+                    tracing::warn!(
+                        error_code = code,
+                        "reaper: pause at timeout failed, killing"
+                    );
+                }
             }
         }
-        n
+        match self
+            .kill_record(id, "timeout: the sandbox reached its end time")
+            .await
+        {
+            Ok(()) => {
+                Metrics::inc(&METRICS.sandboxes_timed_out);
+                tracing::info!("reaper: killed at timeout");
+            }
+            Err(e) => {
+                let code = e.parts().1;
+                tracing::warn!(error_code = code, "reaper: kill failed, will retry");
+            }
+        }
     }
 
     /// Marks `lost` every running or paused sandbox whose VM the backend no longer has.
-    /// `creating` ones are left alone: their create call owns them.
+    /// `creating` ones are left alone: their create call owns them. Each suspect's status is
+    /// asked for concurrently, every call under its deadline.
     pub async fn check_liveness(&self, context: &str) -> usize {
         let records = match self.db(|s| s.live_sandboxes()).await {
             Ok(r) => r,
@@ -1378,21 +1374,23 @@ impl Service {
                 return 0;
             }
         };
-        let live = match self.backend.list().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "liveness: backend list failed");
-                return 0;
-            }
+        // A failed or hung list was logged by the call path; the next round tries again.
+        let Ok(live) = self.call(BackendOp::List, "", self.backend.list()).await else {
+            return 0;
         };
         let live: HashSet<String> = live.into_iter().map(|l| l.sandbox_id).collect();
-        let mut lost = 0;
-        for r in records {
-            if r.state == StoreState::Creating || live.contains(&r.id) {
-                continue;
-            }
-            let why = match self.backend.status(&r.id).await {
-                Ok(SandboxStatus::Running | SandboxStatus::Paused) => continue,
+        let suspects: Vec<SandboxRecord> = records
+            .into_iter()
+            .filter(|r| r.state != StoreState::Creating && !live.contains(&r.id))
+            .collect();
+        // Each suspect on its own: one status call that hangs (until its deadline) must not
+        // hold up the others.
+        let marked = futures::future::join_all(suspects.iter().map(|r| async move {
+            let why = match self
+                .call(BackendOp::Status, &r.id, self.backend.status(&r.id))
+                .await
+            {
+                Ok(SandboxStatus::Running | SandboxStatus::Paused) => return false,
                 Ok(SandboxStatus::Exited { reason }) => reason,
                 Ok(SandboxStatus::Unknown) | Err(BackendError::SandboxNotFound) => {
                     "the backend has no VM for it".to_owned()
@@ -1400,49 +1398,43 @@ impl Service {
                 Err(e) => format!("the backend could not report on it ({e})"),
             };
             let reason = format!("lost {context}: {why}");
-            let id = r.id.clone();
-            let reason2 = reason.clone();
-            if self
-                .db(move |s| s.transition(&id, StoreState::Lost, &reason2))
+            let lost = self
+                .transition(&r.id, StoreState::Lost, &reason)
                 .await
-                .is_ok()
-            {
-                lost += 1;
+                .is_ok();
+            if lost {
                 Metrics::inc(&METRICS.sandboxes_lost);
-                tracing::warn!(sandbox_id = %r.id, %reason, "sandbox lost");
             }
-        }
-        lost
+            lost
+        }))
+        .await;
+        marked.into_iter().filter(|m| *m).count()
     }
 
     /// At startup: sandboxes left `creating` by a previous process are lost (their create call
     /// died with it); running ones the backend still has are reattached, the others are lost;
-    /// VMs the store does not know are killed.
+    /// VMs the store does not know are killed. Every backend call has its deadline; the kills
+    /// run concurrently.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
         let records = self.db(|s| s.live_sandboxes()).await?;
-        let live = match self.backend.list().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %chain(&e), "reconcile: backend list failed");
-                return Err(ApiError::Internal);
-            }
-        };
+        let live = self
+            .call(BackendOp::List, "", self.backend.list())
+            .await
+            .map_err(|e| api_error(BackendOp::List, "", e))?;
         let live_ids: HashSet<&str> = live.iter().map(|l| l.sandbox_id.as_str()).collect();
         let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let mut to_kill: Vec<&str> = Vec::new();
         for r in &records {
             if r.state == StoreState::Creating {
                 if live_ids.contains(r.id.as_str()) {
-                    let _ = self.backend.kill(&r.id).await;
+                    to_kill.push(&r.id);
                 }
-                let id = r.id.clone();
                 let _ = self
-                    .db(move |s| {
-                        s.transition(
-                            &id,
-                            StoreState::Lost,
-                            "lost at server restart: the server stopped while the sandbox was being created",
-                        )
-                    })
+                    .transition(
+                        &r.id,
+                        StoreState::Lost,
+                        "lost at server restart: the server stopped while the sandbox was being created",
+                    )
                     .await;
                 Metrics::inc(&METRICS.sandboxes_lost);
             } else if let Some(l) = live.iter().find(|l| l.sandbox_id == r.id) {
@@ -1460,8 +1452,7 @@ impl Service {
                     _ => None,
                 };
                 if let Some((to, reason)) = fix {
-                    let id = r.id.clone();
-                    let _ = self.db(move |s| s.transition(&id, to, reason)).await;
+                    let _ = self.transition(&r.id, to, reason).await;
                 }
                 tracing::info!(sandbox_id = %r.id, paused = l.paused, "reattached after restart");
             }
@@ -1470,11 +1461,137 @@ impl Service {
         for l in &live {
             if !known.contains(l.sandbox_id.as_str()) {
                 tracing::warn!(sandbox_id = %l.sandbox_id, "killing a VM the store does not know");
-                let _ = self.backend.kill(&l.sandbox_id).await;
+                to_kill.push(&l.sandbox_id);
             }
         }
+        futures::future::join_all(
+            to_kill
+                .into_iter()
+                .map(|id| self.call(BackendOp::Kill, id, self.backend.kill(id))),
+        )
+        .await;
         Ok(())
     }
+}
+
+/// A sandbox the reaper works on; dropping it (the work done, or its task gone) frees it for
+/// the next tick.
+struct ReapGuard {
+    svc: Arc<Service>,
+    id: String,
+}
+
+impl ReapGuard {
+    fn claim(svc: &Arc<Service>, id: &str) -> Option<ReapGuard> {
+        let fresh = svc
+            .reaping
+            .lock()
+            .expect("reaping lock")
+            .insert(id.to_owned());
+        fresh.then(|| ReapGuard {
+            svc: svc.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for ReapGuard {
+    fn drop(&mut self) {
+        self.svc
+            .reaping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The log line of a state change the store recorded: info, warn for a lost sandbox.
+fn log_state_change(id: &str, to: StoreState, reason: &str) {
+    if to == StoreState::Lost {
+        tracing::warn!(sandbox_id = %id, state = %to, reason, "sandbox state changed");
+    } else {
+        tracing::info!(sandbox_id = %id, state = %to, reason, "sandbox state changed");
+    }
+}
+
+/// Errors that answer a question about the sandbox rather than report a broken backend.
+fn is_outcome(e: &BackendError) -> bool {
+    use BackendError as B;
+    matches!(
+        e,
+        B::SandboxNotFound
+            | B::TemplateNotFound
+            | B::NoCapacity
+            | B::PortNotOpen
+            | B::Unsupported { .. }
+            | B::SnapshotNotFound
+            | B::WrongState { .. }
+    )
+}
+
+/// What a failed backend call means for the API's caller: the one mapping from
+/// [`BackendError`] to [`ApiError`], per operation. `id` is the name the caller used: the
+/// sandbox id, the template id for `Create`, the snapshot id for `DeleteSnapshot`. The cause was
+/// logged by [`Service::call`]; an internal error carries only which call failed.
+pub(crate) fn api_error(op: BackendOp, id: &str, e: BackendError) -> ApiError {
+    use BackendError as B;
+    use BackendOp as O;
+    let sandbox_id = id.to_owned();
+    match (op, e) {
+        (O::Create, B::TemplateNotFound) => ApiError::TemplateNotFound {
+            template: sandbox_id,
+        },
+        (O::Create, B::CorruptSnapshot { .. }) => ApiError::SnapshotCorrupt {
+            what: "the snapshot this sandbox was to be made from".into(),
+        },
+        (O::Create, B::SnapshotNotFound) => ApiError::SnapshotNotFound {
+            snapshot_id: sandbox_id,
+        },
+        (O::Create, B::NoCapacity) => ApiError::NoCapacity,
+        (O::Create, B::Timeout) => ApiError::CreateTimeout,
+        (O::Create, _) => ApiError::CreateFailed,
+        // Sandbox traffic: the 502s and 504 the SDKs turn into their exceptions.
+        (O::Forward { .. }, B::SandboxNotFound) => ApiError::SandboxGone { sandbox_id },
+        (O::Forward { port }, B::PortNotOpen) => ApiError::PortNotOpen { sandbox_id, port },
+        (O::Forward { .. }, B::Timeout) => ApiError::SandboxTimeout { sandbox_id },
+        (O::Forward { .. }, _) => ApiError::SandboxUnreachable { sandbox_id },
+        (O::Metrics | O::Status | O::Logs | O::Network, B::Timeout) => {
+            ApiError::SandboxTimeout { sandbox_id }
+        }
+        (O::DeleteSnapshot, B::SnapshotNotFound) => ApiError::SnapshotNotFound {
+            snapshot_id: sandbox_id,
+        },
+        (O::DeleteSnapshot, B::Timeout) => ApiError::BackendTimeout {
+            op: op.name(),
+            sandbox_id: None,
+        },
+        (_, B::SandboxNotFound) if !id.is_empty() => ApiError::SandboxNotFound { sandbox_id },
+        (O::Resume, B::CorruptSnapshot { .. }) => ApiError::SnapshotCorrupt {
+            what: format!("paused sandbox {id}"),
+        },
+        (O::Resume, B::NoCapacity) => ApiError::NoCapacity,
+        (O::Pause | O::Resume | O::Snapshot, B::Unsupported { op }) => {
+            ApiError::Unsupported { feature: op }
+        }
+        // A pause, resume or snapshot past its deadline may still finish: the caller is told
+        // to check the sandbox, as for any other failure of these.
+        (O::Pause, _) => ApiError::PauseFailed { sandbox_id },
+        (O::Resume, _) => ApiError::ResumeFailed { sandbox_id },
+        (O::Snapshot, _) => ApiError::SnapshotFailed { sandbox_id },
+        (_, B::Timeout) => ApiError::BackendTimeout {
+            op: op.name(),
+            sandbox_id: (!id.is_empty()).then_some(sandbox_id),
+        },
+        (_, _) => ApiError::internal(BackendCallFailed { op: op.name() }),
+    }
+}
+
+/// The cause an internal error keeps when a backend call failed. The backend's own error chain
+/// was logged once by [`Service::call`], with the request's span.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend's {op} call failed")]
+pub struct BackendCallFailed {
+    pub op: &'static str,
 }
 
 fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
