@@ -8,8 +8,9 @@
 //! Entry points for the `alcove` binary: [`serve`] (or [`Server::bind`] + [`Server::run`]) and
 //! the CLI pieces in [`cli`]. The integrator implements [`SandboxBackend`] over the node library.
 //!
-//! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service`
-//! (logic, testable without HTTP), `proxy` (sandbox traffic), `error` (the one `ApiError`),
+//! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service/`
+//! (logic by resource, testable without HTTP; every backend call goes through its one call path),
+//! `proxy` (sandbox traffic), `error` (the one `ApiError`),
 //! `models` (wire types), `openapi` (generated document + drift test), `server` (startup,
 //! reaper), `metrics` (Prometheus text).
 
