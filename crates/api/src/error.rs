@@ -378,19 +378,25 @@ impl ApiError {
     }
 }
 
+/// The error behind an error response, with its cause. It rides on the response as an
+/// extension so that one middleware (`server::observe_request`) logs it once, inside the
+/// request's span; it is never serialized.
+#[derive(Debug, Clone)]
+pub struct ErrorCause(pub std::sync::Arc<ApiError>);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_code, message) = self.parts();
-        if status.is_server_error() {
-            tracing::warn!(error_code, "request failed");
-        }
         crate::metrics::METRICS.error(error_code);
         let body = ErrorBody {
             code: status.as_u16(),
             message,
             error_code: error_code.into(),
         };
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut()
+            .insert(ErrorCause(std::sync::Arc::new(self)));
+        resp
     }
 }
 

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backend::SandboxBackend;
 use crate::config::{Limits, ServerConfig};
-use crate::error::{ApiError, chain};
+use crate::error::{ApiError, ErrorCause, chain};
 use crate::handlers::{self, AppState, BodyLimit};
 use crate::metrics::METRICS;
 use crate::proxy;
@@ -300,6 +300,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
     api.layer(middleware::from_fn_with_state(svc.clone(), proxy::dispatch))
+        .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
         .with_state::<()>(svc as AppState)
 }
 
@@ -329,6 +330,65 @@ async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next)
 
 static NEXT_REQUEST_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// Outermost middleware, REST and sandbox traffic alike: the request's span (request id,
+/// method, route, sandbox id when the path or the routing names one) and, when the response is
+/// ready, one log line with its status and latency. An error response's cause
+/// ([`ErrorCause`]) is logged here, once, and never sent: 5xx at error level with the cause
+/// chain, the rest at info with their error code.
+async fn observe_request(State(svc): State<AppState>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+    let proxied = proxy::route_of(&parts, svc.domain()).ok().flatten();
+    let matched = parts.extensions.get::<MatchedPath>().map(|p| p.as_str());
+    let (route, sandbox_id) = match &proxied {
+        Some(r) => ("proxy", Some(r.sandbox_id.as_str())),
+        None => {
+            let route = matched.unwrap_or("unmatched");
+            (route, path_sandbox_id(route, parts.uri.path()))
+        }
+    };
+    let span = tracing::info_span!(
+        "request",
+        request_id,
+        method = %parts.method,
+        route = %route,
+        sandbox_id = tracing::field::Empty,
+    );
+    if let Some(id) = sandbox_id {
+        span.record("sandbox_id", tracing::field::display(id));
+    }
+    let req = Request::from_parts(parts, body);
+    async move {
+        let resp = next.run(req).await;
+        let status = resp.status().as_u16();
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match resp.extensions().get::<ErrorCause>() {
+            Some(ErrorCause(e)) if resp.status().is_server_error() => {
+                let error_code = e.parts().1;
+                tracing::error!(status, latency_ms, error_code, cause = %chain(&**e), "request failed");
+            }
+            Some(ErrorCause(e)) => {
+                let error_code = e.parts().1;
+                tracing::info!(status, latency_ms, error_code, "request");
+            }
+            None => tracing::info!(status, latency_ms, "request"),
+        }
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// The `{sandboxID}` segment of a path matched by `route`, if the route has one.
+fn path_sandbox_id<'a>(route: &str, path: &'a str) -> Option<&'a str> {
+    route
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(r, _)| *r == "{sandboxID}")
+        .map(|(_, p)| p)
+}
+
 async fn count_request(req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_owned();
     let route = req
@@ -336,9 +396,22 @@ async fn count_request(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = tracing::debug_span!("request", request_id, %method, %route);
-    let resp = next.run(req).instrument(span).await;
+    let resp = next.run(req).await;
     METRICS.request(&method, &route, resp.status().as_u16());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_sandbox_id;
+
+    #[test]
+    fn the_sandbox_id_comes_from_the_matched_route() {
+        assert_eq!(
+            path_sandbox_id("/sandboxes/{sandboxID}/pause", "/sandboxes/abc/pause"),
+            Some("abc")
+        );
+        assert_eq!(path_sandbox_id("/v2/sandboxes", "/v2/sandboxes"), None);
+        assert_eq!(path_sandbox_id("unmatched", "/x/y"), None);
+    }
 }

@@ -311,16 +311,24 @@ pub(crate) fn api_error(op: BackendOp, id: &str, e: BackendError) -> ApiError {
             op: op.name(),
             sandbox_id: (!id.is_empty()).then_some(sandbox_id),
         },
-        (_, _) => ApiError::internal(BackendCallFailed { op: op.name() }),
+        (_, e) => ApiError::internal(BackendCallFailed {
+            op: op.name(),
+            // A failure's chain was logged by the call path; an answer (e.g. unsupported) was
+            // not, and rides along to be logged with the request.
+            source: is_outcome(&e).then_some(e),
+        }),
     }
 }
 
-/// The cause an internal error keeps when a backend call failed. The backend's own error chain
-/// was logged once by [`Service::call`], with the request's span.
+/// The cause an internal error keeps when a backend call failed. [`Service::call`] logged the
+/// chain of a real failure already, so only an answer the API could not use is kept as the
+/// source: each cause is logged once.
 #[derive(Debug, thiserror::Error)]
 #[error("the backend's {op} call failed")]
 pub struct BackendCallFailed {
     pub op: &'static str,
+    #[source]
+    pub source: Option<BackendError>,
 }
 
 /// The one mapping from the store's lifecycle to E2B's two wire states, used by get and list

@@ -107,6 +107,10 @@ impl Service {
             },
         )
         .await
+        .inspect(|sbx| {
+            // The request's log line names the sandbox it made.
+            tracing::Span::current().record("sandbox_id", tracing::field::display(&sbx.sandbox_id));
+        })
     }
 
     pub(super) async fn create_sandbox(

@@ -11,7 +11,7 @@ use alcove_store::{
 use super::sandboxes::NewSandboxParams;
 use super::{Service, api_error, new_sandbox_id};
 use crate::backend::{BackendError, BackendOp};
-use crate::error::ApiError;
+use crate::error::{ApiError, chain};
 use crate::metrics::{METRICS, Metrics};
 use crate::models::{self, rfc3339};
 
@@ -238,6 +238,9 @@ impl Service {
                     },
                     Err(e) => {
                         let (status, code, message) = e.parts();
+                        // The child's error goes into the body, not through the response
+                        // middleware: its cause is logged here, once.
+                        tracing::warn!(error_code = code, cause = %chain(&e), "fork child failed");
                         models::ForkResult {
                             sandbox: None,
                             error: Some(crate::error::ErrorBody {
