@@ -368,6 +368,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backend_errors_map_to_what_the_caller_can_act_on() {
+        let status = |op, e| api_error(op, "sbx", e).parts();
+        let (st, code, msg) = status(BackendOp::Kill, BackendError::Timeout);
+        assert_eq!((st.as_u16(), code), (504, "backend_timeout"));
+        assert!(msg.contains("sbx") && msg.contains("Retry"), "{msg}");
+        let (st, code, _) = status(BackendOp::Create, BackendError::Timeout);
+        assert_eq!((st.as_u16(), code), (504, "sandbox_create_timeout"));
+        let (st, code, _) = status(BackendOp::Forward { port: 1 }, BackendError::PortNotOpen);
+        assert_eq!((st.as_u16(), code), (502, "port_not_open"));
+        let (st, code, _) = status(BackendOp::Pause, BackendError::Timeout);
+        assert_eq!((st.as_u16(), code), (500, "sandbox_pause_failed"));
+        let (st, code, _) = status(BackendOp::Metrics, BackendError::Timeout);
+        assert_eq!((st.as_u16(), code), (504, "sandbox_timeout"));
+        let failed = BackendError::Failed {
+            op: "kill",
+            source: "qemu: secret detail".into(),
+        };
+        let e = api_error(BackendOp::Kill, "sbx", failed);
+        let (st, code, msg) = e.parts();
+        assert_eq!((st.as_u16(), code), (500, "internal_server_error"));
+        assert!(!msg.contains("secret detail"));
+        // The failure's chain was logged by the call path; the error keeps which call failed.
+        assert_eq!(chain(&e), "internal error: the backend's kill call failed");
+    }
+
+    #[test]
     fn sandbox_ids_are_host_label_safe_and_distinct() {
         let a = new_sandbox_id();
         assert_eq!(a.len(), 20);
