@@ -16,7 +16,7 @@ use crate::models::{
     SandboxMetric, SandboxesWithMetrics, SnapshotInfo, SnapshotRequest, TimeoutRequest,
     parse_rfc3339,
 };
-use crate::service::ListQuery;
+use crate::service::{ListQuery, LogQuery};
 
 /// Largest page `GET /v2/sandboxes` returns.
 const MAX_PAGE: usize = 1000;
@@ -415,16 +415,15 @@ pub async fn logs_v1(
     let start = query_pairs(raw.as_deref())
         .into_iter()
         .find(|(k, _)| k == "start")
-        .and_then(|(_, v)| v.parse::<i64>().ok())
-        .unwrap_or(i64::MIN);
-    let entries: Vec<_> = svc
-        .logs(&team, &id)
-        .await?
-        .into_iter()
-        .filter(|(at, _)| *at >= start)
-        .take(limit)
-        .map(|(_, e)| e)
-        .collect();
+        .and_then(|(_, v)| v.parse::<i64>().ok());
+    let q = LogQuery {
+        cursor: start,
+        backward: false,
+        min_level: None,
+        search: None,
+        limit,
+    };
+    let entries = svc.logs(&team, &id, &q).await?;
     Ok(Json(SandboxLogs {
         logs: entries
             .iter()
@@ -462,36 +461,14 @@ pub async fn logs_v2(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let backward = get("direction").as_deref() == Some("backward");
-    let cursor = get("cursor").and_then(|v| v.parse::<i64>().ok());
-    let rank = |l: &str| match l {
-        "debug" => 0,
-        "info" => 1,
-        "warn" => 2,
-        _ => 3,
+    let q = LogQuery {
+        cursor: get("cursor").and_then(|v| v.parse::<i64>().ok()),
+        backward: get("direction").as_deref() == Some("backward"),
+        min_level: get("level"),
+        search: get("search"),
+        limit,
     };
-    let min_level = get("level").map(|l| rank(&l)).unwrap_or(0);
-    let search = get("search");
-    let mut entries: Vec<_> = svc
-        .logs(&team, &id)
-        .await?
-        .into_iter()
-        .filter(|(at, e)| {
-            let in_range = match cursor {
-                Some(c) if backward => *at <= c,
-                Some(c) => *at >= c,
-                None => true,
-            };
-            in_range
-                && rank(&e.level) >= min_level
-                && search.as_deref().is_none_or(|s| e.message.contains(s))
-        })
-        .map(|(_, e)| e)
-        .collect();
-    if backward {
-        entries.reverse();
-    }
-    entries.truncate(limit);
+    let entries = svc.logs(&team, &id, &q).await?;
     Ok(Json(SandboxLogsV2 { logs: entries }))
 }
 

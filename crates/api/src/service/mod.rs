@@ -35,6 +35,7 @@ mod snapshots;
 mod templates;
 
 pub use network::network_update;
+pub use observability::LogQuery;
 pub use sandboxes::{ListQuery, ProxyTarget};
 pub use snapshots::MAX_FORK_COUNT;
 

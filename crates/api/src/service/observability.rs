@@ -10,6 +10,30 @@ use crate::backend::{BackendError, BackendOp, LogLevel, ResourceUsage};
 use crate::error::ApiError;
 use crate::models::{self, rfc3339, system_time_ms};
 
+/// Which log entries a caller wants (`GET /sandboxes/{id}/logs` and its v2).
+#[derive(Debug, Clone)]
+pub struct LogQuery {
+    /// Unix ms: entries at or after it (at or before it going backward).
+    pub cursor: Option<i64>,
+    /// Newest first.
+    pub backward: bool,
+    /// Lowest level: debug, info, warn, error (anything else counts as error).
+    pub min_level: Option<String>,
+    /// A substring the message must contain.
+    pub search: Option<String>,
+    pub limit: usize,
+}
+
+/// Levels in order; anything unknown ranks with `error`.
+fn level_rank(level: &str) -> u8 {
+    match level {
+        "debug" => 0,
+        "info" => 1,
+        "warn" => 2,
+        _ => 3,
+    }
+}
+
 impl Service {
     /// `GET /alcove/v1/warm-pool`.
     pub async fn warm_pool(&self) -> Result<Vec<models::WarmPoolView>, ApiError> {
@@ -70,9 +94,39 @@ impl Service {
         Ok(models::SandboxesWithMetrics { sandboxes: out })
     }
 
-    /// Log entries of any sandbox of the team: its lifecycle events merged with the backend's
-    /// own lines, oldest first.
+    /// Log entries of any sandbox of the team (its lifecycle events merged with the backend's
+    /// own lines), chosen by `q`: oldest first, or newest first when `q.backward`.
     pub async fn logs(
+        &self,
+        team_id: &str,
+        id: &str,
+        q: &LogQuery,
+    ) -> Result<Vec<models::SandboxLogEntry>, ApiError> {
+        let min_level = q.min_level.as_deref().map(level_rank).unwrap_or(0);
+        let mut entries: Vec<_> = self
+            .all_logs(team_id, id)
+            .await?
+            .into_iter()
+            .filter(|(at, e)| {
+                let in_range = match q.cursor {
+                    Some(c) if q.backward => *at <= c,
+                    Some(c) => *at >= c,
+                    None => true,
+                };
+                in_range
+                    && level_rank(&e.level) >= min_level
+                    && q.search.as_deref().is_none_or(|s| e.message.contains(s))
+            })
+            .map(|(_, e)| e)
+            .collect();
+        if q.backward {
+            entries.reverse();
+        }
+        entries.truncate(q.limit);
+        Ok(entries)
+    }
+
+    async fn all_logs(
         &self,
         team_id: &str,
         id: &str,
