@@ -252,25 +252,27 @@ async fn liveness(svc: Arc<Service>) {
 
 /// The whole HTTP surface: sandbox traffic dispatch in front of the REST API.
 pub fn router(svc: Arc<Service>) -> Router {
-    use handlers::{extensions, sandboxes as s, system, templates as t};
+    use handlers::{
+        extensions, observability as o, persistence as p, sandboxes as s, system, templates as t,
+    };
     let limits = svc.limits().clone();
     let api = Router::new()
         .route("/sandboxes", post(s::create_v1).get(s::list_v1))
         .route("/v2/sandboxes", post(s::create_v2).get(s::list_v2))
-        .route("/sandboxes/metrics", get(s::metrics_many))
+        .route("/sandboxes/metrics", get(o::metrics_many))
         .route("/sandboxes/{sandboxID}", get(s::get).delete(s::kill))
         .route("/sandboxes/{sandboxID}/timeout", post(s::set_timeout))
         .route("/sandboxes/{sandboxID}/refreshes", post(s::refresh))
-        .route("/sandboxes/{sandboxID}/connect", post(s::connect_v1))
-        .route("/v2/sandboxes/{sandboxID}/connect", post(s::connect))
-        .route("/sandboxes/{sandboxID}/metrics", get(s::metrics))
-        .route("/sandboxes/{sandboxID}/logs", get(s::logs_v1))
-        .route("/v2/sandboxes/{sandboxID}/logs", get(s::logs_v2))
-        .route("/sandboxes/{sandboxID}/pause", post(s::pause))
-        .route("/sandboxes/{sandboxID}/resume", post(s::resume))
-        .route("/sandboxes/{sandboxID}/fork", post(s::fork))
-        .route("/sandboxes/{sandboxID}/snapshots", post(s::create_snapshot))
-        .route("/snapshots", get(s::list_snapshots))
+        .route("/sandboxes/{sandboxID}/connect", post(p::connect_v1))
+        .route("/v2/sandboxes/{sandboxID}/connect", post(p::connect))
+        .route("/sandboxes/{sandboxID}/metrics", get(o::metrics))
+        .route("/sandboxes/{sandboxID}/logs", get(o::logs_v1))
+        .route("/v2/sandboxes/{sandboxID}/logs", get(o::logs_v2))
+        .route("/sandboxes/{sandboxID}/pause", post(p::pause))
+        .route("/sandboxes/{sandboxID}/resume", post(p::resume))
+        .route("/sandboxes/{sandboxID}/fork", post(p::fork))
+        .route("/sandboxes/{sandboxID}/snapshots", post(p::create_snapshot))
+        .route("/snapshots", get(p::list_snapshots))
         .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
