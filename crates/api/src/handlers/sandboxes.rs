@@ -1,6 +1,6 @@
-//! `/sandboxes` and `/v2/sandboxes`: E2B's sandbox endpoints as the 2.63 SDKs call them (create, list,
-//! get, kill, timeouts, refreshes, network); pause, resume, snapshots and forks are in
-//! `persistence`, metrics and logs in `observability`.
+//! `/sandboxes` and `/v2/sandboxes`: E2B's sandbox endpoints as the 2.63 SDKs call them
+//! (create, list, get, kill, timeouts, refreshes, network); pause, resume, snapshots and forks
+//! are in `persistence`, metrics and logs in `observability`.
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
