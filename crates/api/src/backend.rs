@@ -178,6 +178,52 @@ pub enum BackendError {
     },
 }
 
+/// One kind of backend call, as the API's call path names it in deadlines, metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendOp {
+    Templates,
+    Create,
+    Kill,
+    List,
+    Status,
+    Metrics,
+    Logs,
+    Network,
+    UpdateNetwork,
+    WarmPool,
+    Pause,
+    Resume,
+    Snapshot,
+    DeleteSnapshot,
+    /// Sandbox traffic to `port` inside the sandbox.
+    Forward {
+        port: u16,
+    },
+}
+
+impl BackendOp {
+    /// Stable name: the `op` label of the backend metrics and the `op` field of logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendOp::Templates => "templates",
+            BackendOp::Create => "create",
+            BackendOp::Kill => "kill",
+            BackendOp::List => "list",
+            BackendOp::Status => "status",
+            BackendOp::Metrics => "metrics",
+            BackendOp::Logs => "logs",
+            BackendOp::Network => "network",
+            BackendOp::UpdateNetwork => "update_network",
+            BackendOp::WarmPool => "warm_pool",
+            BackendOp::Pause => "pause",
+            BackendOp::Resume => "resume",
+            BackendOp::Snapshot => "snapshot",
+            BackendOp::DeleteSnapshot => "delete_snapshot",
+            BackendOp::Forward { .. } => "forward",
+        }
+    }
+}
+
 /// What the API needs from the machines. See the module docs for the contract.
 pub trait SandboxBackend: Send + Sync + 'static {
     /// Templates this host can create sandboxes from.

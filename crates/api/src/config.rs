@@ -1,8 +1,11 @@
-//! Server configuration. Every limit is configurable; none is a hard-coded tier.
+//! Server configuration. Every limit is configurable; none is a hard-coded tier. The defaults
+//! live here and nowhere else, backend deadlines included.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::backend::BackendOp;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -34,6 +37,95 @@ pub struct Limits {
     pub reaper_interval: Duration,
     /// How often the backend is asked which VMs still exist.
     pub liveness_interval: Duration,
+    /// Deadlines for every other backend call (the create's is `create_timeout`).
+    pub backend: BackendDeadlines,
+}
+
+/// How long the API waits for one backend call, per operation. A call past its deadline counts
+/// as `BackendError::Timeout`: the caller gets a timeout error and the background duties go on
+/// with the next sandbox. Sandbox traffic (`forward`) has none: it can stream for hours.
+#[derive(Debug, Clone)]
+pub struct BackendDeadlines {
+    pub templates: Duration,
+    pub kill: Duration,
+    pub list: Duration,
+    pub status: Duration,
+    pub metrics: Duration,
+    pub logs: Duration,
+    pub network: Duration,
+    pub update_network: Duration,
+    pub warm_pool: Duration,
+    /// Pause, resume and snapshot save or restore a whole sandbox (all of its memory under TCG).
+    pub pause: Duration,
+    pub resume: Duration,
+    pub snapshot: Duration,
+    pub delete_snapshot: Duration,
+}
+
+impl Default for BackendDeadlines {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        BackendDeadlines {
+            templates: s(30),
+            kill: s(30),
+            list: s(30),
+            status: s(10),
+            metrics: s(10),
+            logs: s(10),
+            network: s(10),
+            update_network: s(30),
+            warm_pool: s(10),
+            pause: s(120),
+            resume: s(120),
+            snapshot: s(120),
+            delete_snapshot: s(30),
+        }
+    }
+}
+
+impl BackendDeadlines {
+    /// Every deadline set to `d` (tests).
+    pub fn all(d: Duration) -> Self {
+        BackendDeadlines {
+            templates: d,
+            kill: d,
+            list: d,
+            status: d,
+            metrics: d,
+            logs: d,
+            network: d,
+            update_network: d,
+            warm_pool: d,
+            pause: d,
+            resume: d,
+            snapshot: d,
+            delete_snapshot: d,
+        }
+    }
+}
+
+impl Limits {
+    /// The deadline of one backend call; `None` for sandbox traffic.
+    pub fn backend_deadline(&self, op: BackendOp) -> Option<Duration> {
+        let b = &self.backend;
+        Some(match op {
+            BackendOp::Templates => b.templates,
+            BackendOp::Create => self.create_timeout,
+            BackendOp::Kill => b.kill,
+            BackendOp::List => b.list,
+            BackendOp::Status => b.status,
+            BackendOp::Metrics => b.metrics,
+            BackendOp::Logs => b.logs,
+            BackendOp::Network => b.network,
+            BackendOp::UpdateNetwork => b.update_network,
+            BackendOp::WarmPool => b.warm_pool,
+            BackendOp::Pause => b.pause,
+            BackendOp::Resume => b.resume,
+            BackendOp::Snapshot => b.snapshot,
+            BackendOp::DeleteSnapshot => b.delete_snapshot,
+            BackendOp::Forward { .. } => return None,
+        })
+    }
 }
 
 impl Default for Limits {
@@ -47,6 +139,7 @@ impl Default for Limits {
             create_timeout: Duration::from_secs(120),
             reaper_interval: Duration::from_secs(1),
             liveness_interval: Duration::from_secs(5),
+            backend: BackendDeadlines::default(),
         }
     }
 }

@@ -75,8 +75,18 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Anything the caller cannot act on; the cause is logged, never sent.
     #[error("internal error")]
-    Internal,
+    Internal {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A backend call did not answer within its deadline ([`crate::config::BackendDeadlines`]).
+    #[error("backend call timed out")]
+    BackendTimeout {
+        op: &'static str,
+        sandbox_id: Option<String>,
+    },
     // Sandbox traffic (the proxy).
     #[error("bad sandbox routing header")]
     BadRouting { detail: String },
@@ -285,10 +295,33 @@ impl ApiError {
                 "method_not_allowed",
                 "This endpoint does not accept that method. See GET /openapi.json.".into(),
             ),
-            Internal => (
+            Internal { .. } => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_server_error",
                 "Internal server error. Retry; the server log has the cause.".into(),
+            ),
+            BackendTimeout {
+                op,
+                sandbox_id: Some(id),
+            } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend_timeout",
+                format!(
+                    "The host did not finish '{op}' for sandbox {id} in time; it may still be \
+                     busy with it. Retry in a few seconds, and check the sandbox with \
+                     GET /sandboxes/{id}."
+                ),
+            ),
+            BackendTimeout {
+                op,
+                sandbox_id: None,
+            } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend_timeout",
+                format!(
+                    "The host did not finish '{op}' in time. Retry in a few seconds; if it keeps \
+                     happening the host is overloaded or stuck."
+                ),
             ),
             BadRouting { detail } => (
                 StatusCode::BAD_REQUEST,
@@ -345,19 +378,25 @@ impl ApiError {
     }
 }
 
+/// The error behind an error response, with its cause. It rides on the response as an
+/// extension so that one middleware (`server::observe_request`) logs it once, inside the
+/// request's span; it is never serialized.
+#[derive(Debug, Clone)]
+pub struct ErrorCause(pub std::sync::Arc<ApiError>);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_code, message) = self.parts();
-        if status.is_server_error() {
-            tracing::warn!(error_code, "request failed");
-        }
         crate::metrics::METRICS.error(error_code);
         let body = ErrorBody {
             code: status.as_u16(),
             message,
             error_code: error_code.into(),
         };
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut()
+            .insert(ErrorCause(std::sync::Arc::new(self)));
+        resp
     }
 }
 
@@ -367,10 +406,16 @@ impl From<alcove_store::StoreError> for ApiError {
             alcove_store::StoreError::SandboxNotFound => ApiError::SandboxNotFound {
                 sandbox_id: String::new(),
             },
-            other => {
-                tracing::error!(error = %crate::error::chain(&other), "store failed");
-                ApiError::Internal
-            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl ApiError {
+    /// An internal error with its cause (logged once by the request middleware, never sent).
+    pub fn internal(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ApiError::Internal {
+            source: Box::new(cause),
         }
     }
 }
@@ -422,10 +467,14 @@ mod tests {
 
     #[test]
     fn server_errors_do_not_leak_details() {
-        for e in [ApiError::Internal, ApiError::CreateFailed] {
+        for e in [
+            ApiError::internal(std::io::Error::other("secret detail")),
+            ApiError::CreateFailed,
+        ] {
             let (status, _, msg) = e.parts();
             assert!(status.is_server_error());
             assert!(msg.contains("server log"));
+            assert!(!msg.contains("secret detail"));
         }
     }
 }

@@ -9,8 +9,9 @@
 //! integrator implements [`SandboxBackend`] over the node library. The REST client lives in
 //! `alcove-client`, the command line in `bin/alcove`.
 //!
-//! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service`
-//! (logic, testable without HTTP), `proxy` (sandbox traffic), `error` (the one `ApiError`),
+//! Layout: `handlers/` (extract → validate → one [`service::Service`] call → map), `service/`
+//! (logic by resource, testable without HTTP; every backend call goes through its one call path),
+//! `proxy` (sandbox traffic), `error` (the one `ApiError`),
 //! `models` (wire types), `openapi` (generated document + drift test), `server` (startup,
 //! reaper), `metrics` (Prometheus text).
 
@@ -26,9 +27,9 @@ pub mod server;
 pub mod service;
 
 pub use backend::{
-    BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine, ResourceUsage,
-    SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
+    BackendError, BackendOp, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine,
+    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
 };
-pub use config::{Limits, ServerConfig};
+pub use config::{BackendDeadlines, Limits, ServerConfig};
 pub use error::ApiError;
 pub use server::{API_KEY_FILE, ServeError, Server, serve};

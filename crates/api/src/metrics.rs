@@ -15,6 +15,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per backend operation: calls, errors (timeouts included), timeouts.
+    backend: Mutex<BTreeMap<&'static str, [u64; 3]>>,
     pub sandboxes_created: AtomicU64,
     pub sandbox_create_failures: AtomicU64,
     pub sandboxes_killed: AtomicU64,
@@ -40,6 +42,20 @@ impl Metrics {
     pub fn error(&self, code: &'static str) {
         let mut m = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(code).or_default() += 1;
+    }
+
+    /// One backend call and its outcome: `Ok`, an error, or a timeout (the API's deadline or
+    /// the backend's own).
+    pub fn backend_call(&self, op: &'static str, outcome: Result<(), bool>) {
+        let mut m = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let c = m.entry(op).or_default();
+        c[0] += 1;
+        if let Err(timeout) = outcome {
+            c[1] += 1;
+            if timeout {
+                c[2] += 1;
+            }
+        }
     }
 
     pub fn inc(counter: &AtomicU64) {
@@ -73,6 +89,26 @@ impl Metrics {
         );
         for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "alcove_api_errors_total{{code=\"{code}\"}} {n}");
+        }
+        {
+            let backend = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let families = [
+                ("alcove_backend_calls_total", "Backend calls by operation."),
+                (
+                    "alcove_backend_errors_total",
+                    "Backend calls that failed, timeouts included, by operation.",
+                ),
+                (
+                    "alcove_backend_timeouts_total",
+                    "Backend calls that did not answer within their deadline, by operation.",
+                ),
+            ];
+            for (i, (name, help)) in families.into_iter().enumerate() {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (op, c) in backend.iter() {
+                    let _ = writeln!(out, "{name}{{op=\"{op}\"}} {}", c[i]);
+                }
+            }
         }
         let counters: [(&str, &str, &AtomicU64); 13] = [
             (

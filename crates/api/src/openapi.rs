@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::handlers::{extensions, sandboxes, system, templates};
+use crate::handlers::{extensions, observability, persistence, sandboxes, system, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,18 +25,18 @@ use crate::handlers::{extensions, sandboxes, system, templates};
         sandboxes::kill,
         sandboxes::set_timeout,
         sandboxes::refresh,
-        sandboxes::connect,
-        sandboxes::connect_v1,
-        sandboxes::metrics,
-        sandboxes::metrics_many,
-        sandboxes::logs_v1,
-        sandboxes::logs_v2,
-        sandboxes::pause,
+        persistence::connect,
+        persistence::connect_v1,
+        observability::metrics,
+        observability::metrics_many,
+        observability::logs_v1,
+        observability::logs_v2,
+        persistence::pause,
         sandboxes::update_network,
-        sandboxes::resume,
-        sandboxes::create_snapshot,
-        sandboxes::fork,
-        sandboxes::list_snapshots,
+        persistence::resume,
+        persistence::create_snapshot,
+        persistence::fork,
+        persistence::list_snapshots,
         templates::list,
         templates::defaults,
         templates::get,

@@ -27,10 +27,11 @@ use sha2::{Digest, Sha256};
 
 use alcove_store::SandboxState;
 
-use crate::backend::{BackendError, ENVD_PORT};
-use crate::error::{ApiError, chain};
+use crate::backend::{BackendOp, ENVD_PORT};
+use crate::error::ApiError;
 use crate::handlers::{AppState, query_pairs};
 use crate::metrics::{METRICS, Metrics};
+use crate::service::api_error;
 
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
@@ -185,7 +186,15 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
     })?;
     let req = http::Request::from_parts(parts, body);
     tracing::debug!(sandbox_id = %sandbox_id, port, "proxying");
-    match svc.backend().forward(&sandbox_id, port, req).await {
+    let op = BackendOp::Forward { port };
+    match svc
+        .call(
+            op,
+            &sandbox_id,
+            svc.backend().forward(&sandbox_id, port, req),
+        )
+        .await
+    {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             let upgrade = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
@@ -198,13 +207,7 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
             restore_upgrade(&mut parts.headers, upgrade);
             Ok(Response::from_parts(parts, body))
         }
-        Err(BackendError::SandboxNotFound) => Err(ApiError::SandboxGone { sandbox_id }),
-        Err(BackendError::PortNotOpen) => Err(ApiError::PortNotOpen { sandbox_id, port }),
-        Err(BackendError::Timeout) => Err(ApiError::SandboxTimeout { sandbox_id }),
-        Err(e) => {
-            tracing::warn!(sandbox_id = %sandbox_id, port, error = %chain(&e), "forward failed");
-            Err(ApiError::SandboxUnreachable { sandbox_id })
-        }
+        Err(e) => Err(api_error(op, &sandbox_id, e)),
     }
 }
 

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backend::SandboxBackend;
 use crate::config::{Limits, ServerConfig};
-use crate::error::{ApiError, chain};
+use crate::error::{ApiError, ErrorCause, chain};
 use crate::handlers::{self, AppState, BodyLimit};
 use crate::metrics::METRICS;
 use crate::proxy;
@@ -130,6 +130,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let reaper = tokio::spawn(reaper(self.svc.clone()));
+        let liveness = tokio::spawn(liveness(self.svc.clone()));
         let app = router(self.svc.clone());
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = stopping.clone();
@@ -153,6 +154,7 @@ impl Server {
             }
         };
         reaper.abort();
+        liveness.abort();
         res
     }
 }
@@ -224,42 +226,53 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
     Ok(Some(key.secret))
 }
 
+/// Kills (or pauses) sandboxes at their end time. Each sandbox's work runs in its own task
+/// ([`Service::reap_expired`]), so a tick never waits on the backend.
 async fn reaper(svc: Arc<Service>) {
-    let limits = svc.limits().clone();
-    let mut tick = tokio::time::interval(limits.reaper_interval);
+    let mut tick = tokio::time::interval(svc.limits().reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_liveness = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         svc.reap_expired().await;
-        if last_liveness.elapsed() >= limits.liveness_interval {
-            last_liveness = tokio::time::Instant::now();
-            svc.check_liveness("while running").await;
-        }
+    }
+}
+
+/// Notices VMs that vanished. Its own loop: a slow or hung backend `list` (cut off at its
+/// deadline) must not hold up the reaper.
+async fn liveness(svc: Arc<Service>) {
+    let mut tick = tokio::time::interval(svc.limits().liveness_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick completes at once; reconcile has just checked.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        svc.check_liveness("while running").await;
     }
 }
 
 /// The whole HTTP surface: sandbox traffic dispatch in front of the REST API.
 pub fn router(svc: Arc<Service>) -> Router {
-    use handlers::{extensions, sandboxes as s, system, templates as t};
+    use handlers::{
+        extensions, observability as o, persistence as p, sandboxes as s, system, templates as t,
+    };
     let limits = svc.limits().clone();
     let api = Router::new()
         .route("/sandboxes", post(s::create_v1).get(s::list_v1))
         .route("/v2/sandboxes", post(s::create_v2).get(s::list_v2))
-        .route("/sandboxes/metrics", get(s::metrics_many))
+        .route("/sandboxes/metrics", get(o::metrics_many))
         .route("/sandboxes/{sandboxID}", get(s::get).delete(s::kill))
         .route("/sandboxes/{sandboxID}/timeout", post(s::set_timeout))
         .route("/sandboxes/{sandboxID}/refreshes", post(s::refresh))
-        .route("/sandboxes/{sandboxID}/connect", post(s::connect_v1))
-        .route("/v2/sandboxes/{sandboxID}/connect", post(s::connect))
-        .route("/sandboxes/{sandboxID}/metrics", get(s::metrics))
-        .route("/sandboxes/{sandboxID}/logs", get(s::logs_v1))
-        .route("/v2/sandboxes/{sandboxID}/logs", get(s::logs_v2))
-        .route("/sandboxes/{sandboxID}/pause", post(s::pause))
-        .route("/sandboxes/{sandboxID}/resume", post(s::resume))
-        .route("/sandboxes/{sandboxID}/fork", post(s::fork))
-        .route("/sandboxes/{sandboxID}/snapshots", post(s::create_snapshot))
-        .route("/snapshots", get(s::list_snapshots))
+        .route("/sandboxes/{sandboxID}/connect", post(p::connect_v1))
+        .route("/v2/sandboxes/{sandboxID}/connect", post(p::connect))
+        .route("/sandboxes/{sandboxID}/metrics", get(o::metrics))
+        .route("/sandboxes/{sandboxID}/logs", get(o::logs_v1))
+        .route("/v2/sandboxes/{sandboxID}/logs", get(o::logs_v2))
+        .route("/sandboxes/{sandboxID}/pause", post(p::pause))
+        .route("/sandboxes/{sandboxID}/resume", post(p::resume))
+        .route("/sandboxes/{sandboxID}/fork", post(p::fork))
+        .route("/sandboxes/{sandboxID}/snapshots", post(p::create_snapshot))
+        .route("/snapshots", get(p::list_snapshots))
         .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
@@ -289,6 +302,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
     api.layer(middleware::from_fn_with_state(svc.clone(), proxy::dispatch))
+        .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
         .with_state::<()>(svc as AppState)
 }
 
@@ -318,6 +332,65 @@ async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next)
 
 static NEXT_REQUEST_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// Outermost middleware, REST and sandbox traffic alike: the request's span (request id,
+/// method, route, sandbox id when the path or the routing names one) and, when the response is
+/// ready, one log line with its status and latency. An error response's cause
+/// ([`ErrorCause`]) is logged here, once, and never sent: 5xx at error level with the cause
+/// chain, the rest at info with their error code.
+async fn observe_request(State(svc): State<AppState>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+    let proxied = proxy::route_of(&parts, svc.domain()).ok().flatten();
+    let matched = parts.extensions.get::<MatchedPath>().map(|p| p.as_str());
+    let (route, sandbox_id) = match &proxied {
+        Some(r) => ("proxy", Some(r.sandbox_id.as_str())),
+        None => {
+            let route = matched.unwrap_or("unmatched");
+            (route, path_sandbox_id(route, parts.uri.path()))
+        }
+    };
+    let span = tracing::info_span!(
+        "request",
+        request_id,
+        method = %parts.method,
+        route = %route,
+        sandbox_id = tracing::field::Empty,
+    );
+    if let Some(id) = sandbox_id {
+        span.record("sandbox_id", tracing::field::display(id));
+    }
+    let req = Request::from_parts(parts, body);
+    async move {
+        let resp = next.run(req).await;
+        let status = resp.status().as_u16();
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match resp.extensions().get::<ErrorCause>() {
+            Some(ErrorCause(e)) if resp.status().is_server_error() => {
+                let error_code = e.parts().1;
+                tracing::error!(status, latency_ms, error_code, cause = %chain(&**e), "request failed");
+            }
+            Some(ErrorCause(e)) => {
+                let error_code = e.parts().1;
+                tracing::info!(status, latency_ms, error_code, "request");
+            }
+            None => tracing::info!(status, latency_ms, "request"),
+        }
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// The `{sandboxID}` segment of a path matched by `route`, if the route has one.
+fn path_sandbox_id<'a>(route: &str, path: &'a str) -> Option<&'a str> {
+    route
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(r, _)| *r == "{sandboxID}")
+        .map(|(_, p)| p)
+}
+
 async fn count_request(req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_owned();
     let route = req
@@ -325,9 +398,22 @@ async fn count_request(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = tracing::debug_span!("request", request_id, %method, %route);
-    let resp = next.run(req).instrument(span).await;
+    let resp = next.run(req).await;
     METRICS.request(&method, &route, resp.status().as_u16());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_sandbox_id;
+
+    #[test]
+    fn the_sandbox_id_comes_from_the_matched_route() {
+        assert_eq!(
+            path_sandbox_id("/sandboxes/{sandboxID}/pause", "/sandboxes/abc/pause"),
+            Some("abc")
+        );
+        assert_eq!(path_sandbox_id("/v2/sandboxes", "/v2/sandboxes"), None);
+        assert_eq!(path_sandbox_id("unmatched", "/x/y"), None);
+    }
 }

@@ -4,6 +4,8 @@
 //! maps the result. Extractor failures become [`ApiError`]s, never axum's plain-text rejections.
 
 pub mod extensions;
+pub mod observability;
+pub mod persistence;
 pub mod sandboxes;
 pub mod system;
 pub mod templates;

@@ -27,6 +27,9 @@ pub struct FakeBackend {
     pub corrupt: Mutex<HashSet<String>>,
     /// Snapshots: the VM config each was taken from.
     pub snapshots: Mutex<HashMap<String, CreateSandbox>>,
+    /// Sandboxes whose calls never answer (a hung VM or backend): kill, status, metrics,
+    /// pause, resume, snapshot and forward stay pending forever.
+    pub hung: Mutex<HashSet<String>>,
 }
 
 impl FakeBackend {
@@ -38,6 +41,22 @@ impl FakeBackend {
     pub fn crash(&self, id: &str, reason: &str) {
         self.vms.lock().unwrap().remove(id);
         self.exited.lock().unwrap().insert(id.into(), reason.into());
+    }
+
+    /// The hang switch: every later call about `id` stays pending until [`Self::unhang`].
+    pub fn hang(&self, id: &str) {
+        self.hung.lock().unwrap().insert(id.into());
+    }
+
+    pub fn unhang(&self, id: &str) {
+        self.hung.lock().unwrap().remove(id);
+    }
+
+    /// Never returns while `id` is hung; the caller's deadline has to cut it off.
+    async fn answer(&self, id: &str) {
+        while self.hung.lock().unwrap().contains(id) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn env_of(&self, id: &str) -> Option<HashMap<String, String>> {
@@ -114,6 +133,7 @@ impl SandboxBackend for FakeBackend {
 
     fn kill<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             match self.vms.lock().unwrap().remove(sandbox_id) {
                 Some(_) => {
                     self.exited
@@ -147,6 +167,7 @@ impl SandboxBackend for FakeBackend {
         sandbox_id: &'a str,
     ) -> BoxFuture<'a, Result<SandboxStatus, BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             if self.vms.lock().unwrap().contains_key(sandbox_id) {
                 if self.paused.lock().unwrap().contains(sandbox_id) {
                     return Ok(SandboxStatus::Paused);
@@ -167,6 +188,7 @@ impl SandboxBackend for FakeBackend {
         sandbox_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ResourceUsage>, BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             let vms = self.vms.lock().unwrap();
             let vm = vms.get(sandbox_id).ok_or(BackendError::SandboxNotFound)?;
             Ok(Some(ResourceUsage {
@@ -184,6 +206,7 @@ impl SandboxBackend for FakeBackend {
 
     fn pause<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             if !self.vms.lock().unwrap().contains_key(sandbox_id) {
                 return Err(BackendError::SandboxNotFound);
             }
@@ -198,6 +221,7 @@ impl SandboxBackend for FakeBackend {
 
     fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             if !self.vms.lock().unwrap().contains_key(sandbox_id) {
                 return Err(BackendError::SandboxNotFound);
             }
@@ -221,6 +245,7 @@ impl SandboxBackend for FakeBackend {
         snapshot_id: &'a str,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             let vm = self
                 .vms
                 .lock()
@@ -257,6 +282,7 @@ impl SandboxBackend for FakeBackend {
         req: http::Request<Body>,
     ) -> BoxFuture<'a, Result<http::Response<Body>, BackendError>> {
         Box::pin(async move {
+            self.answer(sandbox_id).await;
             if !self.vms.lock().unwrap().contains_key(sandbox_id)
                 || self.paused.lock().unwrap().contains(sandbox_id)
             {

@@ -1,0 +1,209 @@
+//! What the API reports about sandboxes and the host: resource metrics, logs (lifecycle
+//! events merged with the backend's lines), the warm pools, and gauges for `/metrics`.
+
+use std::collections::BTreeMap;
+
+use alcove_store::SandboxState as StoreState;
+
+use super::{Service, api_error};
+use crate::backend::{BackendError, BackendOp, LogLevel, ResourceUsage};
+use crate::error::ApiError;
+use crate::models::{self, rfc3339, system_time_ms};
+
+/// Which log entries a caller wants (`GET /sandboxes/{id}/logs` and its v2).
+#[derive(Debug, Clone)]
+pub struct LogQuery {
+    /// Unix ms: entries at or after it (at or before it going backward).
+    pub cursor: Option<i64>,
+    /// Newest first.
+    pub backward: bool,
+    /// Lowest level: debug, info, warn, error (anything else counts as error).
+    pub min_level: Option<String>,
+    /// A substring the message must contain.
+    pub search: Option<String>,
+    pub limit: usize,
+}
+
+/// Levels in order; anything unknown ranks with `error`.
+fn level_rank(level: &str) -> u8 {
+    match level {
+        "debug" => 0,
+        "info" => 1,
+        "warn" => 2,
+        _ => 3,
+    }
+}
+
+impl Service {
+    /// `GET /alcove/v1/warm-pool`.
+    pub async fn warm_pool(&self) -> Result<Vec<models::WarmPoolView>, ApiError> {
+        let pools = self
+            .call(BackendOp::WarmPool, "", self.backend.warm_pool())
+            .await
+            .map_err(|e| api_error(BackendOp::WarmPool, "", e))?;
+        Ok(pools
+            .into_iter()
+            .map(|p| models::WarmPoolView {
+                template_id: p.template_id,
+                target: p.target,
+                ready: p.ready,
+                hits: p.hits,
+                misses: p.misses,
+                last_error: p.last_error,
+            })
+            .collect())
+    }
+
+    async fn sample(&self, id: &str) -> Result<Option<models::SandboxMetric>, ApiError> {
+        match self
+            .call(BackendOp::Metrics, id, self.backend.metrics(id))
+            .await
+        {
+            Ok(m) => Ok(m.map(metric_view)),
+            Err(e @ BackendError::Timeout) => Err(api_error(BackendOp::Metrics, id, e)),
+            // No sample is an answer too: the series is empty.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `GET /sandboxes/{id}/metrics`: the latest sample (a series of one, or none yet).
+    pub async fn metrics(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Vec<models::SandboxMetric>, ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        Ok(self.sample(&r.id).await?.into_iter().collect())
+    }
+
+    /// `GET /sandboxes/metrics?sandbox_ids=a,b`.
+    pub async fn metrics_many(
+        &self,
+        team_id: &str,
+        ids: &[String],
+    ) -> Result<models::SandboxesWithMetrics, ApiError> {
+        let mut out = BTreeMap::new();
+        for id in ids {
+            let Ok(r) = self.live_record(team_id, id).await else {
+                continue;
+            };
+            if let Some(m) = self.sample(&r.id).await? {
+                out.insert(r.id, m);
+            }
+        }
+        Ok(models::SandboxesWithMetrics { sandboxes: out })
+    }
+
+    /// Log entries of any sandbox of the team (its lifecycle events merged with the backend's
+    /// own lines), chosen by `q`: oldest first, or newest first when `q.backward`.
+    pub async fn logs(
+        &self,
+        team_id: &str,
+        id: &str,
+        q: &LogQuery,
+    ) -> Result<Vec<models::SandboxLogEntry>, ApiError> {
+        let min_level = q.min_level.as_deref().map(level_rank).unwrap_or(0);
+        let mut entries: Vec<_> = self
+            .all_logs(team_id, id)
+            .await?
+            .into_iter()
+            .filter(|(at, e)| {
+                let in_range = match q.cursor {
+                    Some(c) if q.backward => *at <= c,
+                    Some(c) => *at >= c,
+                    None => true,
+                };
+                in_range
+                    && level_rank(&e.level) >= min_level
+                    && q.search.as_deref().is_none_or(|s| e.message.contains(s))
+            })
+            .map(|(_, e)| e)
+            .collect();
+        if q.backward {
+            entries.reverse();
+        }
+        entries.truncate(q.limit);
+        Ok(entries)
+    }
+
+    async fn all_logs(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Vec<(i64, models::SandboxLogEntry)>, ApiError> {
+        let r = self.any_record(team_id, id).await?;
+        let id2 = r.id.clone();
+        let events = self.db(move |s| s.sandbox_events(&id2)).await?;
+        let mut out: Vec<(i64, models::SandboxLogEntry)> = events
+            .into_iter()
+            .map(|e| {
+                let message = match e.from {
+                    Some(from) => format!("sandbox {from} -> {}: {}", e.to, e.reason),
+                    None => format!("sandbox {}: {}", e.to, e.reason),
+                };
+                let level = if e.to == StoreState::Lost {
+                    "warn"
+                } else {
+                    "info"
+                };
+                (
+                    e.at,
+                    models::SandboxLogEntry {
+                        timestamp: rfc3339(e.at),
+                        message,
+                        level: level.into(),
+                        fields: BTreeMap::from([("source".to_string(), "alcove".to_string())]),
+                    },
+                )
+            })
+            .collect();
+        if !r.state.is_terminal()
+            && let Ok(lines) = self
+                .call(BackendOp::Logs, &r.id, self.backend.logs(&r.id))
+                .await
+        {
+            out.extend(lines.into_iter().map(|l| {
+                let at = system_time_ms(l.timestamp);
+                let level = match l.level {
+                    LogLevel::Debug => "debug",
+                    LogLevel::Info => "info",
+                    LogLevel::Warn => "warn",
+                    LogLevel::Error => "error",
+                };
+                (
+                    at,
+                    models::SandboxLogEntry {
+                        timestamp: rfc3339(at),
+                        message: l.message,
+                        level: level.into(),
+                        fields: BTreeMap::from([("source".to_string(), "sandbox".to_string())]),
+                    },
+                )
+            }));
+        }
+        out.sort_by_key(|(at, _)| *at);
+        Ok(out)
+    }
+
+    pub async fn active_sandboxes(&self) -> usize {
+        self.db(|s| s.live_sandboxes())
+            .await
+            .map(|v| v.iter().filter(|r| r.state == StoreState::Running).count())
+            .unwrap_or(0)
+    }
+}
+
+fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
+    let ms = system_time_ms(m.timestamp);
+    models::SandboxMetric {
+        timestamp: rfc3339(ms),
+        timestamp_unix: ms / 1000,
+        cpu_count: m.cpu_count,
+        cpu_used_pct: m.cpu_used_pct,
+        mem_used: m.mem_used,
+        mem_total: m.mem_total,
+        mem_cache: m.mem_cache,
+        disk_used: m.disk_used,
+        disk_total: m.disk_total,
+    }
+}

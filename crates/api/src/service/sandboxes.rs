@@ -1,0 +1,546 @@
+//! Sandboxes: create (from a template or a snapshot), get, list, kill, timeouts, refreshes,
+//! egress rule updates, and what the proxy needs to route traffic.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alcove_store::{
+    ListOrder, NewSandboxRecord, PageCursor, SandboxFilter, SandboxRecord,
+    SandboxState as StoreState, StoreError, TemplateRecord, now_ms,
+};
+
+use tracing::Instrument;
+
+use super::network::{network_update, parse_network};
+use super::{Service, api_error, log_state_change, new_sandbox_id, random_token, wire_state};
+use crate::backend::{BackendError, BackendOp, CreateSandbox};
+use crate::error::{ApiError, chain};
+use crate::metrics::{METRICS, Metrics};
+use crate::models::{self, CLIENT_ID, rfc3339, system_time_ms};
+
+/// Envd versions below this make the SDK kill the sandbox; used when the backend reports none.
+const FALLBACK_ENVD_VERSION: &str = "0.2.0";
+
+/// What a new sandbox is made from and how, after validation.
+pub(super) struct NewSandboxParams {
+    pub(super) template: TemplateRecord,
+    pub(super) alias: Option<String>,
+    pub(super) snapshot_id: Option<String>,
+    pub(super) timeout: Duration,
+    pub(super) env_vars: BTreeMap<String, String>,
+    pub(super) metadata: BTreeMap<String, String>,
+    pub(super) allow_internet_access: Option<bool>,
+    /// Egress rules, validated.
+    pub(super) network: alcove_net::NetworkConfig,
+    pub(super) public_traffic: Option<bool>,
+    pub(super) auto_pause: bool,
+    pub(super) auto_resume: bool,
+}
+
+/// Filters of the list endpoints, already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub states: Vec<StoreState>,
+    pub metadata: Vec<(String, String)>,
+    pub template: Option<String>,
+    pub started_after: Option<i64>,
+    pub order: ListOrder,
+    pub limit: Option<usize>,
+    pub next_token: Option<String>,
+}
+
+/// What the proxy needs to route one request.
+#[derive(Debug, Clone)]
+pub struct ProxyTarget {
+    pub state: StoreState,
+    pub envd_access_token: Option<String>,
+    /// Required in `e2b-traffic-access-token` on ports other than the agent's, when set.
+    pub traffic_access_token: Option<String>,
+}
+
+impl Service {
+    /// `POST /sandboxes`: validate, record as `creating`, start it, record as `running`.
+    /// `templateID` may name a snapshot of this team (by id or name): the sandbox is then
+    /// restored from it, memory and disk.
+    pub async fn create(
+        self: &Arc<Self>,
+        team_id: &str,
+        req: models::NewSandbox,
+    ) -> Result<models::Sandbox, ApiError> {
+        let timeout = match req.timeout {
+            Some(t) => self.check_timeout(t)?,
+            None => self.limits.default_timeout,
+        };
+        reject_unsupported(&req)?;
+        let auto_resume = auto_resume_enabled(&req.auto_resume)?;
+        let auto_pause = req.auto_pause == Some(true);
+        let (public_traffic, network) = parse_network(&req.network, req.allow_internet_access)?;
+        let (t, name) = (team_id.to_owned(), req.template_id.clone());
+        let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
+        let (template, alias, snapshot_id) = match snapshot {
+            Some(snap) => (
+                self.resolve_template(&snap.template_id).await?,
+                None,
+                Some(snap.id),
+            ),
+            None => {
+                let template = self.resolve_template(&req.template_id).await?;
+                let alias = (template.id != req.template_id).then(|| req.template_id.clone());
+                (template, alias, None)
+            }
+        };
+        self.create_sandbox(
+            team_id,
+            NewSandboxParams {
+                template,
+                alias,
+                snapshot_id,
+                timeout,
+                env_vars: req.env_vars.unwrap_or_default(),
+                metadata: req.metadata.unwrap_or_default(),
+                allow_internet_access: req.allow_internet_access,
+                network,
+                public_traffic,
+                auto_pause,
+                auto_resume,
+            },
+        )
+        .await
+        .inspect(|sbx| {
+            // The request's log line names the sandbox it made.
+            tracing::Span::current().record("sandbox_id", tracing::field::display(&sbx.sandbox_id));
+        })
+    }
+
+    pub(super) async fn create_sandbox(
+        self: &Arc<Self>,
+        team_id: &str,
+        p: NewSandboxParams,
+    ) -> Result<models::Sandbox, ApiError> {
+        let NewSandboxParams {
+            template,
+            alias,
+            snapshot_id,
+            timeout,
+            env_vars,
+            metadata,
+            allow_internet_access,
+            network,
+            public_traffic,
+            auto_pause,
+            auto_resume,
+        } = p;
+        let traffic_token = (public_traffic == Some(false)).then(random_token);
+        let sandbox_id = new_sandbox_id();
+        let token = random_token();
+        let now = now_ms();
+        let record = NewSandboxRecord {
+            id: sandbox_id.clone(),
+            team_id: team_id.to_owned(),
+            template_id: template.id.clone(),
+            alias: alias.clone(),
+            started_at: now,
+            end_at: now + timeout.as_millis() as i64,
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+            disk_size_mb: template.disk_size_mb,
+            envd_version: template.envd_version.clone(),
+            envd_access_token: Some(token.clone()),
+            auto_pause,
+            allow_internet_access,
+            traffic_access_token: traffic_token.clone(),
+            metadata: metadata.clone(),
+            env_names: env_vars.keys().cloned().collect(),
+            auto_resume,
+            timeout_ms: timeout.as_millis() as i64,
+            snapshot_id: snapshot_id.clone(),
+        };
+        {
+            let _guard = self.create_lock.lock().await;
+            let team = team_id.to_owned();
+            let limit = self.limits.max_concurrent_sandboxes;
+            let active = self.db(move |s| s.count_active(&team)).await?;
+            if active >= limit {
+                return Err(ApiError::SandboxLimit { limit });
+            }
+            self.db(move |s| s.insert_sandbox(&record)).await?;
+        }
+        tracing::info!(
+            sandbox_id = %sandbox_id, template_id = %template.id, snapshot_id = ?snapshot_id, team_id,
+            env_var_names = ?env_vars.keys().collect::<Vec<_>>(), "creating sandbox"
+        );
+
+        // The start runs in its own task: a client that hangs up mid-create must not leave a
+        // VM the store never hears about.
+        let this = self.clone();
+        let backend_req = CreateSandbox {
+            sandbox_id: sandbox_id.clone(),
+            template_id: template.id.clone(),
+            env_vars,
+            metadata,
+            envd_access_token: Some(token.clone()),
+            allow_internet_access,
+            network,
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+            snapshot_id,
+        };
+        let task = tokio::spawn(
+            async move { this.start(backend_req, timeout).await }
+                .instrument(tracing::Span::current()),
+        );
+        let started = match task.await {
+            Ok(r) => r?,
+            Err(join) => return Err(ApiError::internal(join)),
+        };
+        Ok(models::Sandbox {
+            template_id: template.id,
+            sandbox_id,
+            client_id: CLIENT_ID.into(),
+            envd_version: started.envd_version,
+            alias,
+            envd_access_token: Some(token),
+            traffic_access_token: traffic_token,
+            domain: Some(self.domain.clone()),
+        })
+    }
+
+    async fn start(
+        &self,
+        req: CreateSandbox,
+        timeout: Duration,
+    ) -> Result<SandboxRecord, ApiError> {
+        let id = req.sandbox_id.clone();
+        let template_id = req.template_id.clone();
+        let result = self
+            .call(BackendOp::Create, &id, self.backend.create(req))
+            .await;
+        let failure = match result {
+            Ok(started) => {
+                let started_at = system_time_ms(started.started_at);
+                let end_at = now_ms() + timeout.as_millis() as i64;
+                let envd = if started.envd_version.is_empty() {
+                    FALLBACK_ENVD_VERSION.to_owned()
+                } else {
+                    started.envd_version.clone()
+                };
+                let id2 = id.clone();
+                let marked = self
+                    .db(move |s| {
+                        s.mark_running(
+                            &id2,
+                            started.cpu_count,
+                            started.memory_mb,
+                            started.disk_size_mb,
+                            &envd,
+                            started_at,
+                            end_at,
+                        )
+                    })
+                    .await;
+                match marked {
+                    Ok(rec) => {
+                        Metrics::inc(&METRICS.sandboxes_created);
+                        log_state_change(&id, StoreState::Running, "started");
+                        return Ok(rec);
+                    }
+                    Err(e) => {
+                        // Killed or lost while starting (e.g. the reaper): do not leak the VM.
+                        tracing::warn!(sandbox_id = %id, error = %chain(&e), "sandbox ended while starting");
+                        let _ = self
+                            .call(BackendOp::Kill, &id, self.backend.kill(&id))
+                            .await;
+                        return Err(ApiError::CreateFailed);
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        Metrics::inc(&METRICS.sandbox_create_failures);
+        if matches!(failure, BackendError::Timeout) {
+            // The backend may still finish; make sure nothing stays behind.
+            let _ = self
+                .call(BackendOp::Kill, &id, self.backend.kill(&id))
+                .await;
+        }
+        let reason = format!("create failed: {failure}");
+        if let Err(e) = self.transition(&id, StoreState::Killed, &reason).await {
+            tracing::error!(sandbox_id = %id, error = %chain(&e), "recording failed create");
+        }
+        Err(api_error(BackendOp::Create, &template_id, failure))
+    }
+
+    pub async fn get(&self, team_id: &str, id: &str) -> Result<models::SandboxDetail, ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        Ok(models::SandboxDetail {
+            template_id: r.template_id.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: CLIENT_ID.into(),
+            started_at: rfc3339(r.started_at),
+            end_at: rfc3339(r.end_at),
+            envd_version: r.envd_version.clone(),
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            state: wire_state(r.state),
+            alias: r.alias.clone(),
+            envd_access_token: r.envd_access_token.clone(),
+            allow_internet_access: r.allow_internet_access,
+            domain: Some(self.domain.clone()),
+            metadata: r.metadata.clone(),
+            lifecycle: models::SandboxLifecycle {
+                auto_resume: r.auto_resume,
+                on_timeout: if r.auto_pause { "pause" } else { "kill" }.into(),
+            },
+        })
+    }
+
+    /// Extension: the full record with history, for any sandbox of the team.
+    pub async fn record(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<models::SandboxRecordView, ApiError> {
+        let r = self.any_record(team_id, id).await?;
+        let id2 = id.to_owned();
+        let events = self.db(move |s| s.sandbox_events(&id2)).await?;
+        Ok(models::SandboxRecordView {
+            sandbox_id: r.id,
+            template_id: r.template_id,
+            alias: r.alias,
+            state: r.state.to_string(),
+            created_at: rfc3339(r.created_at),
+            started_at: rfc3339(r.started_at),
+            end_at: rfc3339(r.end_at),
+            ended_at: r.ended_at.map(rfc3339),
+            end_reason: r.end_reason,
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            metadata: r.metadata,
+            env_var_names: r.env_names,
+            history: events
+                .into_iter()
+                .map(|e| models::SandboxEventView {
+                    at: rfc3339(e.at),
+                    from: e.from.map(|s| s.to_string()),
+                    to: e.to.to_string(),
+                    reason: e.reason,
+                })
+                .collect(),
+        })
+    }
+
+    /// One page of the team's sandboxes and the token of the next page.
+    pub async fn list(
+        &self,
+        team_id: &str,
+        q: ListQuery,
+    ) -> Result<(Vec<models::ListedSandbox>, Option<String>), ApiError> {
+        let after = match &q.next_token {
+            Some(t) => {
+                Some(
+                    decode_page_token(t).ok_or_else(|| ApiError::InvalidQuery {
+                        detail:
+                            "nextToken is not a token this server issued; start again without it"
+                                .into(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let states = if q.states.is_empty() {
+            vec![StoreState::Running, StoreState::Paused]
+        } else {
+            q.states
+        };
+        let filter = SandboxFilter {
+            team_id: Some(team_id.to_owned()),
+            states,
+            metadata: q.metadata,
+            template: q.template,
+            started_after: q.started_after,
+            order: q.order,
+            limit: q.limit,
+            after,
+        };
+        let page = self.db(move |s| s.list_sandboxes(&filter)).await?;
+        let items = page
+            .items
+            .into_iter()
+            .map(|r| models::ListedSandbox {
+                template_id: r.template_id,
+                sandbox_id: r.id,
+                client_id: CLIENT_ID.into(),
+                started_at: rfc3339(r.started_at),
+                end_at: rfc3339(r.end_at),
+                cpu_count: r.cpu_count,
+                memory_mb: r.memory_mb,
+                disk_size_mb: r.disk_size_mb,
+                state: wire_state(r.state),
+                envd_version: r.envd_version,
+                alias: r.alias,
+                metadata: r.metadata,
+            })
+            .collect();
+        Ok((items, page.next.map(|c| encode_page_token(&c))))
+    }
+
+    /// Kills a sandbox: the VM first, then the record.
+    pub async fn kill(&self, team_id: &str, id: &str, reason: &str) -> Result<(), ApiError> {
+        let r = self.live_record(team_id, id).await?;
+        self.kill_record(&r.id, reason).await?;
+        Metrics::inc(&METRICS.sandboxes_killed);
+        Ok(())
+    }
+
+    pub(super) async fn kill_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        match self.call(BackendOp::Kill, id, self.backend.kill(id)).await {
+            Ok(()) | Err(BackendError::SandboxNotFound) => {}
+            Err(e) => return Err(api_error(BackendOp::Kill, id, e)),
+        }
+        match self.transition(id, StoreState::Killed, reason).await {
+            // Already ended by a racing kill or the reaper: the outcome the caller wanted.
+            Ok(_) | Err(StoreError::Transition { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/timeout`: the sandbox ends `secs` from now (shorter or longer).
+    pub async fn set_timeout(&self, team_id: &str, id: &str, secs: i64) -> Result<(), ApiError> {
+        let d = self.check_timeout(secs)?;
+        let r = self.live_record(team_id, id).await?;
+        let end_at = now_ms() + d.as_millis() as i64;
+        self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
+        Ok(())
+    }
+
+    /// `PUT /sandboxes/{id}/network`: replaces the egress rules of a running or paused sandbox;
+    /// they apply to new connections at once and close open ones they refuse.
+    pub async fn update_network(
+        &self,
+        team_id: &str,
+        id: &str,
+        body: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        let cfg = network_update(&body)?;
+        let r = self.live_record(team_id, id).await?;
+        self.call(
+            BackendOp::UpdateNetwork,
+            &r.id,
+            self.backend.update_network(&r.id, cfg),
+        )
+        .await
+        .map_err(|e| api_error(BackendOp::UpdateNetwork, &r.id, e))
+    }
+
+    /// `POST /sandboxes/{id}/refreshes`: keep alive at least `secs` more; never shortens.
+    pub async fn refresh(
+        &self,
+        team_id: &str,
+        id: &str,
+        secs: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let d = match secs {
+            Some(s) => self.check_timeout(s)?,
+            None => self.limits.default_timeout,
+        };
+        let r = self.live_record(team_id, id).await?;
+        let end_at = (now_ms() + d.as_millis() as i64).max(r.end_at);
+        self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
+        Ok(())
+    }
+
+    /// What the proxy needs for a sandbox, whatever team it belongs to (the proxy
+    /// authenticates with the sandbox's access token, not an API key).
+    pub async fn proxy_target(&self, id: &str) -> Result<Option<ProxyTarget>, ApiError> {
+        let id = id.to_owned();
+        Ok(self
+            .db(move |s| s.sandbox(&id))
+            .await?
+            .map(|r| ProxyTarget {
+                state: r.state,
+                envd_access_token: r.envd_access_token,
+                traffic_access_token: r.traffic_access_token,
+            }))
+    }
+}
+
+fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
+    fn empty(v: &Option<serde_json::Value>) -> bool {
+        match v {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::Object(m)) => m.is_empty(),
+            Some(serde_json::Value::Array(a)) => a.is_empty(),
+            Some(_) => false,
+        }
+    }
+    if req.auto_pause_memory == Some(false) {
+        return Err(ApiError::Unsupported {
+            feature: "autoPauseMemory: false (filesystem-only pause); memory is always kept",
+        });
+    }
+    if !empty(&req.mcp) {
+        return Err(ApiError::Unsupported { feature: "mcp" });
+    }
+    if !empty(&req.iam) {
+        return Err(ApiError::Unsupported { feature: "iam" });
+    }
+    if !empty(&req.volume_mounts) {
+        return Err(ApiError::Unsupported {
+            feature: "volumeMounts",
+        });
+    }
+    Ok(())
+}
+
+/// `autoResume: {"enabled": bool}` (absent or null: off).
+fn auto_resume_enabled(v: &Option<serde_json::Value>) -> Result<bool, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Object(m)) => match m.get("enabled") {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::InvalidBody {
+                detail: "autoResume.enabled must be a boolean".into(),
+            }),
+        },
+        Some(_) => Err(ApiError::InvalidBody {
+            detail: "autoResume must be an object like {\"enabled\": true}".into(),
+        }),
+    }
+}
+
+fn encode_page_token(c: &PageCursor) -> String {
+    format!("{}.{}", c.started_at, c.id)
+}
+
+fn decode_page_token(t: &str) -> Option<PageCursor> {
+    let (ms, id) = t.split_once('.')?;
+    let started_at = ms.parse().ok()?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some(PageCursor {
+        started_at,
+        id: id.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let c = PageCursor {
+            started_at: 42,
+            id: "abc".into(),
+        };
+        assert_eq!(decode_page_token(&encode_page_token(&c)), Some(c));
+        for bad in ["", "x.abc", "42.", "42.a'b", "42"] {
+            assert_eq!(decode_page_token(bad), None, "{bad}");
+        }
+    }
+}

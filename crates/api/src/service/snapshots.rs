@@ -1,0 +1,324 @@
+//! Snapshots of running sandboxes, forks (a snapshot and its children), deleting snapshots,
+//! and the checkpoint tree.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use alcove_store::{
+    SandboxFilter, SandboxRecord, SandboxState as StoreState, SnapshotRecord, StoreError, now_ms,
+};
+
+use super::sandboxes::NewSandboxParams;
+use super::{Service, api_error, new_sandbox_id};
+use crate::backend::{BackendError, BackendOp};
+use crate::error::{ApiError, chain};
+use crate::metrics::{METRICS, Metrics};
+use crate::models::{self, rfc3339};
+
+/// Children one fork may ask for.
+pub const MAX_FORK_COUNT: i64 = 100;
+
+impl Service {
+    /// Takes a snapshot of a running sandbox, which goes on running; records it in the tree
+    /// under the sandbox's previous checkpoint.
+    async fn take_snapshot(
+        &self,
+        r: &SandboxRecord,
+        name: Option<String>,
+        kind: &str,
+    ) -> Result<SnapshotRecord, ApiError> {
+        let lock = self.op_lock(&r.id);
+        let _guard = lock.lock().await;
+        let id2 = r.id.clone();
+        let r = match self.db(move |s| s.sandbox(&id2)).await? {
+            Some(r) if r.state == StoreState::Running => r,
+            Some(r) if r.state == StoreState::Paused => {
+                return Err(ApiError::SandboxPaused { sandbox_id: r.id });
+            }
+            _ => {
+                return Err(ApiError::SandboxNotFound {
+                    sandbox_id: r.id.clone(),
+                });
+            }
+        };
+        let snapshot_id = new_sandbox_id();
+        if let Err(e) = self
+            .call(
+                BackendOp::Snapshot,
+                &r.id,
+                self.backend.snapshot(&r.id, &snapshot_id),
+            )
+            .await
+        {
+            Metrics::inc(&METRICS.persistence_failures);
+            return Err(api_error(BackendOp::Snapshot, &r.id, e));
+        }
+        let rec = SnapshotRecord {
+            id: snapshot_id,
+            team_id: r.team_id.clone(),
+            sandbox_id: r.id.clone(),
+            parent_id: r.snapshot_id.clone(),
+            name,
+            kind: kind.to_owned(),
+            template_id: r.template_id.clone(),
+            created_at: now_ms(),
+            deleted_at: None,
+        };
+        let rec2 = rec.clone();
+        self.db(move |s| {
+            s.insert_snapshot(&rec2)?;
+            s.set_sandbox_snapshot(&rec2.sandbox_id, &rec2.id)
+        })
+        .await?;
+        Metrics::inc(&METRICS.snapshots_created);
+        tracing::info!(sandbox_id = %r.id, snapshot_id = %rec.id, kind, "snapshot taken");
+        Ok(rec)
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`.
+    pub async fn create_snapshot(
+        &self,
+        team_id: &str,
+        id: &str,
+        name: Option<String>,
+        memory: Option<bool>,
+    ) -> Result<models::SnapshotInfo, ApiError> {
+        if memory == Some(false) {
+            return Err(ApiError::Unsupported {
+                feature: "filesystem-only snapshots (memory: false); snapshots always keep memory",
+            });
+        }
+        if let Some(n) = &name
+            && (n.is_empty() || n.len() > 128 || n.chars().any(char::is_control))
+        {
+            return Err(ApiError::InvalidBody {
+                detail: "name must be 1-128 printable characters".into(),
+            });
+        }
+        let r = self.live_record(team_id, id).await?;
+        let snap = self.take_snapshot(&r, name, "snapshot").await?;
+        Ok(snapshot_info(&snap))
+    }
+
+    /// `GET /snapshots`: the team's live snapshots (not forks' implicit ones), newest first.
+    pub async fn list_snapshots(
+        &self,
+        team_id: &str,
+        sandbox_id: Option<String>,
+        name: Option<String>,
+        limit: Option<usize>,
+        next_token: Option<String>,
+    ) -> Result<(Vec<models::SnapshotInfo>, Option<String>), ApiError> {
+        let team = team_id.to_owned();
+        let mut all: Vec<SnapshotRecord> = self
+            .db(move |s| s.snapshots_of_team(&team))
+            .await?
+            .into_iter()
+            .filter(|s| s.deleted_at.is_none() && s.kind == "snapshot")
+            .filter(|s| sandbox_id.as_deref().is_none_or(|id| s.sandbox_id == id))
+            .filter(|s| {
+                name.as_deref()
+                    .is_none_or(|n| s.id == n || s.name.as_deref() == Some(n))
+            })
+            .collect();
+        all.reverse();
+        let start = match next_token {
+            Some(t) => t.parse::<usize>().map_err(|_| ApiError::InvalidQuery {
+                detail: "nextToken is not a token this server issued; start again without it"
+                    .into(),
+            })?,
+            None => 0,
+        };
+        let limit = limit.unwrap_or(100);
+        let page: Vec<_> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(snapshot_info)
+            .collect();
+        let next = (start + limit < all.len()).then(|| (start + limit).to_string());
+        Ok((page, next))
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot id or name: it cannot be restored any more; the
+    /// backend frees what no sandbox or other snapshot needs.
+    pub async fn delete_snapshot(&self, team_id: &str, id: &str) -> Result<(), ApiError> {
+        let (team, name) = (team_id.to_owned(), id.to_owned());
+        let snap = self
+            .db(move |s| s.resolve_snapshot(&team, &name))
+            .await?
+            .ok_or_else(|| ApiError::SnapshotNotFound {
+                snapshot_id: id.to_owned(),
+            })?;
+        self.forget_snapshot(&snap.id).await
+    }
+
+    async fn forget_snapshot(&self, snapshot_id: &str) -> Result<(), ApiError> {
+        match self
+            .call(
+                BackendOp::DeleteSnapshot,
+                snapshot_id,
+                self.backend.delete_snapshot(snapshot_id),
+            )
+            .await
+        {
+            Ok(()) | Err(BackendError::SnapshotNotFound) => {}
+            Err(e) => return Err(api_error(BackendOp::DeleteSnapshot, snapshot_id, e)),
+        }
+        let id = snapshot_id.to_owned();
+        match self.db(move |s| s.delete_snapshot(&id)).await {
+            Ok(_) | Err(StoreError::SnapshotNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/fork`: one snapshot of the running sandbox, then `count` children
+    /// restored from it concurrently, each with its own id, token and entropy. Each child
+    /// succeeds or fails on its own. The snapshot itself is deleted once the children exist (its
+    /// disk layer stays while they need it).
+    pub async fn fork(
+        self: &Arc<Self>,
+        team_id: &str,
+        id: &str,
+        timeout: Option<i64>,
+        count: Option<i64>,
+    ) -> Result<models::AlcoveForkResponse, ApiError> {
+        let count = count.unwrap_or(1);
+        if !(1..=MAX_FORK_COUNT).contains(&count) {
+            return Err(ApiError::InvalidBody {
+                detail: format!("count must be between 1 and {MAX_FORK_COUNT}"),
+            });
+        }
+        let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
+        let r = self.live_record(team_id, id).await?;
+        let snap = self.take_snapshot(&r, None, "fork").await?;
+        let template = self.resolve_template(&r.template_id).await?;
+        let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
+        // Children keep the parent's egress rules.
+        let network = match self
+            .call(BackendOp::Network, &r.id, self.backend.network(&r.id))
+            .await
+        {
+            Ok(Some(n)) => n,
+            _ => alcove_net::NetworkConfig {
+                allow_internet_access: r.allow_internet_access != Some(false),
+                ..Default::default()
+            },
+        };
+        let children = (0..count).map(|_| {
+            let this = self.clone();
+            let params = NewSandboxParams {
+                template: template.clone(),
+                alias: r.alias.clone(),
+                snapshot_id: Some(snap.id.clone()),
+                timeout: lifetime,
+                env_vars: BTreeMap::new(),
+                metadata: r.metadata.clone(),
+                allow_internet_access: r.allow_internet_access,
+                network: network.clone(),
+                public_traffic: r.traffic_access_token.is_some().then_some(false),
+                auto_pause: r.auto_pause,
+                auto_resume: r.auto_resume,
+            };
+            let team = team_id.to_owned();
+            async move { this.create_sandbox(&team, params).await }
+        });
+        let results = futures::future::join_all(children).await;
+        if let Err(e) = self.forget_snapshot(&snap.id).await {
+            tracing::warn!(snapshot_id = %snap.id, error = %e, "could not release a fork's snapshot");
+        }
+        Ok(models::AlcoveForkResponse {
+            snapshot_id: snap.id,
+            children: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(sbx) => models::ForkResult {
+                        sandbox: Some(sbx),
+                        error: None,
+                    },
+                    Err(e) => {
+                        let (status, code, message) = e.parts();
+                        // The child's error goes into the body, not through the response
+                        // middleware: its cause is logged here, once.
+                        tracing::warn!(error_code = code, cause = %chain(&e), "fork child failed");
+                        models::ForkResult {
+                            sandbox: None,
+                            error: Some(crate::error::ErrorBody {
+                                code: status.as_u16(),
+                                message,
+                                error_code: code.into(),
+                            }),
+                        }
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// `GET /alcove/v1/snapshots/tree`: every snapshot of the team (deleted ones that still have
+    /// descendants included) nested under its parent, with the live sandboxes on each.
+    pub async fn snapshot_tree(&self, team_id: &str) -> Result<models::SnapshotTree, ApiError> {
+        let team = team_id.to_owned();
+        let snaps = self.db(move |s| s.snapshots_of_team(&team)).await?;
+        let team = team_id.to_owned();
+        let live = self
+            .db(move |s| {
+                s.list_sandboxes(&SandboxFilter {
+                    team_id: Some(team),
+                    states: vec![StoreState::Running, StoreState::Paused],
+                    ..Default::default()
+                })
+            })
+            .await?
+            .items;
+        Ok(build_tree(&snaps, &live))
+    }
+}
+
+fn snapshot_info(s: &SnapshotRecord) -> models::SnapshotInfo {
+    models::SnapshotInfo {
+        snapshot_id: s.id.clone(),
+        names: vec![s.name.clone().unwrap_or_else(|| s.id.clone())],
+    }
+}
+
+/// Nests snapshots under their parents; roots are snapshots of template-fresh sandboxes (or
+/// whose parent is unknown). `live` are the team's running and paused sandboxes.
+fn build_tree(snaps: &[SnapshotRecord], live: &[SandboxRecord]) -> models::SnapshotTree {
+    let known: HashSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&SnapshotRecord>> = HashMap::new();
+    for s in snaps {
+        let parent = s.parent_id.as_deref().filter(|p| known.contains(p));
+        children.entry(parent).or_default().push(s);
+    }
+    fn node(
+        s: &SnapshotRecord,
+        children: &HashMap<Option<&str>, Vec<&SnapshotRecord>>,
+        live: &[SandboxRecord],
+    ) -> models::SnapshotNode {
+        models::SnapshotNode {
+            snapshot_id: s.id.clone(),
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            sandbox_id: s.sandbox_id.clone(),
+            template_id: s.template_id.clone(),
+            created_at: rfc3339(s.created_at),
+            deleted: s.deleted_at.is_some(),
+            sandboxes: live
+                .iter()
+                .filter(|r| r.snapshot_id.as_deref() == Some(s.id.as_str()))
+                .map(|r| r.id.clone())
+                .collect(),
+            children: children
+                .get(&Some(s.id.as_str()))
+                .map(|c| c.iter().map(|c| node(c, children, live)).collect())
+                .unwrap_or_default(),
+        }
+    }
+    models::SnapshotTree {
+        roots: children
+            .get(&None)
+            .map(|c| c.iter().map(|s| node(s, &children, live)).collect())
+            .unwrap_or_default(),
+    }
+}
