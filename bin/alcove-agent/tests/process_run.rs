@@ -12,6 +12,7 @@ async fn health_answers_204() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn echo_runs_and_exits_zero() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -34,6 +35,7 @@ async fn echo_runs_and_exits_zero() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn exit_codes_and_stderr_are_reported() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -48,6 +50,7 @@ async fn exit_codes_and_stderr_are_reported() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn stdin_is_fed_and_closed() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -61,6 +64,7 @@ async fn stdin_is_fed_and_closed() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn envs_and_cwd_apply() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -75,6 +79,7 @@ async fn envs_and_cwd_apply() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn missing_cwd_and_command_are_errors() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -123,6 +128,7 @@ async fn runs_as_the_requested_user() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn many_runs_share_one_connection() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -140,6 +146,7 @@ async fn many_runs_share_one_connection() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn init_sets_env_defaults_and_token() {
     let agent = Agent::start();
     let c = agent.client().await;
@@ -178,6 +185,7 @@ async fn init_sets_env_defaults_and_token() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn template_start_cmd_runs_before_ready_and_is_reattachable() {
     use alcove_agent_client::alcove_envd_proto::process as pb;
     let dir = tempfile::tempdir().unwrap();
