@@ -420,17 +420,9 @@ impl ApiError {
     }
 }
 
-/// The whole source chain of an error, on one line, for logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// The whole source chain of an error, on one line (the one implementation, shared with the
+/// node and the guest).
+pub use alcove_guest_contract::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

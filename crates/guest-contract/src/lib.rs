@@ -1,6 +1,6 @@
 //! The guest contract: everything the host side (`alcove-image`, `alcove-node`,
 //! `alcove-agent-client`, `alcove-api`) and the guest side (`alcove-agent`, `alcove-interpreter`)
-//! must agree on, defined once.
+//! must agree on, defined once, and the one-line form their error messages take ([`error_chain`]).
 //!
 //! Changing a value here changes what a template's guest expects, so a change means rebuilding
 //! templates (the guest network settings and the agent's path are part of every template's
@@ -55,9 +55,43 @@ pub struct InitRequest {
     pub sandbox_id: Option<String>,
 }
 
+/// An error and its sources on one line (`what failed: why: root cause`), the form every error
+/// message takes on both sides: the agent's and the interpreter's error bodies (which reach the
+/// host, the SDK and the LLM reading them verbatim) and the host's messages about a sandbox. A log
+/// line may record the error itself instead (`error = &e as &dyn Error`); the subscriber prints
+/// its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_names_every_cause_in_order() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("starting the kernel")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("no such file"));
+        assert_eq!(error_chain(&e), "starting the kernel: no such file");
+    }
 
     #[test]
     fn init_request_speaks_envd_json() {

@@ -152,21 +152,7 @@ pub async fn serve(cfg: Config) -> std::io::Result<()> {
         .await
 }
 
-/// An error and its sources on one line (`what failed: why: root cause`), for a message someone
-/// reads: an error body, whose reader (the SDK, an LLM) sees nothing else. A log line records the
-/// error itself instead (`error = &e as &dyn Error`) and the subscriber prints its sources.
-///
-/// The guest's one copy: `alcove-agent` uses it too (it depends on this crate, not the reverse).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use alcove_guest_contract::error_chain;
 
 /// Errors answered as `{"code": status, "message": ...}` (the SDK shows the body text).
 #[derive(Debug, thiserror::Error)]
@@ -318,15 +304,6 @@ async fn restart_context(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_chain_names_every_cause_in_order() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("starting the kernel")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("no such file"));
-        assert_eq!(error_chain(&e), "starting the kernel: no such file");
-    }
 
     #[test]
     fn env_names() {

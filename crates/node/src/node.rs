@@ -231,16 +231,7 @@ impl<V: Vmm> Node<V> {
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use alcove_guest_contract::error_chain;
 
 /// Whether `pid` is an Alcove process other than this one (a warm VM's owner).
 pub(crate) fn other_alcove_process_alive(pid: u32) -> bool {

@@ -68,7 +68,7 @@ impl RpcError {
 }
 
 /// An error's whole source chain as one message (the guest's one implementation).
-pub use alcove_interpreter::error_chain;
+pub use alcove_guest_contract::error_chain;
 
 /// The parts of a Connect request every handler needs.
 pub struct Call {
