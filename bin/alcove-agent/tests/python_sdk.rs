@@ -58,6 +58,7 @@ fn run_script(python: &std::path::Path, url: &str, scratch: &std::path::Path, to
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the SDK script runs commands as root; run by scripts/test.sh"]
 async fn official_python_sdk_works_against_the_agent() {
     if std::env::var("ALCOVE_SKIP_PYTHON_SDK").as_deref() == Ok("1") {
         eprintln!("skipped: ALCOVE_SKIP_PYTHON_SDK=1");
