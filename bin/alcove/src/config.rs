@@ -89,7 +89,7 @@ pub struct EgressOptions {
     #[arg(long, env = "ALCOVE_DNS_UPSTREAM")]
     pub dns_upstream: Option<std::net::SocketAddr>,
     /// Open TCP connections per sandbox, at most.
-    #[arg(long, env = "ALCOVE_NET_MAX_CONNECTIONS", default_value_t = 256)]
+    #[arg(long, env = "ALCOVE_NET_MAX_CONNECTIONS", default_value_t = alcove_net::egress::DEFAULT_MAX_CONNECTIONS)]
     pub net_max_connections: usize,
     /// Bandwidth per sandbox and direction in Mbit/s (0: unlimited).
     #[arg(long, env = "ALCOVE_NET_BANDWIDTH_MBIT", default_value_t = 0)]

@@ -18,6 +18,9 @@ use crate::netns::{Listeners, original_dst};
 use crate::policy::{Guard, NetworkConfig, RuleError, Rules, Verdict, decide};
 use crate::sniff::{MAX_SNIFF, Sniff, sniff};
 
+/// Open TCP connections per sandbox when the operator sets no limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
 /// Host-wide settings, from the server's configuration.
 #[derive(Debug, Clone)]
 pub struct EgressConfig {
@@ -39,7 +42,7 @@ impl EgressConfig {
         EgressConfig {
             guard,
             upstream_dns,
-            max_connections: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             bandwidth: None,
             connect_timeout: Duration::from_secs(10),
             sniff_timeout: Duration::from_secs(5),
