@@ -11,7 +11,8 @@ use alcove_vmm::Vmm;
 
 use crate::host::Egress;
 use crate::lifecycle::Event;
-use crate::record::{Record, SandboxInfo};
+use crate::node::error_chain;
+use crate::record::{Record, SandboxInfo, remove_all_but_record};
 use crate::{NodeError, SandboxState};
 
 pub(crate) struct Live<V: Vmm> {
@@ -83,5 +84,15 @@ impl<V: Vmm> Live<V> {
     /// The one way a sandbox's state and record change (see `lifecycle.rs`).
     pub(crate) fn apply(&self, event: Event) -> Result<SandboxInfo, NodeError> {
         self.record.apply(event)
+    }
+
+    /// Records that the sandbox's VM ended on its own (`reason` says how), stops its network and
+    /// leaves only its record in its dir. Used by the exit monitor and after a failed save.
+    pub(crate) fn record_crash(&self, reason: String) {
+        if let Err(e) = self.apply(Event::Crashed { reason }) {
+            tracing::warn!(sandbox_id = %self.snapshot().id, error = %error_chain(&e), "could not record the VM's exit");
+        }
+        self.stop_net();
+        remove_all_but_record(self.dir());
     }
 }

@@ -81,12 +81,8 @@ impl<V: Vmm> Node<V> {
             "the VM exited during a {what}: {reason}{}",
             qemu_log_tail(live.dir())
         );
-        if let Err(e) = live.apply(Event::Crashed { reason }) {
-            tracing::warn!(sandbox_id = %live.snapshot().id, error = %error_chain(&e), "could not record the VM's exit");
-        }
-        live.stop_net();
         *live.vm.lock().expect("vm lock") = None;
-        remove_all_but_record(live.dir());
+        live.record_crash(reason);
     }
 
     /// Resumes a paused sandbox: verifies the snapshot's checksum, restores the VM and sets the

@@ -12,7 +12,7 @@ use crate::NodeError;
 use crate::host::{HostNetwork, RealNetwork};
 use crate::lifecycle::Event;
 use crate::live::Live;
-use crate::node::{Node, NodeConfig, error_chain, other_alcove_process_alive, qemu_log_tail};
+use crate::node::{Node, NodeConfig, other_alcove_process_alive, qemu_log_tail};
 use crate::record::{self, Record, remove_all_but_record};
 
 impl<V: Vmm> Node<V> {
@@ -123,11 +123,7 @@ impl<V: Vmm> Node<V> {
             text.push_str(&qemu_log_tail(live.dir()));
             let id = live.snapshot().id;
             tracing::warn!(sandbox_id = %id, reason = %text, "sandbox VM exited on its own");
-            if let Err(e) = live.apply(Event::Crashed { reason: text }) {
-                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "could not record the VM's exit");
-            }
-            live.stop_net();
-            remove_all_but_record(live.dir());
+            live.record_crash(text);
         });
         let mut monitors = self.monitors.lock().expect("monitors lock");
         monitors.retain(|h| !h.is_finished());
