@@ -39,6 +39,41 @@ pub struct Limits {
     pub liveness_interval: Duration,
     /// Deadlines for every other backend call (the create's is `create_timeout`).
     pub backend: BackendDeadlines,
+    /// The listener's connection and stream caps (slow or idle clients, fd exhaustion).
+    pub connections: ConnectionLimits,
+}
+
+/// What one client can hold open on the listener. Everything here is reachable without a key,
+/// so every resource a connection holds has a cap or a deadline.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections served at once; one more is answered 503 and closed at once, not queued.
+    pub max_connections: usize,
+    /// How long an HTTP/1 client may take to send a request's headers, counted from when the
+    /// server starts waiting for them: it bounds slow headers and idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// HTTP/2: a ping this often on a quiet connection, closed if unanswered for as long again.
+    pub keep_alive_interval: Duration,
+    /// HTTP/2: streams one connection may have open at once.
+    pub max_h2_streams: u32,
+    /// Proxied requests (sandbox traffic) open at once, all sandboxes together; each holds a
+    /// connection into a sandbox until its response body ends.
+    pub max_proxied_streams: usize,
+    /// Proxied requests open at once to one sandbox.
+    pub max_proxied_streams_per_sandbox: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(15),
+            keep_alive_interval: Duration::from_secs(30),
+            max_h2_streams: 256,
+            max_proxied_streams: 4096,
+            max_proxied_streams_per_sandbox: 512,
+        }
+    }
 }
 
 /// How long the API waits for one backend call, per operation. A call past its deadline counts
@@ -140,6 +175,7 @@ impl Default for Limits {
             reaper_interval: Duration::from_secs(1),
             liveness_interval: Duration::from_secs(5),
             backend: BackendDeadlines::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 }

@@ -102,6 +102,18 @@ pub enum ApiError {
     SandboxTimeout { sandbox_id: String },
     #[error("sandbox unreachable")]
     SandboxUnreachable { sandbox_id: String },
+    /// A host-wide endpoint (`/metrics`, the warm pools) asked for with a non-admin key.
+    #[error("admin key required")]
+    AdminOnly,
+    /// The listener already serves its maximum number of connections.
+    #[error("too many connections")]
+    TooManyConnections { limit: usize },
+    /// Too many proxied requests open at once, for one sandbox or for the whole server.
+    #[error("too many open sandbox streams")]
+    TooManyStreams {
+        sandbox_id: Option<String>,
+        limit: usize,
+    },
 }
 
 impl ApiError {
@@ -342,6 +354,44 @@ impl ApiError {
                 "invalid_traffic_access_token",
                 format!(
                     "Sandbox {sandbox_id} was created with allowPublicTraffic: false, so requests                      to its port {port} need its traffic access token in the                      e2b-traffic-access-token header; it is missing or wrong. Use the                      trafficAccessToken returned when the sandbox was created or connected."
+                ),
+            ),
+            AdminOnly => (
+                StatusCode::FORBIDDEN,
+                "admin_key_required",
+                "This endpoint shows host-wide state and needs the admin team's API key (the one \
+                 the server wrote to <data-dir>/api-key on first start)."
+                    .into(),
+            ),
+            TooManyConnections { limit } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                format!(
+                    "The server already serves {limit} connections, its configured maximum. \
+                     Close idle connections or retry in a few seconds."
+                ),
+            ),
+            TooManyStreams {
+                sandbox_id: Some(id),
+                limit,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "Sandbox {id} already has {limit} requests open through the proxy, the \
+                     configured maximum. Close streams you no longer read (watchers, command \
+                     output, WebSockets), then retry."
+                ),
+            ),
+            TooManyStreams {
+                sandbox_id: None,
+                limit,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "The server already has {limit} sandbox requests open, its configured \
+                     maximum. Retry in a few seconds."
                 ),
             ),
             // "was not found" is the phrase the SDKs match to raise SandboxNotRunningException.

@@ -30,6 +30,6 @@ pub use backend::{
     BackendError, BackendOp, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine,
     ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
 };
-pub use config::{BackendDeadlines, Limits, ServerConfig};
+pub use config::{BackendDeadlines, ConnectionLimits, Limits, ServerConfig};
 pub use error::ApiError;
 pub use server::{API_KEY_FILE, ServeError, Server, serve};

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub proxy_requests: AtomicU64,
     pub proxy_failures: AtomicU64,
     pub proxy_upgrades: AtomicU64,
+    pub proxy_streams_refused: AtomicU64,
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -110,7 +112,7 @@ impl Metrics {
                 }
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
             (
                 "alcove_sandboxes_paused_total",
                 "Sandboxes paused (on request or at their end time with autoPause).",
@@ -175,6 +177,16 @@ impl Metrics {
                 "alcove_proxy_upgrades_total",
                 "Sandbox requests switched to another protocol (WebSocket) by a 101.",
                 &self.proxy_upgrades,
+            ),
+            (
+                "alcove_proxy_streams_refused_total",
+                "Sandbox requests refused (429) because a stream cap was reached.",
+                &self.proxy_streams_refused,
+            ),
+            (
+                "alcove_connections_refused_total",
+                "Connections answered 503 and closed because the connection cap was reached.",
+                &self.connections_refused,
             ),
         ];
         for (name, help, c) in counters {

@@ -4,40 +4,61 @@
 //! the agent's 49983) — what the SDKs send when `E2B_SANDBOX_URL` is set — or when its host is
 //! `<port>-<sandboxID>.<domain>`. Everything else is the REST API. Sandbox requests are streamed
 //! through [`SandboxBackend::forward`](crate::backend::SandboxBackend::forward) untouched apart
-//! from the routing and hop-by-hop headers.
+//! from the routing, credential and hop-by-hop headers.
 //!
-//! Access: requests to the agent port must carry the sandbox's envd access token in
-//! `X-Access-Token`, or a valid v1 URL signature (`/files?signature=...`, as the SDKs' upload and
-//! download URLs do); `GET /health` is open, as in envd. Other ports are open to whoever knows the
-//! sandbox id, as in E2B, unless the sandbox was created with `network.allowPublicTraffic: false`:
-//! then they need its traffic access token in `e2b-traffic-access-token` (403 otherwise). That
-//! header is stripped before forwarding.
+//! Access, decided before anything else happens (before an autoResume sandbox is woken):
+//! - The platform's ports ([`PLATFORM_PORTS`]: envd, the code interpreter) need the sandbox's
+//!   envd access token in `X-Access-Token` when the sandbox has one. Exceptions, each because an
+//!   official SDK sends no token there: `GET /health`; on envd a valid v1 URL signature
+//!   (`/files?signature=...`, the SDKs' upload and download URLs); on the code interpreter its
+//!   context management (`/contexts...`, which runs no code). A token that is sent must be right.
+//! - Other ports are open to whoever knows the sandbox id, as in E2B, unless the sandbox was
+//!   created with `network.allowPublicTraffic: false`: then they (and the code interpreter) need
+//!   its traffic access token in `e2b-traffic-access-token` (403 otherwise).
+//!
+//! Credentials of the control plane never reach the guest: `X-API-KEY` and a Bearer
+//! `Authorization` are removed (a Basic `Authorization` is envd's way of naming the user and is
+//! kept), as are the traffic token and, on user ports, `X-Access-Token`.
+//!
+//! Every proxied request holds a stream permit until its response body ends
+//! ([`crate::config::ConnectionLimits`]: per sandbox and in total); past the cap it gets 429.
 //!
 //! Upgrades (WebSocket): the `Upgrade`/`Connection: upgrade` pair survives the hop-by-hop strip
 //! on the request and on a 101 answer; the backend joins both upgraded connections.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use http_body_util::BodyExt;
 use http::{HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
 use alcove_store::SandboxState;
 
-use crate::backend::{BackendOp, ENVD_PORT};
+use crate::backend::{BackendOp, CODE_INTERPRETER_PORT, ENVD_PORT};
 use crate::error::ApiError;
 use crate::handlers::{AppState, query_pairs};
 use crate::metrics::{METRICS, Metrics};
 use crate::service::api_error;
+use crate::service::ProxyTarget;
 
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 /// E2B's header for sandboxes created with `network.allowPublicTraffic: false`.
 const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+const API_KEY_HEADER: &str = "x-api-key";
+
+/// The ports the platform itself serves in a guest. Each needs the sandbox's envd access token
+/// (see the module docs for the few requests the SDKs send without it); other ports are the
+/// user's. A new platform service (desktop stream, MCP) adds its port here.
+pub const PLATFORM_PORTS: &[u16] = &[ENVD_PORT, CODE_INTERPRETER_PORT];
 
 /// Where a request should go, if it is sandbox traffic.
 #[derive(Debug, PartialEq, Eq)]
@@ -111,14 +132,32 @@ fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// What the proxy middleware needs: the service and the stream caps.
+#[derive(Clone)]
+pub struct ProxyState {
+    pub svc: AppState,
+    pub streams: Arc<Streams>,
+}
+
+impl ProxyState {
+    pub fn new(svc: AppState) -> Self {
+        let c = &svc.limits().connections;
+        let streams = Arc::new(Streams::new(
+            c.max_proxied_streams,
+            c.max_proxied_streams_per_sandbox,
+        ));
+        ProxyState { svc, streams }
+    }
+}
+
 /// Outermost middleware: sandbox traffic goes to the proxy, the rest to the REST router.
-pub async fn dispatch(State(svc): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn dispatch(State(st): State<ProxyState>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    match route_of(&parts, svc.domain()) {
+    match route_of(&parts, st.svc.domain()) {
         Ok(None) => next.run(Request::from_parts(parts, body)).await,
         Ok(Some(route)) => {
             Metrics::inc(&METRICS.proxy_requests);
-            match proxy(&svc, route, Request::from_parts(parts, body)).await {
+            match proxy(&st, route, Request::from_parts(parts, body)).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     Metrics::inc(&METRICS.proxy_failures);
@@ -133,44 +172,64 @@ pub async fn dispatch(State(svc): State<AppState>, req: Request, next: Next) -> 
     }
 }
 
-async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, ApiError> {
-    let Route { sandbox_id, port } = route;
-    let mut target = svc.proxy_target(&sandbox_id).await?;
-    // A paused sandbox created with autoResume comes back for its traffic.
-    if target
-        .as_ref()
-        .is_some_and(|t| t.state == SandboxState::Paused)
-        && svc.resume_for_traffic(&sandbox_id).await?
+/// Whether `req` may reach `port` of a sandbox with these tokens. Checked before the sandbox
+/// is woken or reached in any way.
+fn check_access(req: &Request, sandbox_id: &str, port: u16, t: &ProxyTarget) -> Result<(), ApiError> {
+    if PLATFORM_PORTS.contains(&port)
+        && let Some(token) = &t.envd_access_token
+        && !platform_request_authorized(req, port, token)
     {
-        target = svc.proxy_target(&sandbox_id).await?;
-    }
-    let target = match target {
-        Some(t) if t.state == SandboxState::Running => t,
-        Some(t) if t.state == SandboxState::Creating => {
-            return Err(ApiError::PortNotOpen { sandbox_id, port });
-        }
-        _ => return Err(ApiError::SandboxGone { sandbox_id }),
-    };
-    if port == ENVD_PORT
-        && let Some(token) = &target.envd_access_token
-        && !envd_request_authorized(&req, token)
-    {
-        return Err(ApiError::AccessTokenRejected { sandbox_id });
+        return Err(ApiError::AccessTokenRejected {
+            sandbox_id: sandbox_id.to_owned(),
+        });
     }
     if port != ENVD_PORT
-        && let Some(token) = &target.traffic_access_token
+        && let Some(token) = &t.traffic_access_token
         && !req
             .headers()
             .get(TRAFFIC_TOKEN_HEADER)
             .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
     {
-        return Err(ApiError::TrafficTokenRejected { sandbox_id, port });
+        return Err(ApiError::TrafficTokenRejected {
+            sandbox_id: sandbox_id.to_owned(),
+            port,
+        });
     }
+    Ok(())
+}
+
+async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, ApiError> {
+    let svc = &st.svc;
+    let Route { sandbox_id, port } = route;
+    let Some(target) = svc.proxy_target(&sandbox_id).await? else {
+        return Err(ApiError::SandboxGone { sandbox_id });
+    };
+    if !matches!(
+        target.state,
+        SandboxState::Running | SandboxState::Paused | SandboxState::Creating
+    ) {
+        return Err(ApiError::SandboxGone { sandbox_id });
+    }
+    check_access(&req, &sandbox_id, port, &target)?;
+    let mut target = target;
+    // A paused sandbox created with autoResume comes back for its (authorized) traffic.
+    if target.state == SandboxState::Paused && svc.resume_for_traffic(&sandbox_id).await? {
+        target = svc
+            .proxy_target(&sandbox_id)
+            .await?
+            .ok_or_else(|| ApiError::SandboxGone {
+                sandbox_id: sandbox_id.clone(),
+            })?;
+    }
+    match target.state {
+        SandboxState::Running => {}
+        SandboxState::Creating => return Err(ApiError::PortNotOpen { sandbox_id, port }),
+        _ => return Err(ApiError::SandboxGone { sandbox_id }),
+    }
+    let permit = st.streams.acquire(&sandbox_id)?;
 
     let (mut parts, body) = req.into_parts();
-    for name in [SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER] {
-        parts.headers.remove(name);
-    }
+    strip_credentials(&mut parts.headers, port);
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair: the backend needs them to ask
     // the server in the sandbox for the switch, and hyper's `OnUpgrade` stays in the extensions.
     let upgrade = upgrade_of(&parts.headers);
@@ -205,9 +264,104 @@ async fn proxy(svc: &AppState, route: Route, req: Request) -> Result<Response, A
             }
             strip_hop_by_hop(&mut parts.headers);
             restore_upgrade(&mut parts.headers, upgrade);
+            // The permit lives as long as the response body: a stream counts until it ends.
+            let body = Body::new(body.map_frame(move |f| {
+                let _held = &permit;
+                f
+            }));
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => Err(api_error(op, &sandbox_id, e)),
+    }
+}
+
+/// Removes what the control plane uses to authenticate (and our routing headers) from a request
+/// bound for a guest. envd names the user with `Authorization: Basic`, so only Bearer goes.
+fn strip_credentials(h: &mut http::HeaderMap, port: u16) {
+    for name in [
+        SANDBOX_ID_HEADER,
+        SANDBOX_PORT_HEADER,
+        TRAFFIC_TOKEN_HEADER,
+        API_KEY_HEADER,
+    ] {
+        h.remove(name);
+    }
+    if !PLATFORM_PORTS.contains(&port) {
+        h.remove(ACCESS_TOKEN_HEADER);
+    }
+    let bearer = h.get_all(http::header::AUTHORIZATION).iter().any(|v| {
+        v.as_bytes()
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+    });
+    if bearer {
+        h.remove(http::header::AUTHORIZATION);
+    }
+}
+
+/// Open proxied requests, in total and per sandbox. Taking a permit never waits: past a cap the
+/// request is refused (429), so a flood cannot queue up unbounded work.
+pub struct Streams {
+    max_total: usize,
+    max_per_sandbox: usize,
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+impl Streams {
+    pub fn new(max_total: usize, max_per_sandbox: usize) -> Self {
+        Streams {
+            max_total,
+            max_per_sandbox,
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    fn acquire(self: &Arc<Self>, sandbox_id: &str) -> Result<StreamPermit, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 >= self.max_total {
+            Metrics::inc(&METRICS.proxy_streams_refused);
+            return Err(ApiError::TooManyStreams {
+                sandbox_id: None,
+                limit: self.max_total,
+            });
+        }
+        let n = open.1.entry(sandbox_id.to_owned()).or_insert(0);
+        if *n >= self.max_per_sandbox {
+            Metrics::inc(&METRICS.proxy_streams_refused);
+            return Err(ApiError::TooManyStreams {
+                sandbox_id: Some(sandbox_id.to_owned()),
+                limit: self.max_per_sandbox,
+            });
+        }
+        *n += 1;
+        open.0 += 1;
+        Ok(StreamPermit {
+            streams: self.clone(),
+            sandbox_id: sandbox_id.to_owned(),
+        })
+    }
+
+    /// Proxied requests open now (all sandboxes).
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+struct StreamPermit {
+    streams: Arc<Streams>,
+    sandbox_id: String,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.sandbox_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.sandbox_id);
+            }
+        }
     }
 }
 
@@ -260,8 +414,9 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     }
 }
 
-/// The envd access rule: token header, or a signed `/files` URL, or the open health check.
-fn envd_request_authorized(req: &Request, token: &str) -> bool {
+/// The platform ports' access rule: the token header; without it only the requests the SDKs send
+/// tokenless (health, signed `/files` URLs on envd, context management on the interpreter).
+fn platform_request_authorized(req: &Request, port: u16, token: &str) -> bool {
     if let Some(v) = req.headers().get(ACCESS_TOKEN_HEADER) {
         return constant_time_eq(v.as_bytes(), token.as_bytes());
     }
@@ -269,7 +424,11 @@ fn envd_request_authorized(req: &Request, token: &str) -> bool {
     if path == "/health" && req.method() == Method::GET {
         return true;
     }
-    if path == "/files" {
+    if port == CODE_INTERPRETER_PORT {
+        // The official SDKs send no token to manage contexts; these run no code.
+        return path == "/contexts" || path.starts_with("/contexts/");
+    }
+    if port == ENVD_PORT && path == "/files" {
         let op = match *req.method() {
             Method::GET => "read",
             Method::POST => "write",
@@ -291,6 +450,13 @@ fn unix_now() -> i64 {
 /// SHA-256(`path:operation:user:token[:expiration]`).
 fn signature_valid(query: Option<&str>, op: &str, token: &str, now: i64) -> bool {
     let pairs = query_pairs(query);
+    // A parameter the signature covers must appear once: with two, the agent might read the
+    // one that was not checked.
+    for name in ["signature", "path", "username", "signature_expiration"] {
+        if pairs.iter().filter(|(k, _)| k == name).count() > 1 {
+            return false;
+        }
+    }
     let get = |name: &str| {
         pairs
             .iter()
@@ -426,5 +592,70 @@ mod tests {
         let q = format!("path=/a&signature={}&signature_expiration=100", enc(&sig));
         assert!(signature_valid(Some(&q), "write", "tok", 99));
         assert!(!signature_valid(Some(&q), "write", "tok", 101), "expired");
+    }
+
+    fn signed(path: &str, op: &str, user: &str, exp: Option<i64>) -> String {
+        let raw = match exp {
+            Some(e) => format!("{path}:{op}:{user}:tok:{e}"),
+            None => format!("{path}:{op}:{user}:tok"),
+        };
+        let sig = format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(raw.as_bytes()))
+        );
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let mut q = format!("path={}&username={}&signature={}", enc(path), enc(user), enc(&sig));
+        if let Some(e) = exp {
+            q.push_str(&format!("&signature_expiration={e}"));
+        }
+        q
+    }
+
+    #[test]
+    fn tampered_or_expired_file_urls_are_refused() {
+        let q = signed("/home/user/a.txt", "read", "user", Some(1000));
+        assert!(signature_valid(Some(&q), "read", "tok", 999));
+        // Method (operation), path, user and expiry are all covered by the signature.
+        assert!(!signature_valid(Some(&q), "write", "tok", 999));
+        for (from, to) in [
+            ("a.txt", "b.txt"),
+            ("username=user", "username=root"),
+            ("signature_expiration=1000", "signature_expiration=9999"),
+        ] {
+            let t = q.replace(from, to);
+            assert_ne!(t, q);
+            assert!(!signature_valid(Some(&t), "read", "tok", 999), "{t}");
+        }
+        let no_exp = q.replace("&signature_expiration=1000", "");
+        assert!(!signature_valid(Some(&no_exp), "read", "tok", 999));
+        assert!(!signature_valid(Some(&q), "read", "tok", 1001), "expired");
+        // A second copy of a covered parameter could be the one the agent reads.
+        for dup in [
+            "&path=/etc/shadow",
+            "&username=root",
+            "&signature_expiration=9999",
+        ] {
+            let t = format!("{q}{dup}");
+            assert!(!signature_valid(Some(&t), "read", "tok", 999), "{t}");
+        }
+        // Without expiry (the SDKs' default) a signature stays valid, as in E2B.
+        let forever = signed("/a", "write", "", None);
+        assert!(signature_valid(Some(&forever), "write", "tok", i64::MAX));
+    }
+
+    #[test]
+    fn bearer_credentials_are_stripped_basic_user_names_kept() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", "k".parse().unwrap());
+        h.insert("authorization", "BEARER k".parse().unwrap());
+        h.insert("x-access-token", "t".parse().unwrap());
+        strip_credentials(&mut h, ENVD_PORT);
+        assert!(!h.contains_key("x-api-key"));
+        assert!(!h.contains_key("authorization"));
+        assert!(h.contains_key("x-access-token"));
+        h.insert("authorization", "Basic dXNlcjo=".parse().unwrap());
+        strip_credentials(&mut h, 8080);
+        assert!(h.contains_key("authorization"));
+        assert!(!h.contains_key("x-access-token"));
     }
 }

@@ -109,54 +109,144 @@ impl Server {
         self.first_start_key.as_deref()
     }
 
-    /// How to point the SDKs at this server, as shell lines.
+    /// How to point the SDKs at this server, as shell lines. The key is read from its file by the
+    /// shell, never printed: these lines end up in logs and terminals.
     pub fn sdk_env(&self) -> String {
         let url = format!("http://{}", self.local_addr);
-        let key = match &self.first_start_key {
-            Some(k) => k.clone(),
-            None => format!(
-                "$(cat {})",
-                self.config.data_dir.join(API_KEY_FILE).display()
-            ),
-        };
+        let key = format!(
+            "$(cat {})",
+            self.config.data_dir.join(API_KEY_FILE).display()
+        );
         format!(
             "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={key}\n"
         )
     }
 
     /// Serves until `shutdown` completes, running the reaper beside it.
+    ///
+    /// The accept loop is ours, not `axum::serve`, for the caps an unauthenticated client meets
+    /// first ([`crate::config::ConnectionLimits`]): at most `max_connections` at once (one more
+    /// gets a 503 and is closed at once), HTTP/1 headers within `header_read_timeout` (which
+    /// also closes idle keep-alive connections), HTTP/2 pings and a stream cap.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         let reaper = tokio::spawn(reaper(self.svc.clone()));
         let liveness = tokio::spawn(liveness(self.svc.clone()));
         let app = router(self.svc.clone());
-        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
-        let notify = stopping.clone();
-        let serve = axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            notify.notify_one();
-        });
+        let limits = self.svc.limits().connections.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(limits.keep_alive_interval))
+            .keep_alive_timeout(limits.keep_alive_interval)
+            .max_concurrent_streams(limits.max_h2_streams);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let listener = self.listener;
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning; connections that
+                        // end free descriptors.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                crate::metrics::Metrics::inc(&METRICS.connections_refused);
+                refuse_connection(stream, limits.max_connections);
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            let first_bytes = limits.header_read_timeout;
+            tokio::spawn(async move {
+                // The protocol sniff (HTTP/1 or the HTTP/2 preface) reads with no deadline of its
+                // own: a client that connects and stays silent would hold the slot forever.
+                if !first_bytes_within(&stream, first_bytes).await {
+                    return;
+                }
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = watcher.watch(conn);
+                // Client errors (resets, header timeouts, bad requests) end only their connection.
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+        drop(listener);
         // Open streams (command output, watches) get a grace period, not a veto.
-        let res = tokio::select! {
-            r = serve => r.map_err(ServeError::Serve),
-            _ = async {
-                stopping.notified().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
                 tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
-                Ok(())
             }
-        };
+        }
         reaper.abort();
         liveness.abort();
-        res
+        Ok(())
     }
+}
+
+/// Whether the client sends enough to tell HTTP/1 from HTTP/2 within `limit`.
+async fn first_bytes_within(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 {
+            return false;
+        }
+        if n == buf.len() || !H2_PREFACE.starts_with(&buf[..n]) {
+            return true;
+        }
+        // Part of a preface: wait for the rest (peek returns at once while bytes are queued).
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Answers a connection over the cap with a 503 and closes it, without waiting on the client:
+/// a fresh socket's send buffer takes the few bytes at once, and if it doesn't, the close alone
+/// says no.
+fn refuse_connection(stream: tokio::net::TcpStream, limit: usize) {
+    let (status, code, message) = ApiError::TooManyConnections { limit }.parts();
+    let body = serde_json::json!({
+        "code": status.as_u16(),
+        "error_code": code,
+        "message": message,
+    })
+    .to_string();
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(resp.as_bytes());
 }
 
 /// Starts the server and serves until Ctrl-C. Logs how to point the SDKs at it.
@@ -206,7 +296,9 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
     if !store.teams().map_err(ServeError::Bootstrap)?.is_empty() {
         return Ok(None);
     }
-    let team = store.create_team("admin").map_err(ServeError::Bootstrap)?;
+    let team = store
+        .create_team(handlers::ADMIN_TEAM)
+        .map_err(ServeError::Bootstrap)?;
     let key = store
         .create_api_key(&team.id, "admin (first start)")
         .map_err(ServeError::Bootstrap)?;
@@ -301,7 +393,10 @@ pub fn router(svc: Arc<Service>) -> Router {
         .layer(middleware::from_fn(count_request))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
-    api.layer(middleware::from_fn_with_state(svc.clone(), proxy::dispatch))
+    api.layer(middleware::from_fn_with_state(
+        proxy::ProxyState::new(svc.clone()),
+        proxy::dispatch,
+    ))
         .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
         .with_state::<()>(svc as AppState)
 }

@@ -571,8 +571,10 @@ async fn sandbox_traffic_is_routed_and_the_access_token_enforced() {
         .send("GET", "/health", &[("E2b-Sandbox-Id", id.as_str())], vec![])
         .await;
     assert_eq!(health.status, 200, "envd health is open");
-    let ci = send(hdr("49999", None), "/execute").await;
-    assert_eq!(ci.json["port"], 49999, "other ports need no envd token");
+    let ci = send(hdr("49999", Some(&token)), "/execute").await;
+    assert_eq!(ci.json["port"], 49999, "the code interpreter takes the same token");
+    let user = send(hdr("8000", None), "/").await;
+    assert_eq!(user.json["port"], 8000, "user ports need no envd token");
 
     let closed = send(hdr("1234", None), "/").await;
     assert_error(&closed, 502, "port_not_open");

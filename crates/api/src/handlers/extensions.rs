@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 
-use super::{ApiJson, AppState, Team};
+use super::{Admin, ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{
     AlcoveForkResponse, ForkRequest, SandboxRecordView, SnapshotTree, WarmPoolView,
@@ -59,14 +59,15 @@ pub async fn snapshot_tree(
 }
 
 /// The host's warm pools: per template, how many restored VMs wait ready for a create, and how
-/// many creates they served.
+/// many creates they served. Host-wide, so the admin key only.
 #[utoipa::path(get, path = "/alcove/v1/warm-pool", tag = "alcove",
     responses(
-        (status = 200, description = "One entry per template with a pool", body = [WarmPoolView])),
+        (status = 200, description = "One entry per template with a pool", body = [WarmPoolView]),
+        (status = 403, description = "Not the admin key", body = ErrorBody)),
     security(("ApiKeyAuth" = [])))]
 pub async fn warm_pool(
     State(svc): State<AppState>,
-    Team(_team): Team,
+    _admin: Admin,
 ) -> Result<Json<Vec<WarmPoolView>>, ApiError> {
     Ok(Json(svc.warm_pool().await?))
 }

@@ -55,6 +55,27 @@ impl FromRequestParts<AppState> for Team {
     }
 }
 
+/// The admin team (the one the server created on first start, named `admin`), for endpoints
+/// that show host-wide state: `/metrics`, the warm pools. Any other team's key gets 403.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Team(team) = Team::from_request_parts(parts, state).await?;
+        let teams = state.db(|s| s.teams()).await?;
+        // Team names are unique (a store constraint), so this is the first start's team.
+        match teams.iter().find(|t| t.name == ADMIN_TEAM) {
+            Some(a) if a.id == team => Ok(Admin),
+            _ => Err(ApiError::AdminOnly),
+        }
+    }
+}
+
+/// The name of the team the server creates on first start.
+pub const ADMIN_TEAM: &str = "admin";
+
 /// A JSON body: size-limited by `DefaultBodyLimit`, with every failure a structured 400/413.
 /// An empty body reads as `{}`, so optional bodies (refreshes, connect) may be left out.
 pub struct ApiJson<T>(pub T);

@@ -1,10 +1,12 @@
-//! Unauthenticated operational endpoints: health, Prometheus metrics, the OpenAPI document.
+//! Operational endpoints: health and the OpenAPI document (open), Prometheus metrics (the admin
+//! key: they describe the whole host).
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use super::AppState;
+use super::{Admin, AppState};
+use crate::error::ErrorBody;
 use crate::metrics::METRICS;
 
 /// Liveness of the API server itself.
@@ -14,10 +16,14 @@ pub async fn health() -> &'static str {
     "ok"
 }
 
-/// The server's own metrics in Prometheus text format.
+/// The server's own metrics in Prometheus text format. Host-wide, so the admin key only.
 #[utoipa::path(get, path = "/metrics", tag = "system",
-    responses((status = 200, description = "Prometheus text exposition", body = String)))]
-pub async fn prometheus(State(svc): State<AppState>) -> impl IntoResponse {
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String),
+        (status = 401, description = "No or bad API key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn prometheus(State(svc): State<AppState>, _admin: Admin) -> impl IntoResponse {
     let running = svc.active_sandboxes().await as u64;
     let body = METRICS.render(&[(
         "alcove_sandboxes_running",

@@ -319,6 +319,10 @@ impl SandboxBackend for FakeBackend {
                 "uri": parts.uri.to_string(),
                 "routingHeaders": parts.headers.contains_key("e2b-sandbox-id"),
                 "trafficHeader": parts.headers.contains_key("e2b-traffic-access-token"),
+                "apiKeyHeader": parts.headers.contains_key("x-api-key"),
+                "accessTokenHeader": parts.headers.contains_key("x-access-token"),
+                "authorization": parts.headers.get("authorization")
+                    .and_then(|v| v.to_str().ok()),
                 "bodyLen": body.len(),
             });
             Ok(http::Response::builder()
