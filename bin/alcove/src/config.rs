@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alcove_api::Limits;
+use alcove_api::{ConnectionLimits, Limits};
 use alcove_vmm::{Accel, AccelChoice, QemuVmm};
 
 /// Where `alcove server` listens unless told otherwise; the client commands look there.
@@ -58,6 +58,18 @@ pub struct ServerOptions {
     /// Largest REST request body in bytes (sandbox traffic is not capped).
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers (also closes idle keep-alives).
+    #[arg(long, default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout: u64,
+    /// Proxied sandbox requests open at once, all sandboxes together; more get 429.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_proxied_streams)]
+    pub max_proxied_streams: usize,
+    /// Proxied requests open at once to one sandbox; more get 429.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_proxied_streams_per_sandbox)]
+    pub max_proxied_streams_per_sandbox: usize,
     /// Built kernels, root file systems and templates (rebuildable).
     #[arg(long, env = "ALCOVE_CACHE")]
     pub cache_dir: Option<PathBuf>,
@@ -144,6 +156,13 @@ impl ServerOptions {
                 max_timeout: Duration::from_secs(self.max_timeout),
                 max_concurrent_sandboxes: self.max_sandboxes,
                 max_body_bytes: self.max_body_bytes,
+                connections: ConnectionLimits {
+                    max_connections: self.max_connections,
+                    header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
+                    max_proxied_streams: self.max_proxied_streams,
+                    max_proxied_streams_per_sandbox: self.max_proxied_streams_per_sandbox,
+                    ..ConnectionLimits::default()
+                },
                 ..Limits::default()
             },
         }

@@ -11,10 +11,29 @@ use crate::config::ServerOptions;
 /// Opens the node, serves the API over it, printing how to point the SDKs at it, and on the way
 /// out kills the warm pool's VMs (they are nobody's sandboxes).
 pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    raise_fd_limit();
     let node = opts.node().await?;
     let served = serve(&opts, Arc::new(NodeBackend::new(node.clone())), out).await;
     node.drain_warm_pool().await;
     served
+}
+
+/// Every connection and every proxied stream holds descriptors; the usual soft limit (1024)
+/// would make the connection caps unreachable. Raises the soft limit to the hard one and logs
+/// the result; a failure leaves the limit as it was (and says so).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    let before = lim.current;
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, soft = ?before, "could not raise RLIMIT_NOFILE");
+            return;
+        }
+    }
+    let after = getrlimit(Resource::Nofile);
+    tracing::info!(soft = ?after.current, hard = ?after.maximum, "open file limit (RLIMIT_NOFILE)");
 }
 
 async fn serve(
@@ -50,4 +69,15 @@ async fn serve(
         .await
         .context("serving")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, getrlimit};
+        super::raise_fd_limit();
+        let lim = getrlimit(Resource::Nofile);
+        assert_eq!(lim.current, lim.maximum);
+    }
 }
