@@ -35,8 +35,8 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use http_body_util::BodyExt;
 use http::{HeaderName, Method, Uri};
+use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use alcove_store::SandboxState;
@@ -45,8 +45,8 @@ use crate::backend::{BackendOp, CODE_INTERPRETER_PORT, ENVD_PORT};
 use crate::error::ApiError;
 use crate::handlers::{AppState, query_pairs};
 use crate::metrics::{METRICS, Metrics};
-use crate::service::api_error;
 use crate::service::ProxyTarget;
+use crate::service::api_error;
 
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
@@ -174,7 +174,12 @@ pub async fn dispatch(State(st): State<ProxyState>, req: Request, next: Next) ->
 
 /// Whether `req` may reach `port` of a sandbox with these tokens. Checked before the sandbox
 /// is woken or reached in any way.
-fn check_access(req: &Request, sandbox_id: &str, port: u16, t: &ProxyTarget) -> Result<(), ApiError> {
+fn check_access(
+    req: &Request,
+    sandbox_id: &str,
+    port: u16,
+    t: &ProxyTarget,
+) -> Result<(), ApiError> {
     if PLATFORM_PORTS.contains(&port)
         && let Some(token) = &t.envd_access_token
         && !platform_request_authorized(req, port, token)
@@ -604,7 +609,12 @@ mod tests {
             base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(raw.as_bytes()))
         );
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        let mut q = format!("path={}&username={}&signature={}", enc(path), enc(user), enc(&sig));
+        let mut q = format!(
+            "path={}&username={}&signature={}",
+            enc(path),
+            enc(user),
+            enc(&sig)
+        );
         if let Some(e) = exp {
             q.push_str(&format!("&signature_expiration={e}"));
         }

@@ -397,8 +397,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         proxy::ProxyState::new(svc.clone()),
         proxy::dispatch,
     ))
-        .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
-        .with_state::<()>(svc as AppState)
+    .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
+    .with_state::<()>(svc as AppState)
 }
 
 /// Every REST request has a deadline; creates get the (longer) create deadline plus slack, so the

@@ -572,7 +572,10 @@ async fn sandbox_traffic_is_routed_and_the_access_token_enforced() {
         .await;
     assert_eq!(health.status, 200, "envd health is open");
     let ci = send(hdr("49999", Some(&token)), "/execute").await;
-    assert_eq!(ci.json["port"], 49999, "the code interpreter takes the same token");
+    assert_eq!(
+        ci.json["port"], 49999,
+        "the code interpreter takes the same token"
+    );
     let user = send(hdr("8000", None), "/").await;
     assert_eq!(user.json["port"], 8000, "user ports need no envd token");
 

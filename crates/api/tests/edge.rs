@@ -193,7 +193,15 @@ async fn auto_resume_wakes_a_sandbox_only_for_authorized_traffic() {
         "invalid_access_token",
     );
     assert_error(
-        &to_sandbox(&s, &id, 49999, "POST", "/execute", &[("X-Access-Token", "x")]).await,
+        &to_sandbox(
+            &s,
+            &id,
+            49999,
+            "POST",
+            "/execute",
+            &[("X-Access-Token", "x")],
+        )
+        .await,
         401,
         "invalid_access_token",
     );
@@ -247,7 +255,12 @@ async fn host_wide_endpoints_need_the_admin_key() {
     let admin = s.client();
     let m = admin.get("/metrics").await;
     assert_eq!(m.status, 200);
-    assert!(m.json.as_str().unwrap().contains("alcove_http_requests_total"));
+    assert!(
+        m.json
+            .as_str()
+            .unwrap()
+            .contains("alcove_http_requests_total")
+    );
     assert_eq!(admin.get("/alcove/v1/warm-pool").await.status, 200);
     s.stop().await;
 }
