@@ -12,9 +12,12 @@ use proptest::prelude::*;
 
 const MAX: usize = 4096;
 
+/// The envelopes (flags, payload), the first error, and the bytes left buffered.
+type Decoded = (Vec<(u8, Vec<u8>)>, Option<FrameError>, usize);
+
 /// Feeds `bytes` in `chunks`-sized pieces, draining after each; returns the envelopes and the
 /// first error.
-fn decode_all(bytes: &[u8], chunks: &[usize]) -> (Vec<(u8, Vec<u8>)>, Option<FrameError>, usize) {
+fn decode_all(bytes: &[u8], chunks: &[usize]) -> Decoded {
     let mut d = EnvelopeDecoder::new(MAX);
     let mut out = Vec::new();
     let mut at = 0;
