@@ -37,9 +37,16 @@ impl AsyncRead for Chunks {
 }
 
 fn read_all(data: Vec<u8>, sizes: Vec<usize>) -> std::io::Result<Vec<u8>> {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let mut s = SkipToSession::new(Chunks { data, sizes, at: 0, i: 0 });
+        let mut s = SkipToSession::new(Chunks {
+            data,
+            sizes,
+            at: 0,
+            i: 0,
+        });
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         Ok(out)
