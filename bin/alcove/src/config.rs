@@ -96,6 +96,11 @@ pub struct EgressOptions {
     /// whatever a sandbox's own rules allow.
     #[arg(long, env = "ALCOVE_EGRESS_TRUSTED", value_delimiter = ',')]
     pub egress_trusted: Vec<String>,
+    /// Destinations no sandbox may reach, whatever its rules allow or --egress-trusted says
+    /// (CIDRs or addresses, IPv4 or IPv6; repeat the flag or separate with commas). For example
+    /// the host's public address behind NAT, or a control-plane network.
+    #[arg(long, env = "ALCOVE_EGRESS_DENY", value_delimiter = ',')]
+    pub egress_deny: Vec<String>,
     /// The DNS server that sandboxes' allowed queries go to (default: the first nameserver of
     /// /etc/resolv.conf).
     #[arg(long, env = "ALCOVE_DNS_UPSTREAM")]
@@ -128,7 +133,15 @@ impl EgressOptions {
             .map(|s| alcove_net::Cidr::parse(s.trim()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("--egress-trusted: {e}"))?;
-        let guard = alcove_net::Guard::new(&alcove_net::policy::host_addresses(), trusted);
+        let deny = self
+            .egress_deny
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| alcove_net::policy::Net::parse(s.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--egress-deny: {e}"))?;
+        let guard = alcove_net::Guard::new(&alcove_net::policy::host_addresses(), trusted)
+            .with_denied(deny);
         let upstream = self
             .dns_upstream
             .unwrap_or_else(alcove_net::egress::host_resolver);

@@ -63,6 +63,8 @@ pub enum ApiError {
     SnapshotCorrupt { what: String },
     #[error("snapshot failed")]
     SnapshotFailed { sandbox_id: String },
+    #[error("fork: the parent's network rules could not be read")]
+    ForkRulesUnknown { sandbox_id: String },
     #[error("snapshot not found")]
     SnapshotNotFound { snapshot_id: String },
     #[error("sandbox create timed out")]
@@ -260,6 +262,16 @@ impl ApiError {
                 format!(
                     "The snapshot of sandbox {sandbox_id} could not be taken. Check the sandbox \
                      with GET /sandboxes/{sandbox_id} and retry; the server log has the cause."
+                ),
+            ),
+            ForkRulesUnknown { sandbox_id } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fork_network_unknown",
+                format!(
+                    "Sandbox {sandbox_id}'s network rules could not be read, so no child was \
+                     created (children keep their parent's egress rules and never start with \
+                     open egress). Retry the fork; check the sandbox with \
+                     GET /sandboxes/{sandbox_id}/network."
                 ),
             ),
             SnapshotNotFound { snapshot_id } => (

@@ -389,6 +389,57 @@ async fn fork_makes_independent_children_and_validates_count() {
 }
 
 #[tokio::test]
+async fn a_fork_that_cannot_read_the_parents_rules_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let s = TestServer::start(dir.path(), backend.clone(), fast_limits()).await;
+    let api = s.client();
+    let rules = json!({"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"]});
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": rules.clone()}),
+        )
+        .await;
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    backend
+        .network_unreadable
+        .lock()
+        .unwrap()
+        .insert(id.clone());
+    for path in [
+        format!("/sandboxes/{id}/fork"),
+        format!("/alcove/v1/sandboxes/{id}/fork"),
+    ] {
+        let f = api.post(&path, json!({"count": 2})).await;
+        assert_error(&f, 503, "fork_network_unknown");
+        assert!(
+            f.json["message"].as_str().unwrap().contains("Retry"),
+            "{:?}",
+            f.json
+        );
+    }
+    assert_eq!(backend.vms.lock().unwrap().len(), 1, "no child was started");
+    assert!(
+        backend.snapshots.lock().unwrap().is_empty(),
+        "no snapshot taken"
+    );
+    // Once readable, the children get exactly the parent's rules.
+    backend.network_unreadable.lock().unwrap().clear();
+    let f = api
+        .post(&format!("/sandboxes/{id}/fork"), json!({"count": 2}))
+        .await;
+    assert_eq!(f.status, 201, "{:?}", f.json);
+    let parent = backend.vms.lock().unwrap()[&id].network.clone();
+    assert!(!parent.allow_out.is_empty());
+    for k in f.json.as_array().unwrap() {
+        let child = k["sandbox"]["sandboxID"].as_str().unwrap();
+        assert_eq!(backend.vms.lock().unwrap()[child].network, parent);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_restart_takes_the_backends_word_on_paused_or_running() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FakeBackend::new());

@@ -16,6 +16,9 @@ pub mod contexts;
 pub mod kernel;
 mod output;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

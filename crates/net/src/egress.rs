@@ -2,7 +2,7 @@
 //! and the resolver (every DNS packet), both enforcing the sandbox's [`Rules`] under the
 //! operator's [`Guard`], with per-sandbox connection and bandwidth limits and byte counters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::{self, Bindings};
 use crate::netns::{Listeners, original_dst};
 use crate::policy::{Guard, NetworkConfig, RuleError, Rules, Verdict, decide};
 use crate::sniff::{MAX_SNIFF, Sniff, sniff};
@@ -130,16 +131,13 @@ struct Flow {
     cancel: CancellationToken,
 }
 
-/// At most this many addresses remembered per sandbox from DNS answers.
-const MAX_BINDINGS: usize = 4096;
-
 /// One sandbox's network service. Dropping it does not stop it: call [`SandboxNet::stop`].
 pub struct SandboxNet {
     id: String,
     cfg: Arc<EgressConfig>,
     policy: Mutex<(NetworkConfig, Rules)>,
-    /// address -> names this sandbox's resolver answered with it
-    bindings: Mutex<HashMap<Ipv4Addr, HashSet<String>>>,
+    /// address -> names this sandbox's resolver answered with it (bounded)
+    bindings: Mutex<Bindings>,
     counters: Counters,
     conns: Arc<Semaphore>,
     flows: Mutex<HashMap<u64, Flow>>,
@@ -170,7 +168,7 @@ impl SandboxNet {
         let net = Arc::new(SandboxNet {
             id: id.to_string(),
             policy: Mutex::new((config, rules)),
-            bindings: Mutex::new(HashMap::new()),
+            bindings: Mutex::new(Bindings::default()),
             counters: Counters::default(),
             conns: Arc::new(Semaphore::new(cfg.max_connections)),
             flows: Mutex::new(HashMap::new()),
@@ -231,20 +229,14 @@ impl SandboxNet {
         self.bindings
             .lock()
             .unwrap()
-            .get(&ip)
-            .is_some_and(|names| names.contains(name))
+            .bound(ip, name, Instant::now())
     }
 
     fn bind(&self, name: &str, ips: impl IntoIterator<Item = Ipv4Addr>) {
         let mut b = self.bindings.lock().unwrap();
+        let now = Instant::now();
         for ip in ips {
-            if b.len() >= MAX_BINDINGS && !b.contains_key(&ip) {
-                // forget an arbitrary address: its name resolves again when needed
-                if let Some(k) = b.keys().next().copied() {
-                    b.remove(&k);
-                }
-            }
-            b.entry(ip).or_default().insert(name.to_string());
+            b.bind(name, ip, now);
         }
     }
 
@@ -393,65 +385,48 @@ impl SandboxNet {
         }
     }
 
-    /// Answers one DNS query: refused unless the rules allow the name, otherwise relayed to the
-    /// upstream resolver, remembering the A records' addresses for the name.
+    /// Answers one DNS packet: refused unless it is one question the rules allow (see
+    /// [`crate::dns`]), otherwise relayed to the upstream resolver, remembering the A records'
+    /// addresses for the name.
     async fn resolve(&self, query: &[u8]) -> Option<Vec<u8>> {
-        use hickory_proto::op::{Message, MessageType, ResponseCode};
-        use hickory_proto::rr::RData;
         self.counters.dns_queries.fetch_add(1, Ordering::Relaxed);
-        let msg = Message::from_vec(query).ok()?;
-        if msg.message_type() != MessageType::Query {
-            return None;
-        }
-        let name = msg.queries().first().map(|q| {
-            q.name()
-                .to_ascii()
-                .trim_end_matches('.')
-                .to_ascii_lowercase()
-        });
-        let allowed = {
+        let decision = {
             let p = self.policy.lock().unwrap();
-            name.as_deref().is_some_and(|n| p.1.may_resolve(n))
+            dns::check_query(query, |n| p.1.may_resolve(n))
         };
-        if !allowed {
-            self.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(sandbox = %self.id, ?name, "DNS query refused by the network rules");
-            let mut r = Message::new();
-            r.set_id(msg.id())
-                .set_message_type(MessageType::Response)
-                .set_op_code(msg.op_code())
-                .set_recursion_desired(msg.recursion_desired())
-                .set_recursion_available(true)
-                .set_response_code(ResponseCode::Refused)
-                .add_queries(msg.queries().to_vec());
-            return r.to_vec().ok();
-        }
+        let (name, packet) = match decision {
+            dns::Decision::Forward { name, packet } => (name, packet),
+            dns::Decision::Refuse { name, answer } => {
+                self.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(sandbox = %self.id, ?name, "DNS query refused by the network rules");
+                return Some(answer);
+            }
+            dns::Decision::Drop => return None,
+        };
         let up = UdpSocket::bind("0.0.0.0:0").await.ok()?;
         let upstream = self.cfg.upstream_dns;
         let mut resp = vec![0u8; 4096];
         let mut got = None;
         for _ in 0..2 {
-            if up.send_to(query, upstream).await.is_err() {
+            if up.send_to(&packet, upstream).await.is_err() {
                 break;
             }
             if let Ok(Ok((n, from))) =
                 tokio::time::timeout(Duration::from_secs(2), up.recv_from(&mut resp)).await
                 && from == upstream
                 && n >= 2
-                && resp[..2] == query[..2]
+                && resp[..2] == packet[..2]
             {
                 got = Some(resp[..n].to_vec());
                 break;
             }
         }
         let answer = got?;
-        if let (Some(name), Ok(m)) = (name, Message::from_vec(&answer)) {
-            let ips = m.answers().iter().filter_map(|r| match r.data() {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            });
-            self.bind(&name, ips);
-        }
+        // Addresses the guard refuses are never reachable: not worth a place in the table.
+        let ips = dns::answer_addresses(&answer)
+            .into_iter()
+            .filter(|ip| !self.cfg.guard.reserved(*ip));
+        self.bind(&name, ips);
         Some(answer)
     }
 }

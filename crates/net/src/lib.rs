@@ -10,6 +10,7 @@
 //! Owns: namespaces, taps, nftables rules in them, the proxy and resolver. Does not own: QEMU (it
 //! is started in the namespace by `alcove-vmm`), the API.
 
+pub mod dns;
 pub mod egress;
 pub mod netns;
 pub mod policy;
@@ -17,4 +18,4 @@ pub mod sniff;
 
 pub use egress::{EgressConfig, NetStats, SandboxNet};
 pub use netns::{Listeners, Netns};
-pub use policy::{Cidr, Guard, NetworkConfig, RuleError, Rules};
+pub use policy::{Cidr, Cidr6, Guard, Net, NetworkConfig, RuleError, Rules};

@@ -3,7 +3,10 @@
 //! Two layers decide a flow:
 //! * the operator's [`Guard`]: address ranges no sandbox reaches unless the operator opts in (the
 //!   host's own addresses, loopback, private and shared ranges, link-local with the cloud metadata
-//!   address, multicast, the control plane), whatever the caller's rules say;
+//!   address, multicast, the control plane, the Azure and Alibaba metadata addresses, and their
+//!   IPv6 counterparts), whatever the caller's rules say, minus the ranges the operator trusts
+//!   (`--egress-trusted`), plus the ranges the operator always denies (`--egress-deny`, which no
+//!   rule or trust overrides);
 //! * the caller's [`Rules`], with E2B's meaning: `allowOut` (CIDRs, IPs, domains, `*.domain`) always
 //!   wins over `denyOut` (CIDRs and IPs); everything else is allowed; `allowInternetAccess: false`
 //!   is `denyOut: ["0.0.0.0/0"]`.
@@ -13,7 +16,7 @@
 //! address resolved for an allowed name cannot be reused for another one.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -292,19 +295,30 @@ pub fn decide(
     }
 }
 
-/// The operator's reserved ranges and the exceptions they opted into.
+/// The operator's reserved ranges, the exceptions they opted into, and the ranges they always
+/// deny.
 #[derive(Debug, Clone)]
 pub struct Guard {
     reserved: Vec<Cidr>,
+    reserved6: Vec<Cidr6>,
     trusted: Vec<Cidr>,
+    /// `--egress-deny`: refused whatever the sandbox's rules or `trusted` say.
+    deny: Vec<Cidr>,
+    deny6: Vec<Cidr6>,
 }
 
-/// Ranges no sandbox reaches by default (RFC 6890 special-purpose, private and shared space).
+/// Ranges no sandbox reaches by default (RFC 6890 special-purpose, private and shared space, and
+/// the cloud metadata and host-agent addresses that are not link-local).
 pub const RESERVED: &[(Ipv4Addr, u8)] = &[
     (Ipv4Addr::new(0, 0, 0, 0), 8),
     (Ipv4Addr::new(10, 0, 0, 0), 8),
     (Ipv4Addr::new(100, 64, 0, 0), 10),
+    // Alibaba Cloud metadata (inside 100.64/10 already; listed so trusting that range is not
+    // enough to reach it by accident)
+    (Ipv4Addr::new(100, 100, 100, 200), 32),
     (Ipv4Addr::new(127, 0, 0, 0), 8),
+    // Azure wireserver (host agent, DHCP, DNS of the VM)
+    (Ipv4Addr::new(168, 63, 129, 16), 32),
     (Ipv4Addr::new(169, 254, 0, 0), 16),
     (Ipv4Addr::new(172, 16, 0, 0), 12),
     (Ipv4Addr::new(192, 0, 0, 0), 24),
@@ -314,27 +328,204 @@ pub const RESERVED: &[(Ipv4Addr, u8)] = &[
     (Ipv4Addr::new(240, 0, 0, 0), 4),
 ];
 
+/// Cloud metadata and host-agent addresses: reserved unless trusted one by one (a trusted
+/// `169.254.0.0/16` or `100.64.0.0/10` does not open them).
+pub const METADATA: &[Ipv4Addr] = &[
+    Ipv4Addr::new(169, 254, 169, 254), // AWS, GCP, Azure IMDS, OpenStack...
+    Ipv4Addr::new(169, 254, 170, 2),   // AWS ECS task metadata
+    Ipv4Addr::new(168, 63, 129, 16),   // Azure wireserver
+    Ipv4Addr::new(100, 100, 100, 200), // Alibaba Cloud
+];
+
+/// The IPv6 counterparts. Addresses that embed an IPv4 address (v4-mapped `::ffff:0:0/96`,
+/// v4-compatible `::/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are also checked against the
+/// IPv4 ranges, so every reserved IPv4 range is reserved in those forms too.
+pub const RESERVED_V6: &[(Ipv6Addr, u8)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128),
+    (Ipv6Addr::LOCALHOST, 128),
+    // discard-only
+    (Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0), 64),
+    // IETF protocol assignments (Teredo, ORCHID, benchmarking...)
+    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23),
+    // documentation
+    (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32),
+    // unique local, with AWS's IPv6 metadata address fd00:ec2::254
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+    (Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254), 128),
+    // link-local, and the deprecated site-local
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+];
+
 impl Guard {
     /// The default reserved ranges plus `host_addrs` (the host's own addresses, so a public
     /// address of the host is not a way to its services), minus `trusted` (operator opt-in).
-    pub fn new(host_addrs: &[Ipv4Addr], trusted: Vec<Cidr>) -> Guard {
+    pub fn new(host_addrs: &[IpAddr], trusted: Vec<Cidr>) -> Guard {
         let mut reserved: Vec<Cidr> = RESERVED.iter().map(|&(a, p)| Cidr::new(a, p)).collect();
-        reserved.extend(host_addrs.iter().map(|&a| Cidr::new(a, 32)));
-        Guard { reserved, trusted }
+        let mut reserved6: Vec<Cidr6> =
+            RESERVED_V6.iter().map(|&(a, p)| Cidr6::new(a, p)).collect();
+        for a in host_addrs {
+            match *a {
+                IpAddr::V4(a) => reserved.push(Cidr::new(a, 32)),
+                IpAddr::V6(a) => reserved6.push(Cidr6::new(a, 128)),
+            }
+        }
+        Guard {
+            reserved,
+            reserved6,
+            trusted,
+            deny: Vec::new(),
+            deny6: Vec::new(),
+        }
+    }
+
+    /// Adds the operator's `--egress-deny` ranges: refused for every sandbox, whatever its rules
+    /// allow and whatever `trusted` says.
+    pub fn with_denied(mut self, nets: impl IntoIterator<Item = Net>) -> Guard {
+        for n in nets {
+            match n {
+                Net::V4(c) => self.deny.push(c),
+                Net::V6(c) => self.deny6.push(c),
+            }
+        }
+        self
     }
 
     pub fn reserved(&self, ip: Ipv4Addr) -> bool {
+        if self.deny.iter().any(|n| n.contains(ip)) {
+            return true;
+        }
+        // A metadata address is trusted only by name (its /32), never as part of a wider range.
+        if METADATA.contains(&ip) {
+            return !self
+                .trusted
+                .iter()
+                .any(|n| n.prefix == 32 && n.contains(ip));
+        }
         self.reserved.iter().any(|n| n.contains(ip)) && !self.trusted.iter().any(|n| n.contains(ip))
+    }
+
+    /// [`Guard::reserved`] for IPv6: the IPv6 ranges, and the IPv4 rules for an address that
+    /// embeds an IPv4 one.
+    pub fn reserved_v6(&self, ip: Ipv6Addr) -> bool {
+        if embedded_v4(ip).is_some_and(|v4| self.reserved(v4)) {
+            return true;
+        }
+        self.deny6.iter().any(|n| n.contains(ip)) || self.reserved6.iter().any(|n| n.contains(ip))
+    }
+
+    pub fn reserved_ip(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.reserved(a),
+            IpAddr::V6(a) => self.reserved_v6(a),
+        }
     }
 }
 
-/// The host's IPv4 addresses (every interface), for [`Guard::new`].
-pub fn host_addresses() -> Vec<Ipv4Addr> {
+/// The IPv4 address an IPv6 address stands for or tunnels to, if any: v4-mapped, v4-compatible
+/// (deprecated, but kernels still route some of them), NAT64 (RFC 6052 well-known prefix) and
+/// 6to4.
+pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let b = ip.to_bits();
+    let low = Ipv4Addr::from_bits(b as u32);
+    match b >> 32 {
+        0xffff => Some(low),     // ::ffff:a.b.c.d
+        0 if b > 1 => Some(low), // ::a.b.c.d (not :: or ::1)
+        _ if b >> 32 == 0x0064_ff9b_0000_0000_0000_0000 => Some(low),
+        _ if b >> 112 == 0x2002 => Some(Ipv4Addr::from_bits((b >> 80) as u32)),
+        _ => None,
+    }
+}
+
+/// An IPv6 network: `addr/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr6 {
+    addr: u128,
+    prefix: u8,
+}
+
+impl Cidr6 {
+    pub const fn new(addr: Ipv6Addr, prefix: u8) -> Cidr6 {
+        Cidr6 {
+            addr: addr.to_bits() & mask6(prefix),
+            prefix,
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        ip.to_bits() & mask6(self.prefix) == self.addr
+    }
+}
+
+const fn mask6(prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix as u32)
+    }
+}
+
+impl fmt::Display for Cidr6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", Ipv6Addr::from_bits(self.addr), self.prefix)
+    }
+}
+
+/// An IPv4 or IPv6 network, as the operator writes it (`--egress-deny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    V4(Cidr),
+    V6(Cidr6),
+}
+
+impl Net {
+    /// Parses an address or `address/prefix`, IPv4 or IPv6.
+    pub fn parse(s: &str) -> Result<Net, RuleError> {
+        if !s.contains(':') {
+            return Cidr::parse(s).map(Net::V4);
+        }
+        let bad = || {
+            RuleError::new(
+                s,
+                "not an IPv6 address or CIDR block (like fd00::1 or 2001:db8::/32)",
+            )
+        };
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, p.parse::<u8>().map_err(|_| bad())?),
+            None => (s, 128),
+        };
+        if prefix > 128 {
+            return Err(bad());
+        }
+        let ip: Ipv6Addr = ip.parse().map_err(|_| bad())?;
+        Ok(Net::V6(Cidr6::new(ip, prefix)))
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Net::V4(c) => c.fmt(f),
+            Net::V6(c) => c.fmt(f),
+        }
+    }
+}
+
+/// The host's addresses (every interface, IPv4 and IPv6), for [`Guard::new`]. Read once at start:
+/// an address added later is not covered, and a public address the host reaches through NAT is
+/// on no interface, so operators list those with `--egress-deny`.
+pub fn host_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
-            if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
-                out.push(sin.ip());
+            let Some(s) = a.address.as_ref() else {
+                continue;
+            };
+            if let Some(sin) = s.as_sockaddr_in() {
+                out.push(IpAddr::V4(sin.ip()));
+            } else if let Some(sin6) = s.as_sockaddr_in6() {
+                out.push(IpAddr::V6(sin6.ip()));
             }
         }
     }
@@ -432,7 +623,7 @@ mod tests {
     #[test]
     fn reserved_ranges_hold_against_allow_rules_unless_trusted() {
         let r = rules(&["0.0.0.0/0"], &[], true);
-        let g = Guard::new(&[ip("203.0.113.7")], vec![]);
+        let g = Guard::new(&[ip("203.0.113.7").into()], vec![]);
         for a in [
             "127.0.0.1",
             "169.254.169.254",
@@ -473,5 +664,116 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("not a domain"), "{e}");
+    }
+
+    #[test]
+    fn cloud_metadata_and_host_agent_addresses_are_reserved() {
+        let r = rules(&["0.0.0.0/0", "*.example.com"], &[], true);
+        let g = Guard::new(&[], vec![]);
+        for a in [
+            "168.63.129.16",
+            "100.100.100.200",
+            "169.254.169.254",
+            "169.254.170.2",
+        ] {
+            assert_eq!(
+                decide(&g, &r, ip(a), Some("api.example.com"), |_| true),
+                Verdict::Reserved,
+                "{a}"
+            );
+        }
+        // trusting the shared range does not open the metadata address inside it
+        let g = Guard::new(&[], vec![Cidr::parse("100.64.0.0/10").unwrap()]);
+        assert!(!g.reserved(ip("100.100.100.1")));
+        assert!(g.reserved(ip("100.100.100.200")));
+        assert!(!g.reserved(ip("168.63.129.17")));
+        let g = Guard::new(&[], vec![Cidr::parse("100.100.100.200").unwrap()]);
+        assert!(!g.reserved(ip("100.100.100.200")));
+    }
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_special_ranges_and_v4_forms_of_reserved_ranges_are_reserved() {
+        let g = Guard::new(
+            &[ip6("2a01:4f8::1234").into(), ip("203.0.113.7").into()],
+            vec![],
+        );
+        for a in [
+            "::",
+            "::1",
+            "fd00:ec2::254",
+            "fd12:3456::1",
+            "fc00::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "100::1",
+            "2001:db8::1",
+            "2001::1",
+            "2a01:4f8::1234",
+            // v4-mapped, v4-compatible, NAT64 and 6to4 forms of reserved IPv4 addresses
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:168.63.129.16",
+            "::ffff:100.100.100.200",
+            "::ffff:10.1.2.3",
+            "::ffff:203.0.113.7",
+            "::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
+        ] {
+            assert!(g.reserved_v6(ip6(a)), "{a}");
+            assert!(g.reserved_ip(IpAddr::V6(ip6(a))), "{a}");
+        }
+        for a in [
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(!g.reserved_v6(ip6(a)), "{a}");
+        }
+        // every IPv4 range, in its v4-mapped form, at both ends
+        for &(a, p) in RESERVED {
+            let c = Cidr::new(a, p);
+            let first = Ipv4Addr::from_bits(c.addr);
+            let last = Ipv4Addr::from_bits(c.addr | !mask(p));
+            for v4 in [first, last] {
+                assert!(g.reserved_v6(v4.to_ipv6_mapped()), "{v4}");
+            }
+        }
+    }
+
+    #[test]
+    fn operator_denied_ranges_beat_allow_rules_and_trust() {
+        let r = rules(&["0.0.0.0/0", "*.example.com"], &[], true);
+        let deny =
+            ["93.184.216.0/24", "2606:2800::/32", "198.51.100.9"].map(|s| Net::parse(s).unwrap());
+        let g = Guard::new(&[], vec![Cidr::parse("93.184.216.0/24").unwrap()]).with_denied(deny);
+        assert_eq!(
+            decide(&g, &r, ip("93.184.216.34"), Some("api.example.com"), |_| {
+                true
+            }),
+            Verdict::Reserved
+        );
+        assert_eq!(
+            decide(&g, &r, ip("198.51.100.9"), None, |_| true),
+            Verdict::Reserved
+        );
+        assert_eq!(
+            decide(&g, &r, ip("93.184.217.1"), None, |_| true),
+            Verdict::Allow
+        );
+        assert!(g.reserved_v6(ip6("2606:2800::1")));
+        assert!(g.reserved_v6(ip6("::ffff:93.184.216.34")));
+        assert!(!g.reserved_v6(ip6("2606:2801::1")));
+        for bad in ["2001:db8::/129", "fd00::g", "1.2.3.4/33", "example.com"] {
+            assert!(Net::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Net::parse("fd00::1/8").unwrap().to_string(), "fd00::/8");
     }
 }

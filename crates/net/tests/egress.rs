@@ -89,6 +89,22 @@ def resolve(name):
         return socket.gethostbyname(name)
     except OSError as e:
         return "ERR"
+def rawdns(names):
+    # one packet with every name as a question (real stub resolvers send one)
+    import struct
+    q = struct.pack(">HHHHHH", 0x1234, 0x0100, len(names), 0, 0, 0)
+    for n in names:
+        for l in n.split("."):
+            q += bytes([len(l)]) + l.encode()
+        q += b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(q, ("192.0.2.53", 53))
+    try:
+        r = s.recv(4096)
+    except OSError:
+        return "TIMEOUT"
+    return "rcode=%d answers=%d" % (r[3] & 15, struct.unpack(">H", r[6:8])[0])
 def get(ip, port, host, tls=False):
     try:
         s = socket.create_connection((ip, port), timeout=5)
@@ -112,6 +128,8 @@ for arg in sys.argv[1:]:
     kind, rest = arg.split(":", 1)
     if kind == "dns":
         print(resolve(rest), flush=True)
+    elif kind == "rawdns":
+        print(rawdns(rest.split("+")), flush=True)
     elif kind == "hold":
         ip, port = rest.split(",")
         s = socket.create_connection((ip, int(port)), timeout=5)
@@ -462,5 +480,74 @@ async fn connections_over_the_limit_are_refused_and_counted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(ok, ["hello a"]);
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
+async fn operator_denied_ranges_hold_against_allow_lists_and_trust() {
+    // 198.51.100.3 is trusted by the test's guard and allow-listed by name and address; the
+    // operator's --egress-deny still wins.
+    let cfg = config(true, &["a.test", "b.test", "198.51.100.3"], &["0.0.0.0/0"]);
+    let (net, guest, _ns) = setup_with(cfg, 18085, |c| {
+        c.guard = c
+            .guard
+            .clone()
+            .with_denied([alcove_net::Net::parse("198.51.100.3/32").unwrap()]);
+    })
+    .await;
+    let guest = Arc::new(guest);
+    let out = guest_run(
+        &guest,
+        &[
+            "dns:a.test",
+            "dns:b.test",
+            "http:a.test,18085,a.test",
+            "http:b.test,18085,b.test",
+            "tls:198.51.100.3,18085,b.test",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        [
+            "198.51.100.2",
+            "198.51.100.3",
+            "hello a",
+            "REFUSED",
+            "REFUSED"
+        ]
+    );
+    assert_eq!(net.stats().connections_refused, 2);
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
+async fn a_dns_packet_with_a_second_question_is_refused() {
+    let cfg = config(true, &["a.test"], &["0.0.0.0/0"]);
+    let (net, guest, _ns) = setup(cfg, 18086).await;
+    let guest = Arc::new(guest);
+    let out = guest_run(
+        &guest,
+        &[
+            "rawdns:a.test",
+            // an allowed first question used to carry any second one to the upstream
+            "rawdns:a.test+b.test",
+            "rawdns:a.test+a.test",
+            "rawdns:b.test",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        [
+            "rcode=0 answers=1",
+            "rcode=5 answers=0",
+            "rcode=5 answers=0",
+            "rcode=5 answers=0"
+        ]
+    );
+    assert_eq!(net.stats().dns_refused, 3);
     net.stop();
 }

@@ -191,20 +191,28 @@ impl Service {
         }
         let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
         let r = self.live_record(team_id, id).await?;
-        let snap = self.take_snapshot(&r, None, "fork").await?;
-        let template = self.resolve_template(&r.template_id).await?;
-        let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
-        // Children keep the parent's egress rules.
+        // Children keep the parent's egress rules. Read them before the snapshot: a fork that
+        // cannot learn them fails (fail closed) instead of starting children with open egress.
         let network = match self
             .call(BackendOp::Network, &r.id, self.backend.network(&r.id))
             .await
         {
             Ok(Some(n)) => n,
-            _ => alcove_net::NetworkConfig {
+            // A backend that keeps no per-sandbox rules enforces none but the record's switch.
+            Ok(None) => alcove_net::NetworkConfig {
                 allow_internet_access: r.allow_internet_access != Some(false),
                 ..Default::default()
             },
+            // `call` logged the cause.
+            Err(_) => {
+                return Err(ApiError::ForkRulesUnknown {
+                    sandbox_id: r.id.clone(),
+                });
+            }
         };
+        let snap = self.take_snapshot(&r, None, "fork").await?;
+        let template = self.resolve_template(&r.template_id).await?;
+        let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
         let children = (0..count).map(|_| {
             let this = self.clone();
             let params = NewSandboxParams {

@@ -30,6 +30,8 @@ pub struct FakeBackend {
     /// Sandboxes whose calls never answer (a hung VM or backend): kill, status, metrics,
     /// pause, resume, snapshot and forward stay pending forever.
     pub hung: Mutex<HashSet<String>>,
+    /// Sandboxes whose egress rules cannot be read (`network` fails).
+    pub network_unreadable: Mutex<HashSet<String>>,
 }
 
 impl FakeBackend {
@@ -236,6 +238,26 @@ impl SandboxBackend for FakeBackend {
                 });
             }
             Ok(())
+        })
+    }
+
+    fn network<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<alcove_net::NetworkConfig>, BackendError>> {
+        Box::pin(async move {
+            if self.network_unreadable.lock().unwrap().contains(sandbox_id) {
+                return Err(BackendError::Failed {
+                    op: "network rules",
+                    source: "record.json unreadable".into(),
+                });
+            }
+            Ok(self
+                .vms
+                .lock()
+                .unwrap()
+                .get(sandbox_id)
+                .map(|vm| vm.network.clone()))
         })
     }
 

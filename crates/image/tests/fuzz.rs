@@ -1,0 +1,90 @@
+//! Property-based fuzzing of template recipe files (TOML from the operator or a build request).
+//! Cases: PROPTEST_CASES (256 unless set; scripts/fuzz.sh runs 100,000).
+
+use std::collections::BTreeMap;
+
+use alcove_image::Recipe;
+use proptest::prelude::*;
+
+fn valid(r: &Recipe) -> bool {
+    !r.name.is_empty()
+        && r.name.len() <= 64
+        && (1..=16).contains(&r.vcpus)
+        && (128..=65536).contains(&r.memory_mib)
+        && (1024..=1_048_576).contains(&r.disk_mib)
+        && r.files
+            .keys()
+            .all(|p| p.starts_with('/') && !p.split('/').any(|c| c == ".."))
+}
+
+fn toml_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        "\\PC{0,20}".prop_map(|s| format!("{s:?}")),
+        prop::collection::vec("\\PC{0,10}".prop_map(|s| format!("{s:?}")), 0..4)
+            .prop_map(|v| format!("[{}]", v.join(", "))),
+        Just("true".to_string()),
+        Just("{}".to_string()),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn any_text_parses_or_fails_without_panicking(text in "\\PC{0,400}") {
+        if let Ok(r) = Recipe::parse(&text) {
+            prop_assert!(valid(&r));
+        }
+    }
+
+    #[test]
+    fn toml_shaped_text_parses_only_into_valid_recipes(
+        fields in prop::collection::vec((prop::sample::select(vec!["name", "vcpus", "memory_mib", "disk_mib", "apt", "pip", "npm", "start_cmd", "ready_cmd", "run", "other"]), toml_value()), 0..10),
+        files in prop::collection::vec(("[/a-z.]{0,12}", "\\PC{0,10}"), 0..3),
+    ) {
+        let mut text = String::new();
+        for (k, v) in &fields {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        if !files.is_empty() {
+            text.push_str("[files]\n");
+            for (p, c) in &files {
+                text.push_str(&format!("{p:?} = {c:?}\n"));
+            }
+        }
+        if let Ok(r) = Recipe::parse(&text) {
+            prop_assert!(valid(&r), "{text}");
+        }
+    }
+
+    #[test]
+    fn valid_recipes_round_trip_through_toml(
+        name in "[a-z0-9_-]{1,64}",
+        vcpus in 1u32..=16,
+        memory_mib in 128u32..=65536,
+        disk_mib in 1024u32..=1_048_576,
+        apt in prop::collection::vec("[a-z0-9.+-]{1,20}", 0..4),
+        files in prop::collection::btree_map("(/[a-z0-9._-]{1,8}){1,4}", "\\PC{0,40}", 0..4),
+        env in prop::collection::btree_map("[A-Z_]{1,10}", "\\PC{0,20}", 0..4),
+        start_cmd in prop::option::of("\\PC{0,40}"),
+        run in prop::collection::vec("\\PC{0,40}", 0..3),
+    ) {
+        let files: BTreeMap<String, String> =
+            files.into_iter().filter(|(p, _)| !p.split('/').any(|c| c == "..")).collect();
+        let r = Recipe {
+            name, vcpus, memory_mib, disk_mib, apt, pip: vec![], npm: vec![], files, env,
+            start_cmd, ready_cmd: None, run,
+        };
+        let text = toml::to_string(&r).unwrap();
+        let back = Recipe::parse(&text).unwrap();
+        prop_assert_eq!(&back, &r);
+        prop_assert_eq!(back.canonical(), r.canonical());
+    }
+}
+
+#[test]
+fn builtin_recipes_parse() {
+    for n in Recipe::builtin_names() {
+        let r = Recipe::builtin(n).unwrap();
+        assert!(valid(&r), "{n}");
+    }
+}
