@@ -51,7 +51,9 @@ if [[ $mode == real ]]; then
     export ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 ALCOVE_DNS_UPSTREAM=198.51.100.2:5353
 fi
 
-"${server[@]}" >"$log" 2>&1 &
+# The server starts with the soft open-file limit most service managers give (systemd: 1024); it
+# must raise its own (tests/security/test_abuse.py holds 10,000 connections open).
+(ulimit -Sn 1024 && exec "${server[@]}") >"$log" 2>&1 &
 server_pid=$!
 echo "$server_pid" >"$data/server.pid"
 
@@ -64,6 +66,7 @@ restart="$data/restart-server.sh"
     echo "old=\$(cat '$data/server.pid')"
     echo 'kill "$old" 2>/dev/null || true'
     echo 'for _ in $(seq 1 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done'
+    echo 'ulimit -Sn 1024'
     printf '%q ' "${server[@]}"
     echo ">>'$log' 2>&1 </dev/null &"
     echo "echo \$! >'$data/server.pid'"

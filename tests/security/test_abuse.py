@@ -32,6 +32,8 @@ def closed_or_answered(sock, deadline):
                 break
     except ConnectionResetError:
         pass
+    except socket.timeout:
+        raise AssertionError(f"neither an answer nor a close: {data[:200]!r}") from None
     return data
 
 
@@ -45,7 +47,7 @@ def test_oversize_api_body_is_refused_with_a_clear_error(api_url, owner):
     with socket.create_connection((h, p), timeout=30) as s:
         s.sendall(b"POST /sandboxes HTTP/1.1\r\nHost: x\r\nX-API-KEY: " + owner.headers["X-API-KEY"].encode()
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{")
-        data = closed_or_answered(s, time.monotonic() + 30)
+        data = closed_or_answered(s, time.monotonic() + 15)
         assert data == b"" or data.split(b" ")[1] in (b"413", b"400"), data[:200]
     server_serves(api_url)
 
@@ -131,7 +133,8 @@ def test_malformed_http2_is_closed(api_url):
 
 
 def test_slow_headers_are_cut_off(api_url):
-    """Slowloris: one header byte per second. The server must give up on the request."""
+    """Slowloris: one header byte per second. The server must give up on the request (within a
+    minute: it has no business waiting longer for a request's headers)."""
     h, p = addr(api_url)
     socks = []
     for _ in range(8):
@@ -140,7 +143,7 @@ def test_slow_headers_are_cut_off(api_url):
         socks.append(s)
     start = time.monotonic()
     open_socks = list(socks)
-    while open_socks and time.monotonic() - start < 90:
+    while open_socks and time.monotonic() - start < 60:
         for s in list(open_socks):
             try:
                 s.sendall(b"a")
@@ -159,7 +162,7 @@ def test_slow_headers_are_cut_off(api_url):
         time.sleep(1)
     for s in socks:
         s.close()
-    assert not open_socks, f"{len(open_socks)} slow-header connections still open after 90 s"
+    assert not open_socks, f"{len(open_socks)} slow-header connections still open after 60 s"
     server_serves(api_url)
 
 
@@ -177,13 +180,13 @@ def test_ten_thousand_idle_connections_do_not_starve_the_server(api_url):
     h, p = addr(api_url)
 
     async def main():
-        sem = asyncio.Semaphore(500)
+        sem = asyncio.Semaphore(2000)
         conns = []
 
         async def one():
             async with sem:
                 try:
-                    r, w = await asyncio.wait_for(asyncio.open_connection(h, p), 10)
+                    r, w = await asyncio.wait_for(asyncio.open_connection(h, p), 2)
                     conns.append(w)
                 except (OSError, asyncio.TimeoutError):
                     pass  # refused by a connection cap: fine
