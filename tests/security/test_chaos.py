@@ -271,11 +271,11 @@ def test_data_dir_full_gives_clear_errors_and_loses_nothing(server):
     # Space back: the sandbox is intact (running, or paused and resumable), and pauses work again.
     file_is(server, sbx.sandbox_id, "/home/user/full.txt", "written before the disk filled")
     assert Sandbox.connect(sbx.sandbox_id, **server.sdk()).pause() is True
-    file_is(server, sbx.sandbox_id, "/home/user/full.txt", "written before the disk filled")
+    assert Sandbox.get_info(sbx.sandbox_id, **server.sdk()).state == SandboxState.PAUSED
     db = sqlite3.connect(os.path.join(server.data, "alcove.db"), timeout=30)
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
     server.assert_settled()
-    assert Sandbox.get_info(sbx.sandbox_id, **server.sdk()).state == SandboxState.PAUSED
+    file_is(server, sbx.sandbox_id, "/home/user/full.txt", "written before the disk filled")
