@@ -64,3 +64,19 @@ def test_qemu_runs_unprivileged(sandbox, data_dir):
         if st.get("Seccomp") != "2":
             bad.append((pid, "Seccomp", st.get("Seccomp")))
     assert not bad, bad
+
+
+def test_data_dir_is_private_to_the_server(sandbox, data_dir):
+    """Another local user reads nothing: the data directory and every file under it (the
+    database with key hashes, records with tokens) are closed to group and others."""
+    sandbox.pause()  # so a paused sandbox's saved state is there too
+    loose = []
+    for root, dirs, files in os.walk(data_dir):
+        for name in [root] + [os.path.join(root, f) for f in files]:
+            try:
+                st = os.lstat(name)
+            except OSError:
+                continue
+            if not os.path.islink(name) and st.st_mode & 0o077:
+                loose.append((name, oct(st.st_mode & 0o777)))
+    assert not loose, loose[:20]

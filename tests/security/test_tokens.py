@@ -181,3 +181,16 @@ def test_signed_file_urls_refuse_tampering(api_url, pair):
             content=b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nowned\r\n--x--\r\n")
     assert r.status_code in (401, 403)
     assert a.files.read("/home/user/a.txt") == "file of a"
+
+
+def test_traffic_without_a_token_does_not_wake_a_paused_sandbox(api_url):
+    """autoResume wakes a paused sandbox for its owner's traffic, not for anyone's."""
+    sbx = Sandbox.create(TEMPLATE, timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        assert sbx.pause() is True
+        for token in [None, "wrong"]:
+            r = sandbox_call(api_url, sbx.sandbox_id, "GET", "/files?path=/etc/hostname", token=token)
+            assert r.status_code in (401, 403), (token, r.status_code, r.text[:200])
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+    finally:
+        sbx.kill()
