@@ -6,8 +6,9 @@
 #   tests/sdk/run.sh --fake     control API only, against the fake-backend dev server
 #                               (crates/api/examples/fake_server.rs): no VMs needed
 #
-# Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js" by default),
-# PYTEST_ARGS / NODE_TEST_ARGS for extra arguments. The SDKs are configured only through
+# Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js security" by default;
+# `security` is the adversarial suite in tests/security/, real server only), PYTEST_ARGS /
+# NODE_TEST_ARGS / SECURITY_PYTEST_ARGS for extra arguments. The SDKs are configured only through
 # E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. For the persistence tests the suites also get
 # ALCOVE_SDK_RESTART_SERVER (a script that restarts the server on the same port and data
 # directory, as an operator would) and ALCOVE_SDK_DATA_DIR (the server's data directory, where
@@ -18,7 +19,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 mode=real
 [[ "${1:-}" == "--fake" ]] && mode=fake
-suites="${SUITES:-python js}"
+suites="${SUITES:-python js security}"
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-sdk.XXXXXX")"
@@ -50,7 +51,9 @@ if [[ $mode == real ]]; then
     export ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 ALCOVE_DNS_UPSTREAM=198.51.100.2:5353
 fi
 
-"${server[@]}" >"$log" 2>&1 &
+# The server starts with the soft open-file limit most service managers give (systemd: 1024); it
+# must raise its own (tests/security/test_abuse.py holds 10,000 connections open).
+(ulimit -Sn 1024 && exec "${server[@]}") >"$log" 2>&1 &
 server_pid=$!
 echo "$server_pid" >"$data/server.pid"
 
@@ -63,6 +66,7 @@ restart="$data/restart-server.sh"
     echo "old=\$(cat '$data/server.pid')"
     echo 'kill "$old" 2>/dev/null || true'
     echo 'for _ in $(seq 1 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done'
+    echo 'ulimit -Sn 1024'
     printf '%q ' "${server[@]}"
     echo ">>'$log' 2>&1 </dev/null &"
     echo "echo \$! >'$data/server.pid'"
@@ -120,6 +124,19 @@ for suite in $suites; do
         pattern=()
         [[ $mode == fake ]] && pattern=(--test-name-pattern=control)
         (cd "$here/js" && node --test --test-concurrency=4 "${pattern[@]}" ${NODE_TEST_ARGS:-} test/) || status=1
+        ;;
+    security)
+        # The adversarial suite (tests/security/README.md): as an attacker, against this same
+        # server (it makes a second team's key with `alcove keys create`); test_chaos.py starts
+        # and kills a server of its own.
+        if [[ $mode == fake ]]; then
+            echo "security: needs a real server, skipped with --fake"
+            continue
+        fi
+        venv="$root/tests/.venv"
+        [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/security/requirements.txt"
+        (cd "$root/tests/security" && "$venv/bin/python" -m pytest -q ${SECURITY_PYTEST_ARGS:-}) || status=1
         ;;
     *) echo "unknown suite $suite" >&2; status=1 ;;
     esac
