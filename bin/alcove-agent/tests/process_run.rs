@@ -153,12 +153,24 @@ async fn init_adds_env_vars_to_the_ones_the_guest_has() {
     let agent = Agent::start();
     let c = agent.client().await;
     let first = alcove_agent_client::InitRequest {
-        env_vars: Some([("A".to_owned(), "1".to_owned()), ("B".to_owned(), "1".to_owned())].into()),
+        env_vars: Some(
+            [
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "1".to_owned()),
+            ]
+            .into(),
+        ),
         ..Default::default()
     };
     c.init(&first, None).await.unwrap();
     let second = alcove_agent_client::InitRequest {
-        env_vars: Some([("B".to_owned(), "2".to_owned()), ("C".to_owned(), "2".to_owned())].into()),
+        env_vars: Some(
+            [
+                ("B".to_owned(), "2".to_owned()),
+                ("C".to_owned(), "2".to_owned()),
+            ]
+            .into(),
+        ),
         ..Default::default()
     };
     c.init(&second, None).await.unwrap();

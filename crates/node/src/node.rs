@@ -66,6 +66,21 @@ impl<V: Vmm> Drop for Node<V> {
     }
 }
 
+/// Runs file-sized work (hashing memory images of hundreds of MB) on a blocking thread: on an
+/// async worker it would stall every request and VM monitor scheduled there meanwhile.
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// SHA-256 of `path`, on a blocking thread (see [`blocking`]).
+pub(crate) async fn sha256_blocking(path: &Path) -> Result<String, alcove_image::ImageError> {
+    let path = path.to_path_buf();
+    blocking(move || alcove_image::build::sha256_file(&path)).await
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
