@@ -285,4 +285,36 @@ mod tests {
         assert!(valid_id(&a));
         assert!(!valid_id("../etc"));
     }
+
+    #[test]
+    fn memory_images_are_hashed_off_the_async_threads() {
+        // Reading a FIFO blocks until a writer opens it, and the writer is a task on the same
+        // single-threaded runtime: hashing on the async thread would never let it run.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("image");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let r = rt.block_on(async move {
+                let p = fifo.clone();
+                let writer = tokio::spawn(async move { tokio::fs::write(&p, b"abc").await });
+                let h = sha256_blocking(&fifo).await;
+                writer.await.unwrap().unwrap();
+                h
+            });
+            let _ = tx.send(r);
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the hash blocked the runtime's only thread")
+            .unwrap();
+        assert_eq!(
+            got,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }
