@@ -61,6 +61,9 @@ struct InterpreterCli {
     /// The sandbox's environment variables (JSON object, written by the agent at /init).
     #[arg(long, default_value = alcove_agent::SANDBOX_ENV_FILE)]
     env_file: PathBuf,
+    /// Rewritten by the agent when it reseeds the kernel CRNG; Python kernels then reseed.
+    #[arg(long, default_value = alcove_agent::RESEED_FILE)]
+    reseed_file: PathBuf,
     /// Do not start the default Python kernel before listening.
     #[arg(long)]
     no_warm: bool,
@@ -94,6 +97,7 @@ fn interpreter_main() -> anyhow::Result<()> {
     cfg.runtime_dir = cli.runtime_dir;
     cfg.default_cwd = cli.cwd;
     cfg.sandbox_env_file = cli.env_file;
+    cfg.reseed_file = cli.reseed_file;
     cfg.warm_python = !cli.no_warm;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

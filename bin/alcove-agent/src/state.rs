@@ -54,6 +54,8 @@ pub struct AgentState {
     pub processes: Arc<ProcessManager>,
     pub watchers: crate::fs::watch::Watchers,
     pub counters: Counters,
+    /// The user the template's start command runs as (the owner of the env file it reads).
+    pub template_user: std::sync::OnceLock<UserInfo>,
 }
 
 impl AgentState {
@@ -67,6 +69,7 @@ impl AgentState {
             processes,
             watchers: crate::fs::watch::Watchers::default(),
             counters: Counters::default(),
+            template_user: std::sync::OnceLock::new(),
         })
     }
 

@@ -56,6 +56,7 @@ pub async fn start_and_wait(state: &Arc<AgentState>, path: &Path, default_timeou
             return;
         }
     };
+    let _ = state.template_user.set(user.clone());
     if let Some(cmd) = &cfg.start_cmd {
         match spawn_shell(state, &cfg, &user, cmd, Some(START_TAG.to_owned())) {
             Ok(pid) => tracing::info!(pid, "template start_cmd running"),

@@ -147,6 +147,39 @@ async fn many_runs_share_one_connection() {
 
 #[tokio::test]
 #[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
+async fn init_adds_env_vars_to_the_ones_the_guest_has() {
+    // A sandbox restored from a snapshot keeps the snapshot's variables: the host no longer
+    // stores values, so a later /init only adds (and overrides) its own.
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let first = alcove_agent_client::InitRequest {
+        env_vars: Some(
+            [
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "1".to_owned()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    c.init(&first, None).await.unwrap();
+    let second = alcove_agent_client::InitRequest {
+        env_vars: Some(
+            [
+                ("B".to_owned(), "2".to_owned()),
+                ("C".to_owned(), "2".to_owned()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    c.init(&second, None).await.unwrap();
+    let out = run_ok(&c, sh("echo $A$B$C")).await;
+    assert_eq!(text(&out.stdout), "122\n");
+}
+
+#[tokio::test]
+#[ignore = "needs root: the agent runs the test's commands as root; run by scripts/test.sh"]
 async fn init_sets_env_defaults_and_token() {
     let agent = Agent::start();
     let c = agent.client().await;

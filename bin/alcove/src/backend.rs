@@ -248,25 +248,11 @@ impl SandboxBackend for NodeBackend {
                 .agent(sandbox_id)
                 .await
                 .map_err(|e| map_err("sandbox metrics", e))?;
-            let mut req = http::Request::get("/metrics");
-            if let Some(t) = &info.access_token {
-                req = req.header("x-access-token", t);
-            }
-            let req = req
-                .body(empty())
-                .map_err(|e| failed("sandbox metrics", e))?;
-            let resp = agent
-                .send(req)
-                .await
-                .map_err(|e| failed("sandbox metrics", e))?;
-            let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-                .await
-                .map_err(|_| BackendError::Timeout)?
-                .map_err(|e| failed("sandbox metrics", e))?
-                .to_bytes();
-            let v: serde_json::Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(_) => return Ok(None),
+            let v = match guest_metrics(&agent, info.access_token.as_deref()).await {
+                Ok(Some(v)) => v,
+                Ok(None) => return Ok(None),
+                Err(ClientError::Timeout(_)) => return Err(BackendError::Timeout),
+                Err(e) => return Err(failed("sandbox metrics", e)),
             };
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             Ok(Some(ResourceUsage {
@@ -399,14 +385,74 @@ impl SandboxBackend for NodeBackend {
     }
 }
 
-fn empty() -> AgentBody {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
+/// Largest `/metrics` answer read from a guest: the agent's is a few hundred bytes; root in the
+/// guest can answer instead of it, with anything.
+const METRICS_LIMIT: usize = 16 << 10;
+/// Longest wait for the guest's metrics (head and body).
+const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The guest's `/metrics` JSON, bounded in size and time (`ResponseTooLarge`, `Timeout`);
+/// None when the answer is not a JSON object.
+async fn guest_metrics(
+    agent: &alcove_agent_client::AgentClient,
+    token: Option<&str>,
+) -> Result<Option<serde_json::Value>, ClientError> {
+    let (_, body) = tokio::time::timeout(
+        METRICS_TIMEOUT,
+        agent.get_small("metrics", "/metrics", token, METRICS_LIMIT),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout("metrics"))??;
+    Ok(serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .filter(|v| v.is_object()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
+    use alcove_agent_client::{AgentClient, ClientError, Timeouts};
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    /// An agent whose `/metrics` answers `body` (as root in a guest could).
+    async fn agent_answering(body: Vec<u8>) -> AgentClient {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(theirs), svc)
+                .await;
+        });
+        AgentClient::connect(ours, Timeouts::default())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn guest_metrics_are_bounded() {
+        let ok = agent_answering(br#"{"cpu_count":2,"mem_used":5}"#.to_vec()).await;
+        let v = super::guest_metrics(&ok, Some("t")).await.unwrap().unwrap();
+        assert_eq!(v["mem_used"], 5);
+        // A guest that answers 64 MiB of JSON padding is refused, not buffered.
+        let mut huge = br#"{"pad":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b' ', 64 << 20));
+        huge.extend(br#""}"#);
+        let big = agent_answering(huge).await;
+        match super::guest_metrics(&big, None).await {
+            Err(ClientError::ResponseTooLarge { limit, .. }) => {
+                assert_eq!(limit, super::METRICS_LIMIT)
+            }
+            other => panic!("expected ResponseTooLarge, got {other:?}"),
+        }
+        let junk = agent_answering(b"[1,2]".to_vec()).await;
+        assert!(super::guest_metrics(&junk, None).await.unwrap().is_none());
+    }
+
     #[test]
     fn build_ids_are_uuid_shaped() {
         let id = super::build_id("56c1315d11e1a92a");

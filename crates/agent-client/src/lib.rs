@@ -42,6 +42,10 @@ pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest Connect message accepted from the agent.
 const MAX_MESSAGE: usize = 16 << 20;
+/// Largest body of a control answer (`/health`, `/init`): they carry at most an error message.
+const MAX_CONTROL_BODY: usize = 64 << 10;
+/// Largest header block accepted from the agent (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+const MAX_HEADER_LIST: u32 = 64 << 10;
 /// Stdin is sent in pieces of this size (each a SendInput call).
 const STDIN_CHUNK: usize = 1 << 20;
 
@@ -79,6 +83,9 @@ pub enum ClientError {
     PortNotOpen(u16),
     #[error("the agent's stream for {0} ended before the process did")]
     StreamEnded(&'static str),
+    /// The guest sent more than the host reads for this answer: a broken or hostile guest.
+    #[error("the agent's answer to {op} exceeds {limit} bytes; the guest is misbehaving")]
+    ResponseTooLarge { op: &'static str, limit: usize },
     #[error("build the request for {0}")]
     Build(
         &'static str,
@@ -240,6 +247,7 @@ impl AgentClient {
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(2 << 20)
             .initial_connection_window_size(8 << 20)
+            .max_header_list_size(MAX_HEADER_LIST)
             .handshake(TokioIo::new(io));
         let (sender, conn) = tokio::time::timeout(timeouts.connect, handshake)
             .await
@@ -320,26 +328,52 @@ impl AgentClient {
             .map_err(|_| ClientError::Timeout(op))?
     }
 
+    /// Reads a whole answer of at most `limit` bytes within the request timeout.
     async fn read_small(
         &self,
         op: &'static str,
         resp: Response<Incoming>,
+        limit: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE);
+        let body = http_body_util::Limited::new(resp.into_body(), limit);
         let bytes = tokio::time::timeout(self.timeouts.request, body.collect())
             .await
             .map_err(|_| ClientError::Timeout(op))?
-            .map_err(|e| ClientError::Decode(op, e))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ClientError::ResponseTooLarge { op, limit }
+                } else {
+                    ClientError::Decode(op, e)
+                }
+            })?
             .to_bytes();
         Ok((status, bytes))
+    }
+
+    /// `GET path` answered with a small body (the agent's `/metrics`): at most `limit` bytes,
+    /// head and body each within the request timeout. Any status is returned to the caller.
+    pub async fn get_small(
+        &self,
+        op: &'static str,
+        path: &str,
+        access_token: Option<&str>,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let headers: Vec<(&str, String)> = access_token
+            .map(|t| ("x-access-token", t.to_owned()))
+            .into_iter()
+            .collect();
+        let req = build(Method::GET, path, &headers, empty())?;
+        let resp = self.request(op, req).await?;
+        self.read_small(op, resp, limit).await
     }
 
     /// `GET /health`: Ok when the agent answers 204.
     pub async fn health(&self) -> Result<(), ClientError> {
         let req = build(Method::GET, "/health", &[], empty())?;
         let resp = self.request("health", req).await?;
-        let (status, body) = self.read_small("health", resp).await?;
+        let (status, body) = self.read_small("health", resp, MAX_CONTROL_BODY).await?;
         expect_status("health", status, StatusCode::NO_CONTENT, &body)
     }
 
@@ -356,7 +390,7 @@ impl AgentClient {
         }
         let req = build(Method::POST, "/init", &headers, full(body))?;
         let resp = self.request("init", req).await?;
-        let (status, body) = self.read_small("init", resp).await?;
+        let (status, body) = self.read_small("init", resp, MAX_CONTROL_BODY).await?;
         expect_status("init", status, StatusCode::NO_CONTENT, &body)
     }
 
@@ -511,7 +545,7 @@ impl AgentClient {
         let req = build(Method::POST, path, &headers, full(body))?;
         let resp = self.request(op, req).await?;
         if resp.status() != StatusCode::OK {
-            let (status, body) = self.read_small(op, resp).await?;
+            let (status, body) = self.read_small(op, resp, MAX_MESSAGE).await?;
             return Err(status_error(op, status, &body));
         }
         Ok(RpcStream {
@@ -539,7 +573,7 @@ impl AgentClient {
         let headers = rpc_headers(&opts.user, &opts.access_token, Framing::Unary, None);
         let req = build(Method::POST, path, &headers, full(Codec::Proto.encode(msg)))?;
         let resp = self.request(op, req).await?;
-        let (status, body) = self.read_small(op, resp).await?;
+        let (status, body) = self.read_small(op, resp, MAX_MESSAGE).await?;
         if status != StatusCode::OK {
             return Err(status_error(op, status, &body));
         }
@@ -637,5 +671,106 @@ fn status_error(op: &'static str, status: StatusCode, body: &[u8]) -> ClientErro
         op,
         status,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Bounds against a fake agent that misbehaves: oversize and never-ending answers end in a
+    //! clear error within the request timeout.
+
+    use std::convert::Infallible;
+
+    use super::*;
+
+    /// A client connected to an in-process HTTP/2 server answering by path:
+    /// `/big` a 1 MiB body, `/silent-head` never, `/silent-body` a head and then nothing,
+    /// `/big-headers` 200 KiB of headers, `/ok` a small JSON body.
+    async fn misbehaving_agent(request_timeout: Duration) -> AgentClient {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let body: AgentBody = match req.uri().path() {
+                    "/big" => full(vec![b'x'; 1 << 20]),
+                    "/silent-head" => {
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                    "/silent-body" => {
+                        let never = futures::stream::pending::<
+                            Result<hyper::body::Frame<Bytes>, BoxError>,
+                        >();
+                        http_body_util::StreamBody::new(never).boxed_unsync()
+                    }
+                    "/big-headers" => {
+                        let mut resp = Response::new(empty());
+                        for i in 0..200 {
+                            resp.headers_mut().insert(
+                                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                                HeaderValue::from_str(&"v".repeat(1024)).unwrap(),
+                            );
+                        }
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    _ => full(&b"{\"cpu_count\":2}"[..]),
+                };
+                Ok::<_, Infallible>(Response::new(body))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(theirs), svc)
+                .await;
+        });
+        AgentClient::connect(
+            ours,
+            Timeouts {
+                request: request_timeout,
+                ..Timeouts::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_oversize_answer_is_refused() {
+        let c = misbehaving_agent(Duration::from_secs(10)).await;
+        let (status, body) = c.get_small("metrics", "/ok", None, 4096).await.unwrap();
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"{\"cpu_count\":2}"[..])
+        );
+        match c.get_small("metrics", "/big", None, 64 << 10).await {
+            Err(ClientError::ResponseTooLarge { op, limit }) => {
+                assert_eq!((op, limit), ("metrics", 64 << 10))
+            }
+            other => panic!("expected ResponseTooLarge, got {other:?}"),
+        }
+        // Control answers get a much smaller bound than Connect messages.
+        let req = build(Method::GET, "/big", &[], empty()).unwrap();
+        let resp = c.request("health", req).await.unwrap();
+        assert!(matches!(
+            c.read_small("health", resp, MAX_CONTROL_BODY).await,
+            Err(ClientError::ResponseTooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_times_out() {
+        let limit = Duration::from_millis(300);
+        let c = misbehaving_agent(limit).await;
+        for path in ["/silent-head", "/silent-body"] {
+            let r = c.get_small("metrics", path, None, 4096).await;
+            assert!(
+                matches!(r, Err(ClientError::Timeout("metrics"))),
+                "{path}: {r:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversize_header_block_is_refused() {
+        let c = misbehaving_agent(Duration::from_secs(10)).await;
+        let r = c.get_small("metrics", "/big-headers", None, 4096).await;
+        assert!(r.is_err(), "200 KiB of headers accepted: {r:?}");
     }
 }

@@ -23,6 +23,21 @@ def env_apply(sandbox, per_call):
         _os.environ.update(per_call)
 
 
+def reseed():
+    """New userspace random state from the kernel CRNG (called after a snapshot restore or fork,
+    once the agent has reseeded the CRNG): clones of one warm kernel must not share it."""
+    import random
+    import sys
+
+    random.seed(_os.urandom(32))
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            np.random.seed(np.frombuffer(_os.urandom(32), dtype=np.uint32))
+        except Exception:
+            pass
+
+
 def env_restore():
     if not _saved:
         return

@@ -158,6 +158,8 @@ pub struct Kernel {
     exited: watch::Receiver<Option<String>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     conn_file: PathBuf,
+    /// The agent's reseed id this kernel last reseeded its userspace RNGs for.
+    seeded_for: std::sync::Mutex<Option<String>>,
 }
 
 impl Drop for Kernel {
@@ -325,6 +327,7 @@ impl Kernel {
             exited,
             tasks: vec![waiter, shell_reader, iopub_reader, reaper],
             conn_file,
+            seeded_for: std::sync::Mutex::new(None),
         });
         match tokio::time::timeout(READY_TIMEOUT, kernel.wait_ready()).await {
             Ok(Ok(())) => Ok(kernel),
@@ -422,6 +425,16 @@ impl Kernel {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
+    }
+
+    /// True when the agent reseeded the kernel CRNG (id `id`) since this kernel last reseeded
+    /// its own random state: it was warm in a snapshot, or the sandbox was resumed or forked.
+    pub fn needs_reseed(&self, id: &str) -> bool {
+        self.seeded_for.lock().expect("seeded_for").as_deref() != Some(id)
+    }
+
+    pub fn mark_reseeded(&self, id: String) {
+        *self.seeded_for.lock().expect("seeded_for") = Some(id);
     }
 
     /// Runs `code` to completion without streaming its output (environment set-up cells).

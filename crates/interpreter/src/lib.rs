@@ -53,6 +53,10 @@ pub struct Config {
     /// JSON object of the sandbox's environment variables (written by the agent at `/init`);
     /// read before each cell so a sandbox's `envs` reach its kernels.
     pub sandbox_env_file: PathBuf,
+    /// Holds an id the agent rewrites whenever it reseeds the kernel CRNG (every `/init` with
+    /// entropy: boot, resume, restore, fork). A Python kernel that has not seen the current id
+    /// reseeds `random` and numpy from `os.urandom` before its next cell.
+    pub reseed_file: PathBuf,
     /// Start the default Python kernel, and a spare for the next Python context, before
     /// listening (the template snapshot then holds both warm, and `/health` only answers once
     /// they are ready).
@@ -71,6 +75,7 @@ impl Config {
             runtime_dir: "/tmp/alcove-interpreter".into(),
             default_cwd: "/home/user".into(),
             sandbox_env_file: "/run/alcove/envs.json".into(),
+            reseed_file: "/run/alcove/reseed-id".into(),
             warm_python: true,
         }
     }
@@ -79,6 +84,7 @@ impl Config {
 struct AppState {
     contexts: Arc<Contexts>,
     sandbox_env_file: PathBuf,
+    reseed_file: PathBuf,
 }
 
 /// Prepares the kernel environment (IPython profile with our startup file) and returns the
@@ -108,6 +114,7 @@ pub async fn app(cfg: &Config) -> std::io::Result<Router> {
     let state = Arc::new(AppState {
         contexts: Arc::new(Contexts::new(env, cfg.default_cwd.clone())),
         sandbox_env_file: cfg.sandbox_env_file.clone(),
+        reseed_file: cfg.reseed_file.clone(),
     });
     if cfg.warm_python {
         match state.contexts.default_for(Some("python")).await {
@@ -233,6 +240,16 @@ async fn execute(
     }
     let (setup, teardown) = output::env_code(&ctx.info.language, &sandbox_env, &per_call);
     let guard = kernel.lock().await;
+    if ctx.info.language == "python"
+        && let Some(id) = read_small(&state.reseed_file, RESEED_ID_MAX)
+        && kernel.needs_reseed(&id)
+    {
+        match kernel.run_silent(RESEED_PYTHON).await {
+            Ok(None) => kernel.mark_reseeded(id),
+            Ok(Some(err)) => tracing::warn!(%err, "reseeding the kernel's random state failed"),
+            Err(e) => return Err(ApiError::Context(e.into())),
+        }
+    }
     if let Some(code) = &setup
         && let Some(err) = kernel
             .run_silent(code)
@@ -254,10 +271,31 @@ fn valid_env_name(k: &str) -> bool {
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
+/// Reseeds Python's `random` and numpy's global state from the kernel CRNG.
+const RESEED_PYTHON: &str = "__import__('_alcove_kernel').reseed()";
+/// The reseed id is a 32-character hex string; anything longer is not ours.
+const RESEED_ID_MAX: u64 = 64;
+/// The agent writes the sandbox's variables; more than this is refused (read as none).
+const ENV_FILE_MAX: u64 = 1 << 20;
+
+/// The file's bytes when it exists and holds at most `limit` bytes, as (trimmed) text.
+fn read_small(path: &std::path::Path, limit: u64) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf).ok()?;
+    if buf.len() as u64 > limit {
+        tracing::warn!(path = %path.display(), limit, "file too large, ignored");
+        return None;
+    }
+    let s = String::from_utf8(buf).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 fn read_env_file(path: &std::path::Path) -> BTreeMap<String, String> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    read_small(path, ENV_FILE_MAX)
+        .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default()
 }
 
@@ -307,6 +345,17 @@ async fn restart_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_files_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("id");
+        assert_eq!(read_small(&p, 8), None);
+        std::fs::write(&p, "abc\n").unwrap();
+        assert_eq!(read_small(&p, 8).as_deref(), Some("abc"));
+        std::fs::write(&p, "0123456789").unwrap();
+        assert_eq!(read_small(&p, 8), None);
+    }
 
     #[test]
     fn env_names() {

@@ -81,14 +81,15 @@ impl<V: Vmm> Node<V> {
         let source = match &opts.snapshot {
             None => {
                 let template = self.template(&opts.template)?;
-                template.verify_state()?;
+                let t = template.clone();
+                crate::node::blocking(move || t.verify_state()).await?;
                 Source {
                     template,
                     snapshot: None,
                 }
             }
             Some(snap) => {
-                let meta = self.restorable_snapshot(snap)?;
+                let meta = self.restorable_snapshot(snap).await?;
                 let template = Arc::new(alcove_image::build::load_template_key(
                     &self.cfg.cache_dir,
                     &meta.template_key,
@@ -130,7 +131,7 @@ impl<V: Vmm> Node<V> {
     }
 
     /// A snapshot that can be restored now: recorded, not deleted, memory image intact.
-    pub(crate) fn restorable_snapshot(&self, snap: &str) -> Result<SnapshotMeta, NodeError> {
+    pub(crate) async fn restorable_snapshot(&self, snap: &str) -> Result<SnapshotMeta, NodeError> {
         if !valid_id(snap) {
             return Err(NodeError::SnapshotNotFound(snap.to_string()));
         }
@@ -140,10 +141,12 @@ impl<V: Vmm> Node<V> {
             .ok_or_else(|| NodeError::SnapshotNotFound(snap.to_string()))?;
         let state = meta.state_file(&dir);
         let got =
-            alcove_image::build::sha256_file(&state).map_err(|e| NodeError::CorruptSnapshot {
-                id: snap.to_string(),
-                detail: format!("{} cannot be read ({e})", state.display()),
-            })?;
+            crate::node::sha256_blocking(&state)
+                .await
+                .map_err(|e| NodeError::CorruptSnapshot {
+                    id: snap.to_string(),
+                    detail: format!("{} cannot be read ({e})", state.display()),
+                })?;
         if got != meta.state_sha256 {
             return Err(NodeError::CorruptSnapshot {
                 id: snap.to_string(),
@@ -237,8 +240,9 @@ impl<V: Vmm> Node<V> {
         snapshot: Option<&SnapshotMeta>,
         opts: &CreateOptions,
     ) -> SandboxInfo {
-        let mut envs = snapshot.map(|m| m.envs.clone()).unwrap_or_default();
-        envs.extend(opts.envs.clone());
+        // Only this create's own variables: a snapshot's live on in its guest memory (the agent
+        // adds a later /init's variables to the ones it has), never on the host's disk.
+        let envs = opts.envs.clone();
         SandboxInfo {
             id: id.to_string(),
             template: template.name.clone(),
@@ -437,17 +441,16 @@ pub(crate) async fn connect_agent(vm: &impl Vm) -> Result<AgentClient, NodeError
 }
 
 /// The `/init` that gives a just-restored VM its sandbox's identity. `fresh` is true for a new
-/// sandbox (new hostname, token, env, entropy); a resumed one only gets its clock set and entropy.
+/// sandbox (new hostname, env, sandbox id); a resumed one gets its clock set, entropy and its
+/// access token again (never its env values: the host does not keep them, the guest does).
 pub(crate) fn init_request(info: &SandboxInfo, fresh: bool) -> InitRequest {
     InitRequest {
         timestamp: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
         entropy: Some(base64::engine::general_purpose::STANDARD.encode(random_bytes::<64>())),
         env_vars: fresh.then(|| info.envs.clone().into_iter().collect()),
-        access_token: if fresh {
-            info.access_token.clone()
-        } else {
-            None
-        },
+        // Every /init, resumes and restarts included: the agent treats an absent token as
+        // "no token", so leaving it out would open a resumed sandbox's envd to anyone.
+        access_token: info.access_token.clone(),
         hostname: fresh.then(|| info.id.clone()),
         sandbox_id: fresh.then(|| info.id.clone()),
         ..Default::default()

@@ -66,6 +66,21 @@ impl<V: Vmm> Drop for Node<V> {
     }
 }
 
+/// Runs file-sized work (hashing memory images of hundreds of MB) on a blocking thread: on an
+/// async worker it would stall every request and VM monitor scheduled there meanwhile.
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// SHA-256 of `path`, on a blocking thread (see [`blocking`]).
+pub(crate) async fn sha256_blocking(path: &Path) -> Result<String, alcove_image::ImageError> {
+    let path = path.to_path_buf();
+    blocking(move || alcove_image::build::sha256_file(&path)).await
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -269,5 +284,37 @@ mod tests {
         assert_ne!(a, b);
         assert!(valid_id(&a));
         assert!(!valid_id("../etc"));
+    }
+
+    #[test]
+    fn memory_images_are_hashed_off_the_async_threads() {
+        // Reading a FIFO blocks until a writer opens it, and the writer is a task on the same
+        // single-threaded runtime: hashing on the async thread would never let it run.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("image");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let r = rt.block_on(async move {
+                let p = fifo.clone();
+                let writer = tokio::spawn(async move { tokio::fs::write(&p, b"abc").await });
+                let h = sha256_blocking(&fifo).await;
+                writer.await.unwrap().unwrap();
+                h
+            });
+            let _ = tx.send(r);
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the hash blocked the runtime's only thread")
+            .unwrap();
+        assert_eq!(
+            got,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -52,7 +52,7 @@ impl<V: Vmm> Node<V> {
         live.stop_net();
         *live.agent.lock().await = None;
         *live.vm.lock().expect("vm lock") = None;
-        let sha = alcove_image::build::sha256_file(&tmp)?;
+        let sha = crate::node::sha256_blocking(&tmp).await?;
         std::fs::rename(&tmp, &state_file)
             .map_err(|e| NodeError::Io(state_file.display().to_string(), e))?;
         let size = std::fs::metadata(&state_file).map(|m| m.len()).unwrap_or(0);
@@ -99,12 +99,12 @@ impl<V: Vmm> Node<V> {
             });
         };
         let state_file = live.dir().join(PAUSED_STATE);
-        let got = alcove_image::build::sha256_file(&state_file).map_err(|e| {
-            NodeError::CorruptSnapshot {
+        let got = crate::node::sha256_blocking(&state_file)
+            .await
+            .map_err(|e| NodeError::CorruptSnapshot {
                 id: id.to_string(),
                 detail: format!("{} cannot be read ({e})", state_file.display()),
-            }
-        })?;
+            })?;
         if &got != state_sha256 {
             return Err(NodeError::CorruptSnapshot {
                 id: id.to_string(),
@@ -221,7 +221,7 @@ impl<V: Vmm> Node<V> {
                     .map_err(|e| NodeError::Io(layer.display().to_string(), e))?;
             }
             make_overlay(&layer, &disk).await?;
-            let sha = alcove_image::build::sha256_file(&tmp)?;
+            let sha = crate::node::sha256_blocking(&tmp).await?;
             let memory = sdir.join(snapshots::MEMORY);
             std::fs::rename(&tmp, &memory)
                 .map_err(|e| NodeError::Io(memory.display().to_string(), e))?;
@@ -234,7 +234,6 @@ impl<V: Vmm> Node<V> {
                 state_sha256: sha,
                 state_bytes: std::fs::metadata(&memory).map(|m| m.len()).unwrap_or(0),
                 access_token: info.access_token.clone(),
-                envs: info.envs.clone(),
                 created_at_unix_ms: now_ms(),
                 deleted: false,
                 shared_ram: false,
@@ -358,9 +357,7 @@ impl<V: Vmm> Node<V> {
             std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))
                 .map_err(|e| NodeError::Io(ram.display().to_string(), e))?;
         }
-        Ok(alcove_image::build::sha256_file(
-            &sdir.join(snapshots::RAM_STATE),
-        )?)
+        Ok(crate::node::sha256_blocking(&sdir.join(snapshots::RAM_STATE)).await?)
     }
 
     /// Every snapshot on this node, deleted ones (whose layers are still needed) included.

@@ -244,7 +244,8 @@ impl<V: Vmm> Node<V> {
     /// Restores one VM of `template` and warms it up.
     async fn warm_one(self: &Arc<Self>, template: &str) -> Result<WarmVm<V::Vm>, NodeError> {
         let t = self.template(template)?;
-        t.verify_state()?;
+        let check = t.clone();
+        crate::node::blocking(move || check.verify_state()).await?;
         let vm_id = crate::node::new_sandbox_id();
         let dir = self.config().data_dir.join("sandboxes").join(&vm_id);
         std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;

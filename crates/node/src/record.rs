@@ -32,6 +32,9 @@ pub struct SandboxInfo {
     #[serde(default)]
     pub disk_mib: u32,
     pub hostname: String,
+    /// The create's env vars, for its first `/init` only. Never written to `record.json`: the
+    /// values can be secrets, and the guest keeps them (records written before read them back).
+    #[serde(default, skip_serializing)]
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
@@ -146,10 +149,10 @@ pub(crate) fn remove_all_but_record(dir: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn info() -> SandboxInfo {
+    pub(crate) fn info() -> SandboxInfo {
         SandboxInfo {
             id: "sbx".into(),
             template: "base".into(),

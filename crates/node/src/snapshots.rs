@@ -36,9 +36,6 @@ pub struct SnapshotMeta {
     pub state_bytes: u64,
     /// The envd access token the guest had at snapshot time: restoring needs it to re-`/init`.
     pub access_token: Option<String>,
-    /// The sandbox's env vars at snapshot time; sandboxes made from it inherit them.
-    #[serde(default)]
-    pub envs: std::collections::BTreeMap<String, String>,
     pub created_at_unix_ms: u64,
     /// Deleted by the user: not restorable; the layer stays while something sits on it.
     #[serde(default)]
@@ -168,7 +165,6 @@ mod tests {
             state_sha256: String::new(),
             state_bytes: 0,
             access_token: None,
-            envs: Default::default(),
             created_at_unix_ms: 0,
             deleted,
             shared_ram: false,

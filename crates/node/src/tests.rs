@@ -422,3 +422,54 @@ async fn a_create_claims_a_warm_vm_and_the_claimed_sandbox_lives_like_any_other(
     assert!(!dir.exists());
     node.drain_warm_pool().await;
 }
+
+#[tokio::test]
+async fn env_values_are_never_written_to_the_data_dir() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (a, _) = node
+        .create(CreateOptions {
+            envs: [("API_KEY".to_string(), "value-never-on-disk".to_string())].into(),
+            access_token: Some("tok-a".into()),
+            ..base()
+        })
+        .await
+        .unwrap();
+    node.snapshot(&a.id, "snap-env").await.unwrap();
+    node.pause(&a.id).await.unwrap();
+    node.resume(&a.id).await.unwrap();
+    let mut found = Vec::new();
+    let mut stack = vec![f.data.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "json")
+                && String::from_utf8_lossy(&std::fs::read(&p).unwrap())
+                    .contains("value-never-on-disk")
+            {
+                found.push(p);
+            }
+        }
+    }
+    assert!(found.is_empty(), "env values written to {found:?}");
+    node.kill(&a.id).await.unwrap();
+}
+
+#[test]
+fn every_init_resends_the_access_token() {
+    let info = SandboxInfo {
+        access_token: Some("tok".into()),
+        envs: [("K".to_string(), "v".to_string())].into(),
+        ..crate::record::tests::info()
+    };
+    let resumed = crate::create::init_request(&info, false);
+    assert_eq!(resumed.access_token.as_deref(), Some("tok"));
+    assert!(
+        resumed.env_vars.is_none(),
+        "a resume does not re-send env values"
+    );
+    let fresh = crate::create::init_request(&info, true);
+    assert_eq!(fresh.access_token.as_deref(), Some("tok"));
+}

@@ -601,3 +601,68 @@ async fn a_dead_warm_vm_is_skipped_and_a_new_node_removes_unclaimed_ones() {
         0
     );
 }
+
+/// The agent refuses `id`'s envd calls without `token` and runs them with it.
+async fn token_enforced(node: &Node, id: &str, token: &str) {
+    use alcove_agent_client::ClientError;
+    use alcove_agent_client::alcove_envd_proto::connect::Code;
+    let agent = node.agent(id).await.unwrap();
+    for wrong in [None, Some("not-the-token".to_string())] {
+        let mut req = sh("echo ran");
+        req.access_token = wrong.clone();
+        match agent.run(req).await {
+            Err(ClientError::Rpc { code, .. }) => assert_eq!(code, Code::Unauthenticated),
+            other => panic!("{id}: token {wrong:?} was not refused: {other:?}"),
+        }
+    }
+    let mut req = sh("echo ran");
+    req.access_token = Some(token.to_string());
+    let o = agent.run(req).await.expect("the right token is accepted");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ran\n");
+}
+
+#[tokio::test]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn the_access_token_survives_resume_snapshot_and_fork() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (a, _) = node
+        .create(CreateOptions {
+            access_token: Some("tok-a".into()),
+            envs: BTreeMap::from([("SECRET_ENV".to_string(), "in-guest-only".to_string())]),
+            ..base()
+        })
+        .await
+        .unwrap();
+    token_enforced(&node, &a.id, "tok-a").await;
+    node.pause(&a.id).await.unwrap();
+    node.resume(&a.id).await.unwrap();
+    token_enforced(&node, &a.id, "tok-a").await;
+    // A snapshot restarts the parent from its image: still its token.
+    node.snapshot(&a.id, "snap-tok").await.unwrap();
+    token_enforced(&node, &a.id, "tok-a").await;
+    // A fork child has its own token, not the parent's, and keeps the parent's env values
+    // although the host never stored them.
+    let (child, _) = node
+        .create(CreateOptions {
+            snapshot: Some("snap-tok".into()),
+            access_token: Some("tok-child".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    token_enforced(&node, &child.id, "tok-child").await;
+    let agent = node.agent(&child.id).await.unwrap();
+    let mut req = sh("true");
+    req.access_token = Some("tok-a".into());
+    assert!(
+        agent.run(req).await.is_err(),
+        "the parent's token opens the child"
+    );
+    assert_eq!(
+        out(&node, &child.id, "echo $SECRET_ENV").await,
+        "in-guest-only\n"
+    );
+    node.kill(&child.id).await.unwrap();
+    node.kill(&a.id).await.unwrap();
+}

@@ -1,6 +1,8 @@
 //! The guest's serial console: QEMU serves it on a unix socket; we read it into a bounded ring so a
 //! chatty or hostile guest cannot grow host memory, and watch it for marker lines (the agent's
-//! ready line, kernel panics).
+//! ready line, kernel panics). Console text is guest-controlled: what leaves this module for logs
+//! and error messages ([`Console::tail`]) has control characters, ANSI escapes and bidi
+//! overrides escaped, so a guest cannot rewrite the operator's terminal or forge log lines.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -80,11 +82,15 @@ impl Console {
         String::from_utf8_lossy(&self.inner.lock().expect("console lock").buf).into_owned()
     }
 
-    /// The last `n` lines, for error messages.
+    /// The last `n` lines, for logs and error messages, escaped (see [`escape_for_log`]).
     pub fn tail(&self, n: usize) -> String {
         let text = self.text();
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| escape_for_log(l))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until a line containing `marker` has been printed (at any time since attach).
@@ -98,5 +104,50 @@ impl Console {
                 return;
             }
         }
+    }
+}
+
+/// Guest text made safe to log: control characters (ESC of ANSI sequences, CR, backspace, C1
+/// controls; newlines too, so one line stays one line) and Unicode bidi overrides become visible
+/// `\xNN` / `\u{NNNN}` escapes; a backslash is doubled so escapes cannot be forged.
+pub fn escape_for_log(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push('\t'),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control()
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.push_str(&format!("\\u{{{:04x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_control_and_ansi() {
+        assert_eq!(
+            escape_for_log("\x1b[2J\x1b[31mroot\r\x08ok\tx\\"),
+            "\\x1b[2J\\x1b[31mroot\\x0d\\x08ok\tx\\\\"
+        );
+        assert_eq!(escape_for_log("a\u{202e}b\u{85}"), "a\\u{202e}b\\u{0085}");
+        assert_eq!(escape_for_log("plain ümlaut"), "plain ümlaut");
+    }
+
+    #[test]
+    fn tail_is_escaped() {
+        let c = Console::default();
+        c.push(b"boot\n\x1b]0;owned\x07 panic\n");
+        assert_eq!(c.tail(5), "boot\n\\x1b]0;owned\\x07 panic");
     }
 }

@@ -92,6 +92,8 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
         crate::system::add_entropy(&bytes).map_err(|e| {
             ApiError::Internal(format!("credit entropy: {}", crate::rpc::error_chain(&e)))
         })?;
+        // After the CRNG reseed: userspace RNGs that reseed from os.urandom now diverge.
+        write_reseed_id(std::path::Path::new(crate::RESEED_FILE));
     }
     // Stale or replayed timestamps never move the clock (or defaults) backwards.
     let fresh = {
@@ -126,8 +128,19 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     {
         let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
         if let Some(env) = req.env_vars {
+            // As envd: the given variables are added to (and override) the ones the guest has,
+            // so a sandbox restored from a snapshot keeps the snapshot's variables without the
+            // host ever storing their values.
+            let mut merged = std::mem::take(&mut d.env_vars);
+            merged.extend(env);
+            let env = merged;
             if touch {
-                write_env_file(&env);
+                let owner = state
+                    .template_user
+                    .get()
+                    .cloned()
+                    .or_else(|| state.resolve_user(None).ok());
+                write_env_file(std::path::Path::new(crate::SANDBOX_ENV_FILE), &env, owner);
             }
             d.env_vars = env;
         }
@@ -155,16 +168,32 @@ fn parse_timestamp(s: &str) -> Result<pbjson_types::Timestamp, serde::de::value:
 
 /// Publishes the sandbox's environment variables for in-guest servers that start processes of
 /// their own (the code interpreter's kernels); processes the agent starts get them directly.
-fn write_env_file(env: &std::collections::BTreeMap<String, String>) {
-    let path = std::path::Path::new(crate::SANDBOX_ENV_FILE);
+/// The values can be secrets: the file is 0600 and owned by the user the template's server runs
+/// as (root can read it anyway), never readable by other users of the sandbox.
+fn write_env_file(
+    path: &std::path::Path,
+    env: &std::collections::BTreeMap<String, String>,
+    owner: Option<crate::users::UserInfo>,
+) {
     let write = || -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(env).unwrap_or_default())?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+        let _ = std::fs::remove_file(&tmp);
+        // Created 0600 (not chmod-ed later), so the values are never readable by others.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        if let Some(u) = owner.filter(|u| u.needs_switch()) {
+            nix::unistd::fchown(&f, Some(u.uid), Some(u.gid)).map_err(std::io::Error::from)?;
+        }
+        f.write_all(&serde_json::to_vec(env).unwrap_or_default())?;
+        drop(f);
         std::fs::rename(&tmp, path)
     };
     if let Err(e) = write() {
@@ -172,9 +201,50 @@ fn write_env_file(env: &std::collections::BTreeMap<String, String>) {
     }
 }
 
+/// A fresh random id in `path` (world-readable: it is no secret, only a change signal).
+fn write_reseed_id(path: &std::path::Path) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, uuid::Uuid::new_v4().simple().to_string())?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(error = %e, path = %path.display(), "write the reseed id");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("envs.json");
+        let env = std::collections::BTreeMap::from([("K".to_string(), "secret".to_string())]);
+        write_env_file(&path, &env, None);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let back: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn reseed_id_changes_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reseed-id");
+        write_reseed_id(&path);
+        let a = std::fs::read_to_string(&path).unwrap();
+        write_reseed_id(&path);
+        let b = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn timestamps_are_rfc3339() {
