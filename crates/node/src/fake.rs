@@ -282,6 +282,10 @@ impl Vm for FakeVm {
         }
     }
 
+    async fn ensure_running(&self) -> Result<(), VmmError> {
+        self.resume().await
+    }
+
     fn set_cpu_weight(&self, _weight: u32) -> std::io::Result<()> {
         Ok(())
     }

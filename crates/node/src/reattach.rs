@@ -15,6 +15,9 @@ use crate::live::Live;
 use crate::node::{Node, NodeConfig, other_alcove_process_alive, qemu_log_tail};
 use crate::record::{self, Record, remove_all_but_record};
 
+/// How long a re-attached VM gets to leave an interrupted pause or snapshot and run again.
+const REATTACH_RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl<V: Vmm> Node<V> {
     /// Opens the node's data dir and picks up the sandboxes recorded there: running VMs are
     /// re-attached, VMs that disappeared meanwhile are marked dead with the reason.
@@ -59,10 +62,34 @@ impl<V: Vmm> Node<V> {
                 continue;
             }
             let mut vm = None;
+            let mut interrupted = None;
             if info.state.is_live() {
                 let attached = node.cfg.vmm.attach(&dir).await.ok();
                 match attached {
-                    Some(v) if v.exit_reason().is_none() => vm = Some(v),
+                    Some(v) if v.exit_reason().is_none() => {
+                        // A process killed half-way through a pause or a snapshot leaves the
+                        // vCPUs stopped (and maybe a save running): the record still says
+                        // running, so the VM must run too, or the sandbox hangs for good.
+                        match tokio::time::timeout(REATTACH_RESUME_TIMEOUT, v.ensure_running())
+                            .await
+                        {
+                            Ok(Ok(())) => {
+                                // The half-written state of the interrupted pause.
+                                let _ = std::fs::remove_file(dir.join("paused.state"));
+                                vm = Some(v)
+                            }
+                            Ok(Err(e)) => {
+                                interrupted = Some(alcove_guest_contract::error_chain(&e));
+                                v.kill().await;
+                            }
+                            Err(_) => {
+                                interrupted = Some(format!(
+                                    "it did not answer within {REATTACH_RESUME_TIMEOUT:?}"
+                                ));
+                                v.kill().await;
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -88,11 +115,18 @@ impl<V: Vmm> Node<V> {
                         node.spawn_monitor(live.clone(), vm)
                     }
                     None => {
-                        let reason = format!(
-                            "the VM process (pid {}) is gone: it was stopped outside Alcove or crashed while no Alcove process was watching{}",
-                            info.pid,
-                            qemu_log_tail(&dir)
-                        );
+                        let reason = match &interrupted {
+                            Some(why) => format!(
+                                "the server stopped during an operation on the VM (pid {}) and the VM could not be made to run again: {why}; it was killed{}",
+                                info.pid,
+                                qemu_log_tail(&dir)
+                            ),
+                            None => format!(
+                                "the VM process (pid {}) is gone: it was stopped outside Alcove or crashed while no Alcove process was watching{}",
+                                info.pid,
+                                qemu_log_tail(&dir)
+                            ),
+                        };
                         live.apply(Event::Vanished { reason })?;
                         remove_all_but_record(&dir);
                     }

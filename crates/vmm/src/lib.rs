@@ -213,6 +213,11 @@ pub trait Vm: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Lets the vCPUs of a stopped VM run again.
     fn resume(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Brings a re-attached VM back to running if the process that drove it died half-way
+    /// through a save (vCPUs stopped, a migration running or finished): cancels the migration
+    /// and lets the vCPUs run. Fails when the VM cannot run (it still waits for an incoming
+    /// state, or it errored).
+    fn ensure_running(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Sets the VM's host CPU weight (100 = a sandbox's default).
     fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()>;
     /// Stops the VM process (SIGKILL after a short grace) and waits for it to exit.

@@ -535,6 +535,39 @@ impl QemuVm {
             .await?;
         Ok(())
     }
+
+    /// See [`Vm::ensure_running`].
+    pub async fn ensure_running(&self) -> Result<(), VmmError> {
+        let qmp = self.qmp_or_connect().await?;
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            let info = qmp.execute("query-migrate", None, QMP_TIMEOUT).await?;
+            let status = info["status"].as_str().unwrap_or("none").to_string();
+            if !matches!(
+                status.as_str(),
+                "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+            ) {
+                break;
+            }
+            if status != "cancelling" {
+                qmp.execute("migrate_cancel", None, QMP_TIMEOUT).await?;
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout(QMP_TIMEOUT, "an interrupted save to cancel"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = qmp.execute("query-status", None, QMP_TIMEOUT).await?;
+        match status["status"].as_str().unwrap_or("") {
+            "running" => Ok(()),
+            // Stopped by a pause or snapshot that never finished: the guest's memory is intact.
+            "paused" | "postmigrate" | "finish-migrate" => self.resume().await,
+            other => Err(VmmError::Migration {
+                what: "re-attach",
+                detail: format!("the VM is in state `{other}` and cannot run"),
+            }),
+        }
+    }
 }
 
 impl Vm for QemuVm {
@@ -560,6 +593,10 @@ impl Vm for QemuVm {
 
     async fn resume(&self) -> Result<(), VmmError> {
         QemuVm::resume(self).await
+    }
+
+    async fn ensure_running(&self) -> Result<(), VmmError> {
+        QemuVm::ensure_running(self).await
     }
 
     fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()> {
