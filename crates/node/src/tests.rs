@@ -422,3 +422,37 @@ async fn a_create_claims_a_warm_vm_and_the_claimed_sandbox_lives_like_any_other(
     assert!(!dir.exists());
     node.drain_warm_pool().await;
 }
+
+/// Every dir and file under `root` that group or others could read or enter.
+fn open_to_others(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let ft = meta.file_type();
+        if (ft.is_dir() || ft.is_file()) && !crate::private::is_private(meta.mode()) {
+            found.push(format!("{} {:o}", p.display(), meta.mode() & 0o7777));
+        }
+        if ft.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_data_dir_and_everything_in_it_are_owner_only_from_the_first_mkdir() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (a, _) = node.create(base()).await.unwrap();
+    let (b, _) = node.create(base()).await.unwrap();
+    node.snapshot(&a.id, "snap1").await.unwrap();
+    node.pause(&b.id).await.unwrap();
+    assert!(node.stored_bytes(&[b.id.clone()], &["snap1".to_owned()]) > 0);
+    assert_eq!(node.stored_bytes(&["nope".into()], &["gone".into()]), 0);
+    let open = open_to_others(&f.data);
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+    node.kill(&a.id).await.unwrap();
+    node.kill(&b.id).await.unwrap();
+}
