@@ -42,6 +42,9 @@ pub struct NodeConfig<V = QemuVmm> {
 pub struct Node<V: Vmm = QemuVmm> {
     pub(crate) cfg: NodeConfig<V>,
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Live<V>>>>,
+    /// Sandboxes being created or resumed: they hold a `max_sandboxes` slot from the check
+    /// until they are running (or failed), so racing creates and resumes cannot pass the limit.
+    pub(crate) starting: Mutex<std::collections::HashSet<String>>,
     pub(crate) templates: Mutex<HashMap<String, Arc<Template>>>,
     pub(crate) monitors: Mutex<Vec<tokio::task::AbortHandle>>,
     pub(crate) pool: crate::pool::Pool<V::Vm>,
@@ -110,6 +113,28 @@ impl<V: Vmm> Node<V> {
             .expect("templates lock")
             .insert(name.to_string(), t.clone());
         Ok(t)
+    }
+
+    /// Checks the host's limit and takes a slot for `id` in one step, under the sandboxes lock:
+    /// the sandboxes in use are those creating or running, and those starting (a create before
+    /// it is listed, a resume before it runs), each counted once.
+    pub(crate) fn reserve_slot(&self, id: &str) -> Result<Slot<'_, V>, NodeError> {
+        let map = self.sandboxes.lock().expect("sandboxes lock");
+        let mut starting = self.starting.lock().expect("starting lock");
+        let live = map.values().filter(|l| l.snapshot().state.is_live());
+        let in_use = live.count()
+            + starting
+                .iter()
+                .filter(|s| !map.get(*s).is_some_and(|l| l.snapshot().state.is_live()))
+                .count();
+        if in_use >= self.cfg.max_sandboxes {
+            return Err(NodeError::Capacity(in_use));
+        }
+        starting.insert(id.to_owned());
+        Ok(Slot {
+            node: self,
+            id: id.to_owned(),
+        })
     }
 
     pub(crate) fn live(&self, id: &str) -> Result<Arc<Live<V>>, NodeError> {
@@ -245,6 +270,22 @@ impl<V: Vmm> Node<V> {
             id: id.to_string(),
             state: "no VM".into(),
         })
+    }
+}
+
+/// A `max_sandboxes` slot held while a sandbox starts; released when dropped.
+pub(crate) struct Slot<'a, V: Vmm> {
+    node: &'a Node<V>,
+    id: String,
+}
+
+impl<V: Vmm> Drop for Slot<'_, V> {
+    fn drop(&mut self) {
+        self.node
+            .starting
+            .lock()
+            .expect("starting lock")
+            .remove(&self.id);
     }
 }
 

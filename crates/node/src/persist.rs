@@ -92,6 +92,10 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let info = live.snapshot();
+        let _slot = match &info.state {
+            SandboxState::Paused { .. } => Some(self.reserve_slot(id)?),
+            _ => None,
+        };
         let SandboxState::Paused { state_sha256, .. } = &info.state else {
             return Err(NodeError::NotPaused {
                 id: id.to_string(),

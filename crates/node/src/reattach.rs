@@ -34,6 +34,7 @@ impl<V: Vmm> Node<V> {
         let node = Arc::new(Node {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            starting: Mutex::default(),
             templates: Mutex::new(HashMap::new()),
             monitors: Mutex::new(Vec::new()),
             pool: Default::default(),

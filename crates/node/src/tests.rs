@@ -456,3 +456,40 @@ async fn the_data_dir_and_everything_in_it_are_owner_only_from_the_first_mkdir()
     node.kill(&a.id).await.unwrap();
     node.kill(&b.id).await.unwrap();
 }
+
+#[tokio::test]
+async fn racing_creates_and_resumes_pass_exactly_the_hosts_limit() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let mut paused = Vec::new();
+    for _ in 0..3 {
+        let (i, _) = node.create(base()).await.unwrap();
+        node.pause(&i.id).await.unwrap();
+        paused.push(i.id);
+    }
+    // 0 of 10 slots used; 12 creates and 3 resumes race for them.
+    let creates = (0..12).map(|_| {
+        let node = node.clone();
+        tokio::spawn(async move { node.create(base()).await.map(|_| ()) })
+    });
+    let resumes = paused.iter().map(|id| {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.resume(&id).await.map(|_| ()) })
+    });
+    let all: Vec<_> = creates.chain(resumes).collect();
+    let mut ok = 0;
+    for h in all {
+        match h.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(NodeError::Capacity(_)) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    let running = node
+        .list()
+        .into_iter()
+        .filter(|s| s.state.is_live())
+        .count();
+    assert_eq!(running, 10);
+}
