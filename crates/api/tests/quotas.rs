@@ -95,7 +95,12 @@ async fn racing_resumes_and_creates_pass_exactly_the_running_limit() {
     )
     .await;
     replies.push(created);
-    assert_eq!(statuses(&replies), (1, 2), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(
+        statuses(&replies),
+        (1, 2),
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     let running = api.get("/v2/sandboxes?state=running").await;
     assert_eq!(running.json.as_array().unwrap().len(), 2);
     s.stop().await;
@@ -139,13 +144,19 @@ async fn paused_sandboxes_are_limited_and_racing_pauses_pass_exactly_the_limit()
     for _ in 0..5 {
         ids.push(create_base(&api).await);
     }
-    let paths: Vec<String> = ids.iter().map(|id| format!("/sandboxes/{id}/pause")).collect();
+    let paths: Vec<String> = ids
+        .iter()
+        .map(|id| format!("/sandboxes/{id}/pause"))
+        .collect();
     let replies = futures::future::join_all(paths.iter().map(|p| api.post(p, json!({})))).await;
     assert_eq!(statuses(&replies), (2, 3));
     let refused = replies.iter().find(|r| r.status == 429).unwrap();
     assert_error(refused, 429, "paused_sandbox_quota_exceeded");
     let msg = refused.json["message"].as_str().unwrap();
-    assert!(msg.contains("has 2 paused") && msg.contains("limit is 2"), "{msg}");
+    assert!(
+        msg.contains("has 2 paused") && msg.contains("limit is 2"),
+        "{msg}"
+    );
     assert!(msg.contains("--team-max-paused"), "{msg}");
     s.stop().await;
 }
@@ -278,7 +289,13 @@ async fn a_fresh_data_dir_is_owner_only_and_other_users_cannot_read_the_database
     let mut todo = vec![data.clone()];
     while let Some(p) = todo.pop() {
         let meta = std::fs::symlink_metadata(&p).unwrap();
-        assert_eq!(meta.mode() & 0o077, 0, "{} is {:o}", p.display(), meta.mode());
+        assert_eq!(
+            meta.mode() & 0o077,
+            0,
+            "{} is {:o}",
+            p.display(),
+            meta.mode()
+        );
         if meta.is_dir() {
             todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
         }

@@ -195,9 +195,11 @@ impl<V: Vmm> Node<V> {
         let t0 = Instant::now();
         let (info, vm) = live.running_vm(id)?;
         let root = snapshots::snapshots_root(&self.cfg.data_dir);
-        crate::private::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        crate::private::create_dir_all(&root)
+            .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
-        crate::private::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
+        crate::private::create_dir(&sdir)
+            .map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
         let tmp = sdir.join("memory.state.tmp");
         live.stopping.store(true, Ordering::SeqCst);
         // Every page, in the stream format without `x-ignore-shared`: what a VM whose RAM is a
@@ -326,7 +328,8 @@ impl<V: Vmm> Node<V> {
     ) -> Result<String, NodeError> {
         let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
         let run = sdir.join("load");
-        crate::private::create_dir_all(&run).map_err(|e| NodeError::Io(run.display().to_string(), e))?;
+        crate::private::create_dir_all(&run)
+            .map_err(|e| NodeError::Io(run.display().to_string(), e))?;
         let mut spec = alcove_image::build::spec_for(&template.recipe, &run, &template.kernel);
         spec.ram_file = sdir.join(snapshots::RAM);
         spec.ram_shared = true;

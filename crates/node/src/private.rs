@@ -29,7 +29,10 @@ pub fn narrowed(mode: u32) -> u32 {
 /// Creates `dir` (0700) and its missing parents (0700 each). An existing `dir` this process
 /// owns that is open to group or others is narrowed: a data dir made by an older version.
 pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
-    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
     narrow_if_owned(dir)
 }
 

@@ -30,7 +30,8 @@ impl<V: Vmm> Node<V> {
         let root = cfg.data_dir.join("sandboxes");
         crate::private::create_dir_all(&cfg.data_dir)
             .map_err(|e| NodeError::Io(cfg.data_dir.display().to_string(), e))?;
-        crate::private::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        crate::private::create_dir_all(&root)
+            .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         let node = Arc::new(Node {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),

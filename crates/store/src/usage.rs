@@ -87,11 +87,21 @@ mod tests {
             store
                 .insert_sandbox(&NewSandboxRecord::sample(id, team, "tpl1"))
                 .unwrap();
-            store.transition(id, SandboxState::Running, "started").unwrap();
+            store
+                .transition(id, SandboxState::Running, "started")
+                .unwrap();
         }
-        store.transition("s2", SandboxState::Paused, "paused").unwrap();
-        store.transition("s3", SandboxState::Killed, "killed").unwrap();
-        for (id, kind) in [("snapA", "snapshot"), ("snapB", "snapshot"), ("forkC", "fork")] {
+        store
+            .transition("s2", SandboxState::Paused, "paused")
+            .unwrap();
+        store
+            .transition("s3", SandboxState::Killed, "killed")
+            .unwrap();
+        for (id, kind) in [
+            ("snapA", "snapshot"),
+            ("snapB", "snapshot"),
+            ("forkC", "fork"),
+        ] {
             store
                 .insert_snapshot(&SnapshotRecord {
                     id: id.into(),

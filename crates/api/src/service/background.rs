@@ -91,7 +91,10 @@ impl Service {
                         Ok(false) => {}
                         Err(e) => {
                             let code = e.parts().1;
-                            tracing::warn!(error_code = code, "reaper: deleting an expired paused sandbox failed, will retry");
+                            tracing::warn!(
+                                error_code = code,
+                                "reaper: deleting an expired paused sandbox failed, will retry"
+                            );
                         }
                     }
                 }
@@ -146,8 +149,7 @@ impl Service {
                 }
             }
         }
-        match self.kill_record(id, reason).await
-        {
+        match self.kill_record(id, reason).await {
             Ok(()) => {
                 Metrics::inc(&METRICS.sandboxes_timed_out);
                 tracing::info!("reaper: killed at timeout");

@@ -290,7 +290,10 @@ impl SandboxBackend for FakeBackend {
             let paused = self.paused.lock().unwrap();
             let snaps = self.snapshots.lock().unwrap();
             let n = sandbox_ids.iter().filter(|id| paused.contains(*id)).count()
-                + snapshot_ids.iter().filter(|id| snaps.contains_key(*id)).count();
+                + snapshot_ids
+                    .iter()
+                    .filter(|id| snaps.contains_key(*id))
+                    .count();
             Ok(n as u64 * self.bytes_per_saved_state.load(Ordering::SeqCst))
         })
     }
