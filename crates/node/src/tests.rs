@@ -449,7 +449,7 @@ async fn the_data_dir_and_everything_in_it_are_owner_only_from_the_first_mkdir()
     let (b, _) = node.create(base()).await.unwrap();
     node.snapshot(&a.id, "snap1").await.unwrap();
     node.pause(&b.id).await.unwrap();
-    assert!(node.stored_bytes(&[b.id.clone()], &["snap1".to_owned()]) > 0);
+    assert!(node.stored_bytes(std::slice::from_ref(&b.id), &["snap1".to_owned()]) > 0);
     assert_eq!(node.stored_bytes(&["nope".into()], &["gone".into()]), 0);
     let open = open_to_others(&f.data);
     assert!(open.is_empty(), "readable by others: {open:#?}");
