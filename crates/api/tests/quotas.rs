@@ -89,11 +89,14 @@ async fn racing_resumes_and_creates_pass_exactly_the_running_limit() {
         .map(|id| format!("/sandboxes/{id}/resume"))
         .collect();
     let resumes = paths.iter().map(|p| api.post(p, json!({"timeout": 60})));
-    let (mut replies, created) = futures::future::join(
-        futures::future::join_all(resumes),
-        api.post("/v2/sandboxes", json!({"templateID": "base"})),
-    )
-    .await;
+    // The create arrives while the resumes are still restoring.
+    let late_create = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        api.post("/v2/sandboxes", json!({"templateID": "base"}))
+            .await
+    };
+    let (mut replies, created) =
+        futures::future::join(futures::future::join_all(resumes), late_create).await;
     replies.push(created);
     assert_eq!(
         statuses(&replies),
