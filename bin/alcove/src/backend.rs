@@ -347,6 +347,27 @@ impl SandboxBackend for NodeBackend {
         })
     }
 
+    fn stored_bytes<'a>(
+        &'a self,
+        sandbox_ids: &'a [String],
+        snapshot_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        let (node, sandboxes, snapshots) = (
+            self.node.clone(),
+            sandbox_ids.to_vec(),
+            snapshot_ids.to_vec(),
+        );
+        Box::pin(async move {
+            // It walks directories: a blocking thread, not the runtime's workers.
+            tokio::task::spawn_blocking(move || node.stored_bytes(&sandboxes, &snapshots))
+                .await
+                .map_err(|e| BackendError::Failed {
+                    op: "stored bytes",
+                    source: Box::new(e),
+                })
+        })
+    }
+
     fn forward<'a>(
         &'a self,
         sandbox_id: &'a str,

@@ -20,8 +20,80 @@ macro_rules! default_listen {
 }
 pub const DEFAULT_LISTEN: &str = default_listen!();
 pub const DEFAULT_API_URL: &str = concat!("http://", default_listen!());
-/// Sandboxes one host runs at once, at most.
+/// Sandboxes one host runs at once, at most, where the host's memory is unknown (the node
+/// commands; the server derives its default from RAM, [`max_vms_for_ram`]).
 pub const DEFAULT_MAX_VMS: usize = 1000;
+/// Memory of a template that does not set its own (`alcove-image`'s recipe default), MiB.
+pub const DEFAULT_SANDBOX_MIB: u64 = 512;
+/// Per-VM cost beyond guest RAM (QEMU, page tables, the agent channel), MiB.
+pub const VM_OVERHEAD_MIB: u64 = 64;
+/// Host memory kept for the host (the server, page cache, the warm pool's bookkeeping), MiB.
+pub const HOST_RESERVE_MIB: u64 = 1024;
+
+/// The default `--max-vms`: as many default-sized sandboxes as fit in the host's total memory
+/// once the host's reserve is set aside, every VM counted at its full RAM plus overhead:
+/// `max(1, (MemTotal - 1 GiB) / (512 MiB + 64 MiB))`. Guest RAM is mapped copy-on-write from
+/// the template, so idle sandboxes use less; this bounds the worst case, all of them touching
+/// all of their memory.
+pub fn max_vms_for_ram(mem_total_kib: u64) -> usize {
+    let mib = mem_total_kib / 1024;
+    (mib.saturating_sub(HOST_RESERVE_MIB) / (DEFAULT_SANDBOX_MIB + VM_OVERHEAD_MIB)).max(1) as usize
+}
+
+/// `MemTotal` of /proc/meminfo in KiB.
+fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The server's default `--max-vms` on this host ([`DEFAULT_MAX_VMS`] when /proc/meminfo
+/// cannot be read).
+pub fn default_max_vms() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .as_deref()
+        .and_then(mem_total_kib)
+        .map(max_vms_for_ram)
+        .unwrap_or(DEFAULT_MAX_VMS)
+}
+
+/// A byte count: a number with an optional K, M, G or T suffix (powers of 1024, `B`/`iB`
+/// allowed after it), e.g. `50G`, `512MiB`, `1073741824`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("`{s}` is not a byte count (e.g. 50G, 512M, 1073741824)"))
+}
+
+/// `--paused-retention`: `None` keeps paused sandboxes until they are killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+/// A duration such as `30d`, `12h` or `90m`; `0` or `never` keeps paused sandboxes forever.
+pub fn parse_retention(s: &str) -> Result<Retention, String> {
+    match s.trim() {
+        "0" | "never" => Ok(Retention(None)),
+        t => humantime::parse_duration(t)
+            .map(|d| Retention(Some(d)))
+            .map_err(|e| format!("`{s}`: {e} (e.g. 30d, 12h, never)")),
+    }
+}
 /// The warm pool's sizes per template (see docs/ARCHITECTURE.md, "Warm pool").
 pub const DEFAULT_WARM_POOL: &str = "base=2,code-interpreter-v1=1";
 
@@ -53,8 +125,20 @@ pub struct ServerOptions {
     #[arg(long, default_value_t = Limits::default().max_timeout.as_secs())]
     pub max_timeout: u64,
     /// Sandboxes one team may run at once.
-    #[arg(long, default_value_t = Limits::default().max_concurrent_sandboxes)]
+    #[arg(long, visible_alias = "team-max-running", default_value_t = Limits::default().max_concurrent_sandboxes)]
     pub max_sandboxes: usize,
+    /// Paused sandboxes one team may keep.
+    #[arg(long, env = "ALCOVE_TEAM_MAX_PAUSED", default_value_t = Limits::default().max_paused_sandboxes)]
+    pub team_max_paused: usize,
+    /// Snapshots one team may keep.
+    #[arg(long, env = "ALCOVE_TEAM_MAX_SNAPSHOTS", default_value_t = Limits::default().max_snapshots)]
+    pub team_max_snapshots: usize,
+    /// Bytes one team's paused sandboxes and snapshots may hold on disk (e.g. 100G).
+    #[arg(long, env = "ALCOVE_TEAM_MAX_STORED", value_parser = parse_bytes, default_value_t = Limits::default().max_stored_bytes)]
+    pub team_max_stored: u64,
+    /// Paused sandboxes older than this are deleted with their saved state (`never`: kept).
+    #[arg(long, env = "ALCOVE_PAUSED_RETENTION", value_parser = parse_retention, default_value = "30d")]
+    pub paused_retention: Retention,
     /// Largest REST request body in bytes (sandbox traffic is not capped).
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -76,9 +160,10 @@ pub struct ServerOptions {
     /// Force the accelerator (kvm or tcg) instead of detecting it.
     #[arg(long, env = "ALCOVE_ACCEL")]
     pub accel: Option<String>,
-    /// Sandboxes this host runs at once, at most.
-    #[arg(long, env = "ALCOVE_MAX_VMS", default_value_t = DEFAULT_MAX_VMS)]
-    pub max_vms: usize,
+    /// Sandboxes this host runs at once, at most (default: from the host's RAM,
+    /// `(MemTotal - 1 GiB) / (512 MiB + 64 MiB)`, at least 1).
+    #[arg(long, env = "ALCOVE_MAX_VMS")]
+    pub max_vms: Option<usize>,
     /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT`, comma-separated; `""`
     /// for none). A create takes a warm one instead of restoring a VM while the caller waits;
     /// each costs an idle VM's memory. See docs/ARCHITECTURE.md, "Warm pool".
@@ -158,6 +243,11 @@ impl ServerOptions {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
 
+    /// `--max-vms`, else the default from the host's RAM.
+    pub fn max_vms(&self) -> usize {
+        self.max_vms.unwrap_or_else(default_max_vms)
+    }
+
     /// The API server's configuration.
     pub fn api(&self) -> alcove_api::ServerConfig {
         alcove_api::ServerConfig {
@@ -176,6 +266,10 @@ impl ServerOptions {
                     max_proxied_streams_per_sandbox: self.max_proxied_streams_per_sandbox,
                     ..ConnectionLimits::default()
                 },
+                max_paused_sandboxes: self.team_max_paused,
+                max_snapshots: self.team_max_snapshots,
+                max_stored_bytes: self.team_max_stored,
+                paused_retention: self.paused_retention.0,
                 ..Limits::default()
             },
         }
@@ -197,7 +291,7 @@ impl ServerOptions {
             data_dir,
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
-            max_sandboxes: self.max_vms,
+            max_sandboxes: self.max_vms(),
             egress: self.egress.config()?,
         })
         .await?;
@@ -315,7 +409,67 @@ mod tests {
         );
         assert_eq!(config.limits.max_body_bytes, lib.max_body_bytes);
         assert_eq!(config.limits.request_timeout, lib.request_timeout);
-        assert_eq!(opts.max_vms, DEFAULT_MAX_VMS);
+        assert_eq!(config.limits.max_paused_sandboxes, lib.max_paused_sandboxes);
+        assert_eq!(config.limits.max_snapshots, lib.max_snapshots);
+        assert_eq!(config.limits.max_stored_bytes, lib.max_stored_bytes);
+        assert_eq!(config.limits.paused_retention, lib.paused_retention);
+        assert_eq!(opts.max_vms(), default_max_vms());
         assert_eq!(opts.warm_pool, DEFAULT_WARM_POOL);
+    }
+
+    #[test]
+    fn max_vms_follows_the_hosts_memory() {
+        // 2 GiB: 1 GiB for the host, one 576 MiB VM.
+        assert_eq!(max_vms_for_ram(2 * 1024 * 1024), 1);
+        // 24 GiB: (24576 - 1024) / 576 = 40.
+        assert_eq!(max_vms_for_ram(24 * 1024 * 1024), 40);
+        // Less than the reserve still allows one.
+        assert_eq!(max_vms_for_ram(512 * 1024), 1);
+        assert_eq!(
+            mem_total_kib("MemFree: 1 kB\nMemTotal:       24683584 kB\n"),
+            Some(24683584)
+        );
+        assert!(default_max_vms() < DEFAULT_MAX_VMS);
+        use clap::Parser;
+        let opts = Server::try_parse_from(["alcove", "--max-vms", "7"])
+            .unwrap()
+            .opts;
+        assert_eq!(opts.max_vms(), 7);
+    }
+
+    #[test]
+    fn quota_flags_parse_sizes_and_durations() {
+        assert_eq!(parse_bytes("50G").unwrap(), 50 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+        assert_eq!(
+            parse_retention("30d").unwrap().0,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(parse_retention("never").unwrap().0, None);
+        use clap::Parser;
+        let opts = Server::try_parse_from([
+            "alcove",
+            "--team-max-running",
+            "3",
+            "--team-max-paused",
+            "2",
+            "--team-max-snapshots",
+            "4",
+            "--team-max-stored",
+            "1G",
+            "--paused-retention",
+            "2h",
+        ])
+        .unwrap()
+        .opts;
+        let l = opts.api().limits;
+        assert_eq!(l.max_concurrent_sandboxes, 3);
+        assert_eq!(l.max_paused_sandboxes, 2);
+        assert_eq!(l.max_snapshots, 4);
+        assert_eq!(l.max_stored_bytes, 1 << 30);
+        assert_eq!(l.paused_retention, Some(Duration::from_secs(7200)));
     }
 }

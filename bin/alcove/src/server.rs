@@ -11,6 +11,9 @@ use crate::config::ServerOptions;
 /// Opens the node, serves the API over it, printing how to point the SDKs at it, and on the way
 /// out kills the warm pool's VMs (they are nobody's sandboxes).
 pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    // Defence in depth: whatever this process or its children (QEMU) create is owner-only,
+    // even where a path is not made by `alcove_node::private` or the store.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     raise_fd_limit();
     let node = opts.node().await?;
     let served = serve(&opts, Arc::new(NodeBackend::new(node.clone())), out).await;

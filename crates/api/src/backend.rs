@@ -195,6 +195,8 @@ pub enum BackendOp {
     Resume,
     Snapshot,
     DeleteSnapshot,
+    /// Bytes stored on the host for paused sandboxes and snapshots (quotas).
+    StoredBytes,
     /// Sandbox traffic to `port` inside the sandbox.
     Forward {
         port: u16,
@@ -219,6 +221,7 @@ impl BackendOp {
             BackendOp::Resume => "resume",
             BackendOp::Snapshot => "snapshot",
             BackendOp::DeleteSnapshot => "delete_snapshot",
+            BackendOp::StoredBytes => "stored_bytes",
             BackendOp::Forward { .. } => "forward",
         }
     }
@@ -314,6 +317,17 @@ pub trait SandboxBackend: Send + Sync + 'static {
                 op: "delete snapshot",
             })
         })
+    }
+
+    /// Bytes on the host's disk held by these paused sandboxes and snapshots (their memory
+    /// images, disk layers and metadata); what is unknown or gone counts 0. The team quota on
+    /// stored bytes ([`crate::Limits::max_stored_bytes`]) is checked against it.
+    fn stored_bytes<'a>(
+        &'a self,
+        _sandbox_ids: &'a [String],
+        _snapshot_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async { Ok(0) })
     }
 
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code

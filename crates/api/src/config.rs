@@ -25,8 +25,22 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// Longest lifetime a create, `/timeout` or `/refreshes` may ask for.
     pub max_timeout: Duration,
-    /// Sandboxes one team may have creating or running at once.
+    /// Sandboxes one team may have creating or running at once (`--max-sandboxes`, alias
+    /// `--team-max-running`). Checked on create, resume (connect, autoResume) and fork, where
+    /// every child counts up front.
     pub max_concurrent_sandboxes: usize,
+    /// Paused sandboxes one team may keep (`--team-max-paused`). Checked on pause; an
+    /// `autoPause` at the end time that would pass it kills the sandbox instead.
+    pub max_paused_sandboxes: usize,
+    /// Snapshots one team may keep, not counting deleted ones (`--team-max-snapshots`).
+    pub max_snapshots: usize,
+    /// Bytes one team's paused sandboxes and snapshots may hold on the host's disk
+    /// (`--team-max-stored`). Checked before a pause, snapshot or fork adds more: the use is
+    /// measured, so one operation may pass it by the size of what it saves.
+    pub max_stored_bytes: u64,
+    /// A paused sandbox older than this is deleted by the reaper, with its saved state
+    /// (`--paused-retention`; `None`: kept until killed).
+    pub paused_retention: Option<Duration>,
     /// Largest JSON body the REST API reads. Proxied sandbox traffic is streamed and not capped.
     pub max_body_bytes: usize,
     /// Deadline for one REST request (not for proxied traffic, which can stream for hours).
@@ -95,6 +109,7 @@ pub struct BackendDeadlines {
     pub resume: Duration,
     pub snapshot: Duration,
     pub delete_snapshot: Duration,
+    pub stored_bytes: Duration,
 }
 
 impl Default for BackendDeadlines {
@@ -114,6 +129,7 @@ impl Default for BackendDeadlines {
             resume: s(120),
             snapshot: s(120),
             delete_snapshot: s(30),
+            stored_bytes: s(30),
         }
     }
 }
@@ -135,6 +151,7 @@ impl BackendDeadlines {
             resume: d,
             snapshot: d,
             delete_snapshot: d,
+            stored_bytes: d,
         }
     }
 }
@@ -158,6 +175,7 @@ impl Limits {
             BackendOp::Resume => b.resume,
             BackendOp::Snapshot => b.snapshot,
             BackendOp::DeleteSnapshot => b.delete_snapshot,
+            BackendOp::StoredBytes => b.stored_bytes,
             BackendOp::Forward { .. } => return None,
         })
     }
@@ -169,6 +187,11 @@ impl Default for Limits {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             max_concurrent_sandboxes: 100,
+            max_paused_sandboxes: 100,
+            max_snapshots: 100,
+            max_stored_bytes: 100 << 30,
+            // E2B keeps a paused sandbox for 30 days.
+            paused_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(30),
             create_timeout: Duration::from_secs(120),

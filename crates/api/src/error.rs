@@ -45,6 +45,13 @@ pub enum ApiError {
     Unsupported { feature: &'static str },
     #[error("sandbox limit reached")]
     SandboxLimit { limit: usize },
+    /// A team quota other than running sandboxes ([`crate::service::Quota`]).
+    #[error("team quota exceeded")]
+    QuotaExceeded {
+        quota: crate::service::Quota,
+        used: u64,
+        limit: u64,
+    },
     #[error("not implemented")]
     NotImplemented { what: &'static str },
     #[error("no capacity")]
@@ -194,8 +201,14 @@ impl ApiError {
                 "sandbox_limit_reached",
                 format!(
                     "This team already has {limit} sandboxes running, the configured maximum. \
-                     Kill sandboxes you no longer need (or wait for their timeout), then retry."
+                     Kill or pause sandboxes you no longer need (or wait for their timeout), \
+                     then retry; or ask the operator to raise --team-max-running."
                 ),
+            ),
+            QuotaExceeded { quota, used, limit } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                quota.code(),
+                quota.message(*used, *limit),
             ),
             NotImplemented { what } => (
                 StatusCode::NOT_IMPLEMENTED,

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub persistence_failures: AtomicU64,
     pub snapshots_created: AtomicU64,
     pub auth_failures: AtomicU64,
+    pub quota_refusals: AtomicU64,
+    pub paused_expired: AtomicU64,
     pub proxy_requests: AtomicU64,
     pub proxy_failures: AtomicU64,
     pub proxy_upgrades: AtomicU64,
@@ -112,7 +114,7 @@ impl Metrics {
                 }
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 15] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             (
                 "alcove_sandboxes_paused_total",
                 "Sandboxes paused (on request or at their end time with autoPause).",
@@ -157,6 +159,16 @@ impl Metrics {
                 "alcove_sandboxes_lost_total",
                 "Sandboxes whose VM vanished.",
                 &self.sandboxes_lost,
+            ),
+            (
+                "alcove_quota_refusals_total",
+                "Operations refused by a team quota.",
+                &self.quota_refusals,
+            ),
+            (
+                "alcove_paused_expired_total",
+                "Paused sandboxes deleted after the retention period.",
+                &self.paused_expired,
             ),
             (
                 "alcove_auth_failures_total",

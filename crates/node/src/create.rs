@@ -68,16 +68,8 @@ impl<V: Vmm> Node<V> {
         opts: CreateOptions,
     ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
         let t0 = Instant::now();
-        let live_count = self
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .filter(|l| l.snapshot().state.is_live())
-            .count();
-        if live_count >= self.cfg.max_sandboxes {
-            return Err(NodeError::Capacity(live_count));
-        }
+        let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
+        let _slot = self.reserve_slot(&id)?;
         let source = match &opts.snapshot {
             None => {
                 let template = self.template(&opts.template)?;
@@ -100,7 +92,6 @@ impl<V: Vmm> Node<V> {
                 }
             }
         };
-        let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
         if !valid_id(&id) {
             return Err(NodeError::Io(
                 id,
@@ -122,7 +113,8 @@ impl<V: Vmm> Node<V> {
             }
         }
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
-        std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
+        crate::private::create_dir(&dir)
+            .map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
         let result = self.create_in(&id, &dir, &source, &opts, t0).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);

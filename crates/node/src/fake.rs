@@ -66,13 +66,13 @@ impl FakeVmm {
             }
         }
         if spec.ram_shared && !spec.ram_file.exists() {
-            std::fs::write(&spec.ram_file, b"fake ram")
+            crate::private::write_file(&spec.ram_file, b"fake ram")
                 .map_err(|e| VmmError::Io(spec.ram_file.display().to_string(), e))?;
         }
         let pid = 10_000_000 + self.host.next_pid.fetch_add(1, Ordering::SeqCst);
         let run_dir = spec.run_dir.clone();
         let pid_file = run_dir.join("qemu.pid");
-        std::fs::write(&pid_file, pid.to_string())
+        crate::private::write_file(&pid_file, pid.to_string().as_bytes())
             .map_err(|e| VmmError::Io(pid_file.display().to_string(), e))?;
         let vm = FakeVm {
             inner: Arc::new(Inner {
@@ -268,7 +268,8 @@ impl Vm for FakeVm {
         if self.exit_reason().is_some() {
             return Err(self.died("snapshot"));
         }
-        std::fs::write(
+        // QEMU writes with the server's umask (077): owner-only, as here.
+        crate::private::write_file(
             state_file,
             format!("fake-state of VM {}", self.inner.pid).as_bytes(),
         )

@@ -19,6 +19,7 @@ mod live;
 mod node;
 mod persist;
 mod pool;
+pub mod private;
 mod reattach;
 mod record;
 pub mod snapshots;

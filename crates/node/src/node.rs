@@ -42,6 +42,9 @@ pub struct NodeConfig<V = QemuVmm> {
 pub struct Node<V: Vmm = QemuVmm> {
     pub(crate) cfg: NodeConfig<V>,
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Live<V>>>>,
+    /// Sandboxes being created or resumed: they hold a `max_sandboxes` slot from the check
+    /// until they are running (or failed), so racing creates and resumes cannot pass the limit.
+    pub(crate) starting: Mutex<std::collections::HashSet<String>>,
     pub(crate) templates: Mutex<HashMap<String, Arc<Template>>>,
     pub(crate) monitors: Mutex<Vec<tokio::task::AbortHandle>>,
     pub(crate) pool: crate::pool::Pool<V::Vm>,
@@ -125,6 +128,28 @@ impl<V: Vmm> Node<V> {
             .expect("templates lock")
             .insert(name.to_string(), t.clone());
         Ok(t)
+    }
+
+    /// Checks the host's limit and takes a slot for `id` in one step, under the sandboxes lock:
+    /// the sandboxes in use are those creating or running, and those starting (a create before
+    /// it is listed, a resume before it runs), each counted once.
+    pub(crate) fn reserve_slot(&self, id: &str) -> Result<Slot<'_, V>, NodeError> {
+        let map = self.sandboxes.lock().expect("sandboxes lock");
+        let mut starting = self.starting.lock().expect("starting lock");
+        let live = map.values().filter(|l| l.snapshot().state.is_live());
+        let in_use = live.count()
+            + starting
+                .iter()
+                .filter(|s| !map.get(*s).is_some_and(|l| l.snapshot().state.is_live()))
+                .count();
+        if in_use >= self.cfg.max_sandboxes {
+            return Err(NodeError::Capacity(in_use));
+        }
+        starting.insert(id.to_owned());
+        Ok(Slot {
+            node: self,
+            id: id.to_owned(),
+        })
     }
 
     pub(crate) fn live(&self, id: &str) -> Result<Arc<Live<V>>, NodeError> {
@@ -237,6 +262,23 @@ impl<V: Vmm> Node<V> {
         Ok((live.snapshot().network, stats))
     }
 
+    /// Bytes on the host's disk (allocated blocks, so sparse files count what they hold) of a
+    /// sandbox's dir (its overlay and, paused, its memory image) and of snapshots' dirs. What is
+    /// gone counts 0. Walks directories: call it from a blocking thread.
+    pub fn stored_bytes(&self, sandbox_ids: &[String], snapshot_ids: &[String]) -> u64 {
+        let mut dirs: Vec<PathBuf> = sandbox_ids
+            .iter()
+            .filter_map(|id| self.live(id).ok().map(|l| l.dir().to_path_buf()))
+            .collect();
+        dirs.extend(
+            snapshot_ids
+                .iter()
+                .filter(|id| valid_id(id))
+                .map(|id| crate::snapshots::snapshot_dir(&self.cfg.data_dir, id)),
+        );
+        dirs.iter().map(|d| allocated_bytes(d)).sum()
+    }
+
     /// The QEMU process of a live sandbox (for tests and metrics).
     pub fn vm(&self, id: &str) -> Result<V::Vm, NodeError> {
         self.live(id)?.vm().ok_or_else(|| NodeError::NotRunning {
@@ -246,7 +288,38 @@ impl<V: Vmm> Node<V> {
     }
 }
 
+/// A `max_sandboxes` slot held while a sandbox starts; released when dropped.
+pub(crate) struct Slot<'a, V: Vmm> {
+    node: &'a Node<V>,
+    id: String,
+}
+
+impl<V: Vmm> Drop for Slot<'_, V> {
+    fn drop(&mut self) {
+        self.node
+            .starting
+            .lock()
+            .expect("starting lock")
+            .remove(&self.id);
+    }
+}
+
 pub(crate) use alcove_guest_contract::error_chain;
+
+/// Allocated bytes under `path` (not following symlinks); 0 for what does not exist.
+pub(crate) fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(path)
+        .map(|rd| rd.flatten().map(|e| allocated_bytes(&e.path())).sum())
+        .unwrap_or(0)
+}
 
 /// Whether `pid` is an Alcove process other than this one (a warm VM's owner).
 pub(crate) fn other_alcove_process_alive(pid: u32) -> bool {

@@ -92,6 +92,10 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let info = live.snapshot();
+        let _slot = match &info.state {
+            SandboxState::Paused { .. } => Some(self.reserve_slot(id)?),
+            _ => None,
+        };
         let SandboxState::Paused { state_sha256, .. } = &info.state else {
             return Err(NodeError::NotPaused {
                 id: id.to_string(),
@@ -191,9 +195,11 @@ impl<V: Vmm> Node<V> {
         let t0 = Instant::now();
         let (info, vm) = live.running_vm(id)?;
         let root = snapshots::snapshots_root(&self.cfg.data_dir);
-        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        crate::private::create_dir_all(&root)
+            .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, snapshot_id);
-        std::fs::create_dir(&sdir).map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
+        crate::private::create_dir(&sdir)
+            .map_err(|e| NodeError::Io(sdir.display().to_string(), e))?;
         let tmp = sdir.join("memory.state.tmp");
         live.stopping.store(true, Ordering::SeqCst);
         // Every page, in the stream format without `x-ignore-shared`: what a VM whose RAM is a
@@ -321,7 +327,8 @@ impl<V: Vmm> Node<V> {
     ) -> Result<String, NodeError> {
         let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
         let run = sdir.join("load");
-        std::fs::create_dir_all(&run).map_err(|e| NodeError::Io(run.display().to_string(), e))?;
+        crate::private::create_dir_all(&run)
+            .map_err(|e| NodeError::Io(run.display().to_string(), e))?;
         let mut spec = alcove_image::build::spec_for(&template.recipe, &run, &template.kernel);
         spec.ram_file = sdir.join(snapshots::RAM);
         spec.ram_shared = true;

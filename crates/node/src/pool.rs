@@ -248,7 +248,8 @@ impl<V: Vmm> Node<V> {
         crate::node::blocking(move || check.verify_state()).await?;
         let vm_id = crate::node::new_sandbox_id();
         let dir = self.config().data_dir.join("sandboxes").join(&vm_id);
-        std::fs::create_dir(&dir).map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
+        crate::private::create_dir(&dir)
+            .map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
         let mut started: Option<V::Vm> = None;
         let result = async {
             let (vm, agent, listeners) = self.restore_pooled(&t, &vm_id, &dir).await?;

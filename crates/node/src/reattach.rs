@@ -31,10 +31,14 @@ impl<V: Vmm> Node<V> {
         net: Arc<dyn HostNetwork>,
     ) -> Result<Arc<Node<V>>, NodeError> {
         let root = cfg.data_dir.join("sandboxes");
-        std::fs::create_dir_all(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        crate::private::create_dir_all(&cfg.data_dir)
+            .map_err(|e| NodeError::Io(cfg.data_dir.display().to_string(), e))?;
+        crate::private::create_dir_all(&root)
+            .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         let node = Arc::new(Node {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            starting: Mutex::default(),
             templates: Mutex::new(HashMap::new()),
             monitors: Mutex::new(Vec::new()),
             pool: Default::default(),

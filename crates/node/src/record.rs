@@ -131,7 +131,7 @@ pub(crate) fn read(dir: &Path) -> Option<SandboxInfo> {
 fn write(dir: &Path, info: &SandboxInfo) -> Result<(), NodeError> {
     let tmp = dir.join("record.json.tmp");
     let path = dir.join("record.json");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(info).expect("serialises"))
+    crate::private::write_file(&tmp, &serde_json::to_vec_pretty(info).expect("serialises"))
         .map_err(|e| NodeError::Io(tmp.display().to_string(), e))?;
     std::fs::rename(&tmp, &path).map_err(|e| NodeError::Io(path.display().to_string(), e))
 }

@@ -72,7 +72,7 @@ pub(crate) fn snapshot_dir(data_dir: &Path, id: &str) -> PathBuf {
 pub(crate) fn write_meta(dir: &Path, meta: &SnapshotMeta) -> Result<(), NodeError> {
     let tmp = dir.join("snapshot.json.tmp");
     let path = dir.join(META);
-    std::fs::write(&tmp, serde_json::to_vec_pretty(meta).expect("serialises"))
+    crate::private::write_file(&tmp, &serde_json::to_vec_pretty(meta).expect("serialises"))
         .map_err(|e| NodeError::Io(tmp.display().to_string(), e))?;
     std::fs::rename(&tmp, &path).map_err(|e| NodeError::Io(path.display().to_string(), e))
 }

@@ -473,3 +473,74 @@ fn every_init_resends_the_access_token() {
     let fresh = crate::create::init_request(&info, true);
     assert_eq!(fresh.access_token.as_deref(), Some("tok"));
 }
+
+/// Every dir and file under `root` that group or others could read or enter.
+fn open_to_others(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let ft = meta.file_type();
+        if (ft.is_dir() || ft.is_file()) && !crate::private::is_private(meta.mode()) {
+            found.push(format!("{} {:o}", p.display(), meta.mode() & 0o7777));
+        }
+        if ft.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_data_dir_and_everything_in_it_are_owner_only_from_the_first_mkdir() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (a, _) = node.create(base()).await.unwrap();
+    let (b, _) = node.create(base()).await.unwrap();
+    node.snapshot(&a.id, "snap1").await.unwrap();
+    node.pause(&b.id).await.unwrap();
+    assert!(node.stored_bytes(std::slice::from_ref(&b.id), &["snap1".to_owned()]) > 0);
+    assert_eq!(node.stored_bytes(&["nope".into()], &["gone".into()]), 0);
+    let open = open_to_others(&f.data);
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+    node.kill(&a.id).await.unwrap();
+    node.kill(&b.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn racing_creates_and_resumes_pass_exactly_the_hosts_limit() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let mut paused = Vec::new();
+    for _ in 0..3 {
+        let (i, _) = node.create(base()).await.unwrap();
+        node.pause(&i.id).await.unwrap();
+        paused.push(i.id);
+    }
+    // 0 of 10 slots used; 12 creates and 3 resumes race for them.
+    let creates = (0..12).map(|_| {
+        let node = node.clone();
+        tokio::spawn(async move { node.create(base()).await.map(|_| ()) })
+    });
+    let resumes = paused.iter().map(|id| {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.resume(&id).await.map(|_| ()) })
+    });
+    let all: Vec<_> = creates.chain(resumes).collect();
+    let mut ok = 0;
+    for h in all {
+        match h.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(NodeError::Capacity(_)) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    let running = node
+        .list()
+        .into_iter()
+        .filter(|s| s.state.is_live())
+        .count();
+    assert_eq!(running, 10);
+}

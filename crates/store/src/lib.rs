@@ -15,6 +15,7 @@ mod migrations;
 mod sandboxes;
 mod snapshots;
 mod templates;
+mod usage;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -29,6 +30,7 @@ pub use sandboxes::{
 };
 pub use snapshots::SnapshotRecord;
 pub use templates::TemplateRecord;
+pub use usage::TeamUsage;
 
 /// The database file name inside the data directory.
 pub const DB_FILE: &str = "alcove.db";
@@ -45,6 +47,8 @@ pub enum StoreError {
     },
     #[error("the database schema (version {found}) is newer than this build understands ({known})")]
     SchemaTooNew { found: usize, known: usize },
+    #[error("making the database file owner-only")]
+    Permissions(#[source] std::io::Error),
     #[error("database query")]
     Query(#[from] rusqlite::Error),
     #[error("sandbox not found")]
@@ -62,6 +66,33 @@ pub enum StoreError {
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Creates the database file owner-only if it is missing, and narrows it and its `-wal` and
+/// `-shm` files to 0600 if they exist wider.
+fn private_db_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mut names = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        names.push(p.into());
+    }
+    for p in names {
+        if let Ok(m) = std::fs::metadata(&p)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The control plane's database. Cheap to share behind an `Arc`.
@@ -71,7 +102,11 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it to the latest schema.
+    /// The file is created 0600 before SQLite opens it (SQLite gives its `-wal` and `-shm`
+    /// files the database's mode), and an existing one open to group or others is narrowed:
+    /// it holds tokens and env var names.
     pub fn open(path: &Path) -> Result<Store> {
+        private_db_file(path).map_err(StoreError::Permissions)?;
         let conn = Connection::open(path).map_err(StoreError::Open)?;
         Self::with_connection(conn, migrations::MIGRATIONS.len())
     }
@@ -152,5 +187,25 @@ mod tests {
         assert_eq!(store.resolve_template("base").unwrap().unwrap().id, "tpl1");
         let events = store.sandbox_events(&sandbox_id).unwrap();
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn the_database_and_its_wal_and_shm_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let store = Store::open(&path).unwrap();
+        store.create_team("admin").unwrap();
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let shm = dir.path().join(format!("{DB_FILE}-shm"));
+        for p in [&path, &wal, &shm] {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // A database an older version left readable is narrowed when opened.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Store::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 }

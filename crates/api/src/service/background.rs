@@ -25,8 +25,13 @@ impl Service {
     /// Starts the end-of-life work (pause with `autoPause`, else kill) of every running sandbox
     /// past its end time, each in its own task: a backend call that hangs on one sandbox holds
     /// up that sandbox alone, until its deadline, and the next tick retries it. A sandbox
-    /// already being worked on is skipped. Returns how many it started on.
+    /// already being worked on is skipped. Then the same for paused sandboxes past their
+    /// retention ([`Service::reap_paused`]). Returns how many it started on.
     pub async fn reap_expired(self: &Arc<Self>) -> usize {
+        self.reap_ended().await + self.reap_paused().await
+    }
+
+    async fn reap_ended(self: &Arc<Self>) -> usize {
         let now = now_ms();
         let ids = match self.db(move |s| s.expired_sandboxes(now)).await {
             Ok(ids) => ids,
@@ -52,7 +57,69 @@ impl Service {
         started
     }
 
+    /// Deletes (kills, with their saved state) paused sandboxes paused longer ago than
+    /// [`Limits::paused_retention`](crate::config::Limits::paused_retention), each in its own
+    /// task like the end-time work. Returns how many it started on.
+    pub async fn reap_paused(self: &Arc<Self>) -> usize {
+        let Some(retention) = self.limits.paused_retention else {
+            return 0;
+        };
+        let cutoff = now_ms() - retention.as_millis() as i64;
+        let ids = match self.db(move |s| s.paused_before(cutoff)).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "reaper: listing expired paused sandboxes");
+                return 0;
+            }
+        };
+        let mut started = 0;
+        for id in ids {
+            let Some(guard) = ReapGuard::claim(self, &id) else {
+                continue;
+            };
+            started += 1;
+            let span = tracing::info_span!("reap", sandbox_id = %id);
+            tokio::spawn(
+                async move {
+                    let reason = "retention: paused longer than the server's paused-sandbox \
+                                  retention (--paused-retention); its saved state was deleted";
+                    match guard.svc.kill_paused(&guard.id, reason).await {
+                        Ok(true) => {
+                            Metrics::inc(&METRICS.paused_expired);
+                            tracing::info!("reaper: deleted a paused sandbox past its retention");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            let code = e.parts().1;
+                            tracing::warn!(
+                                error_code = code,
+                                "reaper: deleting an expired paused sandbox failed, will retry"
+                            );
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        started
+    }
+
+    /// Kills a sandbox if it is still paused (a resume may have won the race); under its op
+    /// lock. `Ok(false)`: it was not paused any more.
+    async fn kill_paused(&self, id: &str, reason: &str) -> Result<bool, ApiError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let id2 = id.to_owned();
+        match self.db(move |s| s.sandbox(&id2)).await? {
+            Some(r) if r.state == StoreState::Paused => {}
+            _ => return Ok(false),
+        }
+        self.kill_record(id, reason).await?;
+        Ok(true)
+    }
+
     async fn reap_one(&self, id: &str, auto_pause: bool) {
+        let mut reason = "timeout: the sandbox reached its end time";
         if auto_pause {
             match self
                 .pause_record(id, "timeout: paused at its end time (autoPause)")
@@ -63,6 +130,14 @@ impl Service {
                     return;
                 }
                 Err(ApiError::AlreadyPaused { .. } | ApiError::SandboxNotFound { .. }) => return,
+                Err(e @ ApiError::QuotaExceeded { .. }) => {
+                    reason = "timeout: autoPause refused by the team's paused-sandbox or \
+                              storage quota, so the sandbox was killed at its end time";
+                    tracing::warn!(
+                        error_code = e.parts().1,
+                        "reaper: pause at timeout refused by a quota, killing"
+                    );
+                }
                 Err(e) => {
                     // A sandbox that cannot be saved is killed rather than left running
                     // forever past its end.
@@ -74,10 +149,7 @@ impl Service {
                 }
             }
         }
-        match self
-            .kill_record(id, "timeout: the sandbox reached its end time")
-            .await
-        {
+        match self.kill_record(id, reason).await {
             Ok(()) => {
                 Metrics::inc(&METRICS.sandboxes_timed_out);
                 tracing::info!("reaper: killed at timeout");

@@ -30,12 +30,14 @@ mod background;
 mod network;
 mod observability;
 mod persistence;
+mod quota;
 mod sandboxes;
 mod snapshots;
 mod templates;
 
 pub use network::network_update;
 pub use observability::LogQuery;
+pub use quota::Quota;
 pub use sandboxes::{ListQuery, ProxyTarget};
 pub use snapshots::MAX_FORK_COUNT;
 
@@ -44,8 +46,11 @@ pub struct Service {
     backend: Arc<dyn SandboxBackend>,
     limits: Limits,
     domain: String,
-    /// Serialises the concurrency check with the insert, so N racing creates cannot all pass.
-    create_lock: tokio::sync::Mutex<()>,
+    /// Serialises quota checks with reservations and with the store writes that settle them
+    /// (`quota.rs`), so N racing creates or resumes cannot all pass.
+    quota_lock: tokio::sync::Mutex<()>,
+    /// Quota use reserved by operations in flight, per team.
+    pending: Arc<quota::Pending>,
     /// One lock per sandbox serialising pause, resume, snapshot and the reaper's actions on it.
     ops: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Sandboxes the reaper is working on: each gets its own task, so one hung backend call
@@ -65,7 +70,8 @@ impl Service {
             backend,
             limits,
             domain,
-            create_lock: tokio::sync::Mutex::new(()),
+            quota_lock: tokio::sync::Mutex::new(()),
+            pending: Arc::default(),
             ops: std::sync::Mutex::new(HashMap::new()),
             reaping: std::sync::Mutex::new(HashSet::new()),
         }

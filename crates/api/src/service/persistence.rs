@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use alcove_store::{SandboxRecord, SandboxState as StoreState, now_ms};
 
+use super::quota::Want;
 use super::{Service, api_error, log_state_change};
 use crate::backend::BackendOp;
 use crate::error::ApiError;
@@ -68,11 +69,9 @@ impl Service {
         lifetime: Duration,
         reason: &str,
     ) -> Result<SandboxRecord, ApiError> {
-        let team = r.team_id.clone();
-        let limit = self.limits.max_concurrent_sandboxes;
-        if self.db(move |s| s.count_active(&team)).await? >= limit {
-            return Err(ApiError::SandboxLimit { limit });
-        }
+        // The slot stays reserved while the backend resumes (up to its deadline) and becomes
+        // the `running` row in the same step.
+        let reservation = self.reserve(&r.team_id, Want::running()).await?;
         let id = r.id.clone();
         if let Err(e) = self
             .call(BackendOp::Resume, &id, self.backend.resume(&id))
@@ -84,7 +83,10 @@ impl Service {
         let end_at = now_ms() + lifetime.as_millis() as i64;
         let (id2, reason2) = (id.clone(), reason.to_owned());
         let rec = self
-            .db(move |s| s.mark_resumed(&id2, end_at, &reason2))
+            .settle(
+                reservation,
+                self.db(move |s| s.mark_resumed(&id2, end_at, &reason2)),
+            )
             .await?;
         Metrics::inc(&METRICS.sandboxes_resumed);
         log_state_change(&id, StoreState::Running, reason);
@@ -141,6 +143,7 @@ impl Service {
         let _guard = lock.lock().await;
         let id2 = id.to_owned();
         let r = self.db(move |s| s.sandbox(&id2)).await?;
+        let team = r.as_ref().map(|r| r.team_id.clone()).unwrap_or_default();
         match r.map(|r| r.state) {
             Some(StoreState::Running) => {}
             Some(StoreState::Paused) => {
@@ -154,6 +157,12 @@ impl Service {
                 });
             }
         }
+        let want = Want {
+            paused: 1,
+            stores: true,
+            ..Want::default()
+        };
+        let reservation = self.reserve(&team, want).await?;
         if let Err(e) = self
             .call(BackendOp::Pause, id, self.backend.pause(id))
             .await
@@ -161,7 +170,8 @@ impl Service {
             Metrics::inc(&METRICS.persistence_failures);
             return Err(api_error(BackendOp::Pause, id, e));
         }
-        self.transition(id, StoreState::Paused, reason).await?;
+        self.settle(reservation, self.transition(id, StoreState::Paused, reason))
+            .await?;
         Metrics::inc(&METRICS.sandboxes_paused);
         Ok(())
     }

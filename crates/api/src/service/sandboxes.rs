@@ -13,6 +13,7 @@ use alcove_store::{
 use tracing::Instrument;
 
 use super::network::{network_update, parse_network};
+use super::quota::{Reservation, Want};
 use super::{Service, api_error, log_state_change, new_sandbox_id, random_token, wire_state};
 use crate::backend::{BackendError, BackendOp, CreateSandbox};
 use crate::error::{ApiError, chain};
@@ -36,6 +37,8 @@ pub(super) struct NewSandboxParams {
     pub(super) public_traffic: Option<bool>,
     pub(super) auto_pause: bool,
     pub(super) auto_resume: bool,
+    /// A running-sandbox slot reserved up front (a fork's children); `None`: reserve one.
+    pub(super) reservation: Option<Reservation>,
 }
 
 /// Filters of the list endpoints, already parsed.
@@ -104,6 +107,7 @@ impl Service {
                 public_traffic,
                 auto_pause,
                 auto_resume,
+                reservation: None,
             },
         )
         .await
@@ -130,6 +134,7 @@ impl Service {
             public_traffic,
             auto_pause,
             auto_resume,
+            reservation,
         } = p;
         let traffic_token = (public_traffic == Some(false)).then(random_token);
         let sandbox_id = new_sandbox_id();
@@ -156,16 +161,13 @@ impl Service {
             timeout_ms: timeout.as_millis() as i64,
             snapshot_id: snapshot_id.clone(),
         };
-        {
-            let _guard = self.create_lock.lock().await;
-            let team = team_id.to_owned();
-            let limit = self.limits.max_concurrent_sandboxes;
-            let active = self.db(move |s| s.count_active(&team)).await?;
-            if active >= limit {
-                return Err(ApiError::SandboxLimit { limit });
-            }
-            self.db(move |s| s.insert_sandbox(&record)).await?;
-        }
+        let reservation = match reservation {
+            Some(r) => r,
+            None => self.reserve(team_id, Want::running()).await?,
+        };
+        // From here the `creating` row counts against the team's running quota.
+        self.settle(reservation, self.db(move |s| s.insert_sandbox(&record)))
+            .await?;
         tracing::info!(
             sandbox_id = %sandbox_id, template_id = %template.id, snapshot_id = ?snapshot_id, team_id,
             env_var_names = ?env_vars.keys().collect::<Vec<_>>(), "creating sandbox"

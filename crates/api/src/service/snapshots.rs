@@ -8,6 +8,7 @@ use alcove_store::{
     SandboxFilter, SandboxRecord, SandboxState as StoreState, SnapshotRecord, StoreError, now_ms,
 };
 
+use super::quota::Want;
 use super::sandboxes::NewSandboxParams;
 use super::{Service, api_error, new_sandbox_id};
 use crate::backend::{BackendError, BackendOp};
@@ -41,6 +42,13 @@ impl Service {
                 });
             }
         };
+        // A fork's implicit snapshot is deleted once its children exist: only the bytes count.
+        let want = Want {
+            snapshots: usize::from(kind == "snapshot"),
+            stores: true,
+            ..Want::default()
+        };
+        let reservation = self.reserve(&r.team_id, want).await?;
         let snapshot_id = new_sandbox_id();
         if let Err(e) = self
             .call(
@@ -65,10 +73,13 @@ impl Service {
             deleted_at: None,
         };
         let rec2 = rec.clone();
-        self.db(move |s| {
-            s.insert_snapshot(&rec2)?;
-            s.set_sandbox_snapshot(&rec2.sandbox_id, &rec2.id)
-        })
+        self.settle(
+            reservation,
+            self.db(move |s| {
+                s.insert_snapshot(&rec2)?;
+                s.set_sandbox_snapshot(&rec2.sandbox_id, &rec2.id)
+            }),
+        )
         .await?;
         Metrics::inc(&METRICS.snapshots_created);
         tracing::info!(sandbox_id = %r.id, snapshot_id = %rec.id, kind, "snapshot taken");
@@ -191,6 +202,11 @@ impl Service {
         }
         let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
         let r = self.live_record(team_id, id).await?;
+        // Every child's slot is reserved before anything is saved: a fork the quota cannot
+        // hold is refused whole, up front.
+        let mut slots = self
+            .reserve_each(team_id, Want::running(), count as usize)
+            .await?;
         // Children keep the parent's egress rules. Read them before the snapshot: a fork that
         // cannot learn them fails (fail closed) instead of starting children with open egress.
         let network = match self
@@ -227,6 +243,7 @@ impl Service {
                 public_traffic: r.traffic_access_token.is_some().then_some(false),
                 auto_pause: r.auto_pause,
                 auto_resume: r.auto_resume,
+                reservation: slots.pop(),
             };
             let team = team_id.to_owned();
             async move { this.create_sandbox(&team, params).await }

@@ -32,6 +32,10 @@ pub struct FakeBackend {
     pub hung: Mutex<HashSet<String>>,
     /// Sandboxes whose egress rules cannot be read (`network` fails).
     pub network_unreadable: Mutex<HashSet<String>>,
+    /// How long a resume takes (quota races).
+    pub resume_delay: Mutex<Duration>,
+    /// Bytes each paused sandbox and each snapshot holds on the fake disk.
+    pub bytes_per_saved_state: std::sync::atomic::AtomicU64,
 }
 
 impl FakeBackend {
@@ -224,6 +228,8 @@ impl SandboxBackend for FakeBackend {
     fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.answer(sandbox_id).await;
+            let delay = *self.resume_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             if !self.vms.lock().unwrap().contains_key(sandbox_id) {
                 return Err(BackendError::SandboxNotFound);
             }
@@ -294,6 +300,23 @@ impl SandboxBackend for FakeBackend {
                 .remove(snapshot_id)
                 .map(|_| ())
                 .ok_or(BackendError::SnapshotNotFound)
+        })
+    }
+
+    fn stored_bytes<'a>(
+        &'a self,
+        sandbox_ids: &'a [String],
+        snapshot_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async move {
+            let paused = self.paused.lock().unwrap();
+            let snaps = self.snapshots.lock().unwrap();
+            let n = sandbox_ids.iter().filter(|id| paused.contains(*id)).count()
+                + snapshot_ids
+                    .iter()
+                    .filter(|id| snaps.contains_key(*id))
+                    .count();
+            Ok(n as u64 * self.bytes_per_saved_state.load(Ordering::SeqCst))
         })
     }
 
