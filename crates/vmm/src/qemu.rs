@@ -553,7 +553,10 @@ impl QemuVm {
                 qmp.execute("migrate_cancel", None, QMP_TIMEOUT).await?;
             }
             if Instant::now() > deadline {
-                return Err(VmmError::Timeout(QMP_TIMEOUT, "an interrupted save to cancel"));
+                return Err(VmmError::Timeout(
+                    QMP_TIMEOUT,
+                    "an interrupted save to cancel",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -414,17 +414,41 @@ fn reset_oom_score() {
     }
 }
 
-/// The kernel's count of OOM kills so far (0 where /proc/vmstat lacks it).
+/// The kernel's count of OOM kills so far: `/proc/vmstat`'s `oom_kill` where the kernel keeps
+/// VM event counters, else the OOM killer's "Killed process" lines in the kernel log (ours is
+/// built without the counters). The log is a ring: a wrapped one can only under-count.
 fn oom_kill_count() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("oom_kill ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
+    let from_vmstat = std::fs::read_to_string("/proc/vmstat").ok().and_then(|s| {
+        s.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|v| v.trim().parse().ok())
         })
-        .unwrap_or(0)
+    });
+    from_vmstat.unwrap_or_else(|| count_oom_kills(&kernel_log()))
+}
+
+/// OOM-killer victims named in kernel log text.
+fn count_oom_kills(log: &[u8]) -> u64 {
+    log.split(|b| *b == b'\n')
+        .filter(|l| l.windows(15).any(|w| w == b"Killed process "))
+        .count() as u64
+}
+
+/// The kernel log buffer as it is now (empty if it cannot be read).
+fn kernel_log() -> Vec<u8> {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer (null, 0) and only returns a length.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    // Bounded: the kernel's ring is at most a few MiB; refuse anything odd.
+    if size <= 0 || size > 16 << 20 {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; size as usize];
+    // SAFETY: `buf` is valid for writes of `size` bytes, and the kernel writes at most that many.
+    let n = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), size) };
+    buf.truncate(n.max(0) as usize);
+    buf
 }
 
 /// Child-side setup between fork and exec: own session (and controlling TTY for a PTY), then
@@ -514,6 +538,9 @@ where
     }
 }
 
+/// Added to the end of a process the kernel's OOM killer most likely ended.
+const OOM_NOTE: &str = " (likely by the kernel's OOM killer: the sandbox ran out of memory; use less memory or create the sandbox from a template with more)";
+
 /// The end event, worded like envd (Go's os.ProcessState) so SDK users see familiar text, with
 /// the cause added when the agent knows it.
 fn end_event(
@@ -534,11 +561,17 @@ fn end_event(
     };
     if let Some(code) = status.code() {
         let text = format!("exit status {code}");
+        // A shell whose child the OOM killer took exits 128 + SIGKILL.
+        let error = match code {
+            0 => None,
+            137 if oom_killed => Some(format!("{text}{OOM_NOTE}")),
+            _ => Some(text.clone()),
+        };
         return EndEvent {
             exit_code: code,
             exited: true,
-            status: text.clone(),
-            error: (code != 0).then_some(text),
+            status: text,
+            error,
         };
     }
     let sig = status.signal().unwrap_or(0);
@@ -550,7 +583,7 @@ fn end_event(
     if sig == api_signal {
         error.push_str(" (sent through process.Process/SendSignal)");
     } else if sig == libc::SIGKILL && oom_killed {
-        error.push_str(" (likely by the kernel's OOM killer: the sandbox ran out of memory)");
+        error.push_str(OOM_NOTE);
     }
     EndEvent {
         exit_code: -1,
@@ -580,4 +613,27 @@ fn signal_name(sig: i32) -> String {
         _ => return format!("signal {sig}"),
     };
     name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn oom_killer_lines_are_counted_from_the_kernel_log() {
+        let log = b"<6>[ 1.0] hello\n<3>[ 9.1] Out of memory: Killed process 321 (python3) total-vm:1kB\n<3>[ 9.9] Memory cgroup out of memory: Killed process 400 (x)\n";
+        assert_eq!(count_oom_kills(log), 2);
+        assert_eq!(count_oom_kills(b""), 0);
+    }
+
+    #[test]
+    fn an_oom_kill_is_named_for_a_killed_process_and_for_its_shell() {
+        let killed = end_event(Ok(ExitStatus::from_raw(libc::SIGKILL)), 0, true);
+        assert!(killed.error.unwrap().contains("out of memory"));
+        let shell = end_event(Ok(ExitStatus::from_raw(137 << 8)), 0, true);
+        assert!(shell.error.unwrap().contains("out of memory"));
+        let plain = end_event(Ok(ExitStatus::from_raw(137 << 8)), 0, false);
+        assert_eq!(plain.error.as_deref(), Some("exit status 137"));
+    }
 }
