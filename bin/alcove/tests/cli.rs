@@ -152,5 +152,8 @@ async fn server_with_require_kvm_refuses_to_start_under_tcg() {
     ])
     .await;
     assert_ne!(code, 0);
-    assert!(err.contains("--require-kvm") && err.contains("KVM"), "{err}");
+    assert!(
+        err.contains("--require-kvm") && err.contains("KVM"),
+        "{err}"
+    );
 }
