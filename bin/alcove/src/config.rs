@@ -171,7 +171,49 @@ pub struct ServerOptions {
     pub warm_pool: String,
     #[command(flatten)]
     pub egress: EgressOptions,
+    /// Refuse to start unless VMs run under hardware KVM: TCG (software emulation) is not a
+    /// security boundary by QEMU's own policy. For production hosts.
+    #[arg(long, env = "ALCOVE_REQUIRE_KVM")]
+    pub require_kvm: bool,
+    #[command(flatten)]
+    pub jail: JailOptions,
 }
+
+/// How QEMU processes are confined (`docs/security.md`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct JailOptions {
+    /// Run QEMU as root, unjailed (its own seccomp filter only). Development and before/after
+    /// measurements only: a guest that escapes QEMU then owns the host.
+    #[arg(long, global = true, env = "ALCOVE_NO_JAIL")]
+    pub no_jail: bool,
+    /// First id of the range jailed VMs run as: `BASE` is the group of their read-only inputs,
+    /// VMs get uid = gid = `BASE+1 ..= BASE+COUNT`. Keep the range free of real accounts.
+    #[arg(long, global = true, env = "ALCOVE_JAIL_UID_BASE", default_value_t = alcove_vmm::jail::DEFAULT_UID_BASE)]
+    pub jail_uid_base: u32,
+    /// How many uids the jail may hand out (at most this many VMs at once).
+    #[arg(long, global = true, env = "ALCOVE_JAIL_UID_COUNT", default_value_t = alcove_vmm::jail::DEFAULT_UID_COUNT)]
+    pub jail_uid_count: u32,
+    /// Start a VM even when its host cgroup caps (CPU, memory, tasks) cannot be applied, instead
+    /// of refusing it; a guest can then use the host's CPUs and memory without limit.
+    #[arg(long, global = true, env = "ALCOVE_ALLOW_UNCAPPED")]
+    pub allow_uncapped: bool,
+}
+
+impl Default for JailOptions {
+    fn default() -> JailOptions {
+        JailOptions {
+            no_jail: false,
+            jail_uid_base: alcove_vmm::jail::DEFAULT_UID_BASE,
+            jail_uid_count: alcove_vmm::jail::DEFAULT_UID_COUNT,
+            allow_uncapped: false,
+        }
+    }
+}
+
+/// What `alcove info` and the server's start say about the accelerator as a security boundary.
+pub const TCG_WARNING: &str = "TCG (software emulation) is not a security boundary by QEMU's own security policy: \
+     a guest exploiting a TCG bug runs code in the QEMU process (jailed, but on this host). \
+     Run untrusted code on hardware KVM; pass --require-kvm on production hosts";
 
 /// Sandbox egress settings of this host (`docs/network.md`).
 #[derive(clap::Args, Clone, Default)]
@@ -284,7 +326,18 @@ impl ServerOptions {
             accel: self.accel.clone(),
             agent_bin: None,
             json: false,
+            jail: self.jail.clone(),
         };
+        let accel = g.accel();
+        if accel.accel == Accel::Tcg {
+            if self.require_kvm {
+                anyhow::bail!(
+                    "--require-kvm is set but VMs would run under TCG ({}); run on a host with hardware KVM (/dev/kvm with kvm_intel or kvm_amd), or drop --require-kvm",
+                    accel.reason
+                );
+            }
+            tracing::warn!(reason = %accel.reason, "{TCG_WARNING}");
+        }
         let pools = alcove_node::parse_warm_pool(&self.warm_pool)
             .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
         let node = alcove_node::Node::open(alcove_node::NodeConfig {
@@ -330,6 +383,8 @@ pub struct Global {
     /// Machine-readable output: one JSON document (or NDJSON events) on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub jail: JailOptions,
 }
 
 impl Global {
@@ -354,7 +409,18 @@ impl Global {
     pub fn vmm(&self) -> QemuVmm {
         let choice = self.accel();
         tracing::info!(accel = choice.accel.as_str(), reason = %choice.reason, "accelerator chosen");
-        QemuVmm::new(choice)
+        let mut vmm = QemuVmm::new(choice).with_jail(alcove_vmm::jail::JailConfig {
+            uid_base: self.jail.jail_uid_base,
+            uid_count: self.jail.jail_uid_count,
+        });
+        vmm.allow_uncapped = self.jail.allow_uncapped;
+        if self.jail.no_jail {
+            tracing::warn!(
+                "--no-jail: QEMU runs as ROOT with every capability and sees the whole host; a guest that escapes QEMU owns this host. For development and measurements only, never with untrusted code"
+            );
+            vmm = vmm.without_jail();
+        }
+        vmm
     }
 
     pub fn agent_bin(&self) -> anyhow::Result<PathBuf> {

@@ -119,10 +119,29 @@ fn main() -> std::process::ExitCode {
             Command::Bench(c) => bench::run(&c.global, c.args).await,
             Command::Info(c) => {
                 let choice = c.global.accel();
+                let boundary = choice.accel == alcove_vmm::Accel::Kvm;
+                let warning = (!boundary).then_some(config::TCG_WARNING);
+                let jail = if c.global.jail.no_jail {
+                    "off (--no-jail): QEMU runs as root".to_string()
+                } else {
+                    format!(
+                        "on: each VM its own uid in {}..={}, minimal mount namespace, no capabilities, no_new_privs, seccomp",
+                        u64::from(c.global.jail.jail_uid_base) + 1,
+                        u64::from(c.global.jail.jail_uid_base) + u64::from(c.global.jail.jail_uid_count)
+                    )
+                };
                 if c.global.json {
-                    println!("{}", serde_json::json!({ "accel": choice.accel.as_str(), "reason": choice.reason }));
+                    println!("{}", serde_json::json!({
+                        "accel": choice.accel.as_str(), "reason": choice.reason,
+                        "security_boundary": boundary, "warning": warning,
+                        "jail": !c.global.jail.no_jail,
+                    }));
                 } else {
                     println!("accelerator: {}\nreason: {}", choice.accel.as_str(), choice.reason);
+                    if let Some(w) = warning {
+                        println!("warning: {w}");
+                    }
+                    println!("jail: {jail}");
                 }
                 Ok(0)
             }

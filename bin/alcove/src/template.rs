@@ -71,7 +71,9 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
             let opts = BuildOptions {
                 cache_dir: g.cache_dir(),
                 agent_bin: g.agent_bin()?,
-                vmm: g.vmm(),
+                // Template builds run trusted recipes and write the template's own files (its
+                // RAM and root file system) where the jail's layout does not reach yet: unjailed.
+                vmm: g.vmm().without_jail(),
                 force,
                 progress,
                 // The template VM's NIC sits on a tap in a namespace of its own, with nothing

@@ -115,3 +115,45 @@ async fn keys_and_client_commands() {
     assert!(doc["error"].as_str().unwrap().contains("401"), "{out}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn info_says_tcg_is_not_a_security_boundary() {
+    let (code, out, err) = alcove(&["info", "--accel", "tcg", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["accel"], "tcg");
+    assert_eq!(v["security_boundary"], false, "{v}");
+    assert!(
+        v["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("not a security boundary") && w.contains("--require-kvm")),
+        "{v}"
+    );
+    let (code, out, err) = alcove(&["info", "--accel", "tcg"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("warning: TCG"), "{out}");
+    assert!(out.contains("jail: on"), "{out}");
+}
+
+#[tokio::test]
+async fn server_with_require_kvm_refuses_to_start_under_tcg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = alcove(&[
+        "server",
+        "--require-kvm",
+        "--accel",
+        "tcg",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--warm-pool",
+        "",
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--require-kvm") && err.contains("KVM"),
+        "{err}"
+    );
+}

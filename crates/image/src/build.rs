@@ -670,6 +670,8 @@ mod tests {
                 reason: String::new(),
             },
             tsc_khz: 2_000_000,
+            jail: None,
+            allow_uncapped: false,
         };
         let recipe = Recipe::builtin("base").unwrap();
         let spec = spec_for(&recipe, Path::new("/"), Path::new("/k/vmlinux"));

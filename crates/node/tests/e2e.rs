@@ -666,3 +666,127 @@ async fn the_access_token_survives_resume_snapshot_and_fork() {
     node.kill(&child.id).await.unwrap();
     node.kill(&a.id).await.unwrap();
 }
+
+/// Asserts that the QEMU `pid` runs jailed: an unprivileged uid/gid, no capabilities in any set,
+/// `no_new_privs`, seccomp on, and a root that holds none of the host's files.
+fn assert_jailed(pid: u32, data: &Path, what: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{what}: no {name} in /proc/{pid}/status"))
+            .trim()
+            .to_string()
+    };
+    for ids in ["Uid", "Gid"] {
+        let v = field(ids);
+        assert!(
+            v.split_whitespace().all(|id| id != "0"),
+            "{what}: {ids} is {v}: QEMU runs as root"
+        );
+    }
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{what}: {caps}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{what}: no_new_privs");
+    assert_eq!(field("Seccomp"), "2", "{what}: seccomp filter");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    assert!(
+        inside(Path::new("/usr/bin")).exists(),
+        "{what}: the jail's root has no /usr (the check below would prove nothing)"
+    );
+    for host in [
+        PathBuf::from("/etc"),
+        PathBuf::from("/home"),
+        PathBuf::from("/proc/1"),
+        PathBuf::from("/root/.bashrc"),
+        data.join("alcove.db"),
+    ] {
+        assert!(
+            !inside(&host).exists(),
+            "{what}: the jailed QEMU sees the host's {}",
+            host.display()
+        );
+    }
+    // Beyond the system's libraries, every file in the jail is a device node of its own, one of
+    // the template's files, or in this data dir (its run dir, a snapshot it restores).
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                files(&e.path(), out);
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&root).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !["usr", "lib", "lib64", "lib32", "libx32"].contains(&name.as_str()) {
+            files(&e.path(), &mut seen);
+        }
+    }
+    let allowed = [PathBuf::from("/dev"), cache_dir(), data.to_path_buf()];
+    for f in &seen {
+        let host = Path::new("/").join(f.strip_prefix(&root).unwrap());
+        assert!(
+            allowed.iter().any(|a| host.starts_with(a)),
+            "{what}: the jail holds the host's {}",
+            host.display()
+        );
+    }
+    let run_dirs: Vec<_> = std::fs::read_dir(inside(&data.join("sandboxes")))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(run_dirs.len(), 1, "{what}: the jail sees {run_dirs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and a built base template; run by scripts/test.sh"]
+async fn qemu_runs_jailed_after_boot_resume_and_snapshot_restore() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let (a, _) = node.create(base()).await.unwrap();
+    let (b, _) = node.create(base()).await.unwrap();
+    let pids = qemu_pids_under(data.path());
+    assert_eq!(pids.len(), 2);
+    for pid in &pids {
+        assert_jailed(*pid, data.path(), "boot");
+    }
+    let uid = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(uid(pids[0]), uid(pids[1]), "two VMs share a uid");
+    node.kill(&b.id).await.unwrap();
+
+    out(&node, &a.id, "echo kept > /home/user/f && sync").await;
+    node.pause(&a.id).await.unwrap();
+    node.resume(&a.id).await.unwrap();
+    assert_eq!(out(&node, &a.id, "cat /home/user/f").await, "kept\n");
+    let pid = qemu_pids_under(data.path())[0];
+    assert_jailed(pid, data.path(), "resume");
+
+    node.snapshot(&a.id, "jailsnap").await.unwrap();
+    let (c, _) = node
+        .create(CreateOptions {
+            snapshot: Some("jailsnap".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(out(&node, &c.id, "cat /home/user/f").await, "kept\n");
+    for pid in qemu_pids_under(data.path()) {
+        assert_jailed(pid, data.path(), "snapshot restore");
+    }
+    node.kill(&a.id).await.unwrap();
+    node.kill(&c.id).await.unwrap();
+}

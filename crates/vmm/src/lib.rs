@@ -14,6 +14,7 @@
 pub mod accel;
 pub mod cgroup;
 pub mod console;
+pub mod jail;
 pub mod qemu;
 pub mod qmp;
 
@@ -154,6 +155,16 @@ pub enum VmmError {
     Timeout(Duration, &'static str),
     #[error("i/o on {0}")]
     Io(String, #[source] std::io::Error),
+    #[error("could not jail the hypervisor")]
+    Jail(#[from] jail::JailError),
+    #[error("could not jail the hypervisor: {0}")]
+    EnterJail(String, #[source] std::io::Error),
+    #[error(
+        "host cgroup limits (CPU, memory, tasks) could not be applied to the VM, so it was not started; \
+         fix cgroup access (cgroup v2 at /sys/fs/cgroup, writable by the server) or pass --allow-uncapped \
+         to run VMs without caps"
+    )]
+    Uncapped(#[source] std::io::Error),
 }
 
 /// A hypervisor that can boot VMs and restore them from snapshots: the seam between the node and

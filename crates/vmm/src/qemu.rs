@@ -3,6 +3,10 @@
 //!
 //! QEMU runs in its own session so that a VM outlives the process that started it (the CLI, or a
 //! server being restarted); [`QemuVmm::attach`] picks a running VM up again from its run dir.
+//!
+//! Every VM runs in a [`Jail`] (own uid, minimal mount namespace, no capabilities) unless the
+//! jail was switched off for development. A jailed QEMU sees only its run dir read-write, so
+//! migration streams for paths elsewhere are written there and moved into place afterwards.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +19,7 @@ use tokio::sync::watch;
 use crate::accel::{Accel, AccelChoice};
 use crate::cgroup::VmCgroup;
 use crate::console::Console;
+use crate::jail::{Jail, JailConfig};
 use crate::qmp::Qmp;
 use crate::{ExitReason, RestoreTimings, Vm, VmSpec, Vmm, VmmError};
 
@@ -28,15 +33,35 @@ pub struct QemuVmm {
     pub binary: PathBuf,
     pub accel: AccelChoice,
     pub tsc_khz: u64,
+    /// `None` runs QEMU unjailed, as root (development only; see [`QemuVmm::without_jail`]).
+    pub jail: Option<Arc<Jail>>,
+    /// Run a VM whose cgroup caps cannot be applied (with a warning) instead of refusing it.
+    pub allow_uncapped: bool,
 }
 
 impl QemuVmm {
+    /// A QEMU driver whose VMs are jailed with the default uid range.
     pub fn new(accel: AccelChoice) -> QemuVmm {
         QemuVmm {
             binary: PathBuf::from("qemu-system-x86_64"),
             accel,
             tsc_khz: crate::accel::host_tsc_khz(),
+            jail: Some(Arc::new(Jail::new(JailConfig::default()))),
+            allow_uncapped: false,
         }
+    }
+
+    /// The same driver jailing with `cfg`'s uid range.
+    pub fn with_jail(mut self, cfg: JailConfig) -> QemuVmm {
+        self.jail = Some(Arc::new(Jail::new(cfg)));
+        self
+    }
+
+    /// The same driver running QEMU as root, unconfined but for its seccomp filter: for
+    /// development and before/after measurements only.
+    pub fn without_jail(mut self) -> QemuVmm {
+        self.jail = None;
+        self
     }
 
     /// The full QEMU argument list for `spec`.
@@ -79,10 +104,18 @@ impl QemuVmm {
             &format!("{}M", spec.mem_mib),
             "-object",
             &format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}{}",
                 spec.mem_mib,
                 spec.ram_file.display(),
-                if spec.ram_shared { "on" } else { "off" }
+                if spec.ram_shared { "on" } else { "off" },
+                // A jailed QEMU may only read a private RAM file (it is mounted read-only): open
+                // it read-only, still mapped as writable private RAM. The same machine as
+                // without (migration streams and template keys do not change).
+                if self.jail.is_some() && !spec.ram_shared {
+                    ",readonly=on,rom=off"
+                } else {
+                    ""
+                }
             ),
             "-nodefaults",
             "-no-user-config",
@@ -141,39 +174,104 @@ impl QemuVmm {
         args
     }
 
-    async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<(QemuVm, Duration), VmmError> {
+    async fn spawn(
+        &self,
+        spec: &VmSpec,
+        incoming: Option<&Path>,
+    ) -> Result<(QemuVm, Duration), VmmError> {
         let t0 = Instant::now();
+        let jail = match &self.jail {
+            Some(jail) => {
+                let ids = jail.allocate()?;
+                match jail.prepare(ids, spec, &self.binary, self.accel.accel, incoming) {
+                    Ok(prepared) => Some((jail.clone(), Arc::new(prepared))),
+                    Err(e) => {
+                        jail.release(ids.uid);
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        let release = |jail: &Option<(Arc<Jail>, Arc<crate::jail::Prepared>)>| {
+            if let Some((j, p)) = jail {
+                j.release(p.ids().uid);
+            }
+        };
+        let result = self.spawn_jailed(spec, incoming, t0, &jail).await;
+        if result.is_err() {
+            release(&jail);
+        }
+        result
+    }
+
+    async fn spawn_jailed(
+        &self,
+        spec: &VmSpec,
+        incoming: Option<&Path>,
+        t0: Instant,
+        jail: &Option<(Arc<Jail>, Arc<crate::jail::Prepared>)>,
+    ) -> Result<(QemuVm, Duration), VmmError> {
         let stderr_path = spec.run_dir.join("qemu.log");
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(|e| VmmError::Io(stderr_path.display().to_string(), e))?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(self.args(spec, incoming))
+        let program = match jail {
+            Some((_, p)) => p.binary().to_path_buf(),
+            None => self.binary.clone(),
+        };
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(self.args(spec, incoming.is_some()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(ns) = &spec.netns {
-            let ns = ns.try_clone().map_err(VmmError::SpawnQemu)?;
-            // SAFETY: setns is async-signal-safe; the fd was duplicated before the fork.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
-            }
-        } else if spec.nic.is_some() {
+        if spec.netns.is_none() && spec.nic.is_some() {
             return Err(VmmError::SpawnQemu(std::io::Error::other(
                 "a VM with a NIC needs a network namespace holding its tap",
             )));
         }
-        let mut child = cmd.spawn().map_err(VmmError::SpawnQemu)?;
+        let ns = match &spec.netns {
+            Some(ns) => Some(ns.try_clone().map_err(VmmError::SpawnQemu)?),
+            None => None,
+        };
+        // Shared with the child, which only reads it.
+        let prepared = jail.as_ref().map(|(_, p)| p.clone());
+        if ns.is_some() || prepared.is_some() {
+            // SAFETY: setns and `Prepared::enter` are raw syscalls on data prepared (and fds
+            // duplicated) before the fork; nothing in the child allocates.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(ns) = &ns {
+                        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(std::io::Error::from)?;
+                    }
+                    if let Some(p) = &prepared {
+                        p.enter()?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| self.spawn_error(spec, e))?;
         let pid = child.id().expect("a just-spawned child has a pid");
-        let cgroup = spec.limits.and_then(|limits| {
-            VmCgroup::apply(&cgroup_name(&spec.run_dir), pid, limits)
-                .inspect_err(|e| tracing::warn!(error = %e, "could not apply host cgroup limits; the VM runs uncapped"))
-                .ok()
-        });
+        let cgroup = match spec.limits {
+            None => None,
+            Some(limits) => match VmCgroup::apply(&cgroup_name(&spec.run_dir), pid, limits) {
+                Ok(c) => Some(c),
+                Err(e) if self.allow_uncapped => {
+                    tracing::warn!(error = %e, "could not apply host cgroup limits; the VM runs uncapped (--allow-uncapped)");
+                    None
+                }
+                Err(e) => {
+                    let _ = child.start_kill();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                    VmCgroup::existing(&cgroup_name(&spec.run_dir)).remove();
+                    return Err(VmmError::Uncapped(e));
+                }
+            },
+        };
+        let jailed_uid = jail.as_ref().map(|(j, p)| (j.clone(), p.ids().uid));
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let reason = match child.wait().await {
@@ -200,9 +298,12 @@ impl QemuVmm {
             if let Some(c) = &cgroup {
                 c.remove();
             }
+            if let Some((j, uid)) = &jailed_uid {
+                j.release(*uid);
+            }
             tx.send_replace(Some(reason));
         });
-        let vm = QemuVm::new(pid, spec.run_dir.clone(), rx);
+        let vm = QemuVm::new(pid, spec.run_dir.clone(), rx, jail.is_some());
         // The console first: the guest's first lines are what explains an early death.
         let console_sock = spec.run_dir.join("console.sock");
         let qmp_sock = spec.run_dir.join("qmp.sock");
@@ -222,12 +323,28 @@ impl QemuVmm {
         let qmp = match qmp {
             Ok(q) => q,
             Err(e) => {
+                // A QEMU dying in start-up resets the QMP socket: report the death and its log.
+                let died = tokio::time::timeout(Duration::from_millis(500), vm.wait_exit())
+                    .await
+                    .ok();
                 vm.kill().await;
-                return Err(e);
+                return Err(match died {
+                    Some(reason) => vm.died("start-up", reason),
+                    None => e,
+                });
             }
         };
         let _ = vm.inner.qmp.set(qmp);
         Ok((vm, t0.elapsed()))
+    }
+
+    /// A failed spawn; when the jail's set-up failed in the child, its step is in `qemu.log`.
+    fn spawn_error(&self, spec: &VmSpec, e: std::io::Error) -> VmmError {
+        let log = std::fs::read_to_string(spec.run_dir.join("qemu.log")).unwrap_or_default();
+        match log.lines().find_map(|l| l.strip_prefix("alcove jail: ")) {
+            Some(step) => VmmError::EnterJail(step.to_string(), e),
+            None => VmmError::SpawnQemu(e),
+        }
     }
 
     /// Re-attaches to a VM started earlier (by another process) from its run dir. Exit is noticed
@@ -247,7 +364,15 @@ impl QemuVmm {
         let (tx, rx) = watch::channel(None);
         let dir = run_dir.to_path_buf();
         let cgroup = VmCgroup::existing(&cgroup_name(run_dir));
+        let jailed = self
+            .jail
+            .as_ref()
+            .and_then(|j| Some((j.clone(), j.adopt(run_dir)?)));
+        let is_jailed = jailed.is_some();
         if !is_our_qemu(pid, &dir) {
+            if let Some((j, uid)) = &jailed {
+                j.release(*uid);
+            }
             cgroup.remove();
             tx.send_replace(Some(ExitReason::Exited {
                 code: None,
@@ -267,10 +392,13 @@ impl QemuVmm {
                     }
                 };
                 cgroup.remove();
+                if let Some((j, uid)) = &jailed {
+                    j.release(*uid);
+                }
                 tx.send_replace(Some(reason));
             });
         }
-        let vm = QemuVm::new(pid, run_dir.to_path_buf(), rx);
+        let vm = QemuVm::new(pid, run_dir.to_path_buf(), rx, is_jailed);
         if vm.exit_reason().is_none() {
             let _ = vm
                 .inner
@@ -280,6 +408,34 @@ impl QemuVmm {
         }
         Ok(vm)
     }
+}
+
+/// The file in a jailed VM's run dir its outgoing migration stream is written to.
+const MIGRATION_OUT: &str = "migration.out";
+
+/// Moves a stream a jailed QEMU wrote to `dest` and makes it the server's (root, 0600). The VM's
+/// uid controlled the file, so it must still be a plain file with one link: never follow
+/// something it could have swapped in (a symlink to a host file).
+fn adopt_stream(out: &Path, dest: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |p: &Path, e| VmmError::Io(p.display().to_string(), e);
+    let m = std::fs::symlink_metadata(out).map_err(|e| io(out, e))?;
+    if !m.file_type().is_file() || m.nlink() != 1 {
+        let _ = std::fs::remove_file(out);
+        return Err(io(
+            out,
+            std::io::Error::other("the VM's migration stream is not a plain file"),
+        ));
+    }
+    if let Err(e) = std::fs::rename(out, dest) {
+        if e.raw_os_error() != Some(libc::EXDEV) {
+            return Err(io(dest, e));
+        }
+        std::fs::copy(out, dest).map_err(|e| io(dest, e))?;
+        let _ = std::fs::remove_file(out);
+    }
+    std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(|e| io(dest, e))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o600)).map_err(|e| io(dest, e))
 }
 
 /// The cgroup of a VM is named after its run dir (the sandbox id).
@@ -319,7 +475,7 @@ impl Vmm for QemuVmm {
     type Vm = QemuVm;
 
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
-        Ok(self.spawn(spec, false).await?.0)
+        Ok(self.spawn(spec, None).await?.0)
     }
 
     async fn restore(
@@ -376,7 +532,7 @@ impl QemuVmm {
         ignore_shared: bool,
     ) -> Result<(QemuVm, RestoreTimings), VmmError> {
         let t0 = Instant::now();
-        let (vm, spawn_to_qmp) = self.spawn(spec, true).await?;
+        let (vm, spawn_to_qmp) = self.spawn(spec, Some(state_file)).await?;
         let result = async {
             let qmp = vm.qmp()?;
             // The capability changes the stream's format: it must match the saving side.
@@ -422,6 +578,8 @@ struct Inner {
     console: Console,
     qmp: tokio::sync::OnceCell<Qmp>,
     exit: watch::Receiver<Option<ExitReason>>,
+    /// QEMU runs in a jail that sees only its run dir (migration streams go through it).
+    jailed: bool,
 }
 
 /// A QEMU process and its control connections. Cloning shares the same VM.
@@ -431,7 +589,12 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
-    fn new(pid: u32, run_dir: PathBuf, exit: watch::Receiver<Option<ExitReason>>) -> QemuVm {
+    fn new(
+        pid: u32,
+        run_dir: PathBuf,
+        exit: watch::Receiver<Option<ExitReason>>,
+        jailed: bool,
+    ) -> QemuVm {
         QemuVm {
             inner: Arc::new(Inner {
                 pid,
@@ -439,6 +602,7 @@ impl QemuVm {
                 console: Console::default(),
                 qmp: tokio::sync::OnceCell::new(),
                 exit,
+                jailed,
             }),
         }
     }
@@ -513,10 +677,23 @@ impl QemuVm {
         let qmp = self.qmp_or_connect().await?;
         set_ignore_shared(qmp, ignore_shared).await?;
         qmp.execute("stop", None, QMP_TIMEOUT).await?;
-        let uri = format!("file:{}", state_file.display());
+        // A jailed QEMU can write only into its run dir: the stream goes there first.
+        let out = if self.inner.jailed {
+            self.inner.run_dir.join(MIGRATION_OUT)
+        } else {
+            state_file.to_path_buf()
+        };
+        if self.inner.jailed {
+            let _ = std::fs::remove_file(&out);
+        }
+        let uri = format!("file:{}", out.display());
         qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
             .await?;
-        self.wait_migration("snapshot").await
+        self.wait_migration("snapshot").await?;
+        if self.inner.jailed {
+            adopt_stream(&out, state_file)?;
+        }
+        Ok(())
     }
 
     /// Stops the vCPUs (the VM keeps its memory).
