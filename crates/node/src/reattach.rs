@@ -78,8 +78,10 @@ impl<V: Vmm> Node<V> {
                             .await
                         {
                             Ok(Ok(())) => {
-                                // The half-written state of the interrupted pause.
+                                // The half-written state of the interrupted pause (and the
+                                // jailed QEMU's stream before the server moves it into place).
                                 let _ = std::fs::remove_file(dir.join("paused.state"));
+                                let _ = std::fs::remove_file(dir.join("migration.out"));
                                 vm = Some(v)
                             }
                             Ok(Err(e)) => {
