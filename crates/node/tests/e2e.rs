@@ -748,6 +748,8 @@ fn assert_jailed(pid: u32, data: &Path, what: &str) {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and a built base template; run by scripts/test.sh"]
 async fn qemu_runs_jailed_after_boot_resume_and_snapshot_restore() {
+    // As `alcove server` runs: everything it creates is owner-only, and the jail still works.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let (data, _reaper) = data_dir();
     let node = node(data.path()).await;
     let (a, _) = node.create(base()).await.unwrap();

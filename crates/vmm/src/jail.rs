@@ -553,6 +553,17 @@ impl Prepared {
     /// namespace: only raw syscalls on prepared data, no allocation. On failure a fixed line naming
     /// the step goes to stderr (QEMU's log) and the errno to the parent.
     pub fn enter(&self) -> std::io::Result<()> {
+        // The server runs with umask 077: the jail's own root dirs must still be 0755, or the
+        // VM's uid could not walk down to its run dir. QEMU gets the server's umask back.
+        // SAFETY: umask only swaps the process's file-mode mask.
+        let umask = unsafe { libc::umask(0) };
+        let entered = self.enter_with_mask();
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        entered
+    }
+
+    fn enter_with_mask(&self) -> std::io::Result<()> {
         if let Some(tap) = &self.tap {
             step(b"tap owner", self.set_tap_owner(tap))?;
         }
