@@ -392,13 +392,38 @@ pub fn router(svc: Arc<Service>) -> Router {
         ))
         .layer(middleware::from_fn(count_request))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
+        .layer(axum::Extension(BodyLimit(limits.max_body_bytes)))
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            refuse_declared_oversize,
+        ));
     api.layer(middleware::from_fn_with_state(
         proxy::ProxyState::new(svc.clone()),
         proxy::dispatch,
     ))
     .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
     .with_state::<()>(svc as AppState)
+}
+
+/// A REST body whose `Content-Length` already passes the limit is refused before any of it is
+/// read: waiting for bytes that may never come would hold the connection until the deadline.
+async fn refuse_declared_oversize(
+    State(limits): State<Limits>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limits.max_body_bytes as u64 => ApiError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        }
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// Every REST request has a deadline; creates get the (longer) create deadline plus slack, so the

@@ -416,3 +416,29 @@ async fn proxied_streams_are_capped_per_sandbox_and_in_total() {
     assert_eq!(r.status, 200, "permits come back when streams end");
     Arc::try_unwrap(s).ok().unwrap().stop().await;
 }
+
+#[tokio::test]
+async fn a_declared_oversize_body_is_refused_before_it_is_sent() {
+    let (_dir, s) = start_with(fast_limits()).await;
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nX-API-KEY: {}\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{{",
+        s.key
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // The 10 GB never come: the answer must not wait for them (nor for the request deadline).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 5 s, without the body");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
