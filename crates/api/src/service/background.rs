@@ -40,21 +40,9 @@ impl Service {
                 return 0;
             }
         };
-        let mut started = 0;
-        for (id, auto_pause) in ids {
-            let Some(guard) = ReapGuard::claim(self, &id) else {
-                continue;
-            };
-            started += 1;
-            let span = tracing::info_span!("reap", sandbox_id = %id);
-            tokio::spawn(
-                async move {
-                    guard.svc.reap_one(&guard.id, auto_pause).await;
-                }
-                .instrument(span),
-            );
-        }
-        started
+        self.spawn_reaps(ids, |svc, id, auto_pause| async move {
+            svc.reap_one(&id, auto_pause).await;
+        })
     }
 
     /// Deletes (kills, with their saved state) paused sandboxes paused longer ago than
@@ -72,31 +60,50 @@ impl Service {
                 return 0;
             }
         };
+        let ids = ids.into_iter().map(|id| (id, ()));
+        self.spawn_reaps(ids, |svc, id, ()| async move {
+            let reason = "retention: paused longer than the server's paused-sandbox \
+                          retention (--paused-retention); its saved state was deleted";
+            match svc.kill_paused(&id, reason).await {
+                Ok(true) => {
+                    Metrics::inc(&METRICS.paused_expired);
+                    tracing::info!("reaper: deleted a paused sandbox past its retention");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let code = e.parts().1;
+                    tracing::warn!(
+                        error_code = code,
+                        "reaper: deleting an expired paused sandbox failed, will retry"
+                    );
+                }
+            }
+        })
+    }
+
+    /// Starts `work` on every sandbox of `items` that no other reap holds, each in its own task
+    /// under a `reap` span, the claim held until the work ends. Returns how many it started on.
+    fn spawn_reaps<T, F, Fut>(
+        self: &Arc<Self>,
+        items: impl IntoIterator<Item = (String, T)>,
+        work: F,
+    ) -> usize
+    where
+        F: Fn(Arc<Service>, String, T) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let mut started = 0;
-        for id in ids {
+        for (id, extra) in items {
             let Some(guard) = ReapGuard::claim(self, &id) else {
                 continue;
             };
             started += 1;
             let span = tracing::info_span!("reap", sandbox_id = %id);
+            let task = work(guard.svc.clone(), guard.id.clone(), extra);
             tokio::spawn(
                 async move {
-                    let reason = "retention: paused longer than the server's paused-sandbox \
-                                  retention (--paused-retention); its saved state was deleted";
-                    match guard.svc.kill_paused(&guard.id, reason).await {
-                        Ok(true) => {
-                            Metrics::inc(&METRICS.paused_expired);
-                            tracing::info!("reaper: deleted a paused sandbox past its retention");
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            let code = e.parts().1;
-                            tracing::warn!(
-                                error_code = code,
-                                "reaper: deleting an expired paused sandbox failed, will retry"
-                            );
-                        }
-                    }
+                    task.await;
+                    drop(guard);
                 }
                 .instrument(span),
             );
