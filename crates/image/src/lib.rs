@@ -15,6 +15,7 @@
 //! in the binary so an installed `alcove` needs no source checkout.
 
 pub mod build;
+pub mod oci;
 pub mod recipe;
 
 pub use build::{BuildOptions, NetnsFactory, Progress, Template, build_template, load_template};

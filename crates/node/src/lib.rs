@@ -9,6 +9,7 @@
 //! sandbox whose VM dies on its own keeps only its record, with the reason, until it is removed.
 //! Called by the `alcove` CLI and by the API server's backend.
 
+pub mod build;
 mod cleanup;
 mod create;
 #[cfg(test)]
