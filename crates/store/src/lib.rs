@@ -9,6 +9,7 @@
 //! `alcove keys` commands. All methods take `&self`; one connection behind a mutex serialises
 //! writers, which is what SQLite does anyway.
 
+mod builds;
 mod keys;
 mod lifecycle;
 mod migrations;
@@ -23,6 +24,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
+pub use builds::{
+    BuildLogRecord, BuildRecord, BuildStatus, MAX_BUILD_LOG_LINES, NameOwner, RequestedBuild,
+    TagRecord,
+};
 pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
 pub use lifecycle::{SandboxState, UnknownState};
 pub use sandboxes::{
@@ -55,6 +60,10 @@ pub enum StoreError {
     SandboxNotFound,
     #[error("snapshot not found")]
     SnapshotNotFound,
+    #[error("template build not found")]
+    BuildNotFound,
+    #[error("template build status change from {from} to {to} is not allowed")]
+    BuildTransition { from: BuildStatus, to: BuildStatus },
     #[error("team not found")]
     TeamNotFound,
     #[error("sandbox state change from {from} to {to} is not allowed")]

@@ -110,6 +110,54 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_by_team ON snapshots(team_id, created_at);
     CREATE INDEX snapshots_by_name ON snapshots(team_id, name, created_at);
     "#,
+    // 5: templates built through the API (issue 14). A team's template is a `templates` row
+    // with `team_id` set whose `build_id` is its newest ready build; builds carry their status,
+    // the request, the node's template key and their log; tags name builds; upload nonces make
+    // signed upload URLs single-use.
+    r#"
+    ALTER TABLE templates ADD COLUMN name TEXT;
+    CREATE TABLE template_builds (
+        id            TEXT PRIMARY KEY,
+        template_id   TEXT NOT NULL,
+        team_id       TEXT NOT NULL REFERENCES teams(id),
+        status        TEXT NOT NULL,
+        spec          TEXT,
+        tags          TEXT NOT NULL,
+        image_key     TEXT,
+        cpu_count     INTEGER NOT NULL,
+        memory_mb     INTEGER NOT NULL,
+        disk_size_mb  INTEGER NOT NULL,
+        reason        TEXT,
+        reason_step   TEXT,
+        stored_bytes  INTEGER NOT NULL DEFAULT 0,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        finished_at   INTEGER,
+        deleted_at    INTEGER
+    );
+    CREATE INDEX template_builds_by_template ON template_builds(template_id, created_at);
+    CREATE INDEX template_builds_by_status ON template_builds(status);
+    CREATE TABLE template_build_logs (
+        build_id  TEXT NOT NULL,
+        seq       INTEGER NOT NULL,
+        at        INTEGER NOT NULL,
+        level     TEXT NOT NULL,
+        step      TEXT,
+        message   TEXT NOT NULL,
+        PRIMARY KEY (build_id, seq)
+    );
+    CREATE TABLE template_tags (
+        template_id  TEXT NOT NULL,
+        tag          TEXT NOT NULL,
+        build_id     TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        PRIMARY KEY (template_id, tag)
+    );
+    CREATE TABLE upload_nonces (
+        nonce       TEXT PRIMARY KEY,
+        expires_at  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.
