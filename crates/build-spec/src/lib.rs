@@ -1,4 +1,8 @@
-//! What a build is asked to do and what it answers: plain data, no behaviour.
+//! The contract of template builds between the control plane (`alcove-api`, which validates E2B's
+//! build requests and keeps build records, logs, uploads and tags) and a node (`alcove-node`,
+//! which runs the steps in builder microVMs and keeps the layer cache and template files): what
+//! a build is asked to do and what it answers. Plain data, no behaviour; both sides depend on it
+//! so neither depends on the other.
 
 use std::path::PathBuf;
 use std::sync::Arc;
