@@ -136,6 +136,18 @@ pub struct ServerOptions {
     /// Bytes one team's paused sandboxes and snapshots may hold on disk (e.g. 100G).
     #[arg(long, env = "ALCOVE_TEAM_MAX_STORED", value_parser = parse_bytes, default_value_t = Limits::default().max_stored_bytes)]
     pub team_max_stored: u64,
+    /// Templates one team may own (built through the API).
+    #[arg(long, env = "ALCOVE_TEAM_MAX_TEMPLATES", default_value_t = Limits::default().max_templates)]
+    pub team_max_templates: usize,
+    /// Bytes one team's built templates may hold on disk (e.g. 50G).
+    #[arg(long, env = "ALCOVE_TEAM_MAX_TEMPLATE_STORAGE", value_parser = parse_bytes, default_value_t = Limits::default().max_template_bytes)]
+    pub team_max_template_storage: u64,
+    /// Largest template file upload (a build's `COPY` archive, e.g. 1G).
+    #[arg(long, env = "ALCOVE_MAX_TEMPLATE_UPLOAD", value_parser = parse_bytes, default_value_t = Limits::default().max_upload_bytes)]
+    pub max_template_upload: u64,
+    /// Longest a template build may take (e.g. 30m).
+    #[arg(long, env = "ALCOVE_BUILD_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub build_timeout: Duration,
     /// Paused sandboxes older than this are deleted with their saved state (`never`: kept).
     #[arg(long, env = "ALCOVE_PAUSED_RETENTION", value_parser = parse_retention, default_value = "30d")]
     pub paused_retention: Retention,
@@ -312,6 +324,10 @@ impl ServerOptions {
                 max_snapshots: self.team_max_snapshots,
                 max_stored_bytes: self.team_max_stored,
                 paused_retention: self.paused_retention.0,
+                max_templates: self.team_max_templates,
+                max_template_bytes: self.team_max_template_storage,
+                max_upload_bytes: self.max_template_upload,
+                build_timeout: self.build_timeout,
                 ..Limits::default()
             },
         }
@@ -479,6 +495,10 @@ mod tests {
         assert_eq!(config.limits.max_snapshots, lib.max_snapshots);
         assert_eq!(config.limits.max_stored_bytes, lib.max_stored_bytes);
         assert_eq!(config.limits.paused_retention, lib.paused_retention);
+        assert_eq!(config.limits.max_templates, lib.max_templates);
+        assert_eq!(config.limits.max_template_bytes, lib.max_template_bytes);
+        assert_eq!(config.limits.max_upload_bytes, lib.max_upload_bytes);
+        assert_eq!(config.limits.build_timeout, lib.build_timeout);
         assert_eq!(opts.max_vms(), default_max_vms());
         assert_eq!(opts.warm_pool, DEFAULT_WARM_POOL);
     }

@@ -29,6 +29,12 @@ pub use axum::body::Body;
 /// A boxed, `Send` future: what every backend method returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The template build contract (`alcove-build-spec`), shared with the node.
+pub use alcove_build_spec::{
+    BuildFailure, BuildFrom, BuildLog, BuildLogEntry, BuildSpec, BuiltTemplate, ImageRegistry,
+    LogLevel as BuildLogLevel, Step, StepKind, StepRef,
+};
+
 /// The in-guest agent's port (E2B's envd protocol) and the code interpreter's, from the guest
 /// contract.
 pub use alcove_guest_contract::{CODE_INTERPRETER_PORT, ENVD_PORT};
@@ -195,6 +201,8 @@ pub enum BackendOp {
     Resume,
     Snapshot,
     DeleteSnapshot,
+    /// Giving back a built template's files.
+    DeleteTemplate,
     /// Bytes stored on the host for paused sandboxes and snapshots (quotas).
     StoredBytes,
     /// Sandbox traffic to `port` inside the sandbox.
@@ -221,6 +229,7 @@ impl BackendOp {
             BackendOp::Resume => "resume",
             BackendOp::Snapshot => "snapshot",
             BackendOp::DeleteSnapshot => "delete_snapshot",
+            BackendOp::DeleteTemplate => "delete_template",
             BackendOp::StoredBytes => "stored_bytes",
             BackendOp::Forward { .. } => "forward",
         }
@@ -333,6 +342,34 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code
     /// interpreter ([`CODE_INTERPRETER_PORT`]) or any port a process listens on. The request's
     /// URI is origin-form (path and query); bodies stream in both directions.
+    /// Runs a template build: every step inside builder microVMs, never on the host (see
+    /// `alcove_build_spec`). Answers the new template's key, which [`CreateSandbox::template_id`]
+    /// then accepts, or the step that failed. Called from the API's build task under the build's
+    /// own deadline ([`BuildSpec::deadline`]), not a per-operation one.
+    fn build_template(
+        &self,
+        _spec: BuildSpec,
+        _log: BuildLog,
+    ) -> BoxFuture<'_, Result<BuiltTemplate, BuildFailure>> {
+        Box::pin(async {
+            Err(BuildFailure {
+                step: StepRef::Base,
+                message: "this server's backend does not build templates".into(),
+            })
+        })
+    }
+
+    /// Gives back a built template (`key` from [`SandboxBackend::build_template`]): no new
+    /// sandbox is made from it, and its files go once no sandbox, paused sandbox or snapshot
+    /// needs them (running sandboxes keep running).
+    fn delete_template<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async {
+            Err(BackendError::Unsupported {
+                op: "delete_template",
+            })
+        })
+    }
+
     fn forward<'a>(
         &'a self,
         sandbox_id: &'a str,

@@ -41,6 +41,19 @@ pub struct Limits {
     /// A paused sandbox older than this is deleted by the reaper, with its saved state
     /// (`--paused-retention`; `None`: kept until killed).
     pub paused_retention: Option<Duration>,
+    /// Templates one team may own (`--team-max-templates`). Checked when a build of a new name is
+    /// requested.
+    pub max_templates: usize,
+    /// Bytes one team's built templates may hold (`--team-max-template-storage`). Checked when a
+    /// build starts; measured, so the build that passes it is kept.
+    pub max_template_bytes: u64,
+    /// Largest template file upload (`--max-template-upload`). Uploads are exempt from
+    /// `max_body_bytes` and `request_timeout`; they have this cap and `upload_timeout`.
+    pub max_upload_bytes: u64,
+    /// Deadline for one upload, and for the gap between two of its chunks (a tenth of it).
+    pub upload_timeout: Duration,
+    /// Deadline for one template build, from its start (`--build-timeout`).
+    pub build_timeout: Duration,
     /// Largest JSON body the REST API reads. Proxied sandbox traffic is streamed and not capped.
     pub max_body_bytes: usize,
     /// Deadline for one REST request (not for proxied traffic, which can stream for hours).
@@ -175,6 +188,7 @@ impl Limits {
             BackendOp::Resume => b.resume,
             BackendOp::Snapshot => b.snapshot,
             BackendOp::DeleteSnapshot => b.delete_snapshot,
+            BackendOp::DeleteTemplate => b.delete_snapshot,
             BackendOp::StoredBytes => b.stored_bytes,
             BackendOp::Forward { .. } => return None,
         })
@@ -192,6 +206,11 @@ impl Default for Limits {
             max_stored_bytes: 100 << 30,
             // E2B keeps a paused sandbox for 30 days.
             paused_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            max_templates: 50,
+            max_template_bytes: 100 << 30,
+            max_upload_bytes: 1 << 30,
+            upload_timeout: Duration::from_secs(3600),
+            build_timeout: Duration::from_secs(30 * 60),
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(30),
             create_timeout: Duration::from_secs(120),

@@ -117,6 +117,26 @@ pub enum ApiError {
     /// The listener already serves its maximum number of connections.
     #[error("too many connections")]
     TooManyConnections { limit: usize },
+    // Template builds.
+    #[error("template name taken")]
+    TemplateNameTaken { name: String, by_host: bool },
+    #[error("template build not found")]
+    BuildNotFound {
+        template_id: String,
+        build_id: String,
+    },
+    #[error("template build already started")]
+    BuildAlreadyStarted { build_id: String, status: String },
+    #[error("template has no ready build")]
+    TemplateNotReady { template: String },
+    #[error("template belongs to another team")]
+    TemplateNotOwned { template: String },
+    #[error("template tag not found")]
+    TagNotFound { template: String, tag: String },
+    #[error("upload URL rejected")]
+    UploadRejected { reason: &'static str },
+    #[error("upload too large")]
+    UploadTooLarge { limit: u64 },
     /// Too many proxied requests open at once, for one sandbox or for the whole server.
     #[error("too many open sandbox streams")]
     TooManyStreams {
@@ -417,6 +437,83 @@ impl ApiError {
                 format!(
                     "The server already has {limit} sandbox requests open, its configured \
                      maximum. Retry in a few seconds."
+                ),
+            ),
+            TemplateNameTaken { name, by_host: true } => (
+                StatusCode::CONFLICT,
+                "template_name_taken",
+                format!(
+                    "'{name}' is one of the host's own templates and cannot be rebuilt through \
+                     the API. Build from it (`Template().from_template(\"{name}\")`) under another \
+                     name."
+                ),
+            ),
+            TemplateNameTaken { name, by_host: false } => (
+                StatusCode::CONFLICT,
+                "template_name_taken",
+                format!(
+                    "The template name '{name}' belongs to another team. Choose another name."
+                ),
+            ),
+            BuildNotFound {
+                template_id,
+                build_id,
+            } => (
+                StatusCode::NOT_FOUND,
+                "build_not_found",
+                format!(
+                    "Template '{template_id}' of this team has no build '{build_id}'. Request a \
+                     build with POST /v3/templates and use the templateID and buildID it returns."
+                ),
+            ),
+            BuildAlreadyStarted { build_id, status } => (
+                StatusCode::CONFLICT,
+                "build_already_started",
+                format!(
+                    "Build '{build_id}' was already started (it is {status}); a build runs once. \
+                     Request a new build with POST /v3/templates."
+                ),
+            ),
+            TemplateNotReady { template } => (
+                StatusCode::BAD_REQUEST,
+                "template_not_ready",
+                format!(
+                    "Template '{template}' has no successful build yet. Wait for its build to \
+                     finish (GET /templates/{{templateID}}/builds/{{buildID}}/status), or fix and \
+                     rebuild it if it failed."
+                ),
+            ),
+            TemplateNotOwned { template } => (
+                StatusCode::FORBIDDEN,
+                "template_forbidden",
+                format!(
+                    "Template '{template}' exists but belongs to another team; only that team \
+                     can use or change it. Build your own under another name."
+                ),
+            ),
+            TagNotFound { template, tag } => (
+                StatusCode::NOT_FOUND,
+                "tag_not_found",
+                format!(
+                    "Template '{template}' has no tag '{tag}'. List its tags with \
+                     GET /templates/{{templateID}}/tags."
+                ),
+            ),
+            UploadRejected { reason } => (
+                StatusCode::FORBIDDEN,
+                "upload_url_rejected",
+                format!(
+                    "This upload URL cannot be used: {reason}. Ask for a new one with \
+                     GET /templates/{{templateID}}/files/{{hash}}."
+                ),
+            ),
+            UploadTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload_too_large",
+                format!(
+                    "The uploaded archive passes the limit of {limit} bytes. Copy fewer files \
+                     (use .dockerignore or ignore patterns), or ask the operator to raise \
+                     --max-template-upload."
                 ),
             ),
             // "was not found" is the phrase the SDKs match to raise SandboxNotRunningException.

@@ -27,8 +27,10 @@ pub mod server;
 pub mod service;
 
 pub use backend::{
-    BackendError, BackendOp, Body, BoxFuture, CreateSandbox, LiveSandbox, LogLevel, LogLine,
-    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
+    BackendError, BackendOp, Body, BoxFuture, BuildFailure, BuildFrom, BuildLog, BuildLogEntry,
+    BuildLogLevel, BuildSpec, BuiltTemplate, CreateSandbox, ImageRegistry, LiveSandbox, LogLevel,
+    LogLine, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, Step, StepKind, StepRef,
+    TemplateInfo, WarmPool,
 };
 pub use config::{BackendDeadlines, ConnectionLimits, Limits, ServerConfig};
 pub use error::ApiError;

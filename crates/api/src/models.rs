@@ -428,6 +428,8 @@ pub struct TemplateBuild {
     pub created_at: String,
     #[serde(rename = "updatedAt")]
     pub updated_at: String,
+    #[serde(rename = "finishedAt", skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
     #[serde(rename = "cpuCount")]
     pub cpu_count: u32,
     #[serde(rename = "memoryMB")]
@@ -544,4 +546,182 @@ mod tests {
         assert!(serde_json::from_str::<NewSandbox>(r#"{"templateId":"base"}"#).is_err());
         assert!(serde_json::from_str::<NewSandbox>(r#"{"templateID":"b","tmeout":1}"#).is_err());
     }
+}
+
+// ---- Template builds (E2B's `Template` build API, SDK v2) ----
+
+/// Body of `POST /v3/templates`: a new build of the team's template `name` (made if missing).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBuildRequestV3 {
+    /// The template's name (what `Sandbox.create(name)` takes).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Older SDKs send the name as `alias`.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Tags the build gets once ready (`name:tag`); `default` when none.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// Ignored: the key's team is used.
+    #[serde(default, rename = "teamID")]
+    pub team_id: Option<String>,
+    #[serde(default, rename = "cpuCount")]
+    pub cpu_count: Option<u32>,
+    #[serde(default, rename = "memoryMB")]
+    pub memory_mb: Option<u32>,
+    /// Accepted; the disk is the parent's size (see docs/templates.md).
+    #[serde(default, rename = "minFreeDiskMb")]
+    pub min_free_disk_mb: Option<u32>,
+}
+
+/// Answer of `POST /v3/templates` (202).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateRequestResponseV3 {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub public: bool,
+    pub names: Vec<String>,
+    pub tags: Vec<String>,
+    pub aliases: Vec<String>,
+}
+
+/// Answer of `GET /templates/{templateID}/files/{hash}` (201).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuildFileUpload {
+    /// The team already uploaded these files: no upload needed.
+    pub present: bool,
+    /// Where to `PUT` the tar archive. The URL authenticates itself (signed, expiring,
+    /// single-use): send no API key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// One step of a build request (E2B `TemplateStep`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateStep {
+    /// `RUN`, `COPY`, `ENV`, `WORKDIR` or `USER`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    /// For `COPY`: the hash the files were uploaded under.
+    #[serde(default, rename = "filesHash")]
+    pub files_hash: Option<String>,
+    /// Rebuild this step (and the ones after it) without the cache.
+    #[serde(default)]
+    pub force: Option<bool>,
+    /// Sent by the SDKs for `COPY`; uploads decide it, the build ignores it.
+    #[serde(default, rename = "forceUpload")]
+    pub force_upload: Option<bool>,
+}
+
+/// `fromImageRegistry`: credentials for a private registry.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct FromImageRegistry {
+    /// `registry` (user name and password); `aws` and `gcp` are refused.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Body of `POST /v2/templates/{templateID}/builds/{buildID}` (E2B `TemplateBuildStartV2`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBuildStartV2 {
+    #[serde(default, rename = "fromImage")]
+    pub from_image: Option<String>,
+    #[serde(default, rename = "fromTemplate")]
+    pub from_template: Option<String>,
+    #[serde(default, rename = "fromImageRegistry")]
+    pub from_image_registry: Option<FromImageRegistry>,
+    #[serde(default)]
+    pub force: Option<bool>,
+    #[serde(default)]
+    pub steps: Option<Vec<TemplateStep>>,
+    #[serde(default, rename = "startCmd")]
+    pub start_cmd: Option<String>,
+    #[serde(default, rename = "readyCmd")]
+    pub ready_cmd: Option<String>,
+}
+
+/// One build log line (E2B `BuildLogEntry`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildLogEntry {
+    pub timestamp: String,
+    pub message: String,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// `base`, a 1-based step index, or `finalize`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// Why a build failed (E2B `BuildStatusReason`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildStatusReason {
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The failed step's last log lines.
+    #[serde(rename = "logEntries")]
+    pub log_entries: Vec<BuildLogEntry>,
+}
+
+/// Answer of `GET /templates/{templateID}/builds/{buildID}/status` (E2B `TemplateBuildInfo`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuildInfo {
+    /// The same lines as `logEntries`, as text (older SDKs read these).
+    pub logs: Vec<String>,
+    #[serde(rename = "logEntries")]
+    pub log_entries: Vec<BuildLogEntry>,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// `waiting`, `building`, `ready` or `error`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BuildStatusReason>,
+}
+
+/// Body of `POST /templates/tags`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignTemplateTagsRequest {
+    /// `name:tag` (or `name`, its newest build) of the build to tag.
+    pub target: String,
+    pub tags: Vec<String>,
+}
+
+/// Answer of `POST /templates/tags` (201).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AssignedTemplateTags {
+    pub tags: Vec<String>,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+}
+
+/// Body of `DELETE /templates/tags`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTemplateTagsRequest {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+/// One tag of a template (E2B `TemplateTag`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateTag {
+    pub tag: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
 }

@@ -83,13 +83,23 @@ impl Server {
             .domain
             .clone()
             .unwrap_or_else(|| format!("localhost:{}", local_addr.port()));
-        let svc = Arc::new(Service::new(store, backend, config.limits.clone(), domain));
+        let files = crate::service::TemplateFiles::open(
+            config.data_dir.join("template-files"),
+            &config.data_dir.join("upload.key"),
+        )
+        .map_err(|e| ServeError::CreateDataDir(config.data_dir.join("upload.key"), e))?;
+        let svc = Arc::new(
+            Service::new(store, backend, config.limits.clone(), domain).with_template_files(files),
+        );
         match svc.sync_templates().await {
             Ok(n) => tracing::info!(templates = n, "templates synced from the backend"),
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "template sync failed; using stored templates")
             }
         }
+        svc.interrupt_builds()
+            .await
+            .map_err(|_| ServeError::Reconcile)?;
         svc.reconcile().await.map_err(|_| ServeError::Reconcile)?;
         Ok(Server {
             listener,
@@ -371,6 +381,21 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/default-templates", get(t::defaults))
         .route("/templates/{templateID}", get(t::get).delete(t::delete))
         .route("/templates/aliases/{alias}", get(t::alias))
+        .route("/v3/templates", post(t::request_build))
+        .route("/templates/{templateID}/files/{hash}", get(t::file_link))
+        .route(
+            "/v2/templates/{templateID}/builds/{buildID}",
+            post(t::start_build),
+        )
+        .route(
+            "/templates/{templateID}/builds/{buildID}/status",
+            get(t::build_status),
+        )
+        .route(
+            "/templates/tags",
+            post(t::assign_tags).delete(t::remove_tags),
+        )
+        .route("/templates/{templateID}/tags", get(t::tags))
         .route(
             "/alcove/v1/sandboxes/{sandboxID}",
             get(extensions::sandbox_record),
@@ -397,12 +422,18 @@ pub fn router(svc: Arc<Service>) -> Router {
             limits.clone(),
             refuse_declared_oversize,
         ));
-    api.layer(middleware::from_fn_with_state(
-        proxy::ProxyState::new(svc.clone()),
-        proxy::dispatch,
-    ))
-    .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
-    .with_state::<()>(svc as AppState)
+    // Template file uploads stream up to their own cap under their own deadline
+    // (`upload_template_file`), outside the REST body limit and request deadline.
+    let uploads = Router::new()
+        .route("/alcove/v1/template-files/{token}", put(t::upload))
+        .layer(DefaultBodyLimit::disable());
+    api.merge(uploads)
+        .layer(middleware::from_fn_with_state(
+            proxy::ProxyState::new(svc.clone()),
+            proxy::dispatch,
+        ))
+        .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
+        .with_state::<()>(svc as AppState)
 }
 
 /// A REST body whose `Content-Length` already passes the limit is refused before any of it is

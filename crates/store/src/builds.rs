@@ -298,9 +298,8 @@ impl Store {
             )
             .optional()?
             .ok_or(StoreError::BuildNotFound)?;
-        let from = BuildStatus::parse(&from).ok_or_else(|| {
-            StoreError::Corrupt(format!("unknown build status `{from}`").into())
-        })?;
+        let from = BuildStatus::parse(&from)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown build status `{from}`").into()))?;
         if !from.can_become(to) {
             return Err(StoreError::BuildTransition { from, to });
         }

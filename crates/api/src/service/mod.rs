@@ -7,7 +7,7 @@
 //! - `sandboxes` (create, get, list, kill, timeouts, refreshes, network) and `network` (egress
 //!   rule parsing), `persistence` (pause, resume, connect, auto-resume for traffic),
 //!   `snapshots` (snapshots, forks, the tree), `observability` (metrics, logs, warm pools),
-//!   `templates`, and `background` (reaper, liveness, reconcile at startup).
+//!   `templates`, `builds` (template builds, uploads, tags), and `background` (reaper, liveness, reconcile at startup).
 //!
 //! Handlers extract and validate, call one method here, and map the result. Every store call
 //! runs on the blocking pool; every backend call goes through [`Service::call`], which applies
@@ -27,6 +27,7 @@ use crate::metrics::{METRICS, Metrics};
 use crate::models::{self, CLIENT_ID};
 
 mod background;
+mod builds;
 mod network;
 mod observability;
 mod persistence;
@@ -35,6 +36,7 @@ mod sandboxes;
 mod snapshots;
 mod templates;
 
+pub use builds::TemplateFiles;
 pub use network::network_update;
 pub use observability::LogQuery;
 pub use quota::Quota;
@@ -56,6 +58,10 @@ pub struct Service {
     /// Sandboxes the reaper is working on: each gets its own task, so one hung backend call
     /// delays that sandbox alone.
     reaping: std::sync::Mutex<HashSet<String>>,
+    /// Template uploads and their URL key; `None` (no data directory) refuses builds.
+    template_files: Option<TemplateFiles>,
+    /// One lock per template: its builds run one at a time, in order.
+    build_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Service {
@@ -74,7 +80,15 @@ impl Service {
             pending: Arc::default(),
             ops: std::sync::Mutex::new(HashMap::new()),
             reaping: std::sync::Mutex::new(HashSet::new()),
+            template_files: None,
+            build_locks: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Enables template builds: uploads under `files.dir`.
+    pub fn with_template_files(mut self, files: TemplateFiles) -> Self {
+        self.template_files = Some(files);
+        self
     }
 
     fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -23,6 +23,10 @@ pub enum Quota {
     Paused,
     Snapshots,
     StoredBytes,
+    /// Templates a team owns (checked when a build of a new name is requested).
+    Templates,
+    /// Bytes a team's built templates take (checked when a build starts).
+    TemplateBytes,
 }
 
 impl Quota {
@@ -32,6 +36,8 @@ impl Quota {
             Quota::Paused => "paused_sandbox_quota_exceeded",
             Quota::Snapshots => "snapshot_quota_exceeded",
             Quota::StoredBytes => "storage_quota_exceeded",
+            Quota::Templates => "template_quota_exceeded",
+            Quota::TemplateBytes => "template_storage_quota_exceeded",
         }
     }
 
@@ -52,6 +58,16 @@ impl Quota {
                 "This team's paused sandboxes and snapshots hold {used} bytes on disk; the \
                  limit is {limit}. Kill paused sandboxes or delete snapshots you no longer \
                  need, then retry; or ask the operator to raise --team-max-stored."
+            ),
+            Quota::Templates => format!(
+                "This team has {used} templates; the limit is {limit}. Delete templates you no \
+                 longer need (DELETE /templates/{{templateID}}), or build under an existing name; \
+                 or ask the operator to raise --team-max-templates."
+            ),
+            Quota::TemplateBytes => format!(
+                "This team's templates hold {used} bytes on disk; the limit is {limit}. Delete \
+                 templates or tags you no longer need, then retry; or ask the operator to raise \
+                 --team-max-template-storage."
             ),
         }
     }

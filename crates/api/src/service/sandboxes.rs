@@ -26,6 +26,9 @@ const FALLBACK_ENVD_VERSION: &str = "0.2.0";
 /// What a new sandbox is made from and how, after validation.
 pub(super) struct NewSandboxParams {
     pub(super) template: TemplateRecord,
+    /// What the backend creates from: a host template's id or a built template's key (ignored
+    /// with a snapshot).
+    pub(super) backend_template: String,
     pub(super) alias: Option<String>,
     pub(super) snapshot_id: Option<String>,
     pub(super) timeout: Duration,
@@ -81,22 +84,24 @@ impl Service {
         let (public_traffic, network) = parse_network(&req.network, req.allow_internet_access)?;
         let (t, name) = (team_id.to_owned(), req.template_id.clone());
         let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
-        let (template, alias, snapshot_id) = match snapshot {
-            Some(snap) => (
-                self.resolve_template(&snap.template_id).await?,
-                None,
-                Some(snap.id),
-            ),
+        let (template, alias, snapshot_id, backend_template) = match snapshot {
+            Some(snap) => {
+                let template = self.resolve_template(&snap.template_id).await?;
+                let id = template.id.clone();
+                (template, None, Some(snap.id), id)
+            }
             None => {
-                let template = self.resolve_template(&req.template_id).await?;
+                let (template, backend_id) =
+                    self.resolve_for_create(team_id, &req.template_id).await?;
                 let alias = (template.id != req.template_id).then(|| req.template_id.clone());
-                (template, alias, None)
+                (template, alias, None, backend_id)
             }
         };
         self.create_sandbox(
             team_id,
             NewSandboxParams {
                 template,
+                backend_template,
                 alias,
                 snapshot_id,
                 timeout,
@@ -124,6 +129,7 @@ impl Service {
     ) -> Result<models::Sandbox, ApiError> {
         let NewSandboxParams {
             template,
+            backend_template,
             alias,
             snapshot_id,
             timeout,
@@ -178,7 +184,7 @@ impl Service {
         let this = self.clone();
         let backend_req = CreateSandbox {
             sandbox_id: sandbox_id.clone(),
-            template_id: template.id.clone(),
+            template_id: backend_template,
             env_vars,
             metadata,
             envd_access_token: Some(token.clone()),

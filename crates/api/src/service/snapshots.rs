@@ -233,6 +233,7 @@ impl Service {
             let this = self.clone();
             let params = NewSandboxParams {
                 template: template.clone(),
+                backend_template: template.id.clone(),
                 alias: r.alias.clone(),
                 snapshot_id: Some(snap.id.clone()),
                 timeout: lifetime,

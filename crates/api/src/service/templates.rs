@@ -63,36 +63,90 @@ impl Service {
             })
     }
 
+    /// The host's templates and the team's own, each with its newest build's status.
     pub async fn templates(&self, team_id: &str) -> Result<Vec<models::Template>, ApiError> {
         let team = team_id.to_owned();
-        let list = self.db(move |s| s.templates(Some(&team))).await?;
-        Ok(list.iter().map(template_view).collect())
+        let list = self
+            .db(move |s| {
+                let mut out = Vec::new();
+                for t in s.templates(Some(&team))? {
+                    let builds = match t.team_id {
+                        Some(_) => s.builds_of_template(&t.id)?,
+                        None => Vec::new(),
+                    };
+                    out.push((t, builds));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(list.iter().map(|(t, b)| template_view(t, b)).collect())
     }
 
-    pub async fn template(&self, id: &str) -> Result<models::TemplateWithBuilds, ApiError> {
+    /// A template the team can see (the host's, its own, or a public one), with its builds.
+    pub async fn template(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<models::TemplateWithBuilds, ApiError> {
         let t = self.resolve_template(id).await?;
-        let view = template_view(&t);
-        let build = models::TemplateBuild {
-            build_id: view.build_id.clone(),
-            status: "ready".into(),
-            created_at: view.created_at.clone(),
-            updated_at: view.updated_at.clone(),
-            cpu_count: t.cpu_count,
-            memory_mb: t.memory_mb,
-            disk_size_mb: t.disk_size_mb,
-            envd_version: t.envd_version.clone(),
+        if t.team_id.as_deref().is_some_and(|o| o != team_id) && !t.public {
+            return Err(ApiError::TemplateNotFound {
+                template: id.to_owned(),
+            });
+        }
+        let tid = t.id.clone();
+        let records = match t.team_id {
+            Some(_) => self.db(move |s| s.builds_of_template(&tid)).await?,
+            None => Vec::new(),
+        };
+        let view = template_view(&t, &records);
+        let builds = if records.is_empty() {
+            vec![models::TemplateBuild {
+                build_id: view.build_id.clone(),
+                status: "ready".into(),
+                created_at: view.created_at.clone(),
+                updated_at: view.updated_at.clone(),
+                finished_at: Some(view.updated_at.clone()),
+                cpu_count: t.cpu_count,
+                memory_mb: t.memory_mb,
+                disk_size_mb: t.disk_size_mb,
+                envd_version: t.envd_version.clone(),
+            }]
+        } else {
+            records
+                .iter()
+                .map(|b| models::TemplateBuild {
+                    build_id: b.id.clone(),
+                    status: b.status.to_string(),
+                    created_at: rfc3339(b.created_at),
+                    updated_at: rfc3339(b.updated_at),
+                    finished_at: b.finished_at.map(rfc3339),
+                    cpu_count: b.cpu_count,
+                    memory_mb: b.memory_mb,
+                    disk_size_mb: b.disk_size_mb,
+                    envd_version: t.envd_version.clone(),
+                })
+                .collect()
         };
         Ok(models::TemplateWithBuilds {
             template: view,
-            builds: vec![build],
+            builds,
         })
     }
 
+    /// `GET /templates/aliases/{alias}`: 403 when another team owns the name (the SDKs read
+    /// that as "exists, not yours").
     pub async fn template_alias(
         &self,
+        team_id: &str,
         alias: &str,
     ) -> Result<models::TemplateAliasResponse, ApiError> {
         let t = self.resolve_template(alias).await?;
+        if t.team_id.as_deref().is_some_and(|o| o != team_id) && !t.public {
+            return Err(ApiError::TemplateNotOwned {
+                template: alias.to_owned(),
+            });
+        }
         Ok(models::TemplateAliasResponse {
             template_id: t.id,
             public: t.public,
@@ -100,10 +154,23 @@ impl Service {
     }
 }
 
-fn template_view(t: &TemplateRecord) -> models::Template {
+/// E2B's view of a template; `builds` (newest first) are a team template's, empty for the host's.
+fn template_view(t: &TemplateRecord, builds: &[alcove_store::BuildRecord]) -> models::Template {
+    let (build_id, status) = match builds.first() {
+        // A team template: its current (newest ready) build, else its newest build.
+        Some(newest) => (
+            if t.build_id.is_empty() {
+                newest.id.clone()
+            } else {
+                t.build_id.clone()
+            },
+            newest.status.to_string(),
+        ),
+        None => (build_uuid(&t.build_id), "ready".into()),
+    };
     models::Template {
         template_id: t.id.clone(),
-        build_id: build_uuid(&t.build_id),
+        build_id,
         cpu_count: t.cpu_count,
         memory_mb: t.memory_mb,
         disk_size_mb: t.disk_size_mb,
@@ -115,9 +182,9 @@ fn template_view(t: &TemplateRecord) -> models::Template {
         created_by: None,
         last_spawned_at: None,
         spawn_count: 0,
-        build_count: 1,
+        build_count: builds.len().max(1) as u64,
         envd_version: t.envd_version.clone(),
-        build_status: "ready".into(),
+        build_status: status,
     }
 }
 

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use alcove_api::{
-    BackendError, Body, BoxFuture, CreateSandbox, LiveSandbox, ResourceUsage, SandboxBackend,
-    SandboxStatus, StartedSandbox, TemplateInfo,
+    BackendError, Body, BoxFuture, BuildFailure, BuildLog, BuildLogEntry, BuildSpec, BuiltTemplate,
+    CreateSandbox, LiveSandbox, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox,
+    StepKind, StepRef, TemplateInfo,
 };
 
 /// Port on which the fake answers "nothing listens here".
@@ -36,6 +37,12 @@ pub struct FakeBackend {
     pub resume_delay: Mutex<Duration>,
     /// Bytes each paused sandbox and each snapshot holds on the fake disk.
     pub bytes_per_saved_state: std::sync::atomic::AtomicU64,
+    /// Template builds asked for, in order.
+    pub builds: Mutex<Vec<BuildSpec>>,
+    /// How long each fake build takes.
+    pub build_delay: Mutex<Duration>,
+    /// Built template keys given back with `delete_template`.
+    pub deleted_templates: Mutex<Vec<String>>,
 }
 
 impl FakeBackend {
@@ -97,7 +104,72 @@ pub fn templates() -> Vec<TemplateInfo> {
     ]
 }
 
+/// A fake build's key: what the steps say, so an unchanged build is the same template.
+fn fake_key(spec: &BuildSpec) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!(
+        "{:?}{:?}{:?}{:?}",
+        spec.from, spec.steps, spec.start_cmd, spec.ready_cmd
+    )
+    .hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 impl SandboxBackend for FakeBackend {
+    /// Logs a line per step; `RUN exit N` (N > 0) fails that step; a `COPY` needs its upload.
+    fn build_template(
+        &self,
+        spec: BuildSpec,
+        log: BuildLog,
+    ) -> BoxFuture<'_, Result<BuiltTemplate, BuildFailure>> {
+        Box::pin(async move {
+            self.builds.lock().unwrap().push(spec.clone());
+            let delay = *self.build_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            for (i, step) in spec.steps.iter().enumerate() {
+                let at = StepRef::Step(i as u32 + 1);
+                log(BuildLogEntry {
+                    level: alcove_api::BuildLogLevel::Info,
+                    step: at,
+                    message: format!("step {}: {:?}", i + 1, step.kind),
+                });
+                match &step.kind {
+                    StepKind::Run { cmd, .. } if cmd.starts_with("exit ") && cmd != "exit 0" => {
+                        return Err(BuildFailure {
+                            step: at,
+                            message: format!("`{cmd}` exited with {}", &cmd[5..]),
+                        });
+                    }
+                    StepKind::Copy { files_hash, .. }
+                        if !spec.files_dir.join(files_hash).is_file() =>
+                    {
+                        return Err(BuildFailure {
+                            step: at,
+                            message: format!("files {files_hash} are missing"),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            Ok(BuiltTemplate {
+                key: fake_key(&spec),
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                disk_mib: 2048,
+                cached_steps: 0,
+                stored_bytes: 1000,
+            })
+        })
+    }
+
+    fn delete_template<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.deleted_templates.lock().unwrap().push(key.to_owned());
+            Ok(())
+        })
+    }
+
     fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>> {
         Box::pin(async { Ok(templates()) })
     }

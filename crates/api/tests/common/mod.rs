@@ -79,7 +79,7 @@ impl TestServer {
 pub struct Api {
     pub base: String,
     pub key: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
 }
 
 pub struct Reply {
