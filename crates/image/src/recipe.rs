@@ -58,6 +58,7 @@ const BUILTIN: &[(&str, &str)] = &[
         "code-interpreter-v1",
         include_str!("../../../templates/code-interpreter-v1.toml"),
     ),
+    ("minimal", include_str!("../../../templates/minimal.toml")),
 ];
 
 impl Recipe {
@@ -133,6 +134,13 @@ mod tests {
         let r = Recipe::builtin("base").unwrap();
         assert_eq!(r.name, "base");
         assert!(r.memory_mib >= 256);
+    }
+
+    #[test]
+    fn minimal_is_the_smallest_machine() {
+        let r = Recipe::builtin("minimal").unwrap();
+        assert_eq!((r.vcpus, r.memory_mib), (1, 128));
+        assert!(r.start_cmd.is_none());
     }
 
     #[test]
