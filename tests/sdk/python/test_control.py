@@ -141,3 +141,18 @@ def test_sandbox_is_killed_at_its_timeout(run_id):
         time.sleep(0.5)
     sbx.kill()
     pytest.fail("sandbox outlived its 2 s timeout by more than 13 s")
+
+
+def test_minimal_template_runs_commands_in_its_small_machine(run_id):
+    """The `minimal` stock template: 1 vCPU and 128 MiB, enough for the agent, a shell and python."""
+    sbx = Sandbox.create("minimal", timeout=60, metadata={"run": run_id})
+    try:
+        info = sbx.get_info()
+        assert (info.cpu_count, info.memory_mb) == (1, 128)
+        r = sbx.commands.run("nproc; awk '/MemTotal/ {print $2}' /proc/meminfo; python3 -c 'print(6*7)'")
+        nproc, mem_kib, answer = r.stdout.split()
+        assert nproc == "1"
+        assert int(mem_kib) < 128 * 1024
+        assert answer == "42"
+    finally:
+        sbx.kill()
