@@ -597,8 +597,9 @@ async fn make_disk(
         "start_cmd": recipe.start_cmd,
         "ready_cmd": recipe.ready_cmd,
         "envs": recipe.env,
+        // No `workdir`: the agent makes it every process's default, and a built-in template's
+        // processes start in their user's home (root's in /root).
         "user": "user",
-        "workdir": "/home/user",
     });
     let cfg_path = etc.join("template.json");
     std::fs::write(
