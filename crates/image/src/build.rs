@@ -506,9 +506,19 @@ pub async fn snapshot_disk(req: &SnapshotDisk<'_>) -> Result<DiskSnapshot, Image
             .arg(&overlay),
     )
     .await?;
+    // Hundreds of MB: hashed off the async threads, which serve sandboxes meanwhile.
+    let (s, m) = (state.clone(), mem.clone());
+    let (state_sha256, mem_sha256) = tokio::task::spawn_blocking(move || {
+        Ok::<_, ImageError>((sha256_file(&s)?, sha256_file(&m)?))
+    })
+    .await
+    .map_err(|e| ImageError::Step {
+        step: "hashing the template",
+        detail: e.to_string(),
+    })??;
     Ok(DiskSnapshot {
-        state_sha256: sha256_file(&state)?,
-        mem_sha256: sha256_file(&mem)?,
+        state_sha256,
+        mem_sha256,
         mem,
         state,
         overlay,

@@ -137,7 +137,11 @@ impl<V: Vmm> Node<V> {
             Ok(t) => Arc::new(t),
             Err(e) => match self.built_template(name) {
                 Ok(t) => t,
-                Err(_) => return Err(e.into()),
+                // A recipe build by key (what a build from `base` starts its builder VM from).
+                Err(_) => match alcove_image::build::load_template_key(&self.cfg.cache_dir, name) {
+                    Ok(t) => Arc::new(t),
+                    Err(_) => return Err(e.into()),
+                },
             },
         };
         self.templates

@@ -105,7 +105,7 @@ pub(super) async fn make_template(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| io("removing the half-built", e))?;
     }
-    crate::private::create_dir_all(&dir).map_err(|e| io("creating", e))?;
+    start_dir(&dir).map_err(|e| io("creating", e))?;
     let made = async {
         let t = Instant::now();
         let chain = crate::snapshots::snapshot_dir(&node.cfg.data_dir, &layer.snapshot)
@@ -253,7 +253,20 @@ async fn boot_into_template(
             format!("writing the template's manifest: {}", error_chain(&e)),
         )
     })?;
+    let _ = std::fs::remove_file(dir.join(BUILDING));
     Ok(t)
+}
+
+/// Names the process building a template dir, so a `Node::open` elsewhere (the CLI beside a
+/// server) leaves it alone.
+pub(super) const BUILDING: &str = "building";
+
+fn start_dir(dir: &Path) -> std::io::Result<()> {
+    crate::private::create_dir_all(dir)?;
+    crate::private::write_file(
+        &dir.join(BUILDING),
+        std::process::id().to_string().as_bytes(),
+    )
 }
 
 /// `qemu-img convert` of a qcow2 chain into one sparse raw file.
@@ -380,8 +393,7 @@ pub(super) async fn image_parent(
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    crate::private::create_dir_all(&dir)
-        .map_err(|e| failure(step, format!("creating {}: {e}", dir.display())))?;
+    start_dir(&dir).map_err(|e| failure(step, format!("creating {}: {e}", dir.display())))?;
     let made = async {
         let disk = dir.join("disk.ext4");
         let out = tokio::process::Command::new("cp")

@@ -276,18 +276,22 @@ impl Node<QemuVmm> {
                     log: log.clone(),
                     deadline,
                 };
-                for i in done..n {
-                    let step_ref = StepRef::Step(i as u32 + 1);
-                    let st = &plan.states[i];
-                    self.run_step(&b, step_ref, &spec.steps[i].kind, st, &plan.archives[i])
-                        .await?;
-                    if state::makes_layer(&spec.steps[i].kind) {
-                        self.cache_layer(&b, step_ref, &plan.keys[i]).await?;
+                let steps = async {
+                    for i in done..n {
+                        let step_ref = StepRef::Step(i as u32 + 1);
+                        let st = &plan.states[i];
+                        self.run_step(&b, step_ref, &spec.steps[i].kind, st, &plan.archives[i])
+                            .await?;
+                        if state::makes_layer(&spec.steps[i].kind) {
+                            self.cache_layer(&b, step_ref, &plan.keys[i]).await?;
+                        }
                     }
+                    finalize::finalize_guest(self, &b, &plan).await
                 }
-                let e = finalize::finalize_guest(self, &b, &plan).await?;
+                .await;
+                // Awaited on every path (the guard's drop only covers a cancelled build).
                 guard.kill().await;
-                e
+                steps?
             }
         };
         let t = finalize::make_template(self, spec, &parent, &plan, &final_layer, log, deadline)
@@ -563,6 +567,12 @@ impl<V: Vmm> Node<V> {
         let root = built_root(&self.cfg.data_dir);
         for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             let dir = e.path();
+            let builder = std::fs::read_to_string(dir.join(finalize::BUILDING))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if builder.is_some_and(crate::node::other_alcove_process_alive) {
+                continue;
+            }
             if dir.is_dir() && !dir.join("manifest.json").exists() {
                 tracing::warn!(dir = %dir.display(), "removing a template a crash left half-built");
                 let _ = std::fs::remove_dir_all(&dir);
