@@ -57,6 +57,20 @@ pub async fn start_and_wait(state: &Arc<AgentState>, path: &Path, default_timeou
         }
     };
     let _ = state.template_user.set(user.clone());
+    // As E2B's templates: the template's user, workdir and env are the defaults of every process
+    // started later (envd calls that name no user or cwd), before /init adds its own variables.
+    {
+        let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = cfg.user.as_ref().filter(|u| !u.is_empty()) {
+            d.user = Some(u.clone());
+        }
+        if let Some(w) = cfg.workdir.as_ref().filter(|w| !w.is_empty()) {
+            d.workdir = Some(w.into());
+        }
+        let mut env = cfg.envs.clone();
+        env.extend(std::mem::take(&mut d.env_vars));
+        d.env_vars = env;
+    }
     if let Some(cmd) = &cfg.start_cmd {
         match spawn_shell(state, &cfg, &user, cmd, Some(START_TAG.to_owned())) {
             Ok(pid) => tracing::info!(pid, "template start_cmd running"),

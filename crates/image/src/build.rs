@@ -375,59 +375,24 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
     make_disk(recipe, &base, &opts.agent_bin, &dir, &disk).await?;
 
     step(4, "boot to ready", false);
-    let run_dir = dir.join("boot");
-    std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
-    let mut spec = spec_for(recipe, &run_dir, &kernel);
-    spec.ram_file = dir.join("mem");
-    spec.ram_shared = true;
-    spec.disk = Disk {
-        path: disk.clone(),
-        format: DiskFormat::Raw,
-        read_only: false,
-    };
     // The template boots with its NIC in a namespace of its own, with nothing behind it.
     let netns = opts.netns.clone();
     let ns = tokio::task::spawn_blocking(move || netns())
         .await
         .expect("netns task")
         .map_err(io(Path::new("network namespace")))?;
-    spec.netns = Some(Arc::new(ns));
-    let boot_started = Instant::now();
-    let vm = opts.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
-    let ready = tokio::select! {
-        r = tokio::time::timeout(READY_TIMEOUT, vm.console().wait_for(READY_LINE)) => r.is_ok(),
-        _ = vm.wait_exit() => false,
-    };
-    if !ready {
-        let tail = vm.console().tail(30);
-        vm.kill().await;
-        return Err(ImageError::NotReady(READY_TIMEOUT, tail));
-    }
-    let boot_to_ready = boot_started.elapsed();
-    (opts.progress)(ProgressEvent::Line {
-        text: format!(
-            "[template] agent ready {:.1} s after boot",
-            boot_to_ready.as_secs_f64()
-        ),
-    });
-
-    step(5, "snapshot", false);
-    let state = dir.join("state");
-    let snap = vm.snapshot(&state).await;
-    vm.kill().await;
-    snap.map_err(ImageError::Boot)?;
-    let _ = std::fs::remove_dir_all(&run_dir);
-
-    let overlay = dir.join("overlay.qcow2");
-    run_cmd(
-        "overlay creation",
-        tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&disk)
-            .arg(&overlay),
-    )
+    let snap = snapshot_disk(&SnapshotDisk {
+        vmm: &opts.vmm,
+        recipe,
+        kernel: &kernel,
+        dir: &dir,
+        disk: &disk,
+        netns: Some(Arc::new(ns)),
+        ready_timeout: READY_TIMEOUT,
+        progress: &opts.progress,
+        on_snapshot: &|| step(5, "snapshot", false),
+    })
     .await?;
-    let mem = dir.join("mem");
     let t = Template {
         manifest_version: MANIFEST_VERSION,
         name: recipe.name.clone(),
@@ -436,35 +401,152 @@ pub async fn build_template(recipe: &Recipe, opts: &BuildOptions) -> Result<Temp
         recipe: recipe.clone(),
         kernel,
         disk: disk.clone(),
-        state_sha256: sha256_file(&state)?,
-        mem_sha256: sha256_file(&mem)?,
-        mem,
-        state,
-        overlay,
+        state_sha256: snap.state_sha256,
+        mem_sha256: snap.mem_sha256,
+        mem: snap.mem,
+        state: snap.state,
+        overlay: snap.overlay,
         accel: opts.vmm.accel.accel.as_str().to_string(),
         built_at_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         build_secs: started.elapsed().as_secs_f64(),
-        boot_to_ready_secs: boot_to_ready.as_secs_f64(),
+        boot_to_ready_secs: snap.boot_to_ready.as_secs_f64(),
     };
+    write_manifest(&t)?;
+    set_name(cache, &recipe.name, &key)?;
+    step(6, "done", false);
+    Ok(t)
+}
+
+/// What [`snapshot_disk`] needs: a template's disk, its machine, and where its files go.
+pub struct SnapshotDisk<'a> {
+    /// The VMM that boots the disk: a node's jailed one when the disk holds a caller's code.
+    pub vmm: &'a QemuVmm,
+    /// The machine (vCPUs, memory) of the template's VMs.
+    pub recipe: &'a Recipe,
+    pub kernel: &'a Path,
+    /// The template's dir: `mem`, `state` and `overlay.qcow2` are made in it.
+    pub dir: &'a Path,
+    /// The raw ext4 root disk, inside `dir`.
+    pub disk: &'a Path,
+    /// The VM's network namespace (a tap named [`alcove_guest_contract::net::TAP`], nothing behind it).
+    pub netns: Option<Arc<OwnedFd>>,
+    pub ready_timeout: Duration,
+    pub progress: &'a Progress,
+    /// Called once the agent is ready, before the snapshot.
+    pub on_snapshot: &'a (dyn Fn() + Sync),
+}
+
+/// A template's snapshot: the files [`snapshot_disk`] made.
+#[derive(Debug, Clone)]
+pub struct DiskSnapshot {
+    pub mem: PathBuf,
+    pub state: PathBuf,
+    pub overlay: PathBuf,
+    pub mem_sha256: String,
+    pub state_sha256: String,
+    pub boot_to_ready: Duration,
+}
+
+/// Boots `disk` until the agent prints its ready line (it starts the template's command and waits
+/// for its ready command first), snapshots the VM into `mem` + `state`, and makes the empty
+/// overlay sandboxes copy. Shared by the recipe builds and the node's API builds.
+pub async fn snapshot_disk(req: &SnapshotDisk<'_>) -> Result<DiskSnapshot, ImageError> {
+    let dir = req.dir;
+    let run_dir = dir.join("boot");
+    std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+    let mut spec = spec_for(req.recipe, &run_dir, req.kernel);
+    spec.ram_file = dir.join("mem");
+    spec.ram_shared = true;
+    spec.disk = Disk {
+        path: req.disk.to_path_buf(),
+        format: DiskFormat::Raw,
+        read_only: false,
+    };
+    spec.netns = req.netns.clone();
+    let boot_started = Instant::now();
+    let vm = req.vmm.boot(&spec).await.map_err(ImageError::Boot)?;
+    let ready = tokio::select! {
+        r = tokio::time::timeout(req.ready_timeout, vm.console().wait_for(READY_LINE)) => r.is_ok(),
+        _ = vm.wait_exit() => false,
+    };
+    if !ready {
+        let tail = vm.console().tail(30);
+        vm.kill().await;
+        let _ = std::fs::remove_dir_all(&run_dir);
+        return Err(ImageError::NotReady(req.ready_timeout, tail));
+    }
+    let boot_to_ready = boot_started.elapsed();
+    (req.progress)(ProgressEvent::Line {
+        text: format!(
+            "[template] agent ready {:.1} s after boot",
+            boot_to_ready.as_secs_f64()
+        ),
+    });
+    (req.on_snapshot)();
+    let state = dir.join("state");
+    let snap = vm.snapshot(&state).await;
+    vm.kill().await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+    snap.map_err(ImageError::Boot)?;
+    let mem = dir.join("mem");
+    // A jailed VM owned its disk and RAM file while it ran: they are the server's again.
+    for p in [req.disk, mem.as_path()] {
+        let _ = std::os::unix::fs::lchown(p, Some(0), Some(0));
+    }
+
+    let overlay = dir.join("overlay.qcow2");
+    run_cmd(
+        "overlay creation",
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(req.disk)
+            .arg(&overlay),
+    )
+    .await?;
+    // Hundreds of MB: hashed off the async threads, which serve sandboxes meanwhile.
+    let (s, m) = (state.clone(), mem.clone());
+    let (state_sha256, mem_sha256) = tokio::task::spawn_blocking(move || {
+        Ok::<_, ImageError>((sha256_file(&s)?, sha256_file(&m)?))
+    })
+    .await
+    .map_err(|e| ImageError::Step {
+        step: "hashing the template",
+        detail: e.to_string(),
+    })??;
+    Ok(DiskSnapshot {
+        state_sha256,
+        mem_sha256,
+        mem,
+        state,
+        overlay,
+        boot_to_ready,
+    })
+}
+
+/// Makes a template's files read-only and writes its `manifest.json` (last: it marks the
+/// template complete).
+pub fn write_manifest(t: &Template) -> Result<(), ImageError> {
     // Read-only from here on: restored VMs map `mem` copy-on-write and read `disk` under their
     // overlays, so a write to either would change every sandbox made from this template.
     for p in [&t.disk, &t.mem, &t.state, &t.overlay] {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).map_err(io(p))?;
     }
-    let manifest = dir.join("manifest.json");
-    let tmp = dir.join("manifest.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&t).expect("serialises")).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &manifest).map_err(io(&manifest))?;
-    set_name(cache, &recipe.name, &key)?;
-    step(6, "done", false);
-    Ok(t)
+    let manifest = t.dir.join("manifest.json");
+    let tmp = t.dir.join("manifest.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(t).expect("serialises")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &manifest).map_err(io(&manifest))
 }
 
-fn load_template_dir(dir: &Path) -> Result<Template, ImageError> {
+/// The manifest version of templates this build writes.
+pub const fn manifest_version() -> u32 {
+    MANIFEST_VERSION
+}
+
+pub fn load_template_dir(dir: &Path) -> Result<Template, ImageError> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(io(dir))?;
     serde_json::from_str(&text).map_err(|e| ImageError::Corrupt {
         name: dir.display().to_string(),
@@ -597,8 +679,9 @@ async fn make_disk(
         "start_cmd": recipe.start_cmd,
         "ready_cmd": recipe.ready_cmd,
         "envs": recipe.env,
+        // No `workdir`: the agent makes it every process's default, and a built-in template's
+        // processes start in their user's home (root's in /root).
         "user": "user",
-        "workdir": "/home/user",
     });
     let cfg_path = etc.join("template.json");
     std::fs::write(

@@ -52,8 +52,10 @@ impl<V: Vmm> Node<V> {
             .map_err(|e| NodeError::Io(live.dir().display().to_string(), e))?;
         self.sandboxes.lock().expect("sandboxes lock").remove(id);
         tracing::info!(sandbox_id = %id, "sandbox killed");
-        // Its overlay may have been the last thing on a deleted snapshot's layer.
+        // Its overlay may have been the last thing on a deleted snapshot's layer, or on a
+        // deleted template.
         self.collect_snapshots();
+        self.collect_templates();
         Ok(())
     }
 

@@ -82,10 +82,7 @@ impl<V: Vmm> Node<V> {
             }
             Some(snap) => {
                 let meta = self.restorable_snapshot(snap).await?;
-                let template = Arc::new(alcove_image::build::load_template_key(
-                    &self.cfg.cache_dir,
-                    &meta.template_key,
-                )?);
+                let template = Arc::new(self.template_by_key(&meta.template_key)?);
                 Source {
                     template,
                     snapshot: Some(meta),

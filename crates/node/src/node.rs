@@ -50,6 +50,10 @@ pub struct Node<V: Vmm = QemuVmm> {
     pub(crate) pool: crate::pool::Pool<V::Vm>,
     /// Namespaces and egress (root); a fake in unit tests.
     pub(crate) net: Arc<dyn HostNetwork>,
+    /// Template builds running at once (one: builds must not starve sandboxes on small hosts).
+    pub(crate) builds: Arc<tokio::sync::Semaphore>,
+    /// How builds pull OCI images (`Node::set_oci_options`); none: `fromImage` is refused.
+    pub(crate) oci: Mutex<Option<alcove_image::oci::OciOptions>>,
 }
 
 impl<V: Vmm> Drop for Node<V> {
@@ -118,11 +122,28 @@ impl<V: Vmm> Node<V> {
         &self.cfg
     }
 
+    /// How template builds pull OCI images (`fromImage`); until set, such builds are refused.
+    pub fn set_oci_options(&self, opts: alcove_image::oci::OciOptions) {
+        *self.oci.lock().expect("oci lock") = Some(opts);
+    }
+
+    /// A template by name (a recipe build, `base`), or by the key of an API build that is not
+    /// deleted.
     pub(crate) fn template(&self, name: &str) -> Result<Arc<Template>, NodeError> {
         if let Some(t) = self.templates.lock().expect("templates lock").get(name) {
             return Ok(t.clone());
         }
-        let t = Arc::new(alcove_image::load_template(&self.cfg.cache_dir, name)?);
+        let t = match alcove_image::load_template(&self.cfg.cache_dir, name) {
+            Ok(t) => Arc::new(t),
+            Err(e) => match self.built_template(name) {
+                Ok(t) => t,
+                // A recipe build by key (what a build from `base` starts its builder VM from).
+                Err(_) => match alcove_image::build::load_template_key(&self.cfg.cache_dir, name) {
+                    Ok(t) => Arc::new(t),
+                    Err(_) => return Err(e.into()),
+                },
+            },
+        };
         self.templates
             .lock()
             .expect("templates lock")

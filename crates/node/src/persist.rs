@@ -136,8 +136,7 @@ impl<V: Vmm> Node<V> {
         t0: Instant,
     ) -> Result<(), NodeError> {
         let info = live.snapshot();
-        let template =
-            alcove_image::build::load_template_key(&self.cfg.cache_dir, &info.template_key)?;
+        let template = self.template_by_key(&info.template_key)?;
         let mut spec = sandbox_spec(&template, live.dir());
         let listeners = self.new_netns(&mut spec).await?;
         if let Some(ram) = ram_file {
@@ -325,7 +324,7 @@ impl<V: Vmm> Node<V> {
         template_key: &str,
         sdir: &Path,
     ) -> Result<String, NodeError> {
-        let template = alcove_image::build::load_template_key(&self.cfg.cache_dir, template_key)?;
+        let template = self.template_by_key(template_key)?;
         let run = sdir.join("load");
         crate::private::create_dir_all(&run)
             .map_err(|e| NodeError::Io(run.display().to_string(), e))?;

@@ -43,7 +43,10 @@ impl<V: Vmm> Node<V> {
             monitors: Mutex::new(Vec::new()),
             pool: Default::default(),
             net,
+            builds: Arc::new(tokio::sync::Semaphore::new(1)),
+            oci: Mutex::new(None),
         });
+        node.remove_half_built();
         let entries =
             std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         for entry in entries.flatten() {
