@@ -233,12 +233,17 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
         });
     }
 
-    let agent_sha = crate::build::sha256_file(&opts.agent_bin).map_err(|e| {
-        OciError::Io(
-            opts.agent_bin.display().to_string(),
-            std::io::Error::other(e),
-        )
-    })?;
+    // Hashing 10+ MiB is CPU work: off the async threads.
+    let agent_bin = opts.agent_bin.clone();
+    let agent_sha = tokio::task::spawn_blocking(move || crate::build::sha256_file(&agent_bin))
+        .await
+        .map_err(|e| OciError::Io("the hashing thread".into(), std::io::Error::other(e)))?
+        .map_err(|e| {
+            OciError::Io(
+                opts.agent_bin.display().to_string(),
+                std::io::Error::other(e),
+            )
+        })?;
     let key = cache_key(&digest, &agent_sha, opts.disk_mib);
     let images = opts.cache_dir.join("images");
     let dir = images.join(&key);
