@@ -189,6 +189,57 @@ pub struct ServerOptions {
     pub require_kvm: bool,
     #[command(flatten)]
     pub jail: JailOptions,
+    #[command(flatten)]
+    pub registry: RegistryOptions,
+}
+
+/// Default cap on the compressed layers of one image a `fromImage` build pulls.
+pub const DEFAULT_IMAGE_MAX_DOWNLOAD: u64 = 4 << 30;
+
+/// Where `fromImage` builds pull OCI images from (`docs/templates.md`, "OCI images").
+#[derive(clap::Args, Clone, Debug)]
+pub struct RegistryOptions {
+    /// Registry that Docker Hub images (`python:3.12`, `library/…`) are pulled from instead of
+    /// Docker Hub, e.g. `mirror.example:5000` (`http://host:port` for one without TLS).
+    #[arg(long, env = "ALCOVE_REGISTRY_MIRROR")]
+    pub registry_mirror: Option<String>,
+    /// A registry spoken to over plain HTTP, `host:port` (repeat the flag or separate with
+    /// commas). For a local or test registry only: nothing protects those pulls in transit.
+    #[arg(long, env = "ALCOVE_INSECURE_REGISTRY", value_delimiter = ',')]
+    pub insecure_registry: Vec<String>,
+    /// Largest download (compressed layers) of one image, e.g. 2G.
+    #[arg(long, env = "ALCOVE_IMAGE_MAX_DOWNLOAD", value_parser = parse_bytes, default_value_t = DEFAULT_IMAGE_MAX_DOWNLOAD)]
+    pub image_max_download: u64,
+}
+
+impl RegistryOptions {
+    /// The pull settings for one `fromImage` build: the disk goes under
+    /// `<cache_dir>/images/`, with `agent_bin` injected, `disk_mib` large.
+    pub fn oci(
+        &self,
+        cache_dir: PathBuf,
+        agent_bin: PathBuf,
+        disk_mib: u32,
+        progress: alcove_image::Progress,
+    ) -> alcove_image::oci::OciOptions {
+        alcove_image::oci::OciOptions {
+            cache_dir,
+            agent_bin,
+            mirror: self
+                .registry_mirror
+                .clone()
+                .filter(|m| !m.trim().is_empty()),
+            insecure_registries: self
+                .insecure_registry
+                .iter()
+                .map(|r| r.trim().to_string())
+                .filter(|r| !r.is_empty())
+                .collect(),
+            max_download_bytes: self.image_max_download,
+            disk_mib,
+            progress,
+        }
+    }
 }
 
 /// How QEMU processes are confined (`docs/security.md`).
@@ -557,5 +608,34 @@ mod tests {
         assert_eq!(l.max_snapshots, 4);
         assert_eq!(l.max_stored_bytes, 1 << 30);
         assert_eq!(l.paused_retention, Some(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn registry_flags_become_pull_options() {
+        use clap::Parser;
+        let o = Server::try_parse_from(["alcove"]).unwrap().opts.registry;
+        let oci = o.oci("/c".into(), "/a".into(), 512, Arc::new(|_| {}));
+        assert_eq!(oci.mirror, None);
+        assert!(oci.insecure_registries.is_empty());
+        assert_eq!(oci.max_download_bytes, DEFAULT_IMAGE_MAX_DOWNLOAD);
+        let o = Server::try_parse_from([
+            "alcove",
+            "--registry-mirror",
+            "http://10.0.0.5:5000",
+            "--insecure-registry",
+            "127.0.0.1:5000",
+            "--insecure-registry",
+            "a:1,b:2",
+            "--image-max-download",
+            "1G",
+        ])
+        .unwrap()
+        .opts
+        .registry;
+        let oci = o.oci("/c".into(), "/a".into(), 512, Arc::new(|_| {}));
+        assert_eq!(oci.mirror.as_deref(), Some("http://10.0.0.5:5000"));
+        assert_eq!(oci.insecure_registries, ["127.0.0.1:5000", "a:1", "b:2"]);
+        assert_eq!(oci.max_download_bytes, 1 << 30);
+        assert_eq!(oci.disk_mib, 512);
     }
 }

@@ -39,6 +39,9 @@ pub enum ImageError {
         "the template VM did not print the agent's ready line within {0:?}; console tail:\n{1}"
     )]
     NotReady(std::time::Duration, String),
+    /// An OCI image could not become a disk (`oci::image_disk`).
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
     #[error(
         "template `{name}` is corrupt: {detail}; rebuild it with `alcove template build {name} --force`"
     )]
