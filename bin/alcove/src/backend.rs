@@ -124,6 +124,25 @@ impl SandboxBackend for NodeBackend {
         })
     }
 
+    fn build_template(
+        &self,
+        spec: alcove_api::BuildSpec,
+        log: alcove_api::BuildLog,
+    ) -> BoxFuture<'_, Result<alcove_api::BuiltTemplate, alcove_api::BuildFailure>> {
+        Box::pin(async move { self.node.build_template(spec, log).await })
+    }
+
+    fn delete_template<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.node
+                .delete_template(key)
+                .map_err(|e| BackendError::Failed {
+                    op: "delete template",
+                    source: Box::new(e),
+                })
+        })
+    }
+
     fn create(&self, req: CreateSandbox) -> BoxFuture<'_, Result<StartedSandbox, BackendError>> {
         Box::pin(async move {
             let opts = CreateOptions {

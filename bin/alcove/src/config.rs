@@ -429,6 +429,21 @@ impl ServerOptions {
             }
             node.set_warm_pool(&template, size);
         }
+        // `fromImage` builds: pulls go through the operator's registry settings; without the
+        // agent binary (a broken install) they are refused with the reason.
+        match g.agent_bin() {
+            Ok(agent) => node.set_oci_options(self.registry.oci(
+                g.cache_dir(),
+                agent,
+                4096,
+                Arc::new(|ev| {
+                    if let alcove_image::build::ProgressEvent::Line { text } = ev {
+                        tracing::info!(target: "alcove::oci", "{text}");
+                    }
+                }),
+            )),
+            Err(e) => tracing::warn!(error = %e, "image builds are disabled"),
+        }
         Ok(node)
     }
 }
