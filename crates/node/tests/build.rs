@@ -183,7 +183,10 @@ fn steps(files_hash: &str, last_run: &str) -> Vec<Step> {
             mode: None,
         }),
         // 2: RUN as root.
-        run("echo by-root > /etc/built-by-root && id -un", Some("root")),
+        run(
+            "echo by-root > /etc/built-by-root && id -un && [[ -n $BASH_VERSION ]]",
+            Some("root"),
+        ),
         // 3, 4: state only.
         step(StepKind::Env {
             vars: vec![("FOO".into(), "bar baz".into())],

@@ -353,8 +353,14 @@ impl Node<QemuVmm> {
                 b.say(step, LogLevel::Info, format!("RUN {cmd}"));
                 let user = user.as_deref().unwrap_or(&st.user);
                 ensure_workdir(b, step, st).await?;
+                // bash where the template has it (E2B runs steps with bash; Debian's sh is dash),
+                // sh otherwise (small images).
+                let q = state::shell_join(std::slice::from_ref(cmd));
+                let script = format!(
+                    "if [ -x /bin/bash ]; then exec /bin/bash -c {q}; fi; exec /bin/sh -c {q}"
+                );
                 if let Some(exit) = b
-                    .exec(step, cmd, user, st.workdir.as_deref(), &st.env, &[])
+                    .exec(step, &script, user, st.workdir.as_deref(), &st.env, &[])
                     .await?
                 {
                     return Err(failure(
