@@ -171,3 +171,53 @@ async fn run_to_end(
     }
     Err("ready_cmd output ended without an exit status".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateConfig;
+
+    #[tokio::test]
+    async fn the_template_user_workdir_and_env_become_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("template.json");
+        let me = UserInfo::current().unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({
+                "user": me.name,
+                "workdir": "/srv/app",
+                "envs": {"A": "1", "B": "2"},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let state = AgentState::new(StateConfig {
+            touch_system: false,
+            output_buffer: 1 << 16,
+        });
+        // A variable the agent had before (from an earlier /init) wins over the template's.
+        state
+            .defaults
+            .write()
+            .unwrap()
+            .env_vars
+            .insert("B".into(), "from-init".into());
+        start_and_wait(&state, &path, Duration::from_secs(5)).await;
+        let d = state.defaults();
+        assert_eq!(d.user.as_deref(), Some(me.name.as_str()));
+        assert_eq!(d.workdir.as_deref(), Some(Path::new("/srv/app")));
+        assert_eq!(d.env_vars["A"], "1");
+        assert_eq!(d.env_vars["B"], "from-init");
+
+        // No user or workdir in the file: the defaults stay unset (the user's home).
+        std::fs::write(&path, r#"{"envs": {}}"#).unwrap();
+        let state = AgentState::new(StateConfig {
+            touch_system: false,
+            output_buffer: 1 << 16,
+        });
+        start_and_wait(&state, &path, Duration::from_secs(5)).await;
+        assert_eq!(state.defaults().user, None);
+        assert_eq!(state.defaults().workdir, None);
+    }
+}

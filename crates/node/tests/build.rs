@@ -183,7 +183,10 @@ fn steps(files_hash: &str, last_run: &str) -> Vec<Step> {
             mode: None,
         }),
         // 2: RUN as root.
-        run("echo by-root > /etc/built-by-root && id -un", Some("root")),
+        run(
+            "echo by-root > /etc/built-by-root && id -un && [[ -n $BASH_VERSION ]]",
+            Some("root"),
+        ),
         // 3, 4: state only.
         step(StepKind::Env {
             vars: vec![("FOO".into(), "bar baz".into())],
@@ -309,6 +312,20 @@ async fn a_build_runs_its_steps_in_a_vm_caches_layers_and_reports_failures() {
         "v2\nby-root\n"
     );
     node.kill(&info.id).await.unwrap();
+
+    // `force` on the last RUN reruns it though it is cached, into a template of its own; the
+    // unforced build then finds its template again.
+    let mut forced = s.clone();
+    forced.steps = steps(&hash, "whoami > /tmp/who7; echo v2 > /tmp/v2");
+    forced.steps[6].force = true;
+    let (r, lines, _) = build(&node, forced.clone()).await;
+    let f = r.expect("the forced build succeeds");
+    assert_eq!(f.cached_steps, 5);
+    assert_ne!(f.key, v2.key);
+    assert!(step_lines(&lines, 7).iter().any(|l| l.starts_with("RUN ")));
+    forced.steps[6].force = false;
+    let (r, _, _) = build(&node, forced).await;
+    assert_eq!(r.unwrap().key, v2.key);
 
     // A failing RUN: its index and its output.
     let failing = spec(

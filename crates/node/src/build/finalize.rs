@@ -13,7 +13,6 @@ use alcove_image::{Recipe, Template};
 use alcove_vmm::QemuVmm;
 use bytes::Bytes;
 
-use super::cache;
 use super::run::{Builder, failure};
 use super::spec::{
     BuildFailure, BuildLog, BuildLogEntry, BuildSpec, ImageRegistry, LogLevel, StepRef,
@@ -26,13 +25,13 @@ use crate::node::{Node, error_chain};
 /// deadline leaves less (a build that is late still gets a fair boot).
 const MIN_READY: Duration = Duration::from_secs(120);
 
-/// Writes the template's `template.json` into the builder VM, syncs, and caches the result as
-/// the finalized layer.
+/// Writes the template's `template.json` into the builder VM, syncs, and stops the VM with its
+/// disk flushed. Returns the top of the builder's disk chain.
 pub(super) async fn finalize_guest(
     node: &Arc<Node<QemuVmm>>,
     b: &Builder<QemuVmm>,
     plan: &Plan,
-) -> Result<cache::Entry, BuildFailure> {
+) -> Result<std::path::PathBuf, BuildFailure> {
     let step = StepRef::Finalize;
     b.say(step, LogLevel::Info, "writing the template's configuration");
     let st = &plan.final_state;
@@ -43,7 +42,6 @@ pub(super) async fn finalize_guest(
         "mkdir -p /etc/alcove",
         "root",
         Some("/"),
-        &Default::default(),
         &[],
     )
     .await?;
@@ -65,37 +63,45 @@ if [ -n "$ALCOVE_DIR" ] && [ ! -d "$ALCOVE_DIR" ]; then mkdir -p "$ALCOVE_DIR"; 
 sync"#,
         "root",
         Some("/"),
-        &Default::default(),
         &extra,
     )
     .await?;
-    node.cache_layer(b, step, &plan.finalize_key).await
+    // QMP `stop` drains and flushes the disk: the builder's qcow2 chain is complete on the host
+    // (a SIGKILL would not flush it). The VM stays stopped until it is killed.
+    let vm = node
+        .vm(&b.id)
+        .map_err(|e| failure(step, format!("the builder VM is gone: {}", error_chain(&e))))?;
+    let left = b.remaining(step)?;
+    match tokio::time::timeout(left, vm.pause()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(failure(
+                step,
+                format!("stopping the builder VM failed: {}", error_chain(&e)),
+            ));
+        }
+        Err(_) => {
+            return Err(failure(
+                step,
+                "stopping the builder VM ran past the deadline",
+            ));
+        }
+    }
+    node.live(&b.id)
+        .map(|l| l.dir().join("disk.qcow2"))
+        .map_err(|e| failure(step, format!("the builder VM is gone: {}", error_chain(&e))))
 }
 
-/// The template from the finalized layer: flattened, booted (start and ready commands run),
-/// snapshotted, recorded.
-pub(super) async fn make_template(
+/// The new template's dir with the builder's disk chain flattened into its `disk.ext4`.
+pub(super) async fn flatten_into_dir(
     node: &Arc<Node<QemuVmm>>,
-    spec: &BuildSpec,
-    parent: &Parent,
     plan: &Plan,
-    layer: &cache::Entry,
+    chain: &Path,
     log: &BuildLog,
     deadline: Instant,
-) -> Result<Arc<Template>, BuildFailure> {
+) -> Result<std::path::PathBuf, BuildFailure> {
     let step = StepRef::Finalize;
-    let say = |message: String| {
-        log(BuildLogEntry {
-            level: LogLevel::Info,
-            step,
-            message,
-        })
-    };
-    let key = &plan.template_key;
-    if let Ok(t) = node.built_template(key) {
-        return Ok(t);
-    }
-    let dir = built_dir(&node.cfg.data_dir, key);
+    let dir = built_dir(&node.cfg.data_dir, &plan.template_key);
     let io = |what: &str, e: std::io::Error| {
         failure(
             step,
@@ -106,54 +112,70 @@ pub(super) async fn make_template(
         std::fs::remove_dir_all(&dir).map_err(|e| io("removing the half-built", e))?;
     }
     start_dir(&dir).map_err(|e| io("creating", e))?;
-    let made = async {
-        let t = Instant::now();
-        let chain = crate::snapshots::snapshot_dir(&node.cfg.data_dir, &layer.snapshot)
-            .join(crate::snapshots::DISK);
-        let disk = dir.join("disk.ext4");
-        flatten(&chain, &disk, deadline).await?;
-        say(format!(
+    let t = Instant::now();
+    let disk = dir.join("disk.ext4");
+    if let Err(e) = flatten(chain, &disk, deadline).await {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    log(BuildLogEntry {
+        level: LogLevel::Info,
+        step,
+        message: format!(
             "disk flattened in {:.1} s ({} MiB on the host)",
             t.elapsed().as_secs_f64(),
             crate::node::allocated_bytes(&disk) >> 20
-        ));
-        let recipe = Recipe {
-            name: spec.name.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            disk_mib: parent.template.recipe.disk_mib,
-            apt: Vec::new(),
-            pip: Vec::new(),
-            npm: Vec::new(),
-            files: Default::default(),
-            env: plan.final_state.env.clone(),
-            start_cmd: plan.start_cmd.clone(),
-            ready_cmd: spec.ready_cmd.clone(),
-            run: Vec::new(),
-        };
-        let record = BuildRecord {
-            build_id: spec.build_id.clone(),
-            state: plan.final_state.clone(),
-            layer_key: plan.finalize_key.clone(),
-        };
-        boot_into_template(
-            node,
-            &dir,
-            key,
-            recipe,
-            &parent.template.kernel,
-            &record,
-            log,
-            step,
-            deadline,
-        )
-        .await
-    }
+        ),
+    });
+    Ok(dir)
+}
+
+/// The template from its flattened disk: booted (start and ready commands run), snapshotted,
+/// recorded.
+pub(super) async fn boot_template(
+    node: &Arc<Node<QemuVmm>>,
+    spec: &BuildSpec,
+    parent: &Parent,
+    plan: &Plan,
+    dir: &Path,
+    log: &BuildLog,
+    deadline: Instant,
+) -> Result<Arc<Template>, BuildFailure> {
+    let recipe = Recipe {
+        name: spec.name.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        disk_mib: parent.template.recipe.disk_mib,
+        apt: Vec::new(),
+        pip: Vec::new(),
+        npm: Vec::new(),
+        files: Default::default(),
+        env: plan.final_state.env.clone(),
+        start_cmd: plan.start_cmd.clone(),
+        ready_cmd: spec.ready_cmd.clone(),
+        run: Vec::new(),
+    };
+    let record = BuildRecord {
+        build_id: spec.build_id.clone(),
+        state: plan.final_state.clone(),
+        layer_key: plan.finalize_key.clone(),
+    };
+    let made = boot_into_template(
+        node,
+        dir,
+        &plan.template_key,
+        recipe,
+        &parent.template.kernel,
+        &record,
+        log,
+        StepRef::Finalize,
+        deadline,
+    )
     .await;
     match made {
         Ok(t) => Ok(Arc::new(t)),
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(dir);
             Err(e)
         }
     }
@@ -199,6 +221,7 @@ async fn boot_into_template(
     let ready_timeout = deadline
         .saturating_duration_since(Instant::now())
         .max(MIN_READY);
+    let booted = Instant::now();
     let snap = alcove_image::build::snapshot_disk(&alcove_image::build::SnapshotDisk {
         vmm: &node.cfg.vmm,
         recipe: &recipe,
@@ -220,6 +243,14 @@ async fn boot_into_template(
             ),
         )
     })?;
+    log(BuildLogEntry {
+        level: LogLevel::Info,
+        step,
+        message: format!(
+            "template snapshotted {:.1} s after its boot",
+            booted.elapsed().as_secs_f64()
+        ),
+    });
     let t = Template {
         manifest_version: alcove_image::build::manifest_version(),
         name: recipe.name.clone(),
@@ -274,7 +305,8 @@ async fn flatten(chain: &Path, out: &Path, deadline: Instant) -> Result<(), Buil
     let step = StepRef::Finalize;
     let left = deadline.saturating_duration_since(Instant::now());
     let cmd = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "raw"])
+        // `-U`: the stopped builder VM still holds its image open (and locked).
+        .args(["convert", "-q", "-U", "-O", "raw"])
         .arg(chain)
         .arg(out)
         .stdin(std::process::Stdio::null())

@@ -36,6 +36,7 @@ use std::time::Instant;
 use alcove_image::Template;
 use alcove_vmm::{QemuVmm, Vmm};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 pub use spec::{
     BuildFailure, BuildFrom, BuildLog, BuildLogEntry, BuildSpec, BuiltTemplate, ImageRegistry,
@@ -152,7 +153,11 @@ impl Node<QemuVmm> {
                 }
             }
         };
-        let result = self.build_locked(&spec, &log, t0, deadline).await;
+        let span = tracing::info_span!("build", build_id = %spec.build_id, template = %spec.name);
+        let result = self
+            .build_locked(&spec, &log, t0, deadline)
+            .instrument(span)
+            .await;
         drop(permit);
         match &result {
             Ok(b) => {
@@ -198,110 +203,103 @@ impl Node<QemuVmm> {
             return Ok(built(&t, n as u32));
         }
 
-        // The furthest point the cache can start from: after step `i` (or after finalize).
+        // The furthest point the cache can start from: after step `i`.
         let usable = plan.forced_from.min(n);
         let mut start: Option<(usize, cache::Entry)> = None; // (steps done, entry)
-        let mut finalized: Option<cache::Entry> = None;
-        if plan.forced_from == usize::MAX
-            && let Some(e) = self.usable_entry(&plan.finalize_key).await
-        {
-            finalized = Some(e);
-        }
-        if finalized.is_none() {
-            for i in (0..usable).rev() {
-                if state::makes_layer(&spec.steps[i].kind)
-                    && let Some(e) = self.usable_entry(&plan.keys[i]).await
-                {
-                    start = Some((i + 1, e));
-                    break;
-                }
+        for i in (0..usable).rev() {
+            if state::makes_layer(&spec.steps[i].kind)
+                && let Some(e) = self.usable_entry(&plan.keys[i]).await
+            {
+                start = Some((i + 1, e));
+                break;
             }
         }
-        let done = if finalized.is_some() {
-            n
-        } else {
-            start.as_ref().map_or(0, |(d, _)| *d)
-        };
+        let done = start.as_ref().map_or(0, |(d, _)| *d);
         for i in 0..done {
             say(StepRef::Step(i as u32 + 1), LogLevel::Info, "CACHED".into());
         }
 
-        let final_layer = match finalized {
-            Some(e) => e,
-            None => {
-                let builder_t0 = Instant::now();
-                let id = format!("build-{}", hex::encode(crate::node::random_bytes::<6>()));
-                let opts = CreateOptions {
-                    template: parent.template.key.clone(),
-                    id: Some(id.clone()),
-                    network: spec.network.clone(),
-                    snapshot: start.as_ref().map(|(_, e)| e.snapshot.clone()),
-                    ..Default::default()
-                };
-                let left = deadline.saturating_duration_since(Instant::now());
-                let created = tokio::time::timeout(left, self.create(opts)).await;
-                let mut guard = BuilderGuard {
-                    node: self.clone(),
-                    id: None,
-                };
-                match created {
-                    Ok(Ok(_)) => guard.id = Some(id.clone()),
-                    Ok(Err(e)) => {
-                        return Err(failure(
-                            StepRef::Base,
-                            format!("the builder VM did not start: {}", error_chain(&e)),
-                        ));
-                    }
-                    Err(_) => {
-                        // The create may still finish: its sandbox goes with the guard.
-                        guard.id = Some(id.clone());
-                        return Err(failure(
-                            StepRef::Base,
-                            "the builder VM did not start before the build's deadline",
-                        ));
-                    }
+        let dir = {
+            let builder_t0 = Instant::now();
+            let id = format!("build-{}", hex::encode(crate::node::random_bytes::<6>()));
+            let opts = CreateOptions {
+                template: parent.template.key.clone(),
+                id: Some(id.clone()),
+                network: spec.network.clone(),
+                snapshot: start.as_ref().map(|(_, e)| e.snapshot.clone()),
+                ..Default::default()
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let created = tokio::time::timeout(left, self.create(opts)).await;
+            let mut guard = BuilderGuard {
+                node: self.clone(),
+                id: None,
+            };
+            match created {
+                Ok(Ok(_)) => guard.id = Some(id.clone()),
+                Ok(Err(e)) => {
+                    return Err(failure(
+                        StepRef::Base,
+                        format!("the builder VM did not start: {}", error_chain(&e)),
+                    ));
                 }
-                say(
-                    StepRef::Base,
-                    LogLevel::Info,
-                    format!(
-                        "builder VM {id} started in {:.1} s{}",
-                        builder_t0.elapsed().as_secs_f64(),
-                        if done > 0 {
-                            format!(" from the cached layer after step {done}")
-                        } else {
-                            String::new()
-                        }
-                    ),
-                );
-                let b = Builder {
-                    node: self.clone(),
-                    id: id.clone(),
-                    log: log.clone(),
-                    deadline,
-                };
-                let steps = async {
-                    for i in done..n {
-                        let step_ref = StepRef::Step(i as u32 + 1);
-                        let st = &plan.states[i];
-                        self.run_step(&b, step_ref, &spec.steps[i].kind, st, &plan.archives[i])
-                            .await?;
-                        if state::makes_layer(&spec.steps[i].kind) {
-                            self.cache_layer(&b, step_ref, &plan.keys[i]).await?;
-                        }
-                    }
-                    finalize::finalize_guest(self, &b, &plan).await
+                Err(_) => {
+                    // The create may still finish: its sandbox goes with the guard.
+                    guard.id = Some(id.clone());
+                    return Err(failure(
+                        StepRef::Base,
+                        "the builder VM did not start before the build's deadline",
+                    ));
                 }
-                .await;
-                // Awaited on every path (the guard's drop only covers a cancelled build).
-                guard.kill().await;
-                steps?
             }
+            say(
+                StepRef::Base,
+                LogLevel::Info,
+                format!(
+                    "builder VM {id} started in {:.1} s{}",
+                    builder_t0.elapsed().as_secs_f64(),
+                    if done > 0 {
+                        format!(" from the cached layer after step {done}")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            let b = Builder {
+                node: self.clone(),
+                id: id.clone(),
+                log: log.clone(),
+                deadline,
+            };
+            let steps = async {
+                for i in done..n {
+                    let step_ref = StepRef::Step(i as u32 + 1);
+                    let st = &plan.states[i];
+                    self.run_step(&b, step_ref, &spec.steps[i].kind, st, &plan.archives[i])
+                        .await?;
+                    if state::makes_layer(&spec.steps[i].kind) {
+                        self.cache_layer(&b, step_ref, &plan.keys[i]).await?;
+                    }
+                }
+                let chain = finalize::finalize_guest(self, &b, &plan).await?;
+                finalize::flatten_into_dir(self, &plan, &chain, log, deadline).await
+            }
+            .await;
+            // Awaited on every path (the guard's drop only covers a cancelled build).
+            guard.kill().await;
+            steps?
         };
-        let t = finalize::make_template(self, spec, &parent, &plan, &final_layer, log, deadline)
-            .await?;
+        let t = finalize::boot_template(self, spec, &parent, &plan, &dir, log, deadline).await?;
         self.evict_cache(&plan.keys);
-        let _ = t0;
+        say(
+            StepRef::Finalize,
+            LogLevel::Info,
+            format!(
+                "template {} built in {:.1} s",
+                t.key,
+                t0.elapsed().as_secs_f64()
+            ),
+        );
         Ok(built(&t, done as u32))
     }
 
@@ -359,8 +357,14 @@ impl Node<QemuVmm> {
                 b.say(step, LogLevel::Info, format!("RUN {cmd}"));
                 let user = user.as_deref().unwrap_or(&st.user);
                 ensure_workdir(b, step, st).await?;
+                // bash where the template has it (E2B runs steps with bash; Debian's sh is dash),
+                // sh otherwise (small images).
+                let q = state::shell_join(std::slice::from_ref(cmd));
+                let script = format!(
+                    "if [ -x /bin/bash ]; then exec /bin/bash -c {q}; fi; exec /bin/sh -c {q}"
+                );
                 if let Some(exit) = b
-                    .exec(step, cmd, user, st.workdir.as_deref(), &st.env, &[])
+                    .exec(step, &script, user, st.workdir.as_deref(), &st.env, &[])
                     .await?
                 {
                     return Err(failure(
@@ -627,7 +631,6 @@ async fn ensure_workdir(
         r#"[ -d "$ALCOVE_DIR" ] || { mkdir -p "$ALCOVE_DIR" && chown "$ALCOVE_USER:$(id -gn "$ALCOVE_USER")" "$ALCOVE_DIR"; }"#,
         "root",
         Some("/"),
-        &Default::default(),
         &[("ALCOVE_DIR", w.clone()), ("ALCOVE_USER", st.user.clone())],
     )
     .await

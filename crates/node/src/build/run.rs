@@ -23,6 +23,9 @@ use crate::node::{Node, error_chain};
 
 /// Longest log line kept; longer ones are cut (a progress bar without newlines, a minified file).
 pub const MAX_LINE: usize = 4096;
+/// Lines one step may put in the build log; past it lines are counted, not logged (the tail of
+/// a failure still has the last ones).
+pub const MAX_STEP_LINES: usize = 10_000;
 /// Lines of a failed command's output repeated in its failure message.
 const TAIL_LINES: usize = 15;
 /// Biggest `COPY` archive accepted (the upload cap of the API is below it).
@@ -123,6 +126,7 @@ impl<V: Vmm> Builder<V> {
                 .server_stream("process.Start", "/process.Process/Start", &start, &opts)
                 .await?;
             let mut lines = Lines::default();
+            let mut logged = 0usize;
             loop {
                 let Some(msg) = stream.next().await else {
                     return Err(alcove_agent_client::ClientError::StreamEnded(
@@ -141,12 +145,28 @@ impl<V: Vmm> Builder<V> {
                             None => continue,
                         };
                         for line in lines.push(err, &bytes) {
-                            self.say(step, LogLevel::Info, line);
+                            logged += 1;
+                            if logged <= MAX_STEP_LINES {
+                                self.say(step, LogLevel::Info, line);
+                            }
                         }
                     }
                     process_event::Event::End(end) => {
                         for line in lines.finish() {
-                            self.say(step, LogLevel::Info, line);
+                            logged += 1;
+                            if logged <= MAX_STEP_LINES {
+                                self.say(step, LogLevel::Info, line);
+                            }
+                        }
+                        if logged > MAX_STEP_LINES {
+                            self.say(
+                                step,
+                                LogLevel::Warn,
+                                format!(
+                                    "{} more output lines were not logged",
+                                    logged - MAX_STEP_LINES
+                                ),
+                            );
                         }
                         let code = if end.exited { end.exit_code } else { -1 };
                         return Ok((code, end.status, lines.tail));
@@ -188,7 +208,7 @@ impl<V: Vmm> Builder<V> {
         }))
     }
 
-    /// Runs `script` and turns a non-zero exit into the step's failure.
+    /// Runs `script` (no `ENV` but `extra_env`) and turns a non-zero exit into the step's failure.
     pub async fn exec_ok(
         &self,
         step: StepRef,
@@ -196,10 +216,10 @@ impl<V: Vmm> Builder<V> {
         script: &str,
         user: &str,
         cwd: Option<&str>,
-        env: &BTreeMap<String, String>,
         extra_env: &[(&str, String)],
     ) -> Result<(), BuildFailure> {
-        match self.exec(step, script, user, cwd, env, extra_env).await? {
+        let env = BTreeMap::new();
+        match self.exec(step, script, user, cwd, &env, extra_env).await? {
             None => Ok(()),
             Some(exit) => Err(failure(
                 step,
@@ -288,7 +308,6 @@ impl<V: Vmm> Builder<V> {
                 break;
             }
         }
-        let env = BTreeMap::new();
         let mut extra: Vec<(&str, String)> = vec![("ALCOVE_DEST", dest.to_string())];
         extra.push(("ALCOVE_PARTS", parts.len().to_string()));
         self.exec_ok(
@@ -297,7 +316,6 @@ impl<V: Vmm> Builder<V> {
             r#"set -e; umask 077; : > "$ALCOVE_DEST"; i=0; while [ "$i" -lt "$ALCOVE_PARTS" ]; do cat "$ALCOVE_DEST.part$i" >> "$ALCOVE_DEST"; rm -f "$ALCOVE_DEST.part$i"; i=$((i+1)); done"#,
             "root",
             Some("/"),
-            &env,
             &extra,
         )
         .await
@@ -338,16 +356,8 @@ impl<V: Vmm> Builder<V> {
                 mode.map(|m| format!("{m:o}")).unwrap_or_default(),
             ),
         ];
-        self.exec_ok(
-            step,
-            "COPY",
-            COPY_SCRIPT,
-            "root",
-            Some("/"),
-            &BTreeMap::new(),
-            &extra,
-        )
-        .await
+        self.exec_ok(step, "COPY", COPY_SCRIPT, "root", Some("/"), &extra)
+            .await
     }
 }
 
