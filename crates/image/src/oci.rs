@@ -392,7 +392,7 @@ fn cached(dir: &Path) -> Option<ImageDisk> {
     let rec: CachedImage =
         serde_json::from_slice(&std::fs::read(dir.join("image.json")).ok()?).ok()?;
     let disk = dir.join("disk.raw");
-    disk.is_file().then(|| ImageDisk {
+    disk.is_file().then_some(ImageDisk {
         disk,
         disk_mib: rec.disk_mib,
         digest: rec.digest,

@@ -448,9 +448,10 @@ async fn busybox_image_disk_boots_the_agent() {
         .status()
         .unwrap();
     assert!(cp.success());
-    let mut perms = std::fs::metadata(&disk).unwrap().permissions();
-    perms.set_readonly(false);
-    std::fs::set_permissions(&disk, perms).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let run_dir = run.path().join("vm");
     std::fs::create_dir_all(&run_dir).unwrap();
     let spec = VmSpec {
