@@ -253,6 +253,7 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
     }
 
     std::fs::create_dir_all(&images).map_err(io(&images))?;
+    remove_stale_tmp(&images);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".tmp-{key}-"))
         .tempdir_in(&images)
@@ -307,7 +308,7 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
         reference: shown.clone(),
         source,
     })?;
-    for s in &skipped {
+    for s in skipped.iter().take(20) {
         tracing::info!(reference = %shown, entry = %s, "image entry skipped (device node, fifo or unknown type)");
     }
     line(format!(
@@ -378,6 +379,24 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
     move |e| OciError::Io(path.display().to_string(), e)
+}
+
+/// Removes what builds killed mid-way left (`.tmp-*` dirs a day old: no pull takes that long).
+fn remove_stale_tmp(images: &Path) {
+    let Ok(dir) = std::fs::read_dir(images) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+        if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn cache_key(digest: &str, agent_sha: &str, disk_mib: u32) -> String {
