@@ -338,7 +338,13 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
     let disk = tmp.path().join("disk.raw");
     line(format!("[image] making a {} MiB ext4 disk", opts.disk_mib));
     mkfs(&root, &disk, opts.disk_mib).await?;
-    std::fs::remove_dir_all(&root).map_err(io(&root))?;
+    {
+        // Gigabytes of files for a large image: off the async threads.
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&root).map_err(io(&root)))
+            .await
+            .map_err(|e| OciError::Io("the clean-up thread".into(), std::io::Error::other(e)))??;
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444))
