@@ -40,4 +40,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
+# docker-registry is for tests, which start private registries on free ports: not its service.
+if [ -d /run/systemd/system ] && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
 qemu-system-x86_64 --version | head -1 >&2

@@ -253,6 +253,7 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
     }
 
     std::fs::create_dir_all(&images).map_err(io(&images))?;
+    remove_stale_tmp(&images);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".tmp-{key}-"))
         .tempdir_in(&images)
@@ -307,7 +308,7 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
         reference: shown.clone(),
         source,
     })?;
-    for s in &skipped {
+    for s in skipped.iter().take(20) {
         tracing::info!(reference = %shown, entry = %s, "image entry skipped (device node, fifo or unknown type)");
     }
     line(format!(
@@ -337,7 +338,13 @@ async fn image_disk_inner(req: &PullRequest, opts: &OciOptions) -> Result<ImageD
     let disk = tmp.path().join("disk.raw");
     line(format!("[image] making a {} MiB ext4 disk", opts.disk_mib));
     mkfs(&root, &disk, opts.disk_mib).await?;
-    std::fs::remove_dir_all(&root).map_err(io(&root))?;
+    {
+        // Gigabytes of files for a large image: off the async threads.
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&root).map_err(io(&root)))
+            .await
+            .map_err(|e| OciError::Io("the clean-up thread".into(), std::io::Error::other(e)))??;
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444))
@@ -380,6 +387,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
     move |e| OciError::Io(path.display().to_string(), e)
 }
 
+/// Removes what builds killed mid-way left (`.tmp-*` dirs a day old: no pull takes that long).
+fn remove_stale_tmp(images: &Path) {
+    let Ok(dir) = std::fs::read_dir(images) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+        if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn cache_key(digest: &str, agent_sha: &str, disk_mib: u32) -> String {
     let mut h = Sha256::new();
     h.update(format!(
@@ -392,7 +417,7 @@ fn cached(dir: &Path) -> Option<ImageDisk> {
     let rec: CachedImage =
         serde_json::from_slice(&std::fs::read(dir.join("image.json")).ok()?).ok()?;
     let disk = dir.join("disk.raw");
-    disk.is_file().then(|| ImageDisk {
+    disk.is_file().then_some(ImageDisk {
         disk,
         disk_mib: rec.disk_mib,
         digest: rec.digest,

@@ -1,4 +1,5 @@
-//! Property-based fuzzing of template recipe files (TOML from the operator or a build request).
+//! Property-based fuzzing of template recipe files (TOML from the operator or a build request) and
+//! of OCI image layers and configs (from any registry a build names).
 //! Cases: PROPTEST_CASES (256 unless set; scripts/fuzz.sh runs 100,000).
 
 use std::collections::BTreeMap;
@@ -86,5 +87,110 @@ fn builtin_recipes_parse() {
     for n in Recipe::builtin_names() {
         let r = Recipe::builtin(n).unwrap();
         assert!(valid(&r), "{n}");
+    }
+}
+
+/// OCI layers: random entries (`..`, absolute paths, symlinks to the outside, hard links,
+/// whiteouts, device nodes) over several layers never write outside the root and never panic.
+#[path = "common/registry.rs"]
+mod registry;
+
+mod layers {
+    use super::registry::Layer;
+    use alcove_image::oci::{UnpackLimits, Unpacker};
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Entry {
+        File(String),
+        Dir(String),
+        Symlink(String, String),
+        Hardlink(String, String),
+        Device(String),
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        let comp = prop_oneof![
+            Just("a"),
+            Just("b"),
+            Just(".."),
+            Just("."),
+            Just(""),
+            Just(".wh.a"),
+            Just(".wh..wh..opq"),
+            Just("link"),
+        ];
+        (any::<bool>(), prop::collection::vec(comp, 1..5)).prop_map(|(abs, c)| {
+            let p = c.join("/");
+            if abs { format!("/{p}") } else { p }
+        })
+    }
+
+    fn target() -> impl Strategy<Value = String> {
+        prop_oneof![path(), Just("OUT".to_string()), Just("OUT/x".to_string())]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            path().prop_map(Entry::File),
+            path().prop_map(Entry::Dir),
+            (path(), target()).prop_map(|(p, t)| Entry::Symlink(p, t)),
+            (path(), target()).prop_map(|(p, t)| Entry::Hardlink(p, t)),
+            path().prop_map(Entry::Device),
+        ]
+    }
+
+    fn tar(entries: &[Entry], out: &str) -> Vec<u8> {
+        let t = |s: &str| s.replace("OUT", out);
+        let mut l = Layer::new();
+        for e in entries {
+            l = match e {
+                Entry::File(p) => l.file(p, 0o644, b"data"),
+                Entry::Dir(p) => l.dir(p),
+                Entry::Symlink(p, x) => l.symlink(p, &t(x)),
+                Entry::Hardlink(p, x) => l.hardlink(p, &t(x)),
+                Entry::Device(p) => l.device(p),
+            };
+        }
+        l.tar()
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_layers_stay_inside_the_root(
+            layers in prop::collection::vec(prop::collection::vec(entry(), 0..12), 1..4)
+        ) {
+            let t = tempfile::tempdir().unwrap();
+            let root = t.path().join("root");
+            let outside = t.path().join("outside");
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::create_dir_all(&outside).unwrap();
+            std::fs::write(outside.join("x"), b"host").unwrap();
+            let out = outside.display().to_string();
+            let mut u = Unpacker::new(&root, UnpackLimits { max_bytes: 1 << 20, max_entries: 1000 });
+            for (i, entries) in layers.iter().enumerate() {
+                if u.layer(i + 1, &tar(entries, &out)[..]).is_err() {
+                    break;
+                }
+            }
+            u.finish();
+            let names: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+            prop_assert_eq!(names, vec![std::ffi::OsString::from("x")]);
+            prop_assert_eq!(std::fs::read(outside.join("x")).unwrap(), b"host".to_vec());
+            let top: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            prop_assert_eq!(top.len(), 2);
+        }
+
+        #[test]
+        fn any_layer_bytes_fail_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let t = tempfile::tempdir().unwrap();
+            let mut u = Unpacker::new(t.path(), UnpackLimits { max_bytes: 1 << 20, max_entries: 1000 });
+            let _ = u.layer_blob(1, &bytes[..]);
+        }
+
+        #[test]
+        fn any_image_config_parses_or_fails_without_panicking(text in "\\PC{0,300}") {
+            let _ = alcove_image::oci::parse_config(text.as_bytes());
+        }
     }
 }

@@ -448,9 +448,10 @@ async fn busybox_image_disk_boots_the_agent() {
         .status()
         .unwrap();
     assert!(cp.success());
-    let mut perms = std::fs::metadata(&disk).unwrap().permissions();
-    perms.set_readonly(false);
-    std::fs::set_permissions(&disk, perms).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let run_dir = run.path().join("vm");
     std::fs::create_dir_all(&run_dir).unwrap();
     let spec = VmSpec {
@@ -483,7 +484,7 @@ async fn busybox_image_disk_boots_the_agent() {
         panic!("no ready line from the agent; console:\n{tail}");
     }
     // Commands come as `/bin/bash -l -c …` (E2B's protocol): the image has no bash, the wrapper
-    // hands them to busybox's sh; `user` exists with its home.
+    // hands them to busybox's sh; `user` exists with its home; the image's httpd serves.
     let run = async {
         let stream = tokio::net::UnixStream::connect(vm.agent_socket()).await?;
         let agent = alcove_agent_client::AgentClient::connect_channel(
@@ -498,7 +499,8 @@ async fn busybox_image_disk_boots_the_agent() {
                 args: vec![
                     "-l".into(),
                     "-c".into(),
-                    "echo hi; id -u; echo $HOME; cat /www/index.html".into(),
+                    // The image's own server (its Cmd, daemonized here) answers on loopback.
+                    "echo hi; id -u; echo $HOME; cd /www && busybox httpd -p 8080 -h /www && sleep 1 && wget -qO- http://127.0.0.1:8080/index.html".into(),
                 ],
                 user: Some("user".into()),
                 timeout: Some(Duration::from_secs(60)),

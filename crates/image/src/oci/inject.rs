@@ -384,16 +384,50 @@ pub fn prepare(root: &Path, bundle: &AgentBundle, config: &ImageConfig) -> Resul
     write_file(
         root,
         "/etc/alcove/template.json",
-        &serde_json::to_vec_pretty(&template_json(config)).expect("serialises"),
+        &serde_json::to_vec_pretty(&template_json(config, &passwd)).expect("serialises"),
         0o644,
     )?;
     Ok(())
 }
 
+/// The account commands run as by default: the image's `USER` as a name the agent can look up
+/// (`USER 1000`, `USER 0:0` are uids, mapped through the image's `passwd`), else `user`.
+pub fn default_user(config: &ImageConfig, passwd: &str) -> String {
+    let Some(u) = config
+        .user
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        return "user".into();
+    };
+    let name = u.split(':').next().unwrap_or(u);
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return if name.is_empty() {
+            "user".into()
+        } else {
+            name.to_string()
+        };
+    }
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[2] == name).then(|| f[0].to_string())
+        })
+        .unwrap_or_else(|| {
+            if name == "0" {
+                "root".into()
+            } else {
+                "user".into()
+            }
+        })
+}
+
 /// The agent's template config (`bin/alcove-agent/src/template.rs`) for an image: its env,
-/// working dir and user; no start command (the builder adds `startCmd`, and an image's
-/// `Entrypoint`/`Cmd` is the builder's to use or not).
-pub fn template_json(config: &ImageConfig) -> serde_json::Value {
+/// working dir and user ([`default_user`] over the image's `passwd`); no start command (the
+/// builder adds `startCmd`, and an image's `Entrypoint`/`Cmd` is the builder's to use or not).
+pub fn template_json(config: &ImageConfig, passwd: &str) -> serde_json::Value {
     let envs: std::collections::BTreeMap<&str, &str> = config
         .env
         .iter()
@@ -403,7 +437,7 @@ pub fn template_json(config: &ImageConfig) -> serde_json::Value {
         "start_cmd": null,
         "ready_cmd": null,
         "envs": envs,
-        "user": config.user.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "user".into()),
+        "user": default_user(config, passwd),
         "workdir": config.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/home/user".into()),
     })
 }
@@ -494,6 +528,27 @@ mod tests {
             std::fs::metadata(root.join("tmp")).unwrap().mode() & 0o7777,
             0o1777
         );
+    }
+
+    #[test]
+    fn image_users_become_names() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/sh\n";
+        let user = |u: Option<&str>| {
+            default_user(
+                &ImageConfig {
+                    user: u.map(str::to_string),
+                    ..Default::default()
+                },
+                passwd,
+            )
+        };
+        assert_eq!(user(None), "user");
+        assert_eq!(user(Some("")), "user");
+        assert_eq!(user(Some("nginx")), "nginx");
+        assert_eq!(user(Some("nginx:www")), "nginx");
+        assert_eq!(user(Some("1000")), "node");
+        assert_eq!(user(Some("0:0")), "root");
+        assert_eq!(user(Some("4242")), "user");
     }
 
     #[test]
