@@ -15,6 +15,8 @@ echo "[test] tests that need root (network namespaces, acting as other users)" >
 cargo test --locked --release --workspace --exclude alcove-node -- --ignored
 echo "[test] end-to-end tests on microVMs" >&2
 cargo test --locked --release -p alcove-node --test e2e -- --include-ignored --test-threads=2
+echo "[test] template builds in builder microVMs" >&2
+cargo test --locked --release -p alcove-node --test build -- --include-ignored --test-threads=1
 echo "[test] official E2B SDK suites (Python e2b, JS e2b) and the adversarial suite against alcove server" >&2
 ALCOVE_BIN="$PWD/target/release/alcove" tests/sdk/run.sh
 echo "[test] all passed" >&2
