@@ -35,6 +35,7 @@ PIP_PACKAGE, PIP_VERSION = "tabulate", "0.9.0"
 # A small Debian package, not in `base`.
 APT_PACKAGE = "tree"
 GREETING = "hello from a template"
+EXTRA_CA_DIR = "/usr/local/share/ca-certificates"
 # Computed by the shell at build time, so only the step's output (never the echoed command
 # line) contains it.
 STEP_MARK = "step-output-$((6*7))"
@@ -122,14 +123,28 @@ def context_dir(tmp_path_factory):
     (d / "conf" / "sub").mkdir(parents=True)
     (d / "conf" / "app.ini").write_text("[app]\nname = alcove\n")
     (d / "conf" / "sub" / "deep.txt").write_text("nested\n")
+    # CAs the host trusts beyond Debian's (a TLS-inspecting egress, as on our CI machines): the
+    # guest's pip needs them to reach PyPI, as a user behind such a proxy would add them.
+    cas = sorted(Path(EXTRA_CA_DIR).glob("*.crt")) if os.path.isdir(EXTRA_CA_DIR) else []
+    if cas:
+        (d / "extra-ca").mkdir()
+        for ca in cas:
+            (d / "extra-ca" / ca.name).write_bytes(ca.read_bytes())
     return d
+
+
+def with_host_cas(t, context_dir):
+    """Adds the host's extra CAs to a template (see context_dir), if it has any."""
+    if (Path(context_dir) / "extra-ca").is_dir():
+        t = (t.copy("extra-ca", "/usr/local/share/ca-certificates/alcove-test", user="root")
+             .run_cmd("update-ca-certificates", user="root"))
+    return t
 
 
 def full_template(context_dir):
     """Every step kind the issue lists, each with an effect a sandbox can see."""
     return (
-        Template(file_context_path=str(context_dir))
-        .from_template("base")
+        with_host_cas(Template(file_context_path=str(context_dir)).from_template("base"), context_dir)
         .copy("hello.txt", "/home/user/greeting.txt", user="user", mode=0o640)
         .copy("conf", "/opt/conf")
         .pip_install(f"{PIP_PACKAGE}=={PIP_VERSION}")
