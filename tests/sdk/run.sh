@@ -36,18 +36,14 @@ else
     # the server so the server can be told that this plain-HTTP registry is allowed.
     if [[ -f "$root/tests/registry/start.sh" ]] &&
         "$bin" server --help 2>/dev/null | grep -q -- --insecure-registry; then
-        bash "$root/tests/registry/start.sh" >"$data/registry.out" 2>"$data/registry.err" &
-        echo $! >"$data/registry.pid"
-        for _ in $(seq 1 600); do
-            reg="$(grep -oE '(127\.0\.0\.1|localhost):[0-9]+' "$data/registry.out" | head -n1 || true)"
-            [[ -n "$reg" ]] && break
-            sleep 0.5
-        done
-        if [[ -n "${reg:-}" ]]; then
+        # start.sh DIR starts the registry in the background, pushes the images, prints host:port.
+        if reg="$(bash "$root/tests/registry/start.sh" "$data/registry" 2>"$data/registry.err" | tail -n1)" &&
+            [[ -n "$reg" ]]; then
             server+=(--insecure-registry "$reg")
             export ALCOVE_SDK_REGISTRY="$reg"
         else
-            echo "tests/registry/start.sh printed no host:port; the OCI test will start its own" >&2
+            echo "tests/registry/start.sh failed (the OCI test will fail):" >&2
+            cat "$data/registry.err" >&2
         fi
     fi
     # For the CLI tests (test_cli_client.py): the same binary, as a client of this server.
@@ -104,9 +100,8 @@ cleanup() {
     # Sandboxes outlive a server by design (a restarted server re-attaches them); a test run's
     # must not outlive the run.
     pkill -9 -f "$data/state" 2>/dev/null || true
-    if [[ -s "$data/registry.pid" ]]; then
-        [[ -f "$root/tests/registry/stop.sh" ]] && bash "$root/tests/registry/stop.sh" >/dev/null 2>&1
-        kill "$(cat "$data/registry.pid")" 2>/dev/null || true
+    if [[ -d "$data/registry" ]]; then
+        bash "$root/tests/registry/stop.sh" "$data/registry" >/dev/null 2>&1 || true
     fi
     rm -rf "$data"
 }

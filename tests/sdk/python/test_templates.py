@@ -435,36 +435,24 @@ def test_upload_over_the_cap_is_413():
 
 
 @pytest.fixture(scope="module")
-def registry():
-    """host:port of the local test registry (tests/registry/start.sh, which pushes
-    alcove-test/busybox-httpd:1). run.sh may have started it already (ALCOVE_SDK_REGISTRY)."""
+def registry(tmp_path_factory):
+    """host:port of the local test registry with alcove-test/busybox-httpd:1. tests/sdk/run.sh
+    starts it before the server (which must be told it speaks plain HTTP) and exports
+    ALCOVE_SDK_REGISTRY; otherwise this starts one (tests/registry/start.sh DIR), which works only
+    if the server was started with --insecure-registry for it."""
     if os.environ.get("ALCOVE_SDK_REGISTRY"):
         yield os.environ["ALCOVE_SDK_REGISTRY"]
         return
     start = REPO / "tests" / "registry" / "start.sh"
     if not start.exists():
         pytest.skip("tests/registry/start.sh is absent (the OCI branch adds it)")
-    proc = subprocess.Popen(["bash", str(start)], stdout=subprocess.PIPE, text=True)
-    addr = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"\b((?:127\.0\.0\.1|localhost|\[::1\]):\d+)\b", line)
-        if m:
-            addr = m.group(1)
-            break
+    d = tmp_path_factory.mktemp("registry") / "r"
+    out = subprocess.run(["bash", str(start), str(d)], capture_output=True, text=True, timeout=900)
     try:
-        assert addr, "tests/registry/start.sh printed no host:port"
-        yield addr
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+        yield out.stdout.strip().splitlines()[-1]
     finally:
-        stop = REPO / "tests" / "registry" / "stop.sh"
-        if stop.exists():
-            subprocess.run(["bash", str(stop)], timeout=60)
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        subprocess.run(["bash", str(REPO / "tests" / "registry" / "stop.sh"), str(d)], timeout=60)
 
 
 def test_oci_image_becomes_a_template_serving_its_cmd(registry):
