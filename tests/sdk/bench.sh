@@ -4,6 +4,7 @@
 #
 #   tests/sdk/bench.sh                    all modes: create burst code chart
 #   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
+#   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)
 # Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
 # base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
 set -euo pipefail

@@ -32,6 +32,20 @@ else
     bin="${ALCOVE_BIN:-$root/target/debug/alcove}"
     [[ -n "${ALCOVE_BIN:-}" ]] || cargo build --quiet --manifest-path "$root/Cargo.toml" -p alcove
     server=("$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state")
+    # The OCI test (test_templates.py): the local registry with the test image, started before
+    # the server so the server can be told that this plain-HTTP registry is allowed.
+    if [[ -f "$root/tests/registry/start.sh" ]] &&
+        "$bin" server --help 2>/dev/null | grep -q -- --insecure-registry; then
+        # start.sh DIR starts the registry in the background, pushes the images, prints host:port.
+        if reg="$(bash "$root/tests/registry/start.sh" "$data/registry" 2>"$data/registry.err" | tail -n1)" &&
+            [[ -n "$reg" ]]; then
+            server+=(--insecure-registry "$reg")
+            export ALCOVE_SDK_REGISTRY="$reg"
+        else
+            echo "tests/registry/start.sh failed (the OCI test will fail):" >&2
+            cat "$data/registry.err" >&2
+        fi
+    fi
     # For the CLI tests (test_cli_client.py): the same binary, as a client of this server.
     export ALCOVE_BIN="$bin"
 fi
@@ -86,6 +100,9 @@ cleanup() {
     # Sandboxes outlive a server by design (a restarted server re-attaches them); a test run's
     # must not outlive the run.
     pkill -9 -f "$data/state" 2>/dev/null || true
+    if [[ -d "$data/registry" ]]; then
+        bash "$root/tests/registry/stop.sh" "$data/registry" >/dev/null 2>&1 || true
+    fi
     rm -rf "$data"
 }
 trap cleanup EXIT

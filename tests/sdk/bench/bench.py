@@ -10,6 +10,11 @@ docs/benchmarks.md, not in tests).
   chart    code-interpreter-v1: a matplotlib line chart round trip on a live sandbox
   net      base: guest -> host through the egress proxy: request latency (new connection each)
            and download throughput, measured in the guest (needs bench.sh's test address)
+  template custom templates (Template.build): a build from base + one pip package + one copied
+           file (skip_cache, so every step runs), the time of that pip install inside a running
+           sandbox (the download's share), an unchanged rebuild (all cache hits), and create ->
+           first command from the built template vs from base, interleaved (run with
+           ALCOVE_WARM_POOL="" so neither comes from a warm pool)
 
 Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
 """
@@ -222,7 +227,7 @@ def bench_net(n, mib=100):
     srv = http.server.ThreadingHTTPServer(("198.51.100.2", 0), H)
     port = srv.server_address[1]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    sbx = Sandbox.create("base", timeout=600)
+    sbx = Sandbox.create(parent, timeout=600)
     try:
         sbx.files.write("/tmp/netbench.py", NET_GUEST)
         r = sbx.commands.run(f"python3 /tmp/netbench.py 198.51.100.2 {port} {n} {mib}", timeout=600)
@@ -236,6 +241,102 @@ def bench_net(n, mib=100):
         srv.shutdown()
 
 
+BENCH_PIP = "tabulate==0.9.0"
+EXTRA_CA_DIR = "/usr/local/share/ca-certificates"
+
+
+def bench_template(n):
+    import tempfile
+
+    from e2b import Sandbox, Template
+
+    pools = {k: v for k, v in warm_pool().items() if v.get("target")}
+    ctx = tempfile.mkdtemp(prefix="alcove-bench-template-")
+    with open(os.path.join(ctx, "data.txt"), "w") as f:
+        f.write("benchmark\n")
+    name = f"bench-tpl-{os.getpid()}"
+
+    # The host's extra CAs (a TLS-inspecting egress, as on our CI machines), which the guest's pip
+    # needs to reach PyPI, go into a parent template first so they are not part of what is timed.
+    parent = "base"
+    cas = [f for f in sorted(os.listdir(EXTRA_CA_DIR)) if f.endswith(".crt")] \
+        if os.path.isdir(EXTRA_CA_DIR) else []
+    if cas:
+        os.makedirs(os.path.join(ctx, "extra-ca"))
+        for f in cas:
+            with open(os.path.join(EXTRA_CA_DIR, f), "rb") as src, \
+                    open(os.path.join(ctx, "extra-ca", f), "wb") as dst:
+                dst.write(src.read())
+        parent = f"bench-tpl-parent-{os.getpid()}"
+        Template.build(Template(file_context_path=ctx).from_template("base")
+                       .copy("extra-ca", "/usr/local/share/ca-certificates/alcove-bench", user="root")
+                       .run_cmd("update-ca-certificates", user="root"), parent)
+
+    def template():
+        return (Template(file_context_path=ctx).from_template(parent)
+                .pip_install(BENCH_PIP).copy("data.txt", "/home/user/data.txt"))
+
+    def timed_build(**kw):
+        t0 = time.perf_counter()
+        Template.build(template(), name, **kw)
+        return time.perf_counter() - t0
+
+    builds = [timed_build(skip_cache=True) for _ in range(max(1, n // 5))]
+    summary(f"template build: {parent} + 1 pip + 1 copy (skip_cache)", builds)
+
+    # The download's share: the same pip install in a running sandbox of base, through the same
+    # egress proxy, no pip cache.
+    sbx = Sandbox.create(parent, timeout=600)
+    try:
+        pip = []
+        for _ in range(max(1, n // 5)):
+            t0 = time.perf_counter()
+            r = sbx.commands.run(f"sudo pip install --no-cache-dir -q {BENCH_PIP}", timeout=300)
+            pip.append(time.perf_counter() - t0)
+            assert r.exit_code == 0, r.stderr
+            sbx.commands.run(f"sudo pip uninstall -y -q {BENCH_PIP.split('==')[0]}", timeout=120)
+        summary(f"template: the same pip install inside a running {parent} sandbox", pip)
+        # The same install from a wheel already in the sandbox: the rest is the download (and
+        # the index look-up).
+        sbx.commands.run(f"pip download -q --no-deps -d /tmp/wheels {BENCH_PIP}", timeout=300)
+        offline = []
+        for _ in range(max(1, n // 5)):
+            t0 = time.perf_counter()
+            r = sbx.commands.run(f"sudo pip install --no-index --find-links /tmp/wheels -q {BENCH_PIP}",
+                                 timeout=300)
+            offline.append(time.perf_counter() - t0)
+            assert r.exit_code == 0, r.stderr
+            sbx.commands.run(f"sudo pip uninstall -y -q {BENCH_PIP.split('==')[0]}", timeout=120)
+        summary("template: that pip install from a local wheel (no download)", offline,
+                {"download_share_p50": round(1 - statistics.median(offline) / statistics.median(pip), 2)})
+    finally:
+        sbx.kill()
+
+    summary("template unchanged rebuild (cache hits)", [timed_build() for _ in range(n)])
+
+    def create_first(tpl):
+        t0 = time.perf_counter()
+        s = Sandbox.create(tpl, timeout=120)
+        try:
+            out = s.commands.run("echo ok").stdout.strip()
+            dt = time.perf_counter() - t0
+            assert out == "ok", out
+            return dt
+        finally:
+            s.kill()
+
+    create_first(name), create_first("base")  # warm the host's caches for both
+    custom, base = [], []
+    for _ in range(n):  # interleaved, so drift in the host's load hits both alike
+        custom.append(create_first(name))
+        base.append(create_first("base"))
+    extra = {"warm_pools": pools} if pools else {}
+    b = summary("sdk create -> first command (base)", base, extra)
+    c = summary("sdk create -> first command (freshly built template)", custom,
+                {"ratio_p50": round(statistics.median(custom) / statistics.median(base), 2), **extra})
+    return b, c
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
@@ -244,7 +345,8 @@ def main():
     args = ap.parse_args()
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
-         "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n)}[m]()
+         "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
+         "template": lambda: bench_template(args.n)}[m]()
 
 
 if __name__ == "__main__":
