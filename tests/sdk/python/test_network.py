@@ -1,7 +1,7 @@
 """Sandbox networks through the official SDK: egress rules at create and live, DNS, the operator's
 reserved ranges.
 
-The "internet" is this test's own: a DNS zone on 198.51.100.2:5353 (the server's upstream, set by
+The "internet" is this test's own: a DNS zone on 198.51.100.2:5353 (conftest.py; the server's upstream, set by
 run.sh) answering a.test -> 198.51.100.2 and b.test -> 198.51.100.3, and HTTP servers on those
 addresses; 198.51.100.1 stands for a service of the host that no sandbox may reach. run.sh puts
 the addresses on a veth and tells the server to trust 198.51.100.2/31 only.
@@ -10,7 +10,6 @@ the addresses on a veth and tells the server to trust 198.51.100.2/31 only.
 import http.server
 import os
 import socket
-import struct
 import subprocess
 import threading
 from urllib.parse import urlparse
@@ -19,36 +18,6 @@ import pytest
 from e2b import ALL_TRAFFIC, Sandbox
 
 from conftest import TEMPLATE
-
-ZONE = {"a.test": "198.51.100.2", "b.test": "198.51.100.3"}
-
-
-def dns_server():
-    """A minimal authoritative server for ZONE (A records; NXDOMAIN otherwise)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("198.51.100.2", 5353))
-
-    def serve():
-        while True:
-            q, addr = s.recvfrom(1500)
-            qid, _flags, qd = struct.unpack(">HHH", q[:6])
-            i, labels = 12, []
-            while q[i]:
-                labels.append(q[i + 1 : i + 1 + q[i]].decode())
-                i += 1 + q[i]
-            qtype = struct.unpack(">H", q[i + 1 : i + 3])[0]
-            question = q[12 : i + 5]
-            ip = ZONE.get(".".join(labels).lower())
-            answers = b""
-            if ip and qtype == 1:
-                answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-            rcode = 0 if ip else 3
-            head = struct.pack(">HHHHHH", qid, 0x8180 | rcode, 1, 1 if answers else 0, 0, 0)
-            s.sendto(head + question + answers, addr)
-
-    threading.Thread(target=serve, daemon=True).start()
-
 
 def http_server(ip, tag):
     class H(http.server.BaseHTTPRequestHandler):
@@ -92,7 +61,7 @@ def tls_sink(ip):
 def internet():
     if os.environ.get("ALCOVE_DNS_UPSTREAM") != "198.51.100.2:5353":
         pytest.skip("the test internet is set up by tests/sdk/run.sh")
-    dns_server()
+    # Its DNS zone is conftest.py's `test_internet_dns` (session-wide).
     for ip, tag in [("198.51.100.1", "host"), ("198.51.100.2", "a"), ("198.51.100.3", "b")]:
         http_server(ip, tag)
     tls_sink("198.51.100.2")
