@@ -177,6 +177,30 @@ async fn a_build_uploads_runs_and_its_template_creates_sandboxes_by_name_and_tag
     assert_error(&r, 403, "template_forbidden");
     let r = api.post("/v3/templates", json!({"name": "base"})).await;
     assert_error(&r, 409, "template_name_taken");
+    // Made public, other teams create from it (and still can't change it).
+    let r = api
+        .send(
+            "PATCH",
+            &format!("/v2/templates/{tid}"),
+            &[],
+            json!({"public": true}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.json["names"], json!(["my-app"]));
+    let r = api2
+        .post("/sandboxes", json!({"templateID": "my-app"}))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+    let r = api2
+        .send(
+            "PATCH",
+            &format!("/templates/{tid}"),
+            &[],
+            json!({"public": false}).to_string().into_bytes(),
+        )
+        .await;
+    assert_error(&r, 403, "template_forbidden");
 
     // A rebuild of the name reuses the template; the first build, superseded but tagged v1,
     // stays until its tag goes.

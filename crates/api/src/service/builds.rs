@@ -842,6 +842,23 @@ impl Service {
             .collect())
     }
 
+    /// `PATCH /templates/{id}`: public or private.
+    pub async fn update_template(
+        &self,
+        team_id: &str,
+        id: &str,
+        req: models::TemplateUpdateRequest,
+    ) -> Result<models::TemplateUpdateResponse, ApiError> {
+        let t = self.own_template(team_id, id).await?;
+        if let Some(public) = req.public {
+            let tid = t.id.clone();
+            self.db(move |s| s.set_template_public(&tid, public))
+                .await?;
+            tracing::info!(template_id = %t.id, public, "template visibility changed");
+        }
+        Ok(models::TemplateUpdateResponse { names: t.aliases })
+    }
+
     /// `DELETE /templates/{id}` of a team's template: gone from listings and creates at once;
     /// sandboxes made from it keep running, and its files go once none needs them.
     pub async fn delete_team_template(&self, team_id: &str, id: &str) -> Result<(), ApiError> {
