@@ -161,9 +161,14 @@ pub async fn file_link(
 pub async fn upload(
     State(svc): State<AppState>,
     Path(token): Path<String>,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
-    svc.upload_template_file(&token, body).await?;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    svc.upload_template_file(&token, declared, body).await?;
     Ok(StatusCode::OK)
 }
 
