@@ -725,3 +725,19 @@ pub struct TemplateTag {
     #[serde(rename = "createdAt")]
     pub created_at: String,
 }
+
+/// Body of `PATCH /templates/{templateID}` and `PATCH /v2/templates/{templateID}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateUpdateRequest {
+    /// `true`: every team may create sandboxes from it (and build on it); only the owner
+    /// changes or deletes it.
+    #[serde(default)]
+    pub public: Option<bool>,
+}
+
+/// Answer of `PATCH /v2/templates/{templateID}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateUpdateResponse {
+    pub names: Vec<String>,
+}

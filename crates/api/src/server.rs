@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 
 use alcove_store::{DB_FILE, Store};
 use tracing::Instrument;
@@ -379,7 +379,11 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
         .route("/default-templates", get(t::defaults))
-        .route("/templates/{templateID}", get(t::get).delete(t::delete))
+        .route(
+            "/templates/{templateID}",
+            get(t::get).delete(t::delete).patch(t::update_v1),
+        )
+        .route("/v2/templates/{templateID}", patch(t::update))
         .route("/templates/aliases/{alias}", get(t::alias))
         .route("/v3/templates", post(t::request_build))
         .route("/templates/{templateID}/files/{hash}", get(t::file_link))

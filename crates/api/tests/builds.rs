@@ -177,6 +177,30 @@ async fn a_build_uploads_runs_and_its_template_creates_sandboxes_by_name_and_tag
     assert_error(&r, 403, "template_forbidden");
     let r = api.post("/v3/templates", json!({"name": "base"})).await;
     assert_error(&r, 409, "template_name_taken");
+    // Made public, other teams create from it (and still can't change it).
+    let r = api
+        .send(
+            "PATCH",
+            &format!("/v2/templates/{tid}"),
+            &[],
+            json!({"public": true}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.json["names"], json!(["my-app"]));
+    let r = api2
+        .post("/sandboxes", json!({"templateID": "my-app"}))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+    let r = api2
+        .send(
+            "PATCH",
+            &format!("/templates/{tid}"),
+            &[],
+            json!({"public": false}).to_string().into_bytes(),
+        )
+        .await;
+    assert_error(&r, 403, "template_forbidden");
 
     // A rebuild of the name reuses the template; the first build, superseded but tagged v1,
     // stays until its tag goes.
@@ -276,21 +300,67 @@ async fn bad_builds_get_clear_errors_and_failures_name_their_step() {
         ..server.client()
     };
     let p = url.strip_prefix(&anon.base).unwrap().to_owned();
+    // Declared too large: refused before reading, and the URL is not used up.
     let r = anon.send("PUT", &p, &[], vec![0u8; 2000]).await;
     assert_error(&r, 413, "upload_too_large");
-    let r = anon.send("PUT", &p, &[], vec![0u8; 10]).await;
+    // Streamed past the cap without a declared size.
+    let r2 = api.get(&format!("/templates/{tid}/files/{HASH}")).await;
+    let p2 = r2.json["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix(&anon.base)
+        .unwrap()
+        .to_owned();
+    let chunked = {
+        use http_body_util::BodyExt;
+        let chunks = futures::stream::iter((0..4).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                0u8;
+                500
+            ])))
+        }));
+        let body = http_body_util::StreamBody::new(chunks).boxed();
+        let client = hyper_util::client::legacy::Client::builder(
+            hyper_util::rt::TokioExecutor::new(),
+        )
+        .build_http::<http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>>(
+        );
+        let resp = client
+            .request(
+                http::Request::put(format!("{}{p2}", anon.base))
+                    .body(body)
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    };
+    assert_eq!(chunked, 413);
+    let r = anon.send("PUT", &p2, &[], vec![0u8; 10]).await;
     assert_error(&r, 403, "upload_url_rejected");
+    let r = anon.send("PUT", &p, &[], vec![0u8; 10]).await;
+    assert_eq!(
+        r.status, 200,
+        "the first URL was not used by the refused upload: {:?}",
+        r.json
+    );
+    let p = p2;
     let tampered = p.replace(HASH, &"f".repeat(64));
     let r = anon.send("PUT", &tampered, &[], vec![0u8; 10]).await;
     assert_error(&r, 403, "upload_url_rejected");
-    assert!(
-        !dir.path()
-            .join("template-files")
-            .read_dir()
-            .unwrap()
-            .flatten()
-            .any(|team| team.path().join(HASH).exists())
-    );
+    // The refused uploads left nothing behind: only the 10 accepted bytes.
+    let stored: Vec<_> = std::fs::read_dir(dir.path().join("template-files"))
+        .unwrap()
+        .flatten()
+        .flat_map(|team| std::fs::read_dir(team.path()).unwrap().flatten())
+        .map(|f| {
+            (
+                f.file_name().into_string().unwrap(),
+                f.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(stored, [(HASH.to_string(), 10)]);
 
     // A failing step: error status, the step's index, its log lines.
     let r = api

@@ -488,6 +488,15 @@ impl Store {
             .optional()?)
     }
 
+    /// Makes a team's template usable by every team (`public`) or by its own only.
+    pub fn set_template_public(&self, template_id: &str, public: bool) -> Result<()> {
+        self.conn().execute(
+            "UPDATE templates SET public = ?2, updated_at = ?3 WHERE id = ?1 AND team_id IS NOT NULL",
+            params![template_id, public, now_ms()],
+        )?;
+        Ok(())
+    }
+
     /// Deletes a team's template: its row, aliases and tags. Its builds stay (marked by the
     /// caller once their files are handed back) so running sandboxes keep their records.
     pub fn delete_team_template(&self, template_id: &str) -> Result<()> {

@@ -10,7 +10,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::models::{
     AssignTemplateTagsRequest, AssignedTemplateTags, DeleteTemplateTagsRequest, Template,
     TemplateAliasResponse, TemplateBuildFileUpload, TemplateBuildInfo, TemplateBuildRequestV3,
-    TemplateBuildStartV2, TemplateRequestResponseV3, TemplateTag, TemplateWithBuilds,
+    TemplateBuildStartV2, TemplateRequestResponseV3, TemplateTag, TemplateUpdateRequest,
+    TemplateUpdateResponse, TemplateWithBuilds,
 };
 
 #[utoipa::path(get, path = "/templates", tag = "templates",
@@ -160,9 +161,14 @@ pub async fn file_link(
 pub async fn upload(
     State(svc): State<AppState>,
     Path(token): Path<String>,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
-    svc.upload_template_file(&token, body).await?;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    svc.upload_template_file(&token, declared, body).await?;
     Ok(StatusCode::OK)
 }
 
@@ -262,4 +268,38 @@ pub async fn tags(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<TemplateTag>>, ApiError> {
     Ok(Json(svc.template_tags(&team, &id).await?))
+}
+
+#[utoipa::path(patch, path = "/v2/templates/{templateID}", tag = "templates",
+    params(("templateID" = String, Path, description = "Template id or name")),
+    request_body = TemplateUpdateRequest,
+    responses(
+        (status = 200, description = "Updated", body = TemplateUpdateResponse),
+        (status = 403, description = "Another team's template", body = ErrorBody),
+        (status = 404, description = "Unknown template", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn update(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<TemplateUpdateRequest>,
+) -> Result<Json<TemplateUpdateResponse>, ApiError> {
+    Ok(Json(svc.update_template(&team, &id, body).await?))
+}
+
+/// The same as `PATCH /v2/templates/{templateID}` (older SDKs).
+#[utoipa::path(patch, path = "/templates/{templateID}", tag = "templates",
+    params(("templateID" = String, Path, description = "Template id or name")),
+    request_body = TemplateUpdateRequest,
+    responses(
+        (status = 200, description = "Updated", body = TemplateUpdateResponse),
+        (status = 404, description = "Unknown template", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn update_v1(
+    state: State<AppState>,
+    team: Team,
+    id: Path<String>,
+    body: ApiJson<TemplateUpdateRequest>,
+) -> Result<Json<TemplateUpdateResponse>, ApiError> {
+    update(state, team, id, body).await
 }

@@ -344,12 +344,19 @@ impl Service {
     pub async fn upload_template_file(
         &self,
         token: &str,
+        declared_len: Option<u64>,
         body: axum::body::Body,
     ) -> Result<(), ApiError> {
         use http_body_util::BodyExt;
         use tokio::io::AsyncWriteExt;
         let files = self.files()?;
         let (team, hash, expires, nonce) = files.check(token)?;
+        // A declared size over the cap is refused before any of it is read (and before the URL
+        // is used up, so a smaller retry with the same URL works).
+        let limit = self.limits.max_upload_bytes;
+        if declared_len.is_some_and(|n| n > limit) {
+            return Err(ApiError::UploadTooLarge { limit });
+        }
         let fresh = self
             .db(move |s| s.use_upload_nonce(&nonce, expires))
             .await?;
@@ -840,6 +847,23 @@ impl Service {
                 created_at: rfc3339(g.created_at),
             })
             .collect())
+    }
+
+    /// `PATCH /templates/{id}`: public or private.
+    pub async fn update_template(
+        &self,
+        team_id: &str,
+        id: &str,
+        req: models::TemplateUpdateRequest,
+    ) -> Result<models::TemplateUpdateResponse, ApiError> {
+        let t = self.own_template(team_id, id).await?;
+        if let Some(public) = req.public {
+            let tid = t.id.clone();
+            self.db(move |s| s.set_template_public(&tid, public))
+                .await?;
+            tracing::info!(template_id = %t.id, public, "template visibility changed");
+        }
+        Ok(models::TemplateUpdateResponse { names: t.aliases })
     }
 
     /// `DELETE /templates/{id}` of a team's template: gone from listings and creates at once;
