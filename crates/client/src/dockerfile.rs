@@ -379,11 +379,7 @@ impl<'a> Converter<'a> {
                     return Err(err("WORKDIR takes one argument: a directory".into()));
                 }
                 // A relative WORKDIR is relative to the previous one, as in Docker.
-                let path = if path.starts_with('/') {
-                    path
-                } else {
-                    format!("{}/{path}", self.workdir.trim_end_matches('/'))
-                };
+                let path = absolute(&self.workdir, &path);
                 self.workdir = path.clone();
                 self.workdir_set = true;
                 self.push(line, Step::Workdir { path });
@@ -467,11 +463,7 @@ impl<'a> Converter<'a> {
             )));
         }
         // A relative destination is relative to WORKDIR, as in Docker.
-        let dest = if dest.starts_with('/') {
-            dest
-        } else {
-            format!("{}/{dest}", self.workdir.trim_end_matches('/'))
-        };
+        let dest = absolute(&self.workdir, &dest);
         for s in sources {
             let src = expand(s, &self.vars).map_err(err)?;
             check_source(&src).map_err(err)?;
@@ -510,6 +502,32 @@ impl<'a> Converter<'a> {
         };
         (!command.trim().is_empty()).then_some(command)
     }
+}
+
+/// `path` made absolute against `base` and cleaned of `.` and `..`; a trailing `/` (a directory
+/// destination) is kept.
+fn absolute(base: &str, path: &str) -> String {
+    let joined = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("{base}/{path}")
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for p in joined.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = format!("/{}", parts.join("/"));
+    let dir = path.ends_with('/') || path.ends_with("/.") || path == ".";
+    if dir && !out.ends_with('/') {
+        out.push('/');
+    }
+    out
 }
 
 fn span_start(ins: &Instruction) -> usize {
@@ -824,7 +842,7 @@ mod tests {
     #[test]
     fn copy_and_add_local_files() {
         let p = plan(
-            "FROM base\nWORKDIR /w\nCOPY --chown=user:user --chmod=755 a.txt dir /app/\nCOPY b.txt rel\nADD c.txt /c.txt\nADD [\"d e.txt\", \"/d/\"]\n",
+            "FROM base\nWORKDIR /w\nCOPY --chown=user:user --chmod=755 a.txt dir /app/\nCOPY b.txt rel\nCOPY e.txt ./\nCOPY f.txt ../up/\nADD c.txt /c.txt\nADD [\"d e.txt\", \"/d/\"]\n",
         );
         let copies: Vec<Vec<String>> = body(&p)
             .iter()
@@ -837,6 +855,8 @@ mod tests {
                 vec!["a.txt", "/app/", "user:user", "0755"],
                 vec!["dir", "/app/", "user:user", "0755"],
                 vec!["b.txt", "/w/rel", "", ""],
+                vec!["e.txt", "/w/", "", ""],
+                vec!["f.txt", "/up/", "", ""],
                 vec!["c.txt", "/c.txt", "", ""],
                 vec!["d e.txt", "/d/", "", ""],
             ]
