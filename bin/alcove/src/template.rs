@@ -212,8 +212,13 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
             },
         } => crate::client::build::list(&remote.client(g)?, g.json, &mut std::io::stdout()).await,
         TemplateCmd::Rm { template, remote } => {
-            crate::client::build::remove(&remote.client(g)?, &template, g.json, &mut std::io::stdout())
-                .await
+            crate::client::build::remove(
+                &remote.client(g)?,
+                &template,
+                g.json,
+                &mut std::io::stdout(),
+            )
+            .await
         }
         TemplateCmd::Logs {
             template,

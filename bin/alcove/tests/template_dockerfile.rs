@@ -35,8 +35,10 @@ async fn request(State(f): S, Json(body): Json<Value>) -> (StatusCode, Json<Valu
     f.lock().unwrap().requests.push(body);
     (
         StatusCode::ACCEPTED,
-        Json(json!({"templateID": "tpl1", "buildID": "b1", "public": false,
-                    "names": [name], "tags": ["default"], "aliases": [name]})),
+        Json(
+            json!({"templateID": "tpl1", "buildID": "b1", "public": false,
+                    "names": [name], "tags": ["default"], "aliases": [name]}),
+        ),
     )
 }
 
@@ -58,7 +60,12 @@ async fn files(State(f): S, Path((_t, hash)): Path<(String, String)>) -> (Status
     (StatusCode::CREATED, Json(v))
 }
 
-async fn upload(State(f): S, Path(hash): Path<String>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn upload(
+    State(f): S,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let mut names = Vec::new();
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&body[..]));
     for e in ar.entries().unwrap() {
@@ -82,10 +89,15 @@ async fn status(State(f): S, Query(q): Query<HashMap<String, String>>) -> Json<V
     let mut f = f.lock().unwrap();
     f.status_calls += 1;
     let log: Vec<Value> = (1..=5)
-        .map(|i| json!({"timestamp": "2026-12-02T00:00:00Z", "level": "info",
-                        "message": format!("line {i}"), "step": (i % 3 + 1).to_string()}))
+        .map(|i| {
+            json!({"timestamp": "2026-12-02T00:00:00Z", "level": "info",
+                        "message": format!("line {i}"), "step": (i % 3 + 1).to_string()})
+        })
         .collect();
-    let offset: usize = q.get("logsOffset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let offset: usize = q
+        .get("logsOffset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
     // Pages of two: the CLI must keep reading after the build ended.
     let page: Vec<Value> = log.iter().skip(offset).take(2).cloned().collect();
     let done = f.status_calls > 2;
@@ -161,56 +173,75 @@ async fn dockerfile_build_speaks_the_sdks_wire_format() {
     std::fs::write(d.join(".dockerignore"), "*.pyc\n**/*.pyc\n").unwrap();
     let df = d.join("Dockerfile");
     let args = [
-        "--json", "build", "mine:v2", "--dockerfile", df.to_str().unwrap(), "--tag", "latest",
-        "--build-arg", "V=2", "--cpu", "2", "--memory-mb", "768",
+        "--json",
+        "build",
+        "mine:v2",
+        "--dockerfile",
+        df.to_str().unwrap(),
+        "--tag",
+        "latest",
+        "--build-arg",
+        "V=2",
+        "--cpu",
+        "2",
+        "--memory-mb",
+        "768",
     ];
     let (code, out, err) = alcove(&url, &args).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let evs = events(&out);
     assert_eq!(evs.last().unwrap()["event"], "done", "{out}");
-    assert_eq!(evs.iter().filter(|e| e["event"] == "log").count(), 5, "every page read: {out}");
+    assert_eq!(
+        evs.iter().filter(|e| e["event"] == "log").count(),
+        5,
+        "every page read: {out}"
+    );
 
-    let f = fake.lock().unwrap();
-    assert_eq!(
-        f.requests[0],
-        json!({"name": "mine:v2", "tags": ["latest"], "cpuCount": 2, "memoryMB": 768})
-    );
-    let start = &f.starts[0];
-    assert_eq!(start["fromTemplate"], "base");
-    assert!(start.get("fromImage").is_none());
-    assert_eq!(start["startCmd"], "python3 -m http.server");
-    assert_eq!(start["readyCmd"], "sleep 20");
-    assert_eq!(start["force"], false);
-    let steps: Vec<(String, Value)> = start["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["type"].as_str().unwrap().to_owned(), s["args"].clone()))
-        .collect();
-    assert_eq!(
-        steps,
-        vec![
-            ("USER".into(), json!(["root"])),
-            ("WORKDIR".into(), json!(["/"])),
-            ("ENV".into(), json!(["A", "2"])),
-            ("WORKDIR".into(), json!(["/app"])),
-            ("COPY".into(), json!(["app", "/app/", "", ""])),
-            ("COPY".into(), json!(["one.txt", "/app/", "", ""])),
-            ("USER".into(), json!(["user"])),
-            ("RUN".into(), json!(["export V=2\necho 'x y'"])),
-        ]
-    );
-    let hashes: Vec<String> = start["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["filesHash"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(hashes.len(), 2);
-    assert_eq!(f.uploads[&hashes[0]], ["app", "app/main.py"]);
-    assert_eq!(f.uploads[&hashes[1]], ["one.txt"]);
-    assert!(!f.upload_had_key, "the signed URL is used without the API key");
-    drop(f);
+    {
+        let f = fake.lock().unwrap();
+        assert_eq!(
+            f.requests[0],
+            json!({"name": "mine:v2", "tags": ["latest"], "cpuCount": 2, "memoryMB": 768})
+        );
+        let start = &f.starts[0];
+        assert_eq!(start["fromTemplate"], "base");
+        assert!(start.get("fromImage").is_none());
+        assert_eq!(start["startCmd"], "python3 -m http.server");
+        assert_eq!(start["readyCmd"], "sleep 20");
+        assert_eq!(start["force"], false);
+        let steps: Vec<(String, Value)> = start["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["type"].as_str().unwrap().to_owned(), s["args"].clone()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                ("USER".into(), json!(["root"])),
+                ("WORKDIR".into(), json!(["/"])),
+                ("ENV".into(), json!(["A", "2"])),
+                ("WORKDIR".into(), json!(["/app"])),
+                ("COPY".into(), json!(["app", "/app/", "", ""])),
+                ("COPY".into(), json!(["one.txt", "/app/", "", ""])),
+                ("USER".into(), json!(["user"])),
+                ("RUN".into(), json!(["export V=2\necho 'x y'"])),
+            ]
+        );
+        let hashes: Vec<String> = start["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["filesHash"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(f.uploads[&hashes[0]], ["app", "app/main.py"]);
+        assert_eq!(f.uploads[&hashes[1]], ["one.txt"]);
+        assert!(
+            !f.upload_had_key,
+            "the signed URL is used without the API key"
+        );
+    }
 
     // Unchanged: the server has both archives, nothing is sent again, the hashes are the same.
     fake.lock().unwrap().status_calls = 0;
@@ -234,7 +265,11 @@ async fn a_failed_build_exits_non_zero_naming_step_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let df = dir.path().join("Dockerfile");
     std::fs::write(&df, "FROM python:3.12-slim\nRUN exit 7\n").unwrap();
-    let (code, out, err) = alcove(&url, &["build", "app", "--dockerfile", df.to_str().unwrap()]).await;
+    let (code, out, err) = alcove(
+        &url,
+        &["build", "app", "--dockerfile", df.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         err.contains("step 3 (Dockerfile line 2: RUN exit 7)")
@@ -242,16 +277,34 @@ async fn a_failed_build_exits_non_zero_naming_step_and_line() {
         "{err}"
     );
     // Not a template the server knows: an image.
-    let f = fake.lock().unwrap();
-    assert_eq!(f.starts[0]["fromImage"], "python:3.12-slim");
-    drop(f);
+    assert_eq!(
+        fake.lock().unwrap().starts[0]["fromImage"],
+        "python:3.12-slim"
+    );
 
     fake.lock().unwrap().status_calls = 0;
-    let (code, out, _) =
-        alcove(&url, &["--json", "build", "app", "--dockerfile", df.to_str().unwrap()]).await;
+    let (code, out, _) = alcove(
+        &url,
+        &[
+            "--json",
+            "build",
+            "app",
+            "--dockerfile",
+            df.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert_eq!(code, 1);
     let evs = events(&out);
-    let e = evs.iter().find(|e| e["event"] == "error").expect("an error event");
+    let e = evs
+        .iter()
+        .find(|e| e["event"] == "error")
+        .expect("an error event");
     assert_eq!(e["step"], "3");
-    assert!(evs.last().unwrap()["error"].as_str().unwrap().contains("line 2"));
+    assert!(
+        evs.last().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("line 2")
+    );
 }

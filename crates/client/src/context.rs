@@ -23,11 +23,15 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
-    #[error("the build context {0} is not a directory: pass the directory COPY sources are in with --context")]
+    #[error(
+        "the build context {0} is not a directory: pass the directory COPY sources are in with --context"
+    )]
     NotADir(PathBuf),
     #[error("reading {0}")]
     Read(PathBuf, #[source] std::io::Error),
-    #[error("COPY {0}: nothing in the build context matches (check the path, --context and .dockerignore)")]
+    #[error(
+        "COPY {0}: nothing in the build context matches (check the path, --context and .dockerignore)"
+    )]
     NoMatch(String),
     #[error("COPY {0}: the source leaves the build context (through `..` or a symlink)")]
     Escapes(String),
@@ -93,8 +97,7 @@ impl Context {
             let matched: Vec<Entry> = all.into_iter().filter(|e| re.is_match(&e.rel)).collect();
             for e in matched {
                 // A directory that a glob matches brings what is under it.
-                if e.kind == EntryKind::Dir && !out.iter().any(|o: &Entry| under(&e.rel, &o.rel))
-                {
+                if e.kind == EntryKind::Dir && !out.iter().any(|o: &Entry| under(&e.rel, &o.rel)) {
                     let path = self.root.join(&e.rel);
                     let rel = e.rel.clone();
                     out.push(e);
@@ -189,8 +192,8 @@ impl Context {
                 EntryKind::File { size } => {
                     h.update(size.to_string().as_bytes());
                     let path = self.root.join(&e.rel);
-                    let mut f =
-                        fs::File::open(&path).map_err(|err| ContextError::Read(path.clone(), err))?;
+                    let mut f = fs::File::open(&path)
+                        .map_err(|err| ContextError::Read(path.clone(), err))?;
                     let mut buf = vec![0u8; 1 << 20];
                     loop {
                         let n = f
@@ -424,7 +427,13 @@ mod tests {
         assert_eq!(rels(&c.entries("./a.txt").unwrap()), ["a.txt"]);
         assert_eq!(
             rels(&c.entries("dir").unwrap()),
-            ["dir", "dir/one.py", "dir/skip.log", "dir/sub", "dir/sub/two.py"]
+            [
+                "dir",
+                "dir/one.py",
+                "dir/skip.log",
+                "dir/sub",
+                "dir/sub/two.py"
+            ]
         );
         assert_eq!(rels(&c.entries("dir/*.py").unwrap()), ["dir/one.py"]);
         assert_eq!(
@@ -448,7 +457,10 @@ mod tests {
             rels(&c.entries("dir").unwrap()),
             ["dir", "dir/sub", "dir/sub/two.py"]
         );
-        assert!(matches!(c.entries("dir/one.py"), Err(ContextError::NoMatch(_))));
+        assert!(matches!(
+            c.entries("dir/one.py"),
+            Err(ContextError::NoMatch(_))
+        ));
         let all = rels(&c.entries(".").unwrap()).join(",");
         assert!(all.contains("a.txt") && !all.contains("skip.log"), "{all}");
     }
@@ -461,7 +473,10 @@ mod tests {
         symlink(outside.path(), d.path().join("out")).unwrap();
         symlink("a.txt", d.path().join("link")).unwrap();
         let c = Context::open(d.path()).unwrap();
-        assert!(matches!(c.entries("out/secret"), Err(ContextError::Escapes(_))));
+        assert!(matches!(
+            c.entries("out/secret"),
+            Err(ContextError::Escapes(_))
+        ));
         let es = c.entries("out").unwrap();
         assert_eq!(es.len(), 1);
         assert!(matches!(es[0].kind, EntryKind::Symlink { .. }));
@@ -493,18 +508,31 @@ mod tests {
         fs::write(d.path().join("dir/sub/two.py"), "3").unwrap();
         let h2 = c.files_hash("dir", "/app/").unwrap();
         assert_ne!(h1, h2);
-        fs::set_permissions(d.path().join("dir/sub/two.py"), fs::Permissions::from_mode(0o600))
-            .unwrap();
+        fs::set_permissions(
+            d.path().join("dir/sub/two.py"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         let h3 = c.files_hash("dir", "/app/").unwrap();
         assert_ne!(h2, h3);
-        fs::rename(d.path().join("dir/sub/two.py"), d.path().join("dir/sub/three.py")).unwrap();
+        fs::rename(
+            d.path().join("dir/sub/two.py"),
+            d.path().join("dir/sub/three.py"),
+        )
+        .unwrap();
         assert_ne!(h3, c.files_hash("dir", "/app/").unwrap());
         // the same tree elsewhere hashes the same
         let d2 = tree();
         let d3 = tree();
         assert_eq!(
-            Context::open(d2.path()).unwrap().files_hash("dir", "/app/").unwrap(),
-            Context::open(d3.path()).unwrap().files_hash("dir", "/app/").unwrap()
+            Context::open(d2.path())
+                .unwrap()
+                .files_hash("dir", "/app/")
+                .unwrap(),
+            Context::open(d3.path())
+                .unwrap()
+                .files_hash("dir", "/app/")
+                .unwrap()
         );
     }
 
@@ -526,14 +554,26 @@ mod tests {
                 e.read_to_string(&mut body).unwrap();
             }
             if kind.is_symlink() {
-                body = e.link_name().unwrap().unwrap().to_string_lossy().into_owned();
+                body = e
+                    .link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
             }
             seen.push((path, mode & 0o777, body));
         }
         let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(
             names,
-            ["dir", "dir/link.py", "dir/one.py", "dir/skip.log", "dir/sub", "dir/sub/two.py"]
+            [
+                "dir",
+                "dir/link.py",
+                "dir/one.py",
+                "dir/skip.log",
+                "dir/sub",
+                "dir/sub/two.py"
+            ]
         );
         let one = seen.iter().find(|s| s.0 == "dir/one.py").unwrap();
         assert_eq!((one.1, one.2.as_str()), (0o755, "1"));

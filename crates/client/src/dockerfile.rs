@@ -34,7 +34,9 @@ pub enum DockerfileError {
         "the Dockerfile does not parse (heredocs and quoted COPY sources are not supported; check the line the cause points at)"
     )]
     Parse(#[source] dockerfile_parser::Error),
-    #[error("the Dockerfile has no FROM instruction: start it with `FROM base` (a template) or `FROM <image>`")]
+    #[error(
+        "the Dockerfile has no FROM instruction: start it with `FROM base` (a template) or `FROM <image>`"
+    )]
     NoFrom,
     #[error("Dockerfile line {line}: {message}")]
     Line { line: usize, message: String },
@@ -223,7 +225,12 @@ impl<'a> Converter<'a> {
                     }
                     from = Some(image);
                     // Docker's defaults, which the SDK states as steps.
-                    self.push(0, Step::User { user: "root".into() });
+                    self.push(
+                        0,
+                        Step::User {
+                            user: "root".into(),
+                        },
+                    );
                     self.push(0, Step::Workdir { path: "/".into() });
                 }
                 Instruction::Arg(a) => {
@@ -292,10 +299,9 @@ impl<'a> Converter<'a> {
                             }
                             "chown" => owner = value,
                             "chmod" => mode = octal_mode(&value).map_err(err)?,
-                            "link" | "parents" | "exclude" => self.notes.push(format!(
-                                "line {line}: COPY --{} ignored",
-                                flag.name.content
-                            )),
+                            "link" | "parents" | "exclude" => self
+                                .notes
+                                .push(format!("line {line}: COPY --{} ignored", flag.name.content)),
                             other => {
                                 return Err(err(format!(
                                     "COPY --{other} is not supported (known: --chown, --chmod)"
@@ -303,7 +309,8 @@ impl<'a> Converter<'a> {
                             }
                         }
                     }
-                    let sources: Vec<String> = c.sources.iter().map(|s| s.content.clone()).collect();
+                    let sources: Vec<String> =
+                        c.sources.iter().map(|s| s.content.clone()).collect();
                     self.copy("COPY", line, &sources, &c.destination.content, owner, mode)?;
                 }
                 Instruction::Env(e) => {
@@ -323,9 +330,9 @@ impl<'a> Converter<'a> {
                 }
                 Instruction::Cmd(c) => self.cmd = Some((line, start_form(&c.expr))),
                 Instruction::Entrypoint(e) => self.entrypoint = Some((line, start_form(&e.expr))),
-                Instruction::Label(_) => self
-                    .notes
-                    .push(format!("line {line}: LABEL ignored (templates carry no labels)")),
+                Instruction::Label(_) => self.notes.push(format!(
+                    "line {line}: LABEL ignored (templates carry no labels)"
+                )),
                 Instruction::Misc(m) => {
                     let name = m.instruction.content.to_ascii_uppercase();
                     let args = joined(&m.arguments).trim().to_owned();
@@ -335,7 +342,12 @@ impl<'a> Converter<'a> {
         }
         let from = from.ok_or(DockerfileError::NoFrom)?;
         if !self.user_set {
-            self.push(0, Step::User { user: "user".into() });
+            self.push(
+                0,
+                Step::User {
+                    user: "user".into(),
+                },
+            );
         }
         if !self.workdir_set {
             self.push(
@@ -348,8 +360,9 @@ impl<'a> Converter<'a> {
         for name in self.build_args.keys() {
             let declared = self.global_args.contains_key(name) || self.vars.contains_key(name);
             if !declared {
-                self.notes
-                    .push(format!("--build-arg {name} is not declared by an ARG: unused"));
+                self.notes.push(format!(
+                    "--build-arg {name} is not declared by an ARG: unused"
+                ));
             }
         }
         let start_cmd = self.start_cmd();
@@ -627,14 +640,12 @@ fn check_source(src: &str) -> Result<(), String> {
 fn is_remote(s: &str) -> bool {
     let lower = s.to_ascii_lowercase();
     lower.starts_with("git@")
-        || lower
-            .split_once("://")
-            .is_some_and(|(scheme, _)| {
-                !scheme.is_empty()
-                    && scheme
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
-            })
+        || lower.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        })
 }
 
 fn is_archive_name(s: &str) -> bool {
@@ -827,8 +838,18 @@ mod tests {
                 vars: vec![("D".into(), "1-$PATH".into())]
             }
         );
-        assert_eq!(b[2], Step::User { user: "user".into() });
-        assert_eq!(b[3], Step::Workdir { path: "/app".into() });
+        assert_eq!(
+            b[2],
+            Step::User {
+                user: "user".into()
+            }
+        );
+        assert_eq!(
+            b[3],
+            Step::Workdir {
+                path: "/app".into()
+            }
+        );
         assert_eq!(
             b[4],
             Step::Workdir {
@@ -897,7 +918,10 @@ mod tests {
         let p = convert(text, &args).unwrap();
         assert_eq!(p.from, "code-interpreter-v1");
         let b = body(&p);
-        assert_eq!(b[1].args()[..2], ["app-2 beta.txt", "/opt/code-interpreter-v1/"]);
+        assert_eq!(
+            b[1].args()[..2],
+            ["app-2 beta.txt", "/opt/code-interpreter-v1/"]
+        );
         assert_eq!(
             b[2],
             Step::Run {
@@ -941,8 +965,14 @@ mod tests {
 
     #[test]
     fn unsupported_instructions_name_their_line() {
-        assert!(err("FROM base\nRUN true\nHEALTHCHECK CMD true\n").starts_with("Dockerfile line 3: HEALTHCHECK"));
-        assert!(err("FROM base\nSHELL [\"/bin/bash\", \"-c\"]\n").starts_with("Dockerfile line 2: SHELL"));
+        assert!(
+            err("FROM base\nRUN true\nHEALTHCHECK CMD true\n")
+                .starts_with("Dockerfile line 3: HEALTHCHECK")
+        );
+        assert!(
+            err("FROM base\nSHELL [\"/bin/bash\", \"-c\"]\n")
+                .starts_with("Dockerfile line 2: SHELL")
+        );
         assert!(err("FROM base\nVOLUME /data\n").contains("line 2"));
         assert!(err("FROM base\nONBUILD RUN x\n").contains("line 2"));
     }
@@ -950,9 +980,15 @@ mod tests {
     #[test]
     fn multi_stage_is_refused() {
         let e = err("FROM base AS build\nRUN make\nFROM base\nCOPY --from=build /out /out\n");
-        assert!(e.starts_with("Dockerfile line 3:") && e.contains("multi-stage"), "{e}");
+        assert!(
+            e.starts_with("Dockerfile line 3:") && e.contains("multi-stage"),
+            "{e}"
+        );
         let e = err("FROM base\nCOPY --from=other /a /b\n");
-        assert!(e.starts_with("Dockerfile line 2:") && e.contains("multi-stage"), "{e}");
+        assert!(
+            e.starts_with("Dockerfile line 2:") && e.contains("multi-stage"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -973,7 +1009,10 @@ mod tests {
         assert!(err("FROM base\nCOPY /etc/passwd /x\n").contains("absolute"));
         assert!(err("FROM base\nCOPY a b /x\n").contains("ending in `/`"));
         assert!(err("FROM base\nCOPY --chmod=rwx a /x\n").contains("octal"));
-        assert!(err("FROM base\nUSER\n").contains("line 2") || err("FROM base\nUSER\n").contains("parse"));
+        assert!(
+            err("FROM base\nUSER\n").contains("line 2")
+                || err("FROM base\nUSER\n").contains("parse")
+        );
         assert!(matches!(
             convert("FROM base\nRUN <<EOF\necho\nEOF\n", &BTreeMap::new()),
             Err(DockerfileError::Parse(_))

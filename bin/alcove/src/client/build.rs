@@ -115,11 +115,7 @@ pub async fn build_dockerfile(
 }
 
 /// The build body: steps with their `filesHash`, and `FROM` resolved.
-async fn start_request(
-    api: &ApiClient,
-    plan: &Plan,
-    ctx: &Context,
-) -> anyhow::Result<BuildStart> {
+async fn start_request(api: &ApiClient, plan: &Plan, ctx: &Context) -> anyhow::Result<BuildStart> {
     let mut steps = Vec::with_capacity(plan.steps.len());
     for s in &plan.steps {
         let files_hash = match &s.step {
@@ -164,7 +160,10 @@ async fn is_server_template(api: &ApiClient, reference: &str) -> anyhow::Result<
     {
         return Ok(true);
     }
-    let list = api.templates().await.context("listing templates (GET /templates)")?;
+    let list = api
+        .templates()
+        .await
+        .context("listing templates (GET /templates)")?;
     Ok(list.as_array().into_iter().flatten().any(|t| {
         t["templateID"].as_str() == Some(name)
             || ["aliases", "names"].iter().any(|k| {
@@ -197,7 +196,9 @@ async fn upload_context(
         let link = api
             .file_upload_link(template_id, hash)
             .await
-            .with_context(|| format!("asking where to upload COPY {src} (GET /templates/{{id}}/files/{{hash}})"))?;
+            .with_context(|| {
+                format!("asking where to upload COPY {src} (GET /templates/{{id}}/files/{{hash}})")
+            })?;
         let mut bytes = None;
         if !link.present {
             let archive = ctx
@@ -275,8 +276,7 @@ async fn follow(
             let line = format!("{} {}", entry.level.to_uppercase(), entry.message);
             match &bar {
                 Some(pb) => {
-                    if let Some(step) = entry.step.as_deref().and_then(|s| s.parse::<u64>().ok())
-                    {
+                    if let Some(step) = entry.step.as_deref().and_then(|s| s.parse::<u64>().ok()) {
                         pb.set_position(step.saturating_sub(1));
                         if let Some(p) = plan.and_then(|p| p.steps.get(step as usize - 1)) {
                             pb.set_message(p.step.describe());
@@ -359,7 +359,11 @@ fn finish(
 fn describe_step(step: &str, plan: Option<&Plan>) -> String {
     match step.parse::<usize>() {
         Ok(i) => match plan.and_then(|p| p.steps.get(i.wrapping_sub(1))) {
-            Some(s) if s.line > 0 => format!("step {i} (Dockerfile line {}: {})", s.line, s.step.describe()),
+            Some(s) if s.line > 0 => format!(
+                "step {i} (Dockerfile line {}: {})",
+                s.line,
+                s.step.describe()
+            ),
             Some(s) => format!("step {i} ({})", s.step.describe()),
             None => format!("step {i}"),
         },
@@ -395,7 +399,9 @@ pub async fn logs(
     }
     let mut offset = 0u64;
     let last = loop {
-        let s = api.build_status(&template_id, build_id, offset, None).await?;
+        let s = api
+            .build_status(&template_id, build_id, offset, None)
+            .await?;
         offset += s.log_entries.len() as u64;
         for e in &s.log_entries {
             if json {
@@ -403,7 +409,13 @@ pub async fn logs(
                 v["event"] = json!("log");
                 writeln!(out, "{v}")?;
             } else {
-                writeln!(out, "{} {} {}", e.timestamp, e.level.to_uppercase(), e.message)?;
+                writeln!(
+                    out,
+                    "{} {} {}",
+                    e.timestamp,
+                    e.level.to_uppercase(),
+                    e.message
+                )?;
             }
         }
         if s.log_entries.is_empty() {
@@ -419,7 +431,13 @@ pub async fn logs(
     } else {
         let reason = last
             .reason
-            .map(|r| format!(": {}{}", r.message, r.step.map(|s| format!(" (step {s})")).unwrap_or_default()))
+            .map(|r| {
+                format!(
+                    ": {}{}",
+                    r.message,
+                    r.step.map(|s| format!(" (step {s})")).unwrap_or_default()
+                )
+            })
             .unwrap_or_default();
         writeln!(out, "status: {}{reason}", last.status)?;
     }
@@ -463,7 +481,12 @@ pub async fn list(api: &ApiClient, json: bool, out: &mut (dyn Write + Send)) -> 
     }
     let strs = |v: &Value| {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .unwrap_or_default()
     };
     let rows = r
@@ -485,7 +508,11 @@ pub async fn list(api: &ApiClient, json: bool, out: &mut (dyn Write + Send)) -> 
             ]
         })
         .collect();
-    super::table(out, &["ID", "NAMES", "STATUS", "CPUS", "MEMORY_MB", "PUBLIC"], rows)?;
+    super::table(
+        out,
+        &["ID", "NAMES", "STATUS", "CPUS", "MEMORY_MB", "PUBLIC"],
+        rows,
+    )?;
     Ok(0)
 }
 
