@@ -387,14 +387,13 @@ pub async fn logs(
     let template_id = resolve_id(api, template).await?;
     if follow_it {
         let status = follow(api, &template_id, build_id, None, json, out).await?;
+        // The log was shown: a failed build is this command's answer (exit code 1, the reason on
+        // stderr or as the `error` event), not a failure of the command itself.
         return finish(&status, None, template, json, out).or_else(|e| {
-            // The log was shown; a failed build is the answer, not an error of this command.
-            if json {
-                Ok(1)
-            } else {
+            if !json {
                 eprintln!("{e:#}");
-                Ok(1)
             }
+            Ok(1)
         });
     }
     let mut offset = 0u64;
