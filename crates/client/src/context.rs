@@ -8,7 +8,7 @@
 //! pattern that matches a directory excludes what is under it) is honoured. The hash covers the
 //! instruction (`COPY src dest`) and each file's relative path, mode, size and contents (or link
 //! target), not owners or times, so an unchanged context hashes the same on any machine and the
-//! server finds it `present`.
+//! server finds it `present`; it is the SDK's `calculate_files_hash` value for the same files.
 //!
 //! Only paths inside the context are read: sources are relative and may not leave it, and a
 //! source whose parent directories resolve (through symlinks) outside the context is refused.
@@ -187,6 +187,8 @@ impl Context {
             match &e.kind {
                 EntryKind::Dir => {}
                 EntryKind::Symlink { target } => {
+                    // The SDK hashes a link's lstat size, then its target.
+                    h.update(target.as_os_str().len().to_string().as_bytes());
                     h.update(target.as_os_str().as_encoded_bytes());
                 }
                 EntryKind::File { size } => {
@@ -587,5 +589,47 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["a.txt"]);
+    }
+}
+
+#[cfg(test)]
+mod sdk_parity {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// The hashes e2b==2.63.0's `calculate_files_hash(src, dest, ctx, [], False, None)` gives for
+    /// this tree (computed with the SDK): a build from the CLI and one from the SDK share cached
+    /// uploads and layers.
+    #[test]
+    fn files_hash_equals_the_sdks() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("dir/sub")).unwrap();
+        fs::write(r.join("a.txt"), "alpha").unwrap();
+        fs::write(r.join("dir/one.py"), "1").unwrap();
+        fs::write(r.join("dir/sub/two.py"), "2").unwrap();
+        symlink("one.py", r.join("dir/link.py")).unwrap();
+        for (p, m) in [
+            ("a.txt", 0o644),
+            ("dir/sub/two.py", 0o644),
+            ("dir/one.py", 0o755),
+            ("dir", 0o755),
+            ("dir/sub", 0o755),
+        ] {
+            fs::set_permissions(r.join(p), fs::Permissions::from_mode(m)).unwrap();
+        }
+        let c = Context::open(r).unwrap();
+        assert_eq!(
+            c.files_hash("a.txt", "/app/").unwrap(),
+            "1f632f0aa354a3354bef371323392c036f6d10ca2c9fe982778789b2947b3adb"
+        );
+        assert_eq!(
+            c.files_hash("dir", "/app/").unwrap(),
+            "8546c189ef5030482edc999ff769b81b2f7e0160c580a69acc5232248eb0b5d8"
+        );
+        assert_eq!(
+            c.files_hash("dir/*.py", "/x/").unwrap(),
+            "ffbb7b5bb712778c76d323b4f03be878dd5b26e64b09deed0ca62ced0f7575a2"
+        );
     }
 }
