@@ -10,7 +10,8 @@ import subprocess
 import pytest
 from e2b import Sandbox
 
-BIN = os.environ.get("ALCOVE_BIN")
+# The CLI under test; ALCOVE_CLI_BIN when the server runs another build of alcove.
+BIN = os.environ.get("ALCOVE_CLI_BIN") or os.environ.get("ALCOVE_BIN")
 pytestmark = pytest.mark.skipif(not BIN, reason="ALCOVE_BIN is not set; run tests/sdk/run.sh")
 
 # A build under TCG boots a builder VM, runs the steps and snapshots: minutes, not seconds.
