@@ -211,6 +211,20 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// The HTTP client, for calls that do not go through [`ApiClient::call`] (signed uploads).
+    pub(crate) fn http(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.http
+    }
+
+    pub(crate) async fn json_of(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        self.json(method, path, body).await
+    }
+
     async fn json(
         &self,
         method: &str,
@@ -246,20 +260,13 @@ impl ApiClient {
             })?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = resp
-            .into_body()
-            .collect()
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
             .await
+            .map_err(|_| ClientError::Timeout)?
             .map_err(ClientError::Read)?
             .to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status, &bytes));
         }
         let json = if bytes.is_empty() {
             Value::Null
@@ -270,8 +277,19 @@ impl ApiClient {
     }
 }
 
+/// A non-2xx answer as [`ClientError::Api`], with the API's `message` when the body has one.
+pub(crate) fn api_error(status: http::StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
+    }
+}
+
 /// Percent-encodes one path segment or query value.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 

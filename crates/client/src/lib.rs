@@ -5,12 +5,22 @@
 //!   prints them (`alcove client … --json`) prints exactly what the API sent.
 //! - [`envd::EnvdClient`]: envd's process service in a sandbox, reached through the server's
 //!   sandbox proxy the way the E2B SDKs reach it.
+//! - E2B's template build API on [`ApiClient`] (`templates.rs`), and what turns a Dockerfile into
+//!   such a build: [`dockerfile`] (the instructions → steps) and [`context`] (the files a `COPY`
+//!   uploads: `.dockerignore`, the `filesHash`, the tar.gz).
 //!
 //! Used by the `alcove` binary's client commands (`bin/alcove/src/client`). Plain HTTP only: the
 //! server listens on loopback or behind a TLS-terminating proxy.
 
 mod api;
+pub mod context;
+pub mod dockerfile;
 pub mod envd;
+mod templates;
 
 pub use api::{ApiClient, ClientError, NewSandbox, Reply, SandboxFilter};
 pub use envd::{EnvdClient, EnvdError, Output};
+pub use templates::{
+    BuildReason, BuildRequest, BuildRequested, BuildStart, BuildStatus, BuildStep, FileUpload,
+    LogEntry,
+};

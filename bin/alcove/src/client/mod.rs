@@ -4,6 +4,7 @@
 //! Output goes to the writer the caller passes (stdout in `main`); `--json` prints the API's JSON
 //! as is, for scripts and agents, and nothing else goes to that writer (logs go to stderr).
 
+pub mod build;
 mod exec;
 mod sandbox;
 mod snapshot;
@@ -42,31 +43,40 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     fn client(&self) -> anyhow::Result<ApiClient> {
-        let key = match &self.api_key {
-            Some(k) => k.clone(),
-            None => {
-                let path = self
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(default_data_dir)
-                    .join(alcove_api::API_KEY_FILE);
-                std::fs::read_to_string(&path)
-                    .with_context(|| {
-                        format!(
-                            "no API key: set E2B_API_KEY or --api-key (tried {})",
-                            path.display()
-                        )
-                    })?
-                    .trim()
-                    .to_owned()
-            }
-        };
-        Ok(ApiClient::new(&self.api_url, &key)?)
+        api_client(
+            &self.api_url,
+            self.api_key.as_deref(),
+            &self.data_dir.clone().unwrap_or_else(default_data_dir),
+        )
     }
 }
 
+/// A client for `url` with `key`, else the `api-key` file in `data_dir` (the server's own).
+pub fn api_client(
+    url: &str,
+    key: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ApiClient> {
+    let key = match key {
+        Some(k) => k.to_owned(),
+        None => {
+            let path = data_dir.join(alcove_api::API_KEY_FILE);
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "no API key: set E2B_API_KEY or --api-key (tried {})",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    Ok(ApiClient::new(url, &key)?)
+}
+
 /// `KEY=VALUE`, for `--metadata` and `--env`.
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .filter(|(k, _)| !k.is_empty())
