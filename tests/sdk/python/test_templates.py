@@ -229,7 +229,10 @@ def test_build_streams_each_steps_output(full):
 
 
 def test_sandbox_sees_copied_files(full_sandbox):
-    assert run(full_sandbox, "cat /home/user/greeting.txt") == "copied file"
+    # Owned by `user`, mode 0640: the sandbox's default user (`app`) may not read it.
+    assert run(full_sandbox, "cat /home/user/greeting.txt", user="user") == "copied file"
+    assert full_sandbox.commands.run("cat /home/user/greeting.txt 2>&1 || true").stdout.strip().endswith(
+        "Permission denied")
     assert run(full_sandbox, "stat -c '%U %a' /home/user/greeting.txt") == "user 640"
     # A directory's contents land in the destination (as Docker's COPY and E2B do).
     assert run(full_sandbox, "cat /opt/conf/app.ini") == "[app]\nname = alcove"
