@@ -530,12 +530,12 @@ pub async fn snapshot_disk(req: &SnapshotDisk<'_>) -> Result<DiskSnapshot, Image
 /// template complete).
 pub fn write_manifest(t: &Template) -> Result<(), ImageError> {
     // Read-only from here on: restored VMs map `mem` copy-on-write and read `disk` under their
-    // overlays, so a write to either would change every sandbox made from this template. No
-    // bits for others: API-built templates live in the private data dir (the jail makes them
-    // readable to its VMs through the shared group).
+    // overlays, so a write to either would change every sandbox made from this template. Owner
+    // only: API-built templates live in the private data dir, and the jail grants its VMs read
+    // through its shared group (root:<shared> 0440) when one first restores from them.
     for p in [&t.disk, &t.mem, &t.state, &t.overlay] {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o440)).map_err(io(p))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o400)).map_err(io(p))?;
     }
     let manifest = t.dir.join("manifest.json");
     let tmp = t.dir.join("manifest.json.tmp");
