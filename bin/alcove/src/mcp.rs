@@ -24,8 +24,9 @@ pub struct McpArgs {
 }
 
 pub async fn run(args: McpArgs) -> anyhow::Result<()> {
+    // An empty E2B_API_KEY (a config template left blank) means "not set", not "no key".
     let key = crate::client::resolve_key(
-        args.api_key.as_deref(),
+        args.api_key.as_deref().filter(|k| !k.trim().is_empty()),
         &args.data_dir.clone().unwrap_or_else(default_data_dir),
     )?;
     let target = alcove_mcp::Target::new(&args.url, args.sandbox_url.as_deref());
