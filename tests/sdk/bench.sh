@@ -4,6 +4,7 @@
 #
 #   tests/sdk/bench.sh                    all modes: create burst code chart
 #   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
+#   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)
 # Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
 # base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
@@ -32,6 +33,8 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port"
+# The `mcp` mode spawns `alcove mcp` (stdio) from the same binary.
+export ALCOVE_BIN="$bin"
 E2B_API_KEY="$(cat "$data/state/api-key")"
 export E2B_API_KEY
 venv="$root/tests/.venv"

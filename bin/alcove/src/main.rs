@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod keys;
+mod mcp;
 mod sandbox;
 mod server;
 mod template;
@@ -31,6 +32,9 @@ enum Command {
     /// Talk to a running server over its REST API.
     #[command(subcommand)]
     Client(ClientCmd),
+    /// Serve the Model Context Protocol on stdio: sandboxes as tools for an LLM client, through
+    /// a running server's API (`docs/mcp.md`).
+    Mcp(mcp::McpArgs),
     /// Snapshots and the checkpoint tree, through a running server's API.
     Snapshot(client::SnapshotArgs),
     /// Build and list templates on this host.
@@ -105,7 +109,7 @@ fn main() -> std::process::ExitCode {
         Command::Client(ClientCmd::Sandbox(a)) => a.client.json,
         Command::Client(ClientCmd::Template(a)) => a.client.json,
         Command::Snapshot(a) => a.client.json,
-        Command::Server(_) => false,
+        Command::Server(_) | Command::Mcp(_) => false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,6 +156,7 @@ fn main() -> std::process::ExitCode {
                 .map(|c| u8::try_from(c).unwrap_or(1)),
             Command::Client(ClientCmd::Template(a)) => client::run_template(a, &mut out).await.map(|()| 0),
             Command::Snapshot(a) => client::run_snapshot(a, &mut out).await.map(|()| 0),
+            Command::Mcp(a) => mcp::run(a).await.map(|()| 0),
         }
     });
     match result {

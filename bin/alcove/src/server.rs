@@ -46,9 +46,11 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let config = opts.api();
     let data_dir = config.data_dir.clone();
+    let max_body = config.limits.max_body_bytes;
     let server = alcove_api::Server::bind(config, backend)
         .await
         .context("starting the server")?;
+    let server = mount_mcp(server, max_body);
     writeln!(
         out,
         "alcove API listening on http://{}",
@@ -72,6 +74,20 @@ async fn serve(
         .await
         .context("serving")?;
     Ok(())
+}
+
+/// `/mcp`: the MCP server over Streamable HTTP on this listener, behind the API key. Its tools
+/// call this server's own REST API on loopback with the caller's key.
+fn mount_mcp(server: alcove_api::Server, max_body: usize) -> alcove_api::Server {
+    let addr = server.local_addr();
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let base = format!("http://{}", std::net::SocketAddr::new(ip, addr.port()));
+    let service = alcove_mcp::http_service(alcove_mcp::Target::new(&base, None), max_body);
+    server.mount_authenticated(alcove_mcp::HTTP_PATH, service)
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ pub struct Server {
     config: ServerConfig,
     local_addr: SocketAddr,
     first_start_key: Option<String>,
+    /// Services the binary mounts beside the API ([`Server::mount_authenticated`]).
+    extra: Option<Router<AppState>>,
 }
 
 impl Server {
@@ -107,7 +109,31 @@ impl Server {
             config,
             local_addr,
             first_start_key,
+            extra: None,
         })
+    }
+
+    /// Serves `service` at `path` on this listener, behind the API key: a request without a
+    /// valid key (`X-API-KEY` or `Authorization: Bearer`) gets the API's structured 401 and never
+    /// reaches it. The REST API's body-size refusal, request deadline (the longer one creates
+    /// get) and the listener's connection caps apply to it too. This is how the `alcove` binary
+    /// adds `/mcp` without this crate knowing about MCP.
+    pub fn mount_authenticated<S>(mut self, path: &str, service: S) -> Self
+    where
+        S: tower::Service<Request, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let route = Router::new().route_service(path, service);
+        self.extra = Some(match self.extra.take() {
+            Some(r) => r.merge(route),
+            None => route,
+        });
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -145,7 +171,7 @@ impl Server {
         use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         let reaper = tokio::spawn(reaper(self.svc.clone()));
         let liveness = tokio::spawn(liveness(self.svc.clone()));
-        let app = router(self.svc.clone());
+        let app = router_with(self.svc.clone(), self.extra);
         let limits = self.svc.limits().connections.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -354,6 +380,12 @@ async fn liveness(svc: Arc<Service>) {
 
 /// The whole HTTP surface: sandbox traffic dispatch in front of the REST API.
 pub fn router(svc: Arc<Service>) -> Router {
+    router_with(svc, None)
+}
+
+/// [`router`] plus `extra` (what [`Server::mount_authenticated`] collected), which is served
+/// behind the API key with the REST API's body-size refusal and the create deadline.
+fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     use handlers::{
         extensions, observability as o, persistence as p, sandboxes as s, system, templates as t,
     };
@@ -431,13 +463,28 @@ pub fn router(svc: Arc<Service>) -> Router {
     let uploads = Router::new()
         .route("/alcove/v1/template-files/{token}", put(t::upload))
         .layer(DefaultBodyLimit::disable());
-    api.merge(uploads)
-        .layer(middleware::from_fn_with_state(
-            proxy::ProxyState::new(svc.clone()),
-            proxy::dispatch,
-        ))
-        .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
-        .with_state::<()>(svc as AppState)
+    let mut app = api.merge(uploads);
+    if let Some(extra) = extra {
+        app = app.merge(
+            extra
+                .layer(middleware::from_fn_with_state(svc.clone(), require_api_key))
+                .layer(middleware::from_fn_with_state(
+                    limits.clone(),
+                    long_request_timeout,
+                ))
+                .layer(middleware::from_fn(count_request))
+                .layer(middleware::from_fn_with_state(
+                    limits.clone(),
+                    refuse_declared_oversize,
+                )),
+        );
+    }
+    app.layer(middleware::from_fn_with_state(
+        proxy::ProxyState::new(svc.clone()),
+        proxy::dispatch,
+    ))
+    .layer(middleware::from_fn_with_state(svc.clone(), observe_request))
+    .with_state::<()>(svc as AppState)
 }
 
 /// A REST body whose `Content-Length` already passes the limit is refused before any of it is
@@ -482,6 +529,28 @@ async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next)
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+/// Mounted services do whatever their callers ask (an MCP tool call may create a sandbox), so
+/// they get the create deadline, never less than the REST one.
+async fn long_request_timeout(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let limit = limits
+        .request_timeout
+        .max(limits.create_timeout + Duration::from_secs(5));
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+/// The gate of mounted services: the same key check as every REST handler (`Team`).
+async fn require_api_key(State(svc): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::extract::FromRequestParts;
+    let (mut parts, body) = req.into_parts();
+    match handlers::Team::from_request_parts(&mut parts, &svc).await {
+        Ok(_) => next.run(Request::from_parts(parts, body)).await,
+        Err(e) => e.into_response(),
     }
 }
 

@@ -1,11 +1,15 @@
 //! [`EnvdClient`]: envd's process service reached through the server's sandbox proxy, exactly as
 //! the SDKs reach it (the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers on the API's own address,
-//! `X-Access-Token` for secure sandboxes), over HTTP/1.1 with Connect's binary framing. Behind
-//! `alcove client sandbox exec|shell`.
+//! `X-Access-Token` for secure sandboxes), over HTTP/1.1 with Connect's binary framing; and
+//! envd's `/files` and `filesystem.ListDir`. Behind `alcove client sandbox exec|shell` and the
+//! MCP server's tools (`crates/mcp`).
 
 use std::time::Duration;
 
 use alcove_envd_proto::connect::{self, Codec, EnvelopeDecoder};
+use alcove_envd_proto::filesystem as fs;
+/// The filesystem service's message types ([`EnvdClient::list_dir`]'s entries).
+pub use alcove_envd_proto::filesystem;
 use alcove_envd_proto::process as pb;
 /// The process service's message types, for building a [`pb::StartRequest`].
 pub use alcove_envd_proto::process;
@@ -41,6 +45,8 @@ pub enum EnvdError {
         #[source]
         source: hyper::Error,
     },
+    #[error("{op}: the answer is larger than {limit} bytes")]
+    TooLarge { op: &'static str, limit: usize },
     #[error("{op}: malformed response from the sandbox: {detail}")]
     Protocol { op: &'static str, detail: String },
 }
@@ -79,10 +85,27 @@ impl EnvdClient {
     }
 
     fn request(&self, method: &str, content_type: &str, body: Bytes) -> http::Request<Full<Bytes>> {
+        self.request_to(
+            "POST",
+            &format!("/process.Process/{method}"),
+            content_type,
+            body,
+        )
+    }
+
+    /// A request to `path` (already encoded) on the sandbox's envd, with the routing, token and
+    /// user headers every envd call carries.
+    fn request_to(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> http::Request<Full<Bytes>> {
         use base64::Engine;
         let mut b = http::Request::builder()
-            .method("POST")
-            .uri(format!("{}/process.Process/{method}", self.base))
+            .method(method)
+            .uri(format!("{}{path}", self.base))
             .header("content-type", content_type)
             .header("connect-protocol-version", "1")
             .header("E2b-Sandbox-Id", &self.sandbox_id)
@@ -102,20 +125,103 @@ impl EnvdClient {
         Req: prost::Message + serde::Serialize,
     {
         let req = self.request(method, "application/proto", Codec::Proto.encode(msg));
+        self.send(op, req, MAX_MESSAGE).await.map(drop)
+    }
+
+    /// Sends `req` and reads its whole body (at most `limit` bytes); a non-2xx answer is
+    /// [`EnvdError::Status`] with envd's message.
+    async fn send(
+        &self,
+        op: &'static str,
+        req: http::Request<Full<Bytes>>,
+        limit: usize,
+    ) -> Result<Bytes, EnvdError> {
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| EnvdError::Timeout { op })?
             .map_err(EnvdError::Connect)?;
         let status = resp.status();
-        let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+        // A body past the limit is cut there: a sandbox must not make the host buffer without
+        // bound.
+        let body = http_body_util::Limited::new(resp.into_body(), limit);
+        let body = tokio::time::timeout(CALL_TIMEOUT, body.collect())
             .await
             .map_err(|_| EnvdError::Timeout { op })?
-            .map_err(|source| EnvdError::Read { op, source })?
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(source) => EnvdError::Read {
+                    op,
+                    source: *source,
+                },
+                Err(_) => EnvdError::TooLarge { op, limit },
+            })?
             .to_bytes();
         if !status.is_success() {
             return Err(status_error(op, status.as_u16(), &body));
         }
-        Ok(())
+        Ok(body)
+    }
+
+    /// `filesystem.Filesystem/ListDir`: the entries under `path`, `depth` levels deep (1: the
+    /// directory's own entries).
+    pub async fn list_dir(&self, path: &str, depth: u32) -> Result<Vec<fs::EntryInfo>, EnvdError> {
+        const OP: &str = "filesystem.ListDir";
+        let msg = fs::ListDirRequest {
+            path: path.to_owned(),
+            depth,
+        };
+        let req = self.request_to(
+            "POST",
+            "/filesystem.Filesystem/ListDir",
+            "application/proto",
+            Codec::Proto.encode(&msg),
+        );
+        let body = self.send(OP, req, MAX_MESSAGE).await?;
+        let resp: fs::ListDirResponse =
+            Codec::Proto
+                .decode(&body)
+                .map_err(|e| EnvdError::Protocol {
+                    op: OP,
+                    detail: e.to_string(),
+                })?;
+        Ok(resp.entries)
+    }
+
+    /// `GET /files`: a file's bytes, at most `limit` of them ([`EnvdError::TooLarge`] past it).
+    pub async fn read_file(&self, path: &str, limit: usize) -> Result<Bytes, EnvdError> {
+        let req = self.request_to(
+            "GET",
+            &format!("/files?path={}", crate::api::enc(path)),
+            "application/octet-stream",
+            Bytes::new(),
+        );
+        self.send("files.read", req, limit).await
+    }
+
+    /// `POST /files` with a raw body: writes (creates or replaces) the file, making its parent
+    /// directories.
+    pub async fn write_file(&self, path: &str, data: Bytes) -> Result<(), EnvdError> {
+        let req = self.request_to(
+            "POST",
+            &format!("/files?path={}", crate::api::enc(path)),
+            "application/octet-stream",
+            data,
+        );
+        self.send("files.write", req, 64 << 10).await.map(drop)
+    }
+
+    /// `process.SendSignal`: SIGKILL (`kill`) or SIGTERM to the process `pid`.
+    pub async fn signal(&self, pid: u32, kill: bool) -> Result<(), EnvdError> {
+        let msg = pb::SendSignalRequest {
+            process: Some(pb::ProcessSelector {
+                selector: Some(pb::process_selector::Selector::Pid(pid)),
+            }),
+            signal: if kill {
+                pb::Signal::Sigkill as i32
+            } else {
+                pb::Signal::Sigterm as i32
+            },
+        };
+        self.unary("process.SendSignal", "SendSignal", &msg).await
     }
 
     /// Starts a process and calls `on_output` for every event until it ends.

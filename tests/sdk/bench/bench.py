@@ -15,6 +15,8 @@ docs/benchmarks.md, not in tests).
            sandbox (the download's share), an unchanged rebuild (all cache hits), and create ->
            first command from the built template vs from base, interleaved (run with
            ALCOVE_WARM_POOL="" so neither comes from a warm pool)
+  mcp      base: run_command through `alcove mcp` (stdio) and `/mcp` (HTTP) vs the SDK's
+           commands.run, interleaved on one sandbox (bench_mcp.py)
 
 Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
 """
@@ -337,6 +339,12 @@ def bench_template(n):
     return b, c
 
 
+def bench_mcp(n):
+    from bench_mcp import bench_mcp as run
+
+    run(n)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
@@ -346,7 +354,7 @@ def main():
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
-         "template": lambda: bench_template(args.n)}[m]()
+         "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
 
 
 if __name__ == "__main__":

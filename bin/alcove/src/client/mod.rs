@@ -57,7 +57,13 @@ pub fn api_client(
     key: Option<&str>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<ApiClient> {
-    let key = match key {
+    let key = resolve_key(key, data_dir)?;
+    Ok(ApiClient::new(url, &key)?)
+}
+
+/// `key`, else the `api-key` file in `data_dir` (the server's own admin key).
+pub fn resolve_key(key: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<String> {
+    Ok(match key {
         Some(k) => k.to_owned(),
         None => {
             let path = data_dir.join(alcove_api::API_KEY_FILE);
@@ -71,8 +77,7 @@ pub fn api_client(
                 .trim()
                 .to_owned()
         }
-    };
-    Ok(ApiClient::new(url, &key)?)
+    })
 }
 
 /// `KEY=VALUE`, for `--metadata` and `--env`.

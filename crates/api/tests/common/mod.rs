@@ -36,9 +36,19 @@ pub fn fast_limits() -> Limits {
 
 impl TestServer {
     pub async fn start(dir: &Path, backend: Arc<FakeBackend>, limits: Limits) -> TestServer {
+        Self::start_with(dir, backend, limits, |s| s).await
+    }
+
+    /// [`TestServer::start`], with `mount` applied to the bound server (extra services).
+    pub async fn start_with(
+        dir: &Path,
+        backend: Arc<FakeBackend>,
+        limits: Limits,
+        mount: impl FnOnce(Server) -> Server,
+    ) -> TestServer {
         let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir);
         config.limits = limits;
-        let server = Server::bind(config, backend.clone()).await.expect("bind");
+        let server = mount(Server::bind(config, backend.clone()).await.expect("bind"));
         let key = std::fs::read_to_string(dir.join(alcove_api::API_KEY_FILE))
             .unwrap()
             .trim()
