@@ -229,6 +229,14 @@ fn spec(entry: &Entry, settings: &Value) -> Result<ServerSpec, ConfigError> {
             }
         }
     }
+    if entry.name == "git" {
+        // The server runs as root and the repositories are usually the sandbox user's: git's
+        // ownership check ("dubious ownership") would refuse every one. The sandbox is the
+        // boundary here, so every repository is trusted.
+        env.insert("GIT_CONFIG_COUNT".into(), "1".into());
+        env.insert("GIT_CONFIG_KEY_0".into(), "safe.directory".into());
+        env.insert("GIT_CONFIG_VALUE_0".into(), "*".into());
+    }
     if entry.name == "memory" {
         // The graph lives where root can write it and a user of the sandbox can find it.
         env.insert(
@@ -297,6 +305,9 @@ mod tests {
     fn git_binds_one_repository_and_leaves_several_to_the_caller() {
         let one = parse(r#"{"git": {"paths": ["/repo"]}}"#).unwrap();
         assert_eq!(one[0].args, ["--repository", "/repo"]);
+        // Root's server trusts the user's repositories.
+        assert_eq!(one[0].env["GIT_CONFIG_KEY_0"], "safe.directory");
+        assert_eq!(one[0].env["GIT_CONFIG_VALUE_0"], "*");
         let two = parse(r#"{"git": {"paths": ["/a", "/b"]}}"#).unwrap();
         assert!(two[0].args.is_empty());
         let none = parse(r#"{"git": {}}"#).unwrap();
