@@ -69,6 +69,109 @@ struct InterpreterCli {
     no_warm: bool,
 }
 
+/// `mcp-gateway` (a link to the agent in every template; also `alcove-agent mcp-gateway`): the
+/// MCP gateway the SDKs start after `Sandbox.create(mcp=...)`. See crates/mcp-gateway.
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcp-gateway",
+    about = "Serve stdio MCP servers as one Streamable HTTP endpoint (port 50005, /mcp), behind a bearer token",
+    after_help = "Supported servers (--config names):\n  filesystem: {\"paths\": [\"/abs\", ...]}\n  git: {\"paths\": [\"/repo\"]} (optional)\n  memory, sequentialthinking, time: {}"
+)]
+struct McpGatewayCli {
+    /// The servers to run, as JSON: {"<name>": {<settings>}, ...}.
+    #[arg(long)]
+    config: String,
+    /// The bearer token clients must send (generated when absent).
+    #[arg(long, env = alcove_mcp_gateway::TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    /// Address to serve on.
+    #[arg(long, default_value_t = any_addr(alcove_guest_contract::MCP_GATEWAY_PORT))]
+    listen: SocketAddr,
+    /// Where the token is written (root only).
+    #[arg(long, default_value = alcove_mcp_gateway::TOKEN_FILE)]
+    token_file: PathBuf,
+    /// The background gateway's log.
+    #[arg(long, default_value = alcove_mcp_gateway::LOG_FILE)]
+    log_file: PathBuf,
+    /// Serve in this process instead of starting in the background and returning once ready.
+    #[arg(long)]
+    foreground: bool,
+    /// Internal: the background half (says `ready` or `error: ...` on stdout).
+    #[arg(long, hide = true)]
+    serve: bool,
+}
+
+/// Runs the gateway command; `args` start with the program name.
+fn mcp_gateway_main(args: Vec<std::ffi::OsString>) -> i32 {
+    // `mcp-gateway pull NAME...` (the SDKs' template builder, `add_mcp_server`).
+    if args.get(1).and_then(|a| a.to_str()) == Some("pull") {
+        let names: Vec<String> = args[2..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return match alcove_mcp_gateway::pull(&names) {
+            Ok(msg) => {
+                println!("{msg}");
+                0
+            }
+            Err(e) => {
+                eprintln!("mcp-gateway: {}", alcove_guest_contract::error_chain(&e));
+                1
+            }
+        };
+    }
+    let cli = McpGatewayCli::parse_from(args);
+    let opts = alcove_mcp_gateway::Options {
+        config: cli.config.clone(),
+        listen: cli.listen,
+        token_file: cli.token_file.clone(),
+        log_file: cli.log_file.clone(),
+        token: cli.token.clone(),
+    };
+    let fail = |e: &dyn std::error::Error| {
+        eprintln!("mcp-gateway: {}", alcove_guest_contract::error_chain(e));
+        1
+    };
+    if cli.serve || cli.foreground {
+        init_tracing();
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return fail(&e),
+        };
+        return match rt.block_on(alcove_mcp_gateway::serve(&opts, cli.serve)) {
+            Ok(()) => 0,
+            Err(e) => fail(&e),
+        };
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let mut serve = std::process::Command::new(exe);
+    serve
+        .arg("mcp-gateway")
+        .arg("--serve")
+        .arg("--config")
+        .arg(&cli.config)
+        .arg("--listen")
+        .arg(cli.listen.to_string())
+        .arg("--token-file")
+        .arg(&cli.token_file)
+        .arg("--log-file")
+        .arg(&cli.log_file);
+    match alcove_mcp_gateway::launch(&opts, serve) {
+        Ok(msg) => {
+            println!("{msg}");
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// `0.0.0.0:port`: every interface of the guest.
 fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
@@ -108,6 +211,17 @@ fn interpreter_main() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str());
+    if called == Some("mcp-gateway") {
+        std::process::exit(mcp_gateway_main(args));
+    }
+    if args.get(1).and_then(|a| a.to_str()) == Some("mcp-gateway") {
+        std::process::exit(mcp_gateway_main(args[1..].to_vec()));
+    }
     if std::env::args().nth(1).as_deref() == Some("interpreter") {
         return interpreter_main();
     }

@@ -52,7 +52,10 @@ pub struct NewSandbox {
     /// Environment variables for every process in the sandbox. Only the names are stored.
     #[serde(default, rename = "envVars")]
     pub env_vars: Option<BTreeMap<String, String>>,
-    /// MCP gateway. Not supported: must be absent or null.
+    /// MCP servers to run behind the sandbox's MCP gateway: an object of server name to that
+    /// server's settings (at most 64 KiB as JSON), e.g. `{"filesystem": {"paths": ["/home/user"]}}`.
+    /// Only the shape is checked here; the SDKs then start `mcp-gateway` in the sandbox, which
+    /// refuses servers it cannot run (see docs/mcp-gateway.md).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub mcp: Option<Value>,

@@ -18,7 +18,10 @@
 //!
 //! Credentials of the control plane never reach the guest: `X-API-KEY` and a Bearer
 //! `Authorization` are removed (a Basic `Authorization` is envd's way of naming the user and is
-//! kept), as are the traffic token and, on user ports, `X-Access-Token`.
+//! kept), as are the traffic token and, on user ports, `X-Access-Token`. The one exception is the
+//! MCP gateway's port ([`MCP_GATEWAY_PORT`]): there the Bearer is the gateway's own token (the
+//! SDK's `get_mcp_token()`), which the gateway checks, so it goes through. That port is otherwise
+//! a user port: open as the others are, the gateway enforcing its token.
 //!
 //! Every proxied request holds a stream permit until its response body ends
 //! ([`crate::config::ConnectionLimits`]: per sandbox and in total); past the cap it gets 429.
@@ -47,6 +50,7 @@ use crate::handlers::{AppState, query_pairs};
 use crate::metrics::{METRICS, Metrics};
 use crate::service::ProxyTarget;
 use crate::service::api_error;
+pub use alcove_guest_contract::MCP_GATEWAY_PORT;
 
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
@@ -299,7 +303,8 @@ fn strip_credentials(h: &mut http::HeaderMap, port: u16) {
             .get(..7)
             .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
     });
-    if bearer {
+    // On the MCP gateway's port a Bearer is the gateway's token, meant for the guest.
+    if bearer && port != MCP_GATEWAY_PORT {
         h.remove(http::header::AUTHORIZATION);
     }
 }
@@ -667,5 +672,14 @@ mod tests {
         strip_credentials(&mut h, 8080);
         assert!(h.contains_key("authorization"));
         assert!(!h.contains_key("x-access-token"));
+        // The MCP gateway's token is a Bearer meant for the guest; the API key still goes.
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", "k".parse().unwrap());
+        h.insert("authorization", "Bearer gateway-token".parse().unwrap());
+        strip_credentials(&mut h, MCP_GATEWAY_PORT);
+        assert_eq!(h["authorization"], "Bearer gateway-token");
+        assert!(!h.contains_key("x-api-key"));
+        strip_credentials(&mut h, 8080);
+        assert!(!h.contains_key("authorization"));
     }
 }

@@ -18,6 +18,12 @@ use serde::{Deserialize, Serialize};
 pub const ENVD_PORT: u16 = 49983;
 /// The code interpreter's port inside a `code-interpreter-v1` guest (`E2b-Sandbox-Port: 49999`).
 pub const CODE_INTERPRETER_PORT: u16 = 49999;
+/// The MCP gateway's port inside a guest (`mcp-gateway`, started by the SDKs after
+/// `Sandbox.create(mcp=...)`; `get_mcp_url()` is `https://50005-<id>.<domain>/mcp`).
+pub const MCP_GATEWAY_PORT: u16 = 50005;
+/// Where `mcp-gateway` lives in every template: a link to the agent, which runs the gateway when
+/// called by that name.
+pub const MCP_GATEWAY_GUEST_PATH: &str = "/usr/local/bin/mcp-gateway";
 /// The name of the virtio-serial port the host reaches the agent over (`/dev/virtio-ports/...`
 /// in the guest, QEMU's `virtserialport,name=...` on the host).
 pub const AGENT_CHANNEL: &str = "alcove.agent";

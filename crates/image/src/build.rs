@@ -698,6 +698,11 @@ async fn make_disk(
         std::fs::set_permissions(&agent_dst, std::fs::Permissions::from_mode(0o755))
             .map_err(io(&agent_dst))?;
     }
+    // `mcp-gateway` in every template: the agent runs the MCP gateway when called by that name
+    // (what the SDKs run after `Sandbox.create(mcp=...)`).
+    let gw = root.join(alcove_guest_contract::MCP_GATEWAY_GUEST_PATH.trim_start_matches('/'));
+    let _ = std::fs::remove_file(&gw);
+    std::os::unix::fs::symlink("alcove-agent", &gw).map_err(io(&gw))?;
 
     run_cmd(
         "making the ext4 image",

@@ -26,7 +26,7 @@ pub enum ImageError {
     #[error("template recipe is invalid: {0}")]
     Recipe(String),
     #[error(
-        "unknown template `{0}`: build it with `alcove template build {0}` (built-in recipes: base, code-interpreter-v1, minimal)"
+        "unknown template `{0}`: build it with `alcove template build {0}` (built-in recipes: base, code-interpreter-v1, minimal, mcp-gateway)"
     )]
     UnknownTemplate(String),
     #[error("{step} failed: {detail}")]

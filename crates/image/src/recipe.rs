@@ -59,6 +59,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../templates/code-interpreter-v1.toml"),
     ),
     ("minimal", include_str!("../../../templates/minimal.toml")),
+    (
+        "mcp-gateway",
+        include_str!("../../../templates/mcp-gateway.toml"),
+    ),
 ];
 
 impl Recipe {

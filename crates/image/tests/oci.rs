@@ -118,6 +118,15 @@ async fn busybox_image_becomes_a_disk_with_its_config() {
     // The image's files, the agent with its private loader, accounts, resolver, template config.
     assert_eq!(cat(&d, "/www/index.html"), "hello from busybox-httpd\n");
     assert!(exists(&d, alcove_guest_contract::AGENT_GUEST_PATH));
+    // `mcp-gateway` is the agent under another name.
+    let gw = debugfs(
+        &d.disk,
+        &format!("stat {}", alcove_guest_contract::MCP_GATEWAY_GUEST_PATH),
+    );
+    assert!(
+        gw.contains("Type: symlink") && gw.contains("\"alcove-agent\""),
+        "{gw}"
+    );
     assert!(exists(&d, "/usr/local/lib/alcove"));
     assert!(cat(&d, "/etc/passwd").contains("user:x:1000:1000::/home/user:"));
     assert!(cat(&d, "/etc/group").contains("user:x:1000:"));

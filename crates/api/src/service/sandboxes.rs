@@ -489,9 +489,7 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
             feature: "autoPauseMemory: false (filesystem-only pause); memory is always kept",
         });
     }
-    if !empty(&req.mcp) {
-        return Err(ApiError::Unsupported { feature: "mcp" });
-    }
+    check_mcp(&req.mcp)?;
     if !empty(&req.iam) {
         return Err(ApiError::Unsupported { feature: "iam" });
     }
@@ -499,6 +497,48 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
         return Err(ApiError::Unsupported {
             feature: "volumeMounts",
         });
+    }
+    Ok(())
+}
+
+/// Largest `mcp` object accepted, as JSON: the gateway takes the same on its command line.
+pub const MAX_MCP_BYTES: usize = 64 * 1024;
+/// Longest MCP server name accepted.
+const MAX_MCP_NAME: usize = 128;
+
+/// `mcp`: absent, null, or an object of MCP server name to that server's settings (an object).
+/// Only the shape is checked here: the SDK starts the gateway in the sandbox after create
+/// (`mcp-gateway --config ...`), and the gateway refuses names it cannot run, naming them.
+fn check_mcp(v: &Option<serde_json::Value>) -> Result<(), ApiError> {
+    let bad = |detail: String| ApiError::InvalidBody { detail };
+    let map = match v {
+        None | Some(serde_json::Value::Null) => return Ok(()),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(_) => {
+            return Err(bad(
+                "mcp must be an object of MCP server name to settings, e.g. {\"time\": {}}".into(),
+            ));
+        }
+    };
+    let size = serde_json::to_vec(map)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_MCP_BYTES {
+        return Err(bad(format!(
+            "mcp is {size} bytes as JSON, more than the {MAX_MCP_BYTES} allowed"
+        )));
+    }
+    for (name, settings) in map {
+        if name.is_empty() || name.len() > MAX_MCP_NAME || name.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "mcp server names must be 1 to {MAX_MCP_NAME} printable characters, like \"filesystem\""
+            )));
+        }
+        if !(settings.is_object() || settings.is_null()) {
+            return Err(bad(format!(
+                "mcp.{name} must be an object of that server's settings (e.g. {{}})"
+            )));
+        }
     }
     Ok(())
 }
@@ -550,5 +590,30 @@ mod tests {
         for bad in ["", "x.abc", "42.", "42.a'b", "42"] {
             assert_eq!(decode_page_token(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn mcp_takes_an_object_of_names_to_settings() {
+        use serde_json::json;
+        for ok in [
+            None,
+            Some(json!(null)),
+            Some(json!({})),
+            Some(json!({"time": {}, "filesystem": {"paths": ["/home/user"]}, "memory": null})),
+            // Names the gateway will refuse still pass here: it names them to the caller.
+            Some(json!({"github": {"personalAccessToken": "x"}})),
+        ] {
+            check_mcp(&ok).unwrap();
+        }
+        let msg = |v| match check_mcp(&Some(v)) {
+            Err(ApiError::InvalidBody { detail }) => detail,
+            other => panic!("{other:?}"),
+        };
+        assert!(msg(json!(["time"])).contains("must be an object"));
+        assert!(msg(json!({"time": 3})).contains("mcp.time must be an object"));
+        assert!(msg(json!({"": {}})).contains("names must be"));
+        assert!(msg(json!({"a\nb": {}})).contains("names must be"));
+        let big = json!({"filesystem": {"paths": ["/".repeat(MAX_MCP_BYTES)]}});
+        assert!(msg(big).contains("more than the"));
     }
 }

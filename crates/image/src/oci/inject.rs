@@ -307,6 +307,13 @@ pub fn prepare(root: &Path, bundle: &AgentBundle, config: &ImageConfig) -> Resul
     }
     let agent = std::fs::read(&bundle.agent).map_err(io_err("reading the agent"))?;
     write_file(root, alcove_guest_contract::AGENT_GUEST_PATH, &agent, 0o755)?;
+    // `mcp-gateway` in every template: the agent runs the MCP gateway when called by that name
+    // (what the SDKs run after `Sandbox.create(mcp=...)`).
+    write_symlink(
+        root,
+        alcove_guest_contract::MCP_GATEWAY_GUEST_PATH,
+        "alcove-agent",
+    )?;
 
     // Commands arrive as `/bin/bash -l -c CMD` (E2B's protocol): images without bash get a
     // wrapper that hands them to their `/bin/sh`, and images with no shell at all get the host's
