@@ -96,6 +96,9 @@ struct McpGatewayCli {
     /// Serve in this process instead of starting in the background and returning once ready.
     #[arg(long)]
     foreground: bool,
+    /// Seconds to wait for the servers before returning with them still starting.
+    #[arg(long, hide = true, default_value_t = alcove_mcp_gateway::READY_WAIT.as_secs())]
+    ready_wait: u64,
     /// Internal: the background half (says `ready` or `error: ...` on stdout).
     #[arg(long, hide = true)]
     serve: bool,
@@ -127,6 +130,7 @@ fn mcp_gateway_main(args: Vec<std::ffi::OsString>) -> i32 {
         token_file: cli.token_file.clone(),
         log_file: cli.log_file.clone(),
         token: cli.token.clone(),
+        ready_wait: std::time::Duration::from_secs(cli.ready_wait),
     };
     let fail = |e: &dyn std::error::Error| {
         eprintln!("mcp-gateway: {}", alcove_guest_contract::error_chain(e));

@@ -22,9 +22,11 @@ use tokio::io::AsyncReadExt;
 
 use crate::catalog::ServerSpec;
 
-/// How long a server may take to start and answer `initialize` and `tools/list` (the SDK's own
-/// command timeout is 60 s, and the slowest server here is a Python one under emulation).
-pub const START_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a server may take to start and answer `initialize` and `tools/list`. The Python
+/// servers spend about 10 s of CPU building the `mcp` package's models at import under QEMU's
+/// emulation (no KVM), and several times that when the host is busy, so the margin is wide; the
+/// SDK's command does not wait this long (see [`crate::READY_WAIT`]).
+pub const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long one tool call may take before the caller gets a timeout result.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// The end of a server's stderr kept for error messages.
@@ -78,6 +80,17 @@ impl Tail {
 struct Upstream {
     name: String,
     service: RunningService<RoleClient, ()>,
+}
+
+/// Where the gateway is in its start, as requests see it (a `tokio::sync::watch` value).
+#[derive(Clone)]
+pub enum Phase {
+    /// The servers are starting; requests wait.
+    Starting,
+    /// Every server answered; requests are served.
+    Ready(Arc<Gateway>),
+    /// A server failed to start: the reason, for every request (the gateway serves nothing else).
+    Failed(Arc<str>),
 }
 
 /// The running servers and the routing table of their tools.

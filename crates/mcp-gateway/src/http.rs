@@ -5,6 +5,10 @@
 //! is compared in constant time; anything without it gets 401 before the MCP layer sees it.
 //! Host and Origin checks are off: requests arrive through Alcove's proxy under the sandbox's
 //! `50005-<id>.<domain>` name, and the token, not the name, is what grants access.
+//!
+//! The port listens before the servers have started (see [`crate::launch`]): an authorized
+//! request that arrives meanwhile waits for them, and once a server has failed every request gets
+//! 503 with the reason.
 
 use std::sync::Arc;
 
@@ -14,15 +18,20 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::{Gateway, Handler};
+use crate::gateway::{Handler, Phase, START_TIMEOUT};
 
 /// Largest JSON-RPC request body accepted.
 const MAX_BODY: usize = 4 << 20;
 
 /// The router: `/mcp` (token required) and `/health` (open, says nothing but "ok").
-pub fn router(gateway: Arc<Gateway>, token: String, stop: CancellationToken) -> axum::Router {
+pub fn router(
+    phase: watch::Receiver<Phase>,
+    token: String,
+    stop: CancellationToken,
+) -> axum::Router {
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_json_response(true)
@@ -30,14 +39,19 @@ pub fn router(gateway: Arc<Gateway>, token: String, stop: CancellationToken) -> 
         .disable_allowed_hosts()
         .with_max_request_body_bytes(MAX_BODY)
         .with_cancellation_token(stop);
-    let g = gateway.clone();
+    let current = phase.clone();
     let service = StreamableHttpService::new(
-        move || Ok(Handler(g.clone())),
+        // `require_started` let the request through, so the gateway is there.
+        move || match &*current.borrow() {
+            Phase::Ready(g) => Ok(Handler(g.clone())),
+            _ => Err(std::io::Error::other("the MCP gateway is not ready")),
+        },
         Arc::new(NeverSessionManager::default()),
         config,
     );
     axum::Router::new()
         .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(phase, require_started))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
@@ -65,6 +79,52 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
     }
 }
 
+/// Holds a request until the servers have started; answers 503 with the reason if they failed.
+async fn require_started(
+    State(mut phase): State<watch::Receiver<Phase>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let settled = async {
+        loop {
+            // Cloned out at once: the watch's borrow must not be held across an await.
+            let now: Option<Result<(), Arc<str>>> = match &*phase.borrow_and_update() {
+                Phase::Starting => None,
+                Phase::Ready(_) => Some(Ok(())),
+                Phase::Failed(reason) => Some(Err(reason.clone())),
+            };
+            if let Some(outcome) = now {
+                return outcome;
+            }
+            if phase.changed().await.is_err() {
+                return Err(Arc::from("the gateway is stopping"));
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(START_TIMEOUT, settled)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the MCP servers did not start within {}s",
+                START_TIMEOUT.as_secs()
+            )
+            .into())
+        });
+    match outcome {
+        Ok(()) => next.run(req).await,
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "error": "mcp_server_failed",
+                "message": format!(
+                    "{reason}; the gateway serves nothing else: see /var/log/mcp-gateway.log in the sandbox, and create a new sandbox with a corrected mcp config"
+                ),
+            })),
+        )
+            .into_response(),
+    }
+}
+
 fn unauthorized(message: &str) -> Response {
     let mut r = (
         StatusCode::UNAUTHORIZED,
@@ -88,6 +148,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::Gateway;
     use axum::body::Body;
     use tower::ServiceExt;
 
@@ -106,7 +167,8 @@ mod tests {
 
     async fn app() -> axum::Router {
         let g = Arc::new(Gateway::start(&[]).await.unwrap());
-        router(g, "s3cret".into(), CancellationToken::new())
+        let (_, rx) = watch::channel(Phase::Ready(g));
+        router(rx, "s3cret".into(), CancellationToken::new())
     }
 
     async fn body(r: Response) -> serde_json::Value {
@@ -146,6 +208,34 @@ mod tests {
             );
             assert!(v["result"]["capabilities"]["tools"].is_object(), "{v}");
         }
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_the_start_and_then_get_its_outcome() {
+        let (tx, rx) = watch::channel(Phase::Starting);
+        let app = router(rx, "s3cret".into(), CancellationToken::new());
+        // Without the token the answer is 401 at once, starting or not.
+        let r = app.clone().oneshot(post(None)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        // With it, the request waits for the start.
+        let pending = tokio::spawn(app.clone().oneshot(post(Some("Bearer s3cret"))));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!pending.is_finished());
+        let g = Arc::new(Gateway::start(&[]).await.unwrap());
+        tx.send(Phase::Ready(g)).unwrap();
+        let r = pending.await.unwrap().unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+
+        // A failed start: every request gets 503 and the reason.
+        let (tx, rx) = watch::channel(Phase::Starting);
+        let app = router(rx, "s3cret".into(), CancellationToken::new());
+        tx.send(Phase::Failed("MCP server `time` did not answer".into()))
+            .unwrap();
+        let r = app.oneshot(post(Some("Bearer s3cret"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let v = body(r).await;
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains("`time`") && msg.contains("new sandbox"), "{v}");
     }
 
     #[tokio::test]

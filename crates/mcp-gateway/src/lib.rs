@@ -8,9 +8,13 @@
 //! 1. checks the config ([`catalog`]: supported names and settings) and that each server is
 //!    installed, and writes the token to [`TOKEN_FILE`] (root only; `get_mcp_token()` reads it);
 //! 2. starts itself again in the background (`--serve`: its own process group, stdin closed,
-//!    logs to [`LOG_FILE`]), which binds the port, starts every server and lists their tools
-//!    ([`gateway`]), then says `ready` (or `error: ...`) on its stdout;
-//! 3. returns once that line arrives (or the start times out), with the error on stderr.
+//!    logs to [`LOG_FILE`]), which binds the port and says `listening`, then starts every server
+//!    and lists their tools ([`gateway`]), and says `ready` (or `error: ...`) on its stdout;
+//! 3. returns 0 once `ready` arrives, or non-zero with the error on stderr (stopping the
+//!    background half); if the servers are still starting after [`READY_WAIT`], it returns 0
+//!    anyway and says so: requests wait for them (see [`http`]), and a later failure reaches
+//!    every request as a 503 with the reason. (Python MCP servers can take longer than the SDK's
+//!    60 s command timeout to import under emulation on a busy host.)
 //!
 //! The served side is in [`http`]. Callers: `bin/alcove-agent` (its `mcp-gateway` subcommand).
 
@@ -26,7 +30,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
 pub use alcove_guest_contract::MCP_GATEWAY_PORT;
@@ -39,8 +43,11 @@ pub const LOG_FILE: &str = "/var/log/mcp-gateway.log";
 pub const TOKEN_ENV: &str = "GATEWAY_ACCESS_TOKEN";
 /// Longest token accepted.
 const MAX_TOKEN: usize = 512;
-/// Longest line read from the background gateway's stdout.
-const MAX_READY_LINE: usize = 8 * 1024;
+/// Most bytes read from the background gateway's stdout (a few short lines).
+const MAX_READY_OUTPUT: u64 = 16 * 1024;
+/// How long the foreground command waits for the servers before returning with them still
+/// starting (the SDKs run it under their 60 s command timeout).
+pub const READY_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything `mcp-gateway` takes.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ pub struct Options {
     pub log_file: PathBuf,
     /// The token; generated when absent.
     pub token: Option<String>,
+    /// How long the foreground waits for the servers ([`READY_WAIT`]; shorter in tests).
+    pub ready_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,16 +214,23 @@ pub fn launch(opts: &Options, mut serve_cmd: std::process::Command) -> Result<St
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let result = rt.block_on(wait_ready(serve_cmd, &opts.log_file));
+    let result = rt.block_on(wait_ready(serve_cmd, &opts.log_file, opts.ready_wait));
+    let names = specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     match result {
-        Ok(()) => Ok(format!(
-            "MCP gateway ready on port {} at /mcp, serving: {}",
+        Ok(true) => Ok(format!(
+            "MCP gateway ready on port {} at /mcp, serving: {names}",
+            opts.listen.port()
+        )),
+        Ok(false) => Ok(format!(
+            "MCP gateway listening on port {} at /mcp; still starting after {}s: {names} (requests wait for them, up to {}s; progress in {})",
             opts.listen.port(),
-            specs
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            opts.ready_wait.as_secs(),
+            gateway::START_TIMEOUT.as_secs(),
+            opts.log_file.display()
         )),
         Err(e) => {
             let _ = std::fs::remove_file(&opts.token_file);
@@ -223,52 +239,65 @@ pub fn launch(opts: &Options, mut serve_cmd: std::process::Command) -> Result<St
     }
 }
 
-async fn wait_ready(cmd: std::process::Command, log: &Path) -> Result<(), Error> {
+/// Starts the background half and follows what it says: `Ok(true)` once ready, `Ok(false)` if it
+/// listens but its servers are still starting after `wait`, and an error (with the background
+/// half stopped) if it fails first.
+async fn wait_ready(cmd: std::process::Command, log: &Path, wait: Duration) -> Result<bool, Error> {
     let mut cmd = tokio::process::Command::from(cmd);
     let mut child = cmd.spawn().map_err(Error::Spawn)?;
-    let mut out = child.stdout.take().expect("piped");
-    let read_line = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = out.read(&mut chunk).await.unwrap_or(0);
-            if n == 0 {
-                break;
+    let out = child.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(out.take(MAX_READY_OUTPUT)).lines();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut listening = false;
+    loop {
+        match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                if line == "listening" {
+                    listening = true;
+                } else if line == "ready" {
+                    return Ok(true);
+                } else if let Some(msg) = line.strip_prefix("error: ") {
+                    stop(&mut child).await;
+                    return Err(Error::Background(msg.to_string()));
+                }
             }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.contains(&b'\n') || buf.len() >= MAX_READY_LINE {
-                break;
-            }
-        }
-        buf.truncate(MAX_READY_LINE);
-        let line = String::from_utf8_lossy(&buf).into_owned();
-        line.lines().next().unwrap_or("").to_string()
-    };
-    // The servers start in parallel, each within START_TIMEOUT; the rest is margin.
-    let limit = gateway::START_TIMEOUT + Duration::from_secs(10);
-    match tokio::time::timeout(limit, read_line).await {
-        Ok(line) if line == "ready" => Ok(()),
-        Ok(line) => {
-            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            match line.strip_prefix("error: ") {
-                Some(msg) => Err(Error::Background(msg.to_string())),
-                None => Err(Error::Background(format!(
+            Ok(_) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                return Err(Error::Background(format!(
                     "the gateway exited while starting; the end of {}: {}",
                     log.display(),
                     log_tail(log)
-                ))),
+                )));
+            }
+            Err(_) if listening => return Ok(false),
+            Err(_) => {
+                stop(&mut child).await;
+                return Err(Error::Background(format!(
+                    "the gateway did not listen within {}s; the end of {}: {}",
+                    wait.as_secs(),
+                    log.display(),
+                    log_tail(log)
+                )));
             }
         }
-        Err(_) => {
-            let _ = child.kill().await;
-            Err(Error::Background(format!(
-                "the gateway did not start within {}s; the end of {}: {}",
-                limit.as_secs(),
-                log.display(),
-                log_tail(log)
-            )))
+    }
+}
+
+/// Stops the background half: SIGTERM (it stops its servers), then SIGKILL after 5 s.
+async fn stop(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
         }
     }
+    let _ = child.kill().await;
 }
 
 fn log_tail(path: &Path) -> String {
@@ -277,44 +306,35 @@ fn log_tail(path: &Path) -> String {
     String::from_utf8_lossy(&text[start..]).trim().to_string()
 }
 
-/// The background gateway (`--serve`): binds, starts the servers, says `ready` on stdout (or
-/// `error: ...` and fails), then serves until SIGTERM or SIGINT, and stops the servers.
+/// The background gateway (`--serve`): binds and says `listening`, starts the servers and says
+/// `ready` (or `error: ...`) on stdout, then serves until SIGTERM or SIGINT, and stops the
+/// servers. A failure before it listens ends it; a failed server start after that is served to
+/// every request as a 503 with the reason, until it is stopped.
 pub async fn serve(opts: &Options, announce: bool) -> Result<(), Error> {
-    let result = serve_inner(opts, announce).await;
-    if let Err(e) = &result
-        && announce
-    {
-        let line = alcove_guest_contract::error_chain(e).replace('\n', " ");
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "error: {line}");
-        let _ = out.flush();
-    }
-    result
-}
-
-async fn serve_inner(opts: &Options, announce: bool) -> Result<(), Error> {
-    let specs = check(&opts.config)?;
-    let token = token(opts.token.clone())?;
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            port: opts.listen.port(),
-            source,
-        })?;
-    let gateway = Arc::new(gateway::Gateway::start(&specs).await?);
-    tracing::info!(
-        addr = %opts.listen,
-        servers = ?gateway.servers(),
-        tools = gateway.tools().len(),
-        "MCP gateway ready"
-    );
+    let say = |line: &str| {
+        if announce {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    };
+    let error_line = |e: &Error| {
+        format!(
+            "error: {}",
+            alcove_guest_contract::error_chain(e).replace('\n', " ")
+        )
+    };
+    let listener = match bind(opts).await {
+        Ok(l) => l,
+        Err(e) => {
+            say(&error_line(&e));
+            return Err(e);
+        }
+    };
+    let (specs, token) = listener.1;
     let stop = CancellationToken::new();
-    let app = http::router(gateway.clone(), token, stop.child_token());
-    if announce {
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "ready");
-        let _ = out.flush();
-    }
+    let (phase_tx, phase) = tokio::sync::watch::channel(gateway::Phase::Starting);
+    let app = http::router(phase.clone(), token, stop.child_token());
     let signal_stop = stop.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -330,14 +350,66 @@ async fn serve_inner(opts: &Options, announce: bool) -> Result<(), Error> {
         }
         signal_stop.cancel();
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
+    let served = tokio::spawn(
+        axum::serve(listener.0, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    say("listening");
+    tokio::select! {
+        started = gateway::Gateway::start(&specs) => match started {
+            Ok(g) => {
+                tracing::info!(
+                    addr = %opts.listen,
+                    servers = ?g.servers(),
+                    tools = g.tools().len(),
+                    "MCP gateway ready"
+                );
+                let _ = phase_tx.send(gateway::Phase::Ready(Arc::new(g)));
+                say("ready");
+            }
+            Err(e) => {
+                let e = Error::Start(e);
+                let reason = alcove_guest_contract::error_chain(&e).replace('\n', " ");
+                tracing::error!("{reason}");
+                let _ = phase_tx.send(gateway::Phase::Failed(reason.into()));
+                say(&error_line(&e));
+            }
+        },
+        // Stopped while starting: requests waiting for the start are answered now, so the
+        // graceful shutdown does not wait for them.
+        _ = stop.cancelled() => {
+            let _ = phase_tx.send(gateway::Phase::Failed("the gateway is stopping".into()));
+        }
+    }
+    let served = served.await;
     stop.cancel();
-    if let Ok(g) = Arc::try_unwrap(gateway) {
+    let last = phase_tx.send_replace(gateway::Phase::Failed("the gateway is stopping".into()));
+    drop(phase);
+    if let gateway::Phase::Ready(g) = last
+        && let Ok(g) = Arc::try_unwrap(g)
+    {
         g.shutdown().await;
     }
-    served.map_err(Error::Runtime)
+    match served {
+        Ok(r) => r.map_err(Error::Runtime),
+        Err(e) => Err(Error::Runtime(std::io::Error::other(e))),
+    }
+}
+
+type Bound = (tokio::net::TcpListener, (Vec<catalog::ServerSpec>, String));
+
+/// The checks that end the background half before it listens, and the listening socket.
+async fn bind(opts: &Options) -> Result<Bound, Error> {
+    let specs = check(&opts.config)?;
+    let token = token(opts.token.clone())?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            port: opts.listen.port(),
+            source,
+        })?;
+    Ok((listener, (specs, token)))
 }
 
 #[cfg(test)]
