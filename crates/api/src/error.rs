@@ -43,6 +43,21 @@ pub enum ApiError {
     TimeoutOutOfRange { requested: u64, max: u64 },
     #[error("unsupported feature")]
     Unsupported { feature: &'static str },
+    /// `Idempotency-Key` is not 1 to 255 printable ASCII characters without spaces.
+    #[error("invalid idempotency key")]
+    InvalidIdempotencyKey,
+    /// The key named a create with another body in the last 24 h.
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
+    /// Another request with the same key is still creating its sandbox.
+    #[error("idempotent create in progress")]
+    IdempotencyInProgress,
+    /// The key's sandbox has ended since it was created.
+    #[error("idempotent sandbox ended")]
+    IdempotentSandboxEnded { sandbox_id: String },
+    /// A request field this server does not act on, named as the caller sent it, with what to do.
+    #[error("unsupported field")]
+    UnsupportedField { field: String, instead: String },
     #[error("sandbox limit reached")]
     SandboxLimit { limit: usize },
     /// A team quota other than running sandboxes ([`crate::service::Quota`]).
@@ -206,6 +221,44 @@ impl ApiError {
                 format!(
                     "A timeout of {requested} s is out of range: it must be between 1 and {max} \
                      seconds. Ask for a shorter timeout and extend it later with set_timeout."
+                ),
+            ),
+            InvalidIdempotencyKey => (
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "The Idempotency-Key header must be 1 to 255 printable ASCII characters without \
+                 spaces (the SDKs use lowercase letters, digits and hyphens)."
+                    .into(),
+            ),
+            IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "This Idempotency-Key was used in the last 24 h for a create with a different \
+                 body. Send a new key for a new sandbox, or the same body to get the sandbox \
+                 the key made."
+                    .into(),
+            ),
+            IdempotencyInProgress => (
+                StatusCode::CONFLICT,
+                "idempotency_in_progress",
+                "Another request with this Idempotency-Key is still creating its sandbox. Retry \
+                 in a few seconds to get that sandbox."
+                    .into(),
+            ),
+            IdempotentSandboxEnded { sandbox_id } => (
+                StatusCode::CONFLICT,
+                "idempotent_sandbox_ended",
+                format!(
+                    "This Idempotency-Key created sandbox {sandbox_id}, which has ended since. \
+                     Send a new key to create another sandbox."
+                ),
+            ),
+            UnsupportedField { field, instead } => (
+                StatusCode::BAD_REQUEST,
+                "unsupported_feature",
+                format!(
+                    "'{field}' is not supported by this Alcove server yet: {instead}. Leave it \
+                     out of the request."
                 ),
             ),
             Unsupported { feature } => (
@@ -398,7 +451,10 @@ impl ApiError {
                 StatusCode::FORBIDDEN,
                 "invalid_traffic_access_token",
                 format!(
-                    "Sandbox {sandbox_id} was created with allowPublicTraffic: false, so requests                      to its port {port} need its traffic access token in the                      e2b-traffic-access-token header; it is missing or wrong. Use the                      trafficAccessToken returned when the sandbox was created or connected."
+                    "Sandbox {sandbox_id} was created with allowPublicTraffic: false, so requests \
+                     to its port {port} need its traffic access token in the \
+                     e2b-traffic-access-token header; it is missing or wrong. Use the \
+                     trafficAccessToken returned when the sandbox was created or connected."
                 ),
             ),
             AdminOnly => (
@@ -566,6 +622,21 @@ impl IntoResponse for ApiError {
             error_code: error_code.into(),
         };
         let mut resp = (status, Json(body)).into_response();
+        if let Some(retry) = self.should_retry() {
+            // The SDKs retry 429/502/503/504 unless this says otherwise, and honour it on any
+            // status; Retry-After says when.
+            let h = resp.headers_mut();
+            h.insert(
+                "should-retry",
+                axum::http::HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+            if retry {
+                h.insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("2"),
+                );
+            }
+        }
         resp.extensions_mut()
             .insert(ErrorCause(std::sync::Arc::new(self)));
         resp
@@ -584,6 +655,20 @@ impl From<alcove_store::StoreError> for ApiError {
 }
 
 impl ApiError {
+    /// Whether a client should send the same request again (`Should-Retry`), where it is known:
+    /// `false` where only the caller or the operator can change the outcome (a limit reached, a
+    /// create that timed out and may still be starting), `true` where waiting is enough.
+    pub fn should_retry(&self) -> Option<bool> {
+        use ApiError::*;
+        match self {
+            SandboxLimit { .. } | QuotaExceeded { .. } | CreateTimeout | IdempotencyKeyReused => {
+                Some(false)
+            }
+            NoCapacity | TooManyConnections { .. } | IdempotencyInProgress => Some(true),
+            _ => None,
+        }
+    }
+
     /// An internal error with its cause (logged once by the request middleware, never sent).
     pub fn internal(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
         ApiError::Internal {

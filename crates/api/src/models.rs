@@ -15,8 +15,9 @@ use utoipa::ToSchema;
 /// `clientID` in E2B's responses is a legacy field the SDKs ignore.
 pub const CLIENT_ID: &str = "alcove";
 
-/// Body of `POST /sandboxes` and `POST /v2/sandboxes`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// Body of `POST /sandboxes` and `POST /v2/sandboxes`. (Serialize: its hash ties an
+/// `Idempotency-Key` to the body it came with.)
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSandbox {
     /// Template id or alias.

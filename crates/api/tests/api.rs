@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use alcove_api::Limits;
 use common::{FakeBackend, TestServer, assert_error, fake::CLOSED_PORT, fast_limits};
-use serde_json::json;
+use serde_json::{Value, json};
 
 async fn start() -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().unwrap();
@@ -26,7 +27,13 @@ async fn first_start_writes_a_private_key_and_a_restart_keeps_it() {
     let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let key = s.key.clone();
-    assert!(key.starts_with("alcove_"));
+    // E2B's format (the SDKs that check it want `e2b_` and hex).
+    assert!(key.starts_with("e2b_"), "{key}");
+    assert!(
+        key[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     let api = s.client();
     let created = api
         .post(
@@ -821,5 +828,93 @@ async fn upgrades_pass_through_the_proxy_both_ways() {
         .unwrap()
         .unwrap();
     assert_eq!(&got, b"ping through the upgrade");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_one_sandbox_per_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let s = TestServer::start(dir.path(), backend.clone(), fast_limits()).await;
+    let api = s.client();
+    let body = json!({"templateID": "base", "metadata": {"run": "1"}});
+    let create = |key: &'static str, body: Value| {
+        let api = s.client();
+        async move {
+            api.send(
+                "POST",
+                "/v2/sandboxes",
+                &[("Idempotency-Key", key)],
+                body.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+
+    // Two requests with one key while the first is still creating: one sandbox, both get it.
+    *backend.create_delay.lock().unwrap() = Duration::from_millis(600);
+    let (a, b) = tokio::join!(create("run-1", body.clone()), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        create("run-1", body.clone()).await
+    });
+    *backend.create_delay.lock().unwrap() = Duration::ZERO;
+    assert_eq!(a.status, 201, "{:?}", a.json);
+    assert_eq!(b.status, 201, "{:?}", b.json);
+    let id = a.json["sandboxID"].as_str().unwrap().to_owned();
+    assert_eq!(b.json["sandboxID"], a.json["sandboxID"]);
+    assert_eq!(b.json["envdAccessToken"], a.json["envdAccessToken"]);
+    let listed = api.get("/v2/sandboxes").await;
+    assert_eq!(
+        listed.json.as_array().unwrap().len(),
+        1,
+        "{:?}",
+        listed.json
+    );
+
+    // Later, the same again; another body is refused; another key is another sandbox.
+    let again = create("run-1", body.clone()).await;
+    assert_eq!(again.json["sandboxID"], id.as_str());
+    let other = create("run-1", json!({"templateID": "base"})).await;
+    assert_error(&other, 422, "idempotency_key_reused");
+    let fresh = create("run-2", body.clone()).await;
+    assert_eq!(fresh.status, 201);
+    assert_ne!(fresh.json["sandboxID"], id.as_str());
+
+    // Once its sandbox is killed, the key says so instead of making another.
+    assert_eq!(api.delete(&format!("/sandboxes/{id}")).await.status, 204);
+    let ended = create("run-1", body.clone()).await;
+    assert_error(&ended, 409, "idempotent_sandbox_ended");
+    assert!(ended.json["message"].as_str().unwrap().contains(&id));
+
+    // A failed create frees its key: the retry creates.
+    let bad = create("run-3", json!({"templateID": "no-such-template"})).await;
+    assert_eq!(bad.status, 404);
+    let retried = create("run-3", json!({"templateID": "base"})).await;
+    assert_eq!(retried.status, 201, "{:?}", retried.json);
+
+    let invalid = create("has space", body.clone()).await;
+    assert_error(&invalid, 400, "invalid_idempotency_key");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn limits_tell_the_sdk_not_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_concurrent_sandboxes: 1,
+        ..fast_limits()
+    };
+    let s = TestServer::start(dir.path(), Arc::new(FakeBackend::new()), limits).await;
+    let api = s.client();
+    let first = api
+        .post("/v2/sandboxes", json!({"templateID": "base"}))
+        .await;
+    assert_eq!(first.status, 201);
+    assert!(first.headers.get("should-retry").is_none());
+    let over = api
+        .post("/v2/sandboxes", json!({"templateID": "base"}))
+        .await;
+    assert_error(&over, 429, "sandbox_limit_reached");
+    assert_eq!(over.headers["should-retry"], "false");
     s.stop().await;
 }

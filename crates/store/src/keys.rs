@@ -6,8 +6,11 @@ use sha2::{Digest, Sha256};
 
 use crate::{Result, Store, StoreError, now_ms};
 
-/// Plaintext keys look like `alcove_<40 hex>`; the listing shows the first 12 characters.
-const KEY_PREFIX: &str = "alcove_";
+/// Plaintext keys look like `e2b_<40 hex>`, E2B's own format: SDKs that check a key's form before
+/// sending it (`e2b` 2.45 for Python wants `e2b_` and hex) take them. Keys made before this
+/// format (`alcove_<40 hex>`) keep working: a key is found by its hash, whatever its form. The
+/// listing shows the first 12 characters.
+const KEY_PREFIX: &str = "e2b_";
 const SHOWN_PREFIX_LEN: usize = 12;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

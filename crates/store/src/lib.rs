@@ -10,6 +10,7 @@
 //! writers, which is what SQLite does anyway.
 
 mod builds;
+mod idempotency;
 mod keys;
 mod lifecycle;
 mod migrations;
@@ -28,6 +29,7 @@ pub use builds::{
     BuildLogRecord, BuildRecord, BuildStatus, MAX_BUILD_LOG_LINES, NameOwner, RequestedBuild,
     TagRecord,
 };
+pub use idempotency::{ABANDONED_CLAIM_MS, Claim, IDEMPOTENCY_TTL_MS};
 pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
 pub use lifecycle::{SandboxState, UnknownState};
 pub use sandboxes::{

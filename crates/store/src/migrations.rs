@@ -158,6 +158,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         expires_at  INTEGER NOT NULL
     );
     "#,
+    // 6: `Idempotency-Key` on sandbox creates: a key names one create per team for 24 h. The row
+    // is claimed before the create starts (`sandbox_id` NULL) and names its sandbox once made.
+    r#"
+    CREATE TABLE idempotency_keys (
+        team_id     TEXT NOT NULL REFERENCES teams(id),
+        key         TEXT NOT NULL,
+        body_hash   TEXT NOT NULL,
+        sandbox_id  TEXT,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (team_id, key)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

@@ -105,6 +105,28 @@ def test_kill_then_everything_reports_not_found(run_id):
         Sandbox.connect(sbx.sandbox_id)
 
 
+def test_api_keys_have_e2bs_format():
+    # What e2b 2.45 checks client-side before sending anything (later SDKs dropped the check).
+    import os
+    import re
+
+    assert re.fullmatch(r"e2b_[0-9a-f]+", os.environ["E2B_API_KEY"]), "the server's key is not e2b_<hex>"
+
+
+def test_an_idempotency_key_returns_the_same_sandbox(run_id):
+    key = f"create-{run_id}"
+    a = Sandbox.create(TEMPLATE, timeout=60, metadata={"run": run_id}, idempotency_key=key)
+    try:
+        b = Sandbox.create(TEMPLATE, timeout=60, metadata={"run": run_id}, idempotency_key=key)
+        assert b.sandbox_id == a.sandbox_id
+        assert b.commands.run("echo same").stdout == "same\n"
+        with pytest.raises(SandboxException) as e:
+            Sandbox.create(TEMPLATE, timeout=61, metadata={"run": run_id}, idempotency_key=key)
+        assert "different body" in str(e.value)
+    finally:
+        a.kill()
+
+
 def test_unknown_sandbox():
     with pytest.raises(NotFoundException):
         Sandbox.get_info("doesnotexist0000")

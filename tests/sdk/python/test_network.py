@@ -137,8 +137,24 @@ def test_internet_off_means_no_packet_leaves_dns_included():
     sbx = Sandbox.create(TEMPLATE, timeout=180, allow_internet_access=False)
     try:
         assert check(sbx, "dns:a.test", "http:198.51.100.2,8080,a.test") == ["ERR", "REFUSED"]
+        # The switch, live, both ways, as the SDK sends it (`allow_internet_access`).
+        sbx.update_network({"allow_internet_access": True})
+        assert check(sbx, "dns:a.test", "http:198.51.100.2,8080,a.test") == ["198.51.100.2", "hello", "a"]
+        sbx.update_network({"allow_internet_access": False})
+        assert check(sbx, "dns:a.test", "http:198.51.100.2,8080,a.test") == ["ERR", "REFUSED"]
     finally:
         sbx.kill()
+
+
+def test_unsupported_network_fields_are_named_in_the_refusal():
+    from e2b.exceptions import InvalidArgumentException, SandboxException
+
+    with pytest.raises((InvalidArgumentException, SandboxException)) as e:
+        Sandbox.create(TEMPLATE, timeout=60, network={"https_ports": [3000]})
+    assert "network.httpsPorts" in str(e.value) and "plain HTTP" in str(e.value)
+    with pytest.raises((InvalidArgumentException, SandboxException)) as e:
+        Sandbox.create(TEMPLATE, timeout=60, network={"egress_proxy": {"address": "proxy.test:1080"}})
+    assert "network.egressProxy" in str(e.value)
 
 
 def test_domain_allow_list_binds_names_to_answers_and_updates_live():

@@ -22,13 +22,16 @@ use crate::service::ListQuery;
 pub(super) const MAX_PAGE: usize = 1000;
 
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", request_body = NewSandbox,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create idempotent for 24 h: the same key with the same body returns the same sandbox (even while the first request is still creating it); with another body, 422. 1 to 255 printable ASCII characters.")),
     responses(
         (status = 201, description = "Sandbox started", body = Sandbox),
         (status = 400, description = "Invalid body, timeout out of range or unsupported feature", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "Unknown template", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 429, description = "Concurrent sandbox limit reached", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key's create is still running, or its sandbox has ended", body = ErrorBody),
+        (status = 422, description = "The Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 429, description = "Concurrent sandbox limit reached (Should-Retry: false)", body = ErrorBody),
         (status = 500, description = "The sandbox could not be started", body = ErrorBody),
         (status = 503, description = "No capacity on the host", body = ErrorBody),
         (status = 504, description = "The sandbox did not start in time", body = ErrorBody)),
@@ -36,9 +39,14 @@ pub(super) const MAX_PAGE: usize = 1000;
 pub async fn create_v2(
     State(svc): State<AppState>,
     Team(team): Team,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<NewSandbox>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let sbx = svc.create(&team, body).await?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::InvalidIdempotencyKey)?),
+    };
+    let sbx = svc.create_idempotent(&team, key, body).await?;
     Ok((StatusCode::CREATED, Json(sbx)))
 }
 
@@ -54,9 +62,10 @@ pub async fn create_v2(
 pub async fn create_v1(
     state: State<AppState>,
     team: Team,
+    headers: axum::http::HeaderMap,
     body: ApiJson<NewSandbox>,
 ) -> Result<impl IntoResponse, ApiError> {
-    create_v2(state, team, body).await
+    create_v2(state, team, headers, body).await
 }
 
 fn parse_metadata(raw: &str) -> Result<Vec<(String, String)>, ApiError> {

@@ -6,7 +6,8 @@ use crate::error::ApiError;
 /// The create body's `network` (and top-level `allowInternetAccess`): `allowPublicTraffic` and the
 /// egress rules (`allowOut`, `denyOut`); `maskRequestHost` and `dnsServers` are accepted and have
 /// nothing to do here (every DNS packet goes to the sandbox's own resolver). Other non-empty
-/// fields (transform rules, egress proxies) are refused rather than silently ignored.
+/// fields (transform rules, egress proxies, HTTPS ports) are refused, naming the field and what
+/// to do instead, rather than silently ignored.
 pub(super) fn parse_network(
     network: &Option<serde_json::Value>,
     allow_internet_access: Option<bool>,
@@ -28,6 +29,7 @@ pub(super) fn parse_network(
             });
         }
     };
+    let map = &normalize(map, "network.")?;
     for (k, v) in map {
         match (k.as_str(), v) {
             ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
@@ -44,14 +46,66 @@ pub(super) fn parse_network(
             ) => {}
             (_, serde_json::Value::Array(a)) if a.is_empty() => {}
             (_, serde_json::Value::Object(o)) if o.is_empty() => {}
-            _ => {
-                return Err(ApiError::Unsupported {
-                    feature: "network transform rules and egress proxies (network.allowOut, denyOut and allowPublicTraffic are supported)",
-                });
-            }
+            (k, _) => return Err(unsupported(&format!("network.{k}"), k, true)),
         }
     }
     Ok((public, egress_config(map, internet)?))
+}
+
+/// The fields of a `network` object under the names this module reads: the SDKs send
+/// `allowInternetAccess` as `allow_internet_access` in `PUT .../network` (Python `e2b` 2.63's
+/// generated client), so both spellings are taken, and giving both with different values is an
+/// error.
+fn normalize(
+    map: &serde_json::Map<String, serde_json::Value>,
+    prefix: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        let name = match k.as_str() {
+            "allow_internet_access" => "allowInternetAccess",
+            other => other,
+        };
+        if let Some(prev) = out.get(name)
+            && prev != v
+        {
+            return Err(ApiError::InvalidBody {
+                detail: format!(
+                    "{prefix}allowInternetAccess and {prefix}allow_internet_access disagree: send one of them"
+                ),
+            });
+        }
+        out.insert(name.to_string(), v.clone());
+    }
+    Ok(out)
+}
+
+/// The refusal for a network field this server does not act on, saying what to do instead.
+fn unsupported(field: &str, key: &str, at_create: bool) -> ApiError {
+    let supported = if at_create {
+        "allowOut, denyOut, allowInternetAccess, allowPublicTraffic, dnsServers and maskRequestHost"
+    } else {
+        "allowOut, denyOut, allowInternetAccess and dnsServers"
+    };
+    let instead = match key {
+        "rules" => format!(
+            "per-host request transforms (headers rewritten by the egress proxy, secrets) are not available; add the header in the sandbox's own requests, and limit where it can go with allowOut and denyOut (supported network fields: {supported})"
+        ),
+        "egressProxy" => format!(
+            "tunnelling the sandbox's outbound traffic through your SOCKS5 proxy is not available; limit egress with allowOut and denyOut (supported network fields: {supported})"
+        ),
+        "httpsPorts" => format!(
+            "the proxy speaks plain HTTP to sandbox ports, so serve plain HTTP on the port and reach it at get_host(port) (supported network fields: {supported})"
+        ),
+        "allowPublicTraffic" | "maskRequestHost" => {
+            format!("{key} is set at create only; PUT /sandboxes/{{id}}/network takes {supported}")
+        }
+        _ => format!("unknown network field; the supported ones are {supported}"),
+    };
+    ApiError::UnsupportedField {
+        field: field.to_string(),
+        instead,
+    }
 }
 
 /// The egress rules of a create or `PUT .../network` body, checked. Internet access is on when
@@ -112,6 +166,7 @@ pub fn network_update(body: &serde_json::Value) -> Result<alcove_net::NetworkCon
                 .into(),
         });
     };
+    let map = &normalize(map, "")?;
     for (k, v) in map {
         let empty = v.is_null()
             || v.as_array().is_some_and(|a| a.is_empty())
@@ -121,10 +176,75 @@ pub fn network_update(body: &serde_json::Value) -> Result<alcove_net::NetworkCon
             "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers"
         ) && !empty
         {
-            return Err(ApiError::Unsupported {
-                feature: "network transform rules and egress proxies (allowOut, denyOut and allowInternetAccess are supported)",
-            });
+            return Err(unsupported(k, k, false));
         }
     }
     egress_config(map, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn message(e: ApiError) -> String {
+        let r = axum::response::IntoResponse::into_response(e);
+        assert_eq!(r.status(), axum::http::StatusCode::BAD_REQUEST);
+        let b = futures::executor::block_on(axum::body::to_bytes(r.into_body(), 1 << 16)).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn the_update_takes_the_sdks_snake_case_internet_switch() {
+        // What `update_network({"allow_internet_access": False})` sends (e2b 2.63).
+        let cfg = network_update(&json!({"allow_internet_access": false})).unwrap();
+        assert!(!cfg.allow_internet_access);
+        let cfg = network_update(&json!({"allow_internet_access": true, "allowOut": []})).unwrap();
+        assert!(cfg.allow_internet_access);
+        let cfg = network_update(&json!({"allowInternetAccess": false})).unwrap();
+        assert!(!cfg.allow_internet_access);
+        let e =
+            network_update(&json!({"allowInternetAccess": false, "allow_internet_access": true}))
+                .unwrap_err();
+        assert!(message(e).contains("disagree"));
+        let (_, cfg) = parse_network(&Some(json!({"allow_internet_access": false})), None).unwrap();
+        assert!(!cfg.allow_internet_access);
+    }
+
+    #[test]
+    fn refusals_name_the_field_sent_and_what_to_do() {
+        let cases = [
+            (
+                json!({"httpsPorts": [3000]}),
+                "'network.httpsPorts'",
+                "plain HTTP",
+            ),
+            (
+                json!({"egressProxy": {"address": "p:1080"}}),
+                "'network.egressProxy'",
+                "SOCKS5",
+            ),
+            (
+                json!({"rules": {"api.example.com": [{"transform": {"headers": {"X": "y"}}}]}}),
+                "'network.rules'",
+                "allowOut",
+            ),
+            (
+                json!({"allowOutt": ["x.com"]}),
+                "'network.allowOutt'",
+                "supported ones are allowOut",
+            ),
+        ];
+        for (body, field, hint) in cases {
+            let m = message(parse_network(&Some(body.clone()), None).unwrap_err());
+            assert!(m.contains(field) && m.contains(hint), "{body}: {m}");
+        }
+        let m = message(network_update(&json!({"rules": {"h": [{}]}})).unwrap_err());
+        assert!(m.contains("'rules'") && m.contains("allowOut"), "{m}");
+        let m = message(network_update(&json!({"maskRequestHost": "x"})).unwrap_err());
+        assert!(m.contains("set at create only"), "{m}");
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alcove_store::{
-    ListOrder, NewSandboxRecord, PageCursor, SandboxFilter, SandboxRecord,
+    Claim, ListOrder, NewSandboxRecord, PageCursor, SandboxFilter, SandboxRecord,
     SandboxState as StoreState, StoreError, TemplateRecord, now_ms,
 };
 
@@ -120,6 +120,70 @@ impl Service {
             // The request's log line names the sandbox it made.
             tracing::Span::current().record("sandbox_id", tracing::field::display(&sbx.sandbox_id));
         })
+    }
+
+    /// `POST /sandboxes` with an `Idempotency-Key`: the first request with the key (per team,
+    /// for 24 h) creates; a later one with the same body gets the same sandbox (even while the
+    /// first is still creating it: it waits), one with another body is refused. A create that
+    /// fails frees the key, so a retry can succeed. Without a key, [`Service::create`].
+    pub async fn create_idempotent(
+        self: &Arc<Self>,
+        team_id: &str,
+        key: Option<&str>,
+        req: models::NewSandbox,
+    ) -> Result<models::Sandbox, ApiError> {
+        let Some(key) = key else {
+            return self.create(team_id, req).await;
+        };
+        if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::InvalidIdempotencyKey);
+        }
+        let body = serde_json::to_vec(&req).map_err(ApiError::internal)?;
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+        let deadline = tokio::time::Instant::now() + self.limits.create_timeout;
+        loop {
+            let (t, k, h) = (team_id.to_owned(), key.to_owned(), hash.clone());
+            let claim = self
+                .db(move |s| s.idempotency_claim(&t, &k, &h, now_ms()))
+                .await?;
+            match claim {
+                Claim::Claimed => {
+                    let made = self.create(team_id, req).await;
+                    let (t, k) = (team_id.to_owned(), key.to_owned());
+                    let id = made.as_ref().ok().map(|s| s.sandbox_id.clone());
+                    self.db(move |s| match id {
+                        Some(id) => s.idempotency_done(&t, &k, &id),
+                        None => s.idempotency_release(&t, &k),
+                    })
+                    .await?;
+                    return made;
+                }
+                Claim::Held { body_hash, .. } if body_hash != hash => {
+                    return Err(ApiError::IdempotencyKeyReused);
+                }
+                Claim::Held {
+                    sandbox_id: Some(id),
+                    ..
+                } => {
+                    tracing::info!(sandbox_id = %id, "create answered from its Idempotency-Key");
+                    return match self.live_record(team_id, &id).await {
+                        Ok(r) => Ok(self.sandbox_view(r)),
+                        Err(ApiError::SandboxNotFound { .. }) => {
+                            Err(ApiError::IdempotentSandboxEnded { sandbox_id: id })
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+                Claim::Held {
+                    sandbox_id: None, ..
+                } => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ApiError::IdempotencyInProgress);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
     }
 
     pub(super) async fn create_sandbox(
