@@ -201,7 +201,8 @@ async fn list_filters_by_metadata_and_state_and_pages() {
         .iter()
         .map(|s| s["metadata"]["idx"].clone())
         .collect();
-    assert_eq!(got, [json!("0"), json!("2")]);
+    // Newest first when no order is named, as E2B lists.
+    assert_eq!(got, [json!("2"), json!("0")]);
     let odd_key = api
         .get("/v2/sandboxes?metadata=odd%2520key%2526%253D%3Da%2520value%252Fwith%253Fchars%26group%3Dodd")
         .await;
@@ -916,5 +917,47 @@ async fn limits_tell_the_sdk_not_to_retry() {
         .await;
     assert_error(&over, 429, "sandbox_limit_reached");
     assert_eq!(over.headers["should-retry"], "false");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_of_zero_ends_the_sandbox_now() {
+    let (_dir, s) = start().await;
+    let api = s.client();
+    let kill = api
+        .post("/v2/sandboxes", json!({"templateID": "base"}))
+        .await;
+    let pause = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "autoPause": true}),
+        )
+        .await;
+    for r in [&kill, &pause] {
+        let id = r.json["sandboxID"].as_str().unwrap();
+        let t = api
+            .post(&format!("/sandboxes/{id}/timeout"), json!({"timeout": 0}))
+            .await;
+        assert_eq!(t.status, 204, "{:?}", t.json);
+    }
+    let (k, p) = (
+        kill.json["sandboxID"].as_str().unwrap(),
+        pause.json["sandboxID"].as_str().unwrap(),
+    );
+    let mut ended = (false, false);
+    for _ in 0..50 {
+        ended.0 = api.get(&format!("/sandboxes/{k}")).await.status == 404;
+        ended.1 = api.get(&format!("/sandboxes/{p}")).await.json["state"] == "paused";
+        if ended == (true, true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ended, (true, true), "killed, paused");
+    // Below zero is still refused.
+    let neg = api
+        .post(&format!("/sandboxes/{p}/timeout"), json!({"timeout": -1}))
+        .await;
+    assert_error(&neg, 400, "timeout_out_of_range");
     s.stop().await;
 }

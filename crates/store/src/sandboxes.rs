@@ -108,8 +108,9 @@ pub struct SandboxEvent {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ListOrder {
-    #[default]
     Asc,
+    /// Newest first, E2B's order when the caller names none.
+    #[default]
     Desc,
 }
 

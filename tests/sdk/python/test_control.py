@@ -67,6 +67,20 @@ def test_list_filters_by_metadata_and_state(run_id):
         while paginator.has_next:
             seen.extend(s.sandbox_id for s in paginator.next_items())
         assert sorted(seen) == sorted(b.sandbox_id for b in boxes)
+
+        # Pages come newest first, as E2B lists: one at a time, running, paused and both.
+        boxes[0].pause()
+        newest_first = [b.sandbox_id for b in reversed(boxes)]
+        for states, expected in [
+            ([SandboxState.RUNNING], newest_first[:2]),
+            ([SandboxState.PAUSED], newest_first[2:]),
+            ([SandboxState.RUNNING, SandboxState.PAUSED], newest_first),
+        ]:
+            paginator = Sandbox.list(query=SandboxQuery(metadata={"run": run_id}, state=states), limit=1)
+            seen = []
+            while paginator.has_next:
+                seen.extend(s.sandbox_id for s in paginator.next_items())
+            assert seen == expected, states
     finally:
         for b in boxes:
             b.kill()
@@ -91,6 +105,17 @@ def test_connect_returns_a_usable_handle(sandbox):
     again = Sandbox.connect(sandbox.sandbox_id)
     assert again.sandbox_id == sandbox.sandbox_id
     assert again.is_running()
+
+
+def test_a_timeout_of_zero_ends_the_sandbox_now(run_id):
+    sbx = Sandbox.create(TEMPLATE, timeout=120, metadata={"run": run_id})
+    sbx.set_timeout(0)
+    for _ in range(100):
+        if not sbx.is_running():
+            break
+        time.sleep(0.2)
+    with pytest.raises(NotFoundException):
+        sbx.get_info()
 
 
 def test_kill_then_everything_reports_not_found(run_id):

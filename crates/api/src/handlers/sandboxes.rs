@@ -146,7 +146,7 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
         ("state" = Option<String>, Query, description = "Comma-separated states; default running,paused. Extension: creating, killed, lost"),
         ("template" = Option<String>, Query, description = "Template id or alias"),
         ("startedAfter" = Option<String>, Query, description = "RFC 3339"),
-        ("order" = Option<String>, Query, description = "asc (default) or desc, by start time"),
+        ("order" = Option<String>, Query, description = "asc or desc (default: newest first, as in E2B), by start time"),
         ("limit" = Option<usize>, Query, description = "Page size, 1-1000"),
         ("nextToken" = Option<String>, Query, description = "From the previous page's x-next-token header")),
     responses(
@@ -225,7 +225,7 @@ pub async fn kill(
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/timeout", tag = "sandboxes",
     params(("sandboxID" = String, Path)), request_body = TimeoutRequest,
     responses(
-        (status = 204, description = "The sandbox now ends `timeout` seconds from now"),
+        (status = 204, description = "The sandbox now ends `timeout` seconds from now; 0 ends it now (paused with autoPause, else killed)"),
         (status = 400, description = "Timeout out of range", body = ErrorBody),
         (status = 404, description = "No such live sandbox", body = ErrorBody)),
     security(("ApiKeyAuth" = [])))]

@@ -480,11 +480,27 @@ impl Service {
     }
 
     /// `POST /sandboxes/{id}/timeout`: the sandbox ends `secs` from now (shorter or longer).
-    pub async fn set_timeout(&self, team_id: &str, id: &str, secs: i64) -> Result<(), ApiError> {
-        let d = self.check_timeout(secs)?;
+    /// `0` ends the lifetime now, as in E2B: the end-of-life work (pause with `autoPause`, else
+    /// kill) starts at once in the background, as the reaper would do it.
+    pub async fn set_timeout(
+        self: &Arc<Self>,
+        team_id: &str,
+        id: &str,
+        secs: i64,
+    ) -> Result<(), ApiError> {
+        let d = if secs == 0 {
+            Duration::ZERO
+        } else {
+            self.check_timeout(secs)?
+        };
         let r = self.live_record(team_id, id).await?;
         let end_at = now_ms() + d.as_millis() as i64;
+        let running = r.state == StoreState::Running;
         self.db(move |s| s.set_end_at(&r.id, end_at)).await?;
+        if secs == 0 && running {
+            tracing::info!(sandbox_id = %id, "timeout set to 0: ending the sandbox now");
+            self.reap_expired().await;
+        }
         Ok(())
     }
 
