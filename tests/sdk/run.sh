@@ -35,7 +35,9 @@ else
     # The OCI test (test_templates.py): the local registry with the test image, started before
     # the server so the server can be told that this plain-HTTP registry is allowed.
     if [[ -f "$root/tests/registry/start.sh" ]] &&
-        "$bin" server --help 2>/dev/null | grep -q -- --insecure-registry; then
+        # The help is read whole before grep looks: `grep -q` leaving early would end the
+        # pipe with SIGPIPE, and pipefail would make that "no such flag".
+        [[ "$("$bin" server --help 2>/dev/null)" == *--insecure-registry* ]]; then
         # start.sh DIR starts the registry in the background, pushes the images, prints host:port.
         if reg="$(bash "$root/tests/registry/start.sh" "$data/registry" 2>"$data/registry.err" | tail -n1)" &&
             [[ -n "$reg" ]]; then

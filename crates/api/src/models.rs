@@ -298,6 +298,23 @@ pub struct SandboxDetail {
     pub domain: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub lifecycle: SandboxLifecycle,
+    /// The sandbox's network as it is now (after any `PUT .../network`), what the SDKs'
+    /// `get_info().network` shows.
+    pub network: SandboxNetwork,
+}
+
+/// E2B's `SandboxNetworkConfig` as `GET /sandboxes/{id}` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxNetwork {
+    /// Allowed CIDRs, IPs and domains (they win over `denyOut`).
+    #[serde(rename = "allowOut")]
+    pub allow_out: Vec<String>,
+    /// Denied CIDRs and IPs; `0.0.0.0/0` when internet access is off.
+    #[serde(rename = "denyOut")]
+    pub deny_out: Vec<String>,
+    /// `false`: ports other than the agent's need the traffic access token.
+    #[serde(rename = "allowPublicTraffic")]
+    pub allow_public_traffic: bool,
 }
 
 /// One item of `GET /sandboxes` and `GET /v2/sandboxes` (E2B `ListedSandbox`).

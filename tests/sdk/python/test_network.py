@@ -142,6 +142,7 @@ def test_internet_off_means_no_packet_leaves_dns_included():
         assert check(sbx, "dns:a.test", "http:198.51.100.2,8080,a.test") == ["198.51.100.2", "hello", "a"]
         sbx.update_network({"allow_internet_access": False})
         assert check(sbx, "dns:a.test", "http:198.51.100.2,8080,a.test") == ["ERR", "REFUSED"]
+        assert "0.0.0.0/0" in sbx.get_info().network["deny_out"]
     finally:
         sbx.kill()
 
@@ -178,6 +179,10 @@ def test_domain_allow_list_binds_names_to_answers_and_updates_live():
 
         # a live update replaces the rules whole
         sbx.update_network({"deny_out": ["198.51.100.2"]})
+        # get_info shows the rules as they are now.
+        info = sbx.get_info().network
+        assert info["deny_out"] == ["198.51.100.2"] and info["allow_out"] == []
+        assert info["allow_public_traffic"] is True
         assert check(sbx, "http:198.51.100.2,8080,a.test", "http:198.51.100.3,8080,b.test") == [
             "REFUSED",
             "hello",

@@ -345,6 +345,25 @@ impl Service {
 
     pub async fn get(&self, team_id: &str, id: &str) -> Result<models::SandboxDetail, ApiError> {
         let r = self.live_record(team_id, id).await?;
+        // The rules as they are now; a backend that keeps none has only the record's switch.
+        let live = self
+            .call(BackendOp::Network, &r.id, self.backend.network(&r.id))
+            .await
+            .ok()
+            .flatten();
+        let internet = match &live {
+            Some(n) => Some(n.allow_internet_access),
+            None => r.allow_internet_access,
+        };
+        let (allow_out, mut deny_out) = live.map(|n| (n.allow_out, n.deny_out)).unwrap_or_default();
+        if internet == Some(false) && !deny_out.iter().any(|d| d == "0.0.0.0/0") {
+            deny_out.push("0.0.0.0/0".into());
+        }
+        let network = models::SandboxNetwork {
+            allow_out,
+            deny_out,
+            allow_public_traffic: r.traffic_access_token.is_none(),
+        };
         Ok(models::SandboxDetail {
             template_id: r.template_id.clone(),
             sandbox_id: r.id.clone(),
@@ -358,13 +377,14 @@ impl Service {
             state: wire_state(r.state),
             alias: r.alias.clone(),
             envd_access_token: r.envd_access_token.clone(),
-            allow_internet_access: r.allow_internet_access,
             domain: Some(self.domain.clone()),
             metadata: r.metadata.clone(),
             lifecycle: models::SandboxLifecycle {
                 auto_resume: r.auto_resume,
                 on_timeout: if r.auto_pause { "pause" } else { "kill" }.into(),
             },
+            allow_internet_access: internet,
+            network,
         })
     }
 
