@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod config;
+mod connect_end;
 pub mod error;
 pub mod handlers;
 pub mod metrics;

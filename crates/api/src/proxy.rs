@@ -273,6 +273,16 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
             }
             strip_hop_by_hop(&mut parts.headers);
             restore_upgrade(&mut parts.headers, upgrade);
+            // A Connect stream (envd's streaming calls) whose sandbox goes away mid-call ends
+            // with `unavailable`, as the protocol says, not with a broken body.
+            let body = if crate::connect_end::is_connect_stream(&parts.headers) {
+                Body::new(crate::connect_end::ConnectEnd::new(
+                    body,
+                    sandbox_id.clone(),
+                ))
+            } else {
+                body
+            };
             // The permit lives as long as the response body: a stream counts until it ends.
             let body = Body::new(body.map_frame(move |f| {
                 let _held = &permit;

@@ -72,3 +72,21 @@ def test_stdin_round_trip(sandbox):
     sandbox.commands.send_stdin(h.pid, "from stdin\n")
     r = h.wait()
     assert r.stdout.strip() == "from stdin"
+
+
+def test_a_command_whose_sandbox_is_killed_ends_with_e2bs_error(run_id):
+    # The stream ends with Connect's `unavailable`, not a broken body; the SDK probes the
+    # sandbox, finds it gone and says so.
+    import threading
+
+    from e2b import Sandbox
+    from e2b.exceptions import SandboxNotRunningException
+
+    from conftest import TEMPLATE
+
+    sbx = Sandbox.create(TEMPLATE, timeout=120, metadata={"run": run_id})
+    threading.Timer(3, lambda: Sandbox.kill(sbx.sandbox_id)).start()
+    with pytest.raises(SandboxNotRunningException) as e:
+        sbx.commands.run("sleep 60", timeout=90)
+    assert "killed or reached its end of life" in str(e.value)
+    assert "ended before the stream completed" in str(e.value), str(e.value)

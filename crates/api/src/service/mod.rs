@@ -57,6 +57,9 @@ pub struct Service {
     ops: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Sandboxes the reaper is working on: each gets its own task, so one hung backend call
     /// delays that sandbox alone.
+    /// Sandboxes being killed: the proxy reports them gone at once (a request cut by the kill
+    /// and the SDK's health probe after it must not see a running sandbox that cannot answer).
+    ending: std::sync::Mutex<HashSet<String>>,
     reaping: std::sync::Mutex<HashSet<String>>,
     /// Template uploads and their URL key; `None` (no data directory) refuses builds.
     template_files: Option<TemplateFiles>,
@@ -80,6 +83,7 @@ impl Service {
             pending: Arc::default(),
             ops: std::sync::Mutex::new(HashMap::new()),
             reaping: std::sync::Mutex::new(HashSet::new()),
+            ending: std::sync::Mutex::new(HashSet::new()),
             template_files: None,
             build_locks: std::sync::Mutex::new(HashMap::new()),
         }

@@ -488,6 +488,7 @@ impl Service {
     }
 
     pub(super) async fn kill_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        let _ending = Ending::mark(self, id);
         match self.call(BackendOp::Kill, id, self.backend.kill(id)).await {
             Ok(()) | Err(BackendError::SandboxNotFound) => {}
             Err(e) => return Err(api_error(BackendOp::Kill, id, e)),
@@ -563,15 +564,50 @@ impl Service {
     /// What the proxy needs for a sandbox, whatever team it belongs to (the proxy
     /// authenticates with the sandbox's access token, not an API key).
     pub async fn proxy_target(&self, id: &str) -> Result<Option<ProxyTarget>, ApiError> {
+        let ending = self
+            .ending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id);
         let id = id.to_owned();
         Ok(self
             .db(move |s| s.sandbox(&id))
             .await?
             .map(|r| ProxyTarget {
-                state: r.state,
+                // Being killed is as good as killed for traffic.
+                state: if ending { StoreState::Killed } else { r.state },
                 envd_access_token: r.envd_access_token,
                 traffic_access_token: r.traffic_access_token,
             }))
+    }
+}
+
+/// A sandbox in [`Service`]'s `ending` set for as long as this lives (a kill in progress).
+struct Ending<'a> {
+    svc: &'a Service,
+    id: String,
+}
+
+impl<'a> Ending<'a> {
+    fn mark(svc: &'a Service, id: &str) -> Self {
+        svc.ending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+        Ending {
+            svc,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.svc
+            .ending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
