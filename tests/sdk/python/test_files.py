@@ -54,3 +54,30 @@ def test_watch_dir_sees_create_write_remove(sandbox):
         handle.stop()
     assert FilesystemEventType.CREATE in kinds or FilesystemEventType.WRITE in kinds
     assert FilesystemEventType.REMOVE in kinds
+
+
+def test_a_new_file_gives_create_chmod_write_as_in_e2b_also_recursively(sandbox):
+    sandbox.files.make_dir("/home/user/w3/sub")
+    handle = sandbox.files.watch_dir("/home/user/w3", recursive=True)
+    try:
+        sandbox.files.write("/home/user/w3/a.txt", "1")
+        sandbox.files.write("/home/user/w3/sub/b.txt", "2")
+        events = []
+        deadline = time.time() + 10
+        while time.time() < deadline and sum(e.name == "sub/b.txt" for e in events) < 3:
+            events += handle.get_new_events()
+            time.sleep(0.2)
+    finally:
+        handle.stop()
+    expected = [FilesystemEventType.CREATE, FilesystemEventType.CHMOD, FilesystemEventType.WRITE]
+    for name in ["a.txt", "sub/b.txt"]:
+        assert [e.type for e in events if e.name == name] == expected, (name, events)
+
+
+def test_a_write_replaces_the_files_metadata(sandbox):
+    info = sandbox.files.write("/home/user/meta.txt", "1", metadata={"owner": "agent", "step": "1"})
+    assert info.metadata == {"owner": "agent", "step": "1"}
+    info = sandbox.files.write("/home/user/meta.txt", "2", metadata={"step": "2"})
+    assert info.metadata == {"step": "2"}
+    sandbox.files.write("/home/user/meta.txt", "3")
+    assert not sandbox.files.get_info("/home/user/meta.txt").metadata

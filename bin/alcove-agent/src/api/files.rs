@@ -309,18 +309,25 @@ pub async fn upload(
 /// Creates missing parent directories and opens `path` for writing, all as `user`.
 async fn open_for_write(user: &UserInfo, path: &Path) -> Result<tokio::fs::File, ApiError> {
     let p = path.to_path_buf();
+    let (uid, gid) = (user.uid, user.gid);
     let f = run_as(user, move || {
         if let Some(parent) = p.parent() {
             fs::ensure_dirs(parent).map_err(|e| io_error("create directory", parent, e))?;
         }
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o666)
             .open(&p)
-            .map_err(|e| io_error("open for writing", &p, e))
+            .map_err(|e| io_error("open for writing", &p, e))?;
+        // envd chowns the file to the user here, between create and write, and file watchers
+        // see that as a CHMOD event: the SDKs' users count on create, chmod, write. The file
+        // is already the user's when created as the user; one owned by someone else (and
+        // writable) stays theirs: the user cannot give it away, and the write goes on.
+        let _ = nix::unistd::fchown(&f, Some(uid), Some(gid));
+        Ok(f)
     })
     .await?;
     Ok(tokio::fs::File::from_std(f))
@@ -359,9 +366,7 @@ async fn finish(
 ) -> Result<serde_json::Value, ApiError> {
     let p = path.to_path_buf();
     run_as(user, move || {
-        if !metadata.is_empty() {
-            fs::write_metadata(&p, &metadata).map_err(|e| io_error("store metadata on", &p, e))?;
-        }
+        fs::write_metadata(&p, &metadata).map_err(|e| io_error("store metadata on", &p, e))?;
         let mut v = serde_json::json!({
             "path": p.to_string_lossy(),
             "name": p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),

@@ -250,9 +250,25 @@ pub fn read_metadata(path: &Path) -> io::Result<HashMap<String, String>> {
     Ok(out)
 }
 
-/// Stores `metadata` as `user.e2b.<key>` extended attributes.
+/// Stores `metadata` as `user.e2b.<key>` extended attributes, replacing whatever metadata the
+/// file had (a write replaces the file whole, its metadata included, as in E2B).
 pub fn write_metadata(path: &Path, metadata: &HashMap<String, String>) -> io::Result<()> {
     let p = c_path(path)?;
+    for old in read_metadata(path)?.keys() {
+        if metadata.contains_key(old) {
+            continue;
+        }
+        let name = CString::new(format!("{METADATA_XATTR_PREFIX}{old}"))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both names are NUL-terminated.
+        let rc = unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENODATA) {
+                return Err(e);
+            }
+        }
+    }
     for (k, v) in metadata {
         let name = CString::new(format!("{METADATA_XATTR_PREFIX}{k}"))
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
