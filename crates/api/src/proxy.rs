@@ -252,6 +252,13 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     parts.uri = path.parse::<Uri>().map_err(|_| ApiError::BadRouting {
         detail: "the request path is not valid".into(),
     })?;
+    // `network.maskRequestHost`: the server in the sandbox sees the Host its owner chose.
+    if let Some(mask) = &target.mask_request_host
+        && !PLATFORM_PORTS.contains(&port)
+        && let Ok(v) = http::HeaderValue::from_str(&masked_host(mask, port))
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
     let req = http::Request::from_parts(parts, body);
     tracing::debug!(sandbox_id = %sandbox_id, port, "proxying");
     let op = BackendOp::Forward { port };
@@ -292,6 +299,12 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
         }
         Err(e) => Err(api_error(op, &sandbox_id, e)),
     }
+}
+
+/// The Host header a sandbox's `maskRequestHost` gives a request to `port` (`${PORT}` is the
+/// port).
+pub fn masked_host(mask: &str, port: u16) -> String {
+    mask.replace("${PORT}", &port.to_string())
 }
 
 /// Removes what the control plane uses to authenticate (and our routing headers) from a request

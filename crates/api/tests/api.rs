@@ -122,6 +122,14 @@ async fn sandbox_lifecycle_as_the_sdk_drives_it() {
     assert_eq!(m.status, 200);
     assert_eq!(m.json[0]["cpuCount"], 2);
     assert!(m.json[0]["memTotal"].as_u64().unwrap() > 0);
+    assert!(m.headers.get("x-alcove-note").is_none());
+    // A range is not applied yet, and the answer says so beside the one sample.
+    let ranged = api
+        .get(&format!("/sandboxes/{id}/metrics?start=1&end=2"))
+        .await;
+    assert_eq!(ranged.json.as_array().unwrap().len(), 1);
+    let note = ranged.headers["x-alcove-note"].to_str().unwrap();
+    assert!(note.contains("only the latest sample"), "{note}");
     let mm = api
         .get(&format!("/sandboxes/metrics?sandbox_ids={id}"))
         .await;

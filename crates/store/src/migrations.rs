@@ -171,6 +171,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
     "#,
+    // 7: `network.maskRequestHost`: the Host header the proxy sends to the sandbox's ports.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN mask_request_host TEXT;
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

@@ -37,6 +37,9 @@ pub struct NewSandboxRecord {
     pub timeout_ms: i64,
     /// The snapshot the sandbox is created from, when it is (create from snapshot, fork).
     pub snapshot_id: Option<String>,
+    /// `network.maskRequestHost`: the Host header for requests proxied to its ports
+    /// (`${PORT}` is the port).
+    pub mask_request_host: Option<String>,
 }
 
 impl NewSandboxRecord {
@@ -62,6 +65,7 @@ impl NewSandboxRecord {
             auto_resume: false,
             timeout_ms: 300_000,
             snapshot_id: None,
+            mask_request_host: None,
         }
     }
 }
@@ -94,6 +98,7 @@ pub struct SandboxRecord {
     /// When the sandbox was last paused.
     pub paused_at: Option<i64>,
     pub snapshot_id: Option<String>,
+    pub mask_request_host: Option<String>,
 }
 
 /// One line of a sandbox's state history.
@@ -146,7 +151,7 @@ pub struct Page {
 const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, started_at, end_at, \
     cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
     allow_internet_access, end_reason, ended_at, traffic_access_token, auto_resume, timeout_ms, \
-    paused_at, snapshot_id";
+    paused_at, snapshot_id, mask_request_host";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(4)?;
@@ -178,6 +183,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
         timeout_ms: r.get(19)?,
         paused_at: r.get(20)?,
         snapshot_id: r.get(21)?,
+        mask_request_host: r.get(22)?,
     })
 }
 
@@ -230,7 +236,7 @@ impl Store {
             &format!(
                 "INSERT INTO sandboxes ({COLUMNS}) VALUES
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL, ?16,
-                  ?17, ?18, NULL, ?19)"
+                  ?17, ?18, NULL, ?19, ?20)"
             ),
             params![
                 s.id,
@@ -252,6 +258,7 @@ impl Store {
                 s.auto_resume,
                 s.timeout_ms,
                 s.snapshot_id,
+                s.mask_request_host,
             ],
         )?;
         for (k, v) in &s.metadata {
@@ -627,7 +634,8 @@ mod tests {
             })
             .unwrap();
         let ids: Vec<_> = even.items.iter().map(|s| s.id.as_str()).collect();
-        assert_eq!(ids, ["s0", "s2"]);
+        // Newest first by default.
+        assert_eq!(ids, ["s2", "s0"]);
 
         let mut seen = Vec::new();
         let mut after = None;

@@ -260,3 +260,38 @@ def test_traffic_token_is_required_when_public_traffic_is_off(run_id):
 
 def test_public_sandboxes_have_no_traffic_token(sandbox):
     assert sandbox.traffic_access_token is None
+
+
+HOST_ECHO = r'''
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.headers.get("Host", "").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8002), H).serve_forever()
+'''
+
+
+def test_mask_request_host_sets_the_host_the_server_sees(run_id):
+    sbx = Sandbox.create(
+        TEMPLATE,
+        timeout=120,
+        metadata={"run": run_id},
+        network={"mask_request_host": "${PORT}-myapp.example.com"},
+    )
+    try:
+        sbx.files.write("/tmp/host_echo.py", HOST_ECHO)
+        sbx.commands.run("python3 /tmp/host_echo.py", background=True)
+        r = wait_until_served(sbx, 8002)
+        assert r.text == "8002-myapp.example.com"
+        # Also by the host-name form.
+        host = sbx.get_host(8002)
+        assert httpx.get(SANDBOX_URL + "/", headers={"Host": host}, timeout=30).text == "8002-myapp.example.com"
+    finally:
+        sbx.kill()
+    with pytest.raises(Exception) as e:
+        Sandbox.create(TEMPLATE, timeout=60, network={"mask_request_host": "bad host\r\nX: 1"})
+    assert "maskRequestHost" in str(e.value)

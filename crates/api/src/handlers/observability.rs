@@ -10,8 +10,8 @@ use crate::service::LogQuery;
 
 #[utoipa::path(get, path = "/sandboxes/{sandboxID}/metrics", tag = "sandboxes",
     params(("sandboxID" = String, Path),
-        ("start" = Option<i64>, Query, description = "Ignored: the latest sample is returned"),
-        ("end" = Option<i64>, Query, description = "Ignored")),
+        ("start" = Option<i64>, Query, description = "Not applied: the latest sample is returned, and the x-alcove-note header says so"),
+        ("end" = Option<i64>, Query, description = "Not applied (as start)")),
     responses(
         (status = 200, description = "The latest resource sample (empty before the first)", body = [SandboxMetric]),
         (status = 404, description = "No such live sandbox", body = ErrorBody)),
@@ -20,8 +20,24 @@ pub async fn metrics(
     State(svc): State<AppState>,
     Team(team): Team,
     Path(id): Path<String>,
-) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
-    Ok(Json(svc.metrics(&team, &id).await?))
+    RawQuery(raw): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let samples = svc.metrics(&team, &id).await?;
+    let ranged = query_pairs(raw.as_deref())
+        .iter()
+        .any(|(k, _)| k == "start" || k == "end");
+    let mut resp = Json(samples).into_response();
+    if ranged {
+        // The body stays the list the SDKs parse; the header says why it holds one sample.
+        resp.headers_mut().insert(
+            "x-alcove-note",
+            axum::http::HeaderValue::from_static(
+                "start and end are not applied: this server keeps only the latest sample per sandbox (no metrics history yet)",
+            ),
+        );
+    }
+    Ok(resp)
 }
 
 #[utoipa::path(get, path = "/sandboxes/metrics", tag = "sandboxes",

@@ -4,23 +4,27 @@
 use crate::error::ApiError;
 
 /// The create body's `network` (and top-level `allowInternetAccess`): `allowPublicTraffic` and the
-/// egress rules (`allowOut`, `denyOut`); `maskRequestHost` and `dnsServers` are accepted and have
-/// nothing to do here (every DNS packet goes to the sandbox's own resolver). Other non-empty
-/// fields (transform rules, egress proxies, HTTPS ports) are refused, naming the field and what
+/// egress rules (`allowOut`, `denyOut`), and `maskRequestHost` (the Host header the proxy sends
+/// to the sandbox's ports); `dnsServers` is accepted and has nothing to do here (every DNS packet
+/// goes to the sandbox's own resolver). Other non-empty fields (transform rules, egress proxies, HTTPS ports) are refused, naming the field and what
 /// to do instead, rather than silently ignored.
 pub(super) fn parse_network(
     network: &Option<serde_json::Value>,
     allow_internet_access: Option<bool>,
-) -> Result<(Option<bool>, alcove_net::NetworkConfig), ApiError> {
+) -> Result<ParsedNetwork, ApiError> {
     let mut public = None;
     let internet = allow_internet_access.unwrap_or(true);
     let map = match network {
         None | Some(serde_json::Value::Null) => {
-            let cfg = alcove_net::NetworkConfig {
+            let egress = alcove_net::NetworkConfig {
                 allow_internet_access: internet,
                 ..Default::default()
             };
-            return Ok((None, cfg));
+            return Ok(ParsedNetwork {
+                public: None,
+                egress,
+                mask_request_host: None,
+            });
         }
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => {
@@ -49,7 +53,49 @@ pub(super) fn parse_network(
             (k, _) => return Err(unsupported(&format!("network.{k}"), k, true)),
         }
     }
-    Ok((public, egress_config(map, internet)?))
+    Ok(ParsedNetwork {
+        public,
+        egress: egress_config(map, internet)?,
+        mask_request_host: mask_request_host(map.get("maskRequestHost"))?,
+    })
+}
+
+/// What a create's `network` asks for.
+#[derive(Debug)]
+pub(super) struct ParsedNetwork {
+    /// `allowPublicTraffic`.
+    pub(super) public: Option<bool>,
+    pub(super) egress: alcove_net::NetworkConfig,
+    /// `maskRequestHost`, checked.
+    pub(super) mask_request_host: Option<String>,
+}
+
+/// `network.maskRequestHost`: a host name (with an optional `:port`) in which `${PORT}` stands
+/// for the sandbox port a request goes to, e.g. `${PORT}-myapp.example.com`.
+fn mask_request_host(v: Option<&serde_json::Value>) -> Result<Option<String>, ApiError> {
+    let bad = |why: &str| ApiError::InvalidBody {
+        detail: format!(
+            "network.maskRequestHost {why}: give a host name such as \"${{PORT}}-myapp.example.com\", where ${{PORT}} becomes the sandbox port"
+        ),
+    };
+    let s = match v {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => return Err(bad("must be a string")),
+    };
+    if s.is_empty() || s.len() > 253 {
+        return Err(bad("must be 1 to 253 characters"));
+    }
+    let bare = s.replace("${PORT}", "1");
+    if !bare
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+    {
+        return Err(bad(
+            "may hold only letters, digits, '.', '-', ':' and ${PORT}",
+        ));
+    }
+    Ok(Some(s.clone()))
 }
 
 /// The fields of a `network` object under the names this module reads: the SDKs send
@@ -210,8 +256,8 @@ mod tests {
             network_update(&json!({"allowInternetAccess": false, "allow_internet_access": true}))
                 .unwrap_err();
         assert!(message(e).contains("disagree"));
-        let (_, cfg) = parse_network(&Some(json!({"allow_internet_access": false})), None).unwrap();
-        assert!(!cfg.allow_internet_access);
+        let n = parse_network(&Some(json!({"allow_internet_access": false})), None).unwrap();
+        assert!(!n.egress.allow_internet_access);
     }
 
     #[test]
@@ -246,5 +292,24 @@ mod tests {
         assert!(m.contains("'rules'") && m.contains("allowOut"), "{m}");
         let m = message(network_update(&json!({"maskRequestHost": "x"})).unwrap_err());
         assert!(m.contains("set at create only"), "{m}");
+    }
+
+    #[test]
+    fn the_request_host_mask_is_checked_and_fills_in_the_port() {
+        let n = parse_network(
+            &Some(json!({"maskRequestHost": "${PORT}-app.example.com"})),
+            None,
+        )
+        .unwrap();
+        let mask = n.mask_request_host.unwrap();
+        assert_eq!(
+            crate::proxy::masked_host(&mask, 3000),
+            "3000-app.example.com"
+        );
+        for bad in [json!(""), json!(3), json!("a b"), json!("x\r\nX-Evil: 1")] {
+            let m =
+                message(parse_network(&Some(json!({"maskRequestHost": bad})), None).unwrap_err());
+            assert!(m.contains("network.maskRequestHost"), "{m}");
+        }
     }
 }

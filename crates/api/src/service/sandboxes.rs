@@ -38,6 +38,8 @@ pub(super) struct NewSandboxParams {
     /// Egress rules, validated.
     pub(super) network: alcove_net::NetworkConfig,
     pub(super) public_traffic: Option<bool>,
+    /// `network.maskRequestHost`, checked.
+    pub(super) mask_request_host: Option<String>,
     pub(super) auto_pause: bool,
     pub(super) auto_resume: bool,
     /// A running-sandbox slot reserved up front (a fork's children); `None`: reserve one.
@@ -63,6 +65,8 @@ pub struct ProxyTarget {
     pub envd_access_token: Option<String>,
     /// Required in `e2b-traffic-access-token` on ports other than the agent's, when set.
     pub traffic_access_token: Option<String>,
+    /// `network.maskRequestHost`: the Host header sent to the sandbox's ports.
+    pub mask_request_host: Option<String>,
 }
 
 impl Service {
@@ -81,7 +85,7 @@ impl Service {
         reject_unsupported(&req)?;
         let auto_resume = auto_resume_enabled(&req.auto_resume)?;
         let auto_pause = req.auto_pause == Some(true);
-        let (public_traffic, network) = parse_network(&req.network, req.allow_internet_access)?;
+        let net = parse_network(&req.network, req.allow_internet_access)?;
         let (t, name) = (team_id.to_owned(), req.template_id.clone());
         let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
         let (template, alias, snapshot_id, backend_template) = match snapshot {
@@ -108,8 +112,9 @@ impl Service {
                 env_vars: req.env_vars.unwrap_or_default(),
                 metadata: req.metadata.unwrap_or_default(),
                 allow_internet_access: req.allow_internet_access,
-                network,
-                public_traffic,
+                network: net.egress,
+                public_traffic: net.public,
+                mask_request_host: net.mask_request_host,
                 auto_pause,
                 auto_resume,
                 reservation: None,
@@ -202,6 +207,7 @@ impl Service {
             allow_internet_access,
             network,
             public_traffic,
+            mask_request_host,
             auto_pause,
             auto_resume,
             reservation,
@@ -230,6 +236,7 @@ impl Service {
             auto_resume,
             timeout_ms: timeout.as_millis() as i64,
             snapshot_id: snapshot_id.clone(),
+            mask_request_host,
         };
         let reservation = match reservation {
             Some(r) => r,
@@ -578,6 +585,7 @@ impl Service {
                 state: if ending { StoreState::Killed } else { r.state },
                 envd_access_token: r.envd_access_token,
                 traffic_access_token: r.traffic_access_token,
+                mask_request_host: r.mask_request_host,
             }))
     }
 }

@@ -242,6 +242,7 @@ impl Service {
                 allow_internet_access: r.allow_internet_access,
                 network: network.clone(),
                 public_traffic: r.traffic_access_token.is_some().then_some(false),
+                mask_request_host: r.mask_request_host.clone(),
                 auto_pause: r.auto_pause,
                 auto_resume: r.auto_resume,
                 reservation: slots.pop(),
