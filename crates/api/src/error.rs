@@ -52,6 +52,9 @@ pub enum ApiError {
     /// Another request with the same key is still creating its sandbox.
     #[error("idempotent create in progress")]
     IdempotencyInProgress,
+    /// A change (tags, visibility) to one of the host's own templates.
+    #[error("host template is read-only")]
+    HostTemplateReadOnly { name: String, action: &'static str },
     /// The key's sandbox has ended since it was created.
     #[error("idempotent sandbox ended")]
     IdempotentSandboxEnded { sandbox_id: String },
@@ -502,6 +505,15 @@ impl ApiError {
                     "'{name}' is one of the host's own templates and cannot be rebuilt through \
                      the API. Build from it (`Template().from_template(\"{name}\")`) under another \
                      name."
+                ),
+            ),
+            HostTemplateReadOnly { name, action } => (
+                StatusCode::CONFLICT,
+                "host_template_read_only",
+                format!(
+                    "'{name}' is one of the host's own templates, which no team can {action}. \
+                     Tags and visibility apply to templates your team built (`Template.build`); \
+                     list yours with GET /templates."
                 ),
             ),
             TemplateNameTaken { name, by_host: false } => (

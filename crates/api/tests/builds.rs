@@ -177,6 +177,24 @@ async fn a_build_uploads_runs_and_its_template_creates_sandboxes_by_name_and_tag
     assert_error(&r, 403, "template_forbidden");
     let r = api.post("/v3/templates", json!({"name": "base"})).await;
     assert_error(&r, 409, "template_name_taken");
+    // A host template's tags: refused, saying so (not that it "cannot be rebuilt").
+    let r = api
+        .send(
+            "DELETE",
+            "/templates/tags",
+            &[],
+            json!({"name": "base", "tags": ["x"]})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_error(&r, 409, "host_template_read_only");
+    let m = r.json["message"].as_str().unwrap();
+    assert!(m.contains("untag") && !m.contains("rebuilt"), "{m}");
+    let r = api
+        .post("/templates/tags", json!({"target": "base", "tags": ["v1"]}))
+        .await;
+    assert_error(&r, 409, "host_template_read_only");
     // Made public, other teams create from it (and still can't change it).
     let r = api
         .send(

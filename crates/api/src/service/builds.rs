@@ -196,6 +196,23 @@ impl Service {
         }
     }
 
+    /// [`Service::own_template`] for a change other than a build: a host template's refusal names
+    /// `action` instead of speaking of rebuilding.
+    async fn own_template_to(
+        &self,
+        team_id: &str,
+        id: &str,
+        action: &'static str,
+    ) -> Result<TemplateRecord, ApiError> {
+        match self.own_template(team_id, id).await {
+            Err(ApiError::TemplateNameTaken {
+                name,
+                by_host: true,
+            }) => Err(ApiError::HostTemplateReadOnly { name, action }),
+            other => other,
+        }
+    }
+
     async fn own_build(
         &self,
         team_id: &str,
@@ -800,7 +817,7 @@ impl Service {
             });
         }
         let (name, tag) = split_tag(&req.target);
-        let t = self.own_template(team_id, name).await?;
+        let t = self.own_template_to(team_id, name, "tag").await?;
         let build_id = self.build_of(&t, tag).await?;
         let (tid, bid, tags) = (t.id.clone(), build_id.clone(), req.tags.clone());
         self.db(move |s| s.assign_tags(&tid, &bid, &tags)).await?;
@@ -818,7 +835,7 @@ impl Service {
         req: models::DeleteTemplateTagsRequest,
     ) -> Result<(), ApiError> {
         let (name, _) = split_tag(&req.name);
-        let t = self.own_template(team_id, name).await?;
+        let t = self.own_template_to(team_id, name, "untag").await?;
         let (tid, tags) = (t.id.clone(), req.tags.clone());
         let missing = self.db(move |s| s.remove_tags(&tid, &tags)).await?;
         if let Some(tag) = missing.into_iter().next() {
@@ -856,7 +873,7 @@ impl Service {
         id: &str,
         req: models::TemplateUpdateRequest,
     ) -> Result<models::TemplateUpdateResponse, ApiError> {
-        let t = self.own_template(team_id, id).await?;
+        let t = self.own_template_to(team_id, id, "change").await?;
         if let Some(public) = req.public {
             let tid = t.id.clone();
             self.db(move |s| s.set_template_public(&tid, public))
