@@ -3,6 +3,8 @@
 //! the command returns when the servers are ready, still starting, or failed, and what requests
 //! get meanwhile. No root needed: token and log go to a temporary directory.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -47,14 +49,6 @@ impl Drop for Gateway {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `mcp-server-time` that runs `prelude` (shell) and then the fake server.
 fn gateway(prelude: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +65,7 @@ fn gateway(prelude: &str) -> Gateway {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     Gateway {
         dir,
-        port: free_port(),
+        port: common::free_port(),
     }
 }
 

@@ -324,14 +324,13 @@ pub async fn serve(opts: &Options, announce: bool) -> Result<(), Error> {
             alcove_guest_contract::error_chain(e).replace('\n', " ")
         )
     };
-    let listener = match bind(opts).await {
-        Ok(l) => l,
+    let (listener, specs, token) = match bind(opts).await {
+        Ok(bound) => bound,
         Err(e) => {
             say(&error_line(&e));
             return Err(e);
         }
     };
-    let (specs, token) = listener.1;
     let stop = CancellationToken::new();
     let (phase_tx, phase) = tokio::sync::watch::channel(gateway::Phase::Starting);
     let app = http::router(phase.clone(), token, stop.child_token());
@@ -351,7 +350,7 @@ pub async fn serve(opts: &Options, announce: bool) -> Result<(), Error> {
         signal_stop.cancel();
     });
     let served = tokio::spawn(
-        axum::serve(listener.0, app)
+        axum::serve(listener, app)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -397,10 +396,11 @@ pub async fn serve(opts: &Options, announce: bool) -> Result<(), Error> {
     }
 }
 
-type Bound = (tokio::net::TcpListener, (Vec<catalog::ServerSpec>, String));
-
-/// The checks that end the background half before it listens, and the listening socket.
-async fn bind(opts: &Options) -> Result<Bound, Error> {
+/// The checks that end the background half before it listens, and the listening socket, with
+/// the servers to start and the token.
+async fn bind(
+    opts: &Options,
+) -> Result<(tokio::net::TcpListener, Vec<catalog::ServerSpec>, String), Error> {
     let specs = check(&opts.config)?;
     let token = token(opts.token.clone())?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -409,7 +409,7 @@ async fn bind(opts: &Options) -> Result<Bound, Error> {
             port: opts.listen.port(),
             source,
         })?;
-    Ok((listener, (specs, token)))
+    Ok((listener, specs, token))
 }
 
 #[cfg(test)]

@@ -664,17 +664,7 @@ async fn resume(conn: &Conn, a: tools::ResumeArgs) -> Result<CallToolResult, Too
             "timeoutSeconds must be at least 1",
         ));
     }
-    let mut body = json!({});
-    if let Some(t) = a.timeout_seconds {
-        body["timeout"] = json!(t);
-    }
-    let path = format!("/sandboxes/{}/resume", enc(&a.sandbox_id));
-    let v = conn
-        .api
-        .call("POST", &path, Some(&body))
-        .await
-        .map_err(ToolError::api)?
-        .json;
+    let v = post_to_sandbox(conn, &a.sandbox_id, "resume", json!({}), a.timeout_seconds).await?;
     conn.forget(&a.sandbox_id);
     let mut facts = sandbox_facts(&v);
     facts["state"] = json!("running");
@@ -714,17 +704,8 @@ async fn snapshot(conn: &Conn, a: tools::SnapshotArgs) -> Result<CallToolResult,
 
 async fn fork(conn: &Conn, a: tools::ForkArgs) -> Result<CallToolResult, ToolError> {
     a.validate()?;
-    let mut body = json!({"count": a.count.unwrap_or(1)});
-    if let Some(t) = a.timeout_seconds {
-        body["timeout"] = json!(t);
-    }
-    let path = format!("/sandboxes/{}/fork", enc(&a.sandbox_id));
-    let v = conn
-        .api
-        .call("POST", &path, Some(&body))
-        .await
-        .map_err(ToolError::api)?
-        .json;
+    let body = json!({"count": a.count.unwrap_or(1)});
+    let v = post_to_sandbox(conn, &a.sandbox_id, "fork", body, a.timeout_seconds).await?;
     let mut ids = Vec::new();
     let mut errors = Vec::new();
     for child in v.as_array().cloned().unwrap_or_default() {
@@ -754,6 +735,27 @@ async fn fork(conn: &Conn, a: tools::ForkArgs) -> Result<CallToolResult, ToolErr
         return Ok(r);
     }
     Ok(ok(text, facts))
+}
+
+/// `POST /sandboxes/{id}/{action}` with `body`, plus `timeout` (seconds) when given; the answer's
+/// JSON.
+async fn post_to_sandbox(
+    conn: &Conn,
+    sandbox_id: &str,
+    action: &str,
+    mut body: Value,
+    timeout_seconds: Option<u64>,
+) -> Result<Value, ToolError> {
+    if let Some(t) = timeout_seconds {
+        body["timeout"] = json!(t);
+    }
+    let path = format!("/sandboxes/{}/{action}", enc(sandbox_id));
+    Ok(conn
+        .api
+        .call("POST", &path, Some(&body))
+        .await
+        .map_err(ToolError::api)?
+        .json)
 }
 
 fn enc(s: &str) -> String {
