@@ -372,10 +372,9 @@ async fn finish(
             "name": p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             "type": "file",
         });
-        if let Ok(md) = fs::read_metadata(&p)
-            && !md.is_empty()
-        {
-            v["metadata"] = serde_json::json!(md);
+        // The file's metadata is now exactly what was given: no need to read it back.
+        if !metadata.is_empty() {
+            v["metadata"] = serde_json::json!(metadata);
         }
         Ok(v)
     })
