@@ -352,6 +352,12 @@ impl Service {
 
     pub async fn get(&self, team_id: &str, id: &str) -> Result<models::SandboxDetail, ApiError> {
         let r = self.live_record(team_id, id).await?;
+        // A kill in progress is a kill, as for the proxy: the caller sees it gone at once.
+        if self.is_ending(&r.id) {
+            return Err(ApiError::SandboxNotFound {
+                sandbox_id: id.to_owned(),
+            });
+        }
         // The rules as they are now; a backend that keeps none has only the record's switch.
         let live = self
             .call(BackendOp::Network, &r.id, self.backend.network(&r.id))
@@ -571,11 +577,7 @@ impl Service {
     /// What the proxy needs for a sandbox, whatever team it belongs to (the proxy
     /// authenticates with the sandbox's access token, not an API key).
     pub async fn proxy_target(&self, id: &str) -> Result<Option<ProxyTarget>, ApiError> {
-        let ending = self
-            .ending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id);
+        let ending = self.is_ending(id);
         let id = id.to_owned();
         Ok(self
             .db(move |s| s.sandbox(&id))
@@ -587,6 +589,16 @@ impl Service {
                 traffic_access_token: r.traffic_access_token,
                 mask_request_host: r.mask_request_host,
             }))
+    }
+}
+
+impl Service {
+    /// Whether a kill of this sandbox is in progress.
+    fn is_ending(&self, id: &str) -> bool {
+        self.ending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 }
 
