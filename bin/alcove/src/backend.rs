@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
     BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
-    ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo, WarmPool,
+    NetCounters, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
+    WarmPool,
 };
 use alcove_node::{CreateOptions, Node, NodeError, SandboxState};
 use http_body_util::BodyExt;
@@ -366,11 +367,11 @@ impl SandboxBackend for NodeBackend {
         })
     }
 
-    fn stored_bytes<'a>(
+    fn stored_bytes_each<'a>(
         &'a self,
         sandbox_ids: &'a [String],
         snapshot_ids: &'a [String],
-    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+    ) -> BoxFuture<'a, Result<Vec<u64>, BackendError>> {
         let (node, sandboxes, snapshots) = (
             self.node.clone(),
             sandbox_ids.to_vec(),
@@ -378,12 +379,27 @@ impl SandboxBackend for NodeBackend {
         );
         Box::pin(async move {
             // It walks directories: a blocking thread, not the runtime's workers.
-            tokio::task::spawn_blocking(move || node.stored_bytes(&sandboxes, &snapshots))
+            tokio::task::spawn_blocking(move || node.stored_bytes_each(&sandboxes, &snapshots))
                 .await
                 .map_err(|e| BackendError::Failed {
                     op: "stored bytes",
                     source: Box::new(e),
                 })
+        })
+    }
+
+    fn net_counters<'a>(
+        &'a self,
+        sandbox_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<NetCounters>>, BackendError>> {
+        Box::pin(async move {
+            Ok(sandbox_ids
+                .iter()
+                .map(|id| {
+                    let (_, stats) = self.node.network(id).ok()?;
+                    stats.map(|s| (s.bytes_out, s.bytes_in))
+                })
+                .collect())
         })
     }
 

@@ -172,6 +172,20 @@ pub struct ServerOptions {
     /// Force the accelerator (kvm or tcg) instead of detecting it.
     #[arg(long, env = "ALCOVE_ACCEL")]
     pub accel: Option<String>,
+    /// How often usage is metered and spend caps checked (e.g. 60s). State changes are
+    /// metered when they happen whatever this is.
+    #[arg(long, env = "ALCOVE_METER_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub meter_interval: Duration,
+    /// TOML file of prices in USD: vcpu_second, memory_gib_second, storage_gib_hour, egress_gib
+    /// (default: E2B's public list prices; see docs/metering.md).
+    #[arg(long, env = "ALCOVE_PRICES")]
+    pub prices: Option<PathBuf>,
+    /// URL spend warnings are POSTed to, signed with --webhook-secret (X-Alcove-Signature).
+    #[arg(long, env = "ALCOVE_WEBHOOK_URL", requires = "webhook_secret")]
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key of webhook signatures.
+    #[arg(long, env = "ALCOVE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
     /// Sandboxes this host runs at once, at most (default: from the host's RAM,
     /// `(MemTotal - 1 GiB) / (512 MiB + 64 MiB)`, at least 1).
     #[arg(long, env = "ALCOVE_MAX_VMS")]
@@ -359,6 +373,51 @@ impl ServerOptions {
         self.max_vms.unwrap_or_else(default_max_vms)
     }
 
+    /// Metering: the tick, the prices (`--prices` read and checked), the webhook.
+    pub fn metering(&self) -> anyhow::Result<alcove_api::MeteringConfig> {
+        let prices = match &self.prices {
+            None => alcove_api::Prices::default(),
+            Some(path) => {
+                use anyhow::Context;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--prices: reading {}", path.display()))?;
+                let p: alcove_api::Prices = toml::from_str(&text).with_context(|| {
+                    format!(
+                        "--prices: {} is not a prices file (TOML with vcpu_second, \
+                         memory_gib_second, storage_gib_hour, egress_gib in USD)",
+                        path.display()
+                    )
+                })?;
+                p.check()
+                    .map_err(|e| anyhow::anyhow!("--prices: {}: {e}", path.display()))?;
+                p
+            }
+        };
+        if self.meter_interval < Duration::from_secs(1) {
+            anyhow::bail!("--meter-interval must be at least 1s");
+        }
+        let webhook = match (&self.webhook_url, &self.webhook_secret) {
+            (Some(url), Some(secret)) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    anyhow::bail!("--webhook-url {url:?} must be an http:// or https:// URL");
+                }
+                if secret.len() < 16 {
+                    anyhow::bail!("--webhook-secret must be at least 16 characters");
+                }
+                Some(alcove_api::Webhook {
+                    url: url.clone(),
+                    secret: secret.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(alcove_api::MeteringConfig {
+            interval: self.meter_interval,
+            prices,
+            webhook,
+        })
+    }
+
     /// The API server's configuration.
     pub fn api(&self) -> alcove_api::ServerConfig {
         alcove_api::ServerConfig {
@@ -386,6 +445,10 @@ impl ServerOptions {
                 max_upload_bytes: self.max_template_upload,
                 build_timeout: self.build_timeout,
                 ..Limits::default()
+            },
+            metering: alcove_api::MeteringConfig {
+                interval: self.meter_interval,
+                ..alcove_api::MeteringConfig::default()
             },
         }
     }

@@ -37,6 +37,10 @@ enum Command {
     Mcp(mcp::McpArgs),
     /// Snapshots and the checkpoint tree, through a running server's API.
     Snapshot(client::SnapshotArgs),
+    /// Usage and cost (compute, storage, network) through a running server's API.
+    Usage(client::UsageArgs),
+    /// Team limits and spend caps through a running server's API.
+    Teams(client::TeamsArgs),
     /// Build and list templates on this host.
     Template(WithGlobal<template::TemplateCmd>),
     /// Create, run commands in, pause, list and kill sandboxes on this host, without a server.
@@ -109,6 +113,8 @@ fn main() -> std::process::ExitCode {
         Command::Client(ClientCmd::Sandbox(a)) => a.client.json,
         Command::Client(ClientCmd::Template(a)) => a.client.json,
         Command::Snapshot(a) => a.client.json,
+        Command::Usage(a) => a.client.json,
+        Command::Teams(a) => a.client.json,
         Command::Server(_) | Command::Mcp(_) => false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -156,6 +162,8 @@ fn main() -> std::process::ExitCode {
                 .map(|c| u8::try_from(c).unwrap_or(1)),
             Command::Client(ClientCmd::Template(a)) => client::run_template(a, &mut out).await.map(|()| 0),
             Command::Snapshot(a) => client::run_snapshot(a, &mut out).await.map(|()| 0),
+            Command::Usage(a) => client::run_usage(a, &mut out).await.map(|()| 0),
+            Command::Teams(a) => client::run_teams(a, &mut out).await.map(|()| 0),
             Command::Mcp(a) => mcp::run(a).await.map(|()| 0),
         }
     });

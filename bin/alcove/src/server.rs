@@ -44,7 +44,8 @@ async fn serve(
     backend: Arc<NodeBackend>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    let config = opts.api();
+    let mut config = opts.api();
+    config.metering = opts.metering()?;
     let data_dir = config.data_dir.clone();
     let max_body = config.limits.max_body_bytes;
     let server = alcove_api::Server::bind(config, backend)

@@ -109,6 +109,9 @@ pub struct TemplateInfo {
     pub envd_version: String,
 }
 
+/// A sandbox's egress proxy counters: `(bytes out, bytes in)` since its VM started.
+pub type NetCounters = (u64, u64);
+
 /// One template's warm pool on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmPool {
@@ -205,6 +208,7 @@ pub enum BackendOp {
     DeleteTemplate,
     /// Bytes stored on the host for paused sandboxes and snapshots (quotas).
     StoredBytes,
+    NetCounters,
     /// Sandbox traffic to `port` inside the sandbox.
     Forward {
         port: u16,
@@ -231,6 +235,7 @@ impl BackendOp {
             BackendOp::DeleteSnapshot => "delete_snapshot",
             BackendOp::DeleteTemplate => "delete_template",
             BackendOp::StoredBytes => "stored_bytes",
+            BackendOp::NetCounters => "net_counters",
             BackendOp::Forward { .. } => "forward",
         }
     }
@@ -333,10 +338,36 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// stored bytes ([`crate::Limits::max_stored_bytes`]) is checked against it.
     fn stored_bytes<'a>(
         &'a self,
-        _sandbox_ids: &'a [String],
-        _snapshot_ids: &'a [String],
+        sandbox_ids: &'a [String],
+        snapshot_ids: &'a [String],
     ) -> BoxFuture<'a, Result<u64, BackendError>> {
-        Box::pin(async { Ok(0) })
+        Box::pin(async move {
+            Ok(self
+                .stored_bytes_each(sandbox_ids, snapshot_ids)
+                .await?
+                .iter()
+                .sum())
+        })
+    }
+
+    /// Bytes on the host's disk of each of these sandboxes (overlay and, paused, memory image)
+    /// and then each of these snapshots, in order: what metering charges as storage. What is
+    /// unknown or gone is 0.
+    fn stored_bytes_each<'a>(
+        &'a self,
+        sandbox_ids: &'a [String],
+        snapshot_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u64>, BackendError>> {
+        Box::pin(async move { Ok(vec![0; sandbox_ids.len() + snapshot_ids.len()]) })
+    }
+
+    /// Each running sandbox's egress proxy counters `(bytes out, bytes in)` since its VM
+    /// started, in order; `None` for one without them (paused, gone, no proxy).
+    fn net_counters<'a>(
+        &'a self,
+        sandbox_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<NetCounters>>, BackendError>> {
+        Box::pin(async move { Ok(vec![None; sandbox_ids.len()]) })
     }
 
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code

@@ -17,6 +17,96 @@ pub struct ServerConfig {
     /// `None` means `localhost:<listen port>`.
     pub domain: Option<String>,
     pub limits: Limits,
+    pub metering: MeteringConfig,
+}
+
+/// Metering, prices and spend-cap warnings (`docs/metering.md`).
+#[derive(Debug, Clone)]
+pub struct MeteringConfig {
+    /// How often running sandboxes' compute, everything stored, and egress counters are
+    /// written as usage events, and spend caps checked (`--meter-interval`). State changes
+    /// close intervals at once whatever this is; it bounds the length of one event and how
+    /// late a cap is noticed.
+    pub interval: Duration,
+    /// What usage costs (`--prices FILE`).
+    pub prices: Prices,
+    /// Where spend warnings are POSTed, signed (`--webhook-url`, `--webhook-secret`).
+    pub webhook: Option<Webhook>,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            interval: Duration::from_secs(60),
+            prices: Prices::default(),
+            webhook: None,
+        }
+    }
+}
+
+/// A webhook for spend warnings: each POST carries `X-Alcove-Signature: sha256=<hex>`, the
+/// HMAC-SHA256 under `secret` of `<X-Alcove-Timestamp>.<body>`.
+#[derive(Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Prices in US dollars. The defaults are E2B's public list prices (December 2026): $0.000014
+/// per vCPU-second and $0.0000045 per GiB-second of memory, allocated, while running. E2B lists
+/// no separate price for storage or egress, so both default to 0; set them in `--prices`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prices {
+    pub vcpu_second: f64,
+    pub memory_gib_second: f64,
+    pub storage_gib_hour: f64,
+    pub egress_gib: f64,
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Prices {
+            vcpu_second: 0.000014,
+            memory_gib_second: 0.0000045,
+            storage_gib_hour: 0.0,
+            egress_gib: 0.0,
+        }
+    }
+}
+
+impl Prices {
+    /// Every price a finite number, not negative.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("vcpu_second", self.vcpu_second),
+            ("memory_gib_second", self.memory_gib_second),
+            ("storage_gib_hour", self.storage_gib_hour),
+            ("egress_gib", self.egress_gib),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{name} = {v} must be a number >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What these quantities cost.
+    pub fn cost(&self, q: &alcove_store::Quantities) -> f64 {
+        q.vcpu_seconds * self.vcpu_second
+            + q.memory_gib_seconds * self.memory_gib_second
+            + q.storage_gib_hours * self.storage_gib_hour
+            + q.egress_bytes as f64 / (1u64 << 30) as f64 * self.egress_gib
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +280,7 @@ impl Limits {
             BackendOp::DeleteSnapshot => b.delete_snapshot,
             BackendOp::DeleteTemplate => b.delete_snapshot,
             BackendOp::StoredBytes => b.stored_bytes,
+            BackendOp::NetCounters => b.network,
             BackendOp::Forward { .. } => return None,
         })
     }
@@ -229,6 +320,7 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             domain: None,
             limits: Limits::default(),
+            metering: MeteringConfig::default(),
         }
     }
 }

@@ -155,6 +155,19 @@ pub enum ApiError {
     UploadRejected { reason: &'static str },
     #[error("upload too large")]
     UploadTooLarge { limit: u64 },
+    /// The team's spend this month reached the cap its limits set.
+    #[error("monthly spend cap reached")]
+    SpendCapReached {
+        spend_usd: f64,
+        cap_usd: f64,
+        month: String,
+    },
+    /// `{team}` names no team (by id or name).
+    #[error("team not found")]
+    TeamNotFound { team: String },
+    /// A team key asked about another team.
+    #[error("another team")]
+    OtherTeam { team: String },
     /// Too many proxied requests open at once, for one sandbox or for the whole server.
     #[error("too many open sandbox streams")]
     TooManyStreams {
@@ -460,6 +473,38 @@ impl ApiError {
                      trafficAccessToken returned when the sandbox was created or connected."
                 ),
             ),
+            SpendCapReached {
+                spend_usd,
+                cap_usd,
+                month,
+            } => (
+                StatusCode::PAYMENT_REQUIRED,
+                "spend_cap_reached",
+                format!(
+                    "This team has spent ${spend_usd:.4} in {month} (UTC), which reached its \
+                     monthly spend cap of ${cap_usd:.4}, so new and resumed sandboxes are \
+                     refused until the month ends. See GET /alcove/v1/usage for what was spent; \
+                     the operator can raise the cap with PUT /alcove/v1/teams/{{team}}/limits \
+                     (alcove teams limits set)."
+                ),
+            ),
+            TeamNotFound { team } => (
+                StatusCode::NOT_FOUND,
+                "team_not_found",
+                format!(
+                    "No team has the id or name {team:?}. List teams with `alcove keys list` on \
+                     the server, or leave `team` out to mean your own."
+                ),
+            ),
+            OtherTeam { team } => (
+                StatusCode::FORBIDDEN,
+                "admin_key_required",
+                format!(
+                    "Team {team:?} is not the team of this API key; only the admin team's key \
+                     may read or change another team's usage and limits. Leave `team` out (or \
+                     name your own) to see yours."
+                ),
+            ),
             AdminOnly => (
                 StatusCode::FORBIDDEN,
                 "admin_key_required",
@@ -673,9 +718,11 @@ impl ApiError {
     pub fn should_retry(&self) -> Option<bool> {
         use ApiError::*;
         match self {
-            SandboxLimit { .. } | QuotaExceeded { .. } | CreateTimeout | IdempotencyKeyReused => {
-                Some(false)
-            }
+            SandboxLimit { .. }
+            | QuotaExceeded { .. }
+            | SpendCapReached { .. }
+            | CreateTimeout
+            | IdempotencyKeyReused => Some(false),
             NoCapacity | TooManyConnections { .. } | IdempotencyInProgress => Some(true),
             _ => None,
         }

@@ -33,6 +33,8 @@ pub use backend::{
     LogLine, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, Step, StepKind, StepRef,
     TemplateInfo, WarmPool,
 };
-pub use config::{BackendDeadlines, ConnectionLimits, Limits, ServerConfig};
+pub use config::{
+    BackendDeadlines, ConnectionLimits, Limits, MeteringConfig, Prices, ServerConfig, Webhook,
+};
 pub use error::ApiError;
 pub use server::{API_KEY_FILE, ServeError, Server, serve};

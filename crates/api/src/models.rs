@@ -762,3 +762,154 @@ pub struct TemplateUpdateRequest {
 pub struct TemplateUpdateResponse {
     pub names: Vec<String>,
 }
+
+/// Usage summed over a window (`GET /alcove/v1/usage`): allocated compute while running,
+/// storage kept, egress proxy bytes, and their cost at the server's prices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageTotals {
+    /// Distinct sandboxes with use in the window.
+    pub sandboxes: u64,
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub storage_gib_hours: f64,
+    /// Bytes the sandboxes sent out through the egress proxy.
+    pub egress_bytes: u64,
+    /// Bytes they received through it.
+    pub ingress_bytes: u64,
+    pub cost_usd: f64,
+}
+
+/// One group of a usage report.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageItem {
+    /// The sandbox id, template, UTC day (`YYYY-MM-DD`) or team id, by `groupBy`.
+    pub key: String,
+    pub sandboxes: u64,
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub storage_gib_hours: f64,
+    pub egress_bytes: u64,
+    pub ingress_bytes: u64,
+    pub cost_usd: f64,
+}
+
+/// `GET /alcove/v1/usage`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    pub start: String,
+    pub end: String,
+    /// `sandbox`, `template`, `day` or `team`.
+    pub group_by: String,
+    /// The team reported on; absent when the admin asked for every team (`team=*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    pub items: Vec<UsageItem>,
+    pub total: UsageTotals,
+    /// The prices the costs were computed with (per vCPU-second, memory GiB-second, storage
+    /// GiB-hour, egress GiB, in USD).
+    pub prices: crate::config::Prices,
+}
+
+/// One usage event (`GET /alcove/v1/usage/events`, NDJSON): one interval of one sandbox's
+/// compute, one object's storage or one sandbox's network bytes. Never changes once written.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageEventView {
+    /// The idempotency key: billing systems dedupe on it (a re-read sends the same key).
+    pub id: String,
+    /// Increasing in write order: poll with `after=<the last seq you saw>`.
+    pub seq: i64,
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    #[serde(rename = "sandboxID", skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    #[serde(rename = "templateID", skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// `compute`, `storage` or `network`.
+    pub kind: String,
+    pub start: String,
+    pub end: String,
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub storage_gib_hours: f64,
+    pub egress_bytes: u64,
+    pub ingress_bytes: u64,
+    pub cost_usd: f64,
+}
+
+/// A team's limits as set (`null`: the server's default, or no cap) — the body of
+/// `PUT /alcove/v1/teams/{team}/limits`, where every field left out is reset to `null` (or, for
+/// `warnAtPercent` and `onCap`, to `[50, 80, 100]` and `refuse`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TeamLimitsBody {
+    /// Sandboxes creating or running at once (default: `--team-max-running`).
+    pub max_running: Option<u64>,
+    /// Paused sandboxes kept (default: `--team-max-paused`).
+    pub max_paused: Option<u64>,
+    /// GiB that paused sandboxes and snapshots may hold (default: `--team-max-stored`).
+    pub max_storage_gib: Option<f64>,
+    /// Spend per calendar month (UTC) at which creates and resumes are refused and `onCap`
+    /// applies; `null`: no cap.
+    pub monthly_spend_cap_usd: Option<f64>,
+    /// Percentages of the cap at which a warning is recorded and sent to the webhook.
+    pub warn_at_percent: Option<Vec<u32>>,
+    /// At the cap: `refuse` (new work only), `pause` or `kill` the running sandboxes too.
+    pub on_cap: Option<String>,
+}
+
+/// A spend warning reached (and its webhook delivery).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendNoticeView {
+    pub month: String,
+    pub percent: u32,
+    pub at: String,
+    pub spend_usd: f64,
+    pub cap_usd: f64,
+    /// When the webhook accepted it; absent while undelivered (or with no webhook).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `GET /alcove/v1/teams/{team}/limits`: what is set, what applies, and where the team stands.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamLimitsView {
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub team_name: String,
+    pub max_running: Option<u64>,
+    pub max_paused: Option<u64>,
+    pub max_storage_gib: Option<f64>,
+    pub monthly_spend_cap_usd: Option<f64>,
+    pub warn_at_percent: Vec<u32>,
+    pub on_cap: String,
+    /// The limits in force: what is set, else the server's defaults.
+    pub effective: EffectiveLimits,
+    /// The current month (UTC, `YYYY-MM`) and what the team has spent in it.
+    pub month: String,
+    pub month_spend_usd: f64,
+    /// Whether the spend reached the cap (creates and resumes are refused).
+    pub capped: bool,
+    pub running: u64,
+    pub paused: u64,
+    /// Warnings reached, newest first.
+    pub notices: Vec<SpendNoticeView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveLimits {
+    pub max_running: u64,
+    pub max_paused: u64,
+    pub max_storage_gib: f64,
+}

@@ -5,7 +5,9 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::handlers::{extensions, observability, persistence, sandboxes, system, templates};
+use crate::handlers::{
+    extensions, observability, persistence, sandboxes, system, templates, usage,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -56,6 +58,10 @@ use crate::handlers::{extensions, observability, persistence, sandboxes, system,
         extensions::fork,
         extensions::snapshot_tree,
         extensions::warm_pool,
+        usage::usage,
+        usage::usage_events,
+        usage::get_limits,
+        usage::put_limits,
         system::health,
         system::prometheus,
         system::openapi,

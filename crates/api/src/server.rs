@@ -91,7 +91,9 @@ impl Server {
         )
         .map_err(|e| ServeError::CreateDataDir(config.data_dir.join("upload.key"), e))?;
         let svc = Arc::new(
-            Service::new(store, backend, config.limits.clone(), domain).with_template_files(files),
+            Service::new(store, backend, config.limits.clone(), domain)
+                .with_template_files(files)
+                .with_metering(config.metering.clone()),
         );
         match svc.sync_templates().await {
             Ok(n) => tracing::info!(templates = n, "templates synced from the backend"),
@@ -171,6 +173,8 @@ impl Server {
         use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         let reaper = tokio::spawn(reaper(self.svc.clone()));
         let liveness = tokio::spawn(liveness(self.svc.clone()));
+        let meter = tokio::spawn(meter(self.svc.clone()));
+        let webhook = tokio::spawn(webhook(self.svc.clone()));
         let app = router_with(self.svc.clone(), self.extra);
         let limits = self.svc.limits().connections.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -238,6 +242,8 @@ impl Server {
         }
         reaper.abort();
         liveness.abort();
+        meter.abort();
+        webhook.abort();
         Ok(())
     }
 }
@@ -378,6 +384,43 @@ async fn liveness(svc: Arc<Service>) {
     }
 }
 
+/// Writes usage events and checks spend caps every `--meter-interval`. Its own loop: backend
+/// size walks must not hold up the reaper or liveness.
+async fn meter(svc: Arc<Service>) {
+    let mut tick = tokio::time::interval(svc.metering().interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        svc.meter_tick().await;
+    }
+}
+
+/// Delivers spend warnings to the webhook, if one is set; never in a request's path.
+async fn webhook(svc: Arc<Service>) {
+    if svc.metering().webhook.is_none() {
+        return;
+    }
+    // reqwest's rustls needs a process-wide crypto provider; ring is the one this build has
+    // (an error means one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "webhook: building the HTTP client; spend warnings will not be sent");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        svc.deliver_spend_notices(&client).await;
+    }
+}
+
 /// The whole HTTP surface: sandbox traffic dispatch in front of the REST API.
 pub fn router(svc: Arc<Service>) -> Router {
     router_with(svc, None)
@@ -388,6 +431,7 @@ pub fn router(svc: Arc<Service>) -> Router {
 fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     use handlers::{
         extensions, observability as o, persistence as p, sandboxes as s, system, templates as t,
+        usage,
     };
     let limits = svc.limits().clone();
     let api = Router::new()
@@ -442,6 +486,12 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
         )
         .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
         .route("/alcove/v1/warm-pool", get(extensions::warm_pool))
+        .route("/alcove/v1/usage", get(usage::usage))
+        .route("/alcove/v1/usage/events", get(usage::usage_events))
+        .route(
+            "/alcove/v1/teams/{team}/limits",
+            get(usage::get_limits).put(usage::put_limits),
+        )
         .route("/health", get(system::health))
         .route("/metrics", get(system::prometheus))
         .route("/openapi.json", get(system::openapi))

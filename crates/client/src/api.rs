@@ -173,6 +173,35 @@ impl ApiClient {
         self.json("GET", "/alcove/v1/snapshots/tree", None).await
     }
 
+    /// `GET /alcove/v1/usage` with these query pairs (start, end, groupBy, team).
+    pub async fn usage(&self, query: &[(&str, &str)]) -> Result<Value, ClientError> {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(query)
+            .finish();
+        self.json("GET", &format!("/alcove/v1/usage?{q}"), None)
+            .await
+    }
+
+    /// `GET /alcove/v1/teams/{team}/limits`.
+    pub async fn team_limits(&self, team: &str) -> Result<Value, ClientError> {
+        self.json(
+            "GET",
+            &format!("/alcove/v1/teams/{}/limits", enc(team)),
+            None,
+        )
+        .await
+    }
+
+    /// `PUT /alcove/v1/teams/{team}/limits` (admin key).
+    pub async fn set_team_limits(&self, team: &str, body: &Value) -> Result<Value, ClientError> {
+        self.json(
+            "PUT",
+            &format!("/alcove/v1/teams/{}/limits", enc(team)),
+            Some(body),
+        )
+        .await
+    }
+
     /// `GET /snapshots`: restorable snapshots, newest first.
     pub async fn snapshots(&self) -> Result<Value, ClientError> {
         self.json("GET", "/snapshots?limit=1000", None).await

@@ -287,17 +287,24 @@ impl<V: Vmm> Node<V> {
     /// sandbox's dir (its overlay and, paused, its memory image) and of snapshots' dirs. What is
     /// gone counts 0. Walks directories: call it from a blocking thread.
     pub fn stored_bytes(&self, sandbox_ids: &[String], snapshot_ids: &[String]) -> u64 {
-        let mut dirs: Vec<PathBuf> = sandbox_ids
+        self.stored_bytes_each(sandbox_ids, snapshot_ids)
             .iter()
-            .filter_map(|id| self.live(id).ok().map(|l| l.dir().to_path_buf()))
-            .collect();
-        dirs.extend(
-            snapshot_ids
-                .iter()
-                .filter(|id| valid_id(id))
-                .map(|id| crate::snapshots::snapshot_dir(&self.cfg.data_dir, id)),
-        );
-        dirs.iter().map(|d| allocated_bytes(d)).sum()
+            .sum()
+    }
+
+    /// [`Node::stored_bytes`] of each sandbox, then of each snapshot, in order.
+    pub fn stored_bytes_each(&self, sandbox_ids: &[String], snapshot_ids: &[String]) -> Vec<u64> {
+        let sandboxes = sandbox_ids
+            .iter()
+            .map(|id| self.live(id).ok().map_or(0, |l| allocated_bytes(l.dir())));
+        let snapshots = snapshot_ids.iter().map(|id| {
+            if valid_id(id) {
+                allocated_bytes(&crate::snapshots::snapshot_dir(&self.cfg.data_dir, id))
+            } else {
+                0
+            }
+        });
+        sandboxes.chain(snapshots).collect()
     }
 
     /// The QEMU process of a live sandbox (for tests and metrics).

@@ -13,6 +13,8 @@ mod builds;
 mod idempotency;
 mod keys;
 mod lifecycle;
+mod limits;
+mod metering;
 mod migrations;
 mod sandboxes;
 mod snapshots;
@@ -32,6 +34,10 @@ pub use builds::{
 pub use idempotency::{ABANDONED_CLAIM_MS, Claim, IDEMPOTENCY_TTL_MS};
 pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
 pub use lifecycle::{SandboxState, UnknownState};
+pub use limits::{DEFAULT_WARN_AT_PERCENT, OnCap, SpendNotice, TeamLimits};
+pub use metering::{
+    NetSample, Quantities, StorageSample, UsageEvent, UsageGroup, UsageKind, UsageRow,
+};
 pub use sandboxes::{
     ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
 };

@@ -175,6 +175,70 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN mask_request_host TEXT;
     "#,
+    // 8: metering (`metering.rs`) and team limits (`limits.rs`). `metered_at`: compute of a
+    // running sandbox is metered up to here; `alive_at`: the last time the backend showed its VM
+    // (a sandbox found dead is charged up to then). Sandboxes running at the upgrade start
+    // their metering at it. `usage_events` are immutable once written; `key` is the idempotency
+    // key billing systems dedupe on. `meter_marks`: per stored object (and per sandbox's
+    // network counters) how far it is metered and what it held then. `spend_notices`: the
+    // spend warnings reached, one per team, month and threshold, and the webhook outbox.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN metered_at INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN alive_at INTEGER;
+    UPDATE sandboxes SET metered_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000
+        WHERE state = 'running';
+    CREATE TABLE usage_events (
+        seq                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        key                 TEXT NOT NULL UNIQUE,
+        team_id             TEXT NOT NULL,
+        sandbox_id          TEXT,
+        template_id         TEXT,
+        kind                TEXT NOT NULL,
+        start_at            INTEGER NOT NULL,
+        end_at              INTEGER NOT NULL,
+        vcpu_seconds        REAL NOT NULL DEFAULT 0,
+        memory_gib_seconds  REAL NOT NULL DEFAULT 0,
+        storage_gib_hours   REAL NOT NULL DEFAULT 0,
+        egress_bytes        INTEGER NOT NULL DEFAULT 0,
+        ingress_bytes       INTEGER NOT NULL DEFAULT 0,
+        created_at          INTEGER NOT NULL
+    );
+    CREATE INDEX usage_events_by_team ON usage_events(team_id, start_at);
+    CREATE INDEX usage_events_by_start ON usage_events(start_at);
+    CREATE TABLE meter_marks (
+        object       TEXT PRIMARY KEY,
+        team_id      TEXT NOT NULL,
+        sandbox_id   TEXT,
+        template_id  TEXT,
+        at           INTEGER NOT NULL,
+        bytes        INTEGER NOT NULL DEFAULT 0,
+        out_bytes    INTEGER NOT NULL DEFAULT 0,
+        in_bytes     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE team_limits (
+        team_id                TEXT PRIMARY KEY REFERENCES teams(id),
+        max_running            INTEGER,
+        max_paused             INTEGER,
+        max_storage_gib        REAL,
+        monthly_spend_cap_usd  REAL,
+        warn_at_percent        TEXT NOT NULL,
+        on_cap                 TEXT NOT NULL,
+        updated_at             INTEGER NOT NULL
+    );
+    CREATE TABLE spend_notices (
+        team_id       TEXT NOT NULL,
+        month         TEXT NOT NULL,
+        percent       INTEGER NOT NULL,
+        at            INTEGER NOT NULL,
+        spend_usd     REAL NOT NULL,
+        cap_usd       REAL NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        next_try_at   INTEGER,
+        delivered_at  INTEGER,
+        last_error    TEXT,
+        PRIMARY KEY (team_id, month, percent)
+    );
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

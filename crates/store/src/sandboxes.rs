@@ -208,13 +208,14 @@ fn insert_event(
     from: Option<SandboxState>,
     to: SandboxState,
     reason: &str,
-) -> rusqlite::Result<()> {
+) -> Result<()> {
+    let at = now_ms();
     tx.execute(
         "INSERT INTO sandbox_events (sandbox_id, at, from_state, to_state, reason)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, now_ms(), from.map(|s| s.as_str()), to.as_str(), reason],
+        params![id, at, from.map(|s| s.as_str()), to.as_str(), reason],
     )?;
-    Ok(())
+    crate::metering::on_state_change(tx, id, from, to, at)
 }
 
 fn current_state(tx: &Transaction<'_>, id: &str) -> Result<SandboxState> {

@@ -124,12 +124,19 @@ impl Store {
 
     /// Marks a snapshot deleted. Deleting twice is an error the caller can map to 404.
     pub fn delete_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
-        let n = self.conn().execute(
-            "UPDATE snapshots SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
-            params![id, now_ms()],
-        )?;
-        if n == 0 {
-            return Err(StoreError::SnapshotNotFound);
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let at = now_ms();
+            let n = tx.execute(
+                "UPDATE snapshots SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
+                params![id, at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::SnapshotNotFound);
+            }
+            crate::metering::on_snapshot_deleted(&tx, id, at)?;
+            tx.commit()?;
         }
         self.snapshot(id)?.ok_or(StoreError::SnapshotNotFound)
     }

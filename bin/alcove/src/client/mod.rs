@@ -10,6 +10,7 @@ mod sandbox;
 mod snapshot;
 mod template;
 mod terminal;
+mod usage;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use serde_json::Value;
 pub use sandbox::{SandboxArgs, run_sandbox};
 pub use snapshot::{SnapshotArgs, run_snapshot};
 pub use template::{TemplateArgs, run_template};
+pub use usage::{TeamsArgs, UsageArgs, run_teams, run_usage};
 
 use crate::config::{DEFAULT_API_URL, default_data_dir};
 

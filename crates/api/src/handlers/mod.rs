@@ -9,6 +9,7 @@ pub mod persistence;
 pub mod sandboxes;
 pub mod system;
 pub mod templates;
+pub mod usage;
 
 use std::sync::Arc;
 

@@ -184,6 +184,12 @@ impl Service {
             return 0;
         };
         let live: HashSet<String> = live.into_iter().map(|l| l.sandbox_id).collect();
+        // Metering charges a sandbox found dead up to the last time its VM was seen.
+        let seen: Vec<String> = live.iter().cloned().collect();
+        let now = alcove_store::now_ms();
+        if let Err(e) = self.db(move |s| s.mark_alive(&seen, now)).await {
+            tracing::error!(error = %chain(&e), "liveness: recording the VMs seen");
+        }
         let suspects: Vec<SandboxRecord> = records
             .into_iter()
             .filter(|r| r.state != StoreState::Creating && !live.contains(&r.id))
@@ -221,6 +227,8 @@ impl Service {
     /// VMs the store does not know are killed. Every backend call has its deadline; the kills
     /// run concurrently.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
+        // The egress proxies (and their byte counters) start again from zero.
+        self.db(|s| s.reset_net_counters()).await?;
         let records = self.db(|s| s.live_sandboxes()).await?;
         let live = self
             .call(BackendOp::List, "", self.backend.list())

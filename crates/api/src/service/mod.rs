@@ -28,6 +28,7 @@ use crate::models::{self, CLIENT_ID};
 
 mod background;
 mod builds;
+mod metering;
 mod network;
 mod observability;
 mod persistence;
@@ -37,6 +38,7 @@ mod snapshots;
 mod templates;
 
 pub use builds::TemplateFiles;
+pub use metering::{MAX_EVENTS_PAGE, month_start, parse_group, sign as sign_webhook};
 pub use network::network_update;
 pub use observability::LogQuery;
 pub use quota::Quota;
@@ -65,6 +67,10 @@ pub struct Service {
     template_files: Option<TemplateFiles>,
     /// One lock per template: its builds run one at a time, in order.
     build_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Prices, tick and webhook (`metering.rs`).
+    metering: crate::config::MeteringConfig,
+    /// Capped teams' spend this month, as of the last check: creates read it, never the store.
+    standing: std::sync::Mutex<HashMap<String, metering::Standing>>,
 }
 
 impl Service {
@@ -86,7 +92,15 @@ impl Service {
             ending: std::sync::Mutex::new(HashSet::new()),
             template_files: None,
             build_locks: std::sync::Mutex::new(HashMap::new()),
+            metering: crate::config::MeteringConfig::default(),
+            standing: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sets prices, the metering tick and the spend-warning webhook.
+    pub fn with_metering(mut self, metering: crate::config::MeteringConfig) -> Self {
+        self.metering = metering;
+        self
     }
 
     /// Enables template builds: uploads under `files.dir`.

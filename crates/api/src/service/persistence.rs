@@ -163,6 +163,7 @@ impl Service {
             ..Want::default()
         };
         let reservation = self.reserve(&team, want).await?;
+        self.meter_network_of(id).await;
         if let Err(e) = self
             .call(BackendOp::Pause, id, self.backend.pause(id))
             .await

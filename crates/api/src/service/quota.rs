@@ -187,6 +187,11 @@ impl Service {
         n: usize,
     ) -> Result<Vec<Reservation>, ApiError> {
         let team_id = team.to_owned();
+        if want.running > 0 {
+            self.check_spend_cap(team)?;
+        }
+        // The team's own limits where the admin set them, else the server's.
+        let limits = self.effective_limits(team).await?;
         if want.stores {
             // Measured outside the lock: it walks directories, and the quota is soft by the
             // size of one operation anyway.
@@ -201,7 +206,7 @@ impl Service {
                 )
                 .await
                 .map_err(|e| super::api_error(BackendOp::StoredBytes, "", e))?;
-            let limit = self.limits.max_stored_bytes;
+            let limit = limits.max_stored_bytes;
             if used >= limit {
                 return Err(ApiError::QuotaExceeded {
                     quota: Quota::StoredBytes,
@@ -226,7 +231,7 @@ impl Service {
             snapshots: want.snapshots * n,
             stores: want.stores,
         };
-        if let Some(e) = first_exceeded(&self.limits, used, total) {
+        if let Some(e) = first_exceeded(&limits, used, total) {
             crate::metrics::Metrics::inc(&crate::metrics::METRICS.quota_refusals);
             tracing::info!(team_id = %team, error_code = e.parts().1, "quota refused an operation");
             return Err(e);

@@ -502,6 +502,7 @@ impl Service {
 
     pub(super) async fn kill_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
         let _ending = Ending::mark(self, id);
+        self.meter_network_of(id).await;
         match self.call(BackendOp::Kill, id, self.backend.kill(id)).await {
             Ok(()) | Err(BackendError::SandboxNotFound) => {}
             Err(e) => return Err(api_error(BackendOp::Kill, id, e)),

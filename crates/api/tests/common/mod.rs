@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alcove_api::{Limits, Server, ServerConfig};
+use alcove_api::{Limits, MeteringConfig, Server, ServerConfig};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -46,8 +46,20 @@ impl TestServer {
         limits: Limits,
         mount: impl FnOnce(Server) -> Server,
     ) -> TestServer {
+        Self::start_metered(dir, backend, limits, MeteringConfig::default(), mount).await
+    }
+
+    /// [`TestServer::start_with`] with its metering (tick, prices, webhook).
+    pub async fn start_metered(
+        dir: &Path,
+        backend: Arc<FakeBackend>,
+        limits: Limits,
+        metering: MeteringConfig,
+        mount: impl FnOnce(Server) -> Server,
+    ) -> TestServer {
         let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir);
         config.limits = limits;
+        config.metering = metering;
         let server = mount(Server::bind(config, backend.clone()).await.expect("bind"));
         let key = std::fs::read_to_string(dir.join(alcove_api::API_KEY_FILE))
             .unwrap()
@@ -139,6 +151,11 @@ impl Api {
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.send("POST", path, &[], body.to_string().into_bytes())
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send("PUT", path, &[], body.to_string().into_bytes())
             .await
     }
 

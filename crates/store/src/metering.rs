@@ -1,0 +1,777 @@
+//! Metering: what each team used, as immutable usage events.
+//!
+//! Three meters, all written as rows of `usage_events` whose `key` is deterministic (what was
+//! metered and the interval's start), so writing the same interval twice (a retry, a restart in
+//! the middle of a tick) inserts it once, and billing systems can dedupe on it:
+//!
+//! * **compute** (`c:`): vCPU-seconds and memory GiB-seconds *allocated* while a sandbox is
+//!   `running`, as E2B bills. `sandboxes.metered_at` is how far a running sandbox is metered.
+//!   Every state change closes the open interval in the same transaction as the change
+//!   ([`on_state_change`]), and [`Store::meter_compute`] closes and reopens it on each tick, so
+//!   an event covers at most one tick and no interval is lost or counted twice. A server that
+//!   was down while a VM kept running charges that time at its next tick (the VM ran); a sandbox
+//!   found dead is charged up to `alive_at`, the last time the backend showed its VM.
+//! * **storage** (`s:`): GiB-hours of what is kept on disk: running and paused sandboxes'
+//!   overlays and memory images, snapshots, a team's templates. The caller measures the bytes
+//!   ([`Store::meter_storage`]); a `meter_marks` row per object holds how far it is metered and
+//!   what it held then. An object that ends (a sandbox killed, a snapshot deleted) is closed at
+//!   that moment at its last measured size.
+//! * **network** (`n:`): egress and ingress bytes of a sandbox's egress proxy. The counters are
+//!   in memory and restart from zero when its VM does (resume, server restart): a mark keeps the
+//!   last values seen, and a value below it means a restart.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::{Result, SandboxState, Store, now_ms};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What one usage event measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UsageKind {
+    Compute,
+    Storage,
+    Network,
+}
+
+impl UsageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageKind::Compute => "compute",
+            UsageKind::Storage => "storage",
+            UsageKind::Network => "network",
+        }
+    }
+}
+
+/// One row of `usage_events`: an interval of one thing's use. Never changed once written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageEvent {
+    /// Increasing in commit order: a poller that asks for `seq > last` never misses one.
+    pub seq: i64,
+    /// The idempotency key: the same interval of the same thing always has the same key.
+    pub key: String,
+    pub team_id: String,
+    pub sandbox_id: Option<String>,
+    pub template_id: Option<String>,
+    pub kind: String,
+    pub start_at: i64,
+    pub end_at: i64,
+    pub quantities: Quantities,
+}
+
+/// What is billed. Sums of events, or of the parts of events inside a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Quantities {
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub storage_gib_hours: f64,
+    pub egress_bytes: u64,
+    pub ingress_bytes: u64,
+}
+
+impl Quantities {
+    pub fn add(&mut self, o: &Quantities) {
+        self.vcpu_seconds += o.vcpu_seconds;
+        self.memory_gib_seconds += o.memory_gib_seconds;
+        self.storage_gib_hours += o.storage_gib_hours;
+        self.egress_bytes += o.egress_bytes;
+        self.ingress_bytes += o.ingress_bytes;
+    }
+}
+
+/// How [`Store::usage`] groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    Sandbox,
+    Template,
+    /// The UTC day an interval starts in.
+    Day,
+    Team,
+}
+
+impl UsageGroup {
+    fn column(self) -> &'static str {
+        match self {
+            UsageGroup::Sandbox => "COALESCE(sandbox_id, template_id, '')",
+            UsageGroup::Template => "COALESCE(template_id, '')",
+            UsageGroup::Day => "strftime('%Y-%m-%d', start_at / 1000, 'unixepoch')",
+            UsageGroup::Team => "team_id",
+        }
+    }
+}
+
+/// One group of [`Store::usage`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub key: String,
+    /// Distinct sandboxes with use in the window.
+    pub sandboxes: u64,
+    pub quantities: Quantities,
+}
+
+/// An object whose bytes on disk are metered, as the caller measured it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageSample {
+    /// `sandbox:ID`, `snapshot:ID` or `template:ID` (see [`Store::storage_objects`]).
+    pub object: String,
+    pub team_id: String,
+    pub sandbox_id: Option<String>,
+    pub template_id: Option<String>,
+    pub bytes: u64,
+    /// When the object came to exist: its first interval starts here (or, for an object
+    /// first seen long after, at most `max_gap` before now; see [`Store::meter_storage`]).
+    pub since: i64,
+}
+
+/// A running sandbox's egress proxy counters, as read now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSample<'a> {
+    pub sandbox_id: &'a str,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+fn sandbox_object(id: &str) -> String {
+    format!("sandbox:{id}")
+}
+
+fn snapshot_object(id: &str) -> String {
+    format!("snapshot:{id}")
+}
+
+fn net_object(id: &str) -> String {
+    format!("net:{id}")
+}
+
+/// Writes the compute interval `[metered_at, end]` of sandbox `id` (nothing if it is not
+/// metered or the interval is empty, e.g. the clock went back) and moves `metered_at` to
+/// `next` (NULL when the sandbox stops running).
+fn close_compute(tx: &Transaction<'_>, id: &str, end: i64, next: Option<i64>) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO usage_events (key, team_id, sandbox_id, template_id, kind,
+             start_at, end_at, vcpu_seconds, memory_gib_seconds, created_at)
+         SELECT 'c:' || id || ':' || metered_at, team_id, id, COALESCE(alias, template_id),
+             'compute', metered_at, ?2, cpu_count * (?2 - metered_at) / 1000.0,
+             memory_mb / 1024.0 * (?2 - metered_at) / 1000.0, ?3
+         FROM sandboxes WHERE id = ?1 AND metered_at IS NOT NULL AND metered_at < ?2",
+        params![id, end, now_ms()],
+    )?;
+    tx.execute(
+        "UPDATE sandboxes SET metered_at = ?2 WHERE id = ?1",
+        params![id, next],
+    )?;
+    Ok(())
+}
+
+/// Writes the storage interval `[mark.at, end]` of `object` at its last measured size and
+/// removes its mark (the object is gone).
+fn close_storage(tx: &Transaction<'_>, object: &str, end: i64) -> Result<()> {
+    write_storage(tx, object, end, None)?;
+    tx.execute("DELETE FROM meter_marks WHERE object = ?1", [object])?;
+    Ok(())
+}
+
+/// Writes `[mark.at, end]` of `object`, charged at `bytes` (the new measure) or, with `None`,
+/// at the mark's own (the last measure), if the mark exists and the interval is not empty.
+fn write_storage(tx: &Transaction<'_>, object: &str, end: i64, bytes: Option<u64>) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO usage_events (key, team_id, sandbox_id, template_id, kind,
+             start_at, end_at, storage_gib_hours, created_at)
+         SELECT 's:' || object || ':' || at, team_id, sandbox_id, template_id, 'storage', at, ?2,
+             COALESCE(?3, bytes) / ?4 * (?2 - at) / 3600000.0, ?5
+         FROM meter_marks WHERE object = ?1 AND at < ?2",
+        params![object, end, bytes.map(|b| b as i64), GIB, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// The metering side of a state change, in its transaction: leaving `running` closes the
+/// compute interval (at `alive_at` for a sandbox found dead, the last time it was seen, so
+/// the time it was down is not charged), entering it opens one; a sandbox that ends closes
+/// its storage; a resume restarts the network counters from zero (a new egress proxy).
+pub(crate) fn on_state_change(
+    tx: &Transaction<'_>,
+    id: &str,
+    from: Option<SandboxState>,
+    to: SandboxState,
+    at: i64,
+) -> Result<()> {
+    if from == Some(SandboxState::Running) {
+        let end = if to == SandboxState::Lost {
+            let (metered, alive): (Option<i64>, Option<i64>) = tx.query_row(
+                "SELECT metered_at, alive_at FROM sandboxes WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            match (metered, alive) {
+                (Some(m), Some(a)) => a.clamp(m, at),
+                (Some(m), None) => m,
+                _ => at,
+            }
+        } else {
+            at
+        };
+        close_compute(tx, id, end, None)?;
+    }
+    if to == SandboxState::Running {
+        tx.execute(
+            "UPDATE sandboxes SET metered_at = ?2, alive_at = ?2 WHERE id = ?1",
+            params![id, at],
+        )?;
+        tx.execute(
+            "UPDATE meter_marks SET out_bytes = 0, in_bytes = 0 WHERE object = ?1",
+            [net_object(id)],
+        )?;
+    }
+    if to.is_terminal() {
+        close_storage(tx, &sandbox_object(id), at)?;
+        tx.execute(
+            "DELETE FROM meter_marks WHERE object = ?1",
+            [net_object(id)],
+        )?;
+    }
+    Ok(())
+}
+
+/// Called when a snapshot is deleted, in its transaction.
+pub(crate) fn on_snapshot_deleted(tx: &Transaction<'_>, id: &str, at: i64) -> Result<()> {
+    close_storage(tx, &snapshot_object(id), at)
+}
+
+fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageEvent> {
+    Ok(UsageEvent {
+        seq: r.get(0)?,
+        key: r.get(1)?,
+        team_id: r.get(2)?,
+        sandbox_id: r.get(3)?,
+        template_id: r.get(4)?,
+        kind: r.get(5)?,
+        start_at: r.get(6)?,
+        end_at: r.get(7)?,
+        quantities: Quantities {
+            vcpu_seconds: r.get(8)?,
+            memory_gib_seconds: r.get(9)?,
+            storage_gib_hours: r.get(10)?,
+            egress_bytes: r.get::<_, i64>(11)?.max(0) as u64,
+            ingress_bytes: r.get::<_, i64>(12)?.max(0) as u64,
+        },
+    })
+}
+
+impl Store {
+    /// One compute tick: every running sandbox's open interval is written up to `now` and a
+    /// new one starts there. Returns how many intervals were written.
+    pub fn meter_compute(&self, now: i64) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM sandboxes WHERE state = 'running' AND metered_at IS NOT NULL
+                 AND metered_at < ?1",
+            )?;
+            stmt.query_map([now], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for id in &ids {
+            close_compute(&tx, id, now, Some(now))?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
+    /// The backend showed these sandboxes' VMs at `now`: a running one among them that is
+    /// later found dead is charged up to here.
+    pub fn mark_alive(&self, ids: &[String], now: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE sandboxes SET alive_at = ?2 WHERE id = ?1 AND state = 'running'",
+            )?;
+            for id in ids {
+                stmt.execute(params![id, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What [`Store::meter_storage`] should be given, without bytes (the caller measures
+    /// sandboxes and snapshots on the backend): sandboxes running or paused, snapshots not
+    /// deleted, and teams' templates with the bytes their ready builds hold (from the store).
+    pub fn storage_objects(&self) -> Result<Vec<StorageSample>> {
+        let conn = self.conn();
+        let mut out = Vec::new();
+        let mut stmt = conn.prepare(
+            "SELECT id, team_id, COALESCE(alias, template_id), started_at FROM sandboxes
+             WHERE state IN ('running', 'paused')",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let id: String = r.get(0)?;
+            Ok(StorageSample {
+                object: sandbox_object(&id),
+                team_id: r.get(1)?,
+                sandbox_id: Some(id),
+                template_id: r.get(2)?,
+                bytes: 0,
+                since: r.get(3)?,
+            })
+        })?;
+        for s in rows {
+            out.push(s?);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT id, team_id, sandbox_id, template_id, created_at FROM snapshots
+             WHERE deleted_at IS NULL",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let id: String = r.get(0)?;
+            Ok(StorageSample {
+                object: snapshot_object(&id),
+                team_id: r.get(1)?,
+                sandbox_id: r.get(2)?,
+                template_id: r.get(3)?,
+                bytes: 0,
+                since: r.get(4)?,
+            })
+        })?;
+        for s in rows {
+            out.push(s?);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT template_id, team_id, SUM(stored_bytes), MIN(created_at) FROM template_builds
+             WHERE status = 'ready' AND deleted_at IS NULL GROUP BY template_id, team_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let id: String = r.get(0)?;
+            Ok(StorageSample {
+                object: format!("template:{id}"),
+                team_id: r.get(1)?,
+                sandbox_id: None,
+                template_id: Some(id),
+                bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                since: r.get(3)?,
+            })
+        })?;
+        for s in rows {
+            out.push(s?);
+        }
+        Ok(out)
+    }
+
+    /// One storage tick: for each measured object, the interval since its mark is written at
+    /// the new size and the mark moves to `now`; a new object gets its first interval from
+    /// when it came to exist, but never more than `max_gap_ms` back (an object first seen after
+    /// a long outage is not charged for time nobody measured). Marks of objects no longer
+    /// measured and not closed by their end (a template deleted) are removed uncharged.
+    pub fn meter_storage(
+        &self,
+        now: i64,
+        samples: &[StorageSample],
+        max_gap_ms: i64,
+    ) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut written = 0;
+        for s in samples {
+            let at: Option<i64> = tx
+                .query_row(
+                    "SELECT at FROM meter_marks WHERE object = ?1",
+                    [&s.object],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if at.is_none() {
+                let start = s.since.clamp(now - max_gap_ms, now);
+                tx.execute(
+                    "INSERT INTO meter_marks (object, team_id, sandbox_id, template_id, at, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        s.object,
+                        s.team_id,
+                        s.sandbox_id,
+                        s.template_id,
+                        start,
+                        s.bytes as i64
+                    ],
+                )?;
+            }
+            written += write_storage(&tx, &s.object, now, Some(s.bytes)).map(|_| 1)?;
+            tx.execute(
+                "UPDATE meter_marks SET at = MAX(at, ?2), bytes = ?3 WHERE object = ?1",
+                params![s.object, now, s.bytes as i64],
+            )?;
+        }
+        let live: std::collections::HashSet<&str> =
+            samples.iter().map(|s| s.object.as_str()).collect();
+        let stale: Vec<String> = {
+            let mut stmt =
+                tx.prepare("SELECT object FROM meter_marks WHERE object NOT LIKE 'net:%'")?;
+            stmt.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|o| !live.contains(o.as_str()))
+                .collect()
+        };
+        for o in stale {
+            tx.execute("DELETE FROM meter_marks WHERE object = ?1", [o])?;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    /// One network tick for the running sandboxes whose counters were read: the bytes since
+    /// the last read become an event (none if nothing moved).
+    pub fn meter_network(&self, now: i64, samples: &[NetSample<'_>]) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut written = 0;
+        for s in samples {
+            let obj = net_object(s.sandbox_id);
+            let mark: Option<(i64, i64, i64)> = tx
+                .query_row(
+                    "SELECT at, out_bytes, in_bytes FROM meter_marks WHERE object = ?1",
+                    [&obj],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let (out, inn) = (s.bytes_out as i64, s.bytes_in as i64);
+            let (last_out, last_in) = match mark {
+                Some((_, o, i)) => (o, i),
+                None => {
+                    // First read of this sandbox: everything its proxy counted is new, since
+                    // the sandbox started running.
+                    tx.execute(
+                        "INSERT INTO meter_marks (object, team_id, sandbox_id, template_id, at)
+                         SELECT ?1, team_id, id, COALESCE(alias, template_id),
+                             COALESCE(metered_at, ?3)
+                         FROM sandboxes WHERE id = ?2",
+                        params![obj, s.sandbox_id, now],
+                    )?;
+                    (0, 0)
+                }
+            };
+            // A counter below the last read restarted from zero (a new proxy).
+            let d_out = if out >= last_out { out - last_out } else { out };
+            let d_in = if inn >= last_in { inn - last_in } else { inn };
+            written += write_network(&tx, &obj, now, d_out, d_in)?;
+            tx.execute(
+                "UPDATE meter_marks SET out_bytes = ?2, in_bytes = ?3 WHERE object = ?1",
+                params![obj, out, inn],
+            )?;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    /// Usage in `[start, end)` (ms), grouped; `team` `None` is every team. An event that
+    /// straddles the window counts in proportion to its part inside.
+    pub fn usage(
+        &self,
+        team: Option<&str>,
+        start: i64,
+        end: i64,
+        group: UsageGroup,
+    ) -> Result<Vec<UsageRow>> {
+        let conn = self.conn();
+        // The share of each event inside the window (1 for an instant).
+        let share = "(CASE WHEN end_at <= start_at THEN 1.0 ELSE
+             (MIN(end_at, ?2) - MAX(start_at, ?1)) * 1.0 / (end_at - start_at) END)";
+        let sql = format!(
+            "SELECT {col} AS k, COUNT(DISTINCT sandbox_id),
+                 SUM(vcpu_seconds * {share}), SUM(memory_gib_seconds * {share}),
+                 SUM(storage_gib_hours * {share}), SUM(egress_bytes * {share}),
+                 SUM(ingress_bytes * {share})
+             FROM usage_events
+             WHERE start_at < ?2 AND (end_at > ?1 OR (end_at = start_at AND start_at >= ?1))
+               AND (?3 IS NULL OR team_id = ?3)
+             GROUP BY k ORDER BY k",
+            col = group.column(),
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![start, end, team], |r| {
+            Ok(UsageRow {
+                key: r.get(0)?,
+                sandboxes: r.get::<_, i64>(1)? as u64,
+                quantities: Quantities {
+                    vcpu_seconds: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                    memory_gib_seconds: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
+                    storage_gib_hours: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+                    egress_bytes: r.get::<_, Option<f64>>(5)?.unwrap_or(0.0).round() as u64,
+                    ingress_bytes: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0).round() as u64,
+                },
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Usage events after `after` (a `seq`), oldest first, at most `limit`; `team` `None` is
+    /// every team.
+    pub fn usage_events_after(
+        &self,
+        team: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<UsageEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, key, team_id, sandbox_id, template_id, kind, start_at, end_at,
+                 vcpu_seconds, memory_gib_seconds, storage_gib_hours, egress_bytes, ingress_bytes
+             FROM usage_events WHERE seq > ?1 AND (?2 IS NULL OR team_id = ?2)
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after, team, limit as i64], row_to_event)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Where a sandbox's open compute interval starts, if one is open.
+    pub fn sandbox_metered_at(&self, id: &str) -> Option<i64> {
+        self.conn()
+            .query_row(
+                "SELECT metered_at FROM sandboxes WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .ok()
+            .flatten()
+    }
+
+    /// At server start: the egress proxies restart with zero counters.
+    pub fn reset_net_counters(&self) -> Result<()> {
+        self.conn().execute(
+            "UPDATE meter_marks SET out_bytes = 0, in_bytes = 0 WHERE object LIKE 'net:%'",
+            [],
+        )?;
+        Ok(())
+    }
+}
+
+/// Writes a network event of `out`/`inn` bytes ending at `now`, from the mark's `at`, and moves
+/// the mark's `at` to `now`. Nothing is written when nothing moved.
+fn write_network(tx: &Transaction<'_>, obj: &str, now: i64, out: i64, inn: i64) -> Result<usize> {
+    if out <= 0 && inn <= 0 {
+        return Ok(0);
+    }
+    let n = tx.execute(
+        "INSERT OR IGNORE INTO usage_events (key, team_id, sandbox_id, template_id, kind,
+             start_at, end_at, egress_bytes, ingress_bytes, created_at)
+         SELECT 'n:' || sandbox_id || ':' || MIN(at, ?2), team_id, sandbox_id, template_id,
+             'network', MIN(at, ?2), ?2, ?3, ?4, ?5
+         FROM meter_marks WHERE object = ?1",
+        params![obj, now, out.max(0), inn.max(0), now_ms()],
+    )?;
+    tx.execute(
+        "UPDATE meter_marks SET at = MAX(at, ?2) WHERE object = ?1",
+        params![obj, now],
+    )?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewSandboxRecord, SnapshotRecord, TemplateRecord};
+
+    const MIN: i64 = 60_000;
+
+    /// A store with team `t` and a 2-vCPU, 512 MiB sandbox `s1` running since `at`.
+    fn running_since(at: i64) -> (Store, String) {
+        let store = Store::open_in_memory().unwrap();
+        let team = store.create_team("t").unwrap().id;
+        store
+            .upsert_template(&TemplateRecord::sample("tpl1", &["base"]))
+            .unwrap();
+        store
+            .insert_sandbox(&NewSandboxRecord::sample("s1", &team, "tpl1"))
+            .unwrap();
+        store
+            .transition("s1", SandboxState::Running, "started")
+            .unwrap();
+        back_date(&store, "s1", at);
+        (store, team)
+    }
+
+    fn back_date(store: &Store, id: &str, at: i64) {
+        store
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET metered_at = ?2, alive_at = ?2 WHERE id = ?1",
+                params![id, at],
+            )
+            .unwrap();
+    }
+
+    fn total(store: &Store, team: &str) -> Quantities {
+        let mut q = Quantities::default();
+        for r in store
+            .usage(Some(team), 0, i64::MAX, UsageGroup::Team)
+            .unwrap()
+        {
+            q.add(&r.quantities);
+        }
+        q
+    }
+
+    fn events(store: &Store) -> Vec<UsageEvent> {
+        store.usage_events_after(None, 0, 1000).unwrap()
+    }
+
+    #[test]
+    fn compute_is_allocated_vcpu_and_memory_time_split_at_ticks_and_closed_at_a_state_change() {
+        let t0 = now_ms() - 10 * MIN;
+        let (store, team) = running_since(t0);
+        assert_eq!(store.meter_compute(t0 + 4 * MIN).unwrap(), 1);
+        // The same tick again (a retry) and a tick in the past (the clock went back) add nothing.
+        assert_eq!(store.meter_compute(t0 + 4 * MIN).unwrap(), 0);
+        assert_eq!(store.meter_compute(t0 + MIN).unwrap(), 0);
+        store
+            .transition("s1", SandboxState::Paused, "paused")
+            .unwrap();
+        let ev = events(&store);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].end_at, ev[1].start_at, "intervals are contiguous");
+        assert_eq!(ev[0].key, format!("c:s1:{t0}"));
+        let q = total(&store, &team);
+        let secs = (ev[1].end_at - t0) as f64 / 1000.0;
+        assert!((q.vcpu_seconds - 2.0 * secs).abs() < 1e-6, "{q:?}");
+        assert!((q.memory_gib_seconds - 0.5 * secs).abs() < 1e-6, "{q:?}");
+        // Paused: nothing more accrues; resumed: it starts again.
+        assert_eq!(store.meter_compute(now_ms() + MIN).unwrap(), 0);
+        store.mark_resumed("s1", now_ms() + MIN, "resumed").unwrap();
+        assert!(store.sandbox_metered_at("s1").is_some());
+    }
+
+    #[test]
+    fn a_sandbox_found_dead_is_charged_up_to_when_it_was_last_seen_alive() {
+        let t0 = now_ms() - 60 * MIN;
+        let (store, team) = running_since(t0);
+        store.mark_alive(&["s1".into()], t0 + 5 * MIN).unwrap();
+        // The server was down for most of an hour; at its start the VM is gone.
+        store
+            .transition("s1", SandboxState::Lost, "lost at server restart")
+            .unwrap();
+        let q = total(&store, &team);
+        assert!((q.vcpu_seconds - 2.0 * 300.0).abs() < 1e-6, "{q:?}");
+        // A VM that kept running while the server was down is charged for all of it.
+        let store2 = running_since(t0).0;
+        store2.meter_compute(t0 + 60 * MIN).unwrap();
+        assert!(
+            (total(&store2, "x").vcpu_seconds).abs() < 1e-9,
+            "other team sees nothing"
+        );
+        let all = store2
+            .usage(None, 0, i64::MAX, UsageGroup::Sandbox)
+            .unwrap();
+        assert!((all[0].quantities.vcpu_seconds - 2.0 * 3600.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn storage_is_charged_at_each_measure_and_closed_when_the_object_ends() {
+        let t0 = now_ms() - 10 * MIN;
+        let (store, team) = running_since(t0);
+        store
+            .insert_snapshot(&SnapshotRecord {
+                id: "snap1".into(),
+                team_id: team.clone(),
+                sandbox_id: "s1".into(),
+                parent_id: None,
+                name: None,
+                kind: "snapshot".into(),
+                template_id: "tpl1".into(),
+                created_at: t0,
+                deleted_at: None,
+            })
+            .unwrap();
+        let mut objs = store.storage_objects().unwrap();
+        assert_eq!(objs.len(), 2);
+        for o in &mut objs {
+            o.bytes = 1 << 30;
+            o.since = t0;
+        }
+        let now = now_ms();
+        store.meter_storage(now, &objs, 60 * MIN).unwrap();
+        let q = total(&store, &team);
+        let hours = (now - t0) as f64 / 3_600_000.0;
+        assert!((q.storage_gib_hours - 2.0 * hours).abs() < 1e-6, "{q:?}");
+        // The snapshot is deleted and the sandbox killed: both close now, at 1 GiB.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        store.delete_snapshot("snap1").unwrap();
+        store
+            .transition("s1", SandboxState::Killed, "killed")
+            .unwrap();
+        let after = total(&store, &team).storage_gib_hours;
+        assert!(after > q.storage_gib_hours);
+        let marks: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM meter_marks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(marks, 0);
+        // An object first seen long after it was made is charged only `max_gap` back.
+        let (store, team) = running_since(now_ms());
+        let mut objs = store.storage_objects().unwrap();
+        objs[0].bytes = 1 << 30;
+        objs[0].since = now - 600 * MIN;
+        store.meter_storage(now, &objs, MIN).unwrap();
+        let q = total(&store, &team);
+        assert!((q.storage_gib_hours - 1.0 / 60.0).abs() < 1e-6, "{q:?}");
+    }
+
+    #[test]
+    fn network_bytes_are_deltas_of_counters_that_restart_from_zero() {
+        let t0 = now_ms() - 10 * MIN;
+        let (store, team) = running_since(t0);
+        let read = |o, i, at| {
+            store
+                .meter_network(
+                    at,
+                    &[NetSample {
+                        sandbox_id: "s1",
+                        bytes_out: o,
+                        bytes_in: i,
+                    }],
+                )
+                .unwrap()
+        };
+        assert_eq!(read(100, 1000, t0 + MIN), 1);
+        assert_eq!(read(100, 1000, t0 + 2 * MIN), 0, "nothing moved");
+        assert_eq!(read(150, 1500, t0 + 3 * MIN), 1);
+        // A restarted proxy (the server restarted) counts from zero again.
+        store.reset_net_counters().unwrap();
+        assert_eq!(read(10, 20, t0 + 4 * MIN), 1);
+        let q = total(&store, &team);
+        assert_eq!((q.egress_bytes, q.ingress_bytes), (160, 1520));
+    }
+
+    #[test]
+    fn usage_counts_the_part_of_each_event_inside_the_window_and_groups() {
+        let t0 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000; // a UTC midnight
+        let (store, team) = running_since(t0 - 30 * MIN);
+        store.meter_compute(t0 + 30 * MIN).unwrap();
+        // Half of the one-hour interval is in the window [t0, t0 + 1 day).
+        let rows = store
+            .usage(Some(&team), t0, t0 + 86_400_000, UsageGroup::Day)
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!((rows[0].quantities.vcpu_seconds - 2.0 * 1800.0).abs() < 1e-6);
+        assert_eq!(rows[0].sandboxes, 1);
+        let by_tpl = store
+            .usage(Some(&team), 0, i64::MAX, UsageGroup::Template)
+            .unwrap();
+        assert_eq!(by_tpl[0].key, "tpl1");
+        assert!(
+            store
+                .usage(Some(&team), t0 + MIN * 60, i64::MAX, UsageGroup::Team)
+                .unwrap()
+                .is_empty()
+        );
+        let ev = store.usage_events_after(Some(&team), 0, 10).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert!(
+            store
+                .usage_events_after(Some(&team), ev[0].seq, 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
