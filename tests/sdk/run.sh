@@ -32,6 +32,15 @@ else
     bin="${ALCOVE_BIN:-$root/target/debug/alcove}"
     [[ -n "${ALCOVE_BIN:-}" ]] || cargo build --quiet --manifest-path "$root/Cargo.toml" -p alcove
     server=("$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state")
+    # Metering (test_metering.py): a short tick, and spend warnings POSTed to a receiver the
+    # test starts on this port with this secret.
+    if [[ "$("$bin" server --help 2>/dev/null)" == *--meter-interval* ]]; then
+        webhook_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+        webhook_secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+        server+=(--meter-interval 2s --webhook-url "http://127.0.0.1:$webhook_port/hook"
+            --webhook-secret "$webhook_secret")
+        export ALCOVE_SDK_WEBHOOK_PORT="$webhook_port" ALCOVE_SDK_WEBHOOK_SECRET="$webhook_secret"
+    fi
     # The OCI test (test_templates.py): the local registry with the test image, started before
     # the server so the server can be told that this plain-HTTP registry is allowed.
     if [[ -f "$root/tests/registry/start.sh" ]] &&

@@ -52,6 +52,13 @@ pub struct BenchArgs {
     /// MiB the parent writes before it is forked (--persistence).
     #[arg(long, default_value_t = 100)]
     fork_write_mib: usize,
+    /// Only measure metering instead: usage reports over --usage-events events in a real
+    /// SQLite file, per groupBy (no VMs).
+    #[arg(long)]
+    usage: bool,
+    /// Usage events written before the --usage queries.
+    #[arg(long, default_value_t = 100_000)]
+    usage_events: usize,
 }
 
 #[derive(Default)]
@@ -132,6 +139,9 @@ pub async fn run(g: &Global, a: BenchArgs) -> anyhow::Result<u8> {
     }
     if a.persistence {
         return persistence(g, &a).await;
+    }
+    if a.usage {
+        return usage(g, &a);
     }
     let node = g.node().await?;
     let opts = CreateOptions {
@@ -705,4 +715,94 @@ asyncio.run(main())
     .await;
     node.kill(&id).await?;
     result.map(|()| 0)
+}
+
+/// `--usage`: a team's usage report over `usage_events` compute events (100 sandboxes, one
+/// event per sandbox per minute, as a 60 s meter writes them) in a real SQLite file, for each
+/// grouping. The report is what `GET /alcove/v1/usage` and every spend-cap check run.
+fn usage(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
+    use alcove_store::{NewSandboxRecord, SandboxState, Store, UsageGroup, now_ms};
+    let say = |s: String| {
+        if !g.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "# alcove bench --usage: {} usage events in SQLite",
+        a.usage_events
+    ));
+    let dir = std::env::temp_dir().join(format!("alcove-bench-usage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let store = Store::open(&dir.join(alcove_store::DB_FILE))?;
+    let team = store.create_team("bench")?.id;
+    let sandboxes = 100.min(a.usage_events.max(1));
+    let t0 = now_ms();
+    for i in 0..sandboxes {
+        let id = format!("bench{i:04}");
+        store.insert_sandbox(&NewSandboxRecord {
+            id: id.clone(),
+            team_id: team.clone(),
+            template_id: format!("tpl{}", i % 5),
+            alias: None,
+            started_at: t0,
+            end_at: t0 + 86_400_000,
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            envd_version: "bench".into(),
+            envd_access_token: None,
+            auto_pause: false,
+            allow_internet_access: None,
+            traffic_access_token: None,
+            metadata: Default::default(),
+            env_names: Vec::new(),
+            auto_resume: false,
+            timeout_ms: 86_400_000,
+            snapshot_id: None,
+            mask_request_host: None,
+        })?;
+        store.transition(&id, SandboxState::Running, "bench")?;
+    }
+    let ticks = a.usage_events.div_ceil(sandboxes);
+    let fill = Instant::now();
+    for k in 1..=ticks {
+        store.meter_compute(t0 + k as i64 * 60_000)?;
+    }
+    say(format!(
+        "wrote {} events in {:.1} s",
+        ticks * sandboxes,
+        fill.elapsed().as_secs_f64()
+    ));
+    let end = t0 + (ticks as i64 + 1) * 60_000;
+    let mut out = serde_json::Map::new();
+    for (name, group) in [
+        ("sandbox", UsageGroup::Sandbox),
+        ("template", UsageGroup::Template),
+        ("day", UsageGroup::Day),
+        ("team", UsageGroup::Team),
+    ] {
+        let mut s = Series::default();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let rows = store.usage(Some(&team), t0, end, group)?;
+            s.push(t.elapsed());
+            anyhow::ensure!(!rows.is_empty(), "no usage rows");
+        }
+        say(s.line(&format!("usage report groupBy={name}"), "ms"));
+        out.insert(name.into(), s.summary());
+    }
+    if g.json {
+        println!(
+            "{}",
+            json!({ "events": ticks * sandboxes, "usage_ms": out })
+        );
+    }
+    Ok(0)
 }

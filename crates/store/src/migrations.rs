@@ -205,6 +205,33 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX usage_events_by_team ON usage_events(team_id, start_at);
     CREATE INDEX usage_events_by_start ON usage_events(start_at);
+    -- Usage summed per clock hour (no event crosses one), kept by the trigger below, so a
+    -- report over a month reads hours, not every event. '' stands for no sandbox or template.
+    CREATE TABLE usage_hourly (
+        team_id             TEXT NOT NULL,
+        hour                INTEGER NOT NULL,
+        sandbox_id          TEXT NOT NULL,
+        template_id         TEXT NOT NULL,
+        vcpu_seconds        REAL NOT NULL,
+        memory_gib_seconds  REAL NOT NULL,
+        storage_gib_hours   REAL NOT NULL,
+        egress_bytes        INTEGER NOT NULL,
+        ingress_bytes       INTEGER NOT NULL,
+        PRIMARY KEY (team_id, hour, sandbox_id, template_id)
+    );
+    CREATE TRIGGER usage_events_roll_up AFTER INSERT ON usage_events BEGIN
+        INSERT INTO usage_hourly (team_id, hour, sandbox_id, template_id, vcpu_seconds,
+            memory_gib_seconds, storage_gib_hours, egress_bytes, ingress_bytes)
+        VALUES (NEW.team_id, NEW.start_at / 3600000, COALESCE(NEW.sandbox_id, ''),
+            COALESCE(NEW.template_id, ''), NEW.vcpu_seconds, NEW.memory_gib_seconds,
+            NEW.storage_gib_hours, NEW.egress_bytes, NEW.ingress_bytes)
+        ON CONFLICT (team_id, hour, sandbox_id, template_id) DO UPDATE SET
+            vcpu_seconds = usage_hourly.vcpu_seconds + excluded.vcpu_seconds,
+            memory_gib_seconds = usage_hourly.memory_gib_seconds + excluded.memory_gib_seconds,
+            storage_gib_hours = usage_hourly.storage_gib_hours + excluded.storage_gib_hours,
+            egress_bytes = usage_hourly.egress_bytes + excluded.egress_bytes,
+            ingress_bytes = usage_hourly.ingress_bytes + excluded.ingress_bytes;
+    END;
     CREATE TABLE meter_marks (
         object       TEXT PRIMARY KEY,
         team_id      TEXT NOT NULL,
