@@ -176,6 +176,10 @@ pub struct ServerOptions {
     /// metered when they happen whatever this is.
     #[arg(long, env = "ALCOVE_METER_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
     pub meter_interval: Duration,
+    /// How often every running sandbox's CPU, memory and disk are sampled into its metrics
+    /// history (GET /sandboxes/{id}/metrics?start&end); 0s: only when asked for.
+    #[arg(long, env = "ALCOVE_METRICS_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub metrics_interval: Duration,
     /// TOML file of prices in USD: vcpu_second, memory_gib_second, storage_gib_hour, egress_gib
     /// (default: E2B's public list prices; see docs/metering.md).
     #[arg(long, env = "ALCOVE_PRICES")]
@@ -415,6 +419,7 @@ impl ServerOptions {
             interval: self.meter_interval,
             prices,
             webhook,
+            sample_interval: self.metrics_interval,
         })
     }
 

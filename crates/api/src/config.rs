@@ -32,6 +32,9 @@ pub struct MeteringConfig {
     pub prices: Prices,
     /// Where spend warnings are POSTed, signed (`--webhook-url`, `--webhook-secret`).
     pub webhook: Option<Webhook>,
+    /// How often every running sandbox's CPU, memory and disk are sampled into its metrics
+    /// history (`--metrics-interval`; zero: never, samples are taken only when asked for).
+    pub sample_interval: Duration,
 }
 
 impl Default for MeteringConfig {
@@ -40,6 +43,7 @@ impl Default for MeteringConfig {
             interval: Duration::from_secs(60),
             prices: Prices::default(),
             webhook: None,
+            sample_interval: Duration::from_secs(5),
         }
     }
 }

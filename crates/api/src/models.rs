@@ -350,6 +350,9 @@ pub struct SandboxMetric {
     pub timestamp: String,
     #[serde(rename = "timestampUnix")]
     pub timestamp_unix: i64,
+    /// The sample's time in milliseconds (kept for storage; not sent).
+    #[serde(skip)]
+    pub timestamp_ms: i64,
     #[serde(rename = "cpuCount")]
     pub cpu_count: u32,
     #[serde(rename = "cpuUsedPct")]

@@ -175,6 +175,7 @@ impl Server {
         let liveness = tokio::spawn(liveness(self.svc.clone()));
         let meter = tokio::spawn(meter(self.svc.clone()));
         let webhook = tokio::spawn(webhook(self.svc.clone()));
+        let sampler = tokio::spawn(sampler(self.svc.clone()));
         let app = router_with(self.svc.clone(), self.extra);
         let limits = self.svc.limits().connections.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -244,6 +245,7 @@ impl Server {
         liveness.abort();
         meter.abort();
         webhook.abort();
+        sampler.abort();
         Ok(())
     }
 }
@@ -392,6 +394,20 @@ async fn meter(svc: Arc<Service>) {
     loop {
         tick.tick().await;
         svc.meter_tick().await;
+    }
+}
+
+/// Samples every running sandbox's resources into its metrics history.
+async fn sampler(svc: Arc<Service>) {
+    let every = svc.metering().sample_interval;
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        svc.sample_metrics().await;
     }
 }
 

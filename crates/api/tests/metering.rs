@@ -18,6 +18,7 @@ fn metering(prices: Prices, webhook: Option<Webhook>) -> MeteringConfig {
         interval: Duration::from_millis(200),
         prices,
         webhook,
+        ..MeteringConfig::default()
     }
 }
 
@@ -192,6 +193,24 @@ async fn compute_is_the_time_a_sandbox_ran_across_a_restart_and_a_team_sees_only
     }
     let r = api.get("/alcove/v1/usage/events?limit=0").await;
     assert_error(&r, 400, "invalid_query");
+
+    // Prometheus: per-team gauges, one series per team.
+    let r = api.get("/metrics").await;
+    let text = r.json.as_str().unwrap();
+    assert!(
+        text.contains("alcove_team_sandboxes_paused{team=\"admin\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alcove_team_sandboxes_running{team=\"tenant\"} 0"),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("alcove_team_month_vcpu_seconds{team=\"admin\"}"))
+        .unwrap();
+    let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((v - f(&item["vcpuSeconds"])).abs() < 0.5, "{line}");
     s.stop().await;
 }
 
@@ -411,5 +430,61 @@ async fn a_team_limit_replaces_the_servers_default_running_limit() {
         .post("/v2/sandboxes", json!({"templateID": "base"}))
         .await;
     assert_eq!(r.status, 201);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_history_is_a_series_the_sdk_can_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = MeteringConfig {
+        sample_interval: Duration::from_millis(100),
+        ..MeteringConfig::default()
+    };
+    let s = start(dir.path(), Arc::new(FakeBackend::new()), m).await;
+    let api = s.client();
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "timeout": 600}),
+        )
+        .await;
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    wait_for("samples", async || {
+        let r = api.get(&format!("/sandboxes/{id}/metrics")).await;
+        r.json.as_array().is_some_and(|a| a.len() >= 5)
+    })
+    .await;
+    let r = api
+        .get(&format!(
+            "/sandboxes/{id}/metrics?start={}&end={}",
+            t0 - 5,
+            t0 + 3600
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let series = r.json.as_array().unwrap();
+    assert!(series.len() >= 5, "{series:?}");
+    let times: Vec<&str> = series
+        .iter()
+        .map(|m| m["timestamp"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {times:?}"
+    );
+    assert_eq!(series[0]["cpuCount"], 2);
+    // After the kill the history stays readable; nothing new is added.
+    assert_eq!(api.delete(&format!("/sandboxes/{id}")).await.status, 204);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = api.get(&format!("/sandboxes/{id}/metrics")).await;
+    assert_eq!(after.status, 200);
+    let n = after.json.as_array().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = api.get(&format!("/sandboxes/{id}/metrics")).await;
+    assert_eq!(again.json.as_array().unwrap().len(), n);
     s.stop().await;
 }

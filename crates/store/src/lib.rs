@@ -15,6 +15,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod metering;
+mod metrics_history;
 mod migrations;
 mod sandboxes;
 mod snapshots;
@@ -38,6 +39,7 @@ pub use limits::{DEFAULT_WARN_AT_PERCENT, OnCap, SpendNotice, TeamLimits};
 pub use metering::{
     NetSample, Quantities, StorageSample, UsageEvent, UsageGroup, UsageKind, UsageRow,
 };
+pub use metrics_history::MetricSample;
 pub use sandboxes::{
     ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
 };

@@ -266,6 +266,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (team_id, month, percent)
     );
     "#,
+    // 9: per-sandbox resource samples (`metrics_history.rs`): `res` 0 is a raw sample (every few
+    // seconds, kept an hour), 1 a minute's average (kept a day).
+    r#"
+    CREATE TABLE sandbox_metrics (
+        sandbox_id    TEXT NOT NULL,
+        res           INTEGER NOT NULL,
+        at            INTEGER NOT NULL,
+        cpu_count     INTEGER NOT NULL,
+        cpu_used_pct  REAL NOT NULL,
+        mem_used      INTEGER NOT NULL,
+        mem_total     INTEGER NOT NULL,
+        mem_cache     INTEGER NOT NULL,
+        disk_used     INTEGER NOT NULL,
+        disk_total    INTEGER NOT NULL,
+        PRIMARY KEY (sandbox_id, res, at)
+    ) WITHOUT ROWID;
+    CREATE INDEX sandbox_metrics_by_age ON sandbox_metrics(res, at);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

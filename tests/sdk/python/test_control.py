@@ -101,6 +101,25 @@ def test_get_metrics(sandbox):
     assert m.mem_total > 0
 
 
+def test_get_metrics_returns_the_history_in_a_window(sandbox):
+    import datetime
+
+    # The server samples every running sandbox every few seconds (--metrics-interval, 5 s).
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+    deadline = time.time() + 60
+    series = []
+    while len(series) < 3 and time.time() < deadline:
+        time.sleep(2)
+        series = sandbox.get_metrics(start=start, end=datetime.datetime.now(datetime.timezone.utc))
+    assert len(series) >= 3, f"{len(series)} samples within 60 s"
+    stamps = [m.timestamp for m in series]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(m.timestamp >= start - datetime.timedelta(seconds=1) for m in series)
+    # A window before the sandbox existed holds nothing.
+    old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    assert sandbox.get_metrics(start=old, end=old + datetime.timedelta(minutes=1)) == []
+
+
 def test_connect_returns_a_usable_handle(sandbox):
     again = Sandbox.connect(sandbox.sandbox_id)
     assert again.sandbox_id == sandbox.sandbox_id

@@ -10,34 +10,33 @@ use crate::service::LogQuery;
 
 #[utoipa::path(get, path = "/sandboxes/{sandboxID}/metrics", tag = "sandboxes",
     params(("sandboxID" = String, Path),
-        ("start" = Option<i64>, Query, description = "Not applied: the latest sample is returned, and the x-alcove-note header says so"),
-        ("end" = Option<i64>, Query, description = "Not applied (as start)")),
+        ("start" = Option<i64>, Query, description = "Unix seconds; default: when the sandbox started"),
+        ("end" = Option<i64>, Query, description = "Unix seconds; default: now")),
     responses(
-        (status = 200, description = "The latest resource sample (empty before the first)", body = [SandboxMetric]),
-        (status = 404, description = "No such live sandbox", body = ErrorBody)),
+        (status = 200, description = "The sandbox's samples in the window, oldest first: every few seconds for the last hour, minute averages for the day before", body = [SandboxMetric]),
+        (status = 400, description = "start or end is not an integer, or end is before start", body = ErrorBody),
+        (status = 404, description = "No such sandbox of this team", body = ErrorBody)),
     security(("ApiKeyAuth" = [])))]
 pub async fn metrics(
     State(svc): State<AppState>,
     Team(team): Team,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
-    let samples = svc.metrics(&team, &id).await?;
-    let ranged = query_pairs(raw.as_deref())
-        .iter()
-        .any(|(k, _)| k == "start" || k == "end");
-    let mut resp = Json(samples).into_response();
-    if ranged {
-        // The body stays the list the SDKs parse; the header says why it holds one sample.
-        resp.headers_mut().insert(
-            "x-alcove-note",
-            axum::http::HeaderValue::from_static(
-                "start and end are not applied: this server keeps only the latest sample per sandbox (no metrics history yet)",
-            ),
-        );
-    }
-    Ok(resp)
+) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
+    let pairs = query_pairs(raw.as_deref());
+    let secs = |name: &str| -> Result<Option<i64>, ApiError> {
+        match pairs.iter().find(|(k, _)| k == name) {
+            None => Ok(None),
+            Some((_, v)) => v
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| ApiError::InvalidQuery {
+                    detail: format!("{name}={v:?} must be a Unix time in seconds"),
+                }),
+        }
+    };
+    let (start, end) = (secs("start")?, secs("end")?);
+    Ok(Json(svc.metrics(&team, &id, start, end).await?))
 }
 
 #[utoipa::path(get, path = "/sandboxes/metrics", tag = "sandboxes",

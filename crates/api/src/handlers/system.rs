@@ -25,11 +25,12 @@ pub async fn health() -> &'static str {
     security(("ApiKeyAuth" = [])))]
 pub async fn prometheus(State(svc): State<AppState>, _admin: Admin) -> impl IntoResponse {
     let running = svc.active_sandboxes().await as u64;
-    let body = METRICS.render(&[(
+    let mut body = METRICS.render(&[(
         "alcove_sandboxes_running",
         "Sandboxes in state running.",
         running,
     )]);
+    body.push_str(&svc.team_metrics_text().await);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

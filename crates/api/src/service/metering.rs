@@ -672,6 +672,143 @@ impl Service {
     }
 }
 
+/// Teams shown one by one in `/metrics`; the rest are summed under `team="other"`, so the
+/// label's cardinality stays bounded whatever the number of teams.
+pub const MAX_TEAM_SERIES: usize = 100;
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Service {
+    /// Per-team gauges for `/metrics`: sandboxes running and paused, this month's usage and
+    /// cost, and whether the team is at its spend cap. Teams past [`MAX_TEAM_SERIES`] (by
+    /// this month's cost) are summed as `other`.
+    pub async fn team_metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let now = now_ms();
+        let (_, month_start) = month_of(now);
+        let got = self
+            .db(move |s| {
+                let teams = s.teams()?;
+                let usage = s.usage(None, month_start, now + 1, UsageGroup::Team)?;
+                let live = s.live_sandboxes()?;
+                Ok((teams, usage, live))
+            })
+            .await;
+        let Ok((teams, usage, live)) = got else {
+            return String::new();
+        };
+        let prices = self.metering.prices;
+        struct Row {
+            running: u64,
+            paused: u64,
+            q: Quantities,
+            cost: f64,
+            capped: u64,
+        }
+        let capped = self.standing.lock().expect("standing lock").clone();
+        let mut rows: Vec<(String, Row)> = teams
+            .iter()
+            .map(|t| {
+                let q = usage
+                    .iter()
+                    .find(|u| u.key == t.id)
+                    .map(|u| u.quantities)
+                    .unwrap_or_default();
+                let count = |st: StoreState| {
+                    live.iter()
+                        .filter(|r| r.team_id == t.id && r.state == st)
+                        .count() as u64
+                };
+                (
+                    t.name.clone(),
+                    Row {
+                        running: count(StoreState::Running) + count(StoreState::Creating),
+                        paused: count(StoreState::Paused),
+                        cost: prices.cost(&q),
+                        q,
+                        capped: u64::from(capped.get(&t.id).is_some_and(Standing::capped)),
+                    },
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| b.1.cost.total_cmp(&a.1.cost).then(a.0.cmp(&b.0)));
+        if rows.len() > MAX_TEAM_SERIES {
+            let rest = rows.split_off(MAX_TEAM_SERIES - 1);
+            let mut other = Row {
+                running: 0,
+                paused: 0,
+                q: Quantities::default(),
+                cost: 0.0,
+                capped: 0,
+            };
+            for (_, r) in rest {
+                other.running += r.running;
+                other.paused += r.paused;
+                other.q.add(&r.q);
+                other.cost += r.cost;
+                other.capped += r.capped;
+            }
+            rows.push(("other".into(), other));
+        }
+        type Gauge<'a> = (&'a str, &'a str, &'a dyn Fn(&Row) -> f64);
+        let families: [Gauge<'_>; 8] = [
+            (
+                "alcove_team_sandboxes_running",
+                "Sandboxes creating or running, per team.",
+                &|r| r.running as f64,
+            ),
+            (
+                "alcove_team_sandboxes_paused",
+                "Paused sandboxes, per team.",
+                &|r| r.paused as f64,
+            ),
+            (
+                "alcove_team_month_vcpu_seconds",
+                "Allocated vCPU-seconds this month (UTC), per team.",
+                &|r| r.q.vcpu_seconds,
+            ),
+            (
+                "alcove_team_month_memory_gib_seconds",
+                "Allocated memory GiB-seconds this month, per team.",
+                &|r| r.q.memory_gib_seconds,
+            ),
+            (
+                "alcove_team_month_storage_gib_hours",
+                "Storage GiB-hours this month, per team.",
+                &|r| r.q.storage_gib_hours,
+            ),
+            (
+                "alcove_team_month_egress_bytes",
+                "Bytes sent out through the egress proxy this month, per team.",
+                &|r| r.q.egress_bytes as f64,
+            ),
+            (
+                "alcove_team_month_cost_usd",
+                "Cost this month at the server's prices, per team.",
+                &|r| r.cost,
+            ),
+            (
+                "alcove_team_spend_capped",
+                "1 when the team is at its monthly spend cap (teams summed under other: how many).",
+                &|r| r.capped as f64,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (team, r) in &rows {
+                let _ = writeln!(out, "{name}{{team=\"{}\"}} {}", label(team), value(r));
+            }
+        }
+        out
+    }
+}
+
 /// `hex(HMAC-SHA256(secret, "<timestamp>.<body>"))`: what `X-Alcove-Signature` carries after
 /// `sha256=`. A receiver recomputes it and also refuses old timestamps (replays).
 pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {

@@ -66,14 +66,106 @@ impl Service {
         }
     }
 
-    /// `GET /sandboxes/{id}/metrics`: the latest sample (a series of one, or none yet).
+    /// `GET /sandboxes/{id}/metrics?start&end` (Unix seconds; default: since the sandbox
+    /// started, until now): the stored series (`alcove_store::MetricSample`: raw samples for
+    /// an hour, minute averages for a day). A running sandbox whose newest stored sample is
+    /// older than the sampling interval gets a fresh one (stored too) when the window reaches
+    /// now, so a series is never empty for a running sandbox.
     pub async fn metrics(
         &self,
         team_id: &str,
         id: &str,
+        start: Option<i64>,
+        end: Option<i64>,
     ) -> Result<Vec<models::SandboxMetric>, ApiError> {
-        let r = self.live_record(team_id, id).await?;
-        Ok(self.sample(&r.id).await?.into_iter().collect())
+        let r = self.any_record(team_id, id).await?;
+        let now = alcove_store::now_ms();
+        let start_ms = start.map_or(r.started_at, |s| s.saturating_mul(1000));
+        // `end` in whole seconds covers that whole second.
+        let end_ms = end.map_or(now, |e| e.saturating_mul(1000).saturating_add(999));
+        if end_ms < start_ms {
+            return Err(ApiError::InvalidQuery {
+                detail: "end is before start".into(),
+            });
+        }
+        if r.state == StoreState::Running && end_ms >= now - 1000 {
+            let id2 = r.id.clone();
+            let latest = self.db(move |s| s.latest_metric_at(&id2)).await?;
+            let every = self.metering.sample_interval.as_millis() as i64;
+            if latest.is_none_or(|at| now - at >= every.max(1000))
+                && let Some(m) = self.sample(&r.id).await?
+            {
+                self.store_samples(vec![(r.id.clone(), m)]).await;
+            }
+        }
+        let id2 = r.id.clone();
+        let series = self
+            .db(move |s| s.metric_series(&id2, start_ms, end_ms, MAX_SERIES))
+            .await?;
+        Ok(series.into_iter().map(sample_view).collect())
+    }
+
+    /// One sampling pass: every running sandbox's metrics, a few at a time, each under its
+    /// deadline, stored as raw samples; then old samples are compacted.
+    pub async fn sample_metrics(&self) {
+        use futures::StreamExt;
+        let ids: Vec<String> = match self.db(|s| s.live_sandboxes()).await {
+            Ok(r) => r
+                .into_iter()
+                .filter(|r| r.state == StoreState::Running)
+                .map(|r| r.id)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), "metrics: listing sandboxes");
+                return;
+            }
+        };
+        let got: Vec<(String, models::SandboxMetric)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                match self.sample(&id).await {
+                    Ok(Some(m)) => Some((id, m)),
+                    _ => None,
+                }
+            })
+            .buffer_unordered(8)
+            .filter_map(|x| async move { x })
+            .collect()
+            .await;
+        self.store_samples(got).await;
+        let now = alcove_store::now_ms();
+        if let Err(e) = self
+            .db(move |s| s.compact_metrics(now, 3_600_000, 86_400_000))
+            .await
+        {
+            tracing::error!(error = %crate::error::chain(&e), "metrics: compacting samples");
+        }
+    }
+
+    async fn store_samples(&self, got: Vec<(String, models::SandboxMetric)>) {
+        if got.is_empty() {
+            return;
+        }
+        let rows: Vec<(String, alcove_store::MetricSample)> = got
+            .into_iter()
+            .map(|(id, m)| {
+                (
+                    id,
+                    alcove_store::MetricSample {
+                        at: m.timestamp_ms,
+                        cpu_count: m.cpu_count,
+                        cpu_used_pct: m.cpu_used_pct,
+                        mem_used: m.mem_used,
+                        mem_total: m.mem_total,
+                        mem_cache: m.mem_cache,
+                        disk_used: m.disk_used,
+                        disk_total: m.disk_total,
+                    },
+                )
+            })
+            .collect();
+        if let Err(e) = self.db(move |s| s.insert_metric_samples(&rows)).await {
+            tracing::error!(error = %crate::error::chain(&e), "metrics: storing samples");
+        }
     }
 
     /// `GET /sandboxes/metrics?sandbox_ids=a,b`.
@@ -193,11 +285,30 @@ impl Service {
     }
 }
 
+/// Most samples one series answer holds (an hour raw every 5 s and a day of minutes is 2160).
+const MAX_SERIES: usize = 5000;
+
+fn sample_view(m: alcove_store::MetricSample) -> models::SandboxMetric {
+    models::SandboxMetric {
+        timestamp: rfc3339(m.at),
+        timestamp_unix: m.at / 1000,
+        timestamp_ms: m.at,
+        cpu_count: m.cpu_count,
+        cpu_used_pct: m.cpu_used_pct,
+        mem_used: m.mem_used,
+        mem_total: m.mem_total,
+        mem_cache: m.mem_cache,
+        disk_used: m.disk_used,
+        disk_total: m.disk_total,
+    }
+}
+
 fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
     let ms = system_time_ms(m.timestamp);
     models::SandboxMetric {
         timestamp: rfc3339(ms),
         timestamp_unix: ms / 1000,
+        timestamp_ms: ms,
         cpu_count: m.cpu_count,
         cpu_used_pct: m.cpu_used_pct,
         mem_used: m.mem_used,
