@@ -180,6 +180,10 @@ pub struct ServerOptions {
     /// history (GET /sandboxes/{id}/metrics?start&end); 0s: only when asked for.
     #[arg(long, env = "ALCOVE_METRICS_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub metrics_interval: Duration,
+    /// Audit records (API calls, state changes, processes, files) older than this are deleted
+    /// (`never`: kept).
+    #[arg(long, env = "ALCOVE_AUDIT_RETENTION", value_parser = parse_retention, default_value = "90d")]
+    pub audit_retention: Retention,
     /// TOML file of prices in USD: vcpu_second, memory_gib_second, storage_gib_hour, egress_gib
     /// (default: E2B's public list prices; see docs/metering.md).
     #[arg(long, env = "ALCOVE_PRICES")]
@@ -420,6 +424,7 @@ impl ServerOptions {
             prices,
             webhook,
             sample_interval: self.metrics_interval,
+            audit_retention: self.audit_retention.0,
         })
     }
 

@@ -41,6 +41,8 @@ enum Command {
     Usage(client::UsageArgs),
     /// Team limits and spend caps through a running server's API.
     Teams(client::TeamsArgs),
+    /// The audit log: export it (JSONL, hash-chained) and verify an export.
+    Audit(client::AuditArgs),
     /// Build and list templates on this host.
     Template(WithGlobal<template::TemplateCmd>),
     /// Create, run commands in, pause, list and kill sandboxes on this host, without a server.
@@ -115,6 +117,7 @@ fn main() -> std::process::ExitCode {
         Command::Snapshot(a) => a.client.json,
         Command::Usage(a) => a.client.json,
         Command::Teams(a) => a.client.json,
+        Command::Audit(a) => a.client.json,
         Command::Server(_) | Command::Mcp(_) => false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -164,6 +167,7 @@ fn main() -> std::process::ExitCode {
             Command::Snapshot(a) => client::run_snapshot(a, &mut out).await.map(|()| 0),
             Command::Usage(a) => client::run_usage(a, &mut out).await.map(|()| 0),
             Command::Teams(a) => client::run_teams(a, &mut out).await.map(|()| 0),
+            Command::Audit(a) => client::run_audit(a, &mut out).await,
             Command::Mcp(a) => mcp::run(a).await.map(|()| 0),
         }
     });

@@ -35,6 +35,8 @@ pub struct MeteringConfig {
     /// How often every running sandbox's CPU, memory and disk are sampled into its metrics
     /// history (`--metrics-interval`; zero: never, samples are taken only when asked for).
     pub sample_interval: Duration,
+    /// Audit records older than this are deleted (`--audit-retention`; `None`: kept).
+    pub audit_retention: Option<Duration>,
 }
 
 impl Default for MeteringConfig {
@@ -44,6 +46,7 @@ impl Default for MeteringConfig {
             prices: Prices::default(),
             webhook: None,
             sample_interval: Duration::from_secs(5),
+            audit_retention: Some(Duration::from_secs(90 * 24 * 3600)),
         }
     }
 }

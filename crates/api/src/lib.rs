@@ -26,6 +26,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod server;
 pub mod service;
+mod trace;
 
 pub use backend::{
     BackendError, BackendOp, Body, BoxFuture, BuildFailure, BuildFrom, BuildLog, BuildLogEntry,

@@ -916,3 +916,33 @@ pub struct EffectiveLimits {
     pub max_paused: u64,
     pub max_storage_gib: f64,
 }
+
+/// One audit or run-trace event (`GET /alcove/v1/sandboxes/{id}/events`, `GET /alcove/v1/audit`,
+/// `alcove audit export`): what happened, who did it, to what, and how it ended, chained by
+/// SHA-256 per team (`docs/audit.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEventView {
+    /// Increasing over the whole server: the cursor (`after`).
+    pub seq: i64,
+    pub at: String,
+    /// `at` in milliseconds (what the hash covers).
+    pub at_ms: i64,
+    #[serde(rename = "teamID")]
+    pub team_id: Option<String>,
+    /// An API key id, `system` (the server: reaper, caps, liveness) or `sandbox`.
+    pub actor: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: Option<String>,
+    /// `api`, `state`, `process`, `file` or `egress`.
+    pub kind: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub result: String,
+    #[schema(value_type = Object)]
+    pub detail: Value,
+    /// The hash of the team's previous record (64 zeros for its first).
+    pub prev_hash: String,
+    /// `sha256(prevHash "\n" canonical form)`; see `docs/audit.md`.
+    pub hash: String,
+}

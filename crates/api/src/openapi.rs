@@ -6,7 +6,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::handlers::{
-    extensions, observability, persistence, sandboxes, system, templates, usage,
+    audit, extensions, observability, persistence, sandboxes, system, templates, usage,
 };
 
 #[derive(OpenApi)]
@@ -62,6 +62,8 @@ use crate::handlers::{
         usage::usage_events,
         usage::get_limits,
         usage::put_limits,
+        audit::sandbox_events,
+        audit::audit_export,
         system::health,
         system::prometheus,
         system::openapi,

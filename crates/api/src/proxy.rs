@@ -260,6 +260,12 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
         parts.headers.insert(http::header::HOST, v);
     }
     let req = http::Request::from_parts(parts, body);
+    // Run traces: processes, file operations and transfers on the agent's port.
+    let (req, traced) = if port == ENVD_PORT {
+        crate::trace::observe(svc, &target.team_id, &sandbox_id, req).await?
+    } else {
+        (req, None)
+    };
     tracing::debug!(sandbox_id = %sandbox_id, port, "proxying");
     let op = BackendOp::Forward { port };
     match svc
@@ -289,6 +295,10 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
                 ))
             } else {
                 body
+            };
+            let body = match traced {
+                Some(t) => t.response(parts.status, body),
+                None => body,
             };
             // The permit lives as long as the response body: a stream counts until it ends.
             let body = Body::new(body.map_frame(move |f| {

@@ -176,6 +176,10 @@ impl Server {
         let meter = tokio::spawn(meter(self.svc.clone()));
         let webhook = tokio::spawn(webhook(self.svc.clone()));
         let sampler = tokio::spawn(sampler(self.svc.clone()));
+        let audit_writer = {
+            let svc = self.svc.clone();
+            tokio::spawn(async move { svc.write_audit().await })
+        };
         let app = router_with(self.svc.clone(), self.extra);
         let limits = self.svc.limits().connections.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -246,6 +250,9 @@ impl Server {
         meter.abort();
         webhook.abort();
         sampler.abort();
+        // Events queued by the last requests are written before the server goes.
+        self.svc.flush_audit().await;
+        audit_writer.abort();
         Ok(())
     }
 }
@@ -391,9 +398,15 @@ async fn liveness(svc: Arc<Service>) {
 async fn meter(svc: Arc<Service>) {
     let mut tick = tokio::time::interval(svc.metering().interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
         svc.meter_tick().await;
+        // Audit retention, about hourly.
+        if ticks.is_multiple_of((3600 / svc.metering().interval.as_secs().max(1)).max(1)) {
+            svc.prune_audit().await;
+        }
+        ticks += 1;
     }
 }
 
@@ -446,8 +459,8 @@ pub fn router(svc: Arc<Service>) -> Router {
 /// behind the API key with the REST API's body-size refusal and the create deadline.
 fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     use handlers::{
-        extensions, observability as o, persistence as p, sandboxes as s, system, templates as t,
-        usage,
+        audit, extensions, observability as o, persistence as p, sandboxes as s, system,
+        templates as t, usage,
     };
     let limits = svc.limits().clone();
     let api = Router::new()
@@ -503,6 +516,11 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
         .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
         .route("/alcove/v1/warm-pool", get(extensions::warm_pool))
         .route("/alcove/v1/usage", get(usage::usage))
+        .route("/alcove/v1/audit", get(audit::audit_export))
+        .route(
+            "/alcove/v1/sandboxes/{sandboxID}/events",
+            get(audit::sandbox_events),
+        )
         .route("/alcove/v1/usage/events", get(usage::usage_events))
         .route(
             "/alcove/v1/teams/{team}/limits",
@@ -650,11 +668,45 @@ async fn observe_request(State(svc): State<AppState>, req: Request, next: Next) 
     if let Some(id) = sandbox_id {
         span.record("sandbox_id", tracing::field::display(id));
     }
-    let req = Request::from_parts(parts, body);
+    // REST calls are audited with the key that made them; sandbox traffic is traced by what it
+    // does (processes, files), not request by request.
+    let actor = proxied.is_none().then(handlers::Actor::default);
+    let audit = actor.clone().map(|a| {
+        (
+            a,
+            format!("{} {route}", parts.method),
+            sandbox_id.map(str::to_owned),
+        )
+    });
+    let mut req = Request::from_parts(parts, body);
+    if let Some(a) = actor {
+        req.extensions_mut().insert(a);
+    }
     async move {
         let resp = next.run(req).await;
         let status = resp.status().as_u16();
         let latency_ms = started.elapsed().as_millis() as u64;
+        if let Some((actor, action, target)) = audit {
+            let who = actor.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((team, key_id)) = who {
+                let error_code = resp.extensions().get::<ErrorCause>().map(|e| e.0.parts().1);
+                svc.audit(alcove_store::NewAuditRecord {
+                    at: alcove_store::now_ms(),
+                    team_id: Some(team),
+                    actor: key_id,
+                    sandbox_id: target.clone(),
+                    kind: "api".into(),
+                    action,
+                    target,
+                    result: status.to_string(),
+                    detail: serde_json::json!({
+                        "requestId": request_id,
+                        "latencyMs": latency_ms,
+                        "errorCode": error_code,
+                    }),
+                });
+            }
+        }
         match resp.extensions().get::<ErrorCause>() {
             Some(ErrorCause(e)) if resp.status().is_server_error() => {
                 let error_code = e.parts().1;

@@ -9,6 +9,7 @@
 //! `alcove keys` commands. All methods take `&self`; one connection behind a mutex serialises
 //! writers, which is what SQLite does anyway.
 
+mod audit;
 mod builds;
 mod idempotency;
 mod keys;
@@ -28,6 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
+pub use audit::{AuditQuery, AuditRecord, ChainBreak, GENESIS, NewAuditRecord, verify_chain};
 pub use builds::{
     BuildLogRecord, BuildRecord, BuildStatus, MAX_BUILD_LOG_LINES, NameOwner, RequestedBuild,
     TagRecord,

@@ -284,6 +284,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX sandbox_metrics_by_age ON sandbox_metrics(res, at);
     "#,
+    // 10: the audit log and run traces (`audit.rs`), hash-chained.
+    r#"
+    CREATE TABLE audit_events (
+        seq         INTEGER PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        team_id     TEXT,
+        actor       TEXT NOT NULL,
+        sandbox_id  TEXT,
+        kind        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        target      TEXT,
+        result      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        prev_hash   TEXT NOT NULL,
+        hash        TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_by_sandbox ON audit_events(sandbox_id, seq);
+    CREATE INDEX audit_events_by_team ON audit_events(team_id, seq);
+    CREATE INDEX audit_events_by_time ON audit_events(at);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

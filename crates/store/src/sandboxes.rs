@@ -215,7 +215,29 @@ fn insert_event(
          VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id, at, from.map(|s| s.as_str()), to.as_str(), reason],
     )?;
-    crate::metering::on_state_change(tx, id, from, to, at)
+    crate::metering::on_state_change(tx, id, from, to, at)?;
+    let team: Option<String> = tx
+        .query_row("SELECT team_id FROM sandboxes WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    crate::audit::append(
+        tx,
+        &[crate::NewAuditRecord {
+            at,
+            team_id: team,
+            actor: "system".into(),
+            sandbox_id: Some(id.to_owned()),
+            kind: "state".into(),
+            action: match from {
+                Some(f) => format!("{f} -> {to}"),
+                None => format!("-> {to}"),
+            },
+            target: Some(id.to_owned()),
+            result: "ok".into(),
+            detail: serde_json::json!({ "reason": reason }),
+        }],
+    )
 }
 
 fn current_state(tx: &Transaction<'_>, id: &str) -> Result<SandboxState> {

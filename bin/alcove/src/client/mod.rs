@@ -4,6 +4,7 @@
 //! Output goes to the writer the caller passes (stdout in `main`); `--json` prints the API's JSON
 //! as is, for scripts and agents, and nothing else goes to that writer (logs go to stderr).
 
+mod audit;
 pub mod build;
 mod exec;
 mod sandbox;
@@ -20,6 +21,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
+pub use audit::{AuditArgs, run_audit};
 pub use sandbox::{SandboxArgs, run_sandbox};
 pub use snapshot::{SnapshotArgs, run_snapshot};
 pub use template::{TemplateArgs, run_template};

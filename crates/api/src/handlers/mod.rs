@@ -3,6 +3,7 @@
 //! Each handler extracts (auth, path, query, body), validates, calls one [`Service`] method and
 //! maps the result. Extractor failures become [`ApiError`]s, never axum's plain-text rejections.
 
+pub mod audit;
 pub mod extensions;
 pub mod observability;
 pub mod persistence;
@@ -52,9 +53,20 @@ impl FromRequestParts<AppState> for Team {
             crate::metrics::Metrics::inc(&crate::metrics::METRICS.auth_failures);
             return Err(ApiError::InvalidApiKey);
         }
-        state.authenticate(key).await.map(Team)
+        let auth = state.authenticate(key).await?;
+        if let Some(slot) = parts.extensions.get::<Actor>() {
+            *slot.0.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((auth.team_id.clone(), auth.key_id.clone()));
+        }
+        Ok(Team(auth.team_id))
     }
 }
+
+/// Who a request authenticated as (team, key id): the request middleware puts an empty one in
+/// each REST request and the [`Team`] extractor fills it, so the audit record of the call
+/// names its key.
+#[derive(Clone, Default)]
+pub struct Actor(pub std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>);
 
 /// The admin team (the one the server created on first start, named `admin`), for endpoints
 /// that show host-wide state: `/metrics`, the warm pools. Any other team's key gets 403.

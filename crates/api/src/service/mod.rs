@@ -26,6 +26,7 @@ use crate::error::{ApiError, chain};
 use crate::metrics::{METRICS, Metrics};
 use crate::models::{self, CLIENT_ID};
 
+mod audit;
 mod background;
 mod builds;
 mod metering;
@@ -37,6 +38,7 @@ mod sandboxes;
 mod snapshots;
 mod templates;
 
+pub use audit::{record_of, record_view};
 pub use builds::TemplateFiles;
 pub use metering::{MAX_EVENTS_PAGE, month_start, parse_group, sign as sign_webhook};
 pub use network::network_update;
@@ -71,6 +73,8 @@ pub struct Service {
     metering: crate::config::MeteringConfig,
     /// Capped teams' spend this month, as of the last check: creates read it, never the store.
     standing: std::sync::Mutex<HashMap<String, metering::Standing>>,
+    /// Audit events on their way to the store (`audit.rs`).
+    audit: audit::AuditQueue,
 }
 
 impl Service {
@@ -94,6 +98,7 @@ impl Service {
             build_locks: std::sync::Mutex::new(HashMap::new()),
             metering: crate::config::MeteringConfig::default(),
             standing: std::sync::Mutex::new(HashMap::new()),
+            audit: audit::AuditQueue::new(),
         }
     }
 
@@ -200,11 +205,11 @@ impl Service {
         }
     }
 
-    /// The team a presented API key belongs to.
-    pub async fn authenticate(&self, key: &str) -> Result<String, ApiError> {
+    /// The team (and key id) a presented API key belongs to.
+    pub async fn authenticate(&self, key: &str) -> Result<alcove_store::Authenticated, ApiError> {
         let key = key.to_owned();
         match self.db(move |s| s.authenticate(&key)).await? {
-            Some(a) => Ok(a.team_id),
+            Some(a) => Ok(a),
             None => {
                 Metrics::inc(&METRICS.auth_failures);
                 Err(ApiError::InvalidApiKey)

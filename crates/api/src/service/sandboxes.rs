@@ -67,6 +67,8 @@ pub struct ProxyTarget {
     pub traffic_access_token: Option<String>,
     /// `network.maskRequestHost`: the Host header sent to the sandbox's ports.
     pub mask_request_host: Option<String>,
+    /// Whose sandbox it is (its run-trace events are the team's).
+    pub team_id: String,
 }
 
 impl Service {
@@ -589,6 +591,7 @@ impl Service {
                 envd_access_token: r.envd_access_token,
                 traffic_access_token: r.traffic_access_token,
                 mask_request_host: r.mask_request_host,
+                team_id: r.team_id,
             }))
     }
 }

@@ -441,6 +441,7 @@ impl SandboxBackend for FakeBackend {
                 "authorization": parts.headers.get("authorization")
                     .and_then(|v| v.to_str().ok()),
                 "bodyLen": body.len(),
+                "body": (body.len() <= 4096).then(|| String::from_utf8_lossy(&body).into_owned()),
             });
             Ok(http::Response::builder()
                 .status(200)

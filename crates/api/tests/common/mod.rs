@@ -120,8 +120,13 @@ impl Api {
     ) -> Reply {
         let mut b = http::Request::builder()
             .method(method)
-            .uri(format!("{}{}", self.base, path))
-            .header("content-type", "application/json");
+            .uri(format!("{}{}", self.base, path));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            b = b.header("content-type", "application/json");
+        }
         if let Some(k) = &self.key {
             b = b.header("X-API-KEY", k);
         }
