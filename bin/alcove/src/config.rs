@@ -344,6 +344,15 @@ impl EgressOptions {
     }
 
     pub fn config(&self) -> anyhow::Result<std::sync::Arc<alcove_net::EgressConfig>> {
+        self.config_with_events(None)
+    }
+
+    /// [`EgressOptions::config`], with each connection's record sent to `events` (the
+    /// server's audit log).
+    pub fn config_with_events(
+        &self,
+        events: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
+    ) -> anyhow::Result<std::sync::Arc<alcove_net::EgressConfig>> {
         let trusted = self
             .egress_trusted
             .iter()
@@ -367,6 +376,7 @@ impl EgressOptions {
         c.max_connections = self.net_max_connections.max(1);
         c.bandwidth =
             (self.net_bandwidth_mbit > 0).then(|| self.net_bandwidth_mbit * 1_000_000 / 8);
+        c.events = events;
         Ok(std::sync::Arc::new(c))
     }
 }
@@ -463,8 +473,12 @@ impl ServerOptions {
         }
     }
 
-    /// Opens the node the server runs sandboxes on, with its warm pools set.
-    pub async fn node(&self) -> anyhow::Result<Arc<alcove_node::Node>> {
+    /// Opens the node the server runs sandboxes on, with its warm pools set; egress
+    /// connections are reported to `egress_events`.
+    pub async fn node(
+        &self,
+        egress_events: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
+    ) -> anyhow::Result<Arc<alcove_node::Node>> {
         let data_dir = self.data_dir();
         let g = Global {
             data_dir: data_dir.clone(),
@@ -491,7 +505,7 @@ impl ServerOptions {
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms(),
-            egress: self.egress.config()?,
+            egress: self.egress.config_with_events(egress_events)?,
         })
         .await?;
         let built: Vec<String> = alcove_image::build::list_templates(&g.cache_dir())

@@ -15,8 +15,16 @@ pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::R
     // even where a path is not made by `alcove_node::private` or the store.
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     raise_fd_limit();
-    let node = opts.node().await?;
-    let served = serve(&opts, Arc::new(NodeBackend::new(node.clone())), out).await;
+    // Egress connections go to the audit log (bounded; the API's writer drains it).
+    let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(alcove_api::EGRESS_EVENT_QUEUE);
+    let node = opts.node(Some(egress_tx)).await?;
+    let served = serve(
+        &opts,
+        Arc::new(NodeBackend::new(node.clone())),
+        egress_rx,
+        out,
+    )
+    .await;
     node.drain_warm_pool().await;
     served
 }
@@ -42,6 +50,7 @@ fn raise_fd_limit() {
 async fn serve(
     opts: &ServerOptions,
     backend: Arc<NodeBackend>,
+    egress_events: tokio::sync::mpsc::Receiver<alcove_net::EgressEvent>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     let mut config = opts.api();
@@ -50,7 +59,8 @@ async fn serve(
     let max_body = config.limits.max_body_bytes;
     let server = alcove_api::Server::bind(config, backend)
         .await
-        .context("starting the server")?;
+        .context("starting the server")?
+        .with_egress_events(egress_events);
     let server = mount_mcp(server, max_body);
     writeln!(
         out,

@@ -39,3 +39,4 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use server::{API_KEY_FILE, ServeError, Server, serve};
+pub use service::EGRESS_EVENT_QUEUE;

@@ -56,6 +56,8 @@ pub struct Server {
     first_start_key: Option<String>,
     /// Services the binary mounts beside the API ([`Server::mount_authenticated`]).
     extra: Option<Router<AppState>>,
+    /// The egress proxy's connection records, for the audit log.
+    egress_events: Option<tokio::sync::mpsc::Receiver<alcove_net::EgressEvent>>,
 }
 
 impl Server {
@@ -112,7 +114,18 @@ impl Server {
             local_addr,
             first_start_key,
             extra: None,
+            egress_events: None,
         })
+    }
+
+    /// Records the egress proxy's connections (`alcove_net::EgressConfig::events`) in the
+    /// audit log as they arrive.
+    pub fn with_egress_events(
+        mut self,
+        rx: tokio::sync::mpsc::Receiver<alcove_net::EgressEvent>,
+    ) -> Self {
+        self.egress_events = Some(rx);
+        self
     }
 
     /// Serves `service` at `path` on this listener, behind the API key: a request without a
@@ -167,7 +180,7 @@ impl Server {
     /// gets a 503 and is closed at once), HTTP/1 headers within `header_read_timeout` (which
     /// also closes idle keep-alive connections), HTTP/2 pings and a stream cap.
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -180,6 +193,10 @@ impl Server {
             let svc = self.svc.clone();
             tokio::spawn(async move { svc.write_audit().await })
         };
+        let egress_audit = self.egress_events.take().map(|rx| {
+            let svc = self.svc.clone();
+            tokio::spawn(async move { svc.record_egress(rx).await })
+        });
         let app = router_with(self.svc.clone(), self.extra);
         let limits = self.svc.limits().connections.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -250,6 +267,9 @@ impl Server {
         meter.abort();
         webhook.abort();
         sampler.abort();
+        if let Some(t) = egress_audit {
+            t.abort();
+        }
         // Events queued by the last requests are written before the server goes.
         self.svc.flush_audit().await;
         audit_writer.abort();

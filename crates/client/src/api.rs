@@ -270,6 +270,22 @@ impl ApiClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Reply, ClientError> {
+        let (bytes, headers) = self.raw(method, path, body).await?;
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(ClientError::NotJson)?
+        };
+        Ok(Reply { json, headers })
+    }
+
+    /// A call whose answer is not one JSON document (NDJSON feeds): its bytes and headers.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(Bytes, http::HeaderMap), ClientError> {
         let url = format!("{}{}", self.base, path);
         let req = http::Request::builder()
             .method(method)
@@ -297,12 +313,7 @@ impl ApiClient {
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
-        let json = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(ClientError::NotJson)?
-        };
-        Ok(Reply { json, headers })
+        Ok((bytes, headers))
     }
 }
 

@@ -35,6 +35,48 @@ pub struct EgressConfig {
     pub connect_timeout: Duration,
     /// How long a flow that a domain rule decides may take to send its first bytes (SNI/Host).
     pub sniff_timeout: Duration,
+    /// Where each connection's record goes when it ends or is refused (the audit log).
+    pub events: Option<tokio::sync::mpsc::Sender<EgressEvent>>,
+}
+
+/// One egress connection of a sandbox, for its run trace: where it went, the name it asked
+/// for (TLS SNI or HTTP Host), what the rules said and, if it was allowed, its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressEvent {
+    pub sandbox_id: String,
+    /// When it was opened (ms since the epoch).
+    pub at_ms: i64,
+    pub dst: SocketAddrV4,
+    pub name: Option<String>,
+    pub allowed: bool,
+    /// The rule's verdict in words (`allowed`, or why not).
+    pub verdict: String,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub duration_ms: u64,
+}
+
+fn verdict_words(v: &Verdict) -> String {
+    match v {
+        Verdict::Allow => "allowed".into(),
+        Verdict::Reserved => {
+            "denied: a reserved address (this host, a private or link-local range)".into()
+        }
+        Verdict::Denied => "denied: by denyOut (or internet access off), no allowOut match".into(),
+        Verdict::NameNotAllowed(Some(n)) => {
+            format!("denied: the name {n:?} is not allowed here or was not resolved by the sandbox")
+        }
+        Verdict::NameNotAllowed(None) => {
+            "denied: a domain rule applies but the client sent no name (SNI or Host)".into()
+        }
+    }
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl EgressConfig {
@@ -47,6 +89,7 @@ impl EgressConfig {
             bandwidth: None,
             connect_timeout: Duration::from_secs(10),
             sniff_timeout: Duration::from_secs(5),
+            events: None,
         }
     }
 }
@@ -301,11 +344,23 @@ impl SandboxNet {
         let verdict = decide(&self.cfg.guard, &rules, ip, name.as_deref(), |n| {
             self.bound(ip, n)
         });
+        let opened = (epoch_ms(), Instant::now());
         if verdict != Verdict::Allow {
             self.counters
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
             tracing::info!(sandbox = %self.id, %dst, ?name, ?verdict, "egress refused");
+            self.emit(EgressEvent {
+                sandbox_id: self.id.clone(),
+                at_ms: opened.0,
+                dst,
+                name,
+                allowed: false,
+                verdict: verdict_words(&verdict),
+                bytes_out: 0,
+                bytes_in: 0,
+                duration_ms: 0,
+            });
             return reset(guest);
         }
         let upstream =
@@ -326,10 +381,11 @@ impl SandboxNet {
             key,
             Flow {
                 ip,
-                name,
+                name: name.clone(),
                 cancel: cancel.clone(),
             },
         );
+        let (flow_out, flow_in) = (AtomicU64::new(0), AtomicU64::new(0));
         let (gr, mut gw) = guest.into_split();
         let (ur, mut uw) = upstream.into_split();
         let sent = async {
@@ -338,12 +394,13 @@ impl SandboxNet {
                 self.counters
                     .bytes_out
                     .fetch_add(first.len() as u64, Ordering::Relaxed);
+                flow_out.fetch_add(first.len() as u64, Ordering::Relaxed);
             }
             pump(
                 gr,
                 &mut uw,
                 self.bucket_out.as_ref(),
-                &self.counters.bytes_out,
+                [&self.counters.bytes_out, &flow_out],
             )
             .await
         };
@@ -351,13 +408,37 @@ impl SandboxNet {
             ur,
             &mut gw,
             self.bucket_in.as_ref(),
-            &self.counters.bytes_in,
+            [&self.counters.bytes_in, &flow_in],
         );
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = async { let _ = tokio::join!(sent, received); } => {}
         }
         self.flows.lock().unwrap().remove(&key);
+        self.emit(EgressEvent {
+            sandbox_id: self.id.clone(),
+            at_ms: opened.0,
+            dst,
+            name,
+            allowed: true,
+            verdict: verdict_words(&Verdict::Allow),
+            bytes_out: flow_out.load(Ordering::Relaxed),
+            bytes_in: flow_in.load(Ordering::Relaxed),
+            duration_ms: opened.1.elapsed().as_millis() as u64,
+        });
+    }
+
+    /// Hands a connection's record to the audit sink, never waiting in the flow's path.
+    fn emit(&self, e: EgressEvent) {
+        let Some(tx) = &self.cfg.events else {
+            return;
+        };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(e)) = tx.try_send(e) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(e).await;
+            });
+        }
     }
 
     async fn dns_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
@@ -436,7 +517,7 @@ async fn pump(
     mut r: impl AsyncRead + Unpin,
     w: &mut (impl AsyncWrite + Unpin),
     bucket: Option<&Bucket>,
-    count: &AtomicU64,
+    counts: [&AtomicU64; 2],
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -448,7 +529,9 @@ async fn pump(
             b.take(n).await;
         }
         w.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
+        for c in counts {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 

@@ -16,6 +16,6 @@ pub mod netns;
 pub mod policy;
 pub mod sniff;
 
-pub use egress::{EgressConfig, NetStats, SandboxNet};
+pub use egress::{EgressConfig, EgressEvent, NetStats, SandboxNet};
 pub use netns::{Listeners, Netns};
 pub use policy::{Cidr, Cidr6, Guard, Net, NetworkConfig, RuleError, Rules};

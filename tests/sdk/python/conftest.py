@@ -22,6 +22,27 @@ def pytest_configure(config):
             raise pytest.UsageError(f"{var} is not set; run tests/sdk/run.sh")
 
 
+def audit_events(sandbox_id, until=None, timeout=30):
+    """The sandbox's run trace (GET /alcove/v1/sandboxes/{id}/events); with `until`, polled
+    until `until(events)` holds (events are written by a background task)."""
+    import json
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        req = urllib.request.Request(
+            f"{os.environ['E2B_API_URL']}/alcove/v1/sandboxes/{sandbox_id}/events?limit=10000",
+            headers={"X-API-KEY": os.environ["E2B_API_KEY"]},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            ev = json.loads(r.read())
+        if until is None or until(ev):
+            return ev
+        assert time.time() < deadline, json.dumps(ev, indent=1)
+        time.sleep(0.5)
+
+
 # The test internet's names (tests/sdk/python/test_network.py), served with the rest below.
 TEST_ZONE = {"a.test": "198.51.100.2", "b.test": "198.51.100.3"}
 

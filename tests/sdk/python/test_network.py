@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 from e2b import ALL_TRAFFIC, Sandbox
 
-from conftest import TEMPLATE
+from conftest import TEMPLATE, audit_events
 
 def http_server(ip, tag):
     class H(http.server.BaseHTTPRequestHandler):
@@ -176,6 +176,16 @@ def test_domain_allow_list_binds_names_to_answers_and_updates_live():
             "http:198.51.100.3,8080,b.test",
         )
         assert out == ["198.51.100.2", "ERR", "hello", "a", "tls-seen", "REFUSED", "REFUSED", "REFUSED"]
+        # The run trace has each connection: where it went, the name sent, the verdict, bytes.
+        ev = audit_events(sbx.sandbox_id, lambda ev: sum(e["kind"] == "egress" for e in ev) >= 5)
+        egress = [e for e in ev if e["kind"] == "egress"]
+        ok = next(e for e in egress if e["target"] == "a.test:8080" and e["result"] == "allowed")
+        assert ok["detail"]["address"] == "198.51.100.2:8080"
+        assert ok["detail"]["bytesOut"] > 0 and ok["detail"]["bytesIn"] > 0
+        refused = [e for e in egress if e["result"] == "denied"]
+        assert any(e["target"] == "b.test:8080" and e["detail"]["address"] == "198.51.100.2:8080"
+                   and "not allowed" in e["detail"]["rule"] for e in refused), refused
+        assert any(e["detail"]["address"] == "198.51.100.3:8080" for e in refused), refused
 
         # a live update replaces the rules whole
         sbx.update_network({"deny_out": ["198.51.100.2"]})

@@ -75,10 +75,10 @@ pub async fn run_audit(args: AuditArgs, out: &mut (dyn Write + Send)) -> anyhow:
                 if let Some(t) = &team {
                     q.append_pair("team", t);
                 }
-                let reply = api
-                    .call("GET", &format!("/alcove/v1/audit?{}", q.finish()), None)
+                let (bytes, _) = api
+                    .raw("GET", &format!("/alcove/v1/audit?{}", q.finish()), None)
                     .await?;
-                let text = reply.json.as_str().unwrap_or("").to_owned();
+                let text = String::from_utf8_lossy(&bytes).into_owned();
                 let mut n = 0;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
                     let r: AuditEventView =

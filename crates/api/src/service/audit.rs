@@ -15,6 +15,8 @@ use crate::models::{self, rfc3339};
 /// Events queued and not yet written; past this a request waits for room in a task of its own,
 /// so nothing is dropped and no request blocks on the queue.
 pub(crate) const QUEUE: usize = 65_536;
+/// Egress connection records waiting for the audit writer.
+pub const EGRESS_EVENT_QUEUE: usize = 16_384;
 /// Largest batch one write takes.
 const BATCH: usize = 1024;
 
@@ -101,6 +103,53 @@ impl Service {
             if let Err(e) = self.db(move |s| s.append_audit(&records)).await {
                 tracing::error!(error = %chain(&e), events = n, "audit: writing events");
             }
+        }
+    }
+
+    /// Turns the egress proxy's connection records into audit events of their sandboxes' teams,
+    /// until the sender goes.
+    pub async fn record_egress(&self, mut rx: mpsc::Receiver<alcove_net::EgressEvent>) {
+        let mut teams: std::collections::HashMap<String, Option<String>> =
+            std::collections::HashMap::new();
+        while let Some(e) = rx.recv().await {
+            let team = match teams.get(&e.sandbox_id) {
+                Some(t) => t.clone(),
+                None => {
+                    let id = e.sandbox_id.clone();
+                    let t = self
+                        .db(move |s| s.sandbox(&id))
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| r.team_id);
+                    if teams.len() > 10_000 {
+                        teams.clear();
+                    }
+                    teams.insert(e.sandbox_id.clone(), t.clone());
+                    t
+                }
+            };
+            self.audit(NewAuditRecord {
+                at: e.at_ms,
+                team_id: team,
+                actor: "sandbox".into(),
+                sandbox_id: Some(e.sandbox_id),
+                kind: "egress".into(),
+                action: "connect".into(),
+                target: Some(match &e.name {
+                    Some(n) => format!("{n}:{}", e.dst.port()),
+                    None => e.dst.to_string(),
+                }),
+                result: if e.allowed { "allowed" } else { "denied" }.into(),
+                detail: serde_json::json!({
+                    "address": e.dst.to_string(),
+                    "name": e.name,
+                    "rule": e.verdict,
+                    "bytesOut": e.bytes_out,
+                    "bytesIn": e.bytes_in,
+                    "durationMs": e.duration_ms,
+                }),
+            });
         }
     }
 

@@ -38,7 +38,7 @@ mod sandboxes;
 mod snapshots;
 mod templates;
 
-pub use audit::{record_of, record_view};
+pub use audit::{EGRESS_EVENT_QUEUE, record_of, record_view};
 pub use builds::TemplateFiles;
 pub use metering::{MAX_EVENTS_PAGE, month_start, parse_group, sign as sign_webhook};
 pub use network::network_update;
