@@ -184,6 +184,14 @@ pub struct ServerOptions {
     /// (`never`: kept).
     #[arg(long, env = "ALCOVE_AUDIT_RETENTION", value_parser = parse_retention, default_value = "90d")]
     pub audit_retention: Retention,
+    /// Do not trace sandbox traffic (processes, file operations, transfers) into the audit
+    /// log; API calls, state changes and egress connections are still recorded.
+    #[arg(long)]
+    pub no_run_traces: bool,
+    /// Export spans (API calls, processes, file operations, egress) by OTLP/HTTP protobuf to
+    /// this URL (e.g. http://collector:4318/v1/traces).
+    #[arg(long, env = "ALCOVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// TOML file of prices in USD: vcpu_second, memory_gib_second, storage_gib_hour, egress_gib
     /// (default: E2B's public list prices; see docs/metering.md).
     #[arg(long, env = "ALCOVE_PRICES")]
@@ -435,6 +443,25 @@ impl ServerOptions {
             webhook,
             sample_interval: self.metrics_interval,
             audit_retention: self.audit_retention.0,
+            run_traces: !self.no_run_traces,
+            otlp_endpoint: match &self.otlp_endpoint {
+                None => None,
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                    // A bare collector address gets the standard traces path.
+                    let trimmed = u.trim_end_matches('/');
+                    Some(if trimmed.ends_with("/v1/traces") {
+                        trimmed.to_owned()
+                    } else if trimmed.matches('/').count() <= 2 {
+                        format!("{trimmed}/v1/traces")
+                    } else {
+                        trimmed.to_owned()
+                    })
+                }
+                Some(u) => anyhow::bail!(
+                    "--otlp-endpoint {u:?} must be an http:// or https:// URL (the collector's \
+                     OTLP/HTTP port, usually 4318)"
+                ),
+            },
         })
     }
 

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the E2B-compatible API server (sandboxes on this host, SQLite in the data dir).
-    Server(config::ServerOptions),
+    Server(Box<config::ServerOptions>),
     /// Manage API keys in the server's data dir.
     Keys(keys::KeysArgs),
     /// Talk to a running server over its REST API.
@@ -158,7 +158,7 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(0)
             }
-            Command::Server(c) => server::run(c, &mut out).await.map(|()| 0),
+            Command::Server(c) => server::run(*c, &mut out).await.map(|()| 0),
             Command::Keys(k) => keys::run_keys(k, &mut out).map(|()| 0),
             Command::Client(ClientCmd::Sandbox(a)) => client::run_sandbox(a, &mut out)
                 .await

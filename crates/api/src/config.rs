@@ -37,6 +37,13 @@ pub struct MeteringConfig {
     pub sample_interval: Duration,
     /// Audit records older than this are deleted (`--audit-retention`; `None`: kept).
     pub audit_retention: Option<Duration>,
+    /// Whether sandbox traffic is traced into the audit log: processes, file operations and
+    /// transfers (`--no-run-traces` turns it off; API calls and state changes are recorded
+    /// whatever this is).
+    pub run_traces: bool,
+    /// Where spans go by OTLP/HTTP protobuf (`--otlp-endpoint`, the full `/v1/traces` URL);
+    /// `None`: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for MeteringConfig {
@@ -47,6 +54,8 @@ impl Default for MeteringConfig {
             webhook: None,
             sample_interval: Duration::from_secs(5),
             audit_retention: Some(Duration::from_secs(90 * 24 * 3600)),
+            run_traces: true,
+            otlp_endpoint: None,
         }
     }
 }

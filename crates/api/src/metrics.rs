@@ -28,6 +28,7 @@ pub struct Metrics {
     pub snapshots_created: AtomicU64,
     pub auth_failures: AtomicU64,
     pub quota_refusals: AtomicU64,
+    pub spans_dropped: AtomicU64,
     pub paused_expired: AtomicU64,
     pub proxy_requests: AtomicU64,
     pub proxy_failures: AtomicU64,
@@ -114,7 +115,7 @@ impl Metrics {
                 }
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 17] = [
+        let counters: [(&str, &str, &AtomicU64); 18] = [
             (
                 "alcove_sandboxes_paused_total",
                 "Sandboxes paused (on request or at their end time with autoPause).",
@@ -164,6 +165,11 @@ impl Metrics {
                 "alcove_quota_refusals_total",
                 "Operations refused by a team quota.",
                 &self.quota_refusals,
+            ),
+            (
+                "alcove_otlp_spans_dropped_total",
+                "Spans not exported because the OTLP queue was full.",
+                &self.spans_dropped,
             ),
             (
                 "alcove_paused_expired_total",

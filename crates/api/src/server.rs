@@ -193,6 +193,24 @@ impl Server {
             let svc = self.svc.clone();
             tokio::spawn(async move { svc.write_audit().await })
         };
+        let otlp = {
+            let svc = self.svc.clone();
+            tokio::spawn(async move {
+                if svc.metering().otlp_endpoint.is_none() {
+                    return;
+                }
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                match reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .build()
+                {
+                    Ok(c) => svc.export_spans(&c).await,
+                    Err(e) => {
+                        tracing::error!(error = %chain(&e), "otlp: building the HTTP client; no spans will be exported")
+                    }
+                }
+            })
+        };
         let egress_audit = self.egress_events.take().map(|rx| {
             let svc = self.svc.clone();
             tokio::spawn(async move { svc.record_egress(rx).await })
@@ -270,6 +288,7 @@ impl Server {
         if let Some(t) = egress_audit {
             t.abort();
         }
+        otlp.abort();
         // Events queued by the last requests are written before the server goes.
         self.svc.flush_audit().await;
         audit_writer.abort();
@@ -691,6 +710,12 @@ async fn observe_request(State(svc): State<AppState>, req: Request, next: Next) 
     // REST calls are audited with the key that made them; sandbox traffic is traced by what it
     // does (processes, files), not request by request.
     let actor = proxied.is_none().then(handlers::Actor::default);
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned);
     let audit = actor.clone().map(|a| {
         (
             a,
@@ -723,6 +748,7 @@ async fn observe_request(State(svc): State<AppState>, req: Request, next: Next) 
                         "requestId": request_id,
                         "latencyMs": latency_ms,
                         "errorCode": error_code,
+                        "traceparent": traceparent,
                     }),
                 });
             }

@@ -291,3 +291,104 @@ async fn following_a_sandboxs_events_streams_them_as_they_happen() {
     assert!(text.contains("id: "), "{text}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn spans_reach_an_otlp_receiver_under_the_callers_trace() {
+    use prost::Message;
+    use std::sync::Mutex;
+    // An OTLP/HTTP receiver: every span it is sent.
+    let got: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: bytes::Bytes| {
+            let g = g.clone();
+            async move {
+                let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body)
+                    .expect("an OTLP protobuf body");
+                for rs in req.resource_spans {
+                    for ss in rs.scope_spans {
+                        g.lock().unwrap().extend(ss.spans);
+                    }
+                }
+                http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/v1/traces", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_metered(
+        dir.path(),
+        Arc::new(FakeBackend::new()),
+        fast_limits(),
+        MeteringConfig {
+            otlp_endpoint: Some(endpoint),
+            ..MeteringConfig::default()
+        },
+        |s| s,
+    )
+    .await;
+    let api = s.client();
+    let r = api
+        .post("/v2/sandboxes", json!({"templateID": "base"}))
+        .await;
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    let token = r.json["envdAccessToken"].as_str().unwrap().to_owned();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (api_parent, proc_parent) = ("00f067aa0ba902b7", "1111222233334444");
+    let r = api
+        .send(
+            "GET",
+            &format!("/sandboxes/{id}"),
+            &[("traceparent", &format!("00-{trace}-{api_parent}-01"))],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let mut sbx = s.client();
+    sbx.key = None;
+    let start_req = json!({"process": {"cmd": "/bin/true"}});
+    let r = sbx
+        .send(
+            "POST",
+            "/process.Process/Start",
+            &[
+                ("E2b-Sandbox-Id", &id),
+                ("E2b-Sandbox-Port", "49983"),
+                ("X-Access-Token", &token),
+                ("content-type", "application/connect+json"),
+                ("traceparent", &format!("00-{trace}-{proc_parent}-01")),
+            ],
+            connect_json_envelope(&start_req),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans = got.lock().unwrap().clone();
+        let ours: Vec<_> = spans
+            .iter()
+            .filter(|s| hex::encode(&s.trace_id) == trace)
+            .collect();
+        let api_span = ours
+            .iter()
+            .find(|s| s.name == "api GET /sandboxes/{sandboxID}");
+        let proc_span = ours.iter().find(|s| s.name == "process start");
+        if let (Some(a), Some(p)) = (api_span, proc_span) {
+            assert_eq!(hex::encode(&a.parent_span_id), api_parent);
+            assert_eq!(hex::encode(&p.parent_span_id), proc_parent);
+            assert!(p.attributes.iter().any(|kv| kv.key == "alcove.sandbox_id"));
+            // Spans without a caller's trace have their own.
+            assert!(spans.iter().any(|s| s.name == "api POST /v2/sandboxes"
+                && hex::encode(&s.trace_id) != trace
+                && s.parent_span_id.is_empty()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "spans: {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}

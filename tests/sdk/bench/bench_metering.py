@@ -1,6 +1,7 @@
-"""Command latency with metering ticking every second vs once an hour, in one run.
+"""Command latency on two servers that differ only in their flags (metering tick, run traces),
+in one run.
 
-Two servers (tests/sdk/bench/metering.sh starts them) differ only in `--meter-interval`; one
+Two servers (tests/sdk/bench/metering.sh starts them, A_FLAGS and B_FLAGS); one
 `base` sandbox on each, `true` run through the official SDK on A and B in turn, N times after a
 warm-up. Prints p50/p90 of each and the ratios A/B (JSON on the last line).
 """

@@ -78,6 +78,7 @@ pub fn record_of(v: &models::AuditEventView) -> AuditRecord {
 impl Service {
     /// Queues an audit event. Never blocks: a full queue hands the event to a task that waits.
     pub(crate) fn audit(&self, rec: NewAuditRecord) {
+        self.export_span(&rec);
         match self.audit.tx.try_send(rec) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(rec)) => {

@@ -32,6 +32,7 @@ mod builds;
 mod metering;
 mod network;
 mod observability;
+mod otlp;
 mod persistence;
 mod quota;
 mod sandboxes;
@@ -75,6 +76,8 @@ pub struct Service {
     standing: std::sync::Mutex<HashMap<String, metering::Standing>>,
     /// Audit events on their way to the store (`audit.rs`).
     audit: audit::AuditQueue,
+    /// Spans on their way to the OTLP collector (`otlp.rs`).
+    spans: otlp::SpanQueue,
 }
 
 impl Service {
@@ -99,6 +102,7 @@ impl Service {
             metering: crate::config::MeteringConfig::default(),
             standing: std::sync::Mutex::new(HashMap::new()),
             audit: audit::AuditQueue::new(),
+            spans: otlp::SpanQueue::new(),
         }
     }
 
