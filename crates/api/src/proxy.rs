@@ -262,7 +262,14 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     let req = http::Request::from_parts(parts, body);
     // Run traces: processes, file operations and transfers on the agent's port.
     let (req, traced) = if port == ENVD_PORT && svc.metering().run_traces {
-        crate::trace::observe(svc, &target.team_id, &sandbox_id, req).await?
+        crate::trace::observe(
+            svc,
+            &target.team_id,
+            &sandbox_id,
+            target.capture_output,
+            req,
+        )
+        .await?
     } else {
         (req, None)
     };

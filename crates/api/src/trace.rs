@@ -34,6 +34,11 @@ pub const MAX_START_REQUEST: usize = 1 << 20;
 const MAX_EVENT: usize = 1 << 20;
 /// Longest command line kept in a record's target.
 const MAX_TARGET: usize = 1024;
+/// The metadata key (value `"true"`) by which a sandbox opts in to its processes' output being
+/// kept in their records.
+pub const CAPTURE_OUTPUT_KEY: &str = "alcove.capture-output";
+/// Output kept per stream of one process, when captured.
+const MAX_CAPTURE: usize = 64 << 10;
 
 /// What a traced call records when it ends.
 struct Pending {
@@ -61,6 +66,8 @@ struct ProcessWatch {
     pid: Option<u32>,
     stdout: u64,
     stderr: u64,
+    /// The first [`MAX_CAPTURE`] bytes of each stream, when the sandbox opted in.
+    capture: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Pending {
@@ -92,10 +99,18 @@ impl Pending {
                         Some(process_event::Event::Data(d)) => match d.output {
                             Some(process_event::data_event::Output::Stdout(b))
                             | Some(process_event::data_event::Output::Pty(b)) => {
-                                w.stdout += b.len() as u64
+                                w.stdout += b.len() as u64;
+                                if let Some((out, _)) = w.capture.as_mut() {
+                                    let room = MAX_CAPTURE.saturating_sub(out.len());
+                                    out.extend_from_slice(&b[..room.min(b.len())]);
+                                }
                             }
                             Some(process_event::data_event::Output::Stderr(b)) => {
-                                w.stderr += b.len() as u64
+                                w.stderr += b.len() as u64;
+                                if let Some((_, err)) = w.capture.as_mut() {
+                                    let room = MAX_CAPTURE.saturating_sub(err.len());
+                                    err.extend_from_slice(&b[..room.min(b.len())]);
+                                }
                             }
                             None => {}
                         },
@@ -135,6 +150,10 @@ impl Drop for Pending {
                 detail["pid"] = json!(w.pid);
                 detail["stdoutBytes"] = json!(w.stdout);
                 detail["stderrBytes"] = json!(w.stderr);
+                if let Some((out, err)) = &w.capture {
+                    detail["stdout"] = json!(String::from_utf8_lossy(out));
+                    detail["stderr"] = json!(String::from_utf8_lossy(err));
+                }
                 // No end event: the caller left (a background command, a disconnect); the
                 // process may go on running.
                 self.result.clone().unwrap_or_else(|| "detached".into())
@@ -247,6 +266,7 @@ pub async fn observe(
     svc: &Arc<Service>,
     team_id: &str,
     sandbox_id: &str,
+    capture_output: bool,
     req: http::Request<Body>,
 ) -> Result<(http::Request<Body>, Option<Traced>), ApiError> {
     let path = req.uri().path().to_owned();
@@ -348,6 +368,7 @@ pub async fn observe(
             pid: None,
             stdout: 0,
             stderr: 0,
+            capture: capture_output.then(Default::default),
         });
         let traced = Traced {
             pending: Arc::new(Mutex::new(pending)),

@@ -33,6 +33,7 @@ def test_a_runs_commands_files_and_states_are_traced_in_order_and_the_export_ver
     assert hello["detail"]["stdoutBytes"] == 6
     assert hello["detail"]["user"] == "user"
     assert hello["detail"]["pid"] > 0
+    assert "stdout" not in hello["detail"], "output is kept only when the sandbox opts in"
     oops = next(p for p in procs if "exit 3" in p["target"])
     assert oops["result"] == "exit 3"
     assert oops["detail"]["stderrBytes"] == 5
@@ -63,3 +64,15 @@ def test_a_runs_commands_files_and_states_are_traced_in_order_and_the_export_ver
     bad = subprocess.run([bin_, "audit", "verify", str(path)], capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "breaks at record" in bad.stdout and "edited" in bad.stdout, bad.stdout
+
+
+def test_a_sandbox_that_opts_in_keeps_its_commands_output_in_the_trace():
+    sbx = Sandbox.create(TEMPLATE, timeout=60, metadata={"alcove.capture-output": "true"})
+    try:
+        sbx.commands.run("echo captured; echo warned >&2")
+    finally:
+        sbx.kill()
+    ev = audit_events(sbx.sandbox_id, lambda ev: any(e["kind"] == "process" for e in ev))
+    p = next(e for e in ev if e["kind"] == "process")
+    assert p["detail"]["stdout"] == "captured\n"
+    assert p["detail"]["stderr"] == "warned\n"

@@ -69,6 +69,9 @@ pub struct ProxyTarget {
     pub mask_request_host: Option<String>,
     /// Whose sandbox it is (its run-trace events are the team's).
     pub team_id: String,
+    /// The sandbox opted in (metadata `alcove.capture-output: "true"`) to its processes'
+    /// output being kept in their run-trace records (the first 64 KiB of each stream).
+    pub capture_output: bool,
 }
 
 impl Service {
@@ -591,6 +594,10 @@ impl Service {
                 envd_access_token: r.envd_access_token,
                 traffic_access_token: r.traffic_access_token,
                 mask_request_host: r.mask_request_host,
+                capture_output: r
+                    .metadata
+                    .get(crate::trace::CAPTURE_OUTPUT_KEY)
+                    .is_some_and(|v| v == "true"),
                 team_id: r.team_id,
             }))
     }
