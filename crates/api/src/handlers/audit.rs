@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
-use super::{AppState, Team, query_pairs};
+use super::{AppState, Team, param};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{AuditEventView, parse_rfc3339};
 use crate::service::Service;
@@ -23,13 +22,6 @@ pub const MAX_EVENTS: usize = 10_000;
 const FOLLOW_FOR: Duration = Duration::from_secs(3600);
 /// How often a followed stream looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
-
-fn param(raw: Option<&str>, name: &str) -> Option<String> {
-    query_pairs(raw)
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-}
 
 fn int_param(raw: Option<&str>, name: &str, default: i64) -> Result<i64, ApiError> {
     match param(raw, name) {
@@ -188,21 +180,5 @@ pub async fn audit_export(
     let records = svc
         .audit_export(&team, who.as_deref(), since, until, after, limit)
         .await?;
-    let next = records.last().map_or(after, |r| r.seq);
-    let mut body = String::new();
-    for r in &records {
-        body.push_str(&serde_json::to_string(r).map_err(ApiError::internal)?);
-        body.push('\n');
-    }
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
-            (
-                header::HeaderName::from_static("x-alcove-next-after"),
-                next.to_string(),
-            ),
-        ],
-        body,
-    )
-        .into_response())
+    super::ndjson(&records, |e| e.seq, after)
 }

@@ -68,6 +68,44 @@ impl FromRequestParts<AppState> for Team {
 #[derive(Clone, Default)]
 pub struct Actor(pub std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>);
 
+/// The value of query parameter `name`, if present (the first).
+pub fn param(raw: Option<&str>, name: &str) -> Option<String> {
+    query_pairs(raw)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// An NDJSON answer (one JSON document per line) of a paged feed, with the last `seq` it holds
+/// in `X-Alcove-Next-After` (`after` again when it is empty) for the next poll.
+pub fn ndjson<T: serde::Serialize>(
+    items: &[T],
+    seq: impl Fn(&T) -> i64,
+    after: i64,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let next = items.last().map_or(after, &seq);
+    let mut body = String::new();
+    for i in items {
+        body.push_str(&serde_json::to_string(i).map_err(ApiError::internal)?);
+        body.push('\n');
+    }
+    Ok((
+        [
+            (
+                http::header::CONTENT_TYPE,
+                "application/x-ndjson".to_owned(),
+            ),
+            (
+                http::header::HeaderName::from_static("x-alcove-next-after"),
+                next.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// The admin team (the one the server created on first start, named `admin`), for endpoints
 /// that show host-wide state: `/metrics`, the warm pools. Any other team's key gets 403.
 pub struct Admin;

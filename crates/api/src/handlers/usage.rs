@@ -3,20 +3,12 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use super::{ApiJson, AppState, Team, query_pairs};
+use super::{ApiJson, AppState, Team, param};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{TeamLimitsBody, TeamLimitsView, UsageReport, parse_rfc3339};
 use crate::service::{MAX_EVENTS_PAGE, parse_group};
-
-fn param(raw: Option<&str>, name: &str) -> Option<String> {
-    query_pairs(raw)
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-}
 
 fn time_param(raw: Option<&str>, name: &str, default: i64) -> Result<i64, ApiError> {
     match param(raw, name) {
@@ -108,23 +100,7 @@ pub async fn usage_events(
     let events = svc
         .usage_events(&team, who.as_deref(), after, limit)
         .await?;
-    let next = events.last().map_or(after, |e| e.seq);
-    let mut body = String::new();
-    for e in &events {
-        body.push_str(&serde_json::to_string(e).map_err(ApiError::internal)?);
-        body.push('\n');
-    }
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
-            (
-                header::HeaderName::from_static("x-alcove-next-after"),
-                next.to_string(),
-            ),
-        ],
-        body,
-    )
-        .into_response())
+    super::ndjson(&events, |e| e.seq, after)
 }
 
 /// A team's limits (as set and in force), its spend this month and the warnings reached. A

@@ -304,11 +304,8 @@ fn sample_view(m: alcove_store::MetricSample) -> models::SandboxMetric {
 }
 
 fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
-    let ms = system_time_ms(m.timestamp);
-    models::SandboxMetric {
-        timestamp: rfc3339(ms),
-        timestamp_unix: ms / 1000,
-        timestamp_ms: ms,
+    sample_view(alcove_store::MetricSample {
+        at: system_time_ms(m.timestamp),
         cpu_count: m.cpu_count,
         cpu_used_pct: m.cpu_used_pct,
         mem_used: m.mem_used,
@@ -316,5 +313,5 @@ fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
         mem_cache: m.mem_cache,
         disk_used: m.disk_used,
         disk_total: m.disk_total,
-    }
+    })
 }
