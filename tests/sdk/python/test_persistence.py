@@ -175,6 +175,16 @@ def test_restore_one_snapshot_three_times_then_delete_it_under_live_children():
             assert s.files.read("/home/user/cp.txt") == f"changed by {i}"
         listed = [x.snapshot_id for x in Sandbox.list_snapshots().next_items()]
         assert snap.snapshot_id in listed
+        # Names may carry a tag: list_snapshots matches them tag-qualified or not.
+        tagged = src.create_snapshot(name="cp-snap:v1")
+        try:
+            found = lambda n: [x.snapshot_id for x in Sandbox.list_snapshots(name=n).next_items()]
+            assert found("cp-snap") == [tagged.snapshot_id]
+            assert found("cp-snap:v1") == [tagged.snapshot_id]
+            assert found("cp-snap:v2") == []
+            assert found(tagged.snapshot_id) == [tagged.snapshot_id]
+        finally:
+            Sandbox.delete_snapshot(tagged.snapshot_id)
 
         # Delete the parent snapshot while its children live: they keep working.
         assert Sandbox.delete_snapshot(snap.snapshot_id) is True

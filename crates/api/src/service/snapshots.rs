@@ -121,15 +121,19 @@ impl Service {
         next_token: Option<String>,
     ) -> Result<(Vec<models::SnapshotInfo>, Option<String>), ApiError> {
         let team = team_id.to_owned();
-        let mut all: Vec<SnapshotRecord> = self
-            .db(move |s| s.snapshots_of_team(&team))
-            .await?
+        let (snaps, team_name) = self
+            .db(move |s| {
+                let name = s.team(&team)?.map(|t| t.name).unwrap_or_default();
+                Ok((s.snapshots_of_team(&team)?, name))
+            })
+            .await?;
+        let mut all: Vec<SnapshotRecord> = snaps
             .into_iter()
             .filter(|s| s.deleted_at.is_none() && s.kind == "snapshot")
             .filter(|s| sandbox_id.as_deref().is_none_or(|id| s.sandbox_id == id))
             .filter(|s| {
                 name.as_deref()
-                    .is_none_or(|n| s.id == n || s.name.as_deref() == Some(n))
+                    .is_none_or(|n| name_matches(n, &s.id, s.name.as_deref(), &team_name))
             })
             .collect();
         all.reverse();
@@ -302,6 +306,41 @@ impl Service {
     }
 }
 
+/// Whether `GET /snapshots?name=FILTER` (the SDKs' `list_snapshots(name=...)`) selects a
+/// snapshot: by its id, or by its name, where the filter may be tag-qualified and namespaced as
+/// the SDKs document ("my-snapshot", "my-team/my-snapshot", "my-snapshot:v1"). A filter without
+/// a tag matches every tag of the name; a name stored without one has the tag `default`; a
+/// namespace must be the caller's team (each team sees only its own snapshots anyway).
+pub(crate) fn name_matches(filter: &str, id: &str, name: Option<&str>, team: &str) -> bool {
+    if filter == id {
+        return true;
+    }
+    let Some(name) = name else {
+        return false;
+    };
+    if filter == name {
+        return true;
+    }
+    /// `(namespace, base, tag)` of `[ns/]base[:tag]`.
+    fn split(s: &str) -> (Option<&str>, &str, Option<&str>) {
+        let (ns, rest) = match s.split_once('/') {
+            Some((ns, rest)) => (Some(ns), rest),
+            None => (None, s),
+        };
+        match rest.rsplit_once(':') {
+            Some((base, tag)) => (ns, base, Some(tag)),
+            None => (ns, rest, None),
+        }
+    }
+    let (f_ns, f_base, f_tag) = split(filter);
+    let (n_ns, n_base, n_tag) = split(name);
+    let ns_ok = |ns: Option<&str>| ns.is_none_or(|ns| ns == team);
+    ns_ok(f_ns)
+        && ns_ok(n_ns)
+        && f_base == n_base
+        && f_tag.is_none_or(|t| t == n_tag.unwrap_or("default"))
+}
+
 fn snapshot_info(s: &SnapshotRecord) -> models::SnapshotInfo {
     models::SnapshotInfo {
         snapshot_id: s.id.clone(),
@@ -347,5 +386,30 @@ fn build_tree(snaps: &[SnapshotRecord], live: &[SandboxRecord]) -> models::Snaps
             .get(&None)
             .map(|c| c.iter().map(|s| node(s, &children, live)).collect())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::name_matches;
+
+    #[test]
+    fn names_match_with_tags_and_the_teams_namespace() {
+        let m = |f, n| name_matches(f, "snap_1", n, "research");
+        assert!(m("snap_1", None));
+        assert!(m("my-snapshot", Some("my-snapshot")));
+        assert!(m("my-snapshot", Some("my-snapshot:v1")));
+        assert!(m("my-snapshot:v1", Some("my-snapshot:v1")));
+        assert!(!m("my-snapshot:v2", Some("my-snapshot:v1")));
+        assert!(m("my-snapshot:default", Some("my-snapshot")));
+        assert!(!m("my-snapshot:v1", Some("my-snapshot")));
+        assert!(m("research/my-snapshot", Some("my-snapshot:v1")));
+        assert!(m(
+            "research/my-snapshot:v1",
+            Some("research/my-snapshot:v1")
+        ));
+        assert!(!m("other/my-snapshot", Some("my-snapshot")));
+        assert!(!m("my-snap", Some("my-snapshot")));
+        assert!(!m("my-snapshot", None));
     }
 }
