@@ -350,9 +350,6 @@ pub struct SandboxMetric {
     pub timestamp: String,
     #[serde(rename = "timestampUnix")]
     pub timestamp_unix: i64,
-    /// The sample's time in milliseconds (kept for storage; not sent).
-    #[serde(skip)]
-    pub timestamp_ms: i64,
     #[serde(rename = "cpuCount")]
     pub cpu_count: u32,
     #[serde(rename = "cpuUsedPct")]
@@ -789,13 +786,8 @@ pub struct UsageTotals {
 pub struct UsageItem {
     /// The sandbox id, template, UTC day (`YYYY-MM-DD`) or team id, by `groupBy`.
     pub key: String,
-    pub sandboxes: u64,
-    pub vcpu_seconds: f64,
-    pub memory_gib_seconds: f64,
-    pub storage_gib_hours: f64,
-    pub egress_bytes: u64,
-    pub ingress_bytes: u64,
-    pub cost_usd: f64,
+    #[serde(flatten)]
+    pub totals: UsageTotals,
 }
 
 /// `GET /alcove/v1/usage`.

@@ -251,6 +251,31 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Largest filesystem request the proxy reads to trace it.
+const MAX_FS_REQUEST: usize = 64 << 10;
+
+/// A traced request's whole body, at most `limit` bytes, within 30 s: `what` and what it holds
+/// name it in the refusal.
+async fn read_request(
+    body: Body,
+    limit: usize,
+    what: &str,
+    holds: &str,
+) -> Result<Bytes, ApiError> {
+    Ok(tokio::time::timeout(
+        Duration::from_secs(30),
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::BadRouting {
+        detail: format!("the {what} did not arrive within 30 s"),
+    })?
+    .map_err(|_| ApiError::BadRouting {
+        detail: format!("a {what} is at most {limit} bytes ({holds})"),
+    })?
+    .to_bytes())
+}
+
 /// A protobuf message whose field 1 is a path (every filesystem request but Move's second).
 #[derive(Clone, PartialEq, prost::Message)]
 struct PathOnly {
@@ -294,21 +319,13 @@ pub async fn observe(
             return Ok((req, None));
         };
         let (mut parts, body) = req.into_parts();
-        let bytes = tokio::time::timeout(
-            Duration::from_secs(30),
-            http_body_util::Limited::new(body, MAX_START_REQUEST).collect(),
+        let bytes = read_request(
+            body,
+            MAX_START_REQUEST,
+            "process start request",
+            "command, arguments and env vars together",
         )
-        .await
-        .map_err(|_| ApiError::BadRouting {
-            detail: "the process start request did not arrive within 30 s".into(),
-        })?
-        .map_err(|_| ApiError::BadRouting {
-            detail: format!(
-                "a process start request is at most {MAX_START_REQUEST} bytes (command, \
-                 arguments and env vars together)"
-            ),
-        })?
-        .to_bytes();
+        .await?;
         let mut dec = EnvelopeDecoder::new(MAX_START_REQUEST);
         dec.push(&bytes);
         let Ok(Some(env)) = dec.next_envelope() else {
@@ -389,22 +406,12 @@ pub async fn observe(
         };
         // Filesystem requests are a path or two: small. Read (bounded), then forward.
         let (parts, body) = req.into_parts();
-        let bytes = tokio::time::timeout(
-            Duration::from_secs(30),
-            http_body_util::Limited::new(body, 64 << 10).collect(),
-        )
-        .await
-        .map_err(|_| ApiError::BadRouting {
-            detail: "the filesystem request did not arrive within 30 s".into(),
-        })?
-        .map_err(|_| ApiError::BadRouting {
-            detail: "a filesystem request is at most 64 KiB".into(),
-        })?
-        .to_bytes();
+        let bytes =
+            read_request(body, MAX_FS_REQUEST, "filesystem request", "a path or two").await?;
         let payload = match framing {
             Framing::Unary => bytes.clone(),
             Framing::Streaming => {
-                let mut d = EnvelopeDecoder::new(64 << 10);
+                let mut d = EnvelopeDecoder::new(MAX_FS_REQUEST);
                 d.push(&bytes);
                 d.next_envelope()
                     .ok()

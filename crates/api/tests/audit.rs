@@ -168,11 +168,7 @@ async fn a_sandboxs_run_trace_lists_calls_state_processes_and_files_in_order() {
         "invalid_query",
     );
     // Another team cannot read it.
-    let other = {
-        let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
-        let team = store.create_team("tenant").unwrap();
-        store.create_api_key(&team.id, "k").unwrap().secret
-    };
+    let (_, other) = common::tenant(dir.path(), "tenant");
     let tenant = Api {
         key: Some(other),
         ..s.client()

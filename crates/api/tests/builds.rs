@@ -154,11 +154,7 @@ async fn a_build_uploads_runs_and_its_template_creates_sandboxes_by_name_and_tag
     assert_eq!(r.json[0]["buildID"], bid);
 
     // Another team neither sees nor uses nor rebuilds it.
-    let other = {
-        let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
-        let team = store.create_team("other").unwrap();
-        store.create_api_key(&team.id, "k").unwrap().secret
-    };
+    let (_, other) = common::tenant(dir.path(), "other");
     let api2 = Api {
         key: Some(other),
         ..server.client()

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use alcove_api::{Limits, MeteringConfig, Prices, Webhook};
-use common::{Api, FakeBackend, TestServer, assert_error, fast_limits};
+use common::{Api, FakeBackend, TestServer, assert_error, fast_limits, tenant};
 use serde_json::{Value, json};
 
 fn metering(prices: Prices, webhook: Option<Webhook>) -> MeteringConfig {
@@ -24,15 +24,6 @@ fn metering(prices: Prices, webhook: Option<Webhook>) -> MeteringConfig {
 
 async fn start(dir: &std::path::Path, backend: Arc<FakeBackend>, m: MeteringConfig) -> TestServer {
     TestServer::start_metered(dir, backend, fast_limits(), m, |s| s).await
-}
-
-fn tenant(dir: &std::path::Path, name: &str) -> (String, String) {
-    let store = alcove_store::Store::open(&dir.join(alcove_store::DB_FILE)).unwrap();
-    let team = store.create_team(name).unwrap();
-    (
-        team.id.clone(),
-        store.create_api_key(&team.id, "k").unwrap().secret,
-    )
 }
 
 async fn usage(api: &Api, query: &str) -> Value {

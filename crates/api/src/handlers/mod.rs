@@ -115,11 +115,10 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Team(team) = Team::from_request_parts(parts, state).await?;
-        let teams = state.db(|s| s.teams()).await?;
-        // Team names are unique (a store constraint), so this is the first start's team.
-        match teams.iter().find(|t| t.name == ADMIN_TEAM) {
-            Some(a) if a.id == team => Ok(Admin),
-            _ => Err(ApiError::AdminOnly),
+        if state.is_admin(&team).await? {
+            Ok(Admin)
+        } else {
+            Err(ApiError::AdminOnly)
         }
     }
 }

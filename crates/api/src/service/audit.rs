@@ -201,11 +201,7 @@ impl Service {
         after: i64,
         limit: usize,
     ) -> Result<Vec<models::AuditEventView>, ApiError> {
-        let scope = match team {
-            Some("*") if self.is_admin(caller).await? => None,
-            Some("*") => return Err(ApiError::OtherTeam { team: "*".into() }),
-            t => Some(self.team_for(caller, t).await?.id),
-        };
+        let scope = self.team_scope(caller, team).await?;
         let q = AuditQuery {
             team_id: scope,
             after,

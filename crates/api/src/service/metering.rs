@@ -284,7 +284,22 @@ impl Service {
         }
     }
 
-    /// Whether `team_id` is the admin team (the first start's, named `admin`).
+    /// Which team a `team=` query parameter means for this caller: its own (absent), another
+    /// (admin only, by id or name), or every team (`*`, admin only; `None`).
+    pub(crate) async fn team_scope(
+        &self,
+        caller: &str,
+        team: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        match team {
+            Some("*") if self.is_admin(caller).await? => Ok(None),
+            Some("*") => Err(ApiError::OtherTeam { team: "*".into() }),
+            t => Ok(Some(self.team_for(caller, t).await?.id)),
+        }
+    }
+
+    /// Whether `team_id` is the admin team: the first start's, named `admin` (team names are
+    /// unique, a store constraint).
     pub async fn is_admin(&self, team_id: &str) -> Result<bool, ApiError> {
         let teams = self.db(|s| s.teams()).await?;
         Ok(teams
@@ -301,13 +316,7 @@ impl Service {
         end: i64,
         group: UsageGroup,
     ) -> Result<models::UsageReport, ApiError> {
-        let scope = match team {
-            Some("*") if self.is_admin(caller).await? => None,
-            Some("*") => {
-                return Err(ApiError::OtherTeam { team: "*".into() });
-            }
-            t => Some(self.team_for(caller, t).await?.id),
-        };
+        let scope = self.team_scope(caller, team).await?;
         let s2 = scope.clone();
         let rows = self
             .db(move |s| s.usage(s2.as_deref(), start, end, group))
@@ -323,18 +332,9 @@ impl Service {
         }
         let items = rows
             .into_iter()
-            .map(|r| {
-                let t = totals(r.sandboxes, &r.quantities, &prices);
-                models::UsageItem {
-                    key: r.key,
-                    sandboxes: t.sandboxes,
-                    vcpu_seconds: t.vcpu_seconds,
-                    memory_gib_seconds: t.memory_gib_seconds,
-                    storage_gib_hours: t.storage_gib_hours,
-                    egress_bytes: t.egress_bytes,
-                    ingress_bytes: t.ingress_bytes,
-                    cost_usd: t.cost_usd,
-                }
+            .map(|r| models::UsageItem {
+                totals: totals(r.sandboxes, &r.quantities, &prices),
+                key: r.key,
             })
             .collect();
         Ok(models::UsageReport {
@@ -356,11 +356,7 @@ impl Service {
         after: i64,
         limit: usize,
     ) -> Result<Vec<models::UsageEventView>, ApiError> {
-        let scope = match team {
-            Some("*") if self.is_admin(caller).await? => None,
-            Some("*") => return Err(ApiError::OtherTeam { team: "*".into() }),
-            t => Some(self.team_for(caller, t).await?.id),
-        };
+        let scope = self.team_scope(caller, team).await?;
         let limit = limit.clamp(1, MAX_EVENTS_PAGE);
         let events = self
             .db(move |s| s.usage_events_after(scope.as_deref(), after, limit))

@@ -54,12 +54,12 @@ impl Service {
             .collect())
     }
 
-    async fn sample(&self, id: &str) -> Result<Option<models::SandboxMetric>, ApiError> {
+    async fn sample(&self, id: &str) -> Result<Option<alcove_store::MetricSample>, ApiError> {
         match self
             .call(BackendOp::Metrics, id, self.backend.metrics(id))
             .await
         {
-            Ok(m) => Ok(m.map(metric_view)),
+            Ok(m) => Ok(m.map(usage_sample)),
             Err(e @ BackendError::Timeout) => Err(api_error(BackendOp::Metrics, id, e)),
             // No sample is an answer too: the series is empty.
             Err(_) => Ok(None),
@@ -120,7 +120,7 @@ impl Service {
                 return;
             }
         };
-        let got: Vec<(String, models::SandboxMetric)> = futures::stream::iter(ids)
+        let got: Vec<(String, alcove_store::MetricSample)> = futures::stream::iter(ids)
             .map(|id| async move {
                 match self.sample(&id).await {
                     Ok(Some(m)) => Some((id, m)),
@@ -141,28 +141,10 @@ impl Service {
         }
     }
 
-    async fn store_samples(&self, got: Vec<(String, models::SandboxMetric)>) {
-        if got.is_empty() {
+    async fn store_samples(&self, rows: Vec<(String, alcove_store::MetricSample)>) {
+        if rows.is_empty() {
             return;
         }
-        let rows: Vec<(String, alcove_store::MetricSample)> = got
-            .into_iter()
-            .map(|(id, m)| {
-                (
-                    id,
-                    alcove_store::MetricSample {
-                        at: m.timestamp_ms,
-                        cpu_count: m.cpu_count,
-                        cpu_used_pct: m.cpu_used_pct,
-                        mem_used: m.mem_used,
-                        mem_total: m.mem_total,
-                        mem_cache: m.mem_cache,
-                        disk_used: m.disk_used,
-                        disk_total: m.disk_total,
-                    },
-                )
-            })
-            .collect();
         if let Err(e) = self.db(move |s| s.insert_metric_samples(&rows)).await {
             tracing::error!(error = %crate::error::chain(&e), "metrics: storing samples");
         }
@@ -180,7 +162,7 @@ impl Service {
                 continue;
             };
             if let Some(m) = self.sample(&r.id).await? {
-                out.insert(r.id, m);
+                out.insert(r.id, sample_view(m));
             }
         }
         Ok(models::SandboxesWithMetrics { sandboxes: out })
@@ -292,7 +274,6 @@ fn sample_view(m: alcove_store::MetricSample) -> models::SandboxMetric {
     models::SandboxMetric {
         timestamp: rfc3339(m.at),
         timestamp_unix: m.at / 1000,
-        timestamp_ms: m.at,
         cpu_count: m.cpu_count,
         cpu_used_pct: m.cpu_used_pct,
         mem_used: m.mem_used,
@@ -303,8 +284,9 @@ fn sample_view(m: alcove_store::MetricSample) -> models::SandboxMetric {
     }
 }
 
-fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
-    sample_view(alcove_store::MetricSample {
+/// A backend sample as the metrics history stores it.
+fn usage_sample(m: ResourceUsage) -> alcove_store::MetricSample {
+    alcove_store::MetricSample {
         at: system_time_ms(m.timestamp),
         cpu_count: m.cpu_count,
         cpu_used_pct: m.cpu_used_pct,
@@ -313,5 +295,5 @@ fn metric_view(m: ResourceUsage) -> models::SandboxMetric {
         mem_cache: m.mem_cache,
         disk_used: m.disk_used,
         disk_total: m.disk_total,
-    })
+    }
 }

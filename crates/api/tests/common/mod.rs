@@ -98,6 +98,14 @@ impl TestServer {
     }
 }
 
+/// A new team `name` in the server's database at `dir`, and a key of it: `(team id, key)`.
+pub fn tenant(dir: &Path, name: &str) -> (String, String) {
+    let store = alcove_store::Store::open(&dir.join(alcove_store::DB_FILE)).unwrap();
+    let team = store.create_team(name).unwrap();
+    let key = store.create_api_key(&team.id, "k").unwrap().secret;
+    (team.id, key)
+}
+
 pub struct Api {
     pub base: String,
     pub key: Option<String>,
