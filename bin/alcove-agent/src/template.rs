@@ -1,5 +1,5 @@
 //! Template start: `/etc/alcove/template.json` (`start_cmd`, `ready_cmd`, `envs`, `user`,
-//! `workdir`, `ready_timeout_secs`; all optional) names a long-running command the template
+//! `start_user`, `workdir`, `ready_timeout_secs`; all optional) names a long-running command the template
 //! snapshot should contain already running. The agent starts it at boot, polls `ready_cmd` until
 //! it exits 0 (bounded), and only then announces readiness, so the host snapshots a ready VM.
 
@@ -27,6 +27,9 @@ pub struct TemplateConfig {
     #[serde(default)]
     pub envs: BTreeMap<String, String>,
     pub user: Option<String>,
+    /// Who runs `start_cmd` and `ready_cmd` when not the template's user (the code interpreter's
+    /// kernels run as root, as E2B's do, while commands default to `user`).
+    pub start_user: Option<String>,
     pub workdir: Option<String>,
     pub ready_timeout_secs: Option<u64>,
 }
@@ -57,6 +60,16 @@ pub async fn start_and_wait(state: &Arc<AgentState>, path: &Path, default_timeou
         }
     };
     let _ = state.template_user.set(user.clone());
+    let start_user = match cfg.start_user.as_deref().filter(|u| !u.is_empty()) {
+        None => user.clone(),
+        Some(name) => match state.resolve_user(Some(name)) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "template start_user");
+                return;
+            }
+        },
+    };
     // As E2B's templates: the template's user, workdir and env are the defaults of every process
     // started later (envd calls that name no user or cwd), before /init adds its own variables.
     {
@@ -72,7 +85,7 @@ pub async fn start_and_wait(state: &Arc<AgentState>, path: &Path, default_timeou
         d.env_vars = env;
     }
     if let Some(cmd) = &cfg.start_cmd {
-        match spawn_shell(state, &cfg, &user, cmd, Some(START_TAG.to_owned())) {
+        match spawn_shell(state, &cfg, &start_user, cmd, Some(START_TAG.to_owned())) {
             Ok(pid) => tracing::info!(pid, "template start_cmd running"),
             Err(e) => tracing::error!(error = %e, "template start_cmd failed to start"),
         }
@@ -84,7 +97,7 @@ pub async fn start_and_wait(state: &Arc<AgentState>, path: &Path, default_timeou
         .unwrap_or(default_timeout);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let last = match run_to_end(state, &cfg, &user, ready).await {
+        let last = match run_to_end(state, &cfg, &start_user, ready).await {
             Ok((0, _)) => {
                 tracing::info!("template ready_cmd succeeded");
                 return;

@@ -680,6 +680,7 @@ async fn make_disk(
     let cfg = serde_json::json!({
         "start_cmd": recipe.start_cmd,
         "ready_cmd": recipe.ready_cmd,
+        "start_user": recipe.start_user,
         "envs": recipe.env,
         // No `workdir`: the agent makes it every process's default, and a built-in template's
         // processes start in their user's home (root's in /root).

@@ -34,6 +34,10 @@ pub struct Recipe {
     /// A command the agent starts at boot, before the snapshot (e.g. a server to keep warm).
     #[serde(default)]
     pub start_cmd: Option<String>,
+    /// Who runs `start_cmd` and `ready_cmd` (default: `user`, the template's user). Left out of
+    /// the canonical form when unset, so recipes without it keep their content hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_user: Option<String>,
     /// Polled until it exits 0 before the template is snapshotted.
     #[serde(default)]
     pub ready_cmd: Option<String>,

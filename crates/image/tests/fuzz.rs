@@ -73,7 +73,7 @@ proptest! {
             files.into_iter().filter(|(p, _)| !p.split('/').any(|c| c == "..")).collect();
         let r = Recipe {
             name, vcpus, memory_mib, disk_mib, apt, pip: vec![], npm: vec![], files, env,
-            start_cmd, ready_cmd: None, run,
+            start_cmd, start_user: None, ready_cmd: None, run,
         };
         let text = toml::to_string(&r).unwrap();
         let back = Recipe::parse(&text).unwrap();

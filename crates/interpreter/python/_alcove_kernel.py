@@ -3,14 +3,25 @@
 #  - holds the helpers the server calls (as `__import__('_alcove_kernel')`) to set environment
 #    variables around a cell without touching the user's namespace;
 #  - attaches structured chart data (application/vnd.alcove.chart+json) to matplotlib figures,
-#    in the shape the e2b-code-interpreter SDKs parse as `Result.chart`;
+#    in the shape the e2b-code-interpreter SDKs parse as `Result.chart`, and the columns of
+#    pandas DataFrames (application/vnd.alcove.data+json, `Result.data`);
+#  - shows PIL images (Image.show(), and an image saved to a file) as PNG results;
 #  - imports the heavy data libraries once, so a template snapshot holds them warm.
 # Nothing here may raise: a broken startup file must not break the kernel.
 
 import math as _math
 import os as _os
 
+import re as _re
+
 CHART_MIME = "application/vnd.alcove.chart+json"
+DATA_MIME = "application/vnd.alcove.data+json"
+# The unit in an axis label: "Time (s)" -> "s", "Price [USD]" -> "USD".
+_UNIT = _re.compile(r"[(\[]([^()\[\]]+)[)\]]\s*$")
+# Chart numbers are rounded to this many decimals: a pie's 324 degrees are 324, not 323.99999.
+_DECIMALS = 6
+# DataFrames with more cells than this give no `data` (their text and HTML still come).
+_DATA_CELLS = 1_000_000
 
 _saved = []
 
@@ -53,7 +64,33 @@ def _num(v):
         f = float(v)
     except (TypeError, ValueError):
         return str(v)
-    return f if _math.isfinite(f) else None
+    return round(f, _DECIMALS) if _math.isfinite(f) else None
+
+
+def _unit(label):
+    m = _UNIT.search(label or "")
+    return m.group(1).strip() if m else None
+
+
+def _jsonable(v):
+    """A value JSON can carry: non-finite floats become null, dates ISO text, others str."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if _math.isfinite(v) else None
+    iso = getattr(v, "isoformat", None)
+    if callable(iso):
+        try:
+            return iso()
+        except Exception:
+            pass
+    item = getattr(v, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except Exception:
+            pass
+    return str(v)
 
 
 def _axis_kind(axis):
@@ -102,13 +139,20 @@ def _converter(axis, kind):
     return _num
 
 
-def _axis_fields(ax):
+def _labels_and_units(ax):
     out = {}
+    for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+        label = axis.get_label().get_text() or None
+        out[name + "_label"] = label
+        out[name + "_unit"] = _unit(label)
+    return out
+
+
+def _axis_fields(ax):
+    out = _labels_and_units(ax)
     for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
         kind = _axis_kind(axis)
         conv = _converter(axis, kind)
-        out[name + "_label"] = axis.get_label().get_text() or None
-        out[name + "_unit"] = None
         out[name + "_scale"] = kind
         out[name + "_ticks"] = [conv(t) for t in axis.get_ticklocs()]
         out[name + "_tick_labels"] = [t.get_text() for t in axis.get_ticklabels()]
@@ -121,12 +165,52 @@ def _label(artist):
     return "" if label.startswith("_") else label
 
 
+def _box_chart(ax, title):
+    """Box plots drawn by Axes.bxp (pyplot's and seaborn's boxplot), from the statistics it was
+    given: recorded by the wrapper _patch_bxp installs."""
+    elements = []
+    ticks = {}
+    try:
+        vertical = True
+        for stats, positions, vert in getattr(ax, "_alcove_boxes", []):
+            vertical = vert
+            axis = ax.xaxis if vert else ax.yaxis
+            ticks = dict(zip(axis.get_ticklocs(), [t.get_text() for t in axis.get_ticklabels()]))
+            for i, st in enumerate(stats):
+                pos = positions[i] if positions is not None and i < len(positions) else i + 1
+                label = st.get("label")
+                if label is None:
+                    label = ticks.get(pos, str(pos))
+                elements.append(
+                    {
+                        "label": str(label),
+                        "min": _num(st["whislo"]),
+                        "first_quartile": _num(st["q1"]),
+                        "median": _num(st["med"]),
+                        "third_quartile": _num(st["q3"]),
+                        "max": _num(st["whishi"]),
+                        "outliers": [_num(f) for f in st.get("fliers", [])],
+                    }
+                )
+    except Exception:
+        return None
+    chart = {"type": "box_and_whisker", "title": title, "elements": elements}
+    chart.update(_labels_and_units(ax))
+    if not vertical:
+        # Horizontal boxes: the categories are on the y axis.
+        chart["x_label"], chart["y_label"] = chart["y_label"], chart["x_label"]
+        chart["x_unit"], chart["y_unit"] = chart["y_unit"], chart["x_unit"]
+    return chart
+
+
 def _axes_chart(ax):
     from matplotlib.collections import PathCollection
     from matplotlib.container import BarContainer
     from matplotlib.patches import Wedge
 
     title = ax.get_title() or None
+    if getattr(ax, "_alcove_boxes", None):
+        return _box_chart(ax, title)
     wedges = [p for p in ax.patches if isinstance(p, Wedge)]
     if wedges:
         return {
@@ -135,7 +219,7 @@ def _axes_chart(ax):
             "elements": [
                 {
                     "label": w.get_label(),
-                    "angle": _num(abs(w.theta2 - w.theta1)),
+                    "angle": _num(round(abs(w.theta2 - w.theta1), 4)),
                     "radius": _num(w.r),
                 }
                 for w in wedges
@@ -162,8 +246,8 @@ def _axes_chart(ax):
             "title": title,
             "x_label": axis["x_label"],
             "y_label": axis["y_label"],
-            "x_unit": None,
-            "y_unit": None,
+            "x_unit": axis["x_unit"],
+            "y_unit": axis["y_unit"],
             "elements": elements,
         }
     lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 0]
@@ -186,6 +270,9 @@ def _axes_chart(ax):
             }
             for c in scatters
         ]
+    elif title or ax.patches or ax.collections or ax.images or ax.artists or ax.texts:
+        # Something is drawn that is none of the kinds above: E2B calls it `unknown`.
+        return {"type": "unknown", "title": title, "elements": []}
     else:
         return None
     chart = {"type": kind, "title": title, "elements": elements}
@@ -253,6 +340,110 @@ def _register_chart_formatter():
     ip.events.register("post_execute", ensure)
 
 
+def _frame_data(df):
+    """A DataFrame's columns as lists (E2B's `Result.data`); None for frames over _DATA_CELLS."""
+    try:
+        if df.size > _DATA_CELLS:
+            return None
+        return {
+            str(k): [_jsonable(v) for v in col] for k, col in df.to_dict(orient="list").items()
+        }
+    except Exception:
+        return None
+
+
+def _register_data_formatter():
+    from IPython import get_ipython
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+
+    ip = get_ipython()
+    if ip is None:
+        return
+
+    class DataFormatter(BaseFormatter):
+        format_type = Unicode(DATA_MIME)
+        print_method = ObjectName("_repr_alcove_data_")
+        _return_type = (dict,)
+
+    formatter = DataFormatter(parent=ip.display_formatter)
+    # pandas 3 names its classes' module `pandas`; earlier versions `pandas.core.frame`.
+    for module in ("pandas", "pandas.core.frame"):
+        formatter.for_type_by_name(module, "DataFrame", _frame_data)
+    ip.display_formatter.formatters[DATA_MIME] = formatter
+    if DATA_MIME not in ip.display_formatter.active_types:
+        ip.display_formatter.active_types.append(DATA_MIME)
+
+
+def _patch_bxp():
+    """Records the statistics of every box plot on its axes, for _box_chart."""
+    import matplotlib.axes as maxes
+
+    orig = maxes.Axes.bxp
+    if getattr(orig, "_alcove", False):
+        return
+
+    def bxp(self, bxpstats, positions=None, *args, **kwargs):
+        out = orig(self, bxpstats, positions, *args, **kwargs)
+        try:
+            vertical = (
+                kwargs.get("orientation", "vertical") == "vertical"
+                and kwargs.get("vert", True) is not False
+            )
+            boxes = self.__dict__.setdefault("_alcove_boxes", [])
+            boxes.append(
+                (
+                    [dict(s) for s in bxpstats],
+                    list(positions) if positions is not None else None,
+                    vertical,
+                )
+            )
+        except Exception:
+            pass
+        return out
+
+    bxp._alcove = True
+    bxp.__doc__ = orig.__doc__
+    maxes.Axes.bxp = bxp
+
+
+def _patch_pil():
+    """Image.show() displays the image in the cell's results (there is no screen to open a viewer
+    on), and so does saving one to a file, as E2B's interpreter does; matplotlib's own saves of
+    figures through PIL are left alone."""
+    import sys
+
+    from PIL import Image
+
+    if getattr(Image.Image.show, "_alcove", False):
+        return
+    orig_save = Image.Image.save
+
+    def _display(img):
+        from IPython.display import display
+
+        display(img)
+
+    def show(self, title=None, **options):
+        _display(self)
+
+    def save(self, fp, format=None, **params):
+        out = orig_save(self, fp, format, **params)
+        try:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if isinstance(fp, (str, _os.PathLike)) and not caller.startswith("matplotlib"):
+                _display(self)
+        except Exception:
+            pass
+        return out
+
+    show._alcove = True
+    show.__doc__ = Image.Image.show.__doc__
+    save.__doc__ = orig_save.__doc__
+    Image.Image.show = show
+    Image.Image.save = save
+
+
 def _warm_imports():
     import importlib
 
@@ -277,7 +468,8 @@ def setup():
         _warm_imports()
     except Exception:
         pass
-    try:
-        _register_chart_formatter()
-    except Exception:
-        pass
+    for step in (_register_chart_formatter, _register_data_formatter, _patch_bxp, _patch_pil):
+        try:
+            step()
+        except Exception:
+            pass

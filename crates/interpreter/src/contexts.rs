@@ -125,10 +125,9 @@ impl Contexts {
     fn canonical_language(&self, language: Option<&str>) -> Result<&'static str, ContextError> {
         let (spec, lang) = kernel_for_language(language);
         if spec.is_empty() || !self.env.available().contains(&lang) {
-            return Err(ContextError::Kernel(KernelError::UnknownLanguage {
-                language: language.unwrap_or("python").to_string(),
-                available: self.env.available().join(", "),
-            }));
+            return Err(ContextError::Kernel(
+                self.env.unknown_language(language.unwrap_or("python")),
+            ));
         }
         Ok(lang)
     }

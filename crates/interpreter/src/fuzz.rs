@@ -76,7 +76,7 @@ fn event() -> impl Strategy<Value = Event> {
 proptest! {
     #[test]
     fn every_event_is_one_json_line_with_a_type(ev in event()) {
-        let v = event_json(ev);
+        let v = event_json("python", ev);
         let line = serde_json::to_string(&v).unwrap();
         prop_assert!(!line.contains('\n'), "{line}");
         let back: Value = serde_json::from_str(&line).unwrap();
@@ -89,7 +89,7 @@ proptest! {
         data in prop::collection::btree_map(mime(), json_value(), 0..6),
     ) {
         let n = data.len();
-        let v = event_json(Event::Result { main, data: data.into_iter().collect() });
+        let v = event_json("python", Event::Result { main, data: data.into_iter().collect() });
         let o = v.as_object().unwrap();
         let extra = o.get("extra").and_then(Value::as_object).map_or(0, Map::len);
         // type, is_main_result, one field per known MIME type, the rest in extra

@@ -31,9 +31,13 @@ const ROUTE_BUFFER: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "no kernel for language {language:?} in this sandbox; available languages: {available}"
+        "no kernel for language {language:?} in this sandbox; available languages: {available}{hint}"
     )]
-    UnknownLanguage { language: String, available: String },
+    UnknownLanguage {
+        language: String,
+        available: String,
+        hint: &'static str,
+    },
     #[error("read kernelspec {path}")]
     Kernelspec {
         path: String,
@@ -85,13 +89,19 @@ pub struct KernelEnv {
     pub env: Vec<(String, String)>,
 }
 
+/// Why `code-interpreter-v1` has no Java, and what to do about it.
+const JAVA_HINT: &str = ". Java is not in the code-interpreter-v1 template: its Jupyter kernel \
+(IJava) is only published on GitHub, which template builds do not reach. To use Java, build a \
+template from code-interpreter-v1 that installs a JDK and a Jupyter kernelspec named `java`";
+
 /// The kernelspec name and the canonical language name for what a client asked for.
 pub fn kernel_for_language(language: Option<&str>) -> (&'static str, &'static str) {
     match language.map(|l| l.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("python") | Some("python3") | Some("py") => ("python3", "python"),
         Some("bash") | Some("sh") | Some("shell") => ("bash", "bash"),
-        Some("javascript") | Some("js") | Some("node") => ("javascript", "javascript"),
-        Some("typescript") | Some("ts") => ("typescript", "typescript"),
+        // Deno's Jupyter kernel runs both (a TypeScript cell is type-stripped, not checked).
+        Some("javascript") | Some("js") | Some("node") => ("deno", "javascript"),
+        Some("typescript") | Some("ts") => ("deno", "typescript"),
         Some("r") => ("ir", "r"),
         Some("java") => ("java", "java"),
         Some(_) => ("", ""),
@@ -110,6 +120,16 @@ impl KernelEnv {
             .collect()
     }
 
+    /// The error for a language with no kernel here, naming those there are.
+    pub fn unknown_language(&self, language: &str) -> KernelError {
+        let (spec, _) = kernel_for_language(Some(language));
+        KernelError::UnknownLanguage {
+            language: language.to_string(),
+            available: self.available().join(", "),
+            hint: if spec == "java" { JAVA_HINT } else { "" },
+        }
+    }
+
     fn spec_path(&self, name: &str) -> Option<PathBuf> {
         if name.is_empty() {
             return None;
@@ -123,10 +143,7 @@ impl KernelEnv {
     fn load_spec(&self, language: &str) -> Result<(String, JupyterKernelspec), KernelError> {
         let (name, _) = kernel_for_language(Some(language));
         let Some(path) = self.spec_path(name) else {
-            return Err(KernelError::UnknownLanguage {
-                language: language.to_string(),
-                available: self.available().join(", "),
-            });
+            return Err(self.unknown_language(language));
         };
         let text = std::fs::read_to_string(&path).map_err(|source| KernelError::Kernelspec {
             path: path.display().to_string(),

@@ -262,7 +262,11 @@ async fn execute(
         .execute(guard, &req.code)
         .await
         .map_err(|e| ApiError::Context(e.into()))?;
-    Ok(output::ndjson_response(exec, teardown))
+    Ok(output::ndjson_response(
+        ctx.info.language.clone(),
+        exec,
+        teardown,
+    ))
 }
 
 fn valid_env_name(k: &str) -> bool {

@@ -152,6 +152,7 @@ pub(super) async fn boot_template(
         files: Default::default(),
         env: plan.final_state.env.clone(),
         start_cmd: plan.start_cmd.clone(),
+        start_user: None,
         ready_cmd: spec.ready_cmd.clone(),
         run: Vec::new(),
     };
@@ -455,6 +456,7 @@ pub(super) async fn image_parent(
             files: Default::default(),
             env: st.env.clone(),
             start_cmd: None,
+            start_user: None,
             ready_cmd: None,
             run: Vec::new(),
         };
