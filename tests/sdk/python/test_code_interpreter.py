@@ -1,6 +1,6 @@
 """The official e2b-code-interpreter SDK (unmodified) against the `code-interpreter-v1` template:
-stateful kernels, rich results and charts, errors, streaming, contexts, restart, timeouts and
-the Bash and R kernels. Needs real sandboxes."""
+stateful kernels, rich results and charts, errors, streaming, contexts, restart, timeouts, the
+Bash and R kernels, and JavaScript/TypeScript through Deno's kernel. Needs real sandboxes."""
 
 import base64
 import time
@@ -146,3 +146,147 @@ def test_unknown_language_is_a_clear_error(ci):
     with pytest.raises(SandboxException) as e:
         ci.run_code("1", language="cobol")
     assert "available languages" in str(e.value)
+    assert "javascript, typescript" in str(e.value)
+    # Java has no kernel installable from the registries template builds reach: say so.
+    with pytest.raises(SandboxException) as e:
+        ci.run_code("1 + 1", language="java")
+    assert "IJava" in str(e.value) and "kernelspec named `java`" in str(e.value)
+
+
+def test_javascript_and_typescript(ci):
+    # ES modules and top-level await, state across cells, in the default JS context.
+    ex = ci.run_code(
+        "import { join } from 'node:path';\n"
+        "const parts = await Promise.resolve(['a', 'b']);\n"
+        "console.log('joined', join(...parts));\n"
+        "globalThis.counter = 41;",
+        language="js",
+        timeout=240,
+    )
+    assert ex.error is None, ex.error
+    assert "joined a/b" in "".join(ex.logs.stdout)
+    assert ci.run_code("counter + 1", language="javascript").text == "42"
+    # Strings come back without their quotes, as E2B gives them.
+    assert ci.run_code("process.cwd()", language="js").text == "/home/user"
+    # TypeScript: annotations are accepted; its own context is separate from JavaScript's.
+    ex = ci.run_code(
+        "interface P { x: number }\nconst p: P = { x: 20 };\np.x * 2", language="ts", timeout=240
+    )
+    assert ex.error is None, ex.error
+    assert ex.text == "40"
+    ex = ci.run_code("typeof counter", language="ts")
+    assert ex.text == "undefined"
+    # A context of its own, in another directory, keeps its own state.
+    ctx = ci.create_code_context(language="ts", cwd="/tmp")
+    assert ctx.language == "typescript"
+    ci.run_code("let n: number = 5", context=ctx)
+    assert ci.run_code("n * 3", context=ctx).text == "15"
+    assert ci.run_code("Deno.cwd()", context=ctx).text == "/tmp"
+    # Errors carry the JavaScript error's name and message.
+    ex = ci.run_code("throw new RangeError('too far')", language="js")
+    assert ex.error is not None and ex.error.name == "RangeError"
+    assert ex.error.value == "too far"
+
+
+def test_javascript_env_vars(ci):
+    assert ci.run_code("process.env.FROM_CREATE", language="js").text == "created"
+    ex = ci.run_code("process.env.FOO", envs={"FOO": "bar"}, language="js")
+    assert ex.text == "bar"
+    assert ci.run_code("process.env.FOO || 'default'", language="js").text == "default"
+    ex = ci.run_code("process.env.FROM_CREATE", envs={"FROM_CREATE": "over"}, language="js")
+    assert ex.text == "over"
+    assert ci.run_code("process.env.FROM_CREATE", language="js").text == "created"
+
+
+def test_r_env_vars(ci):
+    ex = ci.run_code("Sys.getenv('FROM_CREATE')", language="r", timeout=240)
+    assert ex.results[0].text.strip() == '[1] "created"'
+    ex = ci.run_code("Sys.getenv('FOO')", envs={"FOO": "bar"}, language="r")
+    assert ex.results[0].text.strip() == '[1] "bar"'
+    ex = ci.run_code("Sys.getenv('FOO', unset = 'default')", language="r")
+    assert ex.results[0].text.strip() == '[1] "default"'
+    ex = ci.run_code("Sys.getenv('FROM_CREATE')", envs={"FROM_CREATE": 'say "hi"'}, language="r")
+    assert ex.results[0].text.strip() == '[1] "say \\"hi\\""'
+    ex = ci.run_code("Sys.getenv('FROM_CREATE')", language="r")
+    assert ex.results[0].text.strip() == '[1] "created"'
+
+
+def test_kernels_run_as_root(ci):
+    # As E2B's: a context may start in /root, and cells run as root.
+    ctx = ci.create_code_context(cwd="/root")
+    ex = ci.run_code("import os; (os.getuid(), os.getcwd())", context=ctx)
+    assert ex.error is None, ex.error
+    assert ex.text == "(0, '/root')"
+    assert ci.run_code("import os; os.getcwd()").text == "/home/user"
+
+
+def test_dataframe_data(ci):
+    ex = ci.run_code(
+        "import pandas as pd, numpy as np\n"
+        "pd.DataFrame({'a': [1, 2, 3], 'b': ['x', 'y', None], 'c': [0.5, np.nan, 2.0],\n"
+        "              't': pd.to_datetime(['2024-01-01', '2024-01-02', '2024-01-03'])})"
+    )
+    main = [r for r in ex.results if r.is_main_result][0]
+    assert main.data == {
+        "a": [1, 2, 3],
+        "b": ["x", "y", None],
+        "c": [0.5, None, 2.0],
+        "t": ["2024-01-01T00:00:00", "2024-01-02T00:00:00", "2024-01-03T00:00:00"],
+    }
+    assert "<table" in main.html
+
+
+def test_pil_images_show_and_save(ci):
+    make = (
+        "import numpy\nfrom PIL import Image\n"
+        "image = Image.fromarray((numpy.random.rand(16, 16, 3) * 255).astype('uint8')).convert('RGBA')\n"
+    )
+    for tail in ("image.show()\nprint('shown')", "image.save('/tmp/saved.png')\nprint('saved')", "image"):
+        ex = ci.run_code(make + tail)
+        assert ex.error is None, ex.error
+        pngs = [r.png for r in ex.results if r.png]
+        assert len(pngs) == 1, tail
+        assert base64.b64decode(pngs[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    # matplotlib saving a figure (through PIL) adds no image of its own.
+    ex = ci.run_code(
+        "import matplotlib.pyplot as plt\nfig = plt.figure(); fig.savefig('/tmp/fig.png'); plt.close(fig)"
+    )
+    assert ex.error is None, ex.error
+    assert [r for r in ex.results if r.png] == []
+
+
+def test_charts_as_e2b_reports_them(ci):
+    ex = ci.run_code("""
+import datetime, numpy as np, matplotlib.pyplot as plt
+dates = [datetime.date(2023, 9, 1) + datetime.timedelta(seconds=i) for i in range(10)]
+plt.figure(); plt.plot(dates, np.sin(np.arange(10)), label='sin')
+plt.xlabel('Time (s)'); plt.ylabel('Amplitude (Hz)'); plt.title('waves'); plt.show()
+
+x = np.linspace(0, 100, 20)
+plt.figure(); plt.plot(x, np.exp(x)); plt.yscale('log'); plt.ylabel('Y-axis (log scale)'); plt.show()
+
+fig, ax = plt.subplots(); ax.pie([90, 10], labels=['No', 'Yes'], startangle=90); ax.set_title('pie'); plt.show()
+
+fig, ax = plt.subplots(); ax.set_title('Exam'); ax.set_xlabel('Class'); ax.set_ylabel('Score')
+ax.boxplot([[85, 90, 78, 92, 88], [95, 89, 76, 91, 84, 87]], tick_labels=['A', 'B']); plt.show()
+
+fig, ax = plt.subplots(); ax.add_artist(plt.Circle((0, 0), 1, fill=False)); plt.title('Circles'); plt.show()
+""")
+    assert ex.error is None, ex.error
+    line, log, pie, box, unknown = [r.chart for r in ex.results if r.png]
+    assert (line.type, line.x_unit, line.y_unit, line.x_scale) == ("line", "s", "Hz", "datetime")
+    assert (log.type, log.y_scale, log.y_unit, log.x_unit) == ("line", "log", "log scale", None)
+    assert [(e.label, e.angle) for e in pie.elements] == [("No", 324), ("Yes", 36)]
+    assert box.type == "box_and_whisker" and box.title == "Exam"
+    assert (box.x_label, box.y_label) == ("Class", "Score")
+    assert [(b.label, b.min, b.first_quartile, b.median, b.third_quartile, b.max, b.outliers)
+            for b in box.elements] == [("A", 78, 85, 88, 90, 92, []), ("B", 84, 84.75, 88, 90.5, 95, [76])]
+    assert (unknown.type, unknown.title, unknown.elements) == ("unknown", "Circles", [])
+
+
+def test_input_is_a_clear_error(ci):
+    ex = ci.run_code("name = input('your name? ')")
+    assert ex.error is not None
+    assert ex.error.name == "StdinNotImplementedError"
+    assert "input() is not supported" in ex.error.value
+    assert ci.run_code("1 + 1").text == "2"

@@ -34,3 +34,28 @@ test('code interpreter: state, png, errors, stdout, contexts, bash', async () =>
     await sbx.kill()
   }
 })
+
+test('code interpreter: JavaScript and TypeScript cells, contexts and env vars', async () => {
+  const sbx = await Sandbox.create({ timeoutMs: 300_000, envs: { FROM_CREATE: 'created' }, metadata: { suite: 'js-ci' } })
+  try {
+    const first = await sbx.runCode("import { basename } from 'node:path'\nconst v = await Promise.resolve(20)\nconsole.log(basename('/a/b.txt'))\nv * 2", { language: 'js', timeoutMs: 240_000 })
+    assert.equal(first.error, undefined)
+    assert.equal(first.text, '40')
+    assert.match(first.logs.stdout.join(''), /b\.txt/)
+    assert.equal((await sbx.runCode('v + 1', { language: 'javascript' })).text, '21')
+    assert.equal((await sbx.runCode('process.env.FROM_CREATE', { language: 'js' })).text, 'created')
+    assert.equal((await sbx.runCode('process.env.ONCE', { language: 'js', envs: { ONCE: 'yes' } })).text, 'yes')
+    assert.equal((await sbx.runCode("process.env.ONCE ?? 'gone'", { language: 'js' })).text, 'gone')
+
+    const ctx = await sbx.createCodeContext({ language: 'ts', cwd: '/tmp' })
+    assert.equal(ctx.language, 'typescript')
+    await sbx.runCode('const n: number = 7', { context: ctx, timeoutMs: 240_000 })
+    assert.equal((await sbx.runCode('n * 6', { context: ctx })).text, '42')
+    assert.equal((await sbx.runCode('Deno.cwd()', { context: ctx })).text, '/tmp')
+    const err = await sbx.runCode("throw new TypeError('bad')", { context: ctx })
+    assert.equal(err.error?.name, 'TypeError')
+    assert.equal(err.error?.value, 'bad')
+  } finally {
+    await sbx.kill()
+  }
+})
