@@ -177,6 +177,32 @@ def bench_chart(n):
         sbx.kill()
 
 
+def bench_js(n):
+    """The first JavaScript cell of a sandbox (it starts Deno's kernel), then cells on the warm
+    kernel, against the same for Python (whose kernel is warm in the template snapshot)."""
+    from e2b_code_interpreter import Sandbox
+
+    first_js, first_py, warm_js = [], [], []
+    for _ in range(n):
+        sbx = Sandbox.create(timeout=300)
+        try:
+            t0 = time.perf_counter()
+            assert sbx.run_code("1+1").text == "2"
+            first_py.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert sbx.run_code("1+1", language="js", timeout=240).text == "2"
+            first_js.append(time.perf_counter() - t0)
+            for _ in range(5):
+                t0 = time.perf_counter()
+                assert sbx.run_code("[1, 2, 3].length", language="js").text == "3"
+                warm_js.append(time.perf_counter() - t0)
+        finally:
+            sbx.kill()
+    summary("first run_code in a sandbox: python (warm kernel)", first_py)
+    summary("first run_code in a sandbox: javascript (starts Deno's kernel)", first_js)
+    summary("run_code javascript on a started kernel", warm_js)
+
+
 NET_GUEST = r'''
 import json, socket, sys, time
 host, port, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -354,6 +380,7 @@ def main():
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
+         "js": lambda: bench_js(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
 
 
