@@ -4,6 +4,7 @@
 #
 #   tests/sdk/bench.sh                    all modes: create burst code chart
 #   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
+#   tests/sdk/bench.sh sequential -n 40   back-to-back creates from an idle pool
 #   tests/sdk/bench.sh js -n 5            first JavaScript cell (Deno kernel start) vs Python
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)

@@ -187,6 +187,8 @@ impl SandboxBackend for NodeBackend {
                 .map(|p| WarmPool {
                     template_id: p.template,
                     target: p.target,
+                    min: p.min,
+                    max: p.max,
                     ready: p.ready,
                     hits: p.hits,
                     misses: p.misses,

@@ -95,7 +95,8 @@ pub fn parse_retention(s: &str) -> Result<Retention, String> {
     }
 }
 /// The warm pool's sizes per template (see docs/ARCHITECTURE.md, "Warm pool").
-pub const DEFAULT_WARM_POOL: &str = "base=2,code-interpreter-v1=1";
+/// Ranges: each pool grows with recent creates and shrinks back when they stop.
+pub const DEFAULT_WARM_POOL: &str = "base=2..8,code-interpreter-v1=1..4";
 
 /// `$ALCOVE_DATA_DIR` (through clap), else `$XDG_DATA_HOME/alcove`, else `~/.local/share/alcove`.
 pub fn default_data_dir() -> PathBuf {
@@ -206,9 +207,10 @@ pub struct ServerOptions {
     /// `(MemTotal - 1 GiB) / (512 MiB + 64 MiB)`, at least 1).
     #[arg(long, env = "ALCOVE_MAX_VMS")]
     pub max_vms: Option<usize>,
-    /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT`, comma-separated; `""`
-    /// for none). A create takes a warm one instead of restoring a VM while the caller waits;
-    /// each costs an idle VM's memory. See docs/ARCHITECTURE.md, "Warm pool".
+    /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT` for a fixed size,
+    /// `TEMPLATE=MIN..MAX` to follow the last 30 s of creates; comma-separated; `""` for none).
+    /// A create takes a warm one instead of restoring a VM while the caller waits; each costs an
+    /// idle VM's memory. See docs/ARCHITECTURE.md, "Warm pool".
     #[arg(long, env = "ALCOVE_WARM_POOL", default_value = DEFAULT_WARM_POOL)]
     pub warm_pool: String,
     #[command(flatten)]
@@ -539,7 +541,7 @@ impl ServerOptions {
             .into_iter()
             .map(|t| t.name)
             .collect();
-        for (template, size) in pools {
+        for (template, (min, max)) in pools {
             if !built.contains(&template) {
                 tracing::warn!(
                     template,
@@ -547,7 +549,7 @@ impl ServerOptions {
                 );
                 continue;
             }
-            node.set_warm_pool(&template, size);
+            node.set_warm_pool_range(&template, min, max);
         }
         // `fromImage` builds: pulls go through the operator's registry settings; without the
         // agent binary (a broken install) they are refused with the reason.

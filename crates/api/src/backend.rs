@@ -117,6 +117,8 @@ pub type NetCounters = (u64, u64);
 pub struct WarmPool {
     pub template_id: String,
     pub target: usize,
+    pub min: usize,
+    pub max: usize,
     pub ready: usize,
     pub hits: u64,
     pub misses: u64,

@@ -213,8 +213,11 @@ pub struct SnapshotTree {
 pub struct WarmPoolView {
     #[serde(rename = "templateID")]
     pub template_id: String,
-    /// VMs the host keeps ready (`alcove server --warm-pool`).
+    /// VMs the host keeps ready now: between `min` and `max` (`alcove server --warm-pool`), as
+    /// many as the last 30 s of creates call for.
     pub target: usize,
+    pub min: usize,
+    pub max: usize,
     /// VMs ready now.
     pub ready: usize,
     /// Creates served from the pool since the server started.

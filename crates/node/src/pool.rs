@@ -8,8 +8,13 @@
 //! code in a new QEMU process); under KVM it is cheap and the pool still saves the restore.
 //!
 //! Warm VMs run at the lowest CPU weight, and refills start once creates pause (1.5 s without
-//! one, or 5 s short of the target under a steady stream), so refilling does not slow the
+//! one), or while creates keep coming if the host's CPUs have room (at most 70 % busy over the
+//! last quarter second; 5 s short of the target refills anyway), so refilling does not slow the
 //! sandboxes in use, the new ones' first commands above all; a claim restores the weight.
+//!
+//! Each pool's size follows demand between the operator's minimum and maximum: it holds about
+//! five seconds' worth of the creates of the last 30 s, and falls back to the minimum (the
+//! surplus killed) once 30 s pass without a create.
 //!
 //! When a create claims a warm VM, the VM gets the sandbox's identity through `/init` (id,
 //! hostname, env vars, access token, another 64 bytes of entropy, the clock) and its egress
@@ -46,6 +51,15 @@ const MAX_REFILL_WAIT: Duration = Duration::from_secs(5);
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Bound on one warm-up command.
 const WARM_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How far back a pool counts creates to size itself; this long without one, it shrinks back
+/// to its minimum.
+const DEMAND_WINDOW: Duration = Duration::from_secs(30);
+/// Seconds of recent demand a pool keeps ready (3 creates a second: 15 VMs, up to its maximum).
+const DEMAND_HORIZON_SECS: f64 = 5.0;
+/// While creates keep coming, a refill starts only if the host's CPUs were at most this busy
+/// over [`CPU_SAMPLE`] (a burst of creates keeps them busy; a sequential client leaves room).
+const FILL_CPU_BUDGET: f64 = 0.7;
+const CPU_SAMPLE: Duration = Duration::from_millis(250);
 
 /// A restored, warmed VM waiting to become a sandbox.
 pub(crate) struct WarmVm<M> {
@@ -60,8 +74,11 @@ pub(crate) struct WarmVm<M> {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct WarmPoolStatus {
     pub template: String,
-    /// VMs the pool keeps ready.
+    /// VMs the pool keeps ready now, between `min` and `max` as demand goes.
     pub target: usize,
+    /// The operator's floor and ceiling of `target`.
+    pub min: usize,
+    pub max: usize,
     /// VMs ready now.
     pub ready: usize,
     /// Creates served from the pool since this process started.
@@ -75,6 +92,10 @@ pub struct WarmPoolStatus {
 
 struct Entry<M> {
     target: usize,
+    min: usize,
+    max: usize,
+    /// Creates of this template (hits and misses) within the last [`DEMAND_WINDOW`].
+    takes: VecDeque<Instant>,
     ready: VecDeque<WarmVm<M>>,
     hits: u64,
     misses: u64,
@@ -84,10 +105,35 @@ struct Entry<M> {
     short_since: Option<Instant>,
 }
 
+impl<M> Entry<M> {
+    /// The target for the demand seen up to `now`: the creates of the last [`DEMAND_WINDOW`]
+    /// as a rate (over at least a second), times [`DEMAND_HORIZON_SECS`], within `min..=max`.
+    fn sized(&mut self, now: Instant) -> usize {
+        while self
+            .takes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DEMAND_WINDOW)
+        {
+            self.takes.pop_front();
+        }
+        let want = match self.takes.front() {
+            None => 0,
+            Some(first) => {
+                let span = now.duration_since(*first).as_secs_f64().max(1.0);
+                (self.takes.len() as f64 / span * DEMAND_HORIZON_SECS).ceil() as usize
+            }
+        };
+        want.clamp(self.min, self.max.max(self.min))
+    }
+}
+
 impl<M> Default for Entry<M> {
     fn default() -> Self {
         Entry {
             target: 0,
+            min: 0,
+            max: 0,
+            takes: VecDeque::new(),
             ready: VecDeque::new(),
             hits: 0,
             misses: 0,
@@ -144,11 +190,16 @@ impl<M: Vm> Pool<M> {
     #[allow(clippy::type_complexity)]
     pub(crate) fn take(&self, template: &str, key: &str) -> (Option<WarmVm<M>>, Vec<WarmVm<M>>) {
         let mut stale = Vec::new();
-        *self.last_take.lock().expect("last take lock") = Some(Instant::now());
+        let now = Instant::now();
+        *self.last_take.lock().expect("last take lock") = Some(now);
         let mut pools = self.lock();
         let Some(e) = pools.get_mut(template) else {
             return (None, stale);
         };
+        e.takes.push_back(now);
+        if e.takes.len() > 10_000 {
+            e.takes.pop_front();
+        }
         while let Some(w) = e.ready.pop_front() {
             if w.template_key == key && w.vm.exit_reason().is_none() && !w.agent.is_closed() {
                 e.hits += 1;
@@ -171,12 +222,20 @@ impl<V: Vmm> Node<V> {
     /// Keeps `size` warm VMs of `template` ready (0 empties its pool). Filling happens in the
     /// background, one VM at a time; creates of that template take from the pool when it has one.
     pub fn set_warm_pool(self: &Arc<Self>, template: &str, size: usize) {
+        self.set_warm_pool_range(template, size, size);
+    }
+
+    /// Keeps between `min` and `max` warm VMs of `template` ready, as many as recent creates
+    /// call for (see the module's documentation).
+    pub fn set_warm_pool_range(self: &Arc<Self>, template: &str, min: usize, max: usize) {
         let surplus: Vec<WarmVm<V::Vm>> = {
             let mut pools = self.pool.lock();
             let e = pools.entry(template.to_string()).or_default();
-            e.target = size;
+            e.min = min;
+            e.max = max.max(min);
+            e.target = e.sized(Instant::now());
             e.retry_at = None;
-            let keep = e.ready.len().min(size);
+            let keep = e.ready.len().min(e.target);
             e.ready.drain(keep..).collect()
         };
         discard(surplus);
@@ -197,6 +256,8 @@ impl<V: Vmm> Node<V> {
             .map(|(t, e)| WarmPoolStatus {
                 template: t.clone(),
                 target: e.target,
+                min: e.min,
+                max: e.max,
                 ready: e.ready.len(),
                 hits: e.hits,
                 misses: e.misses,
@@ -227,7 +288,7 @@ impl<V: Vmm> Node<V> {
             pools
                 .values_mut()
                 .flat_map(|e| {
-                    e.target = 0;
+                    (e.target, e.min, e.max) = (0, 0, 0);
                     e.ready.drain(..).collect::<Vec<_>>()
                 })
                 .collect()
@@ -320,13 +381,25 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
             let Some(node) = node.upgrade() else { return };
             let now = Instant::now();
             let mut pools = node.pool.lock();
-            for e in pools.values_mut() {
+            let mut surplus = Vec::new();
+            for (t, e) in pools.iter_mut() {
+                let target = e.sized(now);
+                if target != e.target {
+                    tracing::info!(template = %t, from = e.target, to = target, "warm pool resized for demand");
+                    e.target = target;
+                }
+                while e.ready.len() > e.target {
+                    surplus.extend(e.ready.pop_back());
+                }
                 if e.ready.len() >= e.target {
                     e.short_since = None;
                 } else if e.short_since.is_none() {
                     e.short_since = Some(now);
                 }
             }
+            drop(pools);
+            discard(surplus);
+            let pools = node.pool.lock();
             let last_take = *node.pool.last_take.lock().expect("last take lock");
             pools
                 .iter()
@@ -334,16 +407,20 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
                 .map(|(t, e)| (t.clone(), e.short_since.unwrap_or(now), last_take))
         };
         let Some((template, short_since, last_take)) = wanted else {
-            // Woken by a take, a new target, or the next retry time.
+            // Woken by a take, a new target, or the next retry time; the pools are resized
+            // at least that often, so an idle one shrinks.
             let _ = tokio::time::timeout(RETRY_AFTER, wake.notified()).await;
             continue;
         };
         // New sandboxes' first commands come right after their creates: let them have the cores
-        // until creates pause, but under a steady stream of creates refill anyway.
+        // until creates pause, unless the host has room to spare (a client creating one sandbox
+        // after another); under a steady stream of creates refill anyway.
         let quiet = last_take.and_then(|t| REFILL_DELAY.checked_sub(t.elapsed()));
         let overdue = MAX_REFILL_WAIT.checked_sub(short_since.elapsed());
-        if let (Some(quiet), Some(overdue)) = (quiet, overdue) {
-            tokio::time::sleep(quiet.min(overdue)).await;
+        if let (Some(quiet), Some(overdue)) = (quiet, overdue)
+            && !cpu_has_room().await
+        {
+            tokio::time::sleep(quiet.min(overdue).min(CPU_SAMPLE)).await;
             continue;
         }
         let Some(n) = node.upgrade() else { return };
@@ -376,6 +453,44 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
     }
 }
 
+/// True when the host's CPUs were at most [`FILL_CPU_BUDGET`] busy over the next
+/// [`CPU_SAMPLE`] (false when `/proc/stat` cannot be read).
+async fn cpu_has_room() -> bool {
+    let Some(a) = cpu_times() else { return false };
+    tokio::time::sleep(CPU_SAMPLE).await;
+    let Some(b) = cpu_times() else { return false };
+    busy_fraction(a, b).is_some_and(|f| f <= FILL_CPU_BUDGET)
+}
+
+/// (busy, total) jiffies of all CPUs, from the first line of `/proc/stat`.
+fn cpu_times() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_line(text.lines().next()?)
+}
+
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    let idle = v[3] + v[4];
+    Some((total - idle, total))
+}
+
+fn busy_fraction(a: (u64, u64), b: (u64, u64)) -> Option<f64> {
+    let total = b.1.checked_sub(a.1)?;
+    (total > 0).then(|| b.0.saturating_sub(a.0) as f64 / total as f64)
+}
+
 /// Kills warm VMs nobody will claim, in the background.
 pub(crate) fn discard<M: Vm>(vms: Vec<WarmVm<M>>) {
     if vms.is_empty() {
@@ -394,21 +509,30 @@ async fn kill_warm<M: Vm>(w: WarmVm<M>) {
     let _ = std::fs::remove_dir_all(&w.dir);
 }
 
-/// Parses `--warm-pool` values: `TEMPLATE=N`, comma-separated.
-pub fn parse_warm_pool(spec: &str) -> Result<HashMap<String, usize>, String> {
+/// Parses `--warm-pool` values, comma-separated: `TEMPLATE=N` keeps N warm VMs ready,
+/// `TEMPLATE=MIN..MAX` between MIN and MAX as demand goes. Gives (min, max) per template.
+pub fn parse_warm_pool(spec: &str) -> Result<HashMap<String, (usize, usize)>, String> {
     let mut out = HashMap::new();
     for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, n) = part
-            .split_once('=')
-            .ok_or_else(|| format!("`{part}`: expected TEMPLATE=COUNT, e.g. base=2"))?;
-        let n: usize = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{part}`: the count must be a whole number"))?;
-        if n > 200 {
+        let (name, n) = part.split_once('=').ok_or_else(|| {
+            format!("`{part}`: expected TEMPLATE=COUNT or TEMPLATE=MIN..MAX, e.g. base=2..8")
+        })?;
+        let count = |n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{part}`: counts must be whole numbers"))
+        };
+        let (min, max) = match n.split_once("..") {
+            Some((lo, hi)) => (count(lo)?, count(hi)?),
+            None => (count(n)?, count(n)?),
+        };
+        if min > max {
+            return Err(format!("`{part}`: the minimum is above the maximum"));
+        }
+        if max > 200 {
             return Err(format!("`{part}`: at most 200 warm VMs per template"));
         }
-        out.insert(name.trim().to_string(), n);
+        out.insert(name.trim().to_string(), (min, max));
     }
     Ok(out)
 }
@@ -419,9 +543,9 @@ mod tests {
 
     #[test]
     fn warm_pool_specs_parse() {
-        let p = parse_warm_pool("base=2, code-interpreter-v1=1").unwrap();
-        assert_eq!(p["base"], 2);
-        assert_eq!(p["code-interpreter-v1"], 1);
+        let p = parse_warm_pool("base=2, code-interpreter-v1=1..4").unwrap();
+        assert_eq!(p["base"], (2, 2));
+        assert_eq!(p["code-interpreter-v1"], (1, 4));
         assert!(parse_warm_pool("").unwrap().is_empty());
         assert!(
             parse_warm_pool("base")
@@ -431,8 +555,56 @@ mod tests {
         assert!(
             parse_warm_pool("base=x")
                 .unwrap_err()
-                .contains("whole number")
+                .contains("whole numbers")
         );
         assert!(parse_warm_pool("base=201").unwrap_err().contains("at most"));
+        assert!(
+            parse_warm_pool("base=0..201")
+                .unwrap_err()
+                .contains("at most")
+        );
+        assert!(parse_warm_pool("base=4..2").unwrap_err().contains("above"));
+    }
+
+    #[test]
+    fn the_target_follows_demand_within_bounds() {
+        let mut e: Entry<()> = Entry {
+            min: 2,
+            max: 8,
+            ..Entry::default()
+        };
+        let t0 = Instant::now();
+        assert_eq!(e.sized(t0), 2, "no demand: the minimum");
+        // One create every 400 ms for 2 s: 2.5 a second, 13 VMs' worth, capped at 8.
+        for i in 0..5 {
+            e.takes.push_back(t0 + Duration::from_millis(400 * i));
+        }
+        assert_eq!(e.sized(t0 + Duration::from_secs(2)), 8);
+        // One create in 20 s: about a second's demand is under the minimum.
+        e.takes.clear();
+        e.takes.push_back(t0);
+        assert_eq!(e.sized(t0 + Duration::from_secs(20)), 2);
+        // A lone create just now counts as one a second: 5 VMs.
+        let mut e: Entry<()> = Entry {
+            min: 0,
+            max: 8,
+            ..Entry::default()
+        };
+        e.takes.push_back(t0);
+        assert_eq!(e.sized(t0), 5);
+        // Idle past the window: back to the minimum, and the old creates are forgotten.
+        assert_eq!(e.sized(t0 + DEMAND_WINDOW + Duration::from_secs(1)), 0);
+        assert!(e.takes.is_empty());
+    }
+
+    #[test]
+    fn cpu_busy_fraction_from_proc_stat() {
+        let a = parse_cpu_line("cpu  100 0 50 800 50 0 0 0 0 0").unwrap();
+        assert_eq!(a, (150, 1000));
+        let b = parse_cpu_line("cpu  300 0 100 1300 100 0 0 0 0 0").unwrap();
+        assert_eq!(busy_fraction(a, b), Some(250.0 / 800.0));
+        assert_eq!(busy_fraction(a, a), None);
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5"), None);
+        assert!(cpu_times().is_some(), "this host has /proc/stat");
     }
 }

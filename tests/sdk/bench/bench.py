@@ -120,6 +120,15 @@ def bench_create(n):
                 pool_hits("base", before))
 
 
+def bench_sequential(n):
+    """A client creating one sandbox after another from a server that has been idle: what the
+    default pool does against a plain loop (the pool grows with the demand it sees)."""
+    before = wait_for_pool("base")
+    xs = [create_and_run() for _ in range(n)]
+    summary("sdk create -> first command (base), back to back from an idle pool", xs,
+            pool_hits("base", before))
+
+
 def bench_burst(n):
     before = wait_for_pool("base")
     t0 = time.perf_counter()
@@ -380,7 +389,7 @@ def main():
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
-         "js": lambda: bench_js(args.n),
+         "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
 
 

@@ -46,6 +46,8 @@ impl Service {
             .map(|p| models::WarmPoolView {
                 template_id: p.template_id,
                 target: p.target,
+                min: p.min,
+                max: p.max,
                 ready: p.ready,
                 hits: p.hits,
                 misses: p.misses,
