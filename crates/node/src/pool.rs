@@ -14,7 +14,8 @@
 //!
 //! Each pool's size follows demand between the operator's minimum and maximum: it holds about
 //! five seconds' worth of the creates of the last 30 s, and falls back to the minimum (the
-//! surplus killed) once 30 s pass without a create.
+//! surplus killed) once 30 s pass without a create. Two fillers make warm VMs, one each at a
+//! time.
 //!
 //! When a create claims a warm VM, the VM gets the sandbox's identity through `/init` (id,
 //! hostname, env vars, access token, another 64 bytes of entropy, the clock) and its egress
@@ -60,6 +61,8 @@ const DEMAND_HORIZON_SECS: f64 = 5.0;
 /// over [`CPU_SAMPLE`] (a burst of creates keeps them busy; a sequential client leaves room).
 const FILL_CPU_BUDGET: f64 = 0.7;
 const CPU_SAMPLE: Duration = Duration::from_millis(250);
+/// Warm VMs being made at once, at most (each filler makes one at a time).
+const FILLERS: usize = 2;
 
 /// A restored, warmed VM waiting to become a sandbox.
 pub(crate) struct WarmVm<M> {
@@ -103,6 +106,8 @@ struct Entry<M> {
     retry_at: Option<Instant>,
     /// Since when the pool has had fewer VMs than its target.
     short_since: Option<Instant>,
+    /// Warm VMs being made now.
+    filling: usize,
 }
 
 impl<M> Entry<M> {
@@ -140,6 +145,7 @@ impl<M> Default for Entry<M> {
             last_error: None,
             retry_at: None,
             short_since: None,
+            filling: 0,
         }
     }
 }
@@ -149,7 +155,7 @@ pub(crate) struct Pool<M> {
     /// When a create last took from (or missed) a pool.
     last_take: Mutex<Option<Instant>>,
     wake: Arc<tokio::sync::Notify>,
-    filler: Mutex<Option<tokio::task::AbortHandle>>,
+    filler: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl<M> Default for Pool<M> {
@@ -169,7 +175,7 @@ impl<M: Vm> Pool<M> {
     }
 
     pub(crate) fn stop_filling(&self) {
-        if let Some(h) = self.filler.lock().expect("filler lock").take() {
+        for h in self.filler.lock().expect("filler lock").drain(..) {
             h.abort();
         }
     }
@@ -240,10 +246,11 @@ impl<V: Vmm> Node<V> {
         };
         discard(surplus);
         let mut filler = self.pool.filler.lock().expect("filler lock");
-        if filler.as_ref().is_none_or(|h| h.is_finished()) {
+        filler.retain(|h| !h.is_finished());
+        while filler.len() < FILLERS {
             let weak = Arc::downgrade(self);
             let wake = self.pool.wake.clone();
-            *filler = Some(tokio::spawn(fill(weak, wake)).abort_handle());
+            filler.push(tokio::spawn(fill(weak, wake)).abort_handle());
         }
         self.pool.wake.notify_one();
     }
@@ -403,7 +410,9 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
             let last_take = *node.pool.last_take.lock().expect("last take lock");
             pools
                 .iter()
-                .find(|(_, e)| e.ready.len() < e.target && e.retry_at.is_none_or(|t| t <= now))
+                .find(|(_, e)| {
+                    e.ready.len() + e.filling < e.target && e.retry_at.is_none_or(|t| t <= now)
+                })
                 .map(|(t, e)| (t.clone(), e.short_since.unwrap_or(now), last_take))
         };
         let Some((template, short_since, last_take)) = wanted else {
@@ -424,10 +433,22 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
             continue;
         }
         let Some(n) = node.upgrade() else { return };
+        {
+            // The other filler may have taken this slot meanwhile.
+            let mut pools = n.pool.lock();
+            let Some(e) = pools.get_mut(&template) else {
+                continue;
+            };
+            if e.ready.len() + e.filling >= e.target {
+                continue;
+            }
+            e.filling += 1;
+        }
         let t0 = Instant::now();
         let result = n.warm_one(&template).await;
         let mut pools = n.pool.lock();
         let e = pools.entry(template.clone()).or_default();
+        e.filling = e.filling.saturating_sub(1);
         match result {
             Ok(w) if e.ready.len() < e.target => {
                 tracing::info!(
