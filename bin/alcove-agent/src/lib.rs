@@ -94,6 +94,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    if guest {
+        api::init::restore_persisted_env(
+            &state,
+            std::path::Path::new(alcove_guest_contract::PERSISTED_ENV_FILE),
+        );
+    }
     template::start_and_wait(&state, &config.template_config, config.ready_timeout).await;
     announce_ready(guest);
 

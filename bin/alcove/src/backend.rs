@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
-    BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, LiveSandbox, LogLevel, LogLine,
+    BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, Keep, LiveSandbox, LogLevel, LogLine,
     NetCounters, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
     WarmPool,
 };
@@ -324,20 +324,29 @@ impl SandboxBackend for NodeBackend {
         })
     }
 
-    fn pause<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn pause<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        keep: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            self.node
-                .pause(sandbox_id)
-                .await
-                .map(|_| ())
-                .map_err(|e| map_err("pause sandbox", e))
+            match keep {
+                Keep::Memory => self.node.pause(sandbox_id).await,
+                Keep::DiskOnly => self.node.pause_disk_only(sandbox_id).await,
+            }
+            .map(|_| ())
+            .map_err(|e| map_err("pause sandbox", e))
         })
     }
 
-    fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn resume<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        from: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.node
-                .resume(sandbox_id)
+                .resume_with(sandbox_id, from == Keep::DiskOnly)
                 .await
                 .map(|_| ())
                 .map_err(|e| map_err("resume sandbox", e))

@@ -189,6 +189,27 @@ pub enum BackendError {
     },
 }
 
+/// What a pause keeps and a resume starts from: E2B's `memory` flag (`true`, the default, is
+/// `Memory`; the SDKs' `mode="filesystem"` and `on_resume="reboot"` send `false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Memory, processes and disk: the sandbox goes on where it was.
+    Memory,
+    /// The disk alone: the sandbox cold-boots from it, its processes and memory gone.
+    DiskOnly,
+}
+
+impl Keep {
+    /// From E2B's optional `memory` field.
+    pub fn from_memory_flag(memory: Option<bool>) -> Keep {
+        if memory == Some(false) {
+            Keep::DiskOnly
+        } else {
+            Keep::Memory
+        }
+    }
+}
+
 /// One kind of backend call, as the API's call path names it in deadlines, metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendOp {
@@ -304,13 +325,23 @@ pub trait SandboxBackend: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
-    /// Saves a running sandbox's memory, processes and disk to the host and stops its VM.
-    fn pause<'a>(&'a self, _sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    /// Saves a running sandbox to the host and stops its VM: memory, processes and disk
+    /// ([`Keep::Memory`]), or the disk alone ([`Keep::DiskOnly`]).
+    fn pause<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _keep: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async { Err(BackendError::Unsupported { op: "pause" }) })
     }
 
-    /// Runs a paused sandbox again from what `pause` saved (checked before use).
-    fn resume<'a>(&'a self, _sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    /// Runs a paused sandbox again from what `pause` saved (checked before use): its memory
+    /// image when it has one and `from` is [`Keep::Memory`], else a cold boot from its disk.
+    fn resume<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _from: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async { Err(BackendError::Unsupported { op: "resume" }) })
     }
 

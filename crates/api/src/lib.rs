@@ -30,9 +30,9 @@ mod trace;
 
 pub use backend::{
     BackendError, BackendOp, Body, BoxFuture, BuildFailure, BuildFrom, BuildLog, BuildLogEntry,
-    BuildLogLevel, BuildSpec, BuiltTemplate, CreateSandbox, ImageRegistry, LiveSandbox, LogLevel,
-    LogLine, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, Step, StepKind, StepRef,
-    TemplateInfo, WarmPool,
+    BuildLogLevel, BuildSpec, BuiltTemplate, CreateSandbox, ImageRegistry, Keep, LiveSandbox,
+    LogLevel, LogLine, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, Step,
+    StepKind, StepRef, TemplateInfo, WarmPool,
 };
 pub use config::{
     BackendDeadlines, ConnectionLimits, Limits, MeteringConfig, Prices, ServerConfig, Webhook,

@@ -94,7 +94,8 @@ pub struct ConnectRequest {
     /// Seconds from now; extends the sandbox's end time, never shortens it.
     #[serde(default)]
     pub timeout: Option<i64>,
-    /// `false` asks to cold-boot a paused sandbox from its disk alone; not supported (refused).
+    /// `false` cold-boots a paused sandbox from its disk alone, dropping its memory image (the
+    /// SDKs' `on_resume="reboot"`); a running sandbox is left as it is.
     #[serde(default)]
     pub memory: Option<bool>,
 }
@@ -103,7 +104,8 @@ pub struct ConnectRequest {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PauseRequest {
-    /// `false` (filesystem-only pause) is not supported and refused; memory is always kept.
+    /// `false` (the SDKs' `mode="filesystem"`) keeps only the disk: no memory image, and the
+    /// resume cold-boots from the disk (processes and memory gone, files and env vars kept).
     #[serde(default)]
     pub memory: Option<bool>,
     /// Accepted; the pause always needs the agent to answer.
@@ -121,7 +123,7 @@ pub struct ResumeRequest {
     /// Pause instead of kill at the new end time.
     #[serde(default, rename = "autoPause")]
     pub auto_pause: Option<bool>,
-    /// `false` is not supported (refused).
+    /// `false` cold-boots from the disk alone, as on connect.
     #[serde(default)]
     pub memory: Option<bool>,
 }

@@ -16,6 +16,64 @@ async fn start() -> (tempfile::TempDir, TestServer) {
     (dir, s)
 }
 
+/// `memory: false` on pause keeps the disk alone; on connect or resume it reboots from the disk
+/// (the SDKs' `mode="filesystem"` and `on_resume="reboot"`); absent, the backend resumes from
+/// what the pause kept.
+#[tokio::test]
+async fn filesystem_only_pause_and_reboot_reach_the_backend() {
+    use alcove_api::Keep;
+    let (_dir, s) = start().await;
+    let api = s.client();
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "timeout": 60}),
+        )
+        .await;
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    let pause_path = format!("/sandboxes/{id}/pause");
+    let pause = |body| api.post(&pause_path, body);
+    assert_eq!(pause(json!({"memory": false})).await.status, 204);
+    assert_eq!(
+        api.get(&format!("/sandboxes/{id}")).await.json["state"],
+        "paused"
+    );
+    let c = api
+        .post(
+            &format!("/v2/sandboxes/{id}/connect"),
+            json!({"timeout": 60}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{}", c.json);
+    assert_eq!(pause(json!({})).await.status, 204);
+    let c = api
+        .post(
+            &format!("/v2/sandboxes/{id}/connect"),
+            json!({"timeout": 60, "memory": false}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{}", c.json);
+    // On a running sandbox, `memory: false` changes nothing: it is not rebooted.
+    let c = api
+        .post(
+            &format!("/v2/sandboxes/{id}/connect"),
+            json!({"timeout": 60, "memory": false}),
+        )
+        .await;
+    assert_eq!(c.status, 200, "{}", c.json);
+    let calls = s.backend.persist_calls.lock().unwrap().clone();
+    let id2 = id.clone();
+    assert_eq!(
+        calls,
+        vec![
+            (id2.clone(), "pause", Keep::DiskOnly),
+            (id2.clone(), "resume", Keep::Memory),
+            (id2.clone(), "pause", Keep::Memory),
+            (id2, "resume", Keep::DiskOnly),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn pause_resume_and_connect_answer_like_e2b() {
     let (dir, s) = start().await;
@@ -57,8 +115,8 @@ async fn pause_resume_and_connect_answer_like_e2b() {
     assert_error(
         &api.post(&format!("/sandboxes/{id}/pause"), json!({"memory": false}))
             .await,
-        400,
-        "unsupported_feature",
+        409,
+        "sandbox_already_paused",
     );
 
     // A paused sandbox survives a server restart.

@@ -30,6 +30,10 @@ pub const AGENT_CHANNEL: &str = "alcove.agent";
 /// The console line the agent prints once it serves and the template's start and ready commands
 /// succeeded: the host snapshots a template VM when it sees it.
 pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
+/// Where the guest keeps its sandbox's environment variables across a filesystem-only pause
+/// (the host never stores their values): the host has the guest copy them here before it
+/// flushes the disk, and the agent takes them back at the next boot and removes the file.
+pub const PERSISTED_ENV_FILE: &str = "/var/lib/alcove/envs.json";
 /// Where the agent lives in the guest; the kernel starts it as init (`init=` on the command line).
 pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
 

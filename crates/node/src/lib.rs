@@ -53,6 +53,10 @@ pub enum NodeError {
     AgentTimeout(std::time::Duration),
     #[error("i/o on {0}")]
     Io(String, #[source] std::io::Error),
+    #[error(
+        "sandbox `{id}` did not boot from its disk: {detail}; its disk is kept, so resume it again or kill it"
+    )]
+    BootFromDisk { id: String, detail: String },
     #[error("sandbox `{id}` is not paused ({state}); only a paused sandbox can be resumed")]
     NotPaused { id: String, state: String },
     #[error(

@@ -31,8 +31,13 @@ pub enum SandboxState {
     /// The VM was snapshotted to disk (memory, devices; the disk overlay stays) and stopped: it
     /// uses no CPU and no RAM, and survives restarts of the host process.
     Paused {
+        /// The checksum of what a resume starts from: the memory image, or with `disk_only`
+        /// the disk overlay.
         state_sha256: String,
         paused_at_unix_ms: u64,
+        /// A filesystem-only pause: no memory image, the resume cold-boots from the disk.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        disk_only: bool,
     },
     /// The VM ended without being asked to (crash, OOM of QEMU, killed from outside, guest
     /// power-off); `reason` says how, for the user and for the LLM reading it.
@@ -86,10 +91,12 @@ pub enum Event {
     VmStarted { pid: u32 },
     /// The agent answered `/init`: the sandbox is usable.
     Ready,
-    /// The VM's memory and devices were written to the paused image and the VM ended.
+    /// The VM's memory and devices were written to the paused image and the VM ended; or, with
+    /// `disk_only`, its disk was flushed and the VM ended (`state_sha256` is then the disk's).
     Paused {
         state_sha256: String,
         at_unix_ms: u64,
+        disk_only: bool,
     },
     /// A paused sandbox's VM runs again from its image.
     Resumed { pid: u32 },
@@ -128,7 +135,12 @@ impl Event {
         match self {
             Event::VmStarted { pid } => format!("VM process {pid} started"),
             Event::Ready => "the agent accepted /init".into(),
-            Event::Paused { .. } => "paused on request: memory image written, VM ended".into(),
+            Event::Paused {
+                disk_only: false, ..
+            } => "paused on request: memory image written, VM ended".into(),
+            Event::Paused {
+                disk_only: true, ..
+            } => "paused on request (filesystem only): disk flushed, VM ended".into(),
             Event::Resumed { pid } => format!("resumed on request as VM process {pid}"),
             Event::Snapshotted { snapshot_id } => {
                 format!("disk frozen as snapshot {snapshot_id}")
@@ -148,6 +160,7 @@ impl Event {
             Event::Paused {
                 state_sha256: "x".into(),
                 at_unix_ms: 1,
+                disk_only: false,
             },
             Event::Resumed { pid: 1 },
             Event::Snapshotted {
@@ -185,10 +198,12 @@ pub fn transition(from: &SandboxState, event: &Event) -> Result<SandboxState, Tr
             Event::Paused {
                 state_sha256,
                 at_unix_ms,
+                disk_only,
             },
         ) => Some(S::Paused {
             state_sha256: state_sha256.clone(),
             paused_at_unix_ms: *at_unix_ms,
+            disk_only: *disk_only,
         }),
         (S::Paused { .. }, Event::Resumed { .. }) => Some(S::Running),
         (S::Running, Event::Snapshotted { .. } | Event::Restarted { .. }) => Some(S::Running),
@@ -222,6 +237,7 @@ mod tests {
             Paused {
                 state_sha256: "x".into(),
                 paused_at_unix_ms: 1,
+                disk_only: false,
             },
             Dead { reason: "x".into() },
             Killed,
@@ -294,6 +310,7 @@ mod tests {
             &Event::Paused {
                 state_sha256: "abc".into(),
                 at_unix_ms: 7,
+                disk_only: true,
             },
         )
         .unwrap();
@@ -301,7 +318,8 @@ mod tests {
             paused,
             Paused {
                 state_sha256: "abc".into(),
-                paused_at_unix_ms: 7
+                paused_at_unix_ms: 7,
+                disk_only: true,
             }
         );
         let dead = transition(&Running, &Event::Crashed { reason: "r".into() }).unwrap();
@@ -328,6 +346,7 @@ mod tests {
         let paused = Paused {
             state_sha256: "x".into(),
             paused_at_unix_ms: 1,
+            disk_only: false,
         };
         for s in states() {
             assert_eq!(s.can_become(&paused), s == Running, "{s} -> paused");

@@ -19,6 +19,14 @@ use crate::{NodeError, SandboxState};
 
 /// Where a paused sandbox's memory and device state live, inside its dir.
 pub(crate) const PAUSED_STATE: &str = "paused.state";
+/// The zero-filled RAM file a cold boot maps privately (sparse; removed once the VM runs).
+const BOOT_RAM: &str = "boot.mem";
+/// How long a cold boot may take to its ready line: the kernel, the agent, and the template's
+/// start and ready commands (the code interpreter imports pandas under TCG); under the API's
+/// resume deadline (120 s).
+const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(100);
+/// Bound on the guest's flush before a filesystem-only pause.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PauseTimings {
@@ -59,6 +67,7 @@ impl<V: Vmm> Node<V> {
         live.apply(Event::Paused {
             state_sha256: sha,
             at_unix_ms: now_ms(),
+            disk_only: false,
         })?;
         for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
             let _ = std::fs::remove_file(live.dir().join(sock));
@@ -68,6 +77,77 @@ impl<V: Vmm> Node<V> {
             saved,
             total: t0.elapsed(),
             state_bytes: size,
+        })
+    }
+
+    /// Pauses a running sandbox keeping only its disk: the guest saves its environment variables
+    /// to the disk ([`alcove_guest_contract::PERSISTED_ENV_FILE`]) and flushes it, then the VM
+    /// ends. Nothing of its memory is kept; the resume cold-boots from the disk. The record keeps
+    /// the disk's checksum, checked before the resume.
+    pub async fn pause_disk_only(&self, id: &str) -> Result<PauseTimings, NodeError> {
+        let live = self.live(id)?;
+        let _op = live.op.lock().await;
+        let t0 = Instant::now();
+        let (_, vm) = live.running_vm(id)?;
+        let keep = alcove_guest_contract::PERSISTED_ENV_FILE;
+        // After `sync` returns, the guest's writes are on the host: the virtio-blk flush makes
+        // QEMU write and sync its qcow2 data and metadata.
+        let script = format!(
+            "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
+            run = "/run/alcove/envs.json",
+        );
+        let flushed = {
+            let guard = live.agent.lock().await;
+            let agent = guard.as_ref().ok_or_else(|| NodeError::NotRunning {
+                id: id.to_string(),
+                state: "without an agent connection".into(),
+            })?;
+            crate::create::within_vm(&vm, id, FLUSH_TIMEOUT, async {
+                Ok(agent
+                    .run(alcove_agent_client::RunRequest {
+                        cmd: "/bin/sh".into(),
+                        args: vec!["-c".into(), script],
+                        user: Some("root".into()),
+                        timeout: Some(FLUSH_TIMEOUT),
+                        ..Default::default()
+                    })
+                    .await?)
+            })
+            .await?
+        };
+        if flushed.exit_code != 0 {
+            return Err(NodeError::Io(
+                "flushing the guest's disk before a filesystem-only pause".into(),
+                std::io::Error::other(format!(
+                    "exit code {}: {}",
+                    flushed.exit_code,
+                    String::from_utf8_lossy(&flushed.stderr).trim()
+                )),
+            ));
+        }
+        let saved = t0.elapsed();
+        live.stopping.store(true, Ordering::SeqCst);
+        vm.kill().await;
+        live.stop_net();
+        *live.agent.lock().await = None;
+        *live.vm.lock().expect("vm lock") = None;
+        let disk = live.dir().join("disk.qcow2");
+        let sha = crate::node::sha256_blocking(&disk).await?;
+        // A full pause's image left from before (a reboot that failed) is not this state.
+        let _ = std::fs::remove_file(live.dir().join(PAUSED_STATE));
+        live.apply(Event::Paused {
+            state_sha256: sha,
+            at_unix_ms: now_ms(),
+            disk_only: true,
+        })?;
+        for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
+            let _ = std::fs::remove_file(live.dir().join(sock));
+        }
+        tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox paused (filesystem only)");
+        Ok(PauseTimings {
+            saved,
+            total: t0.elapsed(),
+            state_bytes: 0,
         })
     }
 
@@ -88,6 +168,18 @@ impl<V: Vmm> Node<V> {
     /// Resumes a paused sandbox: verifies the snapshot's checksum, restores the VM and sets the
     /// guest clock. A failed resume leaves the sandbox paused and its snapshot untouched.
     pub async fn resume(self: &Arc<Self>, id: &str) -> Result<Duration, NodeError> {
+        self.resume_with(id, false).await
+    }
+
+    /// [`Node::resume`], or with `reboot` a cold boot from the disk alone, the memory image (if
+    /// any) dropped: E2B's `on_resume="reboot"`, the way out of a memory image that wedges the
+    /// guest. A sandbox paused filesystem-only always cold-boots (after its disk's checksum is
+    /// checked).
+    pub async fn resume_with(
+        self: &Arc<Self>,
+        id: &str,
+        reboot: bool,
+    ) -> Result<Duration, NodeError> {
         let live = self.live(id)?;
         let _op = live.op.lock().await;
         let t0 = Instant::now();
@@ -96,13 +188,42 @@ impl<V: Vmm> Node<V> {
             SandboxState::Paused { .. } => Some(self.reserve_slot(id)?),
             _ => None,
         };
-        let SandboxState::Paused { state_sha256, .. } = &info.state else {
+        let SandboxState::Paused {
+            state_sha256,
+            disk_only,
+            ..
+        } = &info.state
+        else {
             return Err(NodeError::NotPaused {
                 id: id.to_string(),
                 state: info.state.to_string(),
             });
         };
         let state_file = live.dir().join(PAUSED_STATE);
+        if *disk_only || reboot {
+            if *disk_only {
+                let disk = live.dir().join("disk.qcow2");
+                let got = crate::node::sha256_blocking(&disk).await.map_err(|e| {
+                    NodeError::CorruptSnapshot {
+                        id: id.to_string(),
+                        detail: format!("{} cannot be read ({e})", disk.display()),
+                    }
+                })?;
+                if &got != state_sha256 {
+                    return Err(NodeError::CorruptSnapshot {
+                        id: id.to_string(),
+                        detail: format!(
+                            "{} has checksum {got}, recorded {state_sha256}",
+                            disk.display()
+                        ),
+                    });
+                }
+            }
+            self.boot_from_disk(&live, t0).await?;
+            let _ = std::fs::remove_file(&state_file);
+            tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox booted from its disk");
+            return Ok(t0.elapsed());
+        }
         let got = crate::node::sha256_blocking(&state_file)
             .await
             .map_err(|e| NodeError::CorruptSnapshot {
@@ -150,8 +271,73 @@ impl<V: Vmm> Node<V> {
             self.cfg.vmm.restore(&spec, state_file).await?
         };
         drop(spec);
+        self.adopt_vm(live, vm, listeners, false, t0).await
+    }
+
+    /// Cold-boots a paused sandbox's VM from its disk overlay, with fresh zeroed RAM: the kernel,
+    /// the agent and the template's start command run again, and `/init` gives it its identity
+    /// as at a create (the agent has taken back its environment variables from the disk).
+    async fn boot_from_disk(
+        self: &Arc<Self>,
+        live: &Arc<Live<V>>,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let info = live.snapshot();
+        let template = self.template_by_key(&info.template_key)?;
+        let mut spec = sandbox_spec(&template, live.dir());
+        let ram = live.dir().join(BOOT_RAM);
+        let make_ram = || -> std::io::Result<()> {
+            let f = crate::private::create_file(&ram)?;
+            f.set_len(u64::from(spec.mem_mib) << 20)
+        };
+        make_ram().map_err(|e| NodeError::Io(ram.display().to_string(), e))?;
+        spec.ram_file = ram.clone();
+        spec.ram_shared = false;
+        let listeners = self.new_netns(&mut spec).await?;
+        let booted = self.cfg.vmm.boot(&spec).await;
+        drop(spec);
+        let vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_file(&ram);
+                return Err(e.into());
+            }
+        };
+        let ready = tokio::select! {
+            r = tokio::time::timeout(
+                BOOT_READY_TIMEOUT,
+                vm.console().wait_for(alcove_guest_contract::READY_LINE),
+            ) => r.is_ok(),
+            _ = vm.wait_exit() => false,
+        };
+        let _ = std::fs::remove_file(&ram);
+        if !ready {
+            let tail = vm.console().tail(20);
+            vm.kill().await;
+            return Err(NodeError::BootFromDisk {
+                id: info.id.clone(),
+                detail: format!(
+                    "no ready line within {} s; console tail:\n{tail}",
+                    BOOT_READY_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        self.adopt_vm(live, vm, listeners, true, t0).await
+    }
+
+    /// Gives a just-started VM its sandbox's `/init` (`fresh`: identity and env as at a create)
+    /// and makes it the sandbox's running VM.
+    async fn adopt_vm(
+        self: &Arc<Self>,
+        live: &Arc<Live<V>>,
+        vm: V::Vm,
+        listeners: crate::host::EgressSockets,
+        fresh: bool,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let info = live.snapshot();
         let token = info.access_token.clone();
-        let (agent, _) = match connect_and_init(&vm, &info, false, token.as_deref(), t0).await {
+        let (agent, _) = match connect_and_init(&vm, &info, fresh, token.as_deref(), t0).await {
             Ok(x) => x,
             Err(e) => {
                 vm.kill().await;

@@ -201,6 +201,44 @@ fn write_env_file(
     }
 }
 
+/// At boot: the environment variables a filesystem-only pause left on the disk
+/// ([`alcove_guest_contract::PERSISTED_ENV_FILE`]) become the sandbox's again, and the file
+/// goes. The host's `/init` after the boot adds to them, as after a restore.
+pub fn restore_persisted_env(state: &crate::state::AgentState, path: &std::path::Path) {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    let mut text = Vec::new();
+    let read = f.take(ENV_FILE_MAX + 1).read_to_end(&mut text);
+    let _ = std::fs::remove_file(path);
+    let env: std::collections::BTreeMap<String, String> = match read {
+        Ok(n) if n as u64 <= ENV_FILE_MAX => match serde_json::from_slice(&text) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "the saved environment does not parse; ignored");
+                return;
+            }
+        },
+        _ => {
+            tracing::warn!(path = %path.display(), "the saved environment is unreadable or too large; ignored");
+            return;
+        }
+    };
+    tracing::info!(
+        vars = env.len(),
+        "environment restored from before a filesystem-only pause"
+    );
+    if state.config.touch_system {
+        write_env_file(std::path::Path::new(crate::SANDBOX_ENV_FILE), &env, None);
+    }
+    let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
+    d.env_vars.extend(env);
+}
+
+/// Largest saved environment read back at boot.
+const ENV_FILE_MAX: u64 = 1 << 20;
+
 /// A fresh random id in `path` (world-readable: it is no secret, only a change signal).
 fn write_reseed_id(path: &std::path::Path) {
     let write = || -> std::io::Result<()> {
@@ -219,6 +257,33 @@ fn write_reseed_id(path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_environment_comes_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envs.json");
+        std::fs::write(&path, r#"{"A":"1","B":"two"}"#).unwrap();
+        let state = crate::state::AgentState::new(crate::state::StateConfig {
+            touch_system: false,
+            output_buffer: 1 << 16,
+        });
+        state
+            .defaults
+            .write()
+            .unwrap()
+            .env_vars
+            .insert("B".into(), "template".into());
+        restore_persisted_env(&state, &path);
+        let env = state.defaults().env_vars;
+        assert_eq!(env["A"], "1");
+        assert_eq!(env["B"], "two");
+        assert!(!path.exists(), "the saved file is removed");
+        // A file that does not parse is dropped without touching the environment.
+        std::fs::write(&path, "not json").unwrap();
+        restore_persisted_env(&state, &path);
+        assert!(!path.exists());
+        assert_eq!(state.defaults().env_vars.len(), 2);
+    }
 
     #[test]
     fn env_file_is_private() {

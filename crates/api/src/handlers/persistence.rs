@@ -18,7 +18,7 @@ use crate::models::{
     responses(
         (status = 200, description = "The sandbox was running; its end time was extended if needed", body = Sandbox),
         (status = 201, description = "The sandbox was paused and has been resumed", body = Sandbox),
-        (status = 400, description = "Timeout out of range, or memory: false (not supported)", body = ErrorBody),
+        (status = 400, description = "Timeout out of range", body = ErrorBody),
         (status = 404, description = "No such live sandbox", body = ErrorBody),
         (status = 429, description = "Resuming would exceed the concurrent sandbox limit", body = ErrorBody),
         (status = 500, description = "The resume failed (snapshot_corrupt: the saved state failed its checksum and was left intact)", body = ErrorBody)),
@@ -77,8 +77,7 @@ pub async fn resume(
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/pause", tag = "sandboxes",
     params(("sandboxID" = String, Path)), request_body = PauseRequest,
     responses(
-        (status = 204, description = "Paused: memory, processes and disk saved on the host, the VM stopped"),
-        (status = 400, description = "memory: false (filesystem-only pause) is not supported", body = ErrorBody),
+        (status = 204, description = "Paused: memory, processes and disk saved on the host (with memory: false, the disk alone), the VM stopped"),
         (status = 404, description = "No such live sandbox", body = ErrorBody),
         (status = 409, description = "Already paused", body = ErrorBody),
         (status = 500, description = "The pause failed", body = ErrorBody)),

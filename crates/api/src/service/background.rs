@@ -10,7 +10,7 @@ use alcove_store::{SandboxRecord, SandboxState as StoreState, now_ms};
 use tracing::Instrument;
 
 use super::{Service, api_error};
-use crate::backend::{BackendError, BackendOp, SandboxStatus};
+use crate::backend::{BackendError, BackendOp, Keep, SandboxStatus};
 use crate::error::{ApiError, chain};
 use crate::metrics::{METRICS, Metrics};
 
@@ -129,7 +129,11 @@ impl Service {
         let mut reason = "timeout: the sandbox reached its end time";
         if auto_pause {
             match self
-                .pause_record(id, "timeout: paused at its end time (autoPause)")
+                .pause_record(
+                    id,
+                    Keep::Memory,
+                    "timeout: paused at its end time (autoPause)",
+                )
                 .await
             {
                 Ok(()) => {

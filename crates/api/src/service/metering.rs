@@ -18,7 +18,7 @@ use alcove_store::{
 use time::OffsetDateTime;
 
 use super::Service;
-use crate::backend::BackendOp;
+use crate::backend::{BackendOp, Keep};
 use crate::config::{MeteringConfig, Prices};
 use crate::error::{ApiError, chain};
 use crate::models::{self, rfc3339};
@@ -513,7 +513,7 @@ impl Service {
             let (svc, reason) = (self.clone(), reason.clone());
             tokio::spawn(async move {
                 let out = match on_cap {
-                    OnCap::Pause => svc.pause_record(&id, &reason).await,
+                    OnCap::Pause => svc.pause_record(&id, Keep::Memory, &reason).await,
                     _ => svc.kill_record(&id, &reason).await,
                 };
                 match out {

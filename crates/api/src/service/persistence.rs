@@ -8,7 +8,7 @@ use alcove_store::{SandboxRecord, SandboxState as StoreState, now_ms};
 
 use super::quota::Want;
 use super::{Service, api_error, log_state_change};
-use crate::backend::BackendOp;
+use crate::backend::{BackendOp, Keep};
 use crate::error::ApiError;
 use crate::metrics::{METRICS, Metrics};
 use crate::models;
@@ -36,11 +36,7 @@ impl Service {
         memory: Option<bool>,
         require_paused: bool,
     ) -> Result<(models::Sandbox, bool), ApiError> {
-        if memory == Some(false) {
-            return Err(ApiError::Unsupported {
-                feature: "resuming from the disk alone (memory: false / on_resume=reboot)",
-            });
-        }
+        let from = Keep::from_memory_flag(memory);
         let requested = timeout.map(|t| self.check_timeout(t)).transpose()?;
         let r = self.live_record(team_id, id).await?;
         let lock = self.op_lock(&r.id);
@@ -57,7 +53,11 @@ impl Service {
             return Ok((self.sandbox_view(r), false));
         }
         let d = requested.unwrap_or_else(|| self.restart_timeout(&r));
-        let r = self.resume_record(r, d, "resumed by API request").await?;
+        let reason = match from {
+            Keep::Memory => "resumed by API request",
+            Keep::DiskOnly => "rebooted from its disk by API request (memory: false)",
+        };
+        let r = self.resume_record(r, d, from, reason).await?;
         Ok((self.sandbox_view(r), true))
     }
 
@@ -67,6 +67,7 @@ impl Service {
         &self,
         r: SandboxRecord,
         lifetime: Duration,
+        from: Keep,
         reason: &str,
     ) -> Result<SandboxRecord, ApiError> {
         // The slot stays reserved while the backend resumes (up to its deadline) and becomes
@@ -74,7 +75,7 @@ impl Service {
         let reservation = self.reserve(&r.team_id, Want::running()).await?;
         let id = r.id.clone();
         if let Err(e) = self
-            .call(BackendOp::Resume, &id, self.backend.resume(&id))
+            .call(BackendOp::Resume, &id, self.backend.resume(&id, from))
             .await
         {
             Metrics::inc(&METRICS.persistence_failures);
@@ -113,7 +114,7 @@ impl Service {
             StoreState::Running => Ok(true),
             StoreState::Paused => {
                 let d = self.restart_timeout(&r);
-                self.resume_record(r, d, "resumed by traffic (autoResume)")
+                self.resume_record(r, d, Keep::Memory, "resumed by traffic (autoResume)")
                     .await?;
                 Ok(true)
             }
@@ -122,23 +123,28 @@ impl Service {
     }
 
     /// `POST /sandboxes/{id}/pause`: memory, processes and disk go to the host's disk and the
-    /// VM stops.
+    /// VM stops; with `memory: false` (the SDKs' `mode="filesystem"`) only the disk is kept.
     pub async fn pause(
         &self,
         team_id: &str,
         id: &str,
         memory: Option<bool>,
     ) -> Result<(), ApiError> {
-        if memory == Some(false) {
-            return Err(ApiError::Unsupported {
-                feature: "filesystem-only pause (memory: false); memory is always kept",
-            });
-        }
         let r = self.live_record(team_id, id).await?;
-        self.pause_record(&r.id, "paused by API request").await
+        let keep = Keep::from_memory_flag(memory);
+        let reason = match keep {
+            Keep::Memory => "paused by API request",
+            Keep::DiskOnly => "paused by API request (filesystem only)",
+        };
+        self.pause_record(&r.id, keep, reason).await
     }
 
-    pub(super) async fn pause_record(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+    pub(super) async fn pause_record(
+        &self,
+        id: &str,
+        keep: Keep,
+        reason: &str,
+    ) -> Result<(), ApiError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         let id2 = id.to_owned();
@@ -165,7 +171,7 @@ impl Service {
         let reservation = self.reserve(&team, want).await?;
         self.meter_network_of(id).await;
         if let Err(e) = self
-            .call(BackendOp::Pause, id, self.backend.pause(id))
+            .call(BackendOp::Pause, id, self.backend.pause(id, keep))
             .await
         {
             Metrics::inc(&METRICS.persistence_failures);

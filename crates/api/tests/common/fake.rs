@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use alcove_api::{
     BackendError, Body, BoxFuture, BuildFailure, BuildLog, BuildLogEntry, BuildSpec, BuiltTemplate,
-    CreateSandbox, LiveSandbox, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox,
+    CreateSandbox, Keep, LiveSandbox, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox,
     StepKind, StepRef, TemplateInfo,
 };
 
@@ -26,6 +26,8 @@ pub struct FakeBackend {
     pub paused: Mutex<HashSet<String>>,
     /// Paused sandboxes whose saved state fails its checksum.
     pub corrupt: Mutex<HashSet<String>>,
+    /// Each pause and resume, in order: (sandbox, what was kept or resumed from).
+    pub persist_calls: Mutex<Vec<(String, &'static str, Keep)>>,
     /// Snapshots: the VM config each was taken from.
     pub snapshots: Mutex<HashMap<String, CreateSandbox>>,
     /// Sandboxes whose calls never answer (a hung VM or backend): kill, status, metrics,
@@ -282,9 +284,17 @@ impl SandboxBackend for FakeBackend {
         })
     }
 
-    fn pause<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn pause<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        keep: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.answer(sandbox_id).await;
+            self.persist_calls
+                .lock()
+                .unwrap()
+                .push((sandbox_id.to_owned(), "pause", keep));
             if !self.vms.lock().unwrap().contains_key(sandbox_id) {
                 return Err(BackendError::SandboxNotFound);
             }
@@ -297,9 +307,17 @@ impl SandboxBackend for FakeBackend {
         })
     }
 
-    fn resume<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn resume<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        from: Keep,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.answer(sandbox_id).await;
+            self.persist_calls
+                .lock()
+                .unwrap()
+                .push((sandbox_id.to_owned(), "resume", from));
             let delay = *self.resume_delay.lock().unwrap();
             tokio::time::sleep(delay).await;
             if !self.vms.lock().unwrap().contains_key(sandbox_id) {
