@@ -27,6 +27,8 @@ const BOOT_RAM: &str = "boot.mem";
 const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(100);
 /// Bound on the guest's flush before a filesystem-only pause.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on the best-effort flush before a full pause.
+const SYNC_BEFORE_PAUSE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PauseTimings {
@@ -46,6 +48,11 @@ impl<V: Vmm> Node<V> {
         let (_, vm) = live.running_vm(id)?;
         let state_file = live.dir().join(PAUSED_STATE);
         let tmp = live.dir().join(format!("{PAUSED_STATE}.tmp"));
+        // Best effort: a flushed disk is what a later `on_resume="reboot"` boots from. A guest
+        // that does not answer is paused all the same (its image is what a resume restores).
+        if let Err(e) = guest_flush(&live, &vm, id, "sync", SYNC_BEFORE_PAUSE).await {
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "the guest did not flush its disk before the pause");
+        }
         live.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = vm.snapshot(&tmp).await {
             // The VM is stopped but intact: let it run on rather than lose it.
@@ -96,35 +103,7 @@ impl<V: Vmm> Node<V> {
             "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
             run = "/run/alcove/envs.json",
         );
-        let flushed = {
-            let guard = live.agent.lock().await;
-            let agent = guard.as_ref().ok_or_else(|| NodeError::NotRunning {
-                id: id.to_string(),
-                state: "without an agent connection".into(),
-            })?;
-            crate::create::within_vm(&vm, id, FLUSH_TIMEOUT, async {
-                Ok(agent
-                    .run(alcove_agent_client::RunRequest {
-                        cmd: "/bin/sh".into(),
-                        args: vec!["-c".into(), script],
-                        user: Some("root".into()),
-                        timeout: Some(FLUSH_TIMEOUT),
-                        ..Default::default()
-                    })
-                    .await?)
-            })
-            .await?
-        };
-        if flushed.exit_code != 0 {
-            return Err(NodeError::Io(
-                "flushing the guest's disk before a filesystem-only pause".into(),
-                std::io::Error::other(format!(
-                    "exit code {}: {}",
-                    flushed.exit_code,
-                    String::from_utf8_lossy(&flushed.stderr).trim()
-                )),
-            ));
-        }
+        guest_flush(&live, &vm, id, &script, FLUSH_TIMEOUT).await?;
         let saved = t0.elapsed();
         live.stopping.store(true, Ordering::SeqCst);
         vm.kill().await;
@@ -583,4 +562,43 @@ impl<V: Vmm> Node<V> {
     pub fn snapshots_dir(&self) -> PathBuf {
         snapshots::snapshots_root(&self.cfg.data_dir)
     }
+}
+
+/// Runs `script` as root in the guest (`/bin/sh -c`), within `limit`: the flushes before a
+/// pause. A non-zero exit is an error naming it.
+async fn guest_flush<V: Vmm>(
+    live: &Live<V>,
+    vm: &V::Vm,
+    id: &str,
+    script: &str,
+    limit: Duration,
+) -> Result<(), NodeError> {
+    let guard = live.agent.lock().await;
+    let agent = guard.as_ref().ok_or_else(|| NodeError::NotRunning {
+        id: id.to_string(),
+        state: "without an agent connection".into(),
+    })?;
+    let out = crate::create::within_vm(vm, id, limit, async {
+        Ok(agent
+            .run(alcove_agent_client::RunRequest {
+                cmd: "/bin/sh".into(),
+                args: vec!["-c".into(), script.to_string()],
+                user: Some("root".into()),
+                timeout: Some(limit),
+                ..Default::default()
+            })
+            .await?)
+    })
+    .await?;
+    if out.exit_code != 0 {
+        return Err(NodeError::Io(
+            "flushing the guest's disk".into(),
+            std::io::Error::other(format!(
+                "exit code {}: {}",
+                out.exit_code,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        ));
+    }
+    Ok(())
 }

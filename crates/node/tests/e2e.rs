@@ -389,6 +389,91 @@ async fn pause_resume_keeps_processes_files_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn a_filesystem_only_pause_keeps_the_disk_and_cold_boots_across_a_restart() {
+    let (data, _reaper) = data_dir();
+    let id = {
+        let node = node(data.path()).await;
+        let mut opts = base();
+        opts.envs.insert("KEPT".into(), "across the boot".into());
+        let (info, _) = node.create(opts).await.unwrap();
+        out(&node, &info.id, "head -c 1000000 /dev/urandom > /home/user/blob && sha256sum /home/user/blob > /home/user/blob.sum && cat /proc/sys/kernel/random/boot_id > /home/user/boot1").await;
+        out(&node, &info.id, "nohup sleep 1000 >/dev/null 2>&1 &").await;
+        let p = node.pause_disk_only(&info.id).await.unwrap();
+        assert_eq!(p.state_bytes, 0);
+        assert!(matches!(
+            node.get(&info.id).unwrap().state,
+            SandboxState::Paused {
+                disk_only: true,
+                ..
+            }
+        ));
+        assert!(qemu_pids_under(data.path()).is_empty());
+        assert!(
+            !data
+                .path()
+                .join("sandboxes")
+                .join(&info.id)
+                .join("paused.state")
+                .exists()
+        );
+        info.id
+    };
+    // Resumed by a new node, as after a server restart.
+    let node = node(data.path()).await;
+    node.resume(&id).await.unwrap();
+    assert_eq!(
+        out(&node, &id, "sha256sum -c /home/user/blob.sum").await,
+        "/home/user/blob: OK\n"
+    );
+    assert_ne!(
+        out(&node, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        out(&node, &id, "cat /home/user/boot1").await,
+        "a filesystem-only resume boots anew"
+    );
+    assert_eq!(
+        out(&node, &id, "pgrep -c -x sleep || true").await.trim(),
+        "0"
+    );
+    assert_eq!(out(&node, &id, "echo $KEPT").await, "across the boot\n");
+    assert_eq!(out(&node, &id, "hostname").await.trim(), id);
+    // A damaged disk is refused before the boot, and left as it is.
+    node.pause_disk_only(&id).await.unwrap();
+    let disk = data.path().join("sandboxes").join(&id).join("disk.qcow2");
+    let good = std::fs::read(&disk).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&disk, &bad).unwrap();
+    let err = node.resume(&id).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::write(&disk, &good).unwrap();
+    // A full pause resumed with `reboot` drops its memory image and boots from the disk.
+    node.resume(&id).await.unwrap();
+    out(
+        &node,
+        &id,
+        "cat /proc/sys/kernel/random/boot_id > /home/user/boot2",
+    )
+    .await;
+    node.pause(&id).await.unwrap();
+    node.resume_with(&id, true).await.unwrap();
+    assert_ne!(
+        out(&node, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        out(&node, &id, "cat /home/user/boot2").await
+    );
+    assert!(
+        !data
+            .path()
+            .join("sandboxes")
+            .join(&id)
+            .join("paused.state")
+            .exists()
+    );
+    node.kill(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
 async fn a_corrupt_pause_snapshot_is_refused_and_left_intact() {
     let (data, _reaper) = data_dir();
     let node = node(data.path()).await;

@@ -1,6 +1,7 @@
 """Persistence through the official SDK: pause/resume (three times in a row, and across a server
-restart), autoPause + autoResume, snapshots restored many times, forks that diverge, deleting a
-parent snapshot under live children, and damaged saved state reported clearly."""
+restart), filesystem-only pauses and reboots, autoPause + autoResume, snapshots restored many
+times, forks that diverge, deleting a parent snapshot under live children, and damaged saved
+state reported clearly."""
 
 import json
 import os
@@ -71,6 +72,57 @@ def test_pause_resume_three_times_keeps_process_variable_and_files():
             sbx.files.write(path, content)
             written[path] = content
             assert sbx.commands.run("pgrep -c -f holder.py").stdout.strip() == "1"
+    finally:
+        sbx.kill()
+
+
+def boot_id(sbx):
+    return sbx.commands.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+
+def test_filesystem_only_pause_cold_boots_with_files_and_env():
+    data = os.environ.get("ALCOVE_SDK_DATA_DIR")
+    sbx = Sandbox.create(TEMPLATE, timeout=300, envs={"KEPT_VAR": "kept value"})
+    try:
+        start_holder(sbx)
+        first_boot = boot_id(sbx)
+        sbx.files.write("/home/user/data/fs.txt", "on the disk\n" * 1000)
+        sbx.pause(mode="filesystem")
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+        if data:
+            # Nothing of the memory is kept.
+            assert not os.path.exists(os.path.join(sandbox_dir(data, sbx.sandbox_id), "paused.state"))
+        sbx.connect()
+        assert sbx.get_info().state == SandboxState.RUNNING
+        # A new boot: the processes are gone; the files, the env vars and the identity stay.
+        assert boot_id(sbx) != first_boot
+        assert sbx.commands.run("pgrep -c -f '[h]older.py' || true").stdout.strip() == "0"
+        assert sbx.files.read("/home/user/data/fs.txt") == "on the disk\n" * 1000
+        assert sbx.commands.run("echo $KEPT_VAR").stdout.strip() == "kept value"
+        assert sbx.commands.run("hostname").stdout.strip() == sbx.sandbox_id
+        # The next pause is a full one again, and it resumes where it was.
+        sbx.commands.run("rm -f /home/user/holder.log")
+        start_holder(sbx)
+        secret, n = last_line(sbx)
+        sbx.pause()
+        sbx.connect()
+        s2, n2 = last_line(sbx)
+        assert (s2, n2 > n) == (secret, True)
+    finally:
+        sbx.kill()
+
+
+def test_on_resume_reboot_drops_the_memory_image():
+    sbx = Sandbox.create(TEMPLATE, timeout=300)
+    try:
+        start_holder(sbx)
+        first_boot = boot_id(sbx)
+        sbx.files.write("/home/user/reboot.txt", "kept")
+        sbx.pause()
+        resumed = Sandbox.connect(sbx.sandbox_id, on_resume="reboot")
+        assert boot_id(resumed) != first_boot
+        assert resumed.commands.run("pgrep -c -f '[h]older.py' || true").stdout.strip() == "0"
+        assert resumed.files.read("/home/user/reboot.txt") == "kept"
     finally:
         sbx.kill()
 
