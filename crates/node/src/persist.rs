@@ -573,6 +573,7 @@ async fn guest_flush<V: Vmm>(
     script: &str,
     limit: Duration,
 ) -> Result<(), NodeError> {
+    let access_token = live.snapshot().access_token;
     let guard = live.agent.lock().await;
     let agent = guard.as_ref().ok_or_else(|| NodeError::NotRunning {
         id: id.to_string(),
@@ -585,6 +586,7 @@ async fn guest_flush<V: Vmm>(
                 args: vec!["-c".into(), script.to_string()],
                 user: Some("root".into()),
                 timeout: Some(limit),
+                access_token,
                 ..Default::default()
             })
             .await?)
