@@ -759,6 +759,7 @@ fn usage(g: &Global, a: &BenchArgs) -> anyhow::Result<u8> {
             envd_version: "bench".into(),
             envd_access_token: None,
             auto_pause: false,
+            auto_pause_disk_only: false,
             allow_internet_access: None,
             traffic_access_token: None,
             metadata: Default::default(),

@@ -29,7 +29,8 @@ pub struct NewSandbox {
     /// Pause instead of kill at the timeout (memory, processes and disk are kept).
     #[serde(default, rename = "autoPause")]
     pub auto_pause: Option<bool>,
-    /// `false` (a filesystem-only pause) is not supported and refused.
+    /// `false`: the timeout pause keeps only the disk (the SDKs' `on_timeout` `mode:
+    /// "filesystem"`); not with `autoResume` (400).
     #[serde(default, rename = "autoPauseMemory")]
     pub auto_pause_memory: Option<bool>,
     /// `{"enabled": true}`: traffic to a paused sandbox resumes it.

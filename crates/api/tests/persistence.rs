@@ -204,6 +204,38 @@ async fn a_corrupt_pause_state_is_a_clear_error_and_the_sandbox_stays_paused() {
     s.stop().await;
 }
 
+/// `autoPauseMemory: false`: the timeout pause keeps the disk alone; it cannot go with
+/// `autoResume` (traffic cannot wake a sandbox that must cold-boot).
+#[tokio::test]
+async fn a_timeout_pause_can_keep_only_the_disk() {
+    use alcove_api::Keep;
+    let (_dir, s) = start().await;
+    let api = s.client();
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "timeout": 1, "autoPause": true,
+                   "autoPauseMemory": false, "autoResume": {"enabled": true}}),
+        )
+        .await;
+    assert_error(&r, 400, "invalid_request_body");
+    let r = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": "base", "timeout": 1, "autoPause": true, "autoPauseMemory": false}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+    let id = r.json["sandboxID"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let d = api.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(d.json["state"], "paused", "{:?}", d.json);
+    assert_eq!(
+        s.backend.persist_calls.lock().unwrap().clone(),
+        vec![(id.clone(), "pause", Keep::DiskOnly)]
+    );
+}
+
 #[tokio::test]
 async fn auto_pause_at_timeout_and_auto_resume_on_traffic() {
     let (_dir, s) = start().await;
@@ -256,16 +288,6 @@ async fn auto_pause_at_timeout_and_auto_resume_on_traffic() {
     assert!(
         reasons.iter().any(|r| r.contains("autoResume")),
         "{reasons:?}"
-    );
-
-    assert_error(
-        &api.post(
-            "/v2/sandboxes",
-            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
-        )
-        .await,
-        400,
-        "unsupported_feature",
     );
     s.stop().await;
 }

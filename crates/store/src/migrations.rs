@@ -304,6 +304,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_events_by_team ON audit_events(team_id, seq);
     CREATE INDEX audit_events_by_time ON audit_events(at);
     "#,
+    // 11: timeout pauses that keep only the disk (`autoPauseMemory: false`).
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN auto_pause_disk_only INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

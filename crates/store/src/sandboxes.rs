@@ -25,6 +25,8 @@ pub struct NewSandboxRecord {
     pub envd_version: String,
     pub envd_access_token: Option<String>,
     pub auto_pause: bool,
+    /// The timeout pause keeps only the disk (`autoPauseMemory: false`).
+    pub auto_pause_disk_only: bool,
     pub allow_internet_access: Option<bool>,
     /// Set when the sandbox was created with `allowPublicTraffic: false`: proxied requests to
     /// its ports (other than the agent's) must carry it.
@@ -58,6 +60,7 @@ impl NewSandboxRecord {
             envd_version: "0.2.0".into(),
             envd_access_token: Some("tok".into()),
             auto_pause: false,
+            auto_pause_disk_only: false,
             allow_internet_access: None,
             traffic_access_token: None,
             metadata: BTreeMap::from([("user".to_string(), "alice".to_string())]),
@@ -86,6 +89,7 @@ pub struct SandboxRecord {
     pub envd_version: String,
     pub envd_access_token: Option<String>,
     pub auto_pause: bool,
+    pub auto_pause_disk_only: bool,
     pub allow_internet_access: Option<bool>,
     pub traffic_access_token: Option<String>,
     /// Why the sandbox ended (`killed`/`lost` only).
@@ -151,7 +155,7 @@ pub struct Page {
 const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, started_at, end_at, \
     cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
     allow_internet_access, end_reason, ended_at, traffic_access_token, auto_resume, timeout_ms, \
-    paused_at, snapshot_id, mask_request_host";
+    paused_at, snapshot_id, mask_request_host, auto_pause_disk_only";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(4)?;
@@ -184,6 +188,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
         paused_at: r.get(20)?,
         snapshot_id: r.get(21)?,
         mask_request_host: r.get(22)?,
+        auto_pause_disk_only: r.get(23)?,
     })
 }
 
@@ -259,7 +264,7 @@ impl Store {
             &format!(
                 "INSERT INTO sandboxes ({COLUMNS}) VALUES
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, NULL, ?16,
-                  ?17, ?18, NULL, ?19, ?20)"
+                  ?17, ?18, NULL, ?19, ?20, ?21)"
             ),
             params![
                 s.id,
@@ -282,6 +287,7 @@ impl Store {
                 s.timeout_ms,
                 s.snapshot_id,
                 s.mask_request_host,
+                s.auto_pause_disk_only,
             ],
         )?;
         for (k, v) in &s.metadata {
@@ -552,15 +558,16 @@ impl Store {
     }
 
     /// Running sandboxes whose end time has passed, each with whether it pauses (`autoPause`)
-    /// rather than dies at its end. Paused sandboxes never expire.
-    pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<(String, bool)>> {
+    /// rather than dies at its end, and whether that pause keeps only the disk. Paused sandboxes
+    /// never expire.
+    pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<(String, bool, bool)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, auto_pause FROM sandboxes WHERE state = 'running' AND end_at <= ?1
-             ORDER BY end_at",
+            "SELECT id, auto_pause, auto_pause_disk_only FROM sandboxes
+             WHERE state = 'running' AND end_at <= ?1 ORDER BY end_at",
         )?;
         let ids = stmt
-            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(ids)
     }
@@ -694,8 +701,21 @@ mod tests {
         store.mark_running("s1", 1, 1, 1, "0.2.0", 1, 10).unwrap();
         assert_eq!(
             store.expired_sandboxes(11).unwrap(),
-            [("s1".to_string(), true)]
+            [("s1".to_string(), true, false)]
         );
+        let mut fs = NewSandboxRecord::sample("s2", &team, "base");
+        (fs.auto_pause, fs.auto_pause_disk_only) = (true, true);
+        store.insert_sandbox(&fs).unwrap();
+        store.mark_running("s2", 1, 1, 1, "0.2.0", 1, 10).unwrap();
+        assert!(store.sandbox("s2").unwrap().unwrap().auto_pause_disk_only);
+        assert_eq!(
+            store.expired_sandboxes(11).unwrap(),
+            [
+                ("s1".to_string(), true, false),
+                ("s2".to_string(), true, true)
+            ]
+        );
+        store.transition("s2", SandboxState::Killed, "x").unwrap();
         let p = store
             .transition("s1", SandboxState::Paused, "paused")
             .unwrap();

@@ -112,6 +112,24 @@ def test_filesystem_only_pause_cold_boots_with_files_and_env():
         sbx.kill()
 
 
+def test_a_timeout_pause_can_keep_only_the_disk():
+    sbx = Sandbox.create(
+        TEMPLATE, timeout=15, lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}}
+    )
+    try:
+        first_boot = boot_id(sbx)
+        sbx.files.write("/home/user/at-timeout.txt", "kept")
+        deadline = time.time() + 120
+        while Sandbox.get_info(sbx.sandbox_id).state != SandboxState.PAUSED:
+            assert time.time() < deadline, "not paused at its end time"
+            time.sleep(1)
+        sbx.connect()
+        assert boot_id(sbx) != first_boot
+        assert sbx.files.read("/home/user/at-timeout.txt") == "kept"
+    finally:
+        sbx.kill()
+
+
 def test_on_resume_reboot_drops_the_memory_image():
     sbx = Sandbox.create(TEMPLATE, timeout=300)
     try:

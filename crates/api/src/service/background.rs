@@ -40,8 +40,16 @@ impl Service {
                 return 0;
             }
         };
-        self.spawn_reaps(ids, |svc, id, auto_pause| async move {
-            svc.reap_one(&id, auto_pause).await;
+        let ids = ids.into_iter().map(|(id, auto_pause, disk_only)| {
+            let pause = auto_pause.then_some(if disk_only {
+                Keep::DiskOnly
+            } else {
+                Keep::Memory
+            });
+            (id, pause)
+        });
+        self.spawn_reaps(ids, |svc, id, pause| async move {
+            svc.reap_one(&id, pause).await;
         })
     }
 
@@ -125,17 +133,16 @@ impl Service {
         Ok(true)
     }
 
-    async fn reap_one(&self, id: &str, auto_pause: bool) {
+    async fn reap_one(&self, id: &str, pause: Option<Keep>) {
         let mut reason = "timeout: the sandbox reached its end time";
-        if auto_pause {
-            match self
-                .pause_record(
-                    id,
-                    Keep::Memory,
-                    "timeout: paused at its end time (autoPause)",
-                )
-                .await
-            {
+        if let Some(keep) = pause {
+            let why = match keep {
+                Keep::Memory => "timeout: paused at its end time (autoPause)",
+                Keep::DiskOnly => {
+                    "timeout: paused at its end time, filesystem only (autoPause, autoPauseMemory: false)"
+                }
+            };
+            match self.pause_record(id, keep, why).await {
                 Ok(()) => {
                     tracing::info!("reaper: paused at timeout");
                     return;

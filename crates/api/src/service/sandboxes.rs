@@ -41,6 +41,8 @@ pub(super) struct NewSandboxParams {
     /// `network.maskRequestHost`, checked.
     pub(super) mask_request_host: Option<String>,
     pub(super) auto_pause: bool,
+    /// The timeout pause keeps only the disk (`autoPauseMemory: false`).
+    pub(super) auto_pause_disk_only: bool,
     pub(super) auto_resume: bool,
     /// A running-sandbox slot reserved up front (a fork's children); `None`: reserve one.
     pub(super) reservation: Option<Reservation>,
@@ -90,6 +92,7 @@ impl Service {
         reject_unsupported(&req)?;
         let auto_resume = auto_resume_enabled(&req.auto_resume)?;
         let auto_pause = req.auto_pause == Some(true);
+        let auto_pause_disk_only = auto_pause && req.auto_pause_memory == Some(false);
         let net = parse_network(&req.network, req.allow_internet_access)?;
         let (t, name) = (team_id.to_owned(), req.template_id.clone());
         let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
@@ -121,6 +124,7 @@ impl Service {
                 public_traffic: net.public,
                 mask_request_host: net.mask_request_host,
                 auto_pause,
+                auto_pause_disk_only,
                 auto_resume,
                 reservation: None,
             },
@@ -214,6 +218,7 @@ impl Service {
             public_traffic,
             mask_request_host,
             auto_pause,
+            auto_pause_disk_only,
             auto_resume,
             reservation,
         } = p;
@@ -234,6 +239,7 @@ impl Service {
             envd_version: template.envd_version.clone(),
             envd_access_token: Some(token.clone()),
             auto_pause,
+            auto_pause_disk_only,
             allow_internet_access,
             traffic_access_token: traffic_token.clone(),
             metadata: metadata.clone(),
@@ -651,9 +657,14 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
             Some(_) => false,
         }
     }
-    if req.auto_pause_memory == Some(false) {
-        return Err(ApiError::Unsupported {
-            feature: "autoPauseMemory: false (filesystem-only pause); memory is always kept",
+    if req.auto_pause_memory == Some(false)
+        && req
+            .auto_resume
+            .as_ref()
+            .is_some_and(|v| v.get("enabled") == Some(&serde_json::Value::Bool(true)))
+    {
+        return Err(ApiError::InvalidBody {
+            detail: "autoPauseMemory: false cannot go with autoResume: a sandbox paused with its disk alone cold-boots on resume, so traffic cannot wake it transparently; resume it with connect".into(),
         });
     }
     check_mcp(&req.mcp)?;

@@ -248,6 +248,7 @@ impl Service {
                 public_traffic: r.traffic_access_token.is_some().then_some(false),
                 mask_request_host: r.mask_request_host.clone(),
                 auto_pause: r.auto_pause,
+                auto_pause_disk_only: r.auto_pause_disk_only,
                 auto_resume: r.auto_resume,
                 reservation: slots.pop(),
             };
