@@ -297,24 +297,33 @@ def _figure_chart(fig):
         return None
 
 
-def _register_chart_formatter():
-    try:
-        from IPython import get_ipython
-        from IPython.core.formatters import BaseFormatter
-        from traitlets import ObjectName, Unicode
-    except Exception:
-        return
+def _add_formatter(mime, method):
+    """A display formatter giving `mime` (a dict) for the types registered on it, installed in
+    the kernel's display formatter; None outside IPython."""
+    from IPython import get_ipython
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+
     ip = get_ipython()
     if ip is None:
-        return
+        return None, None
 
-    class ChartFormatter(BaseFormatter):
-        format_type = Unicode(CHART_MIME)
-        print_method = ObjectName("_repr_alcove_chart_")
+    class Formatter(BaseFormatter):
+        format_type = Unicode(mime)
+        print_method = ObjectName(method)
         _return_type = (dict,)
 
-    formatter = ChartFormatter(parent=ip.display_formatter)
-    ip.display_formatter.formatters[CHART_MIME] = formatter
+    formatter = Formatter(parent=ip.display_formatter)
+    ip.display_formatter.formatters[mime] = formatter
+    if mime not in ip.display_formatter.active_types:
+        ip.display_formatter.active_types.append(mime)
+    return ip, formatter
+
+
+def _register_chart_formatter():
+    ip, formatter = _add_formatter(CHART_MIME, "_repr_alcove_chart_")
+    if ip is None:
+        return
 
     def ensure(*_args):
         # matplotlib-inline drops every formatter's Figure printer whenever it (re)configures
@@ -353,26 +362,12 @@ def _frame_data(df):
 
 
 def _register_data_formatter():
-    from IPython import get_ipython
-    from IPython.core.formatters import BaseFormatter
-    from traitlets import ObjectName, Unicode
-
-    ip = get_ipython()
+    ip, formatter = _add_formatter(DATA_MIME, "_repr_alcove_data_")
     if ip is None:
         return
-
-    class DataFormatter(BaseFormatter):
-        format_type = Unicode(DATA_MIME)
-        print_method = ObjectName("_repr_alcove_data_")
-        _return_type = (dict,)
-
-    formatter = DataFormatter(parent=ip.display_formatter)
     # pandas 3 names its classes' module `pandas`; earlier versions `pandas.core.frame`.
     for module in ("pandas", "pandas.core.frame"):
         formatter.for_type_by_name(module, "DataFrame", _frame_data)
-    ip.display_formatter.formatters[DATA_MIME] = formatter
-    if DATA_MIME not in ip.display_formatter.active_types:
-        ip.display_formatter.active_types.append(DATA_MIME)
 
 
 def _patch_bxp():

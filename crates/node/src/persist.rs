@@ -181,43 +181,14 @@ impl<V: Vmm> Node<V> {
         let state_file = live.dir().join(PAUSED_STATE);
         if *disk_only || reboot {
             if *disk_only {
-                let disk = live.dir().join("disk.qcow2");
-                let got = crate::node::sha256_blocking(&disk).await.map_err(|e| {
-                    NodeError::CorruptSnapshot {
-                        id: id.to_string(),
-                        detail: format!("{} cannot be read ({e})", disk.display()),
-                    }
-                })?;
-                if &got != state_sha256 {
-                    return Err(NodeError::CorruptSnapshot {
-                        id: id.to_string(),
-                        detail: format!(
-                            "{} has checksum {got}, recorded {state_sha256}",
-                            disk.display()
-                        ),
-                    });
-                }
+                verify_checksum(id, &live.dir().join("disk.qcow2"), state_sha256).await?;
             }
             self.boot_from_disk(&live, t0).await?;
             let _ = std::fs::remove_file(&state_file);
             tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox booted from its disk");
             return Ok(t0.elapsed());
         }
-        let got = crate::node::sha256_blocking(&state_file)
-            .await
-            .map_err(|e| NodeError::CorruptSnapshot {
-                id: id.to_string(),
-                detail: format!("{} cannot be read ({e})", state_file.display()),
-            })?;
-        if &got != state_sha256 {
-            return Err(NodeError::CorruptSnapshot {
-                id: id.to_string(),
-                detail: format!(
-                    "{} has checksum {got}, recorded {state_sha256}",
-                    state_file.display()
-                ),
-            });
-        }
+        verify_checksum(id, &state_file, state_sha256).await?;
         self.run_from_state(&live, &state_file, None, false, t0)
             .await?;
         let _ = std::fs::remove_file(&state_file);
@@ -601,6 +572,24 @@ async fn guest_flush<V: Vmm>(
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
         ));
+    }
+    Ok(())
+}
+
+/// What a resume starts from must hash to what the pause recorded; else it is refused (and
+/// left as it is).
+async fn verify_checksum(id: &str, path: &Path, recorded: &str) -> Result<(), NodeError> {
+    let got = crate::node::sha256_blocking(path)
+        .await
+        .map_err(|e| NodeError::CorruptSnapshot {
+            id: id.to_string(),
+            detail: format!("{} cannot be read ({e})", path.display()),
+        })?;
+    if got != recorded {
+        return Err(NodeError::CorruptSnapshot {
+            id: id.to_string(),
+            detail: format!("{} has checksum {got}, recorded {recorded}", path.display()),
+        });
     }
     Ok(())
 }
