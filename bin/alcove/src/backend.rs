@@ -357,10 +357,11 @@ impl SandboxBackend for NodeBackend {
         &'a self,
         sandbox_id: &'a str,
         snapshot_id: &'a str,
+        keep: Keep,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.node
-                .snapshot(sandbox_id, snapshot_id)
+                .snapshot_with(sandbox_id, snapshot_id, keep == Keep::DiskOnly)
                 .await
                 .map(|_| ())
                 .map_err(|e| map_err("snapshot sandbox", e))

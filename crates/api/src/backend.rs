@@ -345,11 +345,13 @@ pub trait SandboxBackend: Send + Sync + 'static {
         Box::pin(async { Err(BackendError::Unsupported { op: "resume" }) })
     }
 
-    /// Takes snapshot `snapshot_id` of a running sandbox, which goes on running.
+    /// Takes snapshot `snapshot_id` of a running sandbox, which goes on running. With
+    /// [`Keep::DiskOnly`], sandboxes made from it cold-boot from its disk.
     fn snapshot<'a>(
         &'a self,
         _sandbox_id: &'a str,
         _snapshot_id: &'a str,
+        _keep: Keep,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async { Err(BackendError::Unsupported { op: "snapshot" }) })
     }

@@ -136,7 +136,8 @@ pub struct SnapshotRequest {
     /// A name the snapshot can also be restored by (the newest snapshot of that name wins).
     #[serde(default)]
     pub name: Option<String>,
-    /// `false` (filesystem-only snapshot) is not supported and refused.
+    /// `false` (the SDKs' `mode="filesystem"`): sandboxes made from the snapshot cold-boot from
+    /// its disk (files and env vars kept, no processes or memory).
     #[serde(default)]
     pub memory: Option<bool>,
 }

@@ -61,6 +61,21 @@ async fn filesystem_only_pause_and_reboot_reach_the_backend() {
         )
         .await;
     assert_eq!(c.status, 200, "{}", c.json);
+    // A filesystem-only snapshot; sandboxes are made from it as from any snapshot.
+    let snap = api
+        .post(
+            &format!("/sandboxes/{id}/snapshots"),
+            json!({"memory": false}),
+        )
+        .await;
+    assert_eq!(snap.status, 201, "{}", snap.json);
+    let child = api
+        .post(
+            "/v2/sandboxes",
+            json!({"templateID": snap.json["snapshotID"], "timeout": 60}),
+        )
+        .await;
+    assert_eq!(child.status, 201, "{}", child.json);
     let calls = s.backend.persist_calls.lock().unwrap().clone();
     let id2 = id.clone();
     assert_eq!(
@@ -69,7 +84,8 @@ async fn filesystem_only_pause_and_reboot_reach_the_backend() {
             (id2.clone(), "pause", Keep::DiskOnly),
             (id2.clone(), "resume", Keep::Memory),
             (id2.clone(), "pause", Keep::Memory),
-            (id2, "resume", Keep::DiskOnly),
+            (id2.clone(), "resume", Keep::DiskOnly),
+            (id2, "snapshot", Keep::DiskOnly),
         ]
     );
 }

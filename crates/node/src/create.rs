@@ -128,23 +128,15 @@ impl<V: Vmm> Node<V> {
         let meta = snapshots::read_meta(&dir)
             .filter(|m| !m.deleted)
             .ok_or_else(|| NodeError::SnapshotNotFound(snap.to_string()))?;
-        let state = meta.state_file(&dir);
-        let got =
-            crate::node::sha256_blocking(&state)
-                .await
-                .map_err(|e| NodeError::CorruptSnapshot {
-                    id: snap.to_string(),
-                    detail: format!("{} cannot be read ({e})", state.display()),
-                })?;
-        if got != meta.state_sha256 {
-            return Err(NodeError::CorruptSnapshot {
-                id: snap.to_string(),
-                detail: format!(
-                    "{} has checksum {got}, recorded {}",
-                    state.display(),
-                    meta.state_sha256
-                ),
-            });
+        // A filesystem-only snapshot's sandboxes start from its layer; the others from its image.
+        match (&meta.disk_sha256, meta.disk_only) {
+            (Some(sha), true) => {
+                crate::persist::verify_checksum(snap, &dir.join(snapshots::DISK), sha).await?
+            }
+            _ => {
+                crate::persist::verify_checksum(snap, &meta.state_file(&dir), &meta.state_sha256)
+                    .await?
+            }
         }
         Ok(meta)
     }
@@ -315,25 +307,34 @@ impl<V: Vmm> Node<V> {
             self.new_info(id, template, source.snapshot.as_ref(), opts),
         )?;
 
-        let mut spec = sandbox_spec(template, dir);
-        let (state_file, guest_token) = match &source.snapshot {
-            None => (template.state.clone(), None),
-            Some(meta) => {
-                let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id);
-                if meta.shared_ram {
-                    spec.ram_file = sdir.join(snapshots::RAM);
-                }
-                (meta.state_file(&sdir), meta.access_token.clone())
+        let (vm, listeners, restore, guest_token) = match &source.snapshot {
+            // A filesystem-only snapshot: a cold boot from its layer; the guest has no token yet.
+            Some(meta) if meta.disk_only => {
+                let (vm, listeners) = self.boot_vm(template, dir, id).await?;
+                (vm, listeners, RestoreTimings::default(), None)
+            }
+            _ => {
+                let mut spec = sandbox_spec(template, dir);
+                let (state_file, guest_token) = match &source.snapshot {
+                    None => (template.state.clone(), None),
+                    Some(meta) => {
+                        let sdir = snapshots::snapshot_dir(&self.cfg.data_dir, &meta.id);
+                        if meta.shared_ram {
+                            spec.ram_file = sdir.join(snapshots::RAM);
+                        }
+                        (meta.state_file(&sdir), meta.access_token.clone())
+                    }
+                };
+                let listeners = self.new_netns(&mut spec).await?;
+                let full_image = source.snapshot.as_ref().is_some_and(|m| !m.shared_ram);
+                let (vm, restore) = if full_image {
+                    self.cfg.vmm.restore_full(&spec, &state_file).await?
+                } else {
+                    self.cfg.vmm.restore(&spec, &state_file).await?
+                };
+                (vm, listeners, restore, guest_token)
             }
         };
-        let listeners = self.new_netns(&mut spec).await?;
-        let full_image = source.snapshot.as_ref().is_some_and(|m| !m.shared_ram);
-        let (vm, restore) = if full_image {
-            self.cfg.vmm.restore_full(&spec, &state_file).await?
-        } else {
-            self.cfg.vmm.restore(&spec, &state_file).await?
-        };
-        drop(spec);
         // Recorded before anything else can fail, so a crash of this process cannot leak the VM.
         let info = match record.apply(Event::VmStarted { pid: vm.pid() }) {
             Ok(info) => info,

@@ -96,14 +96,7 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let (_, vm) = live.running_vm(id)?;
-        let keep = alcove_guest_contract::PERSISTED_ENV_FILE;
-        // After `sync` returns, the guest's writes are on the host: the virtio-blk flush makes
-        // QEMU write and sync its qcow2 data and metadata.
-        let script = format!(
-            "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
-            run = "/run/alcove/envs.json",
-        );
-        guest_flush(&live, &vm, id, &script, FLUSH_TIMEOUT).await?;
+        guest_flush(&live, &vm, id, &keep_env_and_sync(), FLUSH_TIMEOUT).await?;
         let saved = t0.elapsed();
         live.stopping.store(true, Ordering::SeqCst);
         vm.kill().await;
@@ -234,8 +227,20 @@ impl<V: Vmm> Node<V> {
     ) -> Result<(), NodeError> {
         let info = live.snapshot();
         let template = self.template_by_key(&info.template_key)?;
-        let mut spec = sandbox_spec(&template, live.dir());
-        let ram = live.dir().join(BOOT_RAM);
+        let (vm, listeners) = self.boot_vm(&template, live.dir(), &info.id).await?;
+        self.adopt_vm(live, vm, listeners, true, t0).await
+    }
+
+    /// Boots `template`'s kernel over the overlay `dir/disk.qcow2` with fresh zeroed RAM, in a
+    /// new network namespace, and waits for the agent's ready line (its start command done).
+    pub(crate) async fn boot_vm(
+        &self,
+        template: &alcove_image::Template,
+        dir: &Path,
+        id: &str,
+    ) -> Result<(V::Vm, crate::host::EgressSockets), NodeError> {
+        let mut spec = sandbox_spec(template, dir);
+        let ram = dir.join(BOOT_RAM);
         let make_ram = || -> std::io::Result<()> {
             let f = crate::private::create_file(&ram)?;
             f.set_len(u64::from(spec.mem_mib) << 20)
@@ -265,14 +270,14 @@ impl<V: Vmm> Node<V> {
             let tail = vm.console().tail(20);
             vm.kill().await;
             return Err(NodeError::BootFromDisk {
-                id: info.id.clone(),
+                id: id.to_string(),
                 detail: format!(
                     "no ready line within {} s; console tail:\n{tail}",
                     BOOT_READY_TIMEOUT.as_secs()
                 ),
             });
         }
-        self.adopt_vm(live, vm, listeners, true, t0).await
+        Ok((vm, listeners))
     }
 
     /// Gives a just-started VM its sandbox's `/init` (`fresh`: identity and env as at a create)
@@ -319,6 +324,19 @@ impl<V: Vmm> Node<V> {
         id: &str,
         snapshot_id: &str,
     ) -> Result<(SnapshotMeta, PauseTimings), NodeError> {
+        self.snapshot_with(id, snapshot_id, false).await
+    }
+
+    /// [`Node::snapshot`]; with `disk_only` a filesystem-only snapshot: the guest saves its env
+    /// vars to its disk and flushes it first, the layer's checksum is recorded, and sandboxes
+    /// made from the snapshot cold-boot from the layer instead of restoring the memory image
+    /// (which stays only for the sandbox the snapshot was taken of).
+    pub async fn snapshot_with(
+        self: &Arc<Self>,
+        id: &str,
+        snapshot_id: &str,
+        disk_only: bool,
+    ) -> Result<(SnapshotMeta, PauseTimings), NodeError> {
         if !valid_id(snapshot_id) {
             return Err(NodeError::Io(
                 snapshot_id.to_string(),
@@ -329,6 +347,9 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let (info, vm) = live.running_vm(id)?;
+        if disk_only {
+            guest_flush(&live, &vm, id, &keep_env_and_sync(), FLUSH_TIMEOUT).await?;
+        }
         let root = snapshots::snapshots_root(&self.cfg.data_dir);
         crate::private::create_dir_all(&root)
             .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
@@ -378,6 +399,12 @@ impl<V: Vmm> Node<V> {
                 created_at_unix_ms: now_ms(),
                 deleted: false,
                 shared_ram: false,
+                disk_only,
+                disk_sha256: if disk_only {
+                    Some(crate::node::sha256_blocking(&layer).await?)
+                } else {
+                    None
+                },
             };
             snapshots::write_meta(&sdir, &meta)?;
             // The overlay sits on the layer from now on: recorded before anything can collect it.
@@ -535,6 +562,17 @@ impl<V: Vmm> Node<V> {
     }
 }
 
+/// What the guest runs before its disk alone is kept: its env vars saved to the disk (the agent
+/// takes them back at the next boot), then `sync`. After `sync` returns, the guest's writes are
+/// on the host: the virtio-blk flush makes QEMU write and sync its qcow2 data and metadata.
+fn keep_env_and_sync() -> String {
+    let keep = alcove_guest_contract::PERSISTED_ENV_FILE;
+    format!(
+        "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
+        run = "/run/alcove/envs.json",
+    )
+}
+
 /// Runs `script` as root in the guest (`/bin/sh -c`), within `limit`: the flushes before a
 /// pause. A non-zero exit is an error naming it.
 async fn guest_flush<V: Vmm>(
@@ -578,7 +616,11 @@ async fn guest_flush<V: Vmm>(
 
 /// What a resume starts from must hash to what the pause recorded; else it is refused (and
 /// left as it is).
-async fn verify_checksum(id: &str, path: &Path, recorded: &str) -> Result<(), NodeError> {
+pub(crate) async fn verify_checksum(
+    id: &str,
+    path: &Path,
+    recorded: &str,
+) -> Result<(), NodeError> {
     let got = crate::node::sha256_blocking(path)
         .await
         .map_err(|e| NodeError::CorruptSnapshot {

@@ -46,6 +46,13 @@ pub struct SnapshotMeta {
     /// the whole image into private memory.
     #[serde(default)]
     pub shared_ram: bool,
+    /// A filesystem-only snapshot: sandboxes made from it cold-boot from its layer (the memory
+    /// image stays only for the sandbox it was taken of, which goes on from it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_only: bool,
+    /// SHA-256 of the frozen layer (`disk.qcow2`), verified before a cold boot from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_sha256: Option<String>,
 }
 
 impl SnapshotMeta {
@@ -168,6 +175,8 @@ mod tests {
             created_at_unix_ms: 0,
             deleted,
             shared_ram: false,
+            disk_only: false,
+            disk_sha256: None,
         }
     }
 

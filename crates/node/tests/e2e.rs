@@ -474,6 +474,67 @@ async fn a_filesystem_only_pause_keeps_the_disk_and_cold_boots_across_a_restart(
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a built base template; run by scripts/test.sh"]
+async fn sandboxes_from_a_filesystem_only_snapshot_cold_boot_with_its_files() {
+    let (data, _reaper) = data_dir();
+    let node = node(data.path()).await;
+    let mut opts = base();
+    opts.envs.insert("FROM_PARENT".into(), "yes".into());
+    let (parent, _) = node.create(opts).await.unwrap();
+    out(&node, &parent.id, "echo layer > /home/user/in-layer && cat /proc/sys/kernel/random/boot_id > /home/user/parent-boot").await;
+    let (meta, _) = node
+        .snapshot_with(&parent.id, "fssnap", true)
+        .await
+        .unwrap();
+    assert!(meta.disk_only && meta.disk_sha256.is_some());
+    // The parent goes on where it was.
+    assert_eq!(
+        out(&node, &parent.id, "cat /proc/sys/kernel/random/boot_id").await,
+        out(&node, &parent.id, "cat /home/user/parent-boot").await
+    );
+    let mut child_opts = base();
+    child_opts.snapshot = Some("fssnap".into());
+    child_opts.envs.insert("OWN".into(), "child".into());
+    let (child, _) = node.create(child_opts).await.unwrap();
+    assert_eq!(
+        out(&node, &child.id, "cat /home/user/in-layer").await,
+        "layer\n"
+    );
+    assert_ne!(
+        out(&node, &child.id, "cat /proc/sys/kernel/random/boot_id").await,
+        out(&node, &child.id, "cat /home/user/parent-boot").await,
+        "a child of a filesystem-only snapshot boots anew"
+    );
+    assert_eq!(
+        out(&node, &child.id, "echo $FROM_PARENT $OWN").await,
+        "yes child\n"
+    );
+    assert_eq!(out(&node, &child.id, "hostname").await.trim(), child.id);
+    // A damaged layer is refused.
+    node.kill(&child.id).await.unwrap();
+    let layer = data
+        .path()
+        .join("snapshots")
+        .join("fssnap")
+        .join("disk.qcow2");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let good = std::fs::read(&layer).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&layer, &bad).unwrap();
+    let mut again = base();
+    again.snapshot = Some("fssnap".into());
+    let err = node.create(again).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::write(&layer, &good).unwrap();
+    node.kill(&parent.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a built base template; run by scripts/test.sh"]
 async fn a_corrupt_pause_snapshot_is_refused_and_left_intact() {
     let (data, _reaper) = data_dir();
     let node = node(data.path()).await;

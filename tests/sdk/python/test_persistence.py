@@ -130,6 +130,27 @@ def test_a_timeout_pause_can_keep_only_the_disk():
         sbx.kill()
 
 
+def test_a_filesystem_only_snapshot_makes_cold_booted_sandboxes():
+    src = Sandbox.create(TEMPLATE, timeout=300, envs={"FROM_SRC": "src"})
+    children = []
+    try:
+        src.files.write("/home/user/snap.txt", "in the snapshot")
+        src_boot = boot_id(src)
+        snap = src.create_snapshot(mode="filesystem")
+        # The source goes on where it was.
+        assert boot_id(src) == src_boot
+        for _ in range(2):
+            child = Sandbox.create(snap.snapshot_id, timeout=120)
+            children.append(child)
+            assert child.files.read("/home/user/snap.txt") == "in the snapshot"
+            assert boot_id(child) != src_boot
+            assert child.commands.run("echo $FROM_SRC").stdout.strip() == "src"
+    finally:
+        for c in children:
+            c.kill()
+        src.kill()
+
+
 def test_on_resume_reboot_drops_the_memory_image():
     sbx = Sandbox.create(TEMPLATE, timeout=300)
     try:

@@ -96,7 +96,7 @@ pub async fn pause(
     params(("sandboxID" = String, Path)), request_body = SnapshotRequest,
     responses(
         (status = 201, description = "Snapshot taken; the sandbox goes on running. Create sandboxes from it with templateID = snapshotID", body = SnapshotInfo),
-        (status = 400, description = "memory: false is not supported, or a bad name", body = ErrorBody),
+        (status = 400, description = "A bad name", body = ErrorBody),
         (status = 404, description = "No such live sandbox", body = ErrorBody),
         (status = 409, description = "The sandbox is paused", body = ErrorBody)),
     security(("ApiKeyAuth" = [])))]

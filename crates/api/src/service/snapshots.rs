@@ -11,7 +11,7 @@ use alcove_store::{
 use super::quota::Want;
 use super::sandboxes::NewSandboxParams;
 use super::{Service, api_error, new_sandbox_id};
-use crate::backend::{BackendError, BackendOp};
+use crate::backend::{BackendError, BackendOp, Keep};
 use crate::error::{ApiError, chain};
 use crate::metrics::{METRICS, Metrics};
 use crate::models::{self, rfc3339};
@@ -27,6 +27,7 @@ impl Service {
         r: &SandboxRecord,
         name: Option<String>,
         kind: &str,
+        keep: Keep,
     ) -> Result<SnapshotRecord, ApiError> {
         let lock = self.op_lock(&r.id);
         let _guard = lock.lock().await;
@@ -54,7 +55,7 @@ impl Service {
             .call(
                 BackendOp::Snapshot,
                 &r.id,
-                self.backend.snapshot(&r.id, &snapshot_id),
+                self.backend.snapshot(&r.id, &snapshot_id, keep),
             )
             .await
         {
@@ -94,11 +95,6 @@ impl Service {
         name: Option<String>,
         memory: Option<bool>,
     ) -> Result<models::SnapshotInfo, ApiError> {
-        if memory == Some(false) {
-            return Err(ApiError::Unsupported {
-                feature: "filesystem-only snapshots (memory: false); snapshots always keep memory",
-            });
-        }
         if let Some(n) = &name
             && (n.is_empty() || n.len() > 128 || n.chars().any(char::is_control))
         {
@@ -107,7 +103,8 @@ impl Service {
             });
         }
         let r = self.live_record(team_id, id).await?;
-        let snap = self.take_snapshot(&r, name, "snapshot").await?;
+        let keep = Keep::from_memory_flag(memory);
+        let snap = self.take_snapshot(&r, name, "snapshot", keep).await?;
         Ok(snapshot_info(&snap))
     }
 
@@ -230,7 +227,7 @@ impl Service {
                 });
             }
         };
-        let snap = self.take_snapshot(&r, None, "fork").await?;
+        let snap = self.take_snapshot(&r, None, "fork", Keep::Memory).await?;
         let template = self.resolve_template(&r.template_id).await?;
         let lifetime = requested.unwrap_or_else(|| self.restart_timeout(&r));
         let children = (0..count).map(|_| {

@@ -361,9 +361,14 @@ impl SandboxBackend for FakeBackend {
         &'a self,
         sandbox_id: &'a str,
         snapshot_id: &'a str,
+        keep: Keep,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.answer(sandbox_id).await;
+            self.persist_calls
+                .lock()
+                .unwrap()
+                .push((sandbox_id.to_owned(), "snapshot", keep));
             let vm = self
                 .vms
                 .lock()
