@@ -27,8 +27,6 @@ const BOOT_RAM: &str = "boot.mem";
 const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(100);
 /// Bound on the guest's flush before a filesystem-only pause.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on the best-effort flush before a full pause.
-const SYNC_BEFORE_PAUSE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PauseTimings {
@@ -48,11 +46,6 @@ impl<V: Vmm> Node<V> {
         let (_, vm) = live.running_vm(id)?;
         let state_file = live.dir().join(PAUSED_STATE);
         let tmp = live.dir().join(format!("{PAUSED_STATE}.tmp"));
-        // Best effort: a flushed disk is what a later `on_resume="reboot"` boots from. A guest
-        // that does not answer is paused all the same (its image is what a resume restores).
-        if let Err(e) = guest_flush(&live, &vm, id, "sync", SYNC_BEFORE_PAUSE).await {
-            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "the guest did not flush its disk before the pause");
-        }
         live.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = vm.snapshot(&tmp).await {
             // The VM is stopped but intact: let it run on rather than lose it.

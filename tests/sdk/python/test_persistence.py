@@ -157,6 +157,8 @@ def test_on_resume_reboot_drops_the_memory_image():
         start_holder(sbx)
         first_boot = boot_id(sbx)
         sbx.files.write("/home/user/reboot.txt", "kept")
+        # A full pause keeps the page cache in the memory image, which a reboot drops.
+        sbx.commands.run("sync")
         sbx.pause()
         resumed = Sandbox.connect(sbx.sandbox_id, on_resume="reboot")
         assert boot_id(resumed) != first_boot
