@@ -28,7 +28,7 @@ use anyhow::Context;
 pub const DEFAULT_TEMPLATE_CONFIG: &str = "/etc/alcove/template.json";
 /// The sandbox's environment variables as a JSON object, rewritten at every `/init` (read by the
 /// code interpreter before each cell).
-pub const SANDBOX_ENV_FILE: &str = "/run/alcove/envs.json";
+pub const SANDBOX_ENV_FILE: &str = alcove_guest_contract::SANDBOX_ENV_FILE;
 /// Rewritten with a fresh random id every time `/init` credits entropy (boot, resume, restore,
 /// fork): the code interpreter reseeds its kernels' userspace RNGs when the id changes, so
 /// clones of one snapshot don't share Python's `random` or numpy's global state.

@@ -30,6 +30,9 @@ pub const AGENT_CHANNEL: &str = "alcove.agent";
 /// The console line the agent prints once it serves and the template's start and ready commands
 /// succeeded: the host snapshots a template VM when it sees it.
 pub const READY_LINE: &str = "ALCOVE_AGENT_READY";
+/// The sandbox's environment variables as the agent publishes them at every `/init` (JSON, 0600;
+/// on a tmpfs), for in-guest servers that start processes of their own.
+pub const SANDBOX_ENV_FILE: &str = "/run/alcove/envs.json";
 /// Where the guest keeps its sandbox's environment variables across a filesystem-only pause
 /// (the host never stores their values): the host has the guest copy them here before it
 /// flushes the disk, and the agent takes them back at the next boot and removes the file.

@@ -56,22 +56,12 @@ impl<V: Vmm> Node<V> {
             return Err(e.into());
         }
         let saved = t0.elapsed();
-        vm.kill().await;
-        live.stop_net();
-        *live.agent.lock().await = None;
-        *live.vm.lock().expect("vm lock") = None;
+        end_vm_for_pause(&live, &vm).await;
         let sha = crate::node::sha256_blocking(&tmp).await?;
         std::fs::rename(&tmp, &state_file)
             .map_err(|e| NodeError::Io(state_file.display().to_string(), e))?;
         let size = std::fs::metadata(&state_file).map(|m| m.len()).unwrap_or(0);
-        live.apply(Event::Paused {
-            state_sha256: sha,
-            at_unix_ms: now_ms(),
-            disk_only: false,
-        })?;
-        for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
-            let _ = std::fs::remove_file(live.dir().join(sock));
-        }
+        record_paused(&live, sha, false)?;
         tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, bytes = size, "sandbox paused");
         Ok(PauseTimings {
             saved,
@@ -89,25 +79,15 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let (_, vm) = live.running_vm(id)?;
-        guest_flush(&live, &vm, id, &keep_env_and_sync(), FLUSH_TIMEOUT).await?;
+        keep_env_and_sync(&live, &vm, id).await?;
         let saved = t0.elapsed();
         live.stopping.store(true, Ordering::SeqCst);
-        vm.kill().await;
-        live.stop_net();
-        *live.agent.lock().await = None;
-        *live.vm.lock().expect("vm lock") = None;
+        end_vm_for_pause(&live, &vm).await;
         let disk = live.dir().join("disk.qcow2");
         let sha = crate::node::sha256_blocking(&disk).await?;
         // A full pause's image left from before (a reboot that failed) is not this state.
         let _ = std::fs::remove_file(live.dir().join(PAUSED_STATE));
-        live.apply(Event::Paused {
-            state_sha256: sha,
-            at_unix_ms: now_ms(),
-            disk_only: true,
-        })?;
-        for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
-            let _ = std::fs::remove_file(live.dir().join(sock));
-        }
+        record_paused(&live, sha, true)?;
         tracing::info!(sandbox_id = %id, ms = t0.elapsed().as_millis() as u64, "sandbox paused (filesystem only)");
         Ok(PauseTimings {
             saved,
@@ -341,7 +321,7 @@ impl<V: Vmm> Node<V> {
         let t0 = Instant::now();
         let (info, vm) = live.running_vm(id)?;
         if disk_only {
-            guest_flush(&live, &vm, id, &keep_env_and_sync(), FLUSH_TIMEOUT).await?;
+            keep_env_and_sync(&live, &vm, id).await?;
         }
         let root = snapshots::snapshots_root(&self.cfg.data_dir);
         crate::private::create_dir_all(&root)
@@ -555,26 +535,39 @@ impl<V: Vmm> Node<V> {
     }
 }
 
-/// What the guest runs before its disk alone is kept: its env vars saved to the disk (the agent
-/// takes them back at the next boot), then `sync`. After `sync` returns, the guest's writes are
-/// on the host: the virtio-blk flush makes QEMU write and sync its qcow2 data and metadata.
-fn keep_env_and_sync() -> String {
-    let keep = alcove_guest_contract::PERSISTED_ENV_FILE;
-    format!(
-        "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
-        run = "/run/alcove/envs.json",
-    )
+/// Ends a paused (or pausing) sandbox's VM and lets go of everything that served it.
+async fn end_vm_for_pause<V: Vmm>(live: &Live<V>, vm: &V::Vm) {
+    vm.kill().await;
+    live.stop_net();
+    *live.agent.lock().await = None;
+    *live.vm.lock().expect("vm lock") = None;
 }
 
-/// Runs `script` as root in the guest (`/bin/sh -c`), within `limit`: the flushes before a
-/// pause. A non-zero exit is an error naming it.
-async fn guest_flush<V: Vmm>(
-    live: &Live<V>,
-    vm: &V::Vm,
-    id: &str,
-    script: &str,
-    limit: Duration,
-) -> Result<(), NodeError> {
+/// Records the sandbox paused (`sha`: of what its resume starts from) and removes the ended
+/// VM's sockets and pid file.
+fn record_paused<V: Vmm>(live: &Live<V>, sha: String, disk_only: bool) -> Result<(), NodeError> {
+    live.apply(Event::Paused {
+        state_sha256: sha,
+        at_unix_ms: now_ms(),
+        disk_only,
+    })?;
+    for sock in ["qmp.sock", "agent.sock", "console.sock", "qemu.pid"] {
+        let _ = std::fs::remove_file(live.dir().join(sock));
+    }
+    Ok(())
+}
+
+/// Before its disk alone is kept, the guest saves its env vars to the disk (the agent takes
+/// them back at the next boot) and runs `sync`, as root, within [`FLUSH_TIMEOUT`]. After `sync`
+/// returns, the guest's writes are on the host: the virtio-blk flush makes QEMU write and sync
+/// its qcow2 data and metadata. A non-zero exit is an error naming it.
+async fn keep_env_and_sync<V: Vmm>(live: &Live<V>, vm: &V::Vm, id: &str) -> Result<(), NodeError> {
+    let keep = alcove_guest_contract::PERSISTED_ENV_FILE;
+    let script = format!(
+        "mkdir -p \"$(dirname {keep})\" && if [ -f {run} ]; then cp {run} {keep}.tmp && chmod 600 {keep}.tmp && mv -f {keep}.tmp {keep}; else rm -f {keep}; fi; sync",
+        run = alcove_guest_contract::SANDBOX_ENV_FILE,
+    );
+    let limit = FLUSH_TIMEOUT;
     let access_token = live.snapshot().access_token;
     let guard = live.agent.lock().await;
     let agent = guard.as_ref().ok_or_else(|| NodeError::NotRunning {
@@ -585,7 +578,7 @@ async fn guest_flush<V: Vmm>(
         Ok(agent
             .run(alcove_agent_client::RunRequest {
                 cmd: "/bin/sh".into(),
-                args: vec!["-c".into(), script.to_string()],
+                args: vec!["-c".into(), script],
                 user: Some("root".into()),
                 timeout: Some(limit),
                 access_token,
