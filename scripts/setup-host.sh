@@ -30,7 +30,7 @@ fi
 need=()
 for p in qemu-system-x86 mmdebstrap e2fsprogs busybox-static flex bison bc libelf-dev libssl-dev \
          linux-source-6.1 build-essential cpio xz-utils iproute2 nftables python3-venv socat curl \
-         patchelf docker-registry apache2-utils; do
+         patchelf docker-registry apache2-utils openssl; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then

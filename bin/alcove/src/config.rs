@@ -339,6 +339,11 @@ pub struct EgressOptions {
     /// Bandwidth per sandbox and direction in Mbit/s (0: unlimited).
     #[arg(long, env = "ALCOVE_NET_BANDWIDTH_MBIT", default_value_t = 0)]
     pub net_bandwidth_mbit: u64,
+    /// A PEM file of CA certificates the egress proxy also trusts (besides the host's trust
+    /// store) when it verifies the real hosts it forwards requests to for network rules (for
+    /// example a company CA in front of an internal API).
+    #[arg(long, env = "ALCOVE_EGRESS_CA")]
+    pub egress_ca: Option<PathBuf>,
 }
 
 impl EgressOptions {
@@ -354,14 +359,15 @@ impl EgressOptions {
     }
 
     pub fn config(&self) -> anyhow::Result<std::sync::Arc<alcove_net::EgressConfig>> {
-        self.config_with_events(None)
+        self.config_with(None, None)
     }
 
     /// [`EgressOptions::config`], with each connection's record sent to `events` (the
-    /// server's audit log).
-    pub fn config_with_events(
+    /// server's audit log) and secret values for network rules from `secrets` (its store).
+    pub fn config_with(
         &self,
         events: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
+        secrets: Option<alcove_net::egress::Secrets>,
     ) -> anyhow::Result<std::sync::Arc<alcove_net::EgressConfig>> {
         let trusted = self
             .egress_trusted
@@ -387,6 +393,13 @@ impl EgressOptions {
         c.bandwidth =
             (self.net_bandwidth_mbit > 0).then(|| self.net_bandwidth_mbit * 1_000_000 / 8);
         c.events = events;
+        c.secrets = secrets;
+        if let Some(path) = &self.egress_ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("--egress-ca {}: {e}", path.display()))?;
+            c.upstream_tls = alcove_net::egress::upstream_tls(&pem)
+                .map_err(|e| anyhow::anyhow!("--egress-ca {}: {e}", path.display()))?;
+        }
         Ok(std::sync::Arc::new(c))
     }
 }
@@ -529,12 +542,17 @@ impl ServerOptions {
         }
         let pools = alcove_node::parse_warm_pool(&self.warm_pool)
             .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
+        // The egress proxy reads secret values for network rules from the server's store.
+        let secrets = alcove_net::egress::Secrets(Arc::new(
+            alcove_api::StoreSecrets::open(&data_dir)
+                .map_err(|e| anyhow::anyhow!("the secret store: {e}"))?,
+        ));
         let node = alcove_node::Node::open(alcove_node::NodeConfig {
             data_dir,
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms(),
-            egress: self.egress.config_with_events(egress_events)?,
+            egress: self.egress.config_with(egress_events, Some(secrets))?,
         })
         .await?;
         let built: Vec<String> = alcove_image::build::list_templates(&g.cache_dir())

@@ -168,6 +168,14 @@ pub enum ApiError {
     /// A team key asked about another team.
     #[error("another team")]
     OtherTeam { team: String },
+    /// `/secrets/{secretID}` names no secret of this team (by id or name).
+    #[error("secret not found")]
+    SecretNotFound { secret: String },
+    #[error("secret name taken")]
+    SecretNameTaken { name: String },
+    /// The team has as many secrets as a team may.
+    #[error("secret limit reached")]
+    SecretLimit { limit: usize },
     /// Too many proxied requests open at once, for one sandbox or for the whole server.
     #[error("too many open sandbox streams")]
     TooManyStreams {
@@ -512,6 +520,32 @@ impl ApiError {
                  the server wrote to <data-dir>/api-key on first start)."
                     .into(),
             ),
+            SecretNotFound { secret } => (
+                StatusCode::NOT_FOUND,
+                "secret_not_found",
+                format!(
+                    "This team has no secret {secret:?} (by id or name; names are compared \
+                     lower-cased). List the team's secrets with GET /secrets, or create it with \
+                     POST /secrets (Secret.create)."
+                ),
+            ),
+            SecretNameTaken { name } => (
+                StatusCode::CONFLICT,
+                "secret_name_taken",
+                format!(
+                    "This team already has a secret named {name:?} (names are compared \
+                     lower-cased). Store a new value in it with POST /secrets/{name} \
+                     (Secret.update), or choose another name."
+                ),
+            ),
+            SecretLimit { limit } => (
+                StatusCode::FORBIDDEN,
+                "secret_limit_reached",
+                format!(
+                    "This team already has {limit} secrets, the most a team may have. Delete \
+                     secrets it no longer needs (DELETE /secrets/{{secretID}}), then retry."
+                ),
+            ),
             TooManyConnections { limit } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
@@ -719,6 +753,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             SandboxLimit { .. }
+            | SecretLimit { .. }
             | QuotaExceeded { .. }
             | SpendCapReached { .. }
             | CreateTimeout

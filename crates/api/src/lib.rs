@@ -13,7 +13,8 @@
 //! (logic by resource, testable without HTTP; every backend call goes through its one call path),
 //! `proxy` (sandbox traffic), `error` (the one `ApiError`),
 //! `models` (wire types), `openapi` (generated document + drift test), `server` (startup,
-//! reaper), `metrics` (Prometheus text).
+//! reaper), `metrics` (Prometheus text), `secrets` (the secrets key, sealing, and
+//! [`StoreSecrets`], the egress proxy's source of secret values).
 
 pub mod backend;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod proxy;
+pub mod secrets;
 pub mod server;
 pub mod service;
 mod trace;
@@ -38,5 +40,6 @@ pub use config::{
     BackendDeadlines, ConnectionLimits, Limits, MeteringConfig, Prices, ServerConfig, Webhook,
 };
 pub use error::ApiError;
+pub use secrets::{SecretKey, StoreSecrets};
 pub use server::{API_KEY_FILE, ServeError, Server, serve};
 pub use service::EGRESS_EVENT_QUEUE;

@@ -322,6 +322,11 @@ pub struct SandboxNetwork {
     /// `false`: ports other than the agent's need the traffic access token.
     #[serde(rename = "allowPublicTraffic")]
     pub allow_public_traffic: bool,
+    /// Per-domain request transforms (`{"api.example.com": [{"transform": {"headers":
+    /// {...}}}]}`), with their `${e2b.secrets.NAME}` placeholders, never values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub rules: Option<serde_json::Value>,
 }
 
 /// One item of `GET /sandboxes` and `GET /v2/sandboxes` (E2B `ListedSandbox`).
@@ -945,3 +950,6 @@ pub struct AuditEventView {
     /// `sha256(prevHash "\n" canonical form)`; see `docs/audit.md`.
     pub hash: String,
 }
+
+mod secrets;
+pub use secrets::{NewSecret, Secret, SecretUpdate};

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::handlers::{
-    audit, extensions, observability, persistence, sandboxes, system, templates, usage,
+    audit, extensions, observability, persistence, sandboxes, secrets, system, templates, usage,
 };
 
 #[derive(OpenApi)]
@@ -39,6 +39,11 @@ use crate::handlers::{
         persistence::create_snapshot,
         persistence::fork,
         persistence::list_snapshots,
+        secrets::create,
+        secrets::list,
+        secrets::get,
+        secrets::update,
+        secrets::delete,
         templates::list,
         templates::defaults,
         templates::get,
@@ -73,6 +78,7 @@ use crate::handlers::{
         (name = "sandboxes", description = "E2B-compatible sandbox lifecycle"),
         (name = "templates", description = "E2B-compatible templates: listing, builds (the SDKs' `Template`), uploads"),
         (name = "tags", description = "E2B-compatible template tags"),
+        (name = "secrets", description = "E2B-compatible secrets: write-only values, encrypted at rest"),
         (name = "alcove", description = "Alcove extensions"),
         (name = "system", description = "Health, metrics, this document"),
     )

@@ -260,19 +260,23 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
         parts.headers.insert(http::header::HOST, v);
     }
     let req = http::Request::from_parts(parts, body);
-    // Run traces: processes, file operations and transfers on the agent's port.
-    let (req, traced) = if port == ENVD_PORT && svc.metering().run_traces {
-        crate::trace::observe(
-            svc,
-            &target.team_id,
-            &sandbox_id,
-            target.capture_output,
-            req,
-        )
-        .await?
-    } else {
-        (req, None)
-    };
+    // Run traces: processes, file operations and transfers on the agent's port. Process starts
+    // are read even without traces, to refuse secret placeholders in them.
+    let record = svc.metering().run_traces;
+    let (req, traced) =
+        if port == ENVD_PORT && (record || req.uri().path() == crate::trace::START_PATH) {
+            crate::trace::observe(
+                svc,
+                &target.team_id,
+                &sandbox_id,
+                target.capture_output,
+                record,
+                req,
+            )
+            .await?
+        } else {
+            (req, None)
+        };
     tracing::debug!(sandbox_id = %sandbox_id, port, "proxying");
     let op = BackendOp::Forward { port };
     match svc

@@ -39,6 +39,8 @@ pub enum ServeError {
     Bootstrap(#[source] alcove_store::StoreError),
     #[error("writing the admin key to {0}")]
     WriteApiKey(PathBuf, #[source] std::io::Error),
+    #[error("loading the secrets key")]
+    SecretsKey(#[source] crate::secrets::KeyError),
     #[error("reconciling stored sandboxes with the backend")]
     Reconcile,
     #[error("binding {0}")]
@@ -92,10 +94,15 @@ impl Server {
             &config.data_dir.join("upload.key"),
         )
         .map_err(|e| ServeError::CreateDataDir(config.data_dir.join("upload.key"), e))?;
+        let secrets_key = crate::secrets::SecretKey::load_or_create(
+            &config.data_dir.join(crate::secrets::KEY_FILE),
+        )
+        .map_err(ServeError::SecretsKey)?;
         let svc = Arc::new(
             Service::new(store, backend, config.limits.clone(), domain)
                 .with_template_files(files)
-                .with_metering(config.metering.clone()),
+                .with_metering(config.metering.clone())
+                .with_secrets(Arc::new(secrets_key)),
         );
         match svc.sync_templates().await {
             Ok(n) => tracing::info!(templates = n, "templates synced from the backend"),
@@ -153,6 +160,15 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The egress proxy's source of secret values over this server's store and key
+    /// (`<data-dir>/secrets.key`). Before the server exists, use
+    /// [`crate::secrets::StoreSecrets::open`] on the data directory.
+    pub fn secret_source(&self) -> crate::secrets::StoreSecrets {
+        self.svc
+            .secret_source()
+            .expect("Server::bind always loads the secrets key")
     }
 
     /// The admin key, when this start created it (empty data directory).
@@ -498,8 +514,8 @@ pub fn router(svc: Arc<Service>) -> Router {
 /// behind the API key with the REST API's body-size refusal and the create deadline.
 fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     use handlers::{
-        audit, extensions, observability as o, persistence as p, sandboxes as s, system,
-        templates as t, usage,
+        audit, extensions, observability as o, persistence as p, sandboxes as s, secrets as k,
+        system, templates as t, usage,
     };
     let limits = svc.limits().clone();
     let api = Router::new()
@@ -519,6 +535,11 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
         .route("/sandboxes/{sandboxID}/fork", post(p::fork))
         .route("/sandboxes/{sandboxID}/snapshots", post(p::create_snapshot))
         .route("/snapshots", get(p::list_snapshots))
+        .route("/secrets", post(k::create).get(k::list))
+        .route(
+            "/secrets/{secretID}",
+            get(k::get).post(k::update).delete(k::delete),
+        )
         .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))

@@ -285,13 +285,36 @@ struct PathOnly {
     second: String,
 }
 
+/// envd's process start, which the proxy reads.
+pub const START_PATH: &str = "/process.Process/Start";
+
+/// A process start that carries a secret placeholder (in its command, arguments or env vars):
+/// refused, since the guest only ever sees the placeholder text, never the value.
+fn refuse_placeholders(p: &alcove_envd_proto::process::ProcessConfig) -> Result<(), ApiError> {
+    let has = |s: &str| alcove_net::secrets::has_placeholder(s.as_bytes());
+    let place = if has(&p.cmd) || p.args.iter().any(|a| has(a)) {
+        "the command".to_string()
+    } else if let Some((k, _)) = p.envs.iter().find(|(k, v)| has(k) || has(v)) {
+        format!("the env var {k:?}")
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::InvalidBody {
+        detail: format!(
+            "{place} holds a ${{e2b...}} placeholder: secret values never enter the sandbox, so it would run with the literal text. Put the placeholder in a header the egress proxy sets for the host that needs it: network.rules[\"api.example.com\"] = [{{\"transform\": {{\"headers\": {{\"Authorization\": \"Bearer ${{e2b.secrets.NAME}}\"}}}}}}] (at create or with update_network)"
+        ),
+    })
+}
+
 /// Looks at a request to the sandbox's agent and, when it is one that is traced, returns the
-/// request to send (a Start with `TRACEPARENT` added) and what to do with the answer.
+/// request to send (a Start with `TRACEPARENT` added) and what to do with the answer. With
+/// `record` false only process starts come here, to be checked for secret placeholders.
 pub async fn observe(
     svc: &Arc<Service>,
     team_id: &str,
     sandbox_id: &str,
     capture_output: bool,
+    record: bool,
     req: http::Request<Body>,
 ) -> Result<(http::Request<Body>, Option<Traced>), ApiError> {
     let path = req.uri().path().to_owned();
@@ -314,7 +337,7 @@ pub async fn observe(
         result: None,
         process: None,
     };
-    if path == "/process.Process/Start" {
+    if path == START_PATH {
         let Some((codec, Framing::Streaming)) = Codec::from_content_type(&content_type) else {
             return Ok((req, None));
         };
@@ -335,6 +358,10 @@ pub async fn observe(
         let Ok(mut start) = codec.decode::<StartRequest>(&env.payload) else {
             return Ok((http::Request::from_parts(parts, Body::from(bytes)), None));
         };
+        refuse_placeholders(&start.process.clone().unwrap_or_default())?;
+        if !record {
+            return Ok((http::Request::from_parts(parts, Body::from(bytes)), None));
+        }
         let trace = traceparent(&parts.headers);
         // What the caller asked for, before TRACEPARENT is added.
         let p = start.process.clone().unwrap_or_default();
@@ -395,6 +422,9 @@ pub async fn observe(
             http::Request::from_parts(parts, Body::from(body_bytes)),
             Some(traced),
         ));
+    }
+    if !record {
+        return Ok((req, None));
     }
     if let Some(op) = path.strip_prefix("/filesystem.Filesystem/") {
         let op = op.to_owned();

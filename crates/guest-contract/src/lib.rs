@@ -42,7 +42,7 @@ pub const AGENT_GUEST_PATH: &str = "/usr/local/bin/alcove-agent";
 
 /// The body of `POST /init`: envd's fields (`envVars`, `accessToken`, `timestamp`,
 /// `defaultUser`, `defaultWorkdir`) plus Alcove's extensions (`hostname`, `entropy`,
-/// `sandboxId`). The host sends it after every boot or restore; the agent applies it.
+/// `sandboxId`, `egressCa`). The host sends it after every boot or restore; the agent applies it.
 ///
 /// The JSON is envd's: camelCase names, absent fields left out (and read as absent).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +66,20 @@ pub struct InitRequest {
     pub entropy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox_id: Option<String>,
+    /// The PEM certificate of the sandbox's egress CA, which signs what the egress proxy shows
+    /// for hosts whose requests network rules transform: the agent adds it to the system trust
+    /// store (replacing an earlier one) and points `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE` and
+    /// `NODE_EXTRA_CA_CERTS` at it unless the sandbox sets them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_ca: Option<String>,
 }
+
+/// Where the agent puts the sandbox's egress CA certificate (`update-ca-certificates` keeps it).
+pub const EGRESS_CA_FILE: &str = "/usr/local/share/ca-certificates/alcove-egress.crt";
+/// The system trust bundle the agent adds it to, between [`EGRESS_CA_BEGIN`] and [`EGRESS_CA_END`].
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const EGRESS_CA_BEGIN: &str = "# alcove egress CA: begin";
+pub const EGRESS_CA_END: &str = "# alcove egress CA: end";
 
 /// An error and its sources on one line (`what failed: why: root cause`), the form every error
 /// message takes on both sides: the agent's and the interpreter's error bodies (which reach the
@@ -117,10 +130,11 @@ mod tests {
             hostname: Some("sbx".into()),
             entropy: Some("AAAA".into()),
             sandbox_id: Some("sbx".into()),
+            egress_ca: Some("PEM".into()),
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
-            r#"{"envVars":{"A":"1"},"accessToken":"tok","timestamp":"2026-11-22T18:23:00Z","defaultUser":"user","defaultWorkdir":"/home/user","hostname":"sbx","entropy":"AAAA","sandboxId":"sbx"}"#
+            r#"{"envVars":{"A":"1"},"accessToken":"tok","timestamp":"2026-11-22T18:23:00Z","defaultUser":"user","defaultWorkdir":"/home/user","hostname":"sbx","entropy":"AAAA","sandboxId":"sbx","egressCa":"PEM"}"#
         );
         let back: InitRequest =
             serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();

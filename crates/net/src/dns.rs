@@ -175,6 +175,15 @@ impl Bindings {
         })
     }
 
+    /// Whether some name answered with `ip` less than the lifetime ago satisfies `f`.
+    pub fn any_bound(&self, ip: Ipv4Addr, now: Instant, mut f: impl FnMut(&str) -> bool) -> bool {
+        self.by_ip.get(&ip).is_some_and(|names| {
+            names
+                .iter()
+                .any(|(n, at)| now.duration_since(*at) < self.lifetime && f(n))
+        })
+    }
+
     /// Remembers (or refreshes) that `name` resolved to `ip` at `now`.
     pub fn bind(&mut self, name: &str, ip: Ipv4Addr, now: Instant) {
         if let Some(names) = self.by_ip.get_mut(&ip) {

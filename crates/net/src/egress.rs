@@ -14,6 +14,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+mod intercept;
+pub use intercept::{CaError, SandboxCa, upstream_tls};
+
 use crate::dns::{self, Bindings};
 use crate::netns::{Listeners, original_dst};
 use crate::policy::{Guard, NetworkConfig, RuleError, Rules, Verdict, decide};
@@ -37,6 +40,20 @@ pub struct EgressConfig {
     pub sniff_timeout: Duration,
     /// Where each connection's record goes when it ends or is refused (the audit log).
     pub events: Option<tokio::sync::mpsc::Sender<EgressEvent>>,
+    /// Where secret values come from for the headers network rules set (the server's store).
+    pub secrets: Option<Secrets>,
+    /// How the proxy verifies the real hosts it forwards intercepted requests to.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+}
+
+/// The secret store as the proxy sees it.
+#[derive(Clone)]
+pub struct Secrets(pub Arc<dyn crate::secrets::SecretSource>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets")
+    }
 }
 
 /// One egress connection of a sandbox, for its run trace: where it went, the name it asked
@@ -90,6 +107,19 @@ impl EgressConfig {
             connect_timeout: Duration::from_secs(10),
             sniff_timeout: Duration::from_secs(5),
             events: None,
+            secrets: None,
+            upstream_tls: upstream_tls(b"").unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the egress proxy's TLS client: no roots");
+                Arc::new(
+                    rustls::ClientConfig::builder_with_provider(Arc::new(
+                        rustls::crypto::ring::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default TLS versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                )
+            }),
         }
     }
 }
@@ -188,6 +218,8 @@ pub struct SandboxNet {
     bucket_out: Option<Bucket>,
     bucket_in: Option<Bucket>,
     cancel: CancellationToken,
+    /// The CA whose leaves the guest sees for hosts with rules (it trusts it from `/init`).
+    ca: Option<Arc<SandboxCa>>,
 }
 
 impl std::fmt::Debug for SandboxNet {
@@ -204,6 +236,7 @@ impl SandboxNet {
         id: &str,
         config: NetworkConfig,
         listeners: Listeners,
+        ca: Option<Arc<SandboxCa>>,
     ) -> Result<Arc<SandboxNet>, StartError> {
         let rules = Rules::from_config(&config).map_err(StartError::Rules)?;
         let tcp = tokio::net::TcpListener::from_std(listeners.tcp).map_err(StartError::Io)?;
@@ -219,6 +252,7 @@ impl SandboxNet {
             bucket_out: cfg.bandwidth.map(Bucket::new),
             bucket_in: cfg.bandwidth.map(Bucket::new),
             cancel: CancellationToken::new(),
+            ca,
             cfg,
         });
         tokio::spawn(net.clone().accept_loop(tcp));
@@ -320,7 +354,15 @@ impl SandboxNet {
         let rules = self.policy.lock().unwrap().1.clone();
         let mut first = Vec::new();
         let mut name = None;
-        if rules.needs_name(ip) {
+        // The name decides the flow (a domain rule), or says whether its requests are transformed
+        // (the address was answered for a name a network rule covers).
+        let transformed_name = !rules.transforms.is_empty()
+            && self
+                .bindings
+                .lock()
+                .unwrap()
+                .any_bound(ip, Instant::now(), |n| rules.transform_for(n).is_some());
+        if rules.needs_name(ip) || transformed_name {
             let read = async {
                 let mut buf = vec![0u8; 4096];
                 loop {
@@ -362,6 +404,12 @@ impl SandboxNet {
                 duration_ms: 0,
             });
             return reset(guest);
+        }
+        if let Some(n) = &name
+            && rules.transform_for(n).is_some()
+            && self.bound(ip, n)
+        {
+            return self.intercept(guest, first, dst, n.clone()).await;
         }
         let upstream =
             match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(dst)).await {

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod egress;
 pub mod netns;
 pub mod policy;
+pub mod secrets;
 pub mod sniff;
 
 pub use egress::{EgressConfig, EgressEvent, NetStats, SandboxNet};

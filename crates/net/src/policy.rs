@@ -19,6 +19,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::secrets::{Piece, parse_template};
 
 /// An IPv4 network: `addr/prefix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +171,27 @@ pub struct NetworkConfig {
     pub allow_out: Vec<String>,
     #[serde(default)]
     pub deny_out: Vec<String>,
+    /// E2B's `network.rules`: per-domain transforms of the HTTP(S) requests the sandbox sends
+    /// there (headers to set, with `${e2b.secrets.NAME}` placeholders the egress proxy fills in).
+    /// Placeholders only: a record of this never holds a secret's value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rules: BTreeMap<String, Vec<HostRule>>,
+}
+
+/// One of a host's rules (E2B's `SandboxNetworkRule`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<Transform>,
+}
+
+/// What a rule does to a matching request: headers set (replacing the client's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Transform {
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -181,8 +205,76 @@ impl Default for NetworkConfig {
             allow_internet_access: true,
             allow_out: Vec::new(),
             deny_out: Vec::new(),
+            rules: BTreeMap::new(),
         }
     }
+}
+
+/// The headers the proxy sets on requests to a host with rules: (name, template), in rule order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTransform {
+    pub host: Domain,
+    pub headers: Vec<(String, Vec<Piece>)>,
+}
+
+/// At most this many hosts with rules, headers per host and bytes per header template.
+pub const MAX_RULE_HOSTS: usize = 64;
+pub const MAX_RULE_HEADERS: usize = 32;
+pub const MAX_HEADER_TEMPLATE: usize = 8 * 1024;
+
+fn valid_header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 256
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn transforms(c: &NetworkConfig) -> Result<Vec<HostTransform>, RuleError> {
+    if c.rules.len() > MAX_RULE_HOSTS {
+        return Err(RuleError::new(
+            "rules",
+            &format!("at most {MAX_RULE_HOSTS} hosts may have rules"),
+        ));
+    }
+    let mut out = Vec::new();
+    for (host, list) in &c.rules {
+        let at = |why: &str| RuleError::new(&format!("rules[{host}]"), why);
+        let d = host.trim();
+        if Cidr::parse(d).is_ok() || d.contains([':', '/']) {
+            return Err(at(
+                "rules apply to domain names (like api.example.com or *.example.com): the proxy matches them by the TLS SNI or HTTP Host the client sends",
+            ));
+        }
+        let host = Domain::parse(d).map_err(|e| at(&e.why))?;
+        let mut headers: Vec<(String, Vec<Piece>)> = Vec::new();
+        for rule in list {
+            let Some(t) = &rule.transform else { continue };
+            for (name, value) in &t.headers {
+                if !valid_header_name(name) {
+                    return Err(at(&format!("{name:?} is not an HTTP header name")));
+                }
+                if value.len() > MAX_HEADER_TEMPLATE
+                    || value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+                {
+                    return Err(at(&format!(
+                        "the value of header {name:?} must be at most {MAX_HEADER_TEMPLATE} bytes with no control characters"
+                    )));
+                }
+                let pieces =
+                    parse_template(value).map_err(|e| at(&format!("header {name:?}: {e}")))?;
+                let lower = name.to_ascii_lowercase();
+                headers.retain(|(n, _)| *n != lower);
+                headers.push((lower, pieces));
+            }
+        }
+        if headers.len() > MAX_RULE_HEADERS {
+            return Err(at(&format!("at most {MAX_RULE_HEADERS} headers per host")));
+        }
+        out.push(HostTransform { host, headers });
+    }
+    // Exact names before wildcards, so the most specific rule wins.
+    out.sort_by_key(|t| matches!(t.host, Domain::Suffix(_)));
+    Ok(out)
 }
 
 /// Parsed caller rules.
@@ -191,6 +283,8 @@ pub struct Rules {
     pub allow_nets: Vec<Cidr>,
     pub allow_domains: Vec<Domain>,
     pub deny_nets: Vec<Cidr>,
+    /// Hosts whose HTTP(S) requests the proxy reads and transforms.
+    pub transforms: Vec<HostTransform>,
 }
 
 /// At most this many entries per list: rules are checked per connection.
@@ -229,7 +323,30 @@ impl Rules {
         if !c.allow_internet_access {
             r.deny_nets.push(Cidr::new(Ipv4Addr::UNSPECIFIED, 0));
         }
+        r.transforms = transforms(c)?;
         Ok(r)
+    }
+
+    /// The transform for requests to `name` (lower case), if a rule covers it.
+    pub fn transform_for(&self, name: &str) -> Option<&HostTransform> {
+        self.transforms.iter().find(|t| t.host.matches(name))
+    }
+
+    /// The secret names the rules refer to, each once.
+    pub fn secret_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in &self.transforms {
+            for (_, pieces) in &t.headers {
+                for p in pieces {
+                    if let Piece::Secret(n) = p
+                        && !out.contains(n)
+                    {
+                        out.push(n.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn denies(&self, ip: Ipv4Addr) -> bool {
@@ -547,6 +664,7 @@ mod tests {
             allow_internet_access: internet,
             allow_out: allow.iter().map(|s| s.to_string()).collect(),
             deny_out: deny.iter().map(|s| s.to_string()).collect(),
+            ..NetworkConfig::default()
         })
         .unwrap()
     }
@@ -654,6 +772,7 @@ mod tests {
             allow_internet_access: true,
             allow_out: vec![],
             deny_out: vec!["example.com".into()],
+            ..NetworkConfig::default()
         })
         .unwrap_err();
         assert!(e.why.contains("not supported in denyOut"), "{e}");
@@ -661,6 +780,7 @@ mod tests {
             allow_internet_access: true,
             allow_out: vec!["not a host".into()],
             deny_out: vec![],
+            ..NetworkConfig::default()
         })
         .unwrap_err();
         assert!(e.to_string().contains("not a domain"), "{e}");
@@ -775,5 +895,53 @@ mod tests {
             assert!(Net::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Net::parse("fd00::1/8").unwrap().to_string(), "fd00::/8");
+    }
+    #[test]
+    fn rules_parse_into_host_transforms_and_refuse_what_cannot_work() {
+        let mut c = NetworkConfig::default();
+        let rule = |h: &str, v: &str| {
+            vec![HostRule {
+                transform: Some(Transform {
+                    headers: [(h.to_string(), v.to_string())].into(),
+                }),
+            }]
+        };
+        c.rules.insert("*.example.com".into(), rule("X-A", "1"));
+        c.rules.insert(
+            "api.example.com".into(),
+            rule("Authorization", "Bearer ${e2b.secrets.Key}"),
+        );
+        let r = Rules::from_config(&c).unwrap();
+        // the exact name wins over the wildcard
+        let t = r.transform_for("api.example.com").unwrap();
+        assert_eq!(t.headers[0].0, "authorization");
+        assert_eq!(
+            r.transform_for("x.example.com").unwrap().headers[0].0,
+            "x-a"
+        );
+        assert!(r.transform_for("example.org").is_none());
+        assert_eq!(r.secret_names(), vec!["key"]);
+        for (host, h, v, why) in [
+            ("10.0.0.1", "X", "1", "domain names"),
+            (
+                "a.example.com",
+                "Bad Header",
+                "1",
+                "not an HTTP header name",
+            ),
+            ("a.example.com", "X", "a\nb", "control characters"),
+            (
+                "a.example.com",
+                "X",
+                "${e2b.identity.tokens.aws}",
+                "not a secret",
+            ),
+            ("a.example.com", "X", "${e2b.secrets.x", "no closing"),
+        ] {
+            let mut c = NetworkConfig::default();
+            c.rules.insert(host.into(), rule(h, v));
+            let e = Rules::from_config(&c).unwrap_err();
+            assert!(e.to_string().contains(why), "{host} {h} {v}: {e}");
+        }
     }
 }

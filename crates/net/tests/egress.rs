@@ -229,6 +229,7 @@ fn config(internet: bool, allow: &[&str], deny: &[&str]) -> NetworkConfig {
         allow_internet_access: internet,
         allow_out: allow.iter().map(|s| s.to_string()).collect(),
         deny_out: deny.iter().map(|s| s.to_string()).collect(),
+        ..NetworkConfig::default()
     }
 }
 
@@ -264,6 +265,15 @@ async fn setup_with(
     port: u16,
     tune: impl FnOnce(&mut EgressConfig),
 ) -> (Arc<SandboxNet>, Guest, Netns) {
+    setup_full(cfg, port, tune, None).await
+}
+
+async fn setup_full(
+    cfg: NetworkConfig,
+    port: u16,
+    tune: impl FnOnce(&mut EgressConfig),
+    ca: Option<Arc<alcove_net::egress::SandboxCa>>,
+) -> (Arc<SandboxNet>, Guest, Netns) {
     test_internet();
     let dns = fake_dns().await;
     fake_server("198.51.100.2", port, "a").await;
@@ -280,7 +290,7 @@ async fn setup_with(
     let (ns, listeners) = tokio::task::spawn_blocking(|| Netns::create(true).unwrap())
         .await
         .unwrap();
-    let net = SandboxNet::start(egress, "sbx-test", cfg, listeners.unwrap()).unwrap();
+    let net = SandboxNet::start(egress, "sbx-test", cfg, listeners.unwrap(), ca).unwrap();
     let guest = Guest::wire(&ns);
     (net, guest, ns)
 }
@@ -549,5 +559,271 @@ async fn a_dns_packet_with_a_second_question_is_refused() {
         ]
     );
     assert_eq!(net.stats().dns_refused, 3);
+    net.stop();
+}
+
+/// The test internet's own CA and an HTTPS server on `ip:port` with a certificate for a.test and
+/// b.test from it, answering each request with the headers it got (one per line).
+async fn echo_tls_server(ip: &str, port: u16) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("test internet CA {ip}"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["a.test".to_string(), "b.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let sc = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+    let l = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let get = |h: &str| {
+                    head.lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(h).then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                let body = format!(
+                    "authorization={}\nx-key={}\nhost={}",
+                    get("authorization"),
+                    get("x-key"),
+                    get("host")
+                );
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    ca_cert.pem()
+}
+
+/// Secrets as the server's store would give them: this sandbox's team has `tok`.
+struct FakeSecrets;
+
+impl alcove_net::secrets::SecretSource for FakeSecrets {
+    fn resolve<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        name: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        alcove_net::secrets::SecretValue,
+                        alcove_net::secrets::SecretLookupError,
+                    >,
+                > + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            match name {
+                "tok" => Ok(zeroize::Zeroizing::new(b"s3cret".to_vec())),
+                _ => Err(alcove_net::secrets::SecretLookupError::NotFound(
+                    name.to_string(),
+                )),
+            }
+        })
+    }
+}
+
+/// The guest's HTTPS client: `cafile` then `host,port,Header=Value;Header=Value` per request.
+const HTTPS_CLIENT: &str = r#"
+import http.client, ssl, sys
+cafile = sys.argv[1]
+for arg in sys.argv[2:]:
+    host, port, hdrs = arg.split(",", 2)
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+        c = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+        headers = dict(kv.split("=", 1) for kv in hdrs.split(";") if kv)
+        c.request("GET", "/", headers=headers)
+        r = c.getresponse()
+        print(f"{r.status} " + r.read().decode().strip().replace("\n", "|"), flush=True)
+    except Exception as e:
+        print("ERR " + type(e).__name__ + " " + str(e).replace("\n", " "), flush=True)
+"#;
+
+fn rules_config(rules: &[(&str, &str, &str)]) -> NetworkConfig {
+    let mut c = config(true, &[], &[]);
+    for (host, header, value) in rules {
+        c.rules.insert(
+            host.to_string(),
+            vec![alcove_net::policy::HostRule {
+                transform: Some(alcove_net::policy::Transform {
+                    headers: [(header.to_string(), value.to_string())].into(),
+                }),
+            }],
+        );
+    }
+    c
+}
+
+async fn https_run(guest: &Guest, cafile: &str, checks: &[String]) -> Vec<String> {
+    let out = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &guest.name,
+            "python3",
+            "-c",
+            HTTPS_CLIENT,
+            cafile,
+        ])
+        .args(checks)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
+async fn rules_set_secret_headers_only_for_their_host() {
+    let port = 18443;
+    let test_ca = echo_tls_server("198.51.100.2", port).await;
+    let test_ca_b = echo_tls_server("198.51.100.3", port).await;
+    let ca = Arc::new(alcove_net::egress::SandboxCa::generate("sbx-test").unwrap());
+    let cfg = rules_config(&[
+        ("a.test", "Authorization", "Bearer ${e2b.secrets.tok}"),
+        ("c.a.test", "X-Key", "${e2b.secrets.missing}"),
+    ]);
+    let test_ca2 = test_ca.clone();
+    let (net, guest, _ns) = setup_full(
+        cfg,
+        18090,
+        move |e| {
+            e.upstream_tls = alcove_net::egress::upstream_tls(test_ca2.as_bytes()).unwrap();
+            e.secrets = Some(alcove_net::egress::Secrets(Arc::new(FakeSecrets)));
+        },
+        Some(ca.clone()),
+    )
+    .await;
+    // The guest trusts its sandbox's CA (as /init installs it) and the test internet's.
+    let dir = tempfile::tempdir().unwrap();
+    let cafile = dir.path().join("ca.pem");
+    std::fs::write(&cafile, format!("{}{test_ca}{test_ca_b}", ca.cert_pem())).unwrap();
+    let cafile = cafile.to_str().unwrap();
+    let p = port;
+    let out = https_run(
+        &guest,
+        cafile,
+        &[
+            format!("a.test,{p},"),
+            format!("b.test,{p},Authorization=${{e2b.secrets.tok}}"),
+            format!("a.test,{p},X-Key=${{e2b.secrets.tok}}"),
+            format!("c.a.test,{p},"),
+            format!("a.test,{p},Host=b.test"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out[0],
+        format!("200 authorization=Bearer s3cret|x-key=|host=a.test:{p}")
+    );
+    // Another host: the TLS goes through untouched (its own certificate) and the placeholder
+    // arrives as written.
+    assert_eq!(
+        out[1],
+        format!("200 authorization=${{e2b.secrets.tok}}|x-key=|host=b.test:{p}")
+    );
+    assert!(
+        out[2].starts_with("403 alcove egress: the request carries"),
+        "{}",
+        out[2]
+    );
+    assert!(
+        out[3].starts_with("502 alcove egress: the secret \"missing\" does not exist"),
+        "{}",
+        out[3]
+    );
+    assert!(
+        out[4].starts_with("421 alcove egress: this connection was opened for a.test"),
+        "{}",
+        out[4]
+    );
+    assert!(net.stats().connections_refused >= 3);
+    net.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth and nftables; run by scripts/test.sh"]
+async fn an_upstream_the_host_does_not_trust_gets_no_secret() {
+    let port = 18444;
+    let test_ca = echo_tls_server("198.51.100.2", port).await;
+    let ca = Arc::new(alcove_net::egress::SandboxCa::generate("sbx-test").unwrap());
+    let cfg = rules_config(&[("a.test", "Authorization", "Bearer ${e2b.secrets.tok}")]);
+    // The proxy's trust store lacks the test CA: the real host can't prove it is a.test.
+    let (net, guest, _ns) = setup_full(
+        cfg,
+        18091,
+        |e| e.secrets = Some(alcove_net::egress::Secrets(Arc::new(FakeSecrets))),
+        Some(ca.clone()),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cafile = dir.path().join("ca.pem");
+    std::fs::write(&cafile, format!("{}{}", ca.cert_pem(), test_ca)).unwrap();
+    let out = https_run(
+        &guest,
+        cafile.to_str().unwrap(),
+        &[format!("a.test,{port},")],
+    )
+    .await;
+    assert!(
+        out[0].starts_with("502 alcove egress: the TLS handshake with a.test failed"),
+        "{}",
+        out[0]
+    );
     net.stop();
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use alcove_agent_client::{AgentClient, InitRequest, Timeouts};
 use alcove_image::Template;
 use alcove_net::NetworkConfig;
+use alcove_net::egress::SandboxCa;
 use alcove_vmm::{Disk, DiskFormat, RestoreTimings, Vm, Vmm};
 use base64::Engine;
 use tokio::net::UnixStream;
@@ -166,8 +167,11 @@ impl<V: Vmm> Node<V> {
         let claimed = async {
             let record = Record::create(&dir, info.clone())?;
             let t1 = Instant::now();
+            let ca = egress_ca(&dir, id)?;
             within_vm(&vm, id, AGENT_INIT_TIMEOUT, async {
-                Ok(agent.init(&init_request(&info, true), None).await?)
+                Ok(agent
+                    .init(&init_request(&info, true, Some(ca.cert_pem())), None)
+                    .await?)
             })
             .await?;
             init_ms = t1.elapsed().as_millis() as u64;
@@ -268,7 +272,7 @@ impl<V: Vmm> Node<V> {
         let info = record.apply(Event::VmStarted { pid: vm.pid() })?;
         // The same request a claim makes, with the VM's own id and no token or env: the claim's
         // `/init` then runs code the VM has already run (under TCG: already translated).
-        let mut init = init_request(&info, true);
+        let mut init = init_request(&info, true, None);
         init.access_token = None;
         let agent = within_vm(&vm, vm_id, AGENT_INIT_TIMEOUT, async {
             let agent = connect_agent(&vm).await?;
@@ -344,7 +348,7 @@ impl<V: Vmm> Node<V> {
             }
         };
         let (agent, connected) =
-            match connect_and_init(&vm, &info, true, guest_token.as_deref(), t0).await {
+            match connect_and_init(&vm, &info, true, guest_token.as_deref(), t0, Some(dir)).await {
                 Ok(x) => x,
                 Err(e) => {
                     vm.kill().await;
@@ -433,8 +437,9 @@ pub(crate) async fn connect_agent(vm: &impl Vm) -> Result<AgentClient, NodeError
 /// The `/init` that gives a just-restored VM its sandbox's identity. `fresh` is true for a new
 /// sandbox (new hostname, env, sandbox id); a resumed one gets its clock set, entropy and its
 /// access token again (never its env values: the host does not keep them, the guest does).
-pub(crate) fn init_request(info: &SandboxInfo, fresh: bool) -> InitRequest {
+pub(crate) fn init_request(info: &SandboxInfo, fresh: bool, ca_pem: Option<&str>) -> InitRequest {
     InitRequest {
+        egress_ca: ca_pem.filter(|_| fresh).map(str::to_string),
         timestamp: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
         entropy: Some(base64::engine::general_purpose::STANDARD.encode(random_bytes::<64>())),
         env_vars: fresh.then(|| info.envs.clone().into_iter().collect()),
@@ -472,15 +477,44 @@ pub(crate) async fn connect_and_init(
     fresh: bool,
     guest_token: Option<&str>,
     t0: Instant,
+    dir: Option<&Path>,
 ) -> Result<(AgentClient, Duration), NodeError> {
+    // A sandbox that starts anew (fresh) learns its egress CA; a resumed one has it already.
+    let ca = match dir.filter(|_| fresh) {
+        Some(d) => Some(egress_ca(d, &info.id)?),
+        None => None,
+    };
+    let init = init_request(info, fresh, ca.as_ref().map(|c| c.cert_pem()));
     within_vm(vm, &info.id, AGENT_INIT_TIMEOUT, async {
         let agent = connect_agent(vm).await?;
         let connected = t0.elapsed();
-        agent.init(&init_request(info, fresh), guest_token).await?;
+        agent.init(&init, guest_token).await?;
         Ok((agent, connected))
     })
     .await
 }
+
+/// The sandbox's egress CA (`alcove_net`'s interception of hosts with network rules), kept
+/// owner-only in its directory: made at its first start, read back at every later one (resume,
+/// re-attach), so the certificate the guest trusts stays the one the proxy signs with.
+pub(crate) fn egress_ca(dir: &Path, id: &str) -> Result<Arc<SandboxCa>, NodeError> {
+    let (crt, key) = (dir.join(EGRESS_CA_CERT), dir.join(EGRESS_CA_KEY));
+    let io = |p: &Path, e| NodeError::Io(p.display().to_string(), e);
+    if let (Ok(c), Ok(k)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
+        let k = zeroize::Zeroizing::new(k);
+        return SandboxCa::from_pem(id, &c, &k)
+            .map(Arc::new)
+            .map_err(|e| NodeError::Network(e.to_string()));
+    }
+    let ca = SandboxCa::generate(id).map_err(|e| NodeError::Network(e.to_string()))?;
+    crate::private::write_file(&key, ca.key_pem().as_bytes()).map_err(|e| io(&key, e))?;
+    crate::private::write_file(&crt, ca.cert_pem().as_bytes()).map_err(|e| io(&crt, e))?;
+    Ok(Arc::new(ca))
+}
+
+/// The files of [`egress_ca`] in a sandbox's directory.
+pub(crate) const EGRESS_CA_CERT: &str = "egress-ca.crt";
+pub(crate) const EGRESS_CA_KEY: &str = "egress-ca.key";
 
 /// A sandbox's own disk: a copy of the template's empty qcow2 overlay, private to root.
 pub(crate) fn copy_template_disk(template: &Template, dir: &Path) -> Result<(), NodeError> {

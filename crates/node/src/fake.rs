@@ -347,6 +347,7 @@ impl Sockets for FakeSockets {
         _egress: Arc<EgressConfig>,
         _id: &str,
         network: NetworkConfig,
+        _ca: Option<Arc<alcove_net::egress::SandboxCa>>,
     ) -> Result<Arc<dyn Egress>, NodeError> {
         Ok(Arc::new(FakeEgress {
             network: Mutex::new(network),

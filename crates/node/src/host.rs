@@ -6,6 +6,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use alcove_net::egress::SandboxCa;
 use alcove_net::{EgressConfig, NetStats, Netns, NetworkConfig, RuleError, SandboxNet};
 
 use crate::NodeError;
@@ -31,6 +32,7 @@ pub trait Sockets: Send + std::fmt::Debug {
         egress: Arc<EgressConfig>,
         id: &str,
         network: NetworkConfig,
+        ca: Option<Arc<SandboxCa>>,
     ) -> Result<Arc<dyn Egress>, NodeError>;
 }
 
@@ -70,8 +72,9 @@ impl Sockets for alcove_net::Listeners {
         egress: Arc<EgressConfig>,
         id: &str,
         network: NetworkConfig,
+        ca: Option<Arc<SandboxCa>>,
     ) -> Result<Arc<dyn Egress>, NodeError> {
-        let net = SandboxNet::start(egress, id, network, *self)
+        let net = SandboxNet::start(egress, id, network, *self, ca)
             .map_err(|e| NodeError::Network(e.to_string()))?;
         Ok(net)
     }

@@ -252,7 +252,14 @@ impl<V: Vmm> Node<V> {
         listeners: EgressSockets,
     ) -> Result<(), NodeError> {
         let info = live.snapshot();
-        let net = listeners.serve(self.cfg.egress.clone(), &info.id, info.network)?;
+        let ca = match crate::create::egress_ca(live.dir(), &info.id) {
+            Ok(ca) => Some(ca),
+            Err(e) => {
+                tracing::warn!(sandbox_id = %info.id, error = %e, "no egress CA: network rules over HTTPS will fail for this sandbox");
+                None
+            }
+        };
+        let net = listeners.serve(self.cfg.egress.clone(), &info.id, info.network, ca)?;
         if let Some(old) = live.net.lock().expect("net lock").replace(net) {
             old.stop();
         }

@@ -265,13 +265,15 @@ impl<V: Vmm> Node<V> {
     ) -> Result<(), NodeError> {
         let info = live.snapshot();
         let token = info.access_token.clone();
-        let (agent, _) = match connect_and_init(&vm, &info, fresh, token.as_deref(), t0).await {
-            Ok(x) => x,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e);
-            }
-        };
+        let (agent, _) =
+            match connect_and_init(&vm, &info, fresh, token.as_deref(), t0, Some(live.dir())).await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    vm.kill().await;
+                    return Err(e);
+                }
+            };
         let pid = vm.pid();
         let event = match info.state {
             SandboxState::Paused { .. } => Event::Resumed { pid },

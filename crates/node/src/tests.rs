@@ -464,14 +464,37 @@ fn every_init_resends_the_access_token() {
         envs: [("K".to_string(), "v".to_string())].into(),
         ..crate::record::tests::info()
     };
-    let resumed = crate::create::init_request(&info, false);
+    let resumed = crate::create::init_request(&info, false, Some("pem"));
     assert_eq!(resumed.access_token.as_deref(), Some("tok"));
     assert!(
         resumed.env_vars.is_none(),
         "a resume does not re-send env values"
     );
-    let fresh = crate::create::init_request(&info, true);
+    assert!(resumed.egress_ca.is_none(), "a resumed guest has its CA");
+    let fresh = crate::create::init_request(&info, true, Some("pem"));
     assert_eq!(fresh.access_token.as_deref(), Some("tok"));
+    assert_eq!(fresh.egress_ca.as_deref(), Some("pem"));
+}
+
+#[tokio::test]
+async fn a_sandbox_keeps_one_private_egress_ca_across_pause_and_resume() {
+    let f = Fixture::new();
+    let node = f.open().await;
+    let (info, _) = node.create(base()).await.unwrap();
+    let dir = f.dir(&info.id);
+    let pem = std::fs::read_to_string(dir.join(crate::create::EGRESS_CA_CERT)).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    node.pause(&info.id).await.unwrap();
+    node.resume(&info.id).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join(crate::create::EGRESS_CA_CERT)).unwrap(),
+        pem
+    );
+    assert!(
+        open_to_others(&dir).is_empty(),
+        "{:?}",
+        open_to_others(&dir)
+    );
 }
 
 /// Every dir and file under `root` that group or others could read or enter.

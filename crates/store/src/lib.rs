@@ -1,8 +1,9 @@
 //! alcove-store: the control plane's durable state in one SQLite file.
 //!
 //! Owns teams, API keys (stored as SHA-256 hashes; the plaintext is returned once at creation),
-//! templates and their aliases, snapshots (the checkpoint tree), and sandboxes with metadata, env var *names* (never values) and
-//! their state history. The database runs in WAL mode; its schema is a list of numbered
+//! templates and their aliases, snapshots (the checkpoint tree), secrets (ciphertext only,
+//! `secrets.rs`), and sandboxes with metadata, env var *names* (never values) and their state
+//! history. The database runs in WAL mode; its schema is a list of numbered
 //! migrations recorded in `PRAGMA user_version`, applied in order at [`Store::open`].
 //!
 //! Callers: `alcove-api` (the REST server, which calls in from `spawn_blocking`) and the
@@ -19,6 +20,7 @@ mod metering;
 mod metrics_history;
 mod migrations;
 mod sandboxes;
+mod secrets;
 mod snapshots;
 mod templates;
 mod usage;
@@ -45,6 +47,7 @@ pub use metrics_history::MetricSample;
 pub use sandboxes::{
     ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
 };
+pub use secrets::{KEPT_VERSIONS, SandboxSecret, SealedValue, SecretRecord};
 pub use snapshots::SnapshotRecord;
 pub use templates::TemplateRecord;
 pub use usage::TeamUsage;
@@ -78,6 +81,12 @@ pub enum StoreError {
     BuildTransition { from: BuildStatus, to: BuildStatus },
     #[error("team not found")]
     TeamNotFound,
+    #[error("secret not found")]
+    SecretNotFound,
+    #[error("the team already has a secret of that name")]
+    SecretNameTaken,
+    #[error("the team has {limit} secrets, its maximum")]
+    SecretLimit { limit: usize },
     #[error("sandbox state change from {from} to {to} is not allowed")]
     Transition {
         from: SandboxState,

@@ -308,6 +308,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN auto_pause_disk_only INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 12: E2B's secrets (`secrets.rs`): one row per secret (its name lower-cased, unique in its
+    // team) and its versions, each only a nonce and AES-256-GCM ciphertext (the API encrypts).
+    r#"
+    CREATE TABLE secrets (
+        id               TEXT PRIMARY KEY,
+        team_id          TEXT NOT NULL REFERENCES teams(id),
+        name             TEXT NOT NULL,
+        current_version  INTEGER NOT NULL,
+        metadata         TEXT NOT NULL,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        UNIQUE (team_id, name)
+    );
+    CREATE TABLE secret_versions (
+        secret_id   TEXT NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+        version     INTEGER NOT NULL,
+        nonce       BLOB NOT NULL,
+        ciphertext  BLOB NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (secret_id, version)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

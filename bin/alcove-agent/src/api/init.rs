@@ -79,6 +79,15 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
     if let Some(h) = &req.hostname {
         crate::system::validate_hostname(h).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
+    if let Some(pem) = &req.egress_ca
+        && (pem.len() > MAX_CA_PEM
+            || !pem.trim_start().starts_with("-----BEGIN CERTIFICATE-----")
+            || pem.contains(alcove_guest_contract::EGRESS_CA_END))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "egressCa must be one PEM certificate of at most {MAX_CA_PEM} bytes"
+        )));
+    }
     let ts_ns = match &req.timestamp {
         Some(t) => {
             let t = parse_timestamp(t).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -124,6 +133,37 @@ pub fn apply(state: &AgentState, req: InitRequest) -> Result<(), ApiError> {
         crate::system::set_hostname(h).map_err(|e| {
             ApiError::Internal(format!("set hostname: {}", crate::rpc::error_chain(&e)))
         })?;
+    }
+    let mut req = req;
+    if let Some(pem) = &req.egress_ca {
+        if touch {
+            install_egress_ca(
+                pem,
+                std::path::Path::new(alcove_guest_contract::EGRESS_CA_FILE),
+                std::path::Path::new(alcove_guest_contract::SYSTEM_CA_BUNDLE),
+            );
+        }
+        // Python's requests, Node and OpenSSL builds that look elsewhere trust it too, unless the
+        // sandbox says otherwise.
+        let have = state
+            .defaults
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .env_vars
+            .clone();
+        let env = req.env_vars.get_or_insert_with(Default::default);
+        for (k, v) in [
+            ("SSL_CERT_FILE", alcove_guest_contract::SYSTEM_CA_BUNDLE),
+            (
+                "REQUESTS_CA_BUNDLE",
+                alcove_guest_contract::SYSTEM_CA_BUNDLE,
+            ),
+            ("NODE_EXTRA_CA_CERTS", alcove_guest_contract::EGRESS_CA_FILE),
+        ] {
+            if !have.contains_key(k) && !env.contains_key(k) {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
     }
     {
         let mut d = state.defaults.write().unwrap_or_else(|e| e.into_inner());
@@ -236,6 +276,43 @@ pub fn restore_persisted_env(state: &crate::state::AgentState, path: &std::path:
     d.env_vars.extend(env);
 }
 
+/// Largest egress CA certificate accepted.
+const MAX_CA_PEM: usize = 16 * 1024;
+
+/// Makes the system trust the sandbox's egress CA: its own file (which `update-ca-certificates`
+/// keeps) and a marked block at the end of the system bundle, replacing the block an earlier
+/// `/init` wrote (a sandbox made from a snapshot inherits its parent's). No process is spawned.
+pub fn install_egress_ca(pem: &str, file: &std::path::Path, bundle: &std::path::Path) {
+    use alcove_guest_contract::{EGRESS_CA_BEGIN, EGRESS_CA_END};
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(file, pem)?;
+        let old = std::fs::read_to_string(bundle).unwrap_or_default();
+        let mut kept = match (old.find(EGRESS_CA_BEGIN), old.find(EGRESS_CA_END)) {
+            (Some(a), Some(b)) if b > a => {
+                let end = old[b..].find('\n').map_or(old.len(), |i| b + i + 1);
+                format!("{}{}", &old[..a], &old[end..])
+            }
+            _ => old,
+        };
+        if !kept.is_empty() && !kept.ends_with('\n') {
+            kept.push('\n');
+        }
+        kept.push_str(&format!(
+            "{EGRESS_CA_BEGIN}\n{}\n{EGRESS_CA_END}\n",
+            pem.trim()
+        ));
+        let tmp = bundle.with_extension("crt.alcove-tmp");
+        std::fs::write(&tmp, kept)?;
+        std::fs::rename(&tmp, bundle)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(error = %e, "install the sandbox's egress CA");
+    }
+}
+
 /// Largest saved environment read back at boot.
 const ENV_FILE_MAX: u64 = 1 << 20;
 
@@ -257,6 +334,24 @@ fn write_reseed_id(path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_egress_ca_replaces_the_one_an_earlier_init_installed() {
+        let d = tempfile::tempdir().unwrap();
+        let (file, bundle) = (d.path().join("ca/alcove.crt"), d.path().join("bundle.crt"));
+        std::fs::write(&bundle, "SYSTEM ROOTS\n").unwrap();
+        let ca = |n: u8| format!("-----BEGIN CERTIFICATE-----\nCA{n}\n-----END CERTIFICATE-----\n");
+        install_egress_ca(&ca(1), &file, &bundle);
+        install_egress_ca(&ca(2), &file, &bundle);
+        let text = std::fs::read_to_string(&bundle).unwrap();
+        assert!(text.starts_with("SYSTEM ROOTS\n"), "{text}");
+        assert!(text.contains("CA2") && !text.contains("CA1"), "{text}");
+        assert_eq!(
+            text.matches(alcove_guest_contract::EGRESS_CA_BEGIN).count(),
+            1
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), ca(2));
+    }
 
     #[test]
     fn a_saved_environment_comes_back_once() {

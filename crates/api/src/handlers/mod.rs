@@ -8,6 +8,7 @@ pub mod extensions;
 pub mod observability;
 pub mod persistence;
 pub mod sandboxes;
+pub mod secrets;
 pub mod system;
 pub mod templates;
 pub mod usage;

@@ -7,7 +7,8 @@
 //! - `sandboxes` (create, get, list, kill, timeouts, refreshes, network) and `network` (egress
 //!   rule parsing), `persistence` (pause, resume, connect, auto-resume for traffic),
 //!   `snapshots` (snapshots, forks, the tree), `observability` (metrics, logs, warm pools),
-//!   `templates`, `builds` (template builds, uploads, tags), and `background` (reaper, liveness, reconcile at startup).
+//!   `templates`, `builds` (template builds, uploads, tags), `secrets` (E2B's secrets API), and
+//!   `background` (reaper, liveness, reconcile at startup).
 //!
 //! Handlers extract and validate, call one method here, and map the result. Every store call
 //! runs on the blocking pool; every backend call goes through [`Service::call`], which applies
@@ -36,6 +37,7 @@ mod otlp;
 mod persistence;
 mod quota;
 mod sandboxes;
+mod secrets;
 mod snapshots;
 mod templates;
 
@@ -46,6 +48,10 @@ pub use network::network_update;
 pub use observability::LogQuery;
 pub use quota::Quota;
 pub use sandboxes::{ListQuery, ProxyTarget};
+pub use secrets::{
+    MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES,
+    MAX_NAME_BYTES, MAX_SECRETS_PER_TEAM, MAX_VALUE_BYTES,
+};
 pub use snapshots::MAX_FORK_COUNT;
 
 pub struct Service {
@@ -78,6 +84,8 @@ pub struct Service {
     audit: audit::AuditQueue,
     /// Spans on their way to the OTLP collector (`otlp.rs`).
     spans: otlp::SpanQueue,
+    /// The secrets key (`secrets.rs`); `None` (no data directory) refuses the secrets API.
+    secrets: Option<Arc<crate::secrets::SecretKey>>,
 }
 
 impl Service {
@@ -103,6 +111,7 @@ impl Service {
             standing: std::sync::Mutex::new(HashMap::new()),
             audit: audit::AuditQueue::new(),
             spans: otlp::SpanQueue::new(),
+            secrets: None,
         }
     }
 

@@ -45,7 +45,12 @@ pub(super) fn parse_network(
             }
             (_, serde_json::Value::Null) => {}
             (
-                "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers" | "maskRequestHost",
+                "allowOut"
+                | "denyOut"
+                | "allowInternetAccess"
+                | "dnsServers"
+                | "maskRequestHost"
+                | "rules",
                 _,
             ) => {}
             (_, serde_json::Value::Array(a)) if a.is_empty() => {}
@@ -129,14 +134,11 @@ fn normalize(
 /// The refusal for a network field this server does not act on, saying what to do instead.
 fn unsupported(field: &str, key: &str, at_create: bool) -> ApiError {
     let supported = if at_create {
-        "allowOut, denyOut, allowInternetAccess, allowPublicTraffic, dnsServers and maskRequestHost"
+        "allowOut, denyOut, allowInternetAccess, rules, allowPublicTraffic, dnsServers and maskRequestHost"
     } else {
-        "allowOut, denyOut, allowInternetAccess and dnsServers"
+        "allowOut, denyOut, allowInternetAccess, rules and dnsServers"
     };
     let instead = match key {
-        "rules" => format!(
-            "per-host request transforms (headers rewritten by the egress proxy, secrets) are not available; add the header in the sandbox's own requests, and limit where it can go with allowOut and denyOut (supported network fields: {supported})"
-        ),
         "egressProxy" => format!(
             "tunnelling the sandbox's outbound traffic through your SOCKS5 proxy is not available; limit egress with allowOut and denyOut (supported network fields: {supported})"
         ),
@@ -192,15 +194,72 @@ fn egress_config(
             });
         }
     };
+    let rules = match map.get("rules") {
+        None | Some(serde_json::Value::Null) => Default::default(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| ApiError::InvalidBody {
+            detail: format!(
+                "network.rules must map a domain to a list of rules like [{{\"transform\": {{\"headers\": {{\"Authorization\": \"Bearer ${{e2b.secrets.NAME}}\"}}}}}}]: {e}"
+            ),
+        })?,
+    };
     let cfg = alcove_net::NetworkConfig {
         allow_internet_access: internet && allow_internet_access != Some(false),
         allow_out: list(map, "allowOut")?,
         deny_out: list(map, "denyOut")?,
+        rules,
     };
     alcove_net::Rules::from_config(&cfg).map_err(|e| ApiError::InvalidBody {
         detail: format!("network: {e}"),
     })?;
     Ok(cfg)
+}
+
+/// Refuses a secret placeholder in what would reach the guest (a create's `envVars`): secret
+/// values never enter a sandbox, and a placeholder there would arrive as the literal text.
+pub(super) fn refuse_placeholders_in_envs(
+    envs: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    for (k, v) in envs {
+        if alcove_net::secrets::has_placeholder(v.as_bytes())
+            || alcove_net::secrets::has_placeholder(k.as_bytes())
+        {
+            return Err(ApiError::InvalidBody {
+                detail: format!(
+                    "envVars[{k:?}] holds a ${{e2b...}} placeholder: secret values never enter the sandbox, so a placeholder there would stay literal text. Put it in a header the egress proxy sets for the host that needs it: network.rules[\"api.example.com\"] = [{{\"transform\": {{\"headers\": {{\"Authorization\": \"Bearer ${{e2b.secrets.NAME}}\"}}}}}}]"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl super::Service {
+    /// Refuses network rules that use a secret the team does not have, naming it (a typo would
+    /// otherwise surface only as a failed request from inside the sandbox).
+    pub(super) async fn check_secret_refs(
+        &self,
+        team_id: &str,
+        cfg: &alcove_net::NetworkConfig,
+    ) -> Result<(), ApiError> {
+        if cfg.rules.is_empty() {
+            return Ok(());
+        }
+        let names = alcove_net::Rules::from_config(cfg)
+            .map_err(|e| ApiError::InvalidBody {
+                detail: format!("network: {e}"),
+            })?
+            .secret_names();
+        let missing = self.missing_secrets(team_id, &names).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::InvalidBody {
+            detail: format!(
+                "network.rules use secrets this team does not have: {}. Create them first (Secret.create(name, value), POST /secrets) or fix the names in the ${{e2b.secrets.NAME}} placeholders",
+                missing.join(", ")
+            ),
+        })
+    }
 }
 
 /// `PUT /sandboxes/{id}/network`: the new rules, replacing the old ones whole (omitted fields are
@@ -219,7 +278,7 @@ pub fn network_update(body: &serde_json::Value) -> Result<alcove_net::NetworkCon
             || v.as_object().is_some_and(|o| o.is_empty());
         if !matches!(
             k.as_str(),
-            "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers"
+            "allowOut" | "denyOut" | "allowInternetAccess" | "dnsServers" | "rules"
         ) && !empty
         {
             return Err(unsupported(k, k, false));
@@ -274,11 +333,6 @@ mod tests {
                 "SOCKS5",
             ),
             (
-                json!({"rules": {"api.example.com": [{"transform": {"headers": {"X": "y"}}}]}}),
-                "'network.rules'",
-                "allowOut",
-            ),
-            (
                 json!({"allowOutt": ["x.com"]}),
                 "'network.allowOutt'",
                 "supported ones are allowOut",
@@ -289,9 +343,32 @@ mod tests {
             assert!(m.contains(field) && m.contains(hint), "{body}: {m}");
         }
         let m = message(network_update(&json!({"rules": {"h": [{}]}})).unwrap_err());
-        assert!(m.contains("'rules'") && m.contains("allowOut"), "{m}");
+        assert!(
+            m.contains("rules[h]") && m.contains("not a domain name"),
+            "{m}"
+        );
+        let m = message(network_update(&json!({"rules": {"a.example.com": {}}})).unwrap_err());
+        assert!(m.contains("network.rules must map a domain"), "{m}");
         let m = message(network_update(&json!({"maskRequestHost": "x"})).unwrap_err());
         assert!(m.contains("set at create only"), "{m}");
+    }
+
+    #[test]
+    fn rules_are_taken_at_create_and_in_updates_and_placeholders_stay_out_of_envs() {
+        let rules = json!({"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.Key}"}}}]});
+        let n = parse_network(&Some(json!({"rules": rules.clone()})), None).unwrap();
+        let r = alcove_net::Rules::from_config(&n.egress).unwrap();
+        assert_eq!(r.secret_names(), vec!["key"]);
+        let u = network_update(&json!({"rules": rules, "allow_internet_access": false})).unwrap();
+        assert_eq!(u.rules.len(), 1);
+        assert!(!u.allow_internet_access);
+        let envs = [("TOKEN".to_string(), "${e2b.secrets.key}".to_string())].into();
+        let m = message(refuse_placeholders_in_envs(&envs).unwrap_err());
+        assert!(
+            m.contains("envVars[\"TOKEN\"]") && m.contains("network.rules"),
+            "{m}"
+        );
+        refuse_placeholders_in_envs(&[("A".to_string(), "b".to_string())].into()).unwrap();
     }
 
     #[test]

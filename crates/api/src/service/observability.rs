@@ -83,8 +83,9 @@ impl Service {
         let r = self.any_record(team_id, id).await?;
         let now = alcove_store::now_ms();
         let start_ms = start.map_or(r.started_at, |s| s.saturating_mul(1000));
-        // `end` in whole seconds covers that whole second.
-        let end_ms = end.map_or(now, |e| e.saturating_mul(1000).saturating_add(999));
+        // `end` in whole seconds covers that whole second. Without one, everything so far, including
+        // a sample the background sampler stores while this runs (stamped after `now`).
+        let end_ms = end.map_or(i64::MAX, |e| e.saturating_mul(1000).saturating_add(999));
         if end_ms < start_ms {
             return Err(ApiError::InvalidQuery {
                 detail: "end is before start".into(),

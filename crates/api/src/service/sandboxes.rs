@@ -12,7 +12,7 @@ use alcove_store::{
 
 use tracing::Instrument;
 
-use super::network::{network_update, parse_network};
+use super::network::{network_update, parse_network, refuse_placeholders_in_envs};
 use super::quota::{Reservation, Want};
 use super::{Service, api_error, log_state_change, new_sandbox_id, random_token, wire_state};
 use crate::backend::{BackendError, BackendOp, CreateSandbox};
@@ -94,6 +94,10 @@ impl Service {
         let auto_pause = req.auto_pause == Some(true);
         let auto_pause_disk_only = auto_pause && req.auto_pause_memory == Some(false);
         let net = parse_network(&req.network, req.allow_internet_access)?;
+        if let Some(envs) = &req.env_vars {
+            refuse_placeholders_in_envs(envs)?;
+        }
+        self.check_secret_refs(team_id, &net.egress).await?;
         let (t, name) = (team_id.to_owned(), req.template_id.clone());
         let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
         let (template, alias, snapshot_id, backend_template) = match snapshot {
@@ -379,7 +383,9 @@ impl Service {
             Some(n) => Some(n.allow_internet_access),
             None => r.allow_internet_access,
         };
-        let (allow_out, mut deny_out) = live.map(|n| (n.allow_out, n.deny_out)).unwrap_or_default();
+        let (allow_out, mut deny_out, rules) = live
+            .map(|n| (n.allow_out, n.deny_out, n.rules))
+            .unwrap_or_default();
         if internet == Some(false) && !deny_out.iter().any(|d| d == "0.0.0.0/0") {
             deny_out.push("0.0.0.0/0".into());
         }
@@ -387,6 +393,9 @@ impl Service {
             allow_out,
             deny_out,
             allow_public_traffic: r.traffic_access_token.is_none(),
+            rules: serde_json::to_value(&rules)
+                .ok()
+                .filter(|_| !rules.is_empty()),
         };
         Ok(models::SandboxDetail {
             template_id: r.template_id.clone(),
@@ -559,6 +568,7 @@ impl Service {
         body: serde_json::Value,
     ) -> Result<(), ApiError> {
         let cfg = network_update(&body)?;
+        self.check_secret_refs(team_id, &cfg).await?;
         let r = self.live_record(team_id, id).await?;
         self.call(
             BackendOp::UpdateNetwork,
