@@ -7,6 +7,7 @@
 #   tests/sdk/bench.sh sequential -n 40   back-to-back creates from an idle pool
 #   tests/sdk/bench.sh js -n 5            first JavaScript cell (Deno kernel start) vs Python
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
+#   tests/sdk/bench.sh egress -n 50       HTTPS through a secret-header rule (TLS intercepted) vs not
 #   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)
 # Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
 # base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
@@ -20,6 +21,11 @@ data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-bench.XXXXXX")"
 ip link show alcove-inet >/dev/null 2>&1 || ip link add alcove-inet type veth peer name alcove-inet1
 [[ $(ip -4 -o addr show dev alcove-inet) == *"inet 198.51.100.2/"* ]] || ip addr add 198.51.100.2/32 dev alcove-inet
 ip link set alcove-inet up && ip link set alcove-inet1 up
+# `egress` mode: the test internet's DNS zone (served by bench.py) and its CA, as in tests/sdk/run.sh.
+if [[ " $* " == *" egress "* ]]; then
+    "$here/test-internet-tls.sh" "$data/tls"
+    export ALCOVE_DNS_UPSTREAM=198.51.100.2:5353 ALCOVE_EGRESS_CA="$data/tls/ca.pem" ALCOVE_BENCH_TLS="$data/tls"
+fi
 ALCOVE_WARM_POOL="${ALCOVE_WARM_POOL-base=20,code-interpreter-v1=2}" \
 ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
 server_pid=$!

@@ -78,15 +78,7 @@ if [[ $mode == real ]]; then
     # trusts for the real hosts behind network rules (--egress-ca), and a certificate for a.test
     # and b.test signed by it.
     tls="$data/test-internet-tls"
-    mkdir -p "$tls"
-    ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-    openssl req -x509 "${ec[@]}" -days 30 -subj "/CN=Alcove test internet CA" \
-        -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>"$tls/openssl.err"
-    openssl req "${ec[@]}" -subj "/CN=a.test" -keyout "$tls/server.key" -out "$tls/server.csr" \
-        2>>"$tls/openssl.err"
-    printf 'subjectAltName=DNS:a.test,DNS:b.test\n' >"$tls/san.ext"
-    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
-        -CAcreateserial -days 30 -extfile "$tls/san.ext" -out "$tls/server.pem" 2>>"$tls/openssl.err"
+    "$here/test-internet-tls.sh" "$tls"
     export ALCOVE_EGRESS_CA="$tls/ca.pem" ALCOVE_SDK_TEST_TLS="$tls"
 fi
 

@@ -10,6 +10,10 @@ docs/benchmarks.md, not in tests).
   chart    code-interpreter-v1: a matplotlib line chart round trip on a live sandbox
   net      base: guest -> host through the egress proxy: request latency (new connection each)
            and download throughput, measured in the guest (needs bench.sh's test address)
+  egress   base: HTTPS requests from the guest to a.test with a network rule that sets a secret
+           header (the proxy terminates TLS) vs the same host without rules (TLS passes through),
+           new connection each and on one kept-alive connection, interleaved sandboxes (needs
+           bench.sh's test internet: its DNS zone and CA)
   template custom templates (Template.build): a build from base + one pip package + one copied
            file (skip_cache, so every step runs), the time of that pip install inside a running
            sandbox (the download's share), an unchanged rebuild (all cache hits), and create ->
@@ -264,7 +268,7 @@ def bench_net(n, mib=100):
     srv = http.server.ThreadingHTTPServer(("198.51.100.2", 0), H)
     port = srv.server_address[1]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    sbx = Sandbox.create(parent, timeout=600)
+    sbx = Sandbox.create("base", timeout=600)
     try:
         sbx.files.write("/tmp/netbench.py", NET_GUEST)
         r = sbx.commands.run(f"python3 /tmp/netbench.py 198.51.100.2 {port} {n} {mib}", timeout=600)
@@ -275,6 +279,100 @@ def bench_net(n, mib=100):
                           "secs": round(res["secs"], 2)}), flush=True)
     finally:
         sbx.kill()
+        srv.shutdown()
+
+
+EGRESS_GUEST = r'''
+import http.client, json, ssl, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = ssl.create_default_context(cafile="/tmp/all-ca.pem")
+def get(c):
+    c.request("GET", "/")
+    r = c.getresponse()
+    assert r.status == 200, r.status
+    return r.read()
+new, reuse = [], []
+for _ in range(n):
+    t0 = time.perf_counter()
+    c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    get(c)
+    c.close()
+    new.append(time.perf_counter() - t0)
+c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+get(c)
+for _ in range(n):
+    t0 = time.perf_counter()
+    get(c)
+    reuse.append(time.perf_counter() - t0)
+print(json.dumps({"new": new, "reuse": reuse}))
+'''
+
+
+def bench_egress(n):
+    """Egress latency with TLS interception (a rule with a secret header) vs without."""
+    import http.server
+    import ssl
+    import sys
+    import threading
+
+    from e2b import ALL_TRAFFIC, Sandbox, Secret
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    from testnet import serve_test_dns
+
+    tls = os.environ["ALCOVE_BENCH_TLS"]
+    serve_test_dns()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("198.51.100.2", 0), H)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(f"{tls}/server.pem", f"{tls}/server.key")
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    name = f"bench-{os.getpid()}"
+    Secret.create(name, "bench-secret-value")
+    net = {"allow_out": ["a.test"], "deny_out": [ALL_TRAFFIC]}
+    rules = {"a.test": [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill(name)}"}}}]}
+    boxes = {"intercepted": Sandbox.create("base", timeout=600, network={**net, "rules": rules}),
+             "passthrough": Sandbox.create("base", timeout=600, network=net)}
+    res = {k: {"new": [], "reuse": []} for k in boxes}
+    try:
+        with open(f"{tls}/ca.pem") as f:
+            ca = f.read()
+        for sbx in boxes.values():
+            sbx.files.write("/tmp/test-ca.pem", ca)
+            sbx.files.write("/tmp/egressbench.py", EGRESS_GUEST)
+            sbx.commands.run("cat /etc/ssl/certs/ca-certificates.crt /tmp/test-ca.pem > /tmp/all-ca.pem")
+        # Interleaved rounds, so both see the same machine.
+        for _ in range(5):
+            for k, sbx in boxes.items():
+                r = sbx.commands.run(f"python3 /tmp/egressbench.py a.test {port} {max(1, n // 5)}", timeout=600)
+                out = json.loads(r.stdout)
+                res[k]["new"] += out["new"]
+                res[k]["reuse"] += out["reuse"]
+        for how in ("new", "reuse"):
+            label = "new connection each" if how == "new" else "one kept-alive connection"
+            for k in boxes:
+                summary(f"guest HTTPS request to a rule's host, {label}: {k}", res[k][how])
+            ratio = statistics.median(res["intercepted"][how]) / statistics.median(res["passthrough"][how])
+            print(json.dumps({"name": f"egress interception p50 ratio, {label}", "ratio": round(ratio, 2)}),
+                  flush=True)
+    finally:
+        for sbx in boxes.values():
+            sbx.kill()
+        Secret.destroy(name)
         srv.shutdown()
 
 
@@ -389,6 +487,7 @@ def main():
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
+         "egress": lambda: bench_egress(args.n),
          "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
 
