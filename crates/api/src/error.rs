@@ -35,6 +35,11 @@ pub enum ApiError {
     TemplateNotFound { template: String },
     #[error("invalid request body")]
     InvalidBody { detail: String },
+    /// A process start the proxy refuses (a secret placeholder in it), answered as envd's
+    /// streaming call would fail: a Connect end-of-stream message with `invalid_argument`, in
+    /// the request's content type, so every SDK shows the message.
+    #[error("process start refused")]
+    ProcessStartRefused { detail: String, content_type: String },
     #[error("invalid query")]
     InvalidQuery { detail: String },
     #[error("request body too large")]
@@ -225,6 +230,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_body",
                 format!("The request body is not valid: {detail}. Fix the JSON and retry."),
+            ),
+            ProcessStartRefused { detail, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                detail.clone(),
             ),
             InvalidQuery { detail } => (
                 StatusCode::BAD_REQUEST,
@@ -707,6 +717,22 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_code, message) = self.parts();
         crate::metrics::METRICS.error(error_code);
+        if let ApiError::ProcessStartRefused { content_type, .. } = &self {
+            let end = serde_json::json!({"error": {"code": error_code, "message": message}})
+                .to_string();
+            let mut body = Vec::with_capacity(5 + end.len());
+            body.push(0x02); // Connect's end-of-stream flag
+            body.extend_from_slice(&(end.len() as u32).to_be_bytes());
+            body.extend_from_slice(end.as_bytes());
+            let mut resp = Response::new(axum::body::Body::from(body));
+            if let Ok(v) = axum::http::HeaderValue::from_str(content_type) {
+                resp.headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, v);
+            }
+            resp.extensions_mut()
+                .insert(ErrorCause(std::sync::Arc::new(self)));
+            return resp;
+        }
         let body = ErrorBody {
             code: status.as_u16(),
             message,

@@ -290,7 +290,10 @@ pub const START_PATH: &str = "/process.Process/Start";
 
 /// A process start that carries a secret placeholder (in its command, arguments or env vars):
 /// refused, since the guest only ever sees the placeholder text, never the value.
-fn refuse_placeholders(p: &alcove_envd_proto::process::ProcessConfig) -> Result<(), ApiError> {
+fn refuse_placeholders(
+    p: &alcove_envd_proto::process::ProcessConfig,
+    content_type: &str,
+) -> Result<(), ApiError> {
     let has = |s: &str| alcove_net::secrets::has_placeholder(s.as_bytes());
     let place = if has(&p.cmd) || p.args.iter().any(|a| has(a)) {
         "the command".to_string()
@@ -299,7 +302,8 @@ fn refuse_placeholders(p: &alcove_envd_proto::process::ProcessConfig) -> Result<
     } else {
         return Ok(());
     };
-    Err(ApiError::InvalidBody {
+    Err(ApiError::ProcessStartRefused {
+        content_type: content_type.to_string(),
         detail: format!(
             "{place} holds a ${{e2b...}} placeholder: secret values never enter the sandbox, so it would run with the literal text. Put the placeholder in a header the egress proxy sets for the host that needs it: network.rules[\"api.example.com\"] = [{{\"transform\": {{\"headers\": {{\"Authorization\": \"Bearer ${{e2b.secrets.NAME}}\"}}}}}}] (at create or with update_network)"
         ),
@@ -358,7 +362,7 @@ pub async fn observe(
         let Ok(mut start) = codec.decode::<StartRequest>(&env.payload) else {
             return Ok((http::Request::from_parts(parts, Body::from(bytes)), None));
         };
-        refuse_placeholders(&start.process.clone().unwrap_or_default())?;
+        refuse_placeholders(&start.process.clone().unwrap_or_default(), &content_type)?;
         if !record {
             return Ok((http::Request::from_parts(parts, Body::from(bytes)), None));
         }
