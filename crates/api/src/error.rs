@@ -39,7 +39,10 @@ pub enum ApiError {
     /// streaming call would fail: a Connect end-of-stream message with `invalid_argument`, in
     /// the request's content type, so every SDK shows the message.
     #[error("process start refused")]
-    ProcessStartRefused { detail: String, content_type: String },
+    ProcessStartRefused {
+        detail: String,
+        content_type: String,
+    },
     #[error("invalid query")]
     InvalidQuery { detail: String },
     #[error("request body too large")]
@@ -718,8 +721,8 @@ impl IntoResponse for ApiError {
         let (status, error_code, message) = self.parts();
         crate::metrics::METRICS.error(error_code);
         if let ApiError::ProcessStartRefused { content_type, .. } = &self {
-            let end = serde_json::json!({"error": {"code": error_code, "message": message}})
-                .to_string();
+            let end =
+                serde_json::json!({"error": {"code": error_code, "message": message}}).to_string();
             let mut body = Vec::with_capacity(5 + end.len());
             body.push(0x02); // Connect's end-of-stream flag
             body.extend_from_slice(&(end.len() as u32).to_be_bytes());

@@ -166,6 +166,51 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// A list endpoint's query: its pairs, and the page size E2B's lists take.
+pub struct PageQuery(Vec<(String, String)>);
+
+impl PageQuery {
+    pub fn parse(raw: Option<&str>) -> PageQuery {
+        PageQuery(query_pairs(raw))
+    }
+
+    /// A parameter, when given non-empty.
+    pub fn get(&self, k: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// `limit`: 1 to [`sandboxes::MAX_PAGE`], or none.
+    pub fn limit(&self) -> Result<Option<usize>, ApiError> {
+        let max = sandboxes::MAX_PAGE;
+        self.get("limit")
+            .map(|v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| ApiError::InvalidQuery {
+                        detail: format!("limit must be between 1 and {max}"),
+                    })
+            })
+            .transpose()
+    }
+}
+
+/// One page of a list: the items, with `x-next-token` when more follow.
+pub fn page<T: serde::Serialize>(
+    items: T,
+    next: Option<String>,
+) -> (axum::http::HeaderMap, axum::Json<T>) {
+    let mut headers = axum::http::HeaderMap::new();
+    if let Some(t) = next.and_then(|t| axum::http::HeaderValue::from_str(&t).ok()) {
+        headers.insert("x-next-token", t);
+    }
+    (headers, axum::Json(items))
+}
+
 /// Query pairs, percent-decoded once.
 pub fn query_pairs(req_query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(req_query.unwrap_or("").as_bytes())

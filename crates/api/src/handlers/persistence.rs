@@ -2,11 +2,10 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
-use super::sandboxes::MAX_PAGE;
-use super::{ApiJson, AppState, Team, query_pairs};
+use super::{ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{
     ConnectRequest, ForkRequest, ForkResult, PauseRequest, ResumeRequest, Sandbox, SnapshotInfo,
@@ -145,25 +144,9 @@ pub async fn list_snapshots(
     Team(team): Team,
     RawQuery(raw): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
-    let pairs = query_pairs(raw.as_deref());
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-    };
-    let limit = match get("limit") {
-        None => None,
-        Some(v) => Some(
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| ApiError::InvalidQuery {
-                    detail: format!("limit must be between 1 and {MAX_PAGE}"),
-                })?,
-        ),
-    };
+    let q = super::PageQuery::parse(raw.as_deref());
+    let get = |k: &str| q.get(k);
+    let limit = q.limit()?;
     let (items, next) = svc
         .list_snapshots(
             &team,
@@ -173,9 +156,5 @@ pub async fn list_snapshots(
             get("nextToken"),
         )
         .await?;
-    let mut headers = HeaderMap::new();
-    if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
-        headers.insert("x-next-token", t);
-    }
-    Ok((headers, Json(items)))
+    Ok(super::page(items, next))
 }

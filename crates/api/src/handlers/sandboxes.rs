@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use percent_encoding::percent_decode_str;
 
@@ -161,11 +161,7 @@ pub async fn list_v2(
 ) -> Result<impl IntoResponse, ApiError> {
     let q = parse_list_query(raw.as_deref())?;
     let (items, next) = svc.list(&team, q).await?;
-    let mut headers = HeaderMap::new();
-    if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
-        headers.insert("x-next-token", t);
-    }
-    Ok((headers, Json(items)))
+    Ok(super::page(items, next))
 }
 
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",

@@ -4,12 +4,11 @@
 
 use axum::Json;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::de::DeserializeOwned;
 
-use super::sandboxes::MAX_PAGE;
-use super::{Actor, ApiJson, AppState, Team, query_pairs};
+use super::{Actor, ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{NewSecret, Secret, SecretUpdate};
 
@@ -72,31 +71,11 @@ pub async fn list(
     Team(team): Team,
     RawQuery(raw): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
-    let pairs = query_pairs(raw.as_deref());
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-    };
-    let limit = match get("limit") {
-        None => None,
-        Some(v) => Some(
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| ApiError::InvalidQuery {
-                    detail: format!("limit must be between 1 and {MAX_PAGE}"),
-                })?,
-        ),
-    };
+    let q = super::PageQuery::parse(raw.as_deref());
+    let get = |k: &str| q.get(k);
+    let limit = q.limit()?;
     let (items, next) = svc.list_secrets(&team, limit, get("nextToken")).await?;
-    let mut headers = HeaderMap::new();
-    if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
-        headers.insert("x-next-token", t);
-    }
-    Ok((headers, Json(items)))
+    Ok(super::page(items, next))
 }
 
 #[utoipa::path(get, path = "/secrets/{secretID}", tag = "secrets",

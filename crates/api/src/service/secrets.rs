@@ -290,12 +290,7 @@ impl Service {
                 }
             })
             .await
-            .map_err(|e| match e {
-                StoreError::SecretNotFound => ApiError::SecretNotFound {
-                    secret: id_or_name.to_owned(),
-                },
-                e => e.into(),
-            })?;
+            .map_err(not_found_as(id_or_name))?;
         self.audit_secret(&updated, actor, "update");
         Ok(view(updated))
     }
@@ -311,12 +306,7 @@ impl Service {
         let gone = self
             .db(move |s| s.delete_secret(&team, &key))
             .await
-            .map_err(|e| match e {
-                StoreError::SecretNotFound => ApiError::SecretNotFound {
-                    secret: id_or_name.to_owned(),
-                },
-                e => e.into(),
-            })?;
+            .map_err(not_found_as(id_or_name))?;
         self.audit_secret(&gone, actor, "delete");
         Ok(())
     }
@@ -353,6 +343,16 @@ impl Service {
             result: "ok".into(),
             detail: serde_json::json!({ "secretID": r.id, "version": r.current_version }),
         });
+    }
+}
+
+/// A store error, with "no such secret" named as the caller named it.
+fn not_found_as(id_or_name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
+    move |e| match e {
+        StoreError::SecretNotFound => ApiError::SecretNotFound {
+            secret: id_or_name.to_owned(),
+        },
+        e => e.into(),
     }
 }
 
