@@ -258,6 +258,14 @@ def test_data_dir_full_gives_clear_errors_and_loses_nothing(server):
         except OSError:
             pass  # full
     try:
+        # The guest writes to its disk while the host's is full: QEMU stops the VM on the failed
+        # write (the node lets it run again once space is back, below).
+        try:
+            sbx.commands.run("dd if=/dev/zero of=/home/user/big bs=1M count=64 oflag=direct",
+                             background=True, timeout=10)
+        except Exception:
+            pass  # the VM may already be stopped on a failed write of its own
+        time.sleep(2)
         for attempt in (lambda: sbx.pause(), lambda: sbx.create_snapshot()):
             with pytest.raises(SandboxException) as e:
                 attempt()

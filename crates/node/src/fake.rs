@@ -287,6 +287,10 @@ impl Vm for FakeVm {
         self.resume().await
     }
 
+    async fn resume_after_io_error(&self) -> Result<bool, VmmError> {
+        Ok(false)
+    }
+
     fn set_cpu_weight(&self, _weight: u32) -> std::io::Result<()> {
         Ok(())
     }

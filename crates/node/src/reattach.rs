@@ -18,6 +18,9 @@ use crate::record::{self, Record, remove_all_but_record};
 /// How long a re-attached VM gets to leave an interrupted pause or snapshot and run again.
 const REATTACH_RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How often the monitor of a running VM checks whether QEMU stopped it on a failed disk write.
+const IO_ERROR_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl<V: Vmm> Node<V> {
     /// Opens the node's data dir and picks up the sandboxes recorded there: running VMs are
     /// re-attached, VMs that disappeared meanwhile are marked dead with the reason.
@@ -151,7 +154,34 @@ impl<V: Vmm> Node<V> {
 
     pub(crate) fn spawn_monitor(self: &Arc<Self>, live: Arc<Live<V>>, vm: V::Vm) {
         let handle = tokio::spawn(async move {
-            let reason = vm.wait_exit().await;
+            // Until the VM exits: a VM that QEMU stopped on a failed disk write (the host's disk
+            // was full) is let run again, so it continues once space is back.
+            let exit = vm.wait_exit();
+            tokio::pin!(exit);
+            let mut check = tokio::time::interval(IO_ERROR_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stalled = false;
+            let reason = loop {
+                tokio::select! {
+                    r = &mut exit => break r,
+                    _ = check.tick() => {
+                        if live.stopping.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        match tokio::time::timeout(IO_ERROR_CHECK, vm.resume_after_io_error()).await {
+                            Ok(Ok(true)) if !stalled => {
+                                stalled = true;
+                                tracing::warn!(sandbox_id = %live.snapshot().id, "the VM stopped on a failed disk write (is the host's disk full?); letting it run again, and again until the write succeeds");
+                            }
+                            Ok(Ok(false)) if stalled => {
+                                stalled = false;
+                                tracing::info!(sandbox_id = %live.snapshot().id, "the VM runs again after a failed disk write");
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            };
             // Stopped on purpose, or already replaced by a new VM (the restart that ends a
             // snapshot): not a death.
             if live.stopping.load(Ordering::SeqCst) || live.vm().map(|v| v.pid()) != Some(vm.pid())

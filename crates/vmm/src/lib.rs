@@ -229,6 +229,10 @@ pub trait Vm: Clone + Send + Sync + 'static {
     /// and lets the vCPUs run. Fails when the VM cannot run (it still waits for an incoming
     /// state, or it errored).
     fn ensure_running(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Lets the vCPUs run again if the VM stopped on a failed disk write (QEMU stops a VM whose
+    /// write found the host's disk full and retries the write when it runs again; if the disk
+    /// is still full, it stops again). Whether it was stopped so.
+    fn resume_after_io_error(&self) -> impl Future<Output = Result<bool, VmmError>> + Send;
     /// Sets the VM's host CPU weight (100 = a sandbox's default).
     fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()>;
     /// Stops the VM process (SIGKILL after a short grace) and waits for it to exit.

@@ -713,6 +713,17 @@ impl QemuVm {
         Ok(())
     }
 
+    /// See [`Vm::resume_after_io_error`].
+    pub async fn resume_after_io_error(&self) -> Result<bool, VmmError> {
+        let qmp = self.qmp_or_connect().await?;
+        let status = qmp.execute("query-status", None, QMP_TIMEOUT).await?;
+        if status["status"].as_str() != Some("io-error") {
+            return Ok(false);
+        }
+        qmp.execute("cont", None, QMP_TIMEOUT).await?;
+        Ok(true)
+    }
+
     /// See [`Vm::ensure_running`].
     pub async fn ensure_running(&self) -> Result<(), VmmError> {
         let qmp = self.qmp_or_connect().await?;
@@ -740,8 +751,9 @@ impl QemuVm {
         let status = qmp.execute("query-status", None, QMP_TIMEOUT).await?;
         match status["status"].as_str().unwrap_or("") {
             "running" => Ok(()),
-            // Stopped by a pause or snapshot that never finished: the guest's memory is intact.
-            "paused" | "postmigrate" | "finish-migrate" => self.resume().await,
+            // Stopped by a pause or snapshot that never finished, or by a write that found the
+            // host's disk full (retried now): the guest's memory is intact.
+            "paused" | "postmigrate" | "finish-migrate" | "io-error" => self.resume().await,
             other => Err(VmmError::Migration {
                 what: "re-attach",
                 detail: format!("the VM is in state `{other}` and cannot run"),
@@ -777,6 +789,10 @@ impl Vm for QemuVm {
 
     async fn ensure_running(&self) -> Result<(), VmmError> {
         QemuVm::ensure_running(self).await
+    }
+
+    async fn resume_after_io_error(&self) -> Result<bool, VmmError> {
+        QemuVm::resume_after_io_error(self).await
     }
 
     fn set_cpu_weight(&self, weight: u32) -> std::io::Result<()> {
