@@ -877,9 +877,9 @@ impl Root {
 
 /// A directory's entries with their attributes (not following links), at most `max`.
 fn read_dir(fd: &OwnedFd, shown: &str, max: usize) -> Result<Vec<(String, Attr)>, VolError> {
-    let mut dir = rustix::fs::Dir::read_from(fd).map_err(err(shown))?;
+    let dir = rustix::fs::Dir::read_from(fd).map_err(err(shown))?;
     let mut out = Vec::new();
-    while let Some(entry) = dir.next() {
+    for entry in dir {
         let entry = entry.map_err(err(shown))?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
@@ -1032,7 +1032,7 @@ mod tests {
         });
         v.write_file("f", false, Owner::default(), None, &mut &b"12345"[..])
             .unwrap();
-        let big = vec![0u8; 20];
+        let big = [0u8; 20];
         assert!(matches!(
             v.write_file("f", false, Owner::default(), None, &mut &big[..]),
             Err(VolError::Full { limit: 10 })
