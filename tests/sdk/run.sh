@@ -9,7 +9,8 @@
 # Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js security" by default;
 # `security` is the adversarial suite in tests/security/, real server only), PYTEST_ARGS /
 # NODE_TEST_ARGS / SECURITY_PYTEST_ARGS for extra arguments. The SDKs are configured only through
-# E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. For the persistence tests the suites also get
+# E2B_API_URL, E2B_SANDBOX_URL, E2B_VOLUME_API_URL (the volume content API, on the same listener)
+# and E2B_API_KEY. For the persistence tests the suites also get
 # ALCOVE_SDK_RESTART_SERVER (a script that restarts the server on the same port and data
 # directory, as an operator would) and ALCOVE_SDK_DATA_DIR (the server's data directory, where
 # the tests damage a saved state on purpose).
@@ -138,6 +139,9 @@ done
 
 export E2B_API_URL="http://127.0.0.1:$port"
 export E2B_SANDBOX_URL="http://127.0.0.1:$port"
+# Volume.read_file/write_file/...: the SDKs send the volume's token here (their default is
+# https://api.<E2B_DOMAIN>).
+export E2B_VOLUME_API_URL="http://127.0.0.1:$port"
 E2B_API_KEY="$(cat "$data/state/api-key")"
 export E2B_API_KEY
 echo "server ($mode) on $E2B_API_URL, log $log"

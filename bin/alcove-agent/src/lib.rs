@@ -16,6 +16,7 @@ pub mod state;
 pub mod system;
 pub mod template;
 pub mod users;
+pub mod volumes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

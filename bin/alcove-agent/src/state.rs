@@ -56,6 +56,8 @@ pub struct AgentState {
     pub counters: Counters,
     /// The user the template's start command runs as (the owner of the env file it reads).
     pub template_user: std::sync::OnceLock<UserInfo>,
+    /// Mounted volumes and the host's session serving them.
+    pub volumes: crate::volumes::Volumes,
 }
 
 impl AgentState {
@@ -70,6 +72,7 @@ impl AgentState {
             watchers: crate::fs::watch::Watchers::default(),
             counters: Counters::default(),
             template_user: std::sync::OnceLock::new(),
+            volumes: crate::volumes::Volumes::default(),
         })
     }
 

@@ -28,6 +28,11 @@ pub struct NodeBackend {
 }
 
 impl NodeBackend {
+    /// Where the node serves guests' volume mounts from (the API's registry).
+    pub fn set_volumes(&self, volumes: Arc<alcove_volume::Volumes>) {
+        self.node.set_volumes(volumes);
+    }
+
     pub fn new(node: Arc<Node>) -> NodeBackend {
         let n = Arc::clone(&node);
         let open: OpenTunnel = Arc::new(move |id: String, port: u16| {
@@ -153,6 +158,7 @@ impl SandboxBackend for NodeBackend {
                 access_token: req.envd_access_token.clone(),
                 network: req.network.clone(),
                 snapshot: req.snapshot_id.clone(),
+                volume_mounts: req.volume_mounts.clone(),
             };
             let (info, _) = self
                 .node

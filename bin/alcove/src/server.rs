@@ -57,10 +57,13 @@ async fn serve(
     config.metering = opts.metering()?;
     let data_dir = config.data_dir.clone();
     let max_body = config.limits.max_body_bytes;
+    let node_backend = Arc::clone(&backend);
     let server = alcove_api::Server::bind(config, backend)
         .await
         .context("starting the server")?
         .with_egress_events(egress_events);
+    // The node serves guests' volume mounts from the registry the API's content calls use.
+    node_backend.set_volumes(server.volumes());
     let server = mount_mcp(server, max_body);
     writeln!(
         out,

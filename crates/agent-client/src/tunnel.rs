@@ -70,7 +70,30 @@ impl AgentClient {
         port: u16,
         access_token: Option<&str>,
     ) -> Result<Tunnel, ClientError> {
-        const OP: &str = "tunnel";
+        self.duplex(
+            "tunnel",
+            &format!("/alcove/tunnel?port={port}"),
+            access_token,
+            Some(port),
+        )
+        .await
+    }
+
+    /// Opens the sandbox's volume session (`alcove_volume::wire`): the agent's frames in,
+    /// the host's out, over one stream of the connection. It ends with the connection.
+    pub async fn volume_session(&self, access_token: Option<&str>) -> Result<Tunnel, ClientError> {
+        self.duplex("volume_session", "/alcove/volumes", access_token, None)
+            .await
+    }
+
+    /// A POST to `path` whose request and response bodies are one byte stream each way.
+    async fn duplex(
+        &self,
+        op: &'static str,
+        path: &str,
+        access_token: Option<&str>,
+        port: Option<u16>,
+    ) -> Result<Tunnel, ClientError> {
         let (ours, theirs) = tokio::io::duplex(DUPLEX_BUF);
         let (their_read, mut their_write) = tokio::io::split(theirs);
 
@@ -84,13 +107,8 @@ impl AgentClient {
         if let Some(t) = access_token {
             headers.push(("x-access-token", t.to_owned()));
         }
-        let req = crate::build(
-            Method::POST,
-            &format!("/alcove/tunnel?port={port}"),
-            &headers,
-            body,
-        )?;
-        let resp = self.request(OP, req).await?;
+        let req = crate::build(Method::POST, path, &headers, body)?;
+        let resp = self.request(op, req).await?;
         let status = resp.status();
         if status != StatusCode::OK {
             // Hostile-guest rule: read at most a small error body, and not for long.
@@ -103,10 +121,13 @@ impl AgentClient {
                 .unwrap_or_default();
             let body = &body[..];
             let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            if status == StatusCode::BAD_GATEWAY && v["error"] == "port_not_open" {
+            if let Some(port) = port
+                && status == StatusCode::BAD_GATEWAY
+                && v["error"] == "port_not_open"
+            {
                 return Err(ClientError::PortNotOpen(port));
             }
-            return Err(crate::status_error(OP, status, body));
+            return Err(crate::status_error(op, status, body));
         }
 
         // Guest → caller. Ends (shutting down our write end, i.e. EOF for the caller) when the
@@ -127,7 +148,7 @@ impl AgentClient {
                         Err(_) => continue,
                     },
                     Err(e) => {
-                        tracing::debug!(port, error = %e, "tunnel response stream failed");
+                        tracing::debug!(op, error = %e, "duplex response stream failed");
                         return;
                     }
                 };

@@ -62,6 +62,10 @@ pub struct CreateSandbox {
     /// Restore this snapshot (memory and disk) instead of the template's own; `template_id` is
     /// the template at the root of its chain. Env vars add to the snapshot's.
     pub snapshot_id: Option<String>,
+    /// Volumes to mount in the guest, checked by the API (each a volume of the sandbox's team,
+    /// an absolute path of its own outside the guest's system directories). The backend reaches
+    /// their files through the registry it shares with the API (`Server::volumes`).
+    pub volume_mounts: Vec<alcove_volume::MountSpec>,
 }
 
 /// What the backend started.

@@ -174,6 +174,9 @@ pub struct Limits {
     pub backend: BackendDeadlines,
     /// The listener's connection and stream caps (slow or idle clients, fd exhaustion).
     pub connections: ConnectionLimits,
+    /// Each volume's size and entry caps (`<data>/volumes/<id>/`, `docs/api.md` Volumes), for
+    /// the registry [`crate::Server::bind`] makes when the caller hands it none.
+    pub volumes: alcove_volume::Limits,
 }
 
 /// What one client can hold open on the listener. Everything here is reachable without a key,
@@ -325,6 +328,7 @@ impl Default for Limits {
             liveness_interval: Duration::from_secs(5),
             backend: BackendDeadlines::default(),
             connections: ConnectionLimits::default(),
+            volumes: alcove_volume::Limits::default(),
         }
     }
 }

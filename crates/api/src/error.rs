@@ -184,6 +184,40 @@ pub enum ApiError {
     /// The team has as many secrets as a team may.
     #[error("secret limit reached")]
     SecretLimit { limit: usize },
+    /// `/volumes/{volumeID}` (or a content call) names no volume of this team.
+    #[error("volume not found")]
+    VolumeNotFound { volume: String },
+    #[error("volume name taken")]
+    VolumeNameTaken { name: String },
+    /// The team has as many volumes as a team may.
+    #[error("volume limit reached")]
+    VolumeLimit { limit: usize },
+    /// Sandboxes that are not killed mount the volume.
+    #[error("volume in use")]
+    VolumeInUse {
+        volume_id: String,
+        sandboxes: Vec<String>,
+    },
+    /// A create's `volumeMounts` (or, with `snapshot`, the mounts a create from that snapshot
+    /// inherits) names a volume the team does not have.
+    #[error("mounted volume not found")]
+    MountedVolumeNotFound {
+        name: String,
+        snapshot: Option<String>,
+    },
+    /// A volume content call without a volume token or API key.
+    #[error("missing volume token")]
+    MissingVolumeToken,
+    /// A volume content call with a token that is not this volume's.
+    #[error("invalid volume token")]
+    InvalidVolumeToken { volume_id: String },
+    /// A volume content operation failed; what the caller can do depends on `source`.
+    #[error("volume content operation failed")]
+    VolumeContent {
+        volume_id: String,
+        #[source]
+        source: alcove_volume::VolError,
+    },
     /// Too many proxied requests open at once, for one sandbox or for the whole server.
     #[error("too many open sandbox streams")]
     TooManyStreams {
@@ -559,6 +593,90 @@ impl ApiError {
                      secrets it no longer needs (DELETE /secrets/{{secretID}}), then retry."
                 ),
             ),
+            VolumeNotFound { volume } => (
+                StatusCode::NOT_FOUND,
+                "volume_not_found",
+                format!(
+                    "This team has no volume {volume:?}: it never existed or was destroyed. List \
+                     the team's volumes with GET /volumes (Volume.list), or create one with \
+                     POST /volumes (Volume.create)."
+                ),
+            ),
+            VolumeNameTaken { name } => (
+                StatusCode::CONFLICT,
+                "volume_name_taken",
+                format!(
+                    "This team already has a volume named {name:?}. Connect to it instead \
+                     (Volume.connect with the volumeID GET /volumes lists for it), or choose \
+                     another name."
+                ),
+            ),
+            VolumeLimit { limit } => (
+                StatusCode::FORBIDDEN,
+                "volume_limit_reached",
+                format!(
+                    "This team already has {limit} volumes, the most a team may have. Destroy \
+                     volumes it no longer needs (DELETE /volumes/{{volumeID}}, Volume.destroy), \
+                     then retry."
+                ),
+            ),
+            VolumeInUse {
+                volume_id,
+                sandboxes,
+            } => (
+                StatusCode::CONFLICT,
+                "volume_in_use",
+                format!(
+                    "Volume {volume_id} is mounted by {} sandbox(es) that are not killed: {}. \
+                     Kill them first (DELETE /sandboxes/{{sandboxID}}; paused sandboxes count \
+                     too), then destroy the volume.",
+                    sandboxes.len(),
+                    sandboxes.join(", ")
+                ),
+            ),
+            MountedVolumeNotFound {
+                name,
+                snapshot: Some(snap),
+            } => (
+                StatusCode::BAD_REQUEST,
+                "mounted_volume_not_found",
+                format!(
+                    "Snapshot {snap} was taken from a sandbox that mounted the volume {name:?}, \
+                     which this team no longer has, and sandboxes made from it mount what it \
+                     mounted. Create a volume named {name:?} again (Volume.create), or pass \
+                     volumeMounts with volumes that exist."
+                ),
+            ),
+            MountedVolumeNotFound {
+                name,
+                snapshot: None,
+            } => (
+                StatusCode::BAD_REQUEST,
+                "mounted_volume_not_found",
+                format!(
+                    "volumeMounts names the volume {name:?}, which this team does not have. \
+                     Create it first with Volume.create(\"{name}\") (POST /volumes), or list \
+                     the team's volumes with GET /volumes."
+                ),
+            ),
+            MissingVolumeToken => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "No volume token was sent. Send the volume's token as `Authorization: Bearer \
+                 <token>` (Volume.create and Volume.connect return it; GET /volumes/{volumeID} \
+                 with the API key shows it), or the team's API key in X-API-KEY."
+                    .into(),
+            ),
+            InvalidVolumeToken { volume_id } => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_volume_token",
+                format!(
+                    "The token is not volume {volume_id}'s token (each volume has its own). Get \
+                     this volume's with GET /volumes/{volume_id} (Volume.connect), or send the \
+                     team's API key in X-API-KEY."
+                ),
+            ),
+            VolumeContent { volume_id, source } => volume_parts(volume_id, source),
             TooManyConnections { limit } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
@@ -710,6 +828,112 @@ impl ApiError {
     }
 }
 
+/// Status, code and message of a failed volume content operation.
+fn volume_parts(
+    volume_id: &str,
+    e: &alcove_volume::VolError,
+) -> (StatusCode, &'static str, String) {
+    use alcove_volume::VolError as V;
+    match e {
+        V::InvalidPath(path, why) => (
+            StatusCode::BAD_REQUEST,
+            "volume_path_invalid",
+            format!(
+                "The path {path:?} cannot be used in a volume: {why}. Name paths from the \
+                 volume's root, like /dir/file.txt."
+            ),
+        ),
+        V::NotFound(path) => (
+            StatusCode::NOT_FOUND,
+            "volume_path_not_found",
+            format!(
+                "{path} does not exist in volume {volume_id}. See what is there with \
+                 GET /volumecontent/{volume_id}/dir?path=/ (Volume.list); create directories \
+                 with make_dir (force=true makes missing parents)."
+            ),
+        ),
+        V::Exists(path) => (
+            StatusCode::CONFLICT,
+            "volume_path_exists",
+            format!(
+                "{path} already exists in volume {volume_id}. Pass force=true to overwrite a \
+                 file (or to accept an existing directory), or choose another path."
+            ),
+        ),
+        V::NotADirectory(path) => (
+            StatusCode::BAD_REQUEST,
+            "volume_not_a_directory",
+            format!(
+                "{path} (or one of its parents) in volume {volume_id} is not a directory. Check \
+                 the path with GET /volumecontent/{volume_id}/path (Volume.get_info)."
+            ),
+        ),
+        V::IsADirectory(path) => (
+            StatusCode::BAD_REQUEST,
+            "volume_is_a_directory",
+            format!(
+                "{path} in volume {volume_id} is a directory. List it with Volume.list, or \
+                 name a file inside it."
+            ),
+        ),
+        V::NotAFile(path) => (
+            StatusCode::BAD_REQUEST,
+            "volume_not_a_file",
+            format!(
+                "{path} in volume {volume_id} is not a regular file (a directory, link or \
+                 device), so it has no content to read. Check it with Volume.get_info."
+            ),
+        ),
+        V::NotEmpty(path) => (
+            StatusCode::CONFLICT,
+            "volume_directory_not_empty",
+            format!(
+                "The directory {path} in volume {volume_id} is not empty. Remove it whole with \
+                 DELETE /volumecontent/{volume_id}/path (Volume.remove)."
+            ),
+        ),
+        V::Full { limit } => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "volume_full",
+            format!(
+                "Volume {volume_id} is full: it holds at most {limit} bytes. Remove files you \
+                 no longer need (Volume.remove) or use another volume, then retry."
+            ),
+        ),
+        V::TooManyEntries { max } => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "volume_full",
+            format!(
+                "Volume {volume_id} already holds {max} files and directories, its maximum. \
+                 Remove some (Volume.remove) or use another volume, then retry."
+            ),
+        ),
+        V::TooMany { max } => (
+            StatusCode::BAD_REQUEST,
+            "volume_listing_too_large",
+            format!(
+                "The listing has more than {max} entries. List a subdirectory, or a smaller \
+                 depth (depth=1 lists one level)."
+            ),
+        ),
+        V::NoVolume(_) => (
+            StatusCode::NOT_FOUND,
+            "volume_not_found",
+            format!(
+                "Volume {volume_id} has no files on this server (it was destroyed). List the \
+                 team's volumes with GET /volumes."
+            ),
+        ),
+        // I/O failures, and whatever the volume crate adds later: the cause is logged, never
+        // sent.
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            "Internal server error. Retry; the server log has the cause.".into(),
+        ),
+    }
+}
+
 /// The error behind an error response, with its cause. It rides on the response as an
 /// extension so that one middleware (`server::observe_request`) logs it once, inside the
 /// request's span; it is never serialized.
@@ -783,6 +1007,7 @@ impl ApiError {
         match self {
             SandboxLimit { .. }
             | SecretLimit { .. }
+            | VolumeLimit { .. }
             | QuotaExceeded { .. }
             | SpendCapReached { .. }
             | CreateTimeout

@@ -41,5 +41,5 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use secrets::{SecretKey, StoreSecrets};
-pub use server::{API_KEY_FILE, ServeError, Server, serve};
+pub use server::{API_KEY_FILE, ServeError, Server, VOLUMES_DIR, serve, volumes_registry};
 pub use service::EGRESS_EVENT_QUEUE;

@@ -65,10 +65,11 @@ pub struct NewSandbox {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub iam: Option<Value>,
-    /// Volumes. Not supported: must be absent, null or `[]`.
+    /// Volumes of the caller's team to mount (`docs/api.md` Volumes): at most 8, each at its
+    /// own absolute path. A create from a snapshot without any keeps the mounts of the sandbox
+    /// the snapshot was taken from.
     #[serde(default, rename = "volumeMounts")]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub volume_mounts: Option<Value>,
+    pub volume_mounts: Option<Vec<SandboxVolumeMount>>,
 }
 
 /// Body of `POST /sandboxes/{sandboxID}/timeout`.
@@ -308,6 +309,9 @@ pub struct SandboxDetail {
     /// The sandbox's network as it is now (after any `PUT .../network`), what the SDKs'
     /// `get_info().network` shows.
     pub network: SandboxNetwork,
+    /// The volumes it was created with.
+    #[serde(rename = "volumeMounts")]
+    pub volume_mounts: Vec<SandboxVolumeMount>,
 }
 
 /// E2B's `SandboxNetworkConfig` as `GET /sandboxes/{id}` reports it.
@@ -354,6 +358,9 @@ pub struct ListedSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// The volumes it was created with.
+    #[serde(rename = "volumeMounts")]
+    pub volume_mounts: Vec<SandboxVolumeMount>,
 }
 
 /// One resource sample (E2B `SandboxMetric`).
@@ -953,3 +960,8 @@ pub struct AuditEventView {
 
 mod secrets;
 pub use secrets::{NewSecret, Secret, SecretUpdate};
+mod volumes;
+pub use volumes::{
+    NewVolume, SandboxVolumeMount, Volume, VolumeAndToken, VolumeEntryStat, VolumeEntryType,
+    VolumeMetadataUpdate,
+};

@@ -7,6 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::handlers::{
     audit, extensions, observability, persistence, sandboxes, secrets, system, templates, usage,
+    volumes,
 };
 
 #[derive(OpenApi)]
@@ -44,6 +45,17 @@ use crate::handlers::{
         secrets::get,
         secrets::update,
         secrets::delete,
+        volumes::create,
+        volumes::list,
+        volumes::get,
+        volumes::delete,
+        volumes::stat,
+        volumes::list_dir,
+        volumes::make_dir,
+        volumes::read_file,
+        volumes::write_file,
+        volumes::set_meta,
+        volumes::remove,
         templates::list,
         templates::defaults,
         templates::get,
@@ -79,6 +91,7 @@ use crate::handlers::{
         (name = "templates", description = "E2B-compatible templates: listing, builds (the SDKs' `Template`), uploads"),
         (name = "tags", description = "E2B-compatible template tags"),
         (name = "secrets", description = "E2B-compatible secrets: write-only values, encrypted at rest"),
+        (name = "volumes", description = "E2B-compatible volumes: persistent directories mounted into sandboxes, and their content API (volume token)"),
         (name = "alcove", description = "Alcove extensions"),
         (name = "system", description = "Health, metrics, this document"),
     )
@@ -93,6 +106,12 @@ impl Modify for ApiKeyAuth {
         components.add_security_scheme(
             "ApiKeyAuth",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-KEY"))),
+        );
+        components.add_security_scheme(
+            "VolumeTokenAuth",
+            SecurityScheme::Http(utoipa::openapi::security::Http::new(
+                utoipa::openapi::security::HttpAuthScheme::Bearer,
+            )),
         );
     }
 }

@@ -184,6 +184,10 @@ fn check_access(
     port: u16,
     t: &ProxyTarget,
 ) -> Result<(), ApiError> {
+    // The agent's volume session is the host's own: no caller may open (and so take over) it.
+    if port == ENVD_PORT && req.uri().path().starts_with(alcove_volume::wire::PATH) {
+        return Err(ApiError::RouteNotFound);
+    }
     if PLATFORM_PORTS.contains(&port)
         && let Some(token) = &t.envd_access_token
         && !platform_request_authorized(req, port, token)

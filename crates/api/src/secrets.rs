@@ -10,6 +10,10 @@
 //!
 //! [`StoreSecrets`] is the [`SecretSource`] the egress proxy asks, per request, for the current
 //! value of a secret of a sandbox's team: one indexed query and one decryption.
+//!
+//! The same key also yields, through a derived HMAC-SHA256 key that is never used for anything
+//! else, the volume content tokens ([`SecretKey::volume_token`]): stored nowhere, the same for a
+//! volume across restarts, useless for any other volume.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use alcove_net::secrets::{SecretLookupError, SecretSource, SecretValue};
 use alcove_store::{DB_FILE, SealedValue, Store};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
@@ -26,6 +31,8 @@ use crate::error::chain;
 pub const KEY_FILE: &str = "secrets.key";
 /// AES-256: the key's length in bytes.
 pub const KEY_LEN: usize = 32;
+/// What starts every volume token.
+pub const VOLUME_TOKEN_PREFIX: &str = "vtok_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -60,6 +67,9 @@ pub enum CipherError {
 /// The server's secrets key. `Debug` shows nothing of it.
 pub struct SecretKey {
     key: LessSafeKey,
+    /// HMAC-SHA256 key for volume tokens, derived from the key's bytes with its own label so
+    /// the AES key is never used as a MAC key.
+    volume_mac: hmac::Key,
     rng: SystemRandom,
 }
 
@@ -141,10 +151,31 @@ impl SecretKey {
             path: PathBuf::new(),
             len: bytes.len(),
         })?;
+        let derive = hmac::Key::new(hmac::HMAC_SHA256, bytes);
+        let volume_key = hmac::sign(&derive, b"alcove/volume-token-key/v1");
         Ok(SecretKey {
             key: LessSafeKey::new(unbound),
+            volume_mac: hmac::Key::new(hmac::HMAC_SHA256, volume_key.as_ref()),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The token of the volume content API for `volume_id`: `vtok_` and the hex of
+    /// HMAC-SHA256("alcove volume token v1:" + id) under the derived volume key.
+    pub fn volume_token(&self, volume_id: &str) -> String {
+        let tag = hmac::sign(&self.volume_mac, &volume_token_message(volume_id));
+        format!("{VOLUME_TOKEN_PREFIX}{}", hex::encode(tag.as_ref()))
+    }
+
+    /// Whether `token` is `volume_id`'s token, compared in constant time.
+    pub fn verify_volume_token(&self, volume_id: &str, token: &str) -> bool {
+        let Some(tag) = token
+            .strip_prefix(VOLUME_TOKEN_PREFIX)
+            .and_then(|h| hex::decode(h).ok())
+        else {
+            return false;
+        };
+        hmac::verify(&self.volume_mac, &volume_token_message(volume_id), &tag).is_ok()
     }
 
     /// Encrypts version `version` of the team's secret `secret_id` under a fresh nonce.
@@ -192,6 +223,10 @@ impl SecretKey {
         buf.truncate(len);
         Ok(buf)
     }
+}
+
+fn volume_token_message(volume_id: &str) -> Vec<u8> {
+    format!("alcove volume token v1:{volume_id}").into_bytes()
 }
 
 /// The associated data of one version: which team, secret and version it belongs to. Ids never
@@ -308,6 +343,28 @@ mod tests {
         let mut tampered = a.clone();
         tampered.ciphertext[0] ^= 1;
         assert!(key.open("t1", "sec_1", 1, &tampered).is_err());
+    }
+
+    #[test]
+    fn volume_tokens_are_stable_per_volume_and_key_and_checked() {
+        let key = SecretKey::from_bytes(&[7u8; KEY_LEN]).unwrap();
+        let t = key.volume_token("vol_1");
+        assert!(t.starts_with("vtok_") && t.len() == 5 + 64, "{t}");
+        assert_eq!(
+            SecretKey::from_bytes(&[7u8; KEY_LEN])
+                .unwrap()
+                .volume_token("vol_1"),
+            t,
+            "the same after a restart"
+        );
+        assert!(key.verify_volume_token("vol_1", &t));
+        assert!(!key.verify_volume_token("vol_2", &t), "another volume's");
+        assert_ne!(key.volume_token("vol_2"), t);
+        let other = SecretKey::from_bytes(&[8u8; KEY_LEN]).unwrap();
+        assert!(!other.verify_volume_token("vol_1", &t), "another key's");
+        for bad in ["", "vtok_", "vtok_zz", &t[5..], &t[..t.len() - 2]] {
+            assert!(!key.verify_volume_token("vol_1", bad), "{bad:?}");
+        }
     }
 
     #[test]

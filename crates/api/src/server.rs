@@ -1,6 +1,7 @@
-//! Starting the server: data directory, first-start admin key, template sync, reconcile, the
-//! router, and the reaper. [`serve`] is the one-call entry point; [`Server::bind`] +
-//! [`Server::run`] let callers (the CLI, tests) see the bound address and first-start key.
+//! Starting the server: data directory, first-start admin key, secrets key and volumes, template
+//! sync, reconcile, the router, and the reaper. [`serve`] is the one-call entry point;
+//! [`Server::bind`] + [`Server::run`] let callers (the CLI, tests) see the bound address and
+//! first-start key.
 
 use std::future::Future;
 use std::io::Write;
@@ -28,6 +29,19 @@ use crate::service::Service;
 
 /// File in the data directory holding the first admin key.
 pub const API_KEY_FILE: &str = "api-key";
+/// Directory in the data directory holding the volumes, one directory each.
+pub const VOLUMES_DIR: &str = "volumes";
+
+/// The volumes' registry of a server with this data directory (`<data_dir>/volumes`). A binary
+/// that needs it before the server exists (the node mounts volumes in guests) makes it with
+/// this and hands the same `Arc` to [`Server::bind_with_volumes`]: one registry per process
+/// keeps one usage count per volume.
+pub fn volumes_registry(
+    data_dir: &Path,
+    limits: alcove_volume::Limits,
+) -> Arc<alcove_volume::Volumes> {
+    alcove_volume::Volumes::new(data_dir.join(VOLUMES_DIR), limits)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -64,10 +78,22 @@ pub struct Server {
 
 impl Server {
     /// Opens the data directory and store, creates the admin key on first start, syncs
-    /// templates from the backend, reconciles stored sandboxes, and binds the listener.
+    /// templates from the backend, reconciles stored sandboxes, and binds the listener. Volumes
+    /// live in `<data_dir>/volumes` with `config.limits.volumes`.
     pub async fn bind(
         config: ServerConfig,
         backend: Arc<dyn SandboxBackend>,
+    ) -> Result<Server, ServeError> {
+        let volumes = volumes_registry(&config.data_dir, config.limits.volumes);
+        Self::bind_with_volumes(config, backend, volumes).await
+    }
+
+    /// [`Server::bind`] over a volumes registry the caller shares (with the node): make it with
+    /// [`volumes_registry`].
+    pub async fn bind_with_volumes(
+        config: ServerConfig,
+        backend: Arc<dyn SandboxBackend>,
+        volumes: Arc<alcove_volume::Volumes>,
     ) -> Result<Server, ServeError> {
         create_private_dir(&config.data_dir)
             .map_err(|e| ServeError::CreateDataDir(config.data_dir.clone(), e))?;
@@ -102,7 +128,8 @@ impl Server {
             Service::new(store, backend, config.limits.clone(), domain)
                 .with_template_files(files)
                 .with_metering(config.metering.clone())
-                .with_secrets(Arc::new(secrets_key)),
+                .with_secrets(Arc::new(secrets_key))
+                .with_volumes(volumes),
         );
         match svc.sync_templates().await {
             Ok(n) => tracing::info!(templates = n, "templates synced from the backend"),
@@ -171,6 +198,14 @@ impl Server {
             .expect("Server::bind always loads the secrets key")
     }
 
+    /// The volumes' registry (`<data-dir>/volumes`), to share with the node that mounts volumes
+    /// in guests.
+    pub fn volumes(&self) -> Arc<alcove_volume::Volumes> {
+        self.svc
+            .volumes()
+            .expect("Server::bind always sets up the volumes")
+    }
+
     /// The admin key, when this start created it (empty data directory).
     pub fn first_start_key(&self) -> Option<&str> {
         self.first_start_key.as_deref()
@@ -185,7 +220,8 @@ impl Server {
             self.config.data_dir.join(API_KEY_FILE).display()
         );
         format!(
-            "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={key}\n"
+            "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\n\
+             export E2B_VOLUME_API_URL={url}\nexport E2B_API_KEY={key}\n"
         )
     }
 
@@ -515,7 +551,7 @@ pub fn router(svc: Arc<Service>) -> Router {
 fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     use handlers::{
         audit, extensions, observability as o, persistence as p, sandboxes as s, secrets as k,
-        system, templates as t, usage,
+        system, templates as t, usage, volumes as v,
     };
     let limits = svc.limits().clone();
     let api = Router::new()
@@ -540,6 +576,8 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
             "/secrets/{secretID}",
             get(k::get).post(k::update).delete(k::delete),
         )
+        .route("/volumes", post(v::create).get(v::list))
+        .route("/volumes/{volumeID}", get(v::get).delete(v::delete))
         .route("/sandboxes/{sandboxID}/network", put(s::update_network))
         .route("/templates", get(t::list))
         .route("/v2/templates", get(t::list))
@@ -607,7 +645,30 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
     let uploads = Router::new()
         .route("/alcove/v1/template-files/{token}", put(t::upload))
         .layer(DefaultBodyLimit::disable());
-    let mut app = api.merge(uploads);
+    // The volume content API: its own credentials (the volume's token), file bodies streamed
+    // outside the REST body limit (writes have the volume's cap and their own deadlines).
+    let content = Router::new()
+        .route(
+            "/volumecontent/{volumeID}/path",
+            get(v::stat).patch(v::set_meta).delete(v::remove),
+        )
+        .route(
+            "/volumecontent/{volumeID}/dir",
+            get(v::list_dir).post(v::make_dir),
+        )
+        .route(
+            "/volumecontent/{volumeID}/file",
+            get(v::read_file).put(v::write_file),
+        )
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            content_timeout,
+        ))
+        .layer(middleware::from_fn(count_request))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::Extension(BodyLimit(limits.max_body_bytes)));
+    let mut app = api.merge(uploads).merge(content);
     if let Some(extra) = extra {
         app = app.merge(
             extra
@@ -671,6 +732,18 @@ async fn request_timeout(State(limits): State<Limits>, req: Request, next: Next)
         limits.request_timeout
     };
     match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+/// Volume content calls get the REST deadline, except file writes, which stream for as long as
+/// the upload takes (with their own idle and total deadlines, `Service::volume_write`).
+async fn content_timeout(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    if req.method() == http::Method::PUT {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::RequestTimeout.into_response(),
     }

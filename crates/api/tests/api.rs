@@ -539,6 +539,7 @@ fn fake_create(id: &str) -> alcove_api::CreateSandbox {
         cpu_count: 1,
         memory_mb: 1,
         snapshot_id: None,
+        volume_mounts: Vec::new(),
     }
 }
 

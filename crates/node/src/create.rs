@@ -41,6 +41,8 @@ pub struct CreateOptions {
     /// Restore this snapshot (see [`Node::snapshot`]) instead of the template's. `template` is
     /// then ignored; env vars add to the snapshot's.
     pub snapshot: Option<String>,
+    /// Volumes to mount in the guest (checked by the caller: they exist and are its own).
+    pub volume_mounts: Vec<alcove_volume::MountSpec>,
 }
 
 /// What a new sandbox is restored from.
@@ -169,9 +171,10 @@ impl<V: Vmm> Node<V> {
             let t1 = Instant::now();
             let ca = egress_ca(&dir, id)?;
             within_vm(&vm, id, AGENT_INIT_TIMEOUT, async {
-                Ok(agent
+                agent
                     .init(&init_request(&info, true, Some(ca.cert_pem())), None)
-                    .await?)
+                    .await?;
+                self.attach_volumes(&info, &agent).await
             })
             .await?;
             init_ms = t1.elapsed().as_millis() as u64;
@@ -245,6 +248,7 @@ impl<V: Vmm> Node<V> {
             network: opts.network.clone(),
             pooled: false,
             pool_owner: None,
+            volumes: opts.volume_mounts.clone(),
         }
     }
 
@@ -355,6 +359,10 @@ impl<V: Vmm> Node<V> {
                     return Err(e);
                 }
             };
+        if let Err(e) = self.attach_volumes(&info, &agent).await {
+            vm.kill().await;
+            return Err(e);
+        }
         let info = match record.apply(Event::Ready) {
             Ok(info) => info,
             Err(e) => {

@@ -26,6 +26,7 @@ mod record;
 pub mod snapshots;
 #[cfg(test)]
 mod tests;
+mod volumes;
 
 pub use create::{CreateOptions, CreateTimings};
 pub use lifecycle::{Event, SandboxState, TransitionError};
@@ -81,4 +82,6 @@ pub enum NodeError {
     BadNetwork(#[from] alcove_net::RuleError),
     #[error("setting up the sandbox's network: {0}")]
     Network(String),
+    #[error("volumes: {0}")]
+    Volume(String),
 }

@@ -54,6 +54,8 @@ pub struct Node<V: Vmm = QemuVmm> {
     pub(crate) builds: Arc<tokio::sync::Semaphore>,
     /// How builds pull OCI images (`Node::set_oci_options`); none: `fromImage` is refused.
     pub(crate) oci: Mutex<Option<alcove_image::oci::OciOptions>>,
+    /// Where volumes live (`Node::set_volumes`); none: volume mounts are refused.
+    pub(crate) volumes: Mutex<Option<Arc<alcove_volume::Volumes>>>,
 }
 
 impl<V: Vmm> Drop for Node<V> {
@@ -219,6 +221,8 @@ impl<V: Vmm> Node<V> {
         let agent = tokio::time::timeout(AGENT_INIT_TIMEOUT, connect_agent(&vm))
             .await
             .map_err(|_| NodeError::AgentTimeout(AGENT_INIT_TIMEOUT))??;
+        // A new connection ends the guest's volume session: open it again on this one.
+        self.attach_volumes(&info, &agent).await?;
         *slot = Some(agent.clone());
         Ok(agent)
     }

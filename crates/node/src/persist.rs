@@ -274,6 +274,10 @@ impl<V: Vmm> Node<V> {
                     return Err(e);
                 }
             };
+        if let Err(e) = self.attach_volumes(&info, &agent).await {
+            vm.kill().await;
+            return Err(e);
+        }
         let pid = vm.pid();
         let event = match info.state {
             SandboxState::Paused { .. } => Event::Resumed { pid },

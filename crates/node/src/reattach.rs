@@ -48,6 +48,7 @@ impl<V: Vmm> Node<V> {
             net,
             builds: Arc::new(tokio::sync::Semaphore::new(1)),
             oci: Mutex::new(None),
+            volumes: Mutex::new(None),
         });
         node.remove_half_built();
         let entries =

@@ -50,6 +50,9 @@ pub struct SandboxInfo {
     /// The process whose pool holds this warm VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_owner: Option<u32>,
+    /// Volumes mounted in the guest, served again after every restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<alcove_volume::MountSpec>,
 }
 
 /// The record of one sandbox (or warm VM) and the dir it is kept in.

@@ -2,9 +2,10 @@
 //!
 //! Owns teams, API keys (stored as SHA-256 hashes; the plaintext is returned once at creation),
 //! templates and their aliases, snapshots (the checkpoint tree), secrets (ciphertext only,
-//! `secrets.rs`), and sandboxes with metadata, env var *names* (never values) and their state
-//! history. The database runs in WAL mode; its schema is a list of numbered
-//! migrations recorded in `PRAGMA user_version`, applied in order at [`Store::open`].
+//! `secrets.rs`), volumes and the sandboxes that mount them (`volumes.rs`), and sandboxes with
+//! metadata, env var *names* (never values) and their state history. The database runs in WAL
+//! mode; its schema is a list of numbered migrations recorded in `PRAGMA user_version`, applied
+//! in order at [`Store::open`].
 //!
 //! Callers: `alcove-api` (the REST server, which calls in from `spawn_blocking`) and the
 //! `alcove keys` commands. All methods take `&self`; one connection behind a mutex serialises
@@ -24,6 +25,7 @@ mod secrets;
 mod snapshots;
 mod templates;
 mod usage;
+mod volumes;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -51,6 +53,7 @@ pub use secrets::{KEPT_VERSIONS, SandboxSecret, SealedValue, SecretRecord};
 pub use snapshots::SnapshotRecord;
 pub use templates::TemplateRecord;
 pub use usage::TeamUsage;
+pub use volumes::{VolumeMount, VolumeRecord};
 
 /// The database file name inside the data directory.
 pub const DB_FILE: &str = "alcove.db";
@@ -87,6 +90,18 @@ pub enum StoreError {
     SecretNameTaken,
     #[error("the team has {limit} secrets, its maximum")]
     SecretLimit { limit: usize },
+    #[error("volume not found")]
+    VolumeNotFound,
+    #[error("the team already has a volume of that name")]
+    VolumeNameTaken,
+    #[error("the team has {limit} volumes, its maximum")]
+    VolumeLimit { limit: usize },
+    /// Sandboxes that are not killed (creating, running or paused) mount the volume.
+    #[error("the volume is mounted by {} live sandboxes", sandboxes.len())]
+    VolumeInUse { sandboxes: Vec<String> },
+    /// A sandbox was to mount a volume (by name) the team no longer has.
+    #[error("the team has no volume {name:?} to mount")]
+    MountedVolumeMissing { name: String },
     #[error("sandbox state change from {from} to {to} is not allowed")]
     Transition {
         from: SandboxState,

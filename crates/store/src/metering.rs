@@ -961,7 +961,10 @@ mod tests {
 
     #[test]
     fn network_bytes_are_deltas_of_counters_that_restart_from_zero() {
-        let t0 = now_ms() - 10 * MIN;
+        // Inside one clock hour (the last whole one): a reading that crossed an hour would be
+        // two events, whenever the test ran.
+        let now = now_ms();
+        let t0 = now - now % HOUR_MS - HOUR_MS + MIN;
         let (store, team) = running_since(t0);
         let read = |o, i, at| {
             store

@@ -330,6 +330,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (secret_id, version)
     ) WITHOUT ROWID;
     "#,
+    // 13: E2B's volumes (`volumes.rs`): one row per volume (its name unique in its team; the
+    // files live under `<data>/volumes/<id>/`), and which sandboxes mount which volume where. A
+    // mount row keeps the volume's id and name without a foreign key, so a killed sandbox still
+    // shows what it mounted after the volume is deleted.
+    r#"
+    CREATE TABLE volumes (
+        id          TEXT PRIMARY KEY,
+        team_id     TEXT NOT NULL REFERENCES teams(id),
+        name        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        UNIQUE (team_id, name)
+    );
+    CREATE TABLE sandbox_volumes (
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        path        TEXT NOT NULL,
+        volume_id   TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        PRIMARY KEY (sandbox_id, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX sandbox_volumes_by_volume ON sandbox_volumes(volume_id);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

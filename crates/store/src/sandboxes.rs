@@ -103,6 +103,8 @@ pub struct SandboxRecord {
     pub paused_at: Option<i64>,
     pub snapshot_id: Option<String>,
     pub mask_request_host: Option<String>,
+    /// The volumes it was created with, in the order asked for (`volumes.rs`).
+    pub volume_mounts: Vec<crate::VolumeMount>,
 }
 
 /// One line of a sandbox's state history.
@@ -189,6 +191,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
         snapshot_id: r.get(21)?,
         mask_request_host: r.get(22)?,
         auto_pause_disk_only: r.get(23)?,
+        volume_mounts: Vec::new(),
     })
 }
 
@@ -204,6 +207,7 @@ fn load_details(conn: &rusqlite::Connection, s: &mut SandboxRecord) -> rusqlite:
     s.env_names = stmt
         .query_map([&s.id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    s.volume_mounts = crate::volumes::mounts_of(conn, &s.id)?;
     Ok(())
 }
 
@@ -258,8 +262,21 @@ fn current_state(tx: &Transaction<'_>, id: &str) -> Result<SandboxState> {
 impl Store {
     /// Records an accepted create request, in state `creating`.
     pub fn insert_sandbox(&self, s: &NewSandboxRecord) -> Result<()> {
+        self.insert_sandbox_with_mounts(s, &[])
+    }
+
+    /// [`Store::insert_sandbox`] for a sandbox that mounts `mounts`, recorded in the same
+    /// transaction. Every volume must still be the team's, checked in that transaction (a
+    /// racing delete either sees this sandbox and is refused, or wins and this insert fails
+    /// with [`StoreError::MountedVolumeMissing`]).
+    pub fn insert_sandbox_with_mounts(
+        &self,
+        s: &NewSandboxRecord,
+        mounts: &[crate::VolumeMount],
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        crate::volumes::check_mountable(&tx, &s.team_id, mounts)?;
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({COLUMNS}) VALUES
@@ -302,6 +319,7 @@ impl Store {
                 params![s.id, name],
             )?;
         }
+        crate::volumes::insert_mounts(&tx, &s.id, mounts)?;
         insert_event(&tx, &s.id, None, SandboxState::Creating, "create requested")?;
         tx.commit()?;
         Ok(())

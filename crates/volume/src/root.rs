@@ -440,16 +440,22 @@ impl Root {
             Err(e) => return Err(e),
         }
         self.add_entry()?;
+        let mode = Mode::from_raw_mode((mode & MODE_MASK & !0o6000) as _);
         let made = rustix::fs::openat(
             &at.parent,
             at.name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode((mode & MODE_MASK & !0o6000) as _),
+            mode,
         );
-        if let Err(e) = made {
-            self.drop_entry();
-            return Err(VolError::from_errno(e, &at.shown));
-        }
+        let fd = match made {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.drop_entry();
+                return Err(VolError::from_errno(e, &at.shown));
+            }
+        };
+        // The mode asked for, not the server's umask's cut of it.
+        rustix::fs::fchmod(&fd, mode).map_err(err(&at.shown))?;
         self.chown_at(&at, owner)?;
         Self::lstat_at(&at)
     }
@@ -457,14 +463,19 @@ impl Root {
     pub fn mkdir(&self, path: &str, mode: u32, owner: Owner) -> Result<Attr, VolError> {
         let at = self.at(path)?;
         self.add_entry()?;
-        if let Err(e) = rustix::fs::mkdirat(
-            &at.parent,
-            at.name,
-            Mode::from_raw_mode((mode & MODE_MASK & !0o6000) as _),
-        ) {
+        let mode = Mode::from_raw_mode((mode & MODE_MASK & !0o6000) as _);
+        if let Err(e) = rustix::fs::mkdirat(&at.parent, at.name, mode) {
             self.drop_entry();
             return Err(VolError::from_errno(e, &at.shown));
         }
+        let fd = rustix::fs::openat(
+            &at.parent,
+            at.name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err(&at.shown))?;
+        rustix::fs::fchmod(&fd, mode).map_err(err(&at.shown))?;
         self.chown_at(&at, owner)?;
         Self::lstat_at(&at)
     }
@@ -1009,9 +1020,13 @@ mod tests {
         // The links themselves are ordinary entries and can go.
         v.remove("out").unwrap();
         assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"x");
-        // Set-id bits are dropped.
+        // Set-id bits are dropped; the server's umask does not cut modes.
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         v.create("f", 0o6755, Owner::default(), true).unwrap();
+        v.mkdir("dm", 0o755, Owner::default()).unwrap();
+        rustix::process::umask(old);
         assert_eq!(v.lstat("f").unwrap().mode, 0o755);
+        assert_eq!(v.lstat("dm").unwrap().mode, 0o755);
         // A FIFO never blocks the host.
         rustix::fs::mknodat(
             &v.dir,

@@ -1,7 +1,8 @@
 """Fixtures for the official `e2b` SDK suite.
 
-Configured only through E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY, exactly as a user
-would point the unmodified SDK at an Alcove server. `tests/sdk/run.sh` sets them.
+Configured only through E2B_API_URL, E2B_SANDBOX_URL, E2B_VOLUME_API_URL and E2B_API_KEY,
+exactly as a user would point the unmodified SDK at an Alcove server. `tests/sdk/run.sh` sets
+them.
 """
 
 import os
@@ -16,7 +17,8 @@ TEMPLATE = os.environ.get("ALCOVE_SDK_TEMPLATE", "base")
 
 
 def pytest_configure(config):
-    for var in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"):
+    # Without E2B_VOLUME_API_URL the SDK would send volume tokens to api.e2b.app.
+    for var in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL", "E2B_API_KEY"):
         if not os.environ.get(var):
             raise pytest.UsageError(f"{var} is not set; run tests/sdk/run.sh")
 

@@ -142,6 +142,9 @@ fn io_error(what: &str, path: &Path, e: io::Error) -> ApiError {
         )),
         K::StorageFull | K::QuotaExceeded | K::FileTooLarge => ApiError::NoSpace(msg),
         K::IsADirectory | K::NotADirectory | K::InvalidInput => ApiError::BadRequest(msg),
+        K::Unsupported => ApiError::BadRequest(format!(
+            "{msg} (this filesystem keeps no file metadata, as mounted volumes don't; write the file without metadata)"
+        )),
         _ => ApiError::Internal(msg),
     }
 }

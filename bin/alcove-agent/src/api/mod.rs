@@ -5,6 +5,7 @@ pub mod files;
 pub mod init;
 pub mod metrics;
 pub mod tunnel;
+pub mod volumes;
 
 use std::sync::Arc;
 
@@ -34,6 +35,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route(
             "/alcove/tunnel",
             post(tunnel::open).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            alcove_volume::wire::PATH,
+            post(volumes::session).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route(
             "/process.Process/{method}",

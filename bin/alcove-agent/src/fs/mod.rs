@@ -219,7 +219,11 @@ pub fn read_metadata(path: &Path) -> io::Result<HashMap<String, String>> {
     // at most that many bytes.
     let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     if n < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(HashMap::new());
+        }
+        return Err(e);
     }
     let mut out = HashMap::new();
     for name in names[..n as usize].split(|&b| b == 0) {

@@ -12,6 +12,7 @@ pub mod secrets;
 pub mod system;
 pub mod templates;
 pub mod usage;
+pub mod volumes;
 
 use std::sync::Arc;
 

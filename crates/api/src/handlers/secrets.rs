@@ -34,7 +34,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for SecretBody<T> {
 }
 
 /// The id of the key the request authenticated with (filled by [`Team`]), for the audit log.
-fn key_id(actor: Option<axum::Extension<Actor>>) -> String {
+pub(super) fn key_id(actor: Option<axum::Extension<Actor>>) -> String {
     actor
         .and_then(|a| a.0.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .map(|(_, key)| key)

@@ -7,8 +7,9 @@
 //! - `sandboxes` (create, get, list, kill, timeouts, refreshes, network) and `network` (egress
 //!   rule parsing), `persistence` (pause, resume, connect, auto-resume for traffic),
 //!   `snapshots` (snapshots, forks, the tree), `observability` (metrics, logs, warm pools),
-//!   `templates`, `builds` (template builds, uploads, tags), `secrets` (E2B's secrets API), and
-//!   `background` (reaper, liveness, reconcile at startup).
+//!   `templates`, `builds` (template builds, uploads, tags), `secrets` (E2B's secrets API),
+//!   `volumes` (E2B's volumes: the registry, the content API, mount checks), and `background`
+//!   (reaper, liveness, reconcile at startup).
 //!
 //! Handlers extract and validate, call one method here, and map the result. Every store call
 //! runs on the blocking pool; every backend call goes through [`Service::call`], which applies
@@ -40,6 +41,7 @@ mod sandboxes;
 mod secrets;
 mod snapshots;
 mod templates;
+mod volumes;
 
 pub use audit::{EGRESS_EVENT_QUEUE, record_of, record_view};
 pub use builds::TemplateFiles;
@@ -53,6 +55,10 @@ pub use secrets::{
     MAX_NAME_BYTES, MAX_SECRETS_PER_TEAM, MAX_VALUE_BYTES,
 };
 pub use snapshots::MAX_FORK_COUNT;
+pub use volumes::{
+    CreateOptions as VolumeCreateOptions, MAX_LIST_DEPTH, MAX_LIST_ENTRIES, MAX_MOUNTS,
+    MAX_VOLUME_NAME, MAX_VOLUMES_PER_TEAM, RESERVED_MOUNT_PATHS,
+};
 
 pub struct Service {
     store: Arc<Store>,
@@ -86,6 +92,8 @@ pub struct Service {
     spans: otlp::SpanQueue,
     /// The secrets key (`secrets.rs`); `None` (no data directory) refuses the secrets API.
     secrets: Option<Arc<crate::secrets::SecretKey>>,
+    /// The volumes' registry (`volumes.rs`); `None` (no data directory) refuses the volumes API.
+    volumes: Option<Arc<alcove_volume::Volumes>>,
 }
 
 impl Service {
@@ -112,6 +120,7 @@ impl Service {
             audit: audit::AuditQueue::new(),
             spans: otlp::SpanQueue::new(),
             secrets: None,
+            volumes: None,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Sandboxes: create (from a template or a snapshot), get, list, kill, timeouts, refreshes,
-//! egress rule updates, and what the proxy needs to route traffic.
+//! Sandboxes: create (from a template or a snapshot, with volumes), get, list, kill, timeouts,
+//! refreshes, egress rule updates, and what the proxy needs to route traffic.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,6 +46,9 @@ pub(super) struct NewSandboxParams {
     pub(super) auto_resume: bool,
     /// A running-sandbox slot reserved up front (a fork's children); `None`: reserve one.
     pub(super) reservation: Option<Reservation>,
+    /// Volumes to mount, checked ([`Service::resolve_mounts`]); re-checked against the store
+    /// in the transaction that records the sandbox.
+    pub(super) volume_mounts: Vec<alcove_store::VolumeMount>,
 }
 
 /// Filters of the list endpoints, already parsed.
@@ -98,12 +101,22 @@ impl Service {
             refuse_placeholders_in_envs(envs)?;
         }
         self.check_secret_refs(team_id, &net.egress).await?;
+        let mut volume_mounts = self
+            .resolve_mounts(team_id, req.volume_mounts.as_deref().unwrap_or_default())
+            .await?;
         let (t, name) = (team_id.to_owned(), req.template_id.clone());
         let snapshot = self.db(move |s| s.resolve_snapshot(&t, &name)).await?;
         let (template, alias, snapshot_id, backend_template) = match snapshot {
             Some(snap) => {
                 let template = self.resolve_template(&snap.template_id).await?;
                 let id = template.id.clone();
+                if volume_mounts.is_empty() {
+                    // Restored memory may hold the mounts' open files: keep the volumes of the
+                    // sandbox the snapshot was taken from (re-checked when recorded).
+                    volume_mounts = self
+                        .inherited_mounts(team_id, &snap.id, &snap.sandbox_id)
+                        .await?;
+                }
                 (template, None, Some(snap.id), id)
             }
             None => {
@@ -131,6 +144,7 @@ impl Service {
                 auto_pause_disk_only,
                 auto_resume,
                 reservation: None,
+                volume_mounts,
             },
         )
         .await
@@ -225,6 +239,7 @@ impl Service {
             auto_pause_disk_only,
             auto_resume,
             reservation,
+            volume_mounts,
         } = p;
         let traffic_token = (public_traffic == Some(false)).then(random_token);
         let sandbox_id = new_sandbox_id();
@@ -257,12 +272,25 @@ impl Service {
             Some(r) => r,
             None => self.reserve(team_id, Want::running()).await?,
         };
+        let mounts = volume_mounts.clone();
         // From here the `creating` row counts against the team's running quota.
-        self.settle(reservation, self.db(move |s| s.insert_sandbox(&record)))
-            .await?;
+        self.settle(
+            reservation,
+            self.db(move |s| s.insert_sandbox_with_mounts(&record, &mounts)),
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::MountedVolumeMissing { name } => ApiError::MountedVolumeNotFound {
+                name,
+                snapshot: None,
+            },
+            e => e.into(),
+        })?;
         tracing::info!(
             sandbox_id = %sandbox_id, template_id = %template.id, snapshot_id = ?snapshot_id, team_id,
-            env_var_names = ?env_vars.keys().collect::<Vec<_>>(), "creating sandbox"
+            env_var_names = ?env_vars.keys().collect::<Vec<_>>(),
+            volumes = ?volume_mounts.iter().map(|m| (&m.volume_id, &m.path)).collect::<Vec<_>>(),
+            "creating sandbox"
         );
 
         // The start runs in its own task: a client that hangs up mid-create must not leave a
@@ -279,6 +307,10 @@ impl Service {
             cpu_count: template.cpu_count,
             memory_mb: template.memory_mb,
             snapshot_id,
+            volume_mounts: volume_mounts
+                .iter()
+                .map(super::volumes::mount_spec)
+                .collect(),
         };
         let task = tokio::spawn(
             async move { this.start(backend_req, timeout).await }
@@ -418,6 +450,11 @@ impl Service {
             },
             allow_internet_access: internet,
             network,
+            volume_mounts: r
+                .volume_mounts
+                .iter()
+                .map(super::volumes::mount_view)
+                .collect(),
         })
     }
 
@@ -507,6 +544,11 @@ impl Service {
                 envd_version: r.envd_version,
                 alias: r.alias,
                 metadata: r.metadata,
+                volume_mounts: r
+                    .volume_mounts
+                    .iter()
+                    .map(super::volumes::mount_view)
+                    .collect(),
             })
             .collect();
         Ok((items, page.next.map(|c| encode_page_token(&c))))
@@ -680,11 +722,6 @@ fn reject_unsupported(req: &models::NewSandbox) -> Result<(), ApiError> {
     check_mcp(&req.mcp)?;
     if !empty(&req.iam) {
         return Err(ApiError::Unsupported { feature: "iam" });
-    }
-    if !empty(&req.volume_mounts) {
-        return Err(ApiError::Unsupported {
-            feature: "volumeMounts",
-        });
     }
     Ok(())
 }

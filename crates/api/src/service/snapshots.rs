@@ -248,6 +248,8 @@ impl Service {
                 auto_pause_disk_only: r.auto_pause_disk_only,
                 auto_resume: r.auto_resume,
                 reservation: slots.pop(),
+                // Children mount what the parent mounts.
+                volume_mounts: r.volume_mounts.clone(),
             };
             let team = team_id.to_owned();
             async move { this.create_sandbox(&team, params).await }
