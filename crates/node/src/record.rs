@@ -173,6 +173,7 @@ pub(crate) mod tests {
             base_snapshot: None,
             pooled: false,
             pool_owner: None,
+            volumes: Vec::new(),
         }
     }
 
