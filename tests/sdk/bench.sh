@@ -8,6 +8,7 @@
 #   tests/sdk/bench.sh js -n 5            first JavaScript cell (Deno kernel start) vs Python
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   tests/sdk/bench.sh egress -n 50       HTTPS through a secret-header rule (TLS intercepted) vs not
+#   tests/sdk/bench.sh volume -n 5        dd throughput in the guest: a mounted volume vs the root disk
 #   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)
 # Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
 # base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
@@ -40,7 +41,7 @@ for _ in $(seq 1 100); do
     curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && [[ -s "$data/state/api-key" ]] && break
     sleep 0.1
 done
-export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port"
+export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_VOLUME_API_URL="http://127.0.0.1:$port"
 # The `mcp` mode spawns `alcove mcp` (stdio) from the same binary.
 export ALCOVE_BIN="$bin"
 E2B_API_KEY="$(cat "$data/state/api-key")"

@@ -763,6 +763,12 @@ impl Root {
         };
         if parents && !dirs.is_empty() {
             self.make_dir(&display(dirs), true, owner, None)?;
+        } else if !dirs.is_empty() {
+            // Errors name the caller's path, not the hidden upload file's.
+            match self.lstat(&display(dirs))? {
+                a if a.kind == Kind::Directory => {}
+                _ => return Err(VolError::NotADirectory(display(dirs))),
+            }
         }
         if let Ok(a) = self.lstat(path)
             && a.kind == Kind::Directory

@@ -472,6 +472,46 @@ def bench_template(n):
     return b, c
 
 
+def bench_volume(n, mib=32):
+    """Sequential write (fsync'd) and cold read throughput in the guest: a mounted volume
+    against the sandbox's root disk, interleaved in one sandbox so load drift hits both."""
+    import uuid
+
+    from e2b import Sandbox, Volume
+
+    vol = Volume.create(f"bench-{uuid.uuid4().hex[:8]}")
+    sbx = Sandbox.create("base", timeout=3600, volume_mounts={"/vol": vol})
+    try:
+        def run(path, op):
+            # One 1 MiB-block dd; the guest's page cache is dropped before a read.
+            cmd = {
+                "write": f"dd if=/dev/zero of={path} bs=1M count={mib} conv=fsync 2>/dev/null",
+                "read": f"sync; echo 3 > /proc/sys/vm/drop_caches; dd if={path} of=/dev/null bs=1M 2>/dev/null",
+            }[op]
+            t0 = time.perf_counter()
+            r = sbx.commands.run(cmd, user="root", timeout=600)
+            dt = time.perf_counter() - t0
+            assert r.exit_code == 0, r.stderr
+            return dt
+
+        run("/vol/f", "write"), run("/root/f", "write")  # warm up both paths
+        res = {k: [] for k in ("vol_write", "disk_write", "vol_read", "disk_read")}
+        for _ in range(n):
+            res["vol_write"].append(run("/vol/f", "write"))
+            res["disk_write"].append(run("/root/f", "write"))
+            res["vol_read"].append(run("/vol/f", "read"))
+            res["disk_read"].append(run("/root/f", "read"))
+        for op in ("write", "read"):
+            v, d = res[f"vol_{op}"], res[f"disk_{op}"]
+            mbs = lambda xs: round(mib / statistics.median(xs), 1)  # noqa: E731
+            summary(f"volume {op} {mib} MiB (mounted volume)", v, {"mib_per_s_p50": mbs(v)})
+            summary(f"volume {op} {mib} MiB (root disk)", d,
+                    {"mib_per_s_p50": mbs(d), "volume_vs_disk_p50": round(statistics.median(v) / statistics.median(d), 2)})
+    finally:
+        sbx.kill()
+        Volume.destroy(vol.volume_id)
+
+
 def bench_mcp(n):
     from bench_mcp import bench_mcp as run
 
@@ -487,7 +527,7 @@ def main():
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
-         "egress": lambda: bench_egress(args.n),
+         "egress": lambda: bench_egress(args.n), "volume": lambda: bench_volume(args.n),
          "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
 
