@@ -900,6 +900,17 @@ fn volume_parts(
                  no longer need (Volume.remove) or use another volume, then retry."
             ),
         ),
+        V::TeamQuota => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "storage_quota_exceeded",
+            format!(
+                "Volume {volume_id} cannot grow: its team's paused sandboxes, snapshots and \
+                 volumes hold at least the team's storage limit (see GET \
+                 /alcove/v1/teams/{{team}}/limits). Remove files, volumes, snapshots or paused \
+                 sandboxes you no longer need, then retry; or ask the operator to raise \
+                 --team-max-stored."
+            ),
+        ),
         V::TooManyEntries { max } => (
             StatusCode::INSUFFICIENT_STORAGE,
             "volume_full",

@@ -1131,3 +1131,85 @@ async fn bad_volume_mounts_are_refused_with_what_to_do() {
     drop((api, other));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn volumes_count_against_the_teams_storage_quota_and_are_metered() {
+    let dir = tempfile::tempdir().unwrap();
+    let metering = alcove_api::MeteringConfig {
+        interval: std::time::Duration::from_millis(200),
+        ..Default::default()
+    };
+    let s = TestServer::start_metered(
+        dir.path(),
+        Arc::new(FakeBackend::new()),
+        fast_limits(),
+        metering,
+        |s| s,
+    )
+    .await;
+    let admin = s.client();
+    let (_, key) = tenant(dir.path(), "tenant");
+    let api = Api {
+        key: Some(key),
+        ..s.client()
+    };
+    // About 1 MiB for the team.
+    let r = admin
+        .put(
+            "/alcove/v1/teams/tenant/limits",
+            json!({"maxStorageGib": 1.0 / 1024.0}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    let vol = create(&api, "data").await;
+    let token = vol["token"].as_str().unwrap().to_owned();
+    let c = content(&s, &vol, &token);
+
+    // Under the limit an upload is taken whole, even one that crosses it.
+    let (status, e) = put_streamed(&s, &vol, "/a.bin", 700 << 10).await;
+    assert_eq!(status, 201, "{e:?}");
+    let (status, e) = put_streamed(&s, &vol, "/b.bin", 700 << 10).await;
+    assert_eq!(status, 201, "{e:?}");
+    // Over it, the volume may not grow, and no new volume may be made, each naming the quota.
+    let (status, e) = put_streamed(&s, &vol, "/c.bin", 10).await;
+    assert_eq!(status, 429, "{e:?}");
+    assert_eq!(e["error_code"], "storage_quota_exceeded");
+    assert!(e["message"].as_str().unwrap().contains("volumes"), "{e}");
+    assert_error(&c.stat("/c.bin").await, 404, "volume_path_not_found");
+    let r = api.post("/volumes", json!({"name": "more"})).await;
+    assert_error(&r, 429, "storage_quota_exceeded");
+    assert!(
+        r.json["message"].as_str().unwrap().contains("1048576"),
+        "{:?}",
+        r.json
+    );
+    // Another team is not held back by this one.
+    let other = create(&admin, "admins").await;
+    let (status, _) = put_streamed(&s, &other, "/x.bin", 10).await;
+    assert_eq!(status, 201);
+    // Freeing space lets the volume grow again.
+    assert_eq!(c.remove("/a.bin").await.status, 204);
+    let (status, e) = put_streamed(&s, &vol, "/c.bin", 10).await;
+    assert_eq!(status, 201, "{e:?}");
+
+    // The metering tick charges the volume's bytes as the team's storage.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = api.get("/alcove/v1/usage?groupBy=team").await;
+        assert_eq!(r.status, 200, "{:?}", r.json);
+        let hours = r.json["items"][0]["storageGibHours"]
+            .as_f64()
+            .unwrap_or(0.0);
+        if hours > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no storage charged: {:?}",
+            r.json
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    drop((api, admin));
+    s.stop().await;
+}

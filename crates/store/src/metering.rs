@@ -120,7 +120,8 @@ pub struct UsageRow {
 /// An object whose bytes on disk are metered, as the caller measured it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageSample {
-    /// `sandbox:ID`, `snapshot:ID` or `template:ID` (see [`Store::storage_objects`]).
+    /// `sandbox:ID`, `snapshot:ID`, `volume:ID` or `template:ID` (see
+    /// [`Store::storage_objects`]).
     pub object: String,
     pub team_id: String,
     pub sandbox_id: Option<String>,
@@ -160,6 +161,10 @@ fn sandbox_object(id: &str) -> String {
 
 fn snapshot_object(id: &str) -> String {
     format!("snapshot:{id}")
+}
+
+pub(crate) fn volume_object(id: &str) -> String {
+    format!("volume:{id}")
 }
 
 fn net_object(id: &str) -> String {
@@ -392,6 +397,11 @@ pub(crate) fn on_state_change(
     Ok(())
 }
 
+/// Called when a volume is deleted, in its transaction.
+pub(crate) fn on_volume_deleted(tx: &Transaction<'_>, id: &str, at: i64) -> Result<()> {
+    close_storage(tx, &volume_object(id), at)
+}
+
 /// Called when a snapshot is deleted, in its transaction.
 pub(crate) fn on_snapshot_deleted(tx: &Transaction<'_>, id: &str, at: i64) -> Result<()> {
     close_storage(tx, &snapshot_object(id), at)
@@ -456,8 +466,8 @@ impl Store {
     }
 
     /// What [`Store::meter_storage`] should be given, without bytes (the caller measures
-    /// sandboxes and snapshots on the backend): sandboxes running or paused, snapshots not
-    /// deleted, and teams' templates with the bytes their ready builds hold (from the store).
+    /// sandboxes and snapshots on the backend, and volumes): sandboxes running or paused,
+    /// snapshots not deleted, volumes, and teams' templates with the bytes their ready builds hold (from the store).
     pub fn storage_objects(&self) -> Result<Vec<StorageSample>> {
         let conn = self.conn();
         let mut out = Vec::new();
@@ -492,6 +502,21 @@ impl Store {
                 template_id: r.get(3)?,
                 bytes: 0,
                 since: r.get(4)?,
+            })
+        })?;
+        for s in rows {
+            out.push(s?);
+        }
+        let mut stmt = conn.prepare("SELECT id, team_id, created_at FROM volumes")?;
+        let rows = stmt.query_map([], |r| {
+            let id: String = r.get(0)?;
+            Ok(StorageSample {
+                object: volume_object(&id),
+                team_id: r.get(1)?,
+                sandbox_id: None,
+                template_id: None,
+                bytes: 0,
+                since: r.get(2)?,
             })
         })?;
         for s in rows {
@@ -925,8 +950,20 @@ mod tests {
                 deleted_at: None,
             })
             .unwrap();
+        store
+            .insert_volume(
+                &crate::VolumeRecord {
+                    id: "vol1".into(),
+                    team_id: team.clone(),
+                    name: "data".into(),
+                    created_at: t0,
+                },
+                10,
+            )
+            .unwrap();
         let mut objs = store.storage_objects().unwrap();
-        assert_eq!(objs.len(), 2);
+        assert_eq!(objs.len(), 3);
+        assert!(objs.iter().any(|o| o.object == "volume:vol1"));
         for o in &mut objs {
             o.bytes = 1 << 30;
             o.since = t0;
@@ -935,10 +972,13 @@ mod tests {
         store.meter_storage(now, &objs, 60 * MIN).unwrap();
         let q = total(&store, &team);
         let hours = (now - t0) as f64 / 3_600_000.0;
-        assert!((q.storage_gib_hours - 2.0 * hours).abs() < 1e-6, "{q:?}");
-        // The snapshot is deleted and the sandbox killed: both close now, at 1 GiB.
+        assert!((q.storage_gib_hours - 3.0 * hours).abs() < 1e-6, "{q:?}");
+        assert_eq!(store.teams_with_volumes().unwrap(), vec![team.clone()]);
+        // The snapshot and the volume are deleted and the sandbox killed: all close now, at
+        // 1 GiB.
         std::thread::sleep(std::time::Duration::from_millis(20));
         store.delete_snapshot("snap1").unwrap();
+        store.delete_volume(&team, "vol1").unwrap();
         store
             .transition("s1", SandboxState::Killed, "killed")
             .unwrap();

@@ -197,8 +197,18 @@ impl Store {
             return Err(StoreError::VolumeInUse { sandboxes });
         }
         tx.execute("DELETE FROM volumes WHERE id = ?1", [volume_id])?;
+        crate::metering::on_volume_deleted(&tx, volume_id, crate::now_ms())?;
         tx.commit()?;
         Ok(rec)
+    }
+
+    /// Teams that have at least one volume.
+    pub fn teams_with_volumes(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT DISTINCT team_id FROM volumes ORDER BY 1")?;
+        Ok(stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?)
     }
 }
 

@@ -19,7 +19,7 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 pub use path::{MAX_COMPONENT, MAX_PATH, components};
 pub use root::{Attr, Entry, Kind, Owner, Root, SetAttr, StatFs};
@@ -70,6 +70,11 @@ pub enum VolError {
     #[error("the volume is full: its limit is {limit} bytes; remove files or use another volume")]
     Full { limit: u64 },
     #[error(
+        "the team's storage quota is used up (paused sandboxes, snapshots and volumes); nothing \
+         may grow this volume until the team frees storage or the operator raises its limit"
+    )]
+    TeamQuota,
+    #[error(
         "the volume holds its maximum of {max} files and directories; remove some or use another volume"
     )]
     TooManyEntries { max: u64 },
@@ -97,6 +102,7 @@ impl VolError {
             VolError::Full { .. } | VolError::TooManyEntries { .. } => {
                 rustix::io::Errno::NOSPC.raw_os_error()
             }
+            VolError::TeamQuota => rustix::io::Errno::DQUOT.raw_os_error(),
             VolError::TooMany { .. } => rustix::io::Errno::NOMEM.raw_os_error(),
             VolError::Io(e) => e.raw_os_error().unwrap_or(libc_eio()),
         }
@@ -125,12 +131,14 @@ fn libc_eio() -> i32 {
     rustix::io::Errno::IO.raw_os_error()
 }
 
-/// The volumes of one server: directories under one root, each opened once per process.
+/// The volumes of one server: directories under one root, each opened once per process and
+/// kept open until destroyed (its usage is counted once, at the first open, then kept up to
+/// date by every operation; metering reads it every tick).
 #[derive(Debug)]
 pub struct Volumes {
     root: PathBuf,
     limits: Limits,
-    open: Mutex<HashMap<String, Weak<Root>>>,
+    open: Mutex<HashMap<String, Arc<Root>>>,
 }
 
 impl Volumes {
@@ -192,12 +200,13 @@ impl Volumes {
         Ok(())
     }
 
-    /// Opens volume `id` (once per process: every caller shares one [`Root`] and its usage).
+    /// Opens volume `id` (once per process: every caller shares one [`Root`], its usage and
+    /// whether its team's quota lets it grow).
     pub fn open(&self, volume_id: &str) -> Result<Arc<Root>, VolError> {
         Self::check_id(volume_id)?;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(root) = open.get(volume_id).and_then(Weak::upgrade) {
-            return Ok(root);
+        if let Some(root) = open.get(volume_id) {
+            return Ok(root.clone());
         }
         let root = Arc::new(Root::open(&self.dir(volume_id), self.limits).map_err(
             |e| match e {
@@ -205,8 +214,7 @@ impl Volumes {
                 e => e,
             },
         )?);
-        open.retain(|_, w| w.strong_count() > 0);
-        open.insert(volume_id.to_owned(), Arc::downgrade(&root));
+        open.insert(volume_id.to_owned(), root.clone());
         Ok(root)
     }
 

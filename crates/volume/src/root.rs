@@ -15,7 +15,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{
@@ -115,6 +115,9 @@ pub struct Root {
     limits: Limits,
     used_bytes: AtomicU64,
     entries: AtomicU64,
+    /// Set while the volume's team is over its storage quota: nothing may grow the volume
+    /// (shrinking, reading and renaming still work).
+    frozen: AtomicBool,
     /// Only root may give files away; otherwise new entries keep the server's owner.
     can_chown: bool,
 }
@@ -199,6 +202,7 @@ impl Root {
             limits,
             used_bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
+            frozen: AtomicBool::new(false),
             can_chown: rustix::process::geteuid().is_root(),
         };
         let top = root.open_dir_fd(&[], "/")?;
@@ -215,6 +219,16 @@ impl Root {
     /// The logical size of the volume's regular files.
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stops (`true`) or lets again (`false`) anything grow the volume's bytes: the server's
+    /// storage quota, applied to every writer of the volume (guests and the content API).
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Relaxed);
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
     }
 
     /// Files, directories and links in the volume.
@@ -287,6 +301,9 @@ impl Root {
         if delta <= 0 {
             self.shrink_bytes(delta.unsigned_abs());
             return Ok(());
+        }
+        if self.frozen() {
+            return Err(VolError::TeamQuota);
         }
         let delta = delta as u64;
         let before = self.used_bytes.fetch_add(delta, Ordering::Relaxed);
@@ -414,7 +431,9 @@ impl Root {
         if actual < predicted {
             self.shrink_bytes(predicted - actual);
         } else if actual > predicted {
-            let _ = self.grow_bytes((actual - predicted) as i64);
+            // Already written: counted whatever the limits say.
+            self.used_bytes
+                .fetch_add(actual - predicted, Ordering::Relaxed);
         }
         result
     }
@@ -1083,5 +1102,34 @@ mod tests {
         ));
         let fs = v.statfs().unwrap();
         assert_eq!(fs.files_free, 0);
+    }
+
+    #[test]
+    fn a_frozen_volume_shrinks_but_never_grows() {
+        let (_d, v) = vol(Limits::default());
+        v.write_file("f", false, Owner::default(), None, &mut &b"12345"[..])
+            .unwrap();
+        v.set_frozen(true);
+        assert!(matches!(v.write("f", 5, b"x"), Err(VolError::TeamQuota)));
+        assert_eq!(VolError::TeamQuota.errno(), Errno::DQUOT.raw_os_error());
+        assert!(matches!(
+            v.write_file("g", false, Owner::default(), None, &mut &b"1"[..]),
+            Err(VolError::TeamQuota)
+        ));
+        assert!(v.lstat("g").is_err(), "a refused upload leaves nothing");
+        // Overwriting within the file's size, truncating and removing still work.
+        v.write("f", 0, b"ab").unwrap();
+        v.setattr(
+            "f",
+            &SetAttr {
+                size: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(v.used_bytes(), 1);
+        v.set_frozen(false);
+        v.write("f", 1, b"cd").unwrap();
+        assert_eq!(v.used_bytes(), 3);
     }
 }

@@ -151,3 +151,71 @@ def test_nothing_in_a_volume_reaches_outside_it_on_the_host(volume):
     finally:
         sbx.kill()
 
+
+
+def test_a_volume_counts_against_its_teams_storage_quota():
+    """A team over its storage limit: guests' writes to its volumes fail with EDQUOT within a
+    metering tick (2 s here), the content API and new volumes are refused, and freeing space
+    lets the volume grow again. Its own team, so no other test meets the limit."""
+    import json
+    import os
+    import subprocess
+    import urllib.request
+
+    if not os.environ.get("ALCOVE_SDK_DATA_DIR"):
+        pytest.skip("needs tests/sdk/run.sh (its data directory, to make a team)")
+    team = f"vquota-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(
+        [os.environ["ALCOVE_BIN"], "keys", "--data-dir", os.environ["ALCOVE_SDK_DATA_DIR"],
+         "--json", "create", "--team", team],
+        check=True, capture_output=True, text=True, timeout=60,
+    )
+    key = json.loads(out.stdout)["key"]
+
+    def set_limit(gib):
+        body = {} if gib is None else {"maxStorageGib": gib}
+        req = urllib.request.Request(
+            os.environ["E2B_API_URL"] + f"/alcove/v1/teams/{team}/limits", method="PUT",
+            data=json.dumps(body).encode(),
+            headers={"X-API-KEY": os.environ["E2B_API_KEY"], "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+
+    vol = Volume.create("quota", api_key=key)
+    sbx = None
+    try:
+        set_limit(1 / 1024)  # 1 MiB
+        sbx = Sandbox.create(TEMPLATE, timeout=300, volume_mounts={"/data": vol}, api_key=key)
+        # A tick may stop this write part way, once the volume holds more than the limit.
+        sh(sbx, "head -c 2097152 /dev/urandom > /data/big; sync; true")
+
+        def frozen():
+            r = sbx.commands.run(
+                "{ echo more >> /data/small; } 2>&1; echo rc=$?", timeout=60
+            ).stdout
+            assert "Disk quota exceeded" in r and "rc=1" in r, r
+
+        eventually(frozen, timeout=30)
+        # Reading, and removing what is there, still work.
+        assert int(sh(sbx, "stat -c %s /data/big")) >= 1 << 20
+        with pytest.raises(Exception) as refused:
+            Volume.create("another", api_key=key)
+        assert "storage" in str(refused.value).lower(), refused.value
+        sh(sbx, "rm /data/big")
+
+        def thawed():
+            r = sbx.commands.run("echo more >> /data/small; echo rc=$?", timeout=60).stdout
+            assert "rc=0" in r, r
+
+        eventually(thawed, timeout=30)
+    finally:
+        set_limit(None)
+        if sbx is not None:
+            sbx.kill()
+        for _ in range(10):
+            try:
+                Volume.destroy(vol.volume_id, api_key=key)
+                break
+            except Exception:  # noqa: BLE001 - the kill may still be settling
+                time.sleep(1)

@@ -166,6 +166,9 @@ impl Service {
         if let Err(e) = self.meter_network(None).await {
             tracing::error!(error = %chain(&e), "metering: network");
         }
+        if let Err(e) = self.apply_volume_quotas().await {
+            tracing::error!(error = %chain(&e), "metering: volume quotas");
+        }
         self.check_spend_caps(None).await;
     }
 
@@ -199,11 +202,23 @@ impl Service {
             .map(String::as_str)
             .zip(sn.iter().copied())
             .collect();
+        let volumes: Vec<String> = objects
+            .iter()
+            .filter_map(|o| o.object.strip_prefix("volume:").map(str::to_owned))
+            .collect();
+        let volume_sizes = self.volume_bytes(&volumes).await;
+        let by_volume: HashMap<&str, u64> = volumes
+            .iter()
+            .map(String::as_str)
+            .zip(volume_sizes.iter().copied())
+            .collect();
         for o in &mut objects {
             if let Some(id) = o.object.strip_prefix("sandbox:") {
                 o.bytes = by_sandbox.get(id).copied().unwrap_or(0);
             } else if let Some(id) = o.object.strip_prefix("snapshot:") {
                 o.bytes = by_snapshot.get(id).copied().unwrap_or(0);
+            } else if let Some(id) = o.object.strip_prefix("volume:") {
+                o.bytes = by_volume.get(id).copied().unwrap_or(0);
             }
         }
         // An object first seen now is charged back to when it was made, but never more than

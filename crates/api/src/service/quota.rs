@@ -55,9 +55,10 @@ impl Quota {
                  to raise --team-max-snapshots."
             ),
             Quota::StoredBytes => format!(
-                "This team's paused sandboxes and snapshots hold {used} bytes on disk; the \
-                 limit is {limit}. Kill paused sandboxes or delete snapshots you no longer \
-                 need, then retry; or ask the operator to raise --team-max-stored."
+                "This team's storage (its paused sandboxes, snapshots and volumes) holds \
+                 {used} bytes; the limit is {limit}. Kill paused sandboxes, delete snapshots or \
+                 volumes, or remove files from volumes you no longer need, then retry; or ask \
+                 the operator to raise --team-max-stored."
             ),
             Quota::Templates => format!(
                 "This team has {used} templates; the limit is {limit}. Delete templates you no \
@@ -170,6 +171,39 @@ pub(crate) fn first_exceeded(
 }
 
 impl Service {
+    /// What the team's storage quota counts: the disks and memory images of its paused
+    /// sandboxes and snapshots (measured on the backend) and the files in its volumes.
+    pub(crate) async fn team_stored_bytes(&self, team: &str) -> Result<u64, ApiError> {
+        let t = team.to_owned();
+        let (usage, volumes) = self
+            .db(move |s| Ok((s.team_usage(&t)?, s.volumes_of_team(&t)?)))
+            .await?;
+        let on_backend = self
+            .call(
+                BackendOp::StoredBytes,
+                "",
+                self.backend
+                    .stored_bytes(&usage.paused_ids, &usage.snapshot_ids),
+            )
+            .await
+            .map_err(|e| super::api_error(BackendOp::StoredBytes, "", e))?;
+        let ids: Vec<String> = volumes.into_iter().map(|v| v.id).collect();
+        Ok(on_backend + self.volume_bytes(&ids).await.iter().sum::<u64>())
+    }
+
+    /// A 429 when the team's stored bytes are at or over `limit`.
+    pub(crate) async fn check_stored_bytes(&self, team: &str, limit: u64) -> Result<(), ApiError> {
+        let used = self.team_stored_bytes(team).await?;
+        if used >= limit {
+            return Err(ApiError::QuotaExceeded {
+                quota: Quota::StoredBytes,
+                used,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks `want` against the team's quotas and reserves it; see the module docs.
     pub(crate) async fn reserve(&self, team: &str, want: Want) -> Result<Reservation, ApiError> {
         Ok(self
@@ -195,25 +229,8 @@ impl Service {
         if want.stores {
             // Measured outside the lock: it walks directories, and the quota is soft by the
             // size of one operation anyway.
-            let t = team_id.clone();
-            let usage = self.db(move |s| s.team_usage(&t)).await?;
-            let used = self
-                .call(
-                    BackendOp::StoredBytes,
-                    "",
-                    self.backend
-                        .stored_bytes(&usage.paused_ids, &usage.snapshot_ids),
-                )
-                .await
-                .map_err(|e| super::api_error(BackendOp::StoredBytes, "", e))?;
-            let limit = limits.max_stored_bytes;
-            if used >= limit {
-                return Err(ApiError::QuotaExceeded {
-                    quota: Quota::StoredBytes,
-                    used,
-                    limit,
-                });
-            }
+            self.check_stored_bytes(team, limits.max_stored_bytes)
+                .await?;
         }
         let _guard = self.quota_lock.lock().await;
         let t = team_id.clone();

@@ -236,6 +236,75 @@ impl Service {
         }
     }
 
+    /// Bytes in each volume of `ids` (0 for one that is gone), as counted since its first open
+    /// in this process.
+    pub(crate) async fn volume_bytes(&self, ids: &[String]) -> Vec<u64> {
+        let Some(volumes) = self.volumes.clone() else {
+            return vec![0; ids.len()];
+        };
+        let ids = ids.to_vec();
+        blocking(move || {
+            Ok(ids
+                .iter()
+                .map(|id| volumes.open(id).map_or(0, |r| r.used_bytes()))
+                .collect())
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Measures the team's storage (paused sandboxes, snapshots, volumes) against its limit
+    /// and lets its volumes grow only while it is under; returns whether they may not grow.
+    /// Run for every team with volumes at each metering tick and before each content upload,
+    /// so guests' writes are refused (`EDQUOT`) within one tick of the team reaching its limit.
+    pub(crate) async fn apply_volume_quota(&self, team: &str) -> Result<bool, ApiError> {
+        let Some(volumes) = self.volumes.clone() else {
+            return Ok(false);
+        };
+        let limit = self.effective_limits(team).await?.max_stored_bytes;
+        let used = self.team_stored_bytes(team).await?;
+        let frozen = used >= limit;
+        let t = team.to_owned();
+        let ids: Vec<String> = self
+            .db(move |s| s.volumes_of_team(&t))
+            .await?
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        let team = team.to_owned();
+        let _ = blocking(move || {
+            for id in &ids {
+                let Ok(root) = volumes.open(id) else { continue };
+                if root.frozen() != frozen {
+                    tracing::info!(
+                        team_id = %team, volume_id = %id, used, limit, frozen,
+                        "volume growth {} by the team's storage quota",
+                        if frozen { "stopped" } else { "allowed again" }
+                    );
+                    root.set_frozen(frozen);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        Ok(frozen)
+    }
+
+    /// [`Service::apply_volume_quota`] for every team that has volumes.
+    pub(crate) async fn apply_volume_quotas(&self) -> Result<(), ApiError> {
+        if self.volumes.is_none() {
+            return Ok(());
+        }
+        let teams = self.db(|s| s.teams_with_volumes()).await?;
+        for team in teams {
+            if let Err(e) = self.apply_volume_quota(&team).await {
+                tracing::warn!(team_id = %team, error = %crate::error::chain(&e),
+                    "could not check the team's volumes against its storage quota");
+            }
+        }
+        Ok(())
+    }
+
     /// `POST /volumes`: registers the volume, then makes its directory.
     pub async fn create_volume(
         &self,
@@ -246,6 +315,8 @@ impl Service {
         let name = body.name;
         check_name(&name)?;
         let (volumes, key) = self.volume_parts()?;
+        let limit = self.effective_limits(team_id).await?.max_stored_bytes;
+        self.check_stored_bytes(team_id, limit).await?;
         let rec = VolumeRecord {
             id: new_volume_id(),
             team_id: team_id.to_owned(),
@@ -489,6 +560,11 @@ impl Service {
         use http_body_util::BodyExt;
         check_mode(o.mode)?;
         let (volumes, _) = self.volume_parts()?;
+        // The team's quota, measured now: a frozen volume refuses the upload below.
+        let id = volume_id.to_owned();
+        if let Some(rec) = self.db(move |s| s.volume(&id)).await? {
+            self.apply_volume_quota(&rec.team_id).await?;
+        }
         let limit = volumes.limits().max_bytes;
         if declared_len.is_some_and(|n| n > limit) {
             return Err(ApiError::VolumeContent {
