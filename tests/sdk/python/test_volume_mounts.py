@@ -115,7 +115,7 @@ def test_a_paused_sandbox_keeps_its_mount(volume):
         sbx.kill()
 
 
-def test_a_sandbox_made_from_a_snapshot_mounts_its_volumes(volume):
+def test_sandboxes_made_from_a_snapshot_or_a_fork_mount_its_volumes(volume):
     src = Sandbox.create(TEMPLATE, timeout=300, volume_mounts={"/data": volume})
     child = None
     try:
@@ -126,6 +126,16 @@ def test_a_sandbox_made_from_a_snapshot_mounts_its_volumes(volume):
         assert sh(child, "cat /data/one.txt") == "one\n"
         sh(child, "echo two > /data/two.txt")
         eventually(lambda: _expect(sh(src, "cat /data/two.txt"), "two\n"))
+        # A fork's children mount it too.
+        forks = src.fork(count=1)
+        assert not isinstance(forks[0], Exception), forks[0]
+        fork = forks[0]
+        try:
+            assert sh(fork, "cat /data/two.txt") == "two\n"
+            sh(fork, "echo three > /data/three.txt")
+            eventually(lambda: _expect(sh(src, "cat /data/three.txt"), "three\n"))
+        finally:
+            fork.kill()
     finally:
         if child:
             child.kill()
