@@ -119,6 +119,13 @@ pub struct ServerOptions {
     /// Domain for `<port>-<sandboxID>.<domain>` routing (default `localhost:<port>`).
     #[arg(long, env = "ALCOVE_DOMAIN")]
     pub domain: Option<String>,
+    /// Serve HTTPS with this certificate (PEM: a wildcard for *.DOMAIN first, then its chain),
+    /// so the SDKs' https:// links work; `alcove tls init` makes one. Needs --tls-key.
+    #[arg(long, env = "ALCOVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "ALCOVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Lifetime in seconds of a sandbox created without a timeout.
     #[arg(long, default_value_t = Limits::default().default_timeout.as_secs())]
     pub default_timeout: u64,
@@ -512,6 +519,8 @@ impl ServerOptions {
                 interval: self.meter_interval,
                 ..alcove_api::MeteringConfig::default()
             },
+            // Read from --tls-cert/--tls-key when the server starts (they may fail to load).
+            tls: None,
         }
     }
 

@@ -9,6 +9,7 @@ mod mcp;
 mod sandbox;
 mod server;
 mod template;
+mod tls;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     Server(Box<config::ServerOptions>),
     /// Manage API keys in the server's data dir.
     Keys(keys::KeysArgs),
+    /// TLS certificates for the server's listener (`tls init`: a local CA and a wildcard).
+    Tls(tls::TlsArgs),
     /// Talk to a running server over its REST API.
     #[command(subcommand)]
     Client(ClientCmd),
@@ -112,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(c) => c.global.json,
         Command::Info(c) => c.global.json,
         Command::Keys(k) => k.json,
+        Command::Tls(t) => t.json,
         Command::Client(ClientCmd::Sandbox(a)) => a.client.json,
         Command::Client(ClientCmd::Template(a)) => a.client.json,
         Command::Snapshot(a) => a.client.json,
@@ -160,6 +164,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Server(c) => server::run(*c, &mut out).await.map(|()| 0),
             Command::Keys(k) => keys::run_keys(k, &mut out).map(|()| 0),
+            Command::Tls(t) => tls::run(t, &mut out).map(|()| 0),
             Command::Client(ClientCmd::Sandbox(a)) => client::run_sandbox(a, &mut out)
                 .await
                 .map(|c| u8::try_from(c).unwrap_or(1)),

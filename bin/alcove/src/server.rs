@@ -55,6 +55,14 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut config = opts.api();
     config.metering = opts.metering()?;
+    if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+        config.tls = Some(alcove_api::tls::server_config(cert, key)?);
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let data_dir = config.data_dir.clone();
     let max_body = config.limits.max_body_bytes;
     let node_backend = Arc::clone(&backend);
@@ -67,7 +75,7 @@ async fn serve(
     let server = mount_mcp(server, max_body);
     writeln!(
         out,
-        "alcove API listening on http://{}",
+        "alcove API listening on {scheme}://{}",
         server.local_addr()
     )?;
     if server.first_start_key().is_some() {

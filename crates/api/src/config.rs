@@ -18,6 +18,9 @@ pub struct ServerConfig {
     pub domain: Option<String>,
     pub limits: Limits,
     pub metering: MeteringConfig,
+    /// TLS on the listener (`--tls-cert`, `--tls-key`; [`crate::tls::server_config`]); `None`
+    /// serves plain HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Metering, prices and spend-cap warnings (`docs/metering.md`).
@@ -341,6 +344,7 @@ impl ServerConfig {
             domain: None,
             limits: Limits::default(),
             metering: MeteringConfig::default(),
+            tls: None,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod service;
+pub mod tls;
 mod trace;
 
 pub use backend::{

@@ -219,6 +219,17 @@ impl Server {
             "$(cat {})",
             self.config.data_dir.join(API_KEY_FILE).display()
         );
+        if self.config.tls.is_some() {
+            // Over TLS the SDKs build https://api.<domain> and https://<port>-<id>.<domain>
+            // themselves; E2B_SANDBOX_URL would drop the sandbox from the host, where signed
+            // file URLs need it.
+            return format!(
+                "export E2B_DOMAIN={}\nexport E2B_API_KEY={key}\n\
+                 (trust the certificate's CA: SSL_CERT_FILE for Python, NODE_EXTRA_CA_CERTS for \
+                 Node; see `alcove tls init`)\n",
+                self.svc.domain()
+            );
+        }
         format!(
             "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\n\
              export E2B_VOLUME_API_URL={url}\nexport E2B_API_KEY={key}\n"
@@ -282,10 +293,11 @@ impl Server {
             .keep_alive_timeout(limits.keep_alive_interval)
             .max_concurrent_streams(limits.max_h2_streams);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let tls = self.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let listener = self.listener;
         tokio::pin!(shutdown);
         loop {
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -307,18 +319,45 @@ impl Server {
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let first_bytes = limits.header_read_timeout;
+            let tls = tls.clone();
             tokio::spawn(async move {
                 // The protocol sniff (HTTP/1 or the HTTP/2 preface) reads with no deadline of its
                 // own: a client that connects and stays silent would hold the slot forever.
                 if !first_bytes_within(&stream, first_bytes).await {
                     return;
                 }
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = watcher.watch(conn);
                 // Client errors (resets, header timeouts, bad requests) end only their connection.
-                if let Err(e) = conn.await {
+                // With TLS, plain HTTP is still served to loopback peers (the server's own MCP
+                // tools call its API there; sandboxes never reach the host's loopback): a TLS
+                // connection starts with a handshake record (0x16).
+                let mut first = [0u8; 1];
+                let plain_local = peer.ip().is_loopback()
+                    && matches!(stream.peek(&mut first).await, Ok(1) if first[0] != 0x16);
+                let served = match tls.filter(|_| !plain_local) {
+                    None => {
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        watcher.watch(conn).await
+                    }
+                    Some(tls) => {
+                        // The handshake has the same deadline as a request's headers.
+                        let stream =
+                            match tokio::time::timeout(first_bytes, tls.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            };
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        watcher.watch(conn).await
+                    }
+                };
+                if let Err(e) = served {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 drop(slot);
