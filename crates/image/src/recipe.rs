@@ -67,6 +67,7 @@ const BUILTIN: &[(&str, &str)] = &[
         "mcp-gateway",
         include_str!("../../../templates/mcp-gateway.toml"),
     ),
+    ("desktop", include_str!("../../../templates/desktop.toml")),
 ];
 
 impl Recipe {
