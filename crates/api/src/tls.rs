@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -110,7 +109,7 @@ pub fn init(domain: &str, dir: &Path) -> Result<InitFiles, TlsError> {
     std::fs::create_dir_all(dir).map_err(|e| TlsError::Write(dir.into(), e))?;
     let ca_path = dir.join(CA_FILE);
     let ca_key_path = dir.join(CA_KEY_FILE);
-    let y = this_year();
+    let y = alcove_net::egress::this_year();
     let (ca_pem, issuer) = match (
         std::fs::read_to_string(&ca_path),
         std::fs::read_to_string(&ca_key_path),
@@ -152,19 +151,9 @@ pub fn init(domain: &str, dir: &Path) -> Result<InitFiles, TlsError> {
     Ok(out)
 }
 
-/// The local CA's name and powers (the same each time, so a kept key signs under the same name).
+/// The local CA (the same name each time, so a kept key signs under the same name).
 fn ca_params(y: i32) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Alcove");
-    dn.push(DnType::CommonName, "Alcove local CA");
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut p = alcove_net::egress::ca_named("Alcove local CA");
     p.not_before = rcgen::date_time_ymd(y - 1, 1, 1);
     p.not_after = rcgen::date_time_ymd(y + 10, 1, 1);
     p
@@ -185,14 +174,6 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
         .and_then(|()| f.sync_all())
         .map_err(|e| TlsError::Write(tmp.clone(), e))?;
     std::fs::rename(&tmp, path).map_err(|e| TlsError::Write(path.into(), e))
-}
-
-fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    1970 + (secs / 31_556_952) as i32
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 mod intercept;
-pub use intercept::{CaError, SandboxCa, upstream_tls};
+pub use intercept::{CaError, SandboxCa, ca_named, this_year, upstream_tls};
 
 use crate::dns::{self, Bindings};
 use crate::netns::{Listeners, original_dst};

@@ -65,13 +65,17 @@ impl std::fmt::Debug for SandboxCa {
 pub struct CaError(String);
 
 fn ca_params(sandbox_id: &str) -> CertificateParams {
+    ca_named(&format!("Alcove egress CA for sandbox {sandbox_id}"))
+}
+
+/// A certificate authority of Alcove's named `common_name` that signs leaves only (path length
+/// 0), without validity dates (the caller sets them when it self-signs; an issuer rebuilt from a
+/// kept key needs only the name). Also the server's local TLS CA (`alcove tls init`).
+pub fn ca_named(common_name: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Alcove");
-    dn.push(
-        DnType::CommonName,
-        format!("Alcove egress CA for sandbox {sandbox_id}"),
-    );
+    dn.push(DnType::CommonName, common_name);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
@@ -82,7 +86,8 @@ fn ca_params(sandbox_id: &str) -> CertificateParams {
     p
 }
 
-fn this_year() -> i32 {
+/// The current calendar year (certificate validity is set in whole years).
+pub fn this_year() -> i32 {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
