@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use alcove_agent_client::{AgentBody, ClientError, OpenTunnel, PortClient};
 use alcove_api::backend::{
-    BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, Keep, LiveSandbox, LogLevel, LogLine,
-    NetCounters, ResourceUsage, SandboxBackend, SandboxStatus, StartedSandbox, TemplateInfo,
-    WarmPool,
+    BackendError, Body, BoxFuture, CreateSandbox, ENVD_PORT, ExecOutput, ExecRequest, Keep,
+    LiveSandbox, LogLevel, LogLine, NetCounters, ResourceUsage, SandboxBackend, SandboxStatus,
+    StartedSandbox, TemplateInfo, WarmPool,
 };
 use alcove_node::{CreateOptions, Node, NodeError, SandboxState};
 use http_body_util::BodyExt;
@@ -19,6 +19,9 @@ const FORWARD_CONNECT: Duration = Duration::from_secs(30);
 /// Bound on a server in the sandbox answering with its response head (its body may stream on
 /// for as long as it likes). Generous: user servers may think before they answer.
 const PORT_RESPONSE_HEAD: Duration = Duration::from_secs(300);
+
+/// Output kept of a command the API runs in a sandbox (`exec`).
+const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 
 pub struct NodeBackend {
     node: Arc<Node>,
@@ -213,6 +216,32 @@ impl SandboxBackend for NodeBackend {
                 .network(sandbox_id)
                 .map(|(n, _)| Some(n))
                 .map_err(|e| map_err("network rules", e))
+        })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        req: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecOutput, BackendError>> {
+        Box::pin(async move {
+            let run = alcove_agent_client::RunRequest {
+                cmd: req.cmd,
+                args: req.args,
+                user: Some(req.user),
+                timeout: Some(req.timeout),
+                output_limit: EXEC_OUTPUT_LIMIT,
+                ..Default::default()
+            };
+            let out = tokio::time::timeout(req.timeout, self.node.run(sandbox_id, run))
+                .await
+                .map_err(|_| BackendError::Timeout)?
+                .map_err(|e| map_err("exec", e))?;
+            Ok(ExecOutput {
+                exit_code: out.exit_code,
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })
         })
     }
 

@@ -39,6 +39,26 @@ pub use alcove_build_spec::{
 /// contract.
 pub use alcove_guest_contract::{CODE_INTERPRETER_PORT, ENVD_PORT};
 
+/// A command for [`SandboxBackend::exec`]: a program and its arguments, run as `user` with the
+/// sandbox's own environment.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub cmd: String,
+    pub args: Vec<String>,
+    /// `user` (E2B's default user) or `root`.
+    pub user: String,
+    pub timeout: std::time::Duration,
+}
+
+/// What a command run by [`SandboxBackend::exec`] left.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    /// The exit code; -1 when a signal ended it.
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
 /// What the backend needs to start a sandbox.
 #[derive(Debug, Clone)]
 pub struct CreateSandbox {
@@ -236,6 +256,8 @@ pub enum BackendOp {
     /// Bytes stored on the host for paused sandboxes and snapshots (quotas).
     StoredBytes,
     NetCounters,
+    /// A command run inside a sandbox for the API ([`SandboxBackend::exec`]).
+    Exec,
     /// Sandbox traffic to `port` inside the sandbox.
     Forward {
         port: u16,
@@ -263,6 +285,7 @@ impl BackendOp {
             BackendOp::DeleteTemplate => "delete_template",
             BackendOp::StoredBytes => "stored_bytes",
             BackendOp::NetCounters => "net_counters",
+            BackendOp::Exec => "exec",
             BackendOp::Forward { .. } => "forward",
         }
     }
@@ -409,9 +432,17 @@ pub trait SandboxBackend: Send + Sync + 'static {
         Box::pin(async move { Ok(vec![None; sandbox_ids.len()]) })
     }
 
-    /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code
-    /// interpreter ([`CODE_INTERPRETER_PORT`]) or any port a process listens on. The request's
-    /// URI is origin-form (path and query); bodies stream in both directions.
+    /// Runs a command to completion inside a running sandbox, for the API's own features that
+    /// live in the guest (screen recordings run `alcove-record` there). `req.timeout` bounds the
+    /// run; the output kept is bounded by the backend (at least 1 MiB).
+    fn exec<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _req: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecOutput, BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "exec" }) })
+    }
+
     /// Runs a template build: every step inside builder microVMs, never on the host (see
     /// `alcove_build_spec`). Answers the new template's key, which [`CreateSandbox::template_id`]
     /// then accepts, or the step that failed. Called from the API's build task under the build's
@@ -440,6 +471,9 @@ pub trait SandboxBackend: Send + Sync + 'static {
         })
     }
 
+    /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code
+    /// interpreter ([`CODE_INTERPRETER_PORT`]) or any port a process listens on. The request's
+    /// URI is origin-form (path and query); bodies stream in both directions.
     fn forward<'a>(
         &'a self,
         sandbox_id: &'a str,

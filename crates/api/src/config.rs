@@ -235,6 +235,8 @@ pub struct BackendDeadlines {
     pub snapshot: Duration,
     pub delete_snapshot: Duration,
     pub stored_bytes: Duration,
+    /// A command the API runs in a sandbox (`exec`: screen recordings).
+    pub exec: Duration,
 }
 
 impl Default for BackendDeadlines {
@@ -255,6 +257,7 @@ impl Default for BackendDeadlines {
             snapshot: s(120),
             delete_snapshot: s(30),
             stored_bytes: s(30),
+            exec: s(120),
         }
     }
 }
@@ -277,6 +280,7 @@ impl BackendDeadlines {
             snapshot: d,
             delete_snapshot: d,
             stored_bytes: d,
+            exec: d,
         }
     }
 }
@@ -303,6 +307,7 @@ impl Limits {
             BackendOp::DeleteTemplate => b.delete_snapshot,
             BackendOp::StoredBytes => b.stored_bytes,
             BackendOp::NetCounters => b.network,
+            BackendOp::Exec => b.exec,
             BackendOp::Forward { .. } => return None,
         })
     }

@@ -218,6 +218,16 @@ pub enum ApiError {
         #[source]
         source: alcove_volume::VolError,
     },
+    /// The sandbox has no screen recorder (`alcove-record`): not made from the desktop template.
+    #[error("recording unavailable")]
+    RecordingUnavailable { sandbox_id: String },
+    /// The sandbox's recorder refused or failed; `message` is its own (bounded) words.
+    #[error("recording refused")]
+    Recording {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
     /// Too many proxied requests open at once, for one sandbox or for the whole server.
     #[error("too many open sandbox streams")]
     TooManyStreams {
@@ -677,6 +687,20 @@ impl ApiError {
                 ),
             ),
             VolumeContent { volume_id, source } => volume_parts(volume_id, source),
+            RecordingUnavailable { sandbox_id } => (
+                StatusCode::CONFLICT,
+                "recording_unavailable",
+                format!(
+                    "Sandbox {sandbox_id} has no screen recorder (`alcove-record` is not on its \
+                     PATH). Record a sandbox made from the `desktop` template (what \
+                     e2b_desktop's Sandbox.create makes), or a template built from it."
+                ),
+            ),
+            Recording {
+                status,
+                code,
+                message,
+            } => (*status, code, message.clone()),
             TooManyConnections { limit } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",

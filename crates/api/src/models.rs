@@ -965,3 +965,59 @@ pub use volumes::{
     NewVolume, SandboxVolumeMount, Volume, VolumeAndToken, VolumeEntryStat, VolumeEntryType,
     VolumeMetadataUpdate,
 };
+
+/// Body of `POST /alcove/v1/sandboxes/{sandboxID}/recordings`: what to record and where.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingStart {
+    /// Where the MP4 goes in the sandbox; relative paths are under the user's home (default
+    /// `/home/user/recordings/<recordingID>.mp4`). Must end in `.mp4` and not exist.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Frames per second, 1-30 (default 5: under software emulation more costs the desktop
+    /// CPU).
+    #[serde(default)]
+    pub fps: Option<u32>,
+    /// The recording ends by itself after this many seconds, 1-86400 (default 3600).
+    #[serde(default, rename = "maxSeconds")]
+    pub max_seconds: Option<u32>,
+    /// The X display to record (default `:0`, the desktop template's).
+    #[serde(default)]
+    pub display: Option<String>,
+}
+
+/// One screen recording in a sandbox (`/alcove/v1/sandboxes/{sandboxID}/recordings`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecordingView {
+    #[serde(rename = "recordingID", alias = "recordingId")]
+    pub recording_id: String,
+    /// `recording`; `stopped` (asked to); `ended` (its time limit, or the display went away);
+    /// `failed` (`error` says why).
+    pub state: String,
+    /// The MP4 in the sandbox: fetch it with the SDK's `files.read` or a download URL. It is
+    /// written in fragments, so it plays even while recording or after a failure.
+    pub path: String,
+    pub display: String,
+    pub fps: u32,
+    #[serde(rename = "maxSeconds")]
+    pub max_seconds: u32,
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    #[serde(rename = "endedAt", default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// The file's size now.
+    #[serde(rename = "sizeBytes", default)]
+    pub size_bytes: u64,
+    /// Seconds recorded (wall clock, up to now while recording).
+    #[serde(rename = "durationSeconds", default)]
+    pub duration_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /alcove/v1/sandboxes/{sandboxID}/recordings`: every recording the sandbox keeps a record
+/// of (the last 100 finished ones and all running), oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecordingList {
+    pub recordings: Vec<RecordingView>,
+}

@@ -58,6 +58,11 @@ const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 /// E2B's header for sandboxes created with `network.allowPublicTraffic: false`.
 const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 const API_KEY_HEADER: &str = "x-api-key";
+const FORWARDED_PROTO_HEADER: &str = "x-forwarded-proto";
+
+/// A request extension: the request came over the listener's TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct OverTls;
 
 /// The ports the platform itself serves in a guest. Each needs the sandbox's envd access token
 /// (see the module docs for the few requests the SDKs send without it); other ports are the
@@ -242,6 +247,7 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     let permit = st.streams.acquire(&sandbox_id)?;
 
     let (mut parts, body) = req.into_parts();
+    let over_tls = parts.extensions.get::<OverTls>().is_some();
     strip_credentials(&mut parts.headers, port);
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair: the backend needs them to ask
     // the server in the sandbox for the switch, and hyper's `OnUpgrade` stays in the extensions.
@@ -256,6 +262,15 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     parts.uri = path.parse::<Uri>().map_err(|_| ApiError::BadRouting {
         detail: "the request path is not valid".into(),
     })?;
+    // The scheme the client used, for servers in the sandbox that build links back to
+    // themselves (the desktop's DevTools front): set here, never taken from the client.
+    if !PLATFORM_PORTS.contains(&port) {
+        let proto = if over_tls { "https" } else { "http" };
+        parts.headers.insert(
+            FORWARDED_PROTO_HEADER,
+            http::HeaderValue::from_static(proto),
+        );
+    }
     // `network.maskRequestHost`: the server in the sandbox sees the Host its owner chose.
     if let Some(mask) = &target.mask_request_host
         && !PLATFORM_PORTS.contains(&port)

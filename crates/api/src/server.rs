@@ -315,7 +315,7 @@ impl Server {
                 refuse_connection(stream, limits.max_connections);
                 continue;
             };
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let app = app.clone();
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let first_bytes = limits.header_read_timeout;
@@ -335,6 +335,7 @@ impl Server {
                     && matches!(stream.peek(&mut first).await, Ok(1) if first[0] != 0x16);
                 let served = match tls.filter(|_| !plain_local) {
                     None => {
+                        let service = hyper_util::service::TowerToHyperService::new(app);
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .into_owned();
@@ -351,6 +352,16 @@ impl Server {
                                 }
                                 Err(_) => return,
                             };
+                        // Requests on it say so (the proxy's `X-Forwarded-Proto`).
+                        let service = hyper_util::service::TowerToHyperService::new(
+                            tower::ServiceExt::map_request(
+                                app,
+                                |mut r: Request<hyper::body::Incoming>| {
+                                    r.extensions_mut().insert(crate::proxy::OverTls);
+                                    r
+                                },
+                            ),
+                        );
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .into_owned();
@@ -649,6 +660,14 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
         .route(
             "/alcove/v1/sandboxes/{sandboxID}/fork",
             post(extensions::fork),
+        )
+        .route(
+            "/alcove/v1/sandboxes/{sandboxID}/recordings",
+            get(extensions::recordings).post(extensions::start_recording),
+        )
+        .route(
+            "/alcove/v1/sandboxes/{sandboxID}/recordings/{recordingID}/stop",
+            post(extensions::stop_recording),
         )
         .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
         .route("/alcove/v1/warm-pool", get(extensions::warm_pool))

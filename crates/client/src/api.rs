@@ -233,6 +233,41 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /alcove/v1/sandboxes/{id}/recordings`: starts a screen recording; `body` holds
+    /// `path`, `fps`, `maxSeconds`, `display` (each optional).
+    pub async fn start_recording(&self, sandbox: &str, body: &Value) -> Result<Value, ClientError> {
+        self.json(
+            "POST",
+            &format!("/alcove/v1/sandboxes/{}/recordings", enc(sandbox)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /alcove/v1/sandboxes/{id}/recordings/{rid}/stop`: the ended recording.
+    pub async fn stop_recording(&self, sandbox: &str, rid: &str) -> Result<Value, ClientError> {
+        self.json(
+            "POST",
+            &format!(
+                "/alcove/v1/sandboxes/{}/recordings/{}/stop",
+                enc(sandbox),
+                enc(rid)
+            ),
+            Some(&json!({})),
+        )
+        .await
+    }
+
+    /// `GET /alcove/v1/sandboxes/{id}/recordings`.
+    pub async fn recordings(&self, sandbox: &str) -> Result<Value, ClientError> {
+        self.json(
+            "GET",
+            &format!("/alcove/v1/sandboxes/{}/recordings", enc(sandbox)),
+            None,
+        )
+        .await
+    }
+
     /// `DELETE /templates/{snapshot}`.
     pub async fn delete_snapshot(&self, snapshot: &str) -> Result<(), ClientError> {
         self.call("DELETE", &format!("/templates/{}", enc(snapshot)), None)

@@ -1,4 +1,4 @@
-//! `alcove client sandbox create|ls|info|kill|logs|exec|shell`.
+//! `alcove client sandbox create|ls|info|kill|logs|exec|record|shell`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -66,6 +66,11 @@ pub enum SandboxCommand {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Record a sandbox's screen to an MP4 in the sandbox (the desktop template's recorder).
+    Record {
+        #[command(subcommand)]
+        command: RecordCommand,
+    },
     /// An interactive shell on a terminal in the sandbox.
     Shell {
         id: String,
@@ -74,6 +79,30 @@ pub enum SandboxCommand {
         #[arg(long)]
         cwd: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RecordCommand {
+    /// Start recording; prints the recording id.
+    Start {
+        id: String,
+        /// Where the MP4 goes in the sandbox (default ~/recordings/<recording id>.mp4).
+        #[arg(long)]
+        path: Option<String>,
+        /// Frames per second, 1-30 (default 5).
+        #[arg(long)]
+        fps: Option<u32>,
+        /// Stop by itself after this many seconds (default 3600).
+        #[arg(long)]
+        max_seconds: Option<u32>,
+        /// The X display (default :0).
+        #[arg(long)]
+        display: Option<String>,
+    },
+    /// Stop a recording; prints its file, size and length.
+    Stop { id: String, recording: String },
+    /// List a sandbox's recordings.
+    Ls { id: String },
 }
 
 /// Runs a client sandbox command; returns the process exit code (`exec`, `shell`) or 0.
@@ -99,6 +128,7 @@ pub async fn run_sandbox(args: SandboxArgs, out: &mut (dyn Write + Send)) -> any
             let client = envd(&id, &info, user);
             return exec::exec(&client, &command.join(" "), cwd, env, json_out, out).await;
         }
+        SandboxCommand::Record { command } => record(&api, command, json_out, out).await?,
         SandboxCommand::Shell { id, user, cwd } => {
             let info = api.sandbox(&id).await?;
             let client = Arc::new(envd(&id, &info, user));
@@ -211,4 +241,68 @@ pub async fn run_sandbox(args: SandboxArgs, out: &mut (dyn Write + Send)) -> any
         }
     }
     Ok(0)
+}
+
+async fn record(
+    api: &alcove_client::ApiClient,
+    command: RecordCommand,
+    json_out: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let line = |r: &Value| {
+        format!(
+            "{}  {:<9} {}  {} bytes  {} s{}",
+            str_of(&r["recordingID"]),
+            str_of(&r["state"]),
+            str_of(&r["path"]),
+            r["sizeBytes"].as_u64().unwrap_or(0),
+            r["durationSeconds"].as_f64().unwrap_or(0.0),
+            r["error"]
+                .as_str()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        )
+    };
+    let r = match command {
+        RecordCommand::Start {
+            id,
+            path,
+            fps,
+            max_seconds,
+            display,
+        } => {
+            let body =
+                json!({"path": path, "fps": fps, "maxSeconds": max_seconds, "display": display});
+            let r = api.start_recording(&id, &body).await?;
+            if !json_out {
+                writeln!(out, "{}", str_of(&r["recordingID"]))?;
+                return Ok(());
+            }
+            r
+        }
+        RecordCommand::Stop { id, recording } => {
+            let r = api.stop_recording(&id, &recording).await?;
+            if !json_out {
+                writeln!(out, "{}", line(&r))?;
+                return Ok(());
+            }
+            r
+        }
+        RecordCommand::Ls { id } => {
+            let r = api.recordings(&id).await?;
+            if !json_out {
+                let all = r["recordings"].as_array().cloned().unwrap_or_default();
+                if all.is_empty() {
+                    writeln!(out, "no recordings")?;
+                }
+                for rec in &all {
+                    writeln!(out, "{}", line(rec))?;
+                }
+                return Ok(());
+            }
+            r
+        }
+    };
+    writeln!(out, "{r}")?;
+    Ok(())
 }

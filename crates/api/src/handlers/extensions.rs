@@ -7,7 +7,8 @@ use axum::http::StatusCode;
 use super::{Admin, ApiJson, AppState, Team};
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{
-    AlcoveForkResponse, ForkRequest, SandboxRecordView, SnapshotTree, WarmPoolView,
+    AlcoveForkResponse, ForkRequest, RecordingList, RecordingStart, RecordingView,
+    SandboxRecordView, SnapshotTree, WarmPoolView,
 };
 
 /// Any sandbox the team ever created, including killed and lost ones, with why it ended and
@@ -70,4 +71,59 @@ pub async fn warm_pool(
     _admin: Admin,
 ) -> Result<Json<Vec<WarmPoolView>>, ApiError> {
     Ok(Json(svc.warm_pool().await?))
+}
+
+/// Starts recording a display of a running sandbox (the `desktop` template's `:0` by default)
+/// to an MP4 in the sandbox, with ffmpeg; answers once the file is being written.
+#[utoipa::path(post, path = "/alcove/v1/sandboxes/{sandboxID}/recordings", tag = "alcove",
+    params(("sandboxID" = String, Path)), request_body = RecordingStart,
+    responses(
+        (status = 201, description = "The recording, in state `recording`", body = RecordingView),
+        (status = 400, description = "A field out of range", body = ErrorBody),
+        (status = 404, description = "No such live sandbox", body = ErrorBody),
+        (status = 409, description = "Paused, no recorder in the template (`recording_unavailable`), no X display, or the path exists", body = ErrorBody),
+        (status = 429, description = "Four recordings run already", body = ErrorBody),
+        (status = 502, description = "ffmpeg failed in the sandbox", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn start_recording(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RecordingStart>,
+) -> Result<(StatusCode, Json<RecordingView>), ApiError> {
+    let rec = svc.start_recording(&team, &id, body).await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+/// Stops a recording: ffmpeg finishes the file (killed after 30 s; what it wrote still plays).
+/// A recording that ended already is answered as it is.
+#[utoipa::path(post, path = "/alcove/v1/sandboxes/{sandboxID}/recordings/{recordingID}/stop", tag = "alcove",
+    params(("sandboxID" = String, Path), ("recordingID" = String, Path)),
+    responses(
+        (status = 200, description = "The recording, ended, with its size and length", body = RecordingView),
+        (status = 404, description = "No such live sandbox or recording", body = ErrorBody),
+        (status = 409, description = "Paused, or no recorder in the template", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn stop_recording(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path((id, rid)): Path<(String, String)>,
+) -> Result<Json<RecordingView>, ApiError> {
+    Ok(Json(svc.stop_recording(&team, &id, &rid).await?))
+}
+
+/// The sandbox's recordings, running and ended (the last 100), oldest first.
+#[utoipa::path(get, path = "/alcove/v1/sandboxes/{sandboxID}/recordings", tag = "alcove",
+    params(("sandboxID" = String, Path)),
+    responses(
+        (status = 200, description = "The recordings", body = RecordingList),
+        (status = 404, description = "No such live sandbox", body = ErrorBody),
+        (status = 409, description = "Paused, or no recorder in the template", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn recordings(
+    State(svc): State<AppState>,
+    Team(team): Team,
+    Path(id): Path<String>,
+) -> Result<Json<RecordingList>, ApiError> {
+    Ok(Json(svc.recordings(&team, &id).await?))
 }

@@ -8,7 +8,8 @@
 //!   rule parsing), `persistence` (pause, resume, connect, auto-resume for traffic),
 //!   `snapshots` (snapshots, forks, the tree), `observability` (metrics, logs, warm pools),
 //!   `templates`, `builds` (template builds, uploads, tags), `secrets` (E2B's secrets API),
-//!   `volumes` (E2B's volumes: the registry, the content API, mount checks), and `background`
+//!   `volumes` (E2B's volumes: the registry, the content API, mount checks), `recordings`
+//!   (screen recordings, run in the guest by the backend's `exec`), and `background`
 //!   (reaper, liveness, reconcile at startup).
 //!
 //! Handlers extract and validate, call one method here, and map the result. Every store call
@@ -37,6 +38,7 @@ mod observability;
 mod otlp;
 mod persistence;
 mod quota;
+mod recordings;
 mod sandboxes;
 mod secrets;
 mod snapshots;
@@ -365,7 +367,7 @@ pub(crate) fn api_error(op: BackendOp, id: &str, e: BackendError) -> ApiError {
             what: format!("paused sandbox {id}"),
         },
         (O::Resume, B::NoCapacity) => ApiError::NoCapacity,
-        (O::Pause | O::Resume | O::Snapshot, B::Unsupported { op }) => {
+        (O::Pause | O::Resume | O::Snapshot | O::Exec, B::Unsupported { op }) => {
             ApiError::Unsupported { feature: op }
         }
         // A pause, resume or snapshot past its deadline may still finish: the caller is told
