@@ -13,7 +13,10 @@
 # and E2B_API_KEY. For the persistence tests the suites also get
 # ALCOVE_SDK_RESTART_SERVER (a script that restarts the server on the same port and data
 # directory, as an operator would) and ALCOVE_SDK_DATA_DIR (the server's data directory, where
-# the tests damage a saved state on purpose).
+# the tests damage a saved state on purpose). The real server also serves TLS for
+# `alcove.localhost:<port>` with a certificate of `alcove tls init` (ALCOVE_SDK_TLS_CERT and
+# ALCOVE_SDK_TLS_CA name it, for test_tls.py and test_desktop.py's browser, which is Debian's
+# Chromium, installed here, driven by playwright-core from the JS suite's packages).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -57,6 +60,20 @@ else
             echo "tests/registry/start.sh failed (the OCI test will fail):" >&2
             cat "$data/registry.err" >&2
         fi
+    fi
+    # TLS for the API and `<port>-<id>.<domain>` (test_desktop.py opens the stream's https link
+    # in a real browser; the SDKs build links from the domain the server reports). The port rides
+    # in the domain, and `*.localhost` is loopback for Chromium and the SDKs' resolvers; the
+    # suites' own E2B_API_URL and E2B_SANDBOX_URL stay plain HTTP, which loopback still gets.
+    if "$bin" tls --help >/dev/null 2>&1; then
+        "$bin" tls init --domain "alcove.localhost:$port" --dir "$data/tls" >/dev/null
+        server+=(--domain "alcove.localhost:$port" --tls-cert "$data/tls/cert.pem" --tls-key "$data/tls/key.pem")
+        export ALCOVE_SDK_TLS_CERT="$data/tls/cert.pem" ALCOVE_SDK_TLS_CA="$data/tls/ca.pem"
+    fi
+    # The real browser (test_desktop.py): Debian's Chromium, headless, driven by playwright-core.
+    if [[ ! -x /usr/lib/chromium/chromium ]]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }
     fi
     # For the CLI tests (test_cli_client.py): the same binary, as a client of this server.
     export ALCOVE_BIN="$bin"
@@ -155,10 +172,15 @@ for suite in $suites; do
         "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/python/requirements.txt"
         marker=()
         [[ $mode == fake ]] && marker=(-m control)
+        # test_desktop.py's browser is a Node script (js/lib/browser.mjs) with the JS suite's
+        # packages.
+        if [[ $mode != fake && -z ${npm_done:-} ]]; then
+            (cd "$here/js" && npm ci --silent --no-audit --no-fund) && npm_done=1
+        fi
         (cd "$here/python" && "$venv/bin/python" -m pytest -q "${marker[@]}" ${PYTEST_ARGS:-}) || status=1
         ;;
     js)
-        (cd "$here/js" && npm ci --silent --no-audit --no-fund)
+        [[ -n ${npm_done:-} ]] || (cd "$here/js" && npm ci --silent --no-audit --no-fund)
         pattern=()
         [[ $mode == fake ]] && pattern=(--test-name-pattern=control)
         (cd "$here/js" && node --test --test-concurrency=4 "${pattern[@]}" ${NODE_TEST_ARGS:-} test/) || status=1

@@ -1,0 +1,114 @@
+// A real browser for the SDK suites: Debian's Chromium, headless, driven by playwright-core.
+// Python tests (tests/sdk/python/test_desktop.py) drive it as a child process, one JSON
+// command per stdin line, one JSON answer per stdout line:
+//
+//   {"cmd": "open", "url": U, "timeout": S}  opens the noVNC page U; answers when the canvas
+//                                            shows the remote screen ({"connected": true,
+//                                            "size": [w, h]}) or noVNC gives up ({"connected":
+//                                            false, "status": "..."})
+//   {"cmd": "shot", "path": P}               the canvas as the person watching sees it, a PNG
+//   {"cmd": "move", "x": X, "y": Y}          the browser's mouse to remote screen (X, Y)
+//   {"cmd": "cdp", "endpoint": E, "headers": H, "url": U}
+//                                            Playwright's connectOverCDP to E (with headers H on
+//                                            every request, WebSocket included), a new page at
+//                                            U: {"title": ..., "version": ...}
+//
+// Errors answer {"error": "..."}; the process ends when stdin does. Environment:
+// ALCOVE_CHROMIUM (default /usr/lib/chromium/chromium), ALCOVE_TLS_CERT (the server's
+// certificate: Chromium accepts exactly that one, by its public key), NODE_EXTRA_CA_CERTS (the
+// server's CA, for connectOverCDP over https).
+import { createHash, X509Certificate } from 'node:crypto'
+import dns from 'node:dns'
+import { readFileSync } from 'node:fs'
+import { createInterface } from 'node:readline'
+
+// `*.localhost` is loopback (RFC 6761): Chromium knows it, this host's C library may not, so
+// Node's own connections (connectOverCDP's) are told here, before playwright-core loads.
+const loopback = (host) => (typeof host === 'string' && host.endsWith('.localhost') ? '127.0.0.1' : host)
+const lookup = dns.lookup
+dns.lookup = (host, ...rest) => lookup(loopback(host), ...rest)
+const lookupPromise = dns.promises.lookup
+dns.promises.lookup = (host, ...rest) => lookupPromise(loopback(host), ...rest)
+const { chromium } = await import('playwright-core')
+
+const executablePath = process.env.ALCOVE_CHROMIUM || '/usr/lib/chromium/chromium'
+const args = []
+if (process.env.ALCOVE_TLS_CERT) {
+  const cert = new X509Certificate(readFileSync(process.env.ALCOVE_TLS_CERT))
+  const spki = cert.publicKey.export({ type: 'spki', format: 'der' })
+  args.push(`--ignore-certificate-errors-spki-list=${createHash('sha256').update(spki).digest('base64')}`)
+}
+
+let browser
+let page
+
+async function open({ url, timeout = 120 }) {
+  browser ??= await chromium.launch({ executablePath, args, headless: true })
+  if (page) await page.close()
+  page = await browser.newPage({ viewport: { width: 1024, height: 768 } })
+  await page.goto(url, { timeout: timeout * 1000 })
+  // noVNC marks the document when the RFB session is up; its status line says why not.
+  const outcome = await page.waitForFunction(
+    () => {
+      const html = document.documentElement
+      const canvas = document.querySelector('#noVNC_container canvas')
+      if (html.classList.contains('noVNC_connected') && canvas && canvas.width > 0) {
+        return { connected: true, size: [canvas.width, canvas.height] }
+      }
+      const status = document.getElementById('noVNC_status')?.textContent || ''
+      if (/fail|disconnect|error/i.test(status)) return { connected: false, status }
+      return null
+    },
+    null,
+    { timeout: timeout * 1000, polling: 250 },
+  )
+  return outcome.jsonValue()
+}
+
+async function canvas() {
+  if (!page) throw new Error('no page: send {"cmd": "open"} first')
+  return page.locator('#noVNC_container canvas')
+}
+
+async function shot({ path }) {
+  await (await canvas()).screenshot({ path })
+  return { path }
+}
+
+async function move({ x, y }) {
+  const c = await canvas()
+  const box = await c.boundingBox()
+  const [w, h] = await c.evaluate((el) => [el.width, el.height])
+  await page.mouse.move(box.x + ((x + 0.5) * box.width) / w, box.y + ((y + 0.5) * box.height) / h)
+  return { moved: [x, y] }
+}
+
+async function cdp({ endpoint, headers = {}, url }) {
+  const remote = await chromium.connectOverCDP(endpoint, { headers, timeout: 120_000 })
+  try {
+    const context = remote.contexts()[0] ?? (await remote.newContext())
+    const p = await context.newPage()
+    await p.goto(url, { timeout: 120_000 })
+    const title = await p.title()
+    await p.close()
+    return { title, version: remote.version() }
+  } finally {
+    await remote.close() // disconnects; the sandbox's browser keeps running
+  }
+}
+
+const commands = { open, shot, move, cdp }
+for await (const line of createInterface({ input: process.stdin })) {
+  if (!line.trim()) continue
+  let answer
+  try {
+    const msg = JSON.parse(line)
+    const run = commands[msg.cmd]
+    if (!run) throw new Error(`unknown command ${msg.cmd}; known: ${Object.keys(commands).join(', ')}`)
+    answer = await run(msg)
+  } catch (e) {
+    answer = { error: String(e?.message || e) }
+  }
+  process.stdout.write(JSON.stringify(answer) + '\n')
+}
+await browser?.close()
