@@ -9,9 +9,12 @@
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   tests/sdk/bench.sh egress -n 50       HTTPS through a secret-header rule (TLS intercepted) vs not
 #   tests/sdk/bench.sh volume -n 5        dd throughput in the guest: a mounted volume vs the root disk
+#   tests/sdk/bench.sh desktop -n 5       e2b-desktop: create -> first screenshot, screenshot round
+#                                         trip, click -> change visible, idle memory (PSS)
 #   ALCOVE_WARM_POOL="" tests/sdk/bench.sh template -n 10   custom templates (docs/benchmarks.md)
 # Environment: ALCOVE_BIN (default target/release/alcove); ALCOVE_WARM_POOL (default
-# base=20,code-interpreter-v1=2: enough for a burst of 20; `""` measures creates without a pool).
+# base=20,code-interpreter-v1=2: enough for a burst of 20, plus desktop=2 when the desktop mode
+# runs, or only that when it runs alone; `""` measures creates without a pool).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -27,7 +30,17 @@ if [[ " $* " == *" egress "* ]]; then
     "$here/test-internet-tls.sh" "$data/tls"
     export ALCOVE_DNS_UPSTREAM=198.51.100.2:5353 ALCOVE_EGRESS_CA="$data/tls/ca.pem" ALCOVE_BENCH_TLS="$data/tls"
 fi
-ALCOVE_WARM_POOL="${ALCOVE_WARM_POOL-base=20,code-interpreter-v1=2}" \
+# `desktop` mode: a small pool of desktop VMs (2 GiB each; creates are measured one at a time),
+# and none of the others' when it runs alone, so their filling does not share the cores with it.
+pool="base=20,code-interpreter-v1=2"
+if [[ " $* " == *" desktop "* ]]; then
+    others=""
+    for a in "$@"; do
+        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential)$ ]]; then others=1; fi
+    done
+    pool="${others:+$pool,}desktop=2"
+fi
+ALCOVE_WARM_POOL="${ALCOVE_WARM_POOL-$pool}" \
 ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
 server_pid=$!
 cleanup() {

@@ -21,6 +21,13 @@ docs/benchmarks.md, not in tests).
            ALCOVE_WARM_POOL="" so neither comes from a warm pool)
   mcp      base: run_command through `alcove mcp` (stdio) and `/mcp` (HTTP) vs the SDK's
            commands.run, interleaved on one sandbox (bench_mcp.py)
+  desktop  desktop, with the e2b-desktop SDK: create -> first screenshot() bytes, sequential with
+           the warm pool full before each create, then (with a pool) the same with the pool's VMs
+           taken first, so the create restores a VM; on one sandbox: screenshot() round trip,
+           the host's PSS of its QEMU and the guest's `free -m` after 20 s idle, a local page
+           opened in the browser, left_click -> the first screenshot whose pixel changed (the
+           click toggles the page's colour), and the memory again with the page open (run
+           with a small desktop pool: bench.sh defaults to desktop=2 for this mode)
 
 Run through tests/sdk/bench.sh, which starts a server and sets E2B_API_URL etc.
 """
@@ -60,14 +67,20 @@ def summary(name, xs, extra=None):
     return row
 
 
+def alcove_api(method, path, body=None, timeout=10):
+    """An Alcove extension call with the run's API key; its JSON answer."""
+    req = urllib.request.Request(
+        os.environ["E2B_API_URL"] + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"X-API-KEY": os.environ["E2B_API_KEY"], "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
 def warm_pool():
     """The server's warm pools (GET /alcove/v1/warm-pool), keyed by template."""
-    req = urllib.request.Request(
-        os.environ["E2B_API_URL"] + "/alcove/v1/warm-pool",
-        headers={"X-API-KEY": os.environ["E2B_API_KEY"]},
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return {p["templateID"]: p for p in json.load(r)}
+    return {p["templateID"]: p for p in alcove_api("GET", "/alcove/v1/warm-pool")}
 
 
 def wait_for_pool(template, limit=900):
@@ -512,6 +525,269 @@ def bench_volume(n, mib=32):
         Volume.destroy(vol.volume_id)
 
 
+DESKTOP = "desktop"
+# The page the click test opens: the button covers the window, and a click toggles the page's
+# background (the button is transparent) between two saturated colours that page_colour() tells
+# apart; the title follows, for a person watching.
+DESKTOP_PAGE = """<!doctype html><html><head><title>alcove-bench a</title>
+<style>html,body{margin:0;height:100%;background:#c80000}
+button{width:100%;height:100%;border:0;background:transparent;font-size:40px}</style>
+<script>var on = false;
+function toggle() {
+  on = !on;
+  document.body.style.background = on ? "#0000c8" : "#c80000";
+  document.title = "alcove-bench " + (on ? "b" : "a");
+}</script>
+</head><body><button onclick="toggle()">press</button></body></html>
+"""
+
+
+def page_colour(px):
+    """Which of the page's two colours a screenshot pixel shows (None: neither)."""
+    r, g, b = px
+    if g < 60 and r > 150 and b < 60:
+        return "a"
+    if g < 60 and b > 150 and r < 60:
+        return "b"
+    return None
+
+
+def png_pixel(data, xy):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(bytes(data))).convert("RGB").getpixel(xy)
+
+
+def qemu_pid(sandbox_id):
+    """The host pid of the sandbox's QEMU. Its command line names the sandbox's directory, named
+    for the sandbox id, or, for a VM the warm pool made, for that VM's own id: then the
+    directory's record.json names the sandbox it became."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if not argv or "qemu-system" not in argv[0]:
+            continue
+        if any(sandbox_id in a for a in argv):
+            return int(d)
+        if "-pidfile" in argv[:-1]:
+            record = os.path.join(os.path.dirname(argv[argv.index("-pidfile") + 1]), "record.json")
+            try:
+                with open(record) as f:
+                    r = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if r.get("id") == sandbox_id and r.get("pid") == int(d):
+                return int(d)
+    return None
+
+
+def desktop_memory(sbx, name, idle_s=20):
+    """Host and guest memory of a desktop sandbox left idle for `idle_s` seconds (once the warm
+    pool is full, so no filler runs meanwhile)."""
+    wait_for_pool(DESKTOP)
+    time.sleep(idle_s)
+    row = {"name": name, "idle_s": idle_s}
+    pid = qemu_pid(sbx.sandbox_id)
+    if pid is None:
+        row["error"] = "no QEMU process found for the sandbox"
+    else:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line)
+                  if v.strip().endswith("kB")}
+        row.update({"host_qemu_pss_mib": round(kb["Pss"] / 1024, 1),
+                    "host_qemu_rss_mib": round(kb["Rss"] / 1024, 1),
+                    "host_qemu_private_mib": round((kb["Private_Clean"] + kb["Private_Dirty"]) / 1024, 1)})
+    # free -m: "Mem: total used free shared buff/cache available"
+    mem = next(line.split() for line in sbx.commands.run("free -m").stdout.splitlines()
+               if line.startswith("Mem:"))
+    row.update({"guest_total_mib": int(mem[1]), "guest_used_mib": int(mem[2]),
+                "guest_buff_cache_mib": int(mem[5])})
+    # The other VMs of the template (the warm pool's) map the same template memory file: PSS
+    # splits those shared pages between them.
+    p = warm_pool().get(DESKTOP)
+    if p is not None:
+        row["warm_pool_ready"] = p["ready"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def desktop_first_screenshot():
+    from e2b_desktop import Sandbox
+
+    t0 = time.perf_counter()
+    sbx = Sandbox.create(DESKTOP, timeout=900)
+    try:
+        created = time.perf_counter() - t0
+        shot = sbx.screenshot()
+        dt = time.perf_counter() - t0
+        assert len(shot) > 1000, len(shot)
+        return dt, created
+    finally:
+        sbx.kill()
+
+
+def desktop_creates(n, hold=0):
+    """n creates -> first screenshot, each with the pool full first; with `hold`, that many
+    sandboxes are created (from the pool, with the plain SDK) just before, so the timed create
+    restores a VM itself. Failures are counted, not raised."""
+    from e2b import Sandbox as Plain
+
+    before = wait_for_pool(DESKTOP)
+    xs, creates, errors = [], [], []
+    for _ in range(n):
+        wait_for_pool(DESKTOP)
+        held = [Plain.create(DESKTOP, timeout=600) for _ in range(hold)]
+        try:
+            dt, created = desktop_first_screenshot()
+            xs.append(dt)
+            creates.append(created)
+        except Exception as e:  # reported, not raised: a timed-out desktop start is a result
+            errors.append(repr(e)[:300])
+        finally:
+            for h in held:
+                h.kill()
+    # Of which Sandbox.create() itself (the API's create, then the SDK starting Xvfb and XFCE,
+    # which the template keeps running: the wrappers return at once).
+    extra = {"create_p50_ms": round(statistics.median(creates) * 1000, 1) if creates else None,
+             "ok": len(xs), "failed": len(errors), **pool_hits(DESKTOP, before)}
+    if errors:
+        extra["errors"] = errors[:3]
+    return xs or [float("nan")], extra
+
+
+def wait_until(check, timeout, interval=1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = check()
+        if r:
+            return r
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {check.__name__}")
+        time.sleep(interval)
+
+
+def bench_desktop(n):
+    from e2b_desktop import Sandbox
+
+    pool = warm_pool().get(DESKTOP)
+    if pool is not None:
+        summary("e2b-desktop create -> first screenshot, pool ready", *desktop_creates(n))
+        # Without a pool: the pool's VMs are taken first, so the create restores a VM (while the
+        # pool starts refilling, at the lowest CPU weight).
+        summary("e2b-desktop create -> first screenshot, pool taken (the create restores a VM)",
+                *desktop_creates(n, hold=pool["target"]))
+    else:
+        summary("e2b-desktop create -> first screenshot, no warm pool", *desktop_creates(n))
+
+    wait_for_pool(DESKTOP)
+    sbx = Sandbox.create(DESKTOP, timeout=1800)
+    try:
+        size = None
+        sbx.screenshot()
+        wait_for_pool(DESKTOP)  # the pool's refill done: the series sees an otherwise quiet host
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            shot = sbx.screenshot()
+            xs.append(time.perf_counter() - t0)
+            size = len(shot)
+        summary("e2b-desktop screenshot() round trip (1024x768 PNG)", xs, {"png_bytes": size})
+        # What a screen recording (5 fps, the default) costs the desktop: the same round trip
+        # while one runs, and the MP4's growth.
+        recs = f"/alcove/v1/sandboxes/{sbx.sandbox_id}/recordings"
+        rec = alcove_api("POST", recs, {"fps": 5}, timeout=180)
+        ys = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sbx.screenshot()
+            ys.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        done = alcove_api("POST", f"{recs}/{rec['recordingID']}/stop", timeout=180)
+        stop_s = time.perf_counter() - t0
+        summary("e2b-desktop screenshot() round trip while recording the screen at 5 fps", ys,
+                {"mp4_bytes": done["sizeBytes"], "recorded_s": done["durationSeconds"],
+                 "stop_ms": round(stop_s * 1000, 1), "state": done["state"]})
+        desktop_memory(sbx, "idle desktop memory (XFCE, no window open)")
+
+        # A local page in the browser; a click anywhere on it toggles its colour.
+        path = "/home/user/alcove-bench.html"
+        sbx.files.write(path, DESKTOP_PAGE)
+        t0 = time.perf_counter()
+        sbx.open(path)
+
+        def page_window():
+            out = sbx.commands.run("xdotool search --onlyvisible --name alcove-bench || true").stdout.split()
+            return out[0] if out else None
+
+        wid = wait_until(page_window, timeout=600)
+        geo = dict(kv.split("=") for kv in
+                   sbx.commands.run(f"xdotool getwindowgeometry --shell {wid}").stdout.split())
+        # Clicks in the middle of the page (below the browser's toolbar), at two points in turn:
+        # `xdotool mousemove --sync` to where the pointer already is waits for a move that never
+        # comes (measured on its own below). The pixel watched is to their left, clear of the
+        # mouse pointer the screenshot draws.
+        x = int(geo["X"]) + int(geo["WIDTH"]) // 2
+        y = int(geo["Y"]) + int(geo["HEIGHT"]) // 2 + 40
+        points = [(x, y), (x + 40, y)]
+        probe = (x - 80, y)
+
+        def page_drawn():
+            return page_colour(png_pixel(sbx.screenshot(), probe)) is not None
+
+        wait_until(page_drawn, timeout=300)
+        print(json.dumps({"name": "e2b-desktop open(local page) -> page drawn in a screenshot",
+                          "secs": round(time.perf_counter() - t0, 1)}), flush=True)
+
+        clicks, sdk_clicks, shots, errors = [], [], [], []
+        for i in range(n):
+            colour = page_colour(png_pixel(sbx.screenshot(), probe))
+            if colour is None:
+                errors.append("the page was not visible before the click")
+                continue
+            t0 = time.perf_counter()
+            sbx.left_click(*points[i % 2])
+            sdk_clicks.append(time.perf_counter() - t0)
+            k = 0
+            while True:
+                k += 1
+                if page_colour(png_pixel(sbx.screenshot(), probe)) not in (colour, None):
+                    clicks.append(time.perf_counter() - t0)
+                    shots.append(k)
+                    break
+                if time.perf_counter() - t0 > 120:
+                    errors.append(f"no change {k} screenshots after the click")
+                    break
+        # left_click_p50_ms: the SDK call itself (xdotool mousemove --sync, then click);
+        # screenshots_p50: screenshots taken after it, the last one showing the change.
+        extra = {"ok": len(clicks), "failed": len(errors),
+                 "left_click_p50_ms": round(statistics.median(sdk_clicks) * 1000, 1) if sdk_clicks else None,
+                 "screenshots_p50": statistics.median(shots) if shots else None}
+        if errors:
+            extra["errors"] = errors[:3]
+        summary("e2b-desktop left_click -> change visible in a screenshot", clicks or [float("nan")], extra)
+
+        # The SDK call alone, at the point the pointer is already on (an agent clicking the same
+        # button twice): e2b-desktop moves the mouse with `xdotool mousemove --sync` first.
+        same = []
+        for _ in range(min(n, 2)):
+            sbx.move_mouse(*points[1])  # away, then back: each a real move
+            sbx.move_mouse(*points[0])
+            t0 = time.perf_counter()
+            sbx.left_click(*points[0])
+            same.append(time.perf_counter() - t0)
+        summary("e2b-desktop left_click(x, y) call where the pointer already is", same)
+        desktop_memory(sbx, "idle desktop memory (XFCE, Chromium showing the page)")
+    finally:
+        sbx.kill()
+
+
 def bench_mcp(n):
     from bench_mcp import bench_mcp as run
 
@@ -529,7 +805,8 @@ def main():
          "code": lambda: bench_code(args.n), "chart": lambda: bench_chart(args.n), "net": lambda: bench_net(args.n),
          "egress": lambda: bench_egress(args.n), "volume": lambda: bench_volume(args.n),
          "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
-         "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n)}[m]()
+         "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n),
+         "desktop": lambda: bench_desktop(args.n)}[m]()
 
 
 if __name__ == "__main__":
