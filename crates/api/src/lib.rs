@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod config;
 mod connect_end;
+mod dashboard;
 pub mod error;
 pub mod handlers;
 pub mod metrics;

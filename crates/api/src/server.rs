@@ -682,6 +682,7 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
             "/alcove/v1/teams/{team}/limits",
             get(usage::get_limits).put(usage::put_limits),
         )
+        .merge(crate::dashboard::routes())
         .route("/health", get(system::health))
         .route("/metrics", get(system::prometheus))
         .route("/openapi.json", get(system::openapi))

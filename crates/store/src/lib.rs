@@ -13,6 +13,7 @@
 
 mod audit;
 mod builds;
+mod dashboard;
 mod idempotency;
 mod keys;
 mod lifecycle;
@@ -38,6 +39,7 @@ pub use builds::{
     BuildLogRecord, BuildRecord, BuildStatus, MAX_BUILD_LOG_LINES, NameOwner, RequestedBuild,
     TagRecord,
 };
+pub use dashboard::{DashboardSession, SessionState};
 pub use idempotency::{ABANDONED_CLAIM_MS, Claim, IDEMPOTENCY_TTL_MS};
 pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
 pub use lifecycle::{SandboxState, UnknownState};

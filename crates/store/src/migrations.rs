@@ -352,6 +352,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX sandbox_volumes_by_volume ON sandbox_volumes(volume_id);
     "#,
+    // 14: dashboard sign-ins (`dashboard.rs`): the SHA-256 of the session cookie's token, the
+    // key it was opened with (revoking the key ends the session), its CSRF token and expiry.
+    r#"
+    CREATE TABLE dashboard_sessions (
+        token_hash  TEXT PRIMARY KEY,
+        team_id     TEXT NOT NULL REFERENCES teams(id),
+        key_id      TEXT NOT NULL REFERENCES api_keys(id),
+        csrf        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX dashboard_sessions_by_expiry ON dashboard_sessions(expires_at);
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

@@ -86,7 +86,7 @@ fn parse_metadata(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
-fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
+pub(crate) fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     let mut q = ListQuery::default();
     for (k, v) in query_pairs(raw) {
         match k.as_str() {
