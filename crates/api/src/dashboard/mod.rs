@@ -207,9 +207,9 @@ impl Signed {
         context! { team => self.team_id, csrf => self.csrf }
     }
 
-    /// Refuses a form that does not carry this session's CSRF token, or comes from another
-    /// site.
-    fn check(&self, headers: &HeaderMap, form_csrf: &str) -> Result<(), Response> {
+    /// The refusal of a form that does not carry this session's CSRF token, or comes from
+    /// another site; `None` lets it through.
+    fn refuse(&self, headers: &HeaderMap, form_csrf: &str) -> Option<Response> {
         let ok = same_origin(headers)
             && form_csrf.len() == self.csrf.len()
             && form_csrf
@@ -218,9 +218,9 @@ impl Signed {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if ok {
-            return Ok(());
+            return None;
         }
-        Err(error_page(
+        Some(error_page(
             StatusCode::FORBIDDEN,
             "Request refused",
             "This form was not sent from this dashboard's own page (its CSRF token is missing or \
@@ -334,7 +334,7 @@ async fn signout(
     ext: http::Extensions,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(res) = signed.check(&headers, &form.csrf) {
+    if let Some(res) = signed.refuse(&headers, &form.csrf) {
         return res;
     }
     if let Some(token) = session_token(&headers)
@@ -404,7 +404,7 @@ async fn sandboxes(
     let rows: Vec<Row> = items
         .into_iter()
         .map(|s| {
-            let state = serde_json::to_value(&s.state)
+            let state = serde_json::to_value(s.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
@@ -457,7 +457,7 @@ async fn kill(
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(res) = signed.check(&headers, &form.csrf) {
+    if let Some(res) = signed.refuse(&headers, &form.csrf) {
         return res;
     }
     match svc
