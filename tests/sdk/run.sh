@@ -75,6 +75,8 @@ else
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null ||
             { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }
     fi
+    # Screenshots the browser tests keep (test_dashboard.py).
+    export ALCOVE_TEST_ARTIFACTS="${ALCOVE_TEST_ARTIFACTS:-$root/target/test-artifacts}"
     # For the CLI tests (test_cli_client.py): the same binary, as a client of this server.
     export ALCOVE_BIN="$bin"
 fi

@@ -12,20 +12,19 @@ import io
 import json
 import os
 import re
-import select
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from e2b.sandbox.commands.command_handle import CommandExitException
 from e2b_desktop import Sandbox
 from PIL import Image
 
+from browser import Browser
+
 TEMPLATE = "desktop"
-JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
 # A page the browser opens: one button over the whole window; a click retitles the window.
 APP = """<!doctype html><html><head><title>alcove-app ready</title>
@@ -229,43 +228,6 @@ def test_a_create_with_another_resolution_and_dpi_restarts_the_display(private_d
     sbx.commands.run("pgrep -x xfce4-session && pgrep -x xfwm4")
     # The warm browser came back with XFCE.
     sbx.commands.run("pgrep -x chromium")
-
-
-class Browser:
-    """Headless Chromium on this host, driven by playwright-core (tests/sdk/js/lib/browser.mjs):
-    one JSON command per line in, one answer per line out."""
-
-    def __init__(self):
-        env = dict(os.environ)
-        # tests/sdk/run.sh serves TLS for alcove.localhost:PORT with a certificate of its own.
-        env["ALCOVE_TLS_CERT"] = os.environ["ALCOVE_SDK_TLS_CERT"]
-        env["NODE_EXTRA_CA_CERTS"] = os.environ["ALCOVE_SDK_TLS_CA"]
-        self.proc = subprocess.Popen(
-            ["node", "lib/browser.mjs"], cwd=JS_DIR, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-
-    def call(self, timeout=300, **msg):
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"the browser did not answer {msg} within {timeout} s"
-        line = self.proc.stdout.readline()
-        assert line, f"the browser exited (status {self.proc.poll()})"
-        answer = json.loads(line)
-        return answer
-
-    def ok(self, **msg):
-        answer = self.call(**msg)
-        assert "error" not in answer, answer["error"]
-        return answer
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

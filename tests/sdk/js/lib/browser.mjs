@@ -12,6 +12,11 @@
 //                                            Playwright's connectOverCDP to E (with headers H on
 //                                            every request, WebSocket included), a new page at
 //                                            U: {"title": ..., "version": ...}
+//   {"cmd": "goto", "url": U}               a web page (the dashboard): {"status", "url", "title"}
+//   {"cmd": "fill", "selector": S, "value": V}   types V into the field S
+//   {"cmd": "click", "selector": S}         clicks S and waits for the page it loads
+//   {"cmd": "text", "selector": S}          S's text (default: the whole page's)
+//   {"cmd": "screenshot", "path": P}        the whole page, a PNG (test artifacts)
 //
 // Errors answer {"error": "..."}; the process ends when stdin does. Environment:
 // ALCOVE_CHROMIUM (default /usr/lib/chromium/chromium), ALCOVE_TLS_CERT (the server's
@@ -97,7 +102,40 @@ async function cdp({ endpoint, headers = {}, url }) {
   }
 }
 
-const commands = { open, shot, move, cdp }
+async function web() {
+  browser ??= await chromium.launch({ executablePath, args, headless: true })
+  if (!page) page = await browser.newPage({ viewport: { width: 1280, height: 800 } })
+  return page
+}
+
+async function goto({ url, timeout = 60 }) {
+  const p = await web()
+  const res = await p.goto(url, { timeout: timeout * 1000 })
+  return { status: res?.status() ?? null, url: p.url(), title: await p.title() }
+}
+
+async function fill({ selector, value }) {
+  await (await web()).fill(selector, value, { timeout: 30_000 })
+  return { filled: selector }
+}
+
+async function click({ selector }) {
+  const p = await web()
+  await Promise.all([p.waitForLoadState('load'), p.click(selector, { timeout: 30_000 })])
+  await p.waitForLoadState('load')
+  return { url: p.url(), title: await p.title() }
+}
+
+async function text({ selector = 'body' }) {
+  return { text: await (await web()).locator(selector).first().innerText({ timeout: 30_000 }) }
+}
+
+async function screenshot({ path }) {
+  await (await web()).screenshot({ path, fullPage: true })
+  return { path }
+}
+
+const commands = { open, shot, move, cdp, goto, fill, click, text, screenshot }
 for await (const line of createInterface({ input: process.stdin })) {
   if (!line.trim()) continue
   let answer
