@@ -69,6 +69,8 @@ else
         "$bin" tls init --domain "alcove.localhost:$port" --dir "$data/tls" >/dev/null
         server+=(--domain "alcove.localhost:$port" --tls-cert "$data/tls/cert.pem" --tls-key "$data/tls/key.pem")
         export ALCOVE_SDK_TLS_CERT="$data/tls/cert.pem" ALCOVE_SDK_TLS_CA="$data/tls/ca.pem"
+        # For tests that route by host name (tests/security/test_tokens.py).
+        export ALCOVE_SDK_DOMAIN="alcove.localhost:$port"
     fi
     # The real browser (test_desktop.py): Debian's Chromium, headless, driven by playwright-core.
     if [[ ! -x /usr/lib/chromium/chromium ]]; then

@@ -6,6 +6,7 @@ caller's API key never reaches a server inside the sandbox.
 """
 
 import json
+import os
 import time
 import urllib.parse
 
@@ -38,7 +39,10 @@ def refused(resp):
 def by_host(api_url, sandbox_id, port, path, token=None, method="GET", **kw):
     """The same request routed by host name, as a browser or a tunnel would send it."""
     u = urllib.parse.urlparse(api_url)
-    headers = {"Host": f"{port}-{sandbox_id}.localhost:{u.port}", **kw.pop("headers", {})}
+    # The server's domain (tests/sdk/run.sh serves `alcove.localhost:<port>`); the default one
+    # is `localhost:<port>`.
+    domain = os.environ.get("ALCOVE_SDK_DOMAIN") or f"localhost:{u.port}"
+    headers = {"Host": f"{port}-{sandbox_id}.{domain}", **kw.pop("headers", {})}
     if token is not None:
         headers["X-Access-Token"] = token
     return httpx.request(method, api_url + path, headers=headers, timeout=60, **kw)
