@@ -247,7 +247,6 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     let permit = st.streams.acquire(&sandbox_id)?;
 
     let (mut parts, body) = req.into_parts();
-    let over_tls = parts.extensions.get::<OverTls>().is_some();
     strip_credentials(&mut parts.headers, port);
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair: the backend needs them to ask
     // the server in the sandbox for the switch, and hyper's `OnUpgrade` stays in the extensions.
@@ -262,21 +261,24 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     parts.uri = path.parse::<Uri>().map_err(|_| ApiError::BadRouting {
         detail: "the request path is not valid".into(),
     })?;
-    // The scheme the client used, for servers in the sandbox that build links back to
-    // themselves (the desktop's DevTools front): set here, never taken from the client.
     if !PLATFORM_PORTS.contains(&port) {
-        let proto = if over_tls { "https" } else { "http" };
+        // The scheme the client used, for servers in the sandbox that build links back to
+        // themselves (the desktop's DevTools front): set here, never taken from the client.
+        let proto = if parts.extensions.get::<OverTls>().is_some() {
+            "https"
+        } else {
+            "http"
+        };
         parts.headers.insert(
             FORWARDED_PROTO_HEADER,
             http::HeaderValue::from_static(proto),
         );
-    }
-    // `network.maskRequestHost`: the server in the sandbox sees the Host its owner chose.
-    if let Some(mask) = &target.mask_request_host
-        && !PLATFORM_PORTS.contains(&port)
-        && let Ok(v) = http::HeaderValue::from_str(&masked_host(mask, port))
-    {
-        parts.headers.insert(http::header::HOST, v);
+        // `network.maskRequestHost`: the server in the sandbox sees the Host its owner chose.
+        if let Some(mask) = &target.mask_request_host
+            && let Ok(v) = http::HeaderValue::from_str(&masked_host(mask, port))
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
     }
     let req = http::Request::from_parts(parts, body);
     // Run traces: processes, file operations and transfers on the agent's port. Process starts

@@ -341,6 +341,13 @@ def api(method, path, body=None):
         return e.code, json.loads(e.read())
 
 
+def listed_recording(base, rid):
+    """The entry of recording `rid` in the sandbox's list (GET `base`), or None."""
+    status, listed = api("GET", base)
+    assert status == 200, listed
+    return next((r for r in listed["recordings"] if r["recordingID"] == rid), None)
+
+
 def probe_video(sbx, path):
     """ffprobe's view of an MP4 in the sandbox: codec, size and frames decoded."""
     out = sbx.commands.run(
@@ -364,8 +371,7 @@ def test_the_screen_is_recorded_to_an_mp4_and_stops_on_request(desktop):
     for x in range(100, 900, 200):
         desktop.move_mouse(x, 300)
         time.sleep(1)
-    status, listed = api("GET", base)
-    assert status == 200 and rid in [r["recordingID"] for r in listed["recordings"]], listed
+    assert listed_recording(base, rid) is not None
     # The CLI: the same call, as `alcove client sandbox record`.
     cli = subprocess.run(
         [os.environ["ALCOVE_BIN"], "client", "sandbox", "--json", "record", "stop", sid, rid],
@@ -401,17 +407,15 @@ def test_a_killed_recording_still_plays_and_bad_recording_calls_are_clear(deskto
     # slower to come under emulation): the recording is reported failed, and what it wrote
     # still plays (the MP4 is written in fragments).
     def written():
-        status, listed = api("GET", base)
-        mine = [r for r in listed["recordings"] if r["recordingID"] == rec["recordingID"]]
-        return mine and mine[0]["sizeBytes"] > 2000
+        mine = listed_recording(base, rec["recordingID"])
+        return mine and mine["sizeBytes"] > 2000
 
     eventually(written, timeout=180, interval=1)
     desktop.commands.run("pkill -KILL -x ffmpeg", user="root")
 
     def failed():
-        status, listed = api("GET", base)
-        mine = [r for r in listed["recordings"] if r["recordingID"] == rec["recordingID"]]
-        return mine and mine[0]["state"] == "failed" and mine[0]
+        mine = listed_recording(base, rec["recordingID"])
+        return mine and mine["state"] == "failed" and mine
 
     gone = eventually(failed, timeout=60)
     assert "ffmpeg" in gone["error"], gone
