@@ -187,6 +187,29 @@ impl SandboxBackend for NodeBackend {
         })
     }
 
+    fn host_info(&self) -> Option<alcove_api::backend::HostInfo> {
+        let cfg = self.node.config();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mib = |key: &str| {
+            meminfo
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .map_or(0, |kb| kb / 1024)
+        };
+        Some(alcove_api::backend::HostInfo {
+            accel: cfg.vmm.accel.accel.as_str().to_owned(),
+            accel_reason: cfg.vmm.accel.reason.clone(),
+            jailed: cfg.vmm.jail.is_some(),
+            max_sandboxes: cfg.max_sandboxes,
+            sandboxes: self.node.sandbox_count(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_mib: mib("MemTotal:"),
+            memory_available_mib: mib("MemAvailable:"),
+        })
+    }
+
     fn warm_pool(&self) -> BoxFuture<'_, Result<Vec<WarmPool>, BackendError>> {
         Box::pin(async move {
             Ok(self

@@ -50,6 +50,24 @@ pub struct ExecRequest {
     pub timeout: std::time::Duration,
 }
 
+/// A host as [`SandboxBackend::host_info`] describes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostInfo {
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// Why that accelerator (what was found on the host).
+    pub accel_reason: String,
+    /// Whether each VM runs jailed (own uid, namespaces, seccomp).
+    pub jailed: bool,
+    /// Sandboxes this host runs at most (`--max-sandboxes`).
+    pub max_sandboxes: usize,
+    /// Sandboxes on it now (running or starting).
+    pub sandboxes: usize,
+    pub cpus: usize,
+    pub memory_mib: u64,
+    pub memory_available_mib: u64,
+}
+
 /// What a command run by [`SandboxBackend::exec`] left.
 #[derive(Debug, Clone, Default)]
 pub struct ExecOutput {
@@ -469,6 +487,12 @@ pub trait SandboxBackend: Send + Sync + 'static {
                 op: "delete_template",
             })
         })
+    }
+
+    /// What the host is: accelerator and why, capacity (the dashboard's host page). `None`
+    /// when the backend has no host of its own to describe.
+    fn host_info(&self) -> Option<HostInfo> {
+        None
     }
 
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code

@@ -137,6 +137,9 @@ pub enum ApiError {
     SandboxTimeout { sandbox_id: String },
     #[error("sandbox unreachable")]
     SandboxUnreachable { sandbox_id: String },
+    /// The sandbox's agent refused or failed a call the server made for the dashboard.
+    #[error("sandbox agent error")]
+    GuestError { sandbox_id: String, detail: String },
     /// A host-wide endpoint (`/metrics`, the warm pools) asked for with a non-admin key.
     #[error("admin key required")]
     AdminOnly,
@@ -847,6 +850,11 @@ impl ApiError {
                     "The sandbox {sandbox_id} could not be reached. Check its state with \
                      GET /sandboxes/{sandbox_id} and retry."
                 ),
+            ),
+            GuestError { sandbox_id, detail } => (
+                StatusCode::BAD_GATEWAY,
+                "sandbox_error",
+                format!("The agent in sandbox {sandbox_id} could not do it: {detail}"),
             ),
         }
     }

@@ -124,6 +124,12 @@ impl<V: Vmm> Node<V> {
         &self.cfg
     }
 
+    /// Sandboxes this node holds now, with those starting.
+    pub fn sandbox_count(&self) -> usize {
+        self.sandboxes.lock().expect("sandboxes lock").len()
+            + self.starting.lock().expect("starting lock").len()
+    }
+
     /// How template builds pull OCI images (`fromImage`); until set, such builds are refused.
     pub fn set_oci_options(&self, opts: alcove_image::oci::OciOptions) {
         *self.oci.lock().expect("oci lock") = Some(opts);

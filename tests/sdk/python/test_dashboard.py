@@ -3,6 +3,7 @@
 official SDK. Screenshots are kept under $ALCOVE_TEST_ARTIFACTS/dashboard."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,129 @@ def test_sign_in_filter_and_kill_from_the_dashboard(browser, run_id):
             sbx.kill()
         except Exception:
             pass
+
+
+def sign_in(browser, base):
+    r = browser.ok(cmd="goto", url=f"{base}/dashboard/signin")
+    if r["title"].startswith("Sign in"):
+        browser.ok(cmd="fill", selector="#api_key", value=os.environ["E2B_API_KEY"])
+        r = browser.ok(cmd="click", selector="form.signin button")
+    assert r["url"].endswith("/dashboard/sandboxes"), r
+
+
+def notice(browser):
+    return browser.ok(cmd="text", selector=".notice")["text"]
+
+
+# Round trips of single keystrokes through the terminal's socket: the time from sending a
+# character to the shell's echo of it coming back (browser -> server -> agent -> PTY and back).
+ECHO_PROBE = """(async () => {
+  const ws = document.getElementById('terminal').alcove.ws;
+  const enc = new TextEncoder(), dec = new TextDecoder();
+  const out = [];
+  for (let i = 0; i < 30; i++) {
+    const t0 = performance.now();
+    await new Promise((done) => {
+      const on = (ev) => {
+        if (typeof ev.data !== 'string' && dec.decode(ev.data).includes('x')) {
+          ws.removeEventListener('message', on); done();
+        }
+      };
+      ws.addEventListener('message', on);
+      ws.send(enc.encode('x'));
+    });
+    out.push(performance.now() - t0);
+    await new Promise((r) => setTimeout(r, 30));
+  }
+  ws.send(enc.encode('\\x15'));
+  return out;
+})()"""
+
+TERMINAL_TEXT = """[...document.querySelectorAll('#terminal .xterm-rows > div')].map((d) => d.textContent)"""
+
+
+def test_create_terminal_metrics_fork_kill_and_usage_from_the_dashboard(browser, run_id):
+    """The issue's walk: create from the UI, `echo hi` in the terminal, the metrics chart,
+    a snapshot and a sandbox started from its node in the tree, kill, the usage page."""
+    from e2b import Sandbox as SdkSandbox
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    base = os.environ["E2B_API_URL"]
+    made = []
+    try:
+        sign_in(browser, base)
+        # Create from the list page's form.
+        browser.ok(cmd="fill", selector="#new-template", value="base")
+        browser.ok(cmd="fill", selector="#new-metadata", value=f"run={run_id}, from=dashboard")
+        r = browser.ok(cmd="click", selector='form[aria-label="Create a sandbox"] button')
+        sid = r["url"].split("/dashboard/sandboxes/")[1].split("?")[0]
+        made.append(sid)
+        assert f"Created {sid}" in notice(browser)
+        sbx = SdkSandbox.connect(sid)
+        assert sbx.get_info().metadata["from"] == "dashboard"
+
+        # The terminal: a shell in a PTY; `echo hi` answers `hi` on a line of its own.
+        browser.ok(cmd="click", selector="#terminal-open")
+        browser.ok(cmd="wait", expr="document.getElementById('terminal').dataset.state === 'open'")
+        browser.ok(cmd="wait", expr=f"{TERMINAL_TEXT}.some((l) => l.includes('$'))")
+        browser.ok(cmd="type", selector="#terminal", text="echo hi\n")
+        browser.ok(cmd="wait", expr=f"{TERMINAL_TEXT}.some((l) => l.trim() === 'hi')")
+        browser.ok(cmd="screenshot", path=str(ARTIFACTS / "terminal.png"))
+        echoes = sorted(browser.ok(cmd="evaluate", expr=ECHO_PROBE)["value"])
+        p50 = echoes[len(echoes) // 2]
+        print(f"terminal keystroke echo over the server: p50 {p50:.1f} ms, "
+              f"p90 {echoes[int(len(echoes) * 0.9)]:.1f} ms, n={len(echoes)}")
+        (ARTIFACTS / "terminal-echo-ms.txt").write_text(" ".join(f"{e:.2f}" for e in echoes) + "\n")
+        # What the terminal ran is the sandbox's: a file it writes, the SDK reads.
+        browser.ok(cmd="type", selector="#terminal", text=f"echo {run_id} > /tmp/from-terminal\n")
+        for _ in range(50):
+            if sbx.files.exists("/tmp/from-terminal"):
+                break
+            time.sleep(0.2)
+        assert sbx.files.read("/tmp/from-terminal").strip() == run_id
+
+        # The metrics chart draws from the sandbox's history (sampled every few seconds).
+        browser.ok(cmd="wait", timeout=120,
+                   expr="Number(document.getElementById('metrics').dataset.points || 0) >= 1 "
+                        "&& !!document.querySelector('#metrics canvas')")
+        browser.ok(cmd="screenshot", path=str(ARTIFACTS / "sandbox.png"))
+
+        # A snapshot, then a sandbox started from its node in the checkpoint tree.
+        browser.ok(cmd="fill", selector="#snap-name", value=f"dash-{run_id}")
+        browser.ok(cmd="click", selector='form[action$="/do/snapshot"] button')
+        snap = notice(browser).split("Snapshot ")[1].split(" ")[0]
+        r = browser.ok(cmd="goto", url=f"{base}/dashboard/snapshots")
+        assert r["title"].startswith("Checkpoints"), r
+        assert f"dash-{run_id}" in browser.ok(cmd="text", selector="ul.tree")["text"]
+        browser.ok(cmd="click", selector=f'button[aria-label="Start sandboxes from {snap}"]')
+        msg = notice(browser)
+        child = msg.split("Started ")[1].split(" ")[0]
+        made.append(child)
+        assert child != sid
+        # The child shows as live on its node.
+        browser.ok(cmd="goto", url=f"{base}/dashboard/snapshots")
+        on_node = browser.ok(cmd="text", selector=f'li[data-snapshot="{snap}"] .live')["text"]
+        assert child in on_node, on_node
+        browser.ok(cmd="screenshot", path=str(ARTIFACTS / "tree.png"))
+        # The child has the parent's file: it was restored from the snapshot.
+        assert SdkSandbox.connect(child).files.read("/tmp/from-terminal").strip() == run_id
+
+        # Kill the child from its page.
+        browser.ok(cmd="goto", url=f"{base}/dashboard/sandboxes/{child}")
+        browser.ok(cmd="click", selector='form[action$="/do/kill"] button')
+        assert f"Killed {child}." in notice(browser)
+        assert sbx.is_running()  # the parent is untouched
+
+        # Usage: the chart and the limits.
+        r = browser.ok(cmd="goto", url=f"{base}/dashboard/usage")
+        assert r["title"].startswith("Usage"), r
+        browser.ok(cmd="wait", expr="!!document.querySelector('#usage-chart canvas')")
+        text = browser.ok(cmd="text")["text"]
+        assert "Running sandboxes" in text and "Total:" in text, text
+        browser.ok(cmd="screenshot", path=str(ARTIFACTS / "usage.png"))
+    finally:
+        for s in made:
+            try:
+                SdkSandbox.kill(s)
+            except Exception:
+                pass

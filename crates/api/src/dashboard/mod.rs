@@ -11,13 +11,12 @@
 //! request whose `Origin` is another site is refused before anything else. A session ends when
 //! it expires, when its key is revoked (the next page says which), or on sign-out.
 
-use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use alcove_store::SessionState;
 use axum::Form;
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -28,12 +27,19 @@ use serde::Deserialize;
 use crate::error::ApiError;
 use crate::handlers::AppState;
 
+mod assets;
+mod envd;
+mod files;
+mod pages;
+mod sandboxes;
+mod terminal;
+
 /// The session cookie's name.
 const COOKIE: &str = "alcove_session";
 /// How long a sign-in lasts.
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Sandboxes shown on one list page.
-const LIST_LIMIT: usize = 1000;
+pub(super) const LIST_LIMIT: usize = 1000;
 
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
@@ -42,14 +48,20 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("signin.html", include_str!("templates/signin.html")),
         ("error.html", include_str!("templates/error.html")),
         ("sandboxes.html", include_str!("templates/sandboxes.html")),
+        ("sandbox.html", include_str!("templates/sandbox.html")),
+        ("files.html", include_str!("templates/files.html")),
+        ("tree.html", include_str!("templates/tree.html")),
+        ("templates.html", include_str!("templates/templates.html")),
+        ("build.html", include_str!("templates/build.html")),
+        ("usage.html", include_str!("templates/usage.html")),
+        ("keys.html", include_str!("templates/keys.html")),
+        ("host.html", include_str!("templates/host.html")),
     ] {
         env.add_template(name, src)
             .expect("dashboard template parses");
     }
     env
 });
-
-const STYLE: &str = include_str!("templates/style.css");
 
 /// The dashboard's routes, merged into the API's router.
 pub fn routes() -> Router<AppState> {
@@ -62,16 +74,73 @@ pub fn routes() -> Router<AppState> {
             "/dashboard/",
             get(|| async { Redirect::to("/dashboard/sandboxes") }),
         )
-        .route("/dashboard/assets/style.css", get(style))
+        .route("/dashboard/assets/{name}", get(assets::asset))
         .route("/dashboard/signin", get(signin_page).post(signin))
         .route("/dashboard/signout", post(signout))
-        .route("/dashboard/sandboxes", get(sandboxes))
-        .route("/dashboard/sandboxes/{sandboxID}/kill", post(kill))
+        .route(
+            "/dashboard/sandboxes",
+            get(sandboxes::list).post(sandboxes::create),
+        )
+        .route("/dashboard/sandboxes/{sandboxID}", get(sandboxes::detail))
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/kill",
+            post(sandboxes::kill),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/do/{action}",
+            post(sandboxes::action),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/network",
+            post(sandboxes::network),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/events.json",
+            get(sandboxes::events_json),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/metrics.json",
+            get(sandboxes::metrics_json),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/terminal",
+            get(terminal::terminal),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/files",
+            get(files::list).post(files::upload),
+        )
+        .route(
+            "/dashboard/sandboxes/{sandboxID}/download",
+            get(files::download),
+        )
+        .route("/dashboard/snapshots", get(pages::tree))
+        .route(
+            "/dashboard/snapshots/{snapshotID}/do/{action}",
+            post(pages::snapshot_action),
+        )
+        .route("/dashboard/templates", get(pages::templates))
+        .route(
+            "/dashboard/templates/{templateID}/delete",
+            post(pages::delete_template),
+        )
+        .route(
+            "/dashboard/templates/{templateID}/tags",
+            post(pages::tag_template),
+        )
+        .route(
+            "/dashboard/templates/{templateID}/builds/{buildID}",
+            get(pages::build),
+        )
+        .route("/dashboard/usage", get(pages::usage))
+        .route("/dashboard/keys", get(pages::keys).post(pages::create_key))
+        .route("/dashboard/keys/{keyID}/revoke", post(pages::revoke_key))
+        .route("/dashboard/host", get(pages::host))
 }
 
 /// A page: HTML with the headers every dashboard answer carries (no framing, no sniffing, no
 /// caching, scripts and styles from this server only).
-fn page(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
+pub(super) fn page(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
     match TEMPLATES.get_template(name).and_then(|t| t.render(ctx)) {
         Ok(html) => {
             let mut res = (status, html).into_response();
@@ -87,12 +156,15 @@ fn page(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
     }
 }
 
-fn secure_headers(h: &mut HeaderMap) {
+/// Scripts, connections and images from this server only. Styles may also be set inline:
+/// xterm.js writes `<style>` elements for its cell grid (scripts stay strict).
+const CSP: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; \
+                   form-action 'self'; base-uri 'none'";
+
+pub(super) fn secure_headers(h: &mut HeaderMap) {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-        ),
+        HeaderValue::from_static(CSP),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -106,17 +178,8 @@ fn secure_headers(h: &mut HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-async fn style() -> Response {
-    let mut res = STYLE.into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/css; charset=utf-8"),
-    );
-    res
-}
-
 /// The session cookie's value, if the request has one.
-fn session_token(headers: &HeaderMap) -> Option<String> {
+pub(super) fn session_token(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -129,7 +192,7 @@ fn session_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Whether the request came over the listener's TLS (the cookie is then `Secure`).
-fn over_tls(parts_ext: &http::Extensions) -> bool {
+pub(super) fn over_tls(parts_ext: &http::Extensions) -> bool {
     parts_ext.get::<crate::proxy::OverTls>().is_some()
 }
 
@@ -143,7 +206,7 @@ fn set_cookie(token: &str, secure: bool, max_age: i64) -> HeaderValue {
 
 /// A request from another site (its `Origin` names another host) is refused: with
 /// `SameSite=Strict` it carries no session anyway, and sign-in must not be forced either.
-fn same_origin(headers: &HeaderMap) -> bool {
+pub(super) fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         // Browsers send Origin on every cross-site POST; without it, it is not one.
         return true;
@@ -158,8 +221,10 @@ fn same_origin(headers: &HeaderMap) -> bool {
 /// The signed-in team, from the session cookie. Without a valid session the request is sent
 /// to the sign-in page; an ended one says why there.
 pub struct Signed {
-    team_id: String,
+    pub(super) team_id: String,
+    pub(super) key_id: String,
     csrf: String,
+    admin: bool,
 }
 
 impl FromRequestParts<AppState> for Signed {
@@ -175,7 +240,10 @@ impl FromRequestParts<AppState> for Signed {
             .map_err(|e| ApiError::from(e).into_response())?;
         let why = match state {
             SessionState::Open(s) => {
+                let admin = svc.is_admin(&s.team_id).await.unwrap_or(false);
                 return Ok(Signed {
+                    admin,
+                    key_id: s.key_id,
                     team_id: s.team_id,
                     csrf: s.csrf,
                 });
@@ -203,13 +271,13 @@ impl FromRequestParts<AppState> for Signed {
 }
 
 impl Signed {
-    fn ctx(&self) -> minijinja::Value {
-        context! { team => self.team_id, csrf => self.csrf }
+    pub(super) fn ctx(&self) -> minijinja::Value {
+        context! { team => self.team_id, csrf => self.csrf, admin => self.admin }
     }
 
     /// The refusal of a form that does not carry this session's CSRF token, or comes from
     /// another site; `None` lets it through.
-    fn refuse(&self, headers: &HeaderMap, form_csrf: &str) -> Option<Response> {
+    pub(super) fn refuse(&self, headers: &HeaderMap, form_csrf: &str) -> Option<Response> {
         let ok = same_origin(headers)
             && form_csrf.len() == self.csrf.len()
             && form_csrf
@@ -232,7 +300,7 @@ impl Signed {
     }
 }
 
-fn error_page(
+pub(super) fn error_page(
     status: StatusCode,
     heading: &str,
     message: &str,
@@ -250,15 +318,15 @@ fn error_page(
 }
 
 /// An API error as a page: its status and its message (what to do), never internals.
-fn api_error_page(e: ApiError, back: &str, signed: &Signed) -> Response {
+pub(super) fn api_error_page(e: ApiError, back: &str, signed: &Signed) -> Response {
     let (status, code, message) = e.parts();
     error_page(status, code, &message, back, Some(signed))
 }
 
 #[derive(Deserialize)]
-struct CsrfForm {
+pub(super) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub(super) csrf: String,
 }
 
 #[derive(Deserialize)]
@@ -348,139 +416,13 @@ async fn signout(
     res
 }
 
-/// One row of the list, as the page shows it.
-#[derive(serde::Serialize)]
-struct Row {
-    id: String,
-    template: String,
-    state: String,
-    started_at: String,
-    end_at: String,
-    cpu: u32,
-    memory_mb: u32,
-    metadata: BTreeMap<String, String>,
-    live: bool,
-}
-
-async fn sandboxes(
-    State(svc): State<AppState>,
-    signed: Signed,
-    RawQuery(raw): RawQuery,
-) -> Response {
-    // The filter form sends every field; empty ones mean "any".
-    let pairs: Vec<(String, String)> = crate::handlers::query_pairs(raw.as_deref())
-        .into_iter()
-        .filter(|(_, v)| !v.trim().is_empty())
-        .collect();
-    let value = |name: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let state = match value("state").as_str() {
-        "" => "running,paused".to_owned(),
-        s => s.to_owned(),
-    };
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(
-            pairs
-                .iter()
-                .filter(|(k, _)| k == "template" || k == "metadata")
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-        .append_pair("state", &state)
-        .append_pair("limit", &LIST_LIMIT.to_string())
-        .finish();
-    let q = match crate::handlers::sandboxes::parse_list_query(Some(&query)) {
-        Ok(q) => q,
-        Err(e) => return api_error_page(e, "/dashboard/sandboxes", &signed),
-    };
-    let (items, next) = match svc.list(&signed.team_id, q).await {
-        Ok(r) => r,
-        Err(e) => return api_error_page(e, "/dashboard/sandboxes", &signed),
-    };
-    let rows: Vec<Row> = items
-        .into_iter()
-        .map(|s| {
-            let state = serde_json::to_value(s.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            Row {
-                live: state == "running" || state == "paused",
-                id: s.sandbox_id,
-                template: s.alias.unwrap_or(s.template_id),
-                state,
-                started_at: s.started_at,
-                end_at: s.end_at,
-                cpu: s.cpu_count,
-                memory_mb: s.memory_mb,
-                metadata: s.metadata,
-            }
-        })
-        .collect();
-    let states = [
-        ("running,paused", "running or paused"),
-        ("running", "running"),
-        ("paused", "paused"),
-        ("creating", "creating"),
-        ("killed", "killed"),
-        ("lost", "lost"),
-        ("running,paused,creating,killed,lost", "any"),
-    ];
-    let notice = value("done");
-    page(
-        StatusCode::OK,
-        "sandboxes.html",
-        context! {
-            session => signed.ctx(),
-            section => "sandboxes",
-            sandboxes => rows,
-            more => next.is_some(),
-            states => states,
-            notice => (!notice.is_empty()).then_some(notice),
-            filter => context! {
-                state => state,
-                template => value("template"),
-                metadata => value("metadata"),
-            },
-        },
-    )
-}
-
-async fn kill(
-    State(svc): State<AppState>,
-    signed: Signed,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    if let Some(res) = signed.refuse(&headers, &form.csrf) {
-        return res;
-    }
-    match svc
-        .kill(&signed.team_id, &id, "killed from the dashboard")
-        .await
-    {
-        Ok(()) => {
-            let done: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("done", &format!("Killed {id}."))
-                .finish();
-            Redirect::to(&format!("/dashboard/sandboxes?{done}")).into_response()
-        }
-        Err(e) => api_error_page(e, "/dashboard/sandboxes", &signed),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn templates_parse_and_escape_what_callers_wrote() {
-        let rows = vec![Row {
+        let rows = vec![sandboxes::Row {
             id: "s1".into(),
             template: "<b>t</b>".into(),
             state: "running".into(),
@@ -490,13 +432,14 @@ mod tests {
             memory_mb: 2,
             metadata: [("k".to_owned(), "<script>alert(1)</script>".to_owned())].into(),
             live: true,
+            cost: Some(0.5),
         }];
         let html = TEMPLATES
             .get_template("sandboxes.html")
             .unwrap()
             .render(context! {
                 session => context! { team => "t", csrf => "c" },
-                sandboxes => rows, states => [("running", "running")],
+                sandboxes => rows, states => [("running", "running")], templates => ["base"],
                 filter => context! { state => "running", template => "\"><script>", metadata => "" },
             })
             .unwrap();

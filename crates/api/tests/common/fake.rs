@@ -35,6 +35,9 @@ pub struct FakeBackend {
     pub hung: Mutex<HashSet<String>>,
     /// Sandboxes whose egress rules cannot be read (`network` fails).
     pub network_unreadable: Mutex<HashSet<String>>,
+    /// Whether `update_network` applies rules (off: refused as unsupported, as by a backend
+    /// without per-sandbox networks).
+    pub network_updates: AtomicBool,
     /// How long a resume takes (quota races).
     pub resume_delay: Mutex<Duration>,
     /// Bytes each paused sandbox and each snapshot holds on the fake disk.
@@ -334,6 +337,27 @@ impl SandboxBackend for FakeBackend {
                 });
             }
             Ok(())
+        })
+    }
+
+    fn update_network<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        network: alcove_net::NetworkConfig,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            if !self.network_updates.load(Ordering::SeqCst) {
+                return Err(BackendError::Unsupported {
+                    op: "network update",
+                });
+            }
+            match self.vms.lock().unwrap().get_mut(sandbox_id) {
+                Some(vm) => {
+                    vm.network = network;
+                    Ok(())
+                }
+                None => Err(BackendError::SandboxNotFound),
+            }
         })
     }
 

@@ -104,7 +104,11 @@ async function cdp({ endpoint, headers = {}, url }) {
 
 async function web() {
   browser ??= await chromium.launch({ executablePath, args, headless: true })
-  if (!page) page = await browser.newPage({ viewport: { width: 1280, height: 800 } })
+  if (!page) {
+    page = await browser.newPage({ viewport: { width: 1280, height: 800 } })
+    // Pages that snapshot or start sandboxes answer after the VM work (TCG: tens of seconds).
+    page.setDefaultTimeout(180_000)
+  }
   return page
 }
 
@@ -135,7 +139,28 @@ async function screenshot({ path }) {
   return { path }
 }
 
-const commands = { open, shot, move, cdp, goto, fill, click, text, screenshot }
+// Keys typed into the focused element (the dashboard's terminal), after a click on `selector`.
+async function type({ selector, text, delay = 20 }) {
+  const p = await web()
+  if (selector) await p.click(selector, { timeout: 30_000 })
+  await p.keyboard.type(text, { delay })
+  return { typed: text.length }
+}
+
+// Waits until `expr` (a JavaScript expression in the page) is truthy; answers its value.
+async function wait({ expr, timeout = 60 }) {
+  const p = await web()
+  // A function, not a string: the dashboard's CSP forbids eval, which string predicates use.
+  const h = await p.waitForFunction(new Function(`return (${expr})`), null, { timeout: timeout * 1000, polling: 100 })
+  return { value: await h.jsonValue() }
+}
+
+// Evaluates `expr` in the page (a promise is awaited).
+async function evaluate({ expr }) {
+  return { value: await (await web()).evaluate(new Function(`return (${expr})`)) }
+}
+
+const commands = { open, shot, move, cdp, goto, fill, click, text, screenshot, type, wait, evaluate }
 for await (const line of createInterface({ input: process.stdin })) {
   if (!line.trim()) continue
   let answer
