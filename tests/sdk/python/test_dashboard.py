@@ -141,6 +141,39 @@ def test_create_terminal_metrics_fork_kill_and_usage_from_the_dashboard(browser,
             time.sleep(0.2)
         assert sbx.files.read("/tmp/from-terminal").strip() == run_id
 
+        # Files: the terminal's file listed, one uploaded from the browser, one downloaded.
+        browser.ok(cmd="goto", url=f"{base}/dashboard/sandboxes/{sid}/files?path=/tmp")
+        assert "from-terminal" in browser.ok(cmd="text", selector="table")["text"]
+        up = ARTIFACTS / "upload.txt"
+        up.write_text(f"uploaded {run_id}\n")
+        browser.ok(cmd="upload", selector="#file", path=str(up))
+        browser.ok(cmd="click", selector='form[enctype="multipart/form-data"] button')
+        assert "Uploaded /tmp/upload.txt" in notice(browser)
+        assert sbx.files.read("/tmp/upload.txt") == f"uploaded {run_id}\n"
+        got = browser.ok(cmd="evaluate", expr=(
+            "fetch('/dashboard/sandboxes/" + sid + "/download?path=%2Ftmp%2Ffrom-terminal')"
+            ".then(async (r) => [r.status, r.headers.get('content-disposition'), await r.text()])"))["value"]
+        assert got[0] == 200 and "attachment" in got[1] and got[2].strip() == run_id, got
+
+        # Ports: a server started in the sandbox is listed with its link.
+        sbx.commands.run("python3 -m http.server 8123 >/dev/null 2>&1", background=True)
+        for _ in range(50):
+            if sbx.commands.run("ss -ltnH 'sport = :8123' | grep -q 8123 && echo up || true").stdout.strip() == "up":
+                break
+            time.sleep(0.2)
+        browser.ok(cmd="goto", url=f"{base}/dashboard/sandboxes/{sid}")
+        ports = browser.ok(cmd="text", selector='section[aria-labelledby="h-ports"]')["text"]
+        assert f"8123-{sid}." in ports, ports
+
+        # Egress rules, edited live: the SDK sees the new ones.
+        browser.ok(cmd="fill", selector="#allow", value="pypi.org")
+        browser.ok(cmd="fill", selector="#deny", value="0.0.0.0/0")
+        browser.ok(cmd="click", selector="form.network button")
+        assert "Egress rules updated." in notice(browser)
+        net = sbx.get_info().network or {}
+        allow = net.get("allow_out") if isinstance(net, dict) else getattr(net, "allow_out", None)
+        assert allow == ["pypi.org"], net
+
         # The metrics chart draws from the sandbox's history (sampled every few seconds).
         browser.ok(cmd="wait", timeout=120,
                    expr="Number(document.getElementById('metrics').dataset.points || 0) >= 1 "

@@ -291,6 +291,17 @@ def test_the_stream_shows_the_desktop_in_a_real_browser(desktop, browser, tmp_pa
         # A wrong key: VNC authentication fails, nothing is shown.
         refused = browser.ok(cmd="open", url=desktop.stream.get_url(auth_key="wrong-key-000000"))
         assert refused["connected"] is False and "password" in refused["status"].lower(), refused
+
+        # The dashboard's page of the sandbox embeds the stream (here asking for its password).
+        dash = f"https://{os.environ['ALCOVE_SDK_DOMAIN']}/dashboard"
+        browser.ok(cmd="goto", url=f"{dash}/signin")
+        browser.ok(cmd="fill", selector="#api_key", value=os.environ["E2B_API_KEY"])
+        browser.ok(cmd="click", selector="form.signin button")
+        browser.ok(cmd="goto", url=f"{dash}/sandboxes/{desktop.sandbox_id}")
+        src = browser.ok(cmd="evaluate", expr="document.getElementById('desktop-stream').src")["value"]
+        assert src.startswith(f"https://{desktop.get_host(6080)}/vnc.html"), src
+        browser.ok(cmd="framewait", frame="#desktop-stream", selector="#noVNC_credentials_dlg.noVNC_open",
+                   state="attached")
     finally:
         desktop.stream.stop()
         desktop.commands.run("pkill -x mousepad || true")

@@ -136,6 +136,21 @@ pub fn routes() -> Router<AppState> {
         .route("/dashboard/keys", get(pages::keys).post(pages::create_key))
         .route("/dashboard/keys/{keyID}/revoke", post(pages::revoke_key))
         .route("/dashboard/host", get(pages::host))
+        .layer(axum::middleware::map_request(host_from_authority))
+}
+
+/// HTTP/2 carries the host in the `:authority` pseudo-header, not `Host`; the Origin check
+/// compares with `Host`, so it is filled in from the request's authority when absent.
+async fn host_from_authority(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.headers().contains_key(header::HOST)
+        && let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    req
 }
 
 /// A page: HTML with the headers every dashboard answer carries (no framing, no sniffing, no
@@ -158,7 +173,7 @@ pub(super) fn page(status: StatusCode, name: &str, ctx: minijinja::Value) -> Res
 
 /// Scripts, connections and images from this server only. Styles may also be set inline:
 /// xterm.js writes `<style>` elements for its cell grid (scripts stay strict).
-const CSP: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; \
+pub(super) const CSP: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; \
                    form-action 'self'; base-uri 'none'";
 
 pub(super) fn secure_headers(h: &mut HeaderMap) {

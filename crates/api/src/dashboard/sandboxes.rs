@@ -353,11 +353,16 @@ pub async fn detail(
         .await
         .unwrap_or_default();
     let cost = costs(&svc, &signed.team_id).await.get(&id).copied();
+    // A desktop's stream (noVNC on its port, started with the SDK's `stream.start()`), embedded.
+    let stream = ports
+        .iter()
+        .find(|p| p.port == DESKTOP_STREAM_PORT)
+        .map(|p| p.url.clone());
     let network_rules = match &d.network.rules {
         Some(r) => serde_json::to_string_pretty(r).unwrap_or_default(),
         None => String::new(),
     };
-    page(
+    let mut res = page(
         StatusCode::OK,
         "sandbox.html",
         context! {
@@ -378,9 +383,21 @@ pub async fn detail(
             deny_out => d.network.deny_out.join("\n"),
             network_rules => network_rules,
             has_rules => d.network.rules.as_ref().is_some_and(|r| r.as_object().is_some_and(|o| !o.is_empty())),
+            stream => stream.as_ref().map(|u| format!("{u}vnc.html?autoconnect=true&resize=scale")),
         },
-    )
+    );
+    // The page may frame the stream's origin, and only that.
+    if let Some(origin) = stream.as_deref().map(|u| u.trim_end_matches('/'))
+        && let Ok(v) = http::HeaderValue::from_str(&format!("{}; frame-src {origin}", super::CSP))
+    {
+        res.headers_mut()
+            .insert(http::header::CONTENT_SECURITY_POLICY, v);
+    }
+    res
 }
+
+/// The port e2b_desktop's stream (noVNC) listens on.
+const DESKTOP_STREAM_PORT: u16 = 6080;
 
 /// The text of a log line without its terminal colour codes (the agent's lines have them).
 fn strip_ansi(s: &str) -> String {

@@ -147,6 +147,19 @@ async function type({ selector, text, delay = 20 }) {
   return { typed: text.length }
 }
 
+// Waits for `selector` inside the iframe `frame` to be visible, or in `state` (a cross-origin
+// frame too).
+async function framewait({ frame, selector, state = 'visible', timeout = 60 }) {
+  await (await web()).frameLocator(frame).locator(selector).first().waitFor({ state, timeout: timeout * 1000 })
+  return { visible: selector }
+}
+
+// Chooses `path` in the file input `selector`.
+async function upload({ selector, path }) {
+  await (await web()).setInputFiles(selector, path, { timeout: 30_000 })
+  return { chosen: path }
+}
+
 // Waits until `expr` (a JavaScript expression in the page) is truthy; answers its value.
 async function wait({ expr, timeout = 60 }) {
   const p = await web()
@@ -160,7 +173,7 @@ async function evaluate({ expr }) {
   return { value: await (await web()).evaluate(new Function(`return (${expr})`)) }
 }
 
-const commands = { open, shot, move, cdp, goto, fill, click, text, screenshot, type, wait, evaluate }
+const commands = { open, shot, move, cdp, goto, fill, click, text, screenshot, type, wait, evaluate, upload, framewait }
 for await (const line of createInterface({ input: process.stdin })) {
   if (!line.trim()) continue
   let answer
