@@ -21,6 +21,10 @@ pub struct MetricSample {
     pub mem_cache: u64,
     pub disk_used: u64,
     pub disk_total: u64,
+    /// Bytes the sandbox sent and received through its egress proxy since its VM started (a
+    /// resume starts again from zero); 0 where unknown.
+    pub net_tx: u64,
+    pub net_rx: u64,
 }
 
 impl Store {
@@ -31,8 +35,9 @@ impl Store {
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO sandbox_metrics (sandbox_id, res, at, cpu_count,
-                     cpu_used_pct, mem_used, mem_total, mem_cache, disk_used, disk_total)
-                 VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     cpu_used_pct, mem_used, mem_total, mem_cache, disk_used, disk_total,
+                     net_tx, net_rx)
+                 VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             for (id, m) in samples {
                 stmt.execute(params![
@@ -44,7 +49,9 @@ impl Store {
                     m.mem_total as i64,
                     m.mem_cache as i64,
                     m.disk_used as i64,
-                    m.disk_total as i64
+                    m.disk_total as i64,
+                    m.net_tx as i64,
+                    m.net_rx as i64
                 ])?;
             }
         }
@@ -64,7 +71,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT at, cpu_count, cpu_used_pct, mem_used, mem_total, mem_cache, disk_used,
-                 disk_total
+                 disk_total, net_tx, net_rx
              FROM sandbox_metrics
              WHERE sandbox_id = ?1 AND at >= ?2 AND at <= ?3 AND (res = 0 OR at < COALESCE(
                  (SELECT MIN(at) FROM sandbox_metrics WHERE sandbox_id = ?1 AND res = 0),
@@ -81,6 +88,8 @@ impl Store {
                 mem_cache: r.get::<_, i64>(5)?.max(0) as u64,
                 disk_used: r.get::<_, i64>(6)?.max(0) as u64,
                 disk_total: r.get::<_, i64>(7)?.max(0) as u64,
+                net_tx: r.get::<_, i64>(8)?.max(0) as u64,
+                net_rx: r.get::<_, i64>(9)?.max(0) as u64,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -103,10 +112,10 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO sandbox_metrics (sandbox_id, res, at, cpu_count, cpu_used_pct,
-                 mem_used, mem_total, mem_cache, disk_used, disk_total)
+                 mem_used, mem_total, mem_cache, disk_used, disk_total, net_tx, net_rx)
              SELECT sandbox_id, 1, (at / 60000) * 60000, MAX(cpu_count), AVG(cpu_used_pct),
                  CAST(AVG(mem_used) AS INTEGER), MAX(mem_total), CAST(AVG(mem_cache) AS INTEGER),
-                 MAX(disk_used), MAX(disk_total)
+                 MAX(disk_used), MAX(disk_total), MAX(net_tx), MAX(net_rx)
              FROM sandbox_metrics WHERE res = 0 AND at < ?1
              GROUP BY sandbox_id, at / 60000",
             [cutoff],
@@ -138,6 +147,8 @@ mod tests {
             mem_cache: 10,
             disk_used: 1000,
             disk_total: 2000,
+            net_tx: at as u64 / 1000,
+            net_rx: 0,
         }
     }
 
@@ -160,6 +171,8 @@ mod tests {
         assert_eq!(all.len(), 60 + 720);
         assert_eq!(all[0].at, t0);
         assert!((all[0].cpu_used_pct - 20.0).abs() < 1e-9);
+        // Counters are cumulative: a minute keeps its last (largest) value.
+        assert_eq!(all[0].net_tx, (t0 + 55_000) as u64 / 1000);
         assert_eq!(all[60].at, t0 + 3_600_000);
         assert!(all.windows(2).all(|w| w[0].at < w[1].at));
         // A window inside the raw hour, and the limit.

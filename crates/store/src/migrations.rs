@@ -365,6 +365,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX dashboard_sessions_by_expiry ON dashboard_sessions(expires_at);
     "#,
+    // 15: network in the metrics history: the sandbox's egress proxy counters (bytes out and
+    // in since its VM started) at each sample, for the dashboard's network chart.
+    r#"
+    ALTER TABLE sandbox_metrics ADD COLUMN net_tx INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandbox_metrics ADD COLUMN net_rx INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.

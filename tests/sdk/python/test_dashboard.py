@@ -177,7 +177,8 @@ def test_create_terminal_metrics_fork_kill_and_usage_from_the_dashboard(browser,
         # The metrics chart draws from the sandbox's history (sampled every few seconds).
         browser.ok(cmd="wait", timeout=120,
                    expr="Number(document.getElementById('metrics').dataset.points || 0) >= 1 "
-                        "&& !!document.querySelector('#metrics canvas')")
+                        "&& !!document.querySelector('#metrics canvas') "
+                        "&& !!document.querySelector('#network canvas')")
         browser.ok(cmd="screenshot", path=str(ARTIFACTS / "sandbox.png"))
 
         # A snapshot, then a sandbox started from its node in the checkpoint tree.

@@ -479,22 +479,39 @@ pub async fn events_json(
     }))
 }
 
-/// The metrics history the page's charts draw: time (s), CPU %, memory used and total (MiB).
+/// The metrics history the page's charts draw: time (s), CPU %, memory used and total (MiB),
+/// and network bytes per second out and in (from the egress proxy's counters; a counter that
+/// goes back, after a resume, starts a new run).
 pub async fn metrics_json(
     State(svc): State<AppState>,
     signed: Signed,
     Path(id): Path<String>,
 ) -> Response {
-    let m = match svc.metrics(&signed.team_id, &id, None, None).await {
+    let m = match svc.metric_samples(&signed.team_id, &id, None, None).await {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
     const MIB: f64 = 1024.0 * 1024.0;
+    let rate = |pick: fn(&alcove_store::MetricSample) -> u64| -> Vec<f64> {
+        let mut out = Vec::with_capacity(m.len());
+        for (i, x) in m.iter().enumerate() {
+            let r = match i.checked_sub(1).map(|j| &m[j]) {
+                Some(prev) if pick(x) >= pick(prev) && x.at > prev.at => {
+                    (pick(x) - pick(prev)) as f64 * 1000.0 / (x.at - prev.at) as f64
+                }
+                _ => 0.0,
+            };
+            out.push(r);
+        }
+        out
+    };
     json(serde_json::json!({
-        "t": m.iter().map(|x| x.timestamp_unix).collect::<Vec<_>>(),
+        "t": m.iter().map(|x| x.at / 1000).collect::<Vec<_>>(),
         "cpu": m.iter().map(|x| x.cpu_used_pct).collect::<Vec<_>>(),
         "mem": m.iter().map(|x| x.mem_used as f64 / MIB).collect::<Vec<_>>(),
         "memTotal": m.iter().map(|x| x.mem_total as f64 / MIB).collect::<Vec<_>>(),
+        "netOut": rate(|x| x.net_tx),
+        "netIn": rate(|x| x.net_rx),
     }))
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use alcove_store::SandboxState as StoreState;
 
 use super::{Service, api_error};
-use crate::backend::{BackendError, BackendOp, LogLevel, ResourceUsage};
+use crate::backend::{BackendError, BackendOp, LogLevel, NetCounters, ResourceUsage};
 use crate::error::ApiError;
 use crate::models::{self, rfc3339, system_time_ms};
 
@@ -61,7 +61,17 @@ impl Service {
             .call(BackendOp::Metrics, id, self.backend.metrics(id))
             .await
         {
-            Ok(m) => Ok(m.map(usage_sample)),
+            Ok(m) => {
+                let ids = [id.to_owned()];
+                // Network: the egress proxy's counters, when the backend has them.
+                let net = self
+                    .call(BackendOp::NetCounters, id, self.backend.net_counters(&ids))
+                    .await
+                    .ok()
+                    .and_then(|v| v.into_iter().next().flatten())
+                    .unwrap_or((0, 0));
+                Ok(m.map(|m| usage_sample(m, net)))
+            }
             Err(e @ BackendError::Timeout) => Err(api_error(BackendOp::Metrics, id, e)),
             // No sample is an answer too: the series is empty.
             Err(_) => Ok(None),
@@ -80,6 +90,19 @@ impl Service {
         start: Option<i64>,
         end: Option<i64>,
     ) -> Result<Vec<models::SandboxMetric>, ApiError> {
+        let series = self.metric_samples(team_id, id, start, end).await?;
+        Ok(series.into_iter().map(sample_view).collect())
+    }
+
+    /// The stored samples behind [`Service::metrics`], network counters included (the
+    /// dashboard's charts).
+    pub async fn metric_samples(
+        &self,
+        team_id: &str,
+        id: &str,
+        start: Option<i64>,
+        end: Option<i64>,
+    ) -> Result<Vec<alcove_store::MetricSample>, ApiError> {
         let r = self.any_record(team_id, id).await?;
         let now = alcove_store::now_ms();
         let start_ms = start.map_or(r.started_at, |s| s.saturating_mul(1000));
@@ -102,10 +125,9 @@ impl Service {
             }
         }
         let id2 = r.id.clone();
-        let series = self
+        Ok(self
             .db(move |s| s.metric_series(&id2, start_ms, end_ms, MAX_SERIES))
-            .await?;
-        Ok(series.into_iter().map(sample_view).collect())
+            .await?)
     }
 
     /// One sampling pass: every running sandbox's metrics, a few at a time, each under its
@@ -288,7 +310,7 @@ fn sample_view(m: alcove_store::MetricSample) -> models::SandboxMetric {
 }
 
 /// A backend sample as the metrics history stores it.
-fn usage_sample(m: ResourceUsage) -> alcove_store::MetricSample {
+fn usage_sample(m: ResourceUsage, net: NetCounters) -> alcove_store::MetricSample {
     alcove_store::MetricSample {
         at: system_time_ms(m.timestamp),
         cpu_count: m.cpu_count,
@@ -298,5 +320,7 @@ fn usage_sample(m: ResourceUsage) -> alcove_store::MetricSample {
         mem_cache: m.mem_cache,
         disk_used: m.disk_used,
         disk_total: m.disk_total,
+        net_tx: net.0,
+        net_rx: net.1,
     }
 }

@@ -63,6 +63,8 @@
 
   function metricsChart(el) {
     let plot = null;
+    let net = null;
+    const netEl = $("network");
     async function draw() {
       let d;
       try { d = await getJSON(el.dataset.src); } catch (e) { return; }
@@ -88,6 +90,23 @@
         plot.setData(data);
       }
       el.dataset.points = String(d.t.length);
+      if (!netEl) return;
+      const netData = [d.t, d.netOut, d.netIn];
+      if (!net) {
+        net = new window.uPlot({
+          width: width(netEl), height: 160,
+          series: [
+            {},
+            { label: "Out B/s", stroke: "#c2410c", width: 2 },
+            { label: "In B/s", stroke: "#0e7490", width: 2 },
+          ],
+          axes: [{}, { label: "bytes/s" }],
+          scales: { x: { time: true, range: (u, min, max) => (max - min < 60 ? [max - 60, max + 5] : [min, max]) } },
+        }, netData, netEl);
+      } else {
+        net.setData(netData);
+      }
+      netEl.dataset.points = String(d.t.length);
     }
     draw();
     if (el.dataset.live) setInterval(draw, 5000);
@@ -140,7 +159,28 @@
     }, 2000);
   }
 
+  // The sandbox list follows the server: the same page fetched again every 10 s, its rows
+  // swapped in (our own server-rendered, escaped HTML), unless a row's button has the focus.
+  function followList(table) {
+    setInterval(async () => {
+      if (document.hidden || table.contains(document.activeElement)) return;
+      let html;
+      try {
+        const r = await fetch(location.href, { credentials: "same-origin" });
+        if (!r.ok || r.redirected) return;
+        html = await r.text();
+      } catch (e) { return; }
+      const doc = new DOMParser().parseFromString(html, "text/html");
+      const fresh = doc.querySelector("#sandbox-list tbody");
+      const count = doc.getElementById("sandbox-count");
+      if (fresh) table.tBodies[0].replaceWith(document.adoptNode(fresh));
+      if (count && $("sandbox-count")) $("sandbox-count").textContent = count.textContent;
+    }, 10000);
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    const list = $("sandbox-list");
+    if (list && list.dataset.live) followList(list);
     const open = $("terminal-open");
     if (open && window.Terminal) open.onclick = () => openTerminal(open);
     const m = $("metrics");
