@@ -635,7 +635,19 @@ struct ExecState {
     reply_error: Option<(String, String, Vec<String>)>,
     seen_error: bool,
     done: bool,
+    /// Until when output that lands after `idle` is still taken (kernels that publish late).
+    late_until: Option<tokio::time::Instant>,
 }
+
+/// Deno's kernel publishes a cell's output through a task of its own and gives it a few
+/// milliseconds before reporting `idle`; under load some of it (a result, a print) lands after
+/// `idle`. For such kernels a cell ends once nothing more came for [`LATE_QUIET`], at most
+/// [`LATE_MAX`] after `idle`.
+fn publishes_late(kernel: &Kernel) -> bool {
+    kernel.kernel_name == "deno"
+}
+const LATE_QUIET: Duration = Duration::from_millis(40);
+const LATE_MAX: Duration = Duration::from_millis(500);
 
 /// Maps one routed message to an event; sets `done` when the kernel went idle for this cell.
 fn translate(state: &mut ExecState, channel: Channel, msg: JupyterMessage) -> Option<Event> {
@@ -725,6 +737,7 @@ async fn next_event(
             }
             None => {
                 st.done = true;
+                st.late_until = Some(tokio::time::Instant::now());
                 let status = kernel.exit_status();
                 return Some(Event::Error {
                     name: "KernelDied".into(),
@@ -736,7 +749,30 @@ async fn next_event(
             }
         }
     }
-    None
+    if !publishes_late(kernel) {
+        return None;
+    }
+    let until = *st
+        .late_until
+        .get_or_insert_with(|| tokio::time::Instant::now() + LATE_MAX);
+    loop {
+        let wait = LATE_QUIET.min(until.saturating_duration_since(tokio::time::Instant::now()));
+        if wait.is_zero() {
+            return None;
+        }
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some((ch, msg))) => {
+                if let Some(ev) = translate(st, ch, msg) {
+                    return Some(ev);
+                }
+            }
+            // Quiet for LATE_QUIET, or the kernel is gone: the cell is over.
+            Ok(None) | Err(_) => {
+                st.late_until = Some(tokio::time::Instant::now());
+                return None;
+            }
+        }
+    }
 }
 
 /// A streamed cell holding the kernel's lock.
