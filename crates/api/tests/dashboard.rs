@@ -117,14 +117,7 @@ async fn a_browser_signs_in_sees_its_sandboxes_and_kills_one_with_the_forms_toke
     assert!(header(&r, "set-cookie").is_empty());
 
     let cookie = sign_in(&web, &server.key).await;
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert_eq!(r.status, 200);
     let page = text(&r);
     assert!(page.contains(&mine), "{page}");
@@ -188,23 +181,14 @@ async fn a_browser_signs_in_sees_its_sandboxes_and_kills_one_with_the_forms_toke
     .await;
     assert_eq!(r.status, 303, "{}", text(&r));
     assert_eq!(api.get(&format!("/sandboxes/{mine}")).await.status, 404);
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes?state=killed&template=&metadata=",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(
+        &web,
+        &cookie,
+        "/dashboard/sandboxes?state=killed&template=&metadata=",
+    )
+    .await;
     assert!(text(&r).contains(&mine), "the killed filter shows it");
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert!(
         !text(&r).contains(&mine),
         "the default list is running and paused only"
@@ -220,14 +204,7 @@ async fn a_browser_signs_in_sees_its_sandboxes_and_kills_one_with_the_forms_toke
     .await;
     assert_eq!(r.status, 303);
     assert!(header(&r, "set-cookie").contains("Max-Age=0"));
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert_eq!(
         (r.status, header(&r, "location")),
         (303, "/dashboard/signin")
@@ -242,14 +219,7 @@ async fn revoking_the_key_ends_its_sessions_with_a_page_that_says_so() {
     let (team, key) = tenant(dir.path(), "revoked");
     let web = browser(&server);
     let cookie = sign_in(&web, &key).await;
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert_eq!(r.status, 200);
     assert!(text(&r).contains(&team));
     let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
@@ -261,14 +231,7 @@ async fn revoking_the_key_ends_its_sessions_with_a_page_that_says_so() {
         .unwrap()
         .id;
     assert!(store.revoke_api_key(&id).unwrap());
-    let r = web
-        .send(
-            "GET",
-            "/dashboard/sandboxes",
-            &[("cookie", &cookie)],
-            vec![],
-        )
-        .await;
+    let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert_eq!(r.status, 401);
     assert!(text(&r).contains("revoked"), "{}", text(&r));
     assert!(header(&r, "set-cookie").contains("Max-Age=0"));
@@ -278,7 +241,7 @@ async fn revoking_the_key_ends_its_sessions_with_a_page_that_says_so() {
     server.stop().await;
 }
 
-async fn page(web: &Api, cookie: &str, path: &str) -> Reply {
+async fn get_page(web: &Api, cookie: &str, path: &str) -> Reply {
     web.send("GET", path, &[("cookie", cookie)], vec![]).await
 }
 
@@ -303,7 +266,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
         .to_owned();
     let web = browser(&server);
     let cookie = sign_in(&web, &server.key).await;
-    let list = text(&page(&web, &cookie, "/dashboard/sandboxes").await);
+    let list = text(&get_page(&web, &cookie, "/dashboard/sandboxes").await);
     let csrf = csrf_of(&list);
     let origin = format!("http://{}", server.addr);
     let post = |path: String, pairs: Vec<(&'static str, String)>| {
@@ -341,7 +304,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
         .to_owned();
     let got = api.get(&format!("/sandboxes/{id}")).await;
     assert_eq!(got.json["metadata"]["note"], XSS);
-    let r = page(&web, &cookie, &loc).await;
+    let r = get_page(&web, &cookie, &loc).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     let html = text(&r);
     assert!(html.contains(&format!("Created {id} from base.")), "{html}");
@@ -377,7 +340,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
         format!("/dashboard/sandboxes/{theirs}/metrics.json"),
         format!("/dashboard/sandboxes/{theirs}/files"),
     ] {
-        assert_eq!(page(&web, &cookie, &path).await.status, 404, "{path}");
+        assert_eq!(get_page(&web, &cookie, &path).await.status, 404, "{path}");
     }
     let r = post(
         format!("/dashboard/sandboxes/{theirs}/do/timeout"),
@@ -386,7 +349,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
     .await;
     assert_eq!(r.status, 404);
     // The JSON feeds of the page's scripts.
-    let m = page(
+    let m = get_page(
         &web,
         &cookie,
         &format!("/dashboard/sandboxes/{id}/metrics.json"),
@@ -398,7 +361,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
         "{:?}",
         m.json
     );
-    let e = page(
+    let e = get_page(
         &web,
         &cookie,
         &format!("/dashboard/sandboxes/{id}/events.json?after=0"),
@@ -459,7 +422,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
         .as_str()
         .unwrap()
         .to_owned();
-    let tree = text(&page(&web, &cookie, "/dashboard/snapshots").await);
+    let tree = text(&get_page(&web, &cookie, "/dashboard/snapshots").await);
     assert!(
         tree.contains(&snap) && tree.contains("&lt;b&gt;cp&lt;&#x2f;b&gt;"),
         "{tree}"
@@ -470,7 +433,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
     )
     .await;
     assert_eq!(r.status, 303, "{}", text(&r));
-    let tree = text(&page(&web, &cookie, "/dashboard/snapshots").await);
+    let tree = text(&get_page(&web, &cookie, "/dashboard/snapshots").await);
     let live = tree
         .split("Live:")
         .nth(1)
@@ -511,7 +474,7 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
     let mut new_api = server.client();
     new_api.key = Some(secret.clone());
     assert_eq!(new_api.get("/sandboxes").await.status, 200);
-    let keys = text(&page(&web, &cookie, "/dashboard/keys").await);
+    let keys = text(&get_page(&web, &cookie, "/dashboard/keys").await);
     assert!(!keys.contains(&secret), "the secret is shown once only");
     let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
     let all = store.list_api_keys(None).unwrap();
@@ -542,13 +505,13 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
     assert_eq!(new_api.get("/sandboxes").await.status, 401);
 
     // Usage, templates and the host page render.
-    let r = page(&web, &cookie, "/dashboard/usage").await;
+    let r = get_page(&web, &cookie, "/dashboard/usage").await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert!(text(&r).contains("Running sandboxes") && text(&r).contains("usage-data"));
-    let r = page(&web, &cookie, "/dashboard/templates").await;
+    let r = get_page(&web, &cookie, "/dashboard/templates").await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert!(text(&r).contains("base"));
-    let r = page(&web, &cookie, "/dashboard/host").await;
+    let r = get_page(&web, &cookie, "/dashboard/host").await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert!(text(&r).contains("Warm pools"));
     // Assets come from the binary.
@@ -626,7 +589,7 @@ async fn a_list_of_a_thousand_sandboxes() {
     let mut bytes = 0;
     for _ in 0..7 {
         let t = std::time::Instant::now();
-        let r = page(&web, &cookie, path).await;
+        let r = get_page(&web, &cookie, path).await;
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(r.status, 200);
         let html = text(&r);
