@@ -45,7 +45,7 @@ pub use keys::{ApiKeyInfo, Authenticated, NewApiKey, Team};
 pub use lifecycle::{SandboxState, UnknownState};
 pub use limits::{DEFAULT_WARN_AT_PERCENT, OnCap, SpendNotice, TeamLimits};
 pub use metering::{
-    NetSample, Quantities, StorageSample, UsageEvent, UsageGroup, UsageKind, UsageRow,
+    NetSample, Quantities, StorageSample, UsageEvent, UsageGroup, UsageKind, UsageRow, day_name,
 };
 pub use metrics_history::MetricSample;
 pub use sandboxes::{

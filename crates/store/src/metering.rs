@@ -141,7 +141,7 @@ pub struct NetSample<'a> {
 }
 
 /// `YYYY-MM-DD` of a day number (days since 1970-01-01, UTC).
-fn day_name(day: i64) -> String {
+pub fn day_name(day: i64) -> String {
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = day + 719_468;
     let era = z.div_euclid(146_097);

@@ -20,6 +20,8 @@ use crate::service::api_error;
 pub const UNARY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest answer read from a unary call or one message of a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
+/// The most of an error answer read for its message.
+const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// A running sandbox of the team, ready for calls.
 #[derive(Clone)]
@@ -38,10 +40,7 @@ impl Guest {
             return Err(ApiError::InvalidBody {
                 detail: format!(
                     "sandbox {id} is not running (it is {}): resume it first",
-                    serde_json::to_value(d.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
+                    super::sandboxes::state_name(d.state)
                 ),
             });
         }
@@ -52,7 +51,8 @@ impl Guest {
         })
     }
 
-    /// Sends one request to the agent. `path` is origin-form (path and query).
+    /// Sends one request to the agent. `path` is origin-form (path and query). An answer other
+    /// than 2xx becomes an error with the agent's own message.
     pub async fn send(
         &self,
         method: Method,
@@ -85,14 +85,23 @@ impl Guest {
             );
         }
         let op = BackendOp::Forward { port: ENVD_PORT };
-        self.svc
+        let res = self
+            .svc
             .call(
                 op,
                 &self.id,
                 self.svc.backend().forward(&self.id, ENVD_PORT, req),
             )
             .await
-            .map_err(|e| api_error(op, &self.id, e))
+            .map_err(|e| api_error(op, &self.id, e))?;
+        if res.status().is_success() {
+            return Ok(res);
+        }
+        let status = res.status();
+        let body = read_bounded(&self.id, res.into_body(), MAX_ERROR_BODY)
+            .await
+            .unwrap_or_default();
+        Err(guest_error(&self.id, status, &body))
     }
 
     /// A unary Connect call (`/process.Process/SendInput`, ...) in protobuf, bounded in time and
@@ -111,11 +120,7 @@ impl Guest {
                     Body::from(Codec::Proto.encode(msg)),
                 )
                 .await?;
-            let status = res.status();
             let body = read_bounded(&self.id, res.into_body(), MAX_MESSAGE).await?;
-            if !status.is_success() {
-                return Err(guest_error(&self.id, status, &body));
-            }
             Codec::Proto
                 .decode::<Resp>(&body)
                 .map_err(|e| ApiError::GuestError {
@@ -133,7 +138,7 @@ impl Guest {
 }
 
 /// Reads a body whole, refusing one larger than `max`.
-pub async fn read_bounded(id: &str, body: Body, max: usize) -> Result<Vec<u8>, ApiError> {
+async fn read_bounded(id: &str, body: Body, max: usize) -> Result<Vec<u8>, ApiError> {
     let limited = http_body_util::Limited::new(body, max);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes().to_vec()),
@@ -146,7 +151,7 @@ pub async fn read_bounded(id: &str, body: Body, max: usize) -> Result<Vec<u8>, A
 
 /// An error answer of the agent, with its own message (a Connect error's `message`, or the
 /// body of an HTTP one), as an API error the page shows.
-pub fn guest_error(id: &str, status: http::StatusCode, body: &[u8]) -> ApiError {
+fn guest_error(id: &str, status: http::StatusCode, body: &[u8]) -> ApiError {
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))

@@ -138,14 +138,7 @@ pub async fn download(
         )
         .await;
     let res = match res {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            let status = r.status();
-            let body = super::envd::read_bounded(&id, r.into_body(), 64 << 10)
-                .await
-                .unwrap_or_default();
-            return api_error_page(super::envd::guest_error(&id, status, &body), &back, &signed);
-        }
+        Ok(r) => r,
         Err(e) => return api_error_page(e, &back, &signed),
     };
     let name = q
@@ -279,20 +272,7 @@ pub async fn upload(
     .await;
     let listing = format!("{back}?path={}", encode(&dir));
     match sent {
-        Ok(Ok(r)) if r.status().is_success() => {
-            done(&listing, &format!("Uploaded {dest} ({n} bytes)."))
-        }
-        Ok(Ok(r)) => {
-            let status = r.status();
-            let body = super::envd::read_bounded(&id, r.into_body(), 64 << 10)
-                .await
-                .unwrap_or_default();
-            api_error_page(
-                super::envd::guest_error(&id, status, &body),
-                &listing,
-                &signed,
-            )
-        }
+        Ok(Ok(_)) => done(&listing, &format!("Uploaded {dest} ({n} bytes).")),
         Ok(Err(e)) => api_error_page(e, &listing, &signed),
         Err(_) => api_error_page(
             ApiError::SandboxTimeout { sandbox_id: id },

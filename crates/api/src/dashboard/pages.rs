@@ -344,7 +344,7 @@ pub async fn usage(State(svc): State<AppState>, signed: Signed) -> Response {
     let first = start - start.rem_euclid(DAY_MS);
     for i in 0..=30 {
         let t = first + i * DAY_MS;
-        let key = chrono_day(t);
+        let key = alcove_store::day_name(t.div_euclid(DAY_MS));
         let item = by_day.items.iter().find(|it| it.key == key);
         days.push(t / 1000);
         cost.push(item.map(|it| it.totals.cost_usd).unwrap_or(0.0));
@@ -401,22 +401,6 @@ fn gauge(name: &str, used: f64, max: Option<f64>, unit: &str) -> serde_json::Val
     })
 }
 
-/// `YYYY-MM-DD` (UTC) of a Unix time in ms, as usage's `day` groups are keyed.
-fn chrono_day(ms: i64) -> String {
-    let days = ms.div_euclid(DAY_MS);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// The team's keys; after a create, the new secret, shown this once.
 async fn keys_page(
     svc: &AppState,
@@ -456,12 +440,7 @@ async fn keys_page(
 }
 
 fn ms_text(ms: Option<i64>) -> Option<String> {
-    ms.map(|ms| {
-        let secs = ms.div_euclid(1000);
-        let day = chrono_day(ms);
-        let s = secs.rem_euclid(86_400);
-        format!("{day} {:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
-    })
+    ms.map(crate::models::rfc3339)
 }
 
 pub async fn keys(

@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::envd::{Guest, Stream, guest_error, read_bounded};
+use super::envd::{Guest, Stream};
 use super::{Signed, api_error_page, error_page, same_origin};
 use crate::handlers::AppState;
 
@@ -122,18 +122,6 @@ async fn run(guest: Guest, mut socket: WebSocket, size: Size) {
         Ok(Err(e)) => return say(&mut socket, "error", &e.parts().2).await,
         Err(_) => return say(&mut socket, "error", "the shell did not start in time").await,
     };
-    if !res.status().is_success() {
-        let status = res.status();
-        let body = read_bounded(&guest.id, res.into_body(), 64 << 10)
-            .await
-            .unwrap_or_default();
-        return say(
-            &mut socket,
-            "error",
-            &guest_error(&guest.id, status, &body).parts().2,
-        )
-        .await;
-    }
     let mut stream = Stream::new(res.into_body());
     let mut pid = None;
     loop {
