@@ -560,6 +560,57 @@ async fn traversal_and_bad_tokens_get_errors_not_access() {
     .await;
     assert_eq!(bad.status(), 401);
     assert_eq!(get(&c, "/health", &[]).await.status(), 204);
+
+    // A refused request whose body is still being written gets its 401, not a reset: the
+    // agent reads the body (bounded) before answering. Both a Connect call and an upload.
+    for (path, ct) in [
+        ("/process.Process/Start", "application/connect+json"),
+        (
+            "/files?path=/tmp/x&username=root",
+            "application/octet-stream",
+        ),
+    ] {
+        let status = refused_while_writing(agent.addr, path, ct).await;
+        assert_eq!(status, 401, "{path}");
+    }
+}
+
+/// Sends a wrong token with a chunked body in two parts, 300 ms apart (a streaming client's
+/// way), then reads the status line.
+async fn refused_while_writing(addr: std::net::SocketAddr, path: &str, ct: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = vec![b'x'; 256 * 1024];
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: agent\r\nx-access-token: wrong\r\n\
+         content-type: {ct}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"400\r\n").await.unwrap();
+    s.write_all(&body[..1024]).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    s.write_all(format!("{:x}\r\n", body.len() - 1024).as_bytes())
+        .await
+        .expect("the agent kept reading the refused body");
+    s.write_all(&body[1024..])
+        .await
+        .expect("the agent kept reading the refused body");
+    s.write_all(b"\r\n0\r\n\r\n")
+        .await
+        .expect("the agent kept reading the refused body");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .expect("an answer, not a reset");
+        assert!(n > 0, "connection closed before an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&got);
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test]

@@ -206,8 +206,15 @@ pub async fn upload(
     Query(q): Query<FilesQuery>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    authorize(&state, req.headers(), &q, Operation::Write)?;
-    let user = user_for(&state, &q)?;
+    let checked =
+        authorize(&state, req.headers(), &q, Operation::Write).and_then(|()| user_for(&state, &q));
+    let user = match checked {
+        Ok(user) => user,
+        Err(e) => {
+            super::drain_refused(req.into_body()).await;
+            return Err(e);
+        }
+    };
     let metadata = metadata_headers(req.headers());
     let ct = req
         .headers()

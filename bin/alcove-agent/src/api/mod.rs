@@ -107,10 +107,25 @@ async fn authorize(State(state): State<Arc<AgentState>>, req: Request, next: Nex
             .and_then(|v| v.to_str().ok());
         if !state.token_matches(presented) {
             Counters::inc(&state.counters.unauthorized);
-            return unauthorized(path);
+            let response = unauthorized(path);
+            drain_refused(req.into_body()).await;
+            return response;
         }
     }
     next.run(req).await
+}
+
+/// The most of a refused request's body read before answering.
+const DRAIN_LIMIT: usize = 1 << 20;
+/// How long a refused request's body is read before answering.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads (and drops) a refused request's body, bounded in size and time, before the refusal is
+/// sent. Answering while the client is still writing makes the server close a connection with
+/// unread bytes: the peer sees a reset ("broken pipe") instead of the 401 (or 400) it was sent,
+/// which is what a streaming Connect client hit when its token was wrong.
+pub(crate) async fn drain_refused(body: axum::body::Body) {
+    let _ = tokio::time::timeout(DRAIN_TIME, axum::body::to_bytes(body, DRAIN_LIMIT)).await;
 }
 
 /// Connect clients expect a Connect error body; others get envd's JSON error.
