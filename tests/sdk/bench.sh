@@ -6,6 +6,9 @@
 #   tests/sdk/bench.sh create -n 30       one mode, 30 iterations
 #   tests/sdk/bench.sh sequential -n 40   back-to-back creates from an idle pool
 #   tests/sdk/bench.sh js -n 5            first JavaScript cell (Deno kernel start) vs Python
+#   ALCOVE_WARM_POOL=base=4 tests/sdk/bench.sh cluster -n 20   through a cluster node vs single host
+#   tests/sdk/bench.sh sustained --workers 4  creates for 5 minutes (ALCOVE_BENCH_SECONDS)
+#   tests/sdk/bench.sh burst --burst 100      100 concurrent creates
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   tests/sdk/bench.sh egress -n 50       HTTPS through a secret-header rule (TLS intercepted) vs not
 #   tests/sdk/bench.sh volume -n 5        dd throughput in the guest: a mounted volume vs the root disk
@@ -36,7 +39,7 @@ pool="base=20,code-interpreter-v1=2"
 if [[ " $* " == *" desktop "* ]]; then
     others=""
     for a in "$@"; do
-        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential)$ ]]; then others=1; fi
+        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential|cluster|sustained)$ ]]; then others=1; fi
     done
     pool="${others:+$pool,}desktop=2"
 fi
@@ -47,6 +50,8 @@ cleanup() {
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
     pkill -9 -f "$data/state" 2>/dev/null || true
+    # The server log outlives the run, for the cause of any failure the figures count.
+    cp "$data/server.log" "${TMPDIR:-/tmp}/alcove-bench-server.log" 2>/dev/null || true
     rm -rf "$data"
 }
 trap cleanup EXIT

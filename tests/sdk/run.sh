@@ -6,8 +6,10 @@
 #   tests/sdk/run.sh --fake     control API only, against the fake-backend dev server
 #                               (crates/api/examples/fake_server.rs): no VMs needed
 #
-# Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js security" by default;
-# `security` is the adversarial suite in tests/security/, real server only), PYTEST_ARGS /
+# Environment: ALCOVE_BIN (default target/debug/alcove), SUITES ("python js security cluster" by
+# default; `security` is the adversarial suite in tests/security/, real server only; `cluster`
+# runs $CLUSTER_MODULES of the Python suite again, against a cluster of two control-plane
+# replicas on a private Postgres and three nodes (python/run_on_cluster.py), real only), PYTEST_ARGS /
 # NODE_TEST_ARGS / SECURITY_PYTEST_ARGS for extra arguments. The SDKs are configured only through
 # E2B_API_URL, E2B_SANDBOX_URL, E2B_VOLUME_API_URL (the volume content API, on the same listener)
 # and E2B_API_KEY. For the persistence tests the suites also get
@@ -23,7 +25,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 mode=real
 [[ "${1:-}" == "--fake" ]] && mode=fake
-suites="${SUITES:-python js security}"
+suites="${SUITES:-python js security cluster}"
+# The Python suite's modules that also run against a cluster: sandboxes, commands, files, PTYs,
+# the code interpreter, pause/resume and snapshots, ports. (Template builds, volumes, secrets in
+# network rules are refused on a cluster; the rest reads the single server's own files.)
+cluster_modules="${CLUSTER_MODULES:-test_commands.py test_files.py test_pty.py test_code_interpreter.py test_persistence.py test_control.py test_ports.py}"
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 data="$(mktemp -d "${TMPDIR:-/tmp}/alcove-sdk.XXXXXX")"
@@ -167,13 +173,18 @@ E2B_API_KEY="$(cat "$data/state/api-key")"
 export E2B_API_KEY
 echo "server ($mode) on $E2B_API_URL, log $log"
 
+# The Python suites' virtualenv (tests/.venv), with the packages of requirements file $1.
+venv="$root/tests/.venv"
+python_venv() {
+    [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$1"
+}
+
 status=0
 for suite in $suites; do
     case "$suite" in
     python)
-        venv="$root/tests/.venv"
-        [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/python/requirements.txt"
+        python_venv "$here/python/requirements.txt"
         marker=()
         [[ $mode == fake ]] && marker=(-m control)
         # test_desktop.py's browser is a Node script (js/lib/browser.mjs) with the JS suite's
@@ -197,10 +208,17 @@ for suite in $suites; do
             echo "security: needs a real server, skipped with --fake"
             continue
         fi
-        venv="$root/tests/.venv"
-        [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/security/requirements.txt"
+        python_venv "$root/tests/security/requirements.txt"
         (cd "$root/tests/security" && "$venv/bin/python" -m pytest -q ${SECURITY_PYTEST_ARGS:-}) || status=1
+        ;;
+    cluster)
+        if [[ $mode == fake ]]; then
+            echo "cluster: needs real nodes, skipped with --fake"
+            continue
+        fi
+        python_venv "$here/python/requirements.txt"
+        # shellcheck disable=SC2086
+        (cd "$here/python" && "$venv/bin/python" run_on_cluster.py $cluster_modules) || status=1
         ;;
     *) echo "unknown suite $suite" >&2; status=1 ;;
     esac

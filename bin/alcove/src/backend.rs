@@ -113,6 +113,28 @@ fn build_id(key: &str) -> String {
     )
 }
 
+/// A cluster node's paused sandboxes leave and arrive through the blob store
+/// (`alcove_cluster::node::Moves`); the files are the node's.
+impl alcove_cluster::node::HostFiles for NodeBackend {
+    fn paused_files(&self, id: &str) -> Result<Vec<(String, std::path::PathBuf)>, BackendError> {
+        self.node
+            .paused_files(id)
+            .map_err(|e| map_err("list a paused sandbox's files", e))
+    }
+
+    fn incoming_dir(&self, id: &str) -> Result<std::path::PathBuf, BackendError> {
+        self.node
+            .incoming_dir(id)
+            .map_err(|e| map_err("take in a sandbox", e))
+    }
+
+    fn adopt(&self, id: &str) -> Result<(), BackendError> {
+        self.node
+            .adopt_paused(id)
+            .map_err(|e| map_err("take in a sandbox", e))
+    }
+}
+
 impl SandboxBackend for NodeBackend {
     fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>> {
         Box::pin(async move {
@@ -204,6 +226,13 @@ impl SandboxBackend for NodeBackend {
             jailed: cfg.vmm.jail.is_some(),
             max_sandboxes: cfg.max_sandboxes,
             sandboxes: self.node.sandbox_count(),
+            vcpus_used: self
+                .node
+                .list()
+                .iter()
+                .filter(|s| status_of(s.state.clone()) == SandboxStatus::Running)
+                .map(|s| s.vcpus)
+                .sum(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_mib: mib("MemTotal:"),
             memory_available_mib: mib("MemAvailable:"),

@@ -113,12 +113,14 @@ pub struct ServerOptions {
     /// Address for the API and sandbox traffic.
     #[arg(long, env = "ALCOVE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Holds the database and, after the first start, the admin key (`api-key`).
-    #[arg(long, env = "ALCOVE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
     /// Domain for `<port>-<sandboxID>.<domain>` routing (default `localhost:<port>`).
     #[arg(long, env = "ALCOVE_DOMAIN")]
     pub domain: Option<String>,
+    /// The store: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE for a cluster's control
+    /// planes (several replicas share one), or sqlite:PATH. Default: DATA_DIR/alcove.db.
+    /// Prefer the environment variable: a password on the command line shows in `ps`.
+    #[arg(long, env = "ALCOVE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Serve HTTPS with this certificate (PEM: a wildcard for *.DOMAIN first, then its chain),
     /// so the SDKs' https:// links work; `alcove tls init` makes one. Needs --tls-key.
     #[arg(long, env = "ALCOVE_TLS_CERT", requires = "tls_key")]
@@ -174,12 +176,6 @@ pub struct ServerOptions {
     /// Proxied requests open at once to one sandbox; more get 429.
     #[arg(long, default_value_t = ConnectionLimits::default().max_proxied_streams_per_sandbox)]
     pub max_proxied_streams_per_sandbox: usize,
-    /// Built kernels, root file systems and templates (rebuildable).
-    #[arg(long, env = "ALCOVE_CACHE")]
-    pub cache_dir: Option<PathBuf>,
-    /// Force the accelerator (kvm or tcg) instead of detecting it.
-    #[arg(long, env = "ALCOVE_ACCEL")]
-    pub accel: Option<String>,
     /// How often usage is metered and spend caps checked (e.g. 60s). State changes are
     /// metered when they happen whatever this is.
     #[arg(long, env = "ALCOVE_METER_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
@@ -210,6 +206,85 @@ pub struct ServerOptions {
     /// The HMAC-SHA256 key of webhook signatures.
     #[arg(long, env = "ALCOVE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// This host's sandboxes: where they live, what they may use (also `alcove node`'s).
+    #[command(flatten)]
+    pub host: HostOptions,
+    /// Run as a cluster's control plane (`docs/cluster.md`).
+    #[command(flatten)]
+    pub cluster: ClusterOptions,
+}
+
+/// `alcove server` as a cluster's control plane (`docs/cluster.md`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClusterOptions {
+    /// Run as a cluster's control plane, with no sandboxes on this host: `alcove node`s
+    /// register on this address (signed heartbeats) and run them, e.g. 0.0.0.0:7070. Served
+    /// over TLS with --tls-cert/--tls-key when given (nodes need https:// off loopback).
+    #[arg(long, env = "ALCOVE_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// The cluster token: a file with the same secret on the control plane and every node
+    /// (default `<data-dir>/cluster.token`, made on the first cluster start).
+    #[arg(long, env = "ALCOVE_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// Among nodes that can take a sandbox: `spread` (most free memory first) or `pack`
+    /// (fullest that fits first, keeping whole nodes free).
+    #[arg(long, env = "ALCOVE_PLACEMENT", default_value = "spread", value_parser = ["spread", "pack"])]
+    pub placement: String,
+    /// Where paused sandboxes are copied so that another node can resume them (a drained or
+    /// lost node's): `file:///shared/dir`, the same for the control plane and every node.
+    #[arg(long, env = "ALCOVE_BLOB_STORE")]
+    pub blob_store: Option<String>,
+}
+
+/// `alcove node`: this host's sandboxes for a cluster's control plane.
+#[derive(clap::Args, Clone)]
+pub struct NodeOptions {
+    /// The control plane's cluster listener (its --cluster-listen), e.g. https://cp:7070.
+    /// Several control-plane replicas: repeat it, or separate them with commas; each gets the
+    /// heartbeats. Plain http is accepted only to a loopback address. Required to run a node.
+    #[arg(long, env = "ALCOVE_SERVER", value_delimiter = ',')]
+    pub server: Vec<String>,
+    /// The cluster token file (a copy of the control plane's `cluster.token`). Required to run
+    /// a node.
+    #[arg(long, env = "ALCOVE_CLUSTER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Address of this node's link listener (TLS): the control plane's calls and sandbox
+    /// traffic come in there.
+    #[arg(long, env = "ALCOVE_NODE_LISTEN", default_value = "0.0.0.0:7071")]
+    pub listen: SocketAddr,
+    /// How the control plane reaches the link listener, e.g. https://10.0.0.5:7071 (default:
+    /// https://<address of --listen>, or https://<host name>:<port> when it is 0.0.0.0).
+    #[arg(long, env = "ALCOVE_NODE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// This node's name in the cluster, unique (default: the host name).
+    #[arg(long, env = "ALCOVE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// A PEM file of the CA that signed the control plane's https certificate (for example
+    /// `alcove tls init`'s ca.pem), trusted besides the host's roots.
+    #[arg(long, env = "ALCOVE_SERVER_CA")]
+    pub server_ca: Option<PathBuf>,
+    /// The cluster's blob store (the control plane's --blob-store): paused sandboxes leave and
+    /// arrive through it.
+    #[arg(long, env = "ALCOVE_BLOB_STORE")]
+    pub blob_store: Option<String>,
+    #[command(flatten)]
+    pub host: HostOptions,
+}
+
+/// The host's side: where sandboxes live and what they may use. `alcove server` runs them
+/// itself; in a cluster each `alcove node` does.
+#[derive(clap::Args, Clone)]
+pub struct HostOptions {
+    /// Sandboxes, snapshots and, for `alcove server`, the database and (after the first
+    /// start) the admin key (`api-key`).
+    #[arg(long, env = "ALCOVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Built kernels, root file systems and templates (rebuildable).
+    #[arg(long, env = "ALCOVE_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Force the accelerator (kvm or tcg) instead of detecting it.
+    #[arg(long, env = "ALCOVE_ACCEL")]
+    pub accel: Option<String>,
     /// Sandboxes this host runs at once, at most (default: from the host's RAM,
     /// `(MemTotal - 1 GiB) / (512 MiB + 64 MiB)`, at least 1).
     #[arg(long, env = "ALCOVE_MAX_VMS")]
@@ -411,7 +486,7 @@ impl EgressOptions {
     }
 }
 
-impl ServerOptions {
+impl HostOptions {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
@@ -419,6 +494,81 @@ impl ServerOptions {
     /// `--max-vms`, else the default from the host's RAM.
     pub fn max_vms(&self) -> usize {
         self.max_vms.unwrap_or_else(default_max_vms)
+    }
+
+    /// Opens the node this host runs sandboxes on, with its warm pools set; egress
+    /// connections are reported to `egress_events`, and network rules' secret values come from
+    /// `secrets` (the server's store; none on a cluster node).
+    pub async fn node(
+        &self,
+        egress_events: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
+        secrets: Option<alcove_net::egress::Secrets>,
+    ) -> anyhow::Result<Arc<alcove_node::Node>> {
+        let data_dir = self.data_dir();
+        let g = Global {
+            data_dir: data_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
+            accel: self.accel.clone(),
+            agent_bin: None,
+            json: false,
+            jail: self.jail.clone(),
+        };
+        let accel = g.accel();
+        if accel.accel == Accel::Tcg {
+            if self.require_kvm {
+                anyhow::bail!(
+                    "--require-kvm is set but VMs would run under TCG ({}); run on a host with hardware KVM (/dev/kvm with kvm_intel or kvm_amd), or drop --require-kvm",
+                    accel.reason
+                );
+            }
+            tracing::warn!(reason = %accel.reason, "{TCG_WARNING}");
+        }
+        let pools = alcove_node::parse_warm_pool(&self.warm_pool)
+            .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
+        let node = alcove_node::Node::open(alcove_node::NodeConfig {
+            data_dir,
+            cache_dir: g.cache_dir(),
+            vmm: g.vmm(),
+            max_sandboxes: self.max_vms(),
+            egress: self.egress.config_with(egress_events, secrets)?,
+        })
+        .await?;
+        let built: Vec<String> = alcove_image::build::list_templates(&g.cache_dir())
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        for (template, (min, max)) in pools {
+            if !built.contains(&template) {
+                tracing::warn!(
+                    template,
+                    "--warm-pool names a template that is not built; no pool for it (build it with `alcove template build {template}` and restart)"
+                );
+                continue;
+            }
+            node.set_warm_pool_range(&template, min, max);
+        }
+        // `fromImage` builds: pulls go through the operator's registry settings; without the
+        // agent binary (a broken install) they are refused with the reason.
+        match g.agent_bin() {
+            Ok(agent) => node.set_oci_options(self.registry.oci(
+                g.cache_dir(),
+                agent,
+                4096,
+                Arc::new(|ev| {
+                    if let alcove_image::build::ProgressEvent::Line { text } = ev {
+                        tracing::info!(target: "alcove::oci", "{text}");
+                    }
+                }),
+            )),
+            Err(e) => tracing::warn!(error = %e, "image builds are disabled"),
+        }
+        Ok(node)
+    }
+}
+
+impl ServerOptions {
+    pub fn data_dir(&self) -> PathBuf {
+        self.host.data_dir()
     }
 
     /// Metering: the tick, the prices (`--prices` read and checked), the webhook.
@@ -487,11 +637,19 @@ impl ServerOptions {
         })
     }
 
+    /// The store `--database-url` names (checked), or the data directory's SQLite file.
+    pub fn database(&self) -> anyhow::Result<alcove_store::Database> {
+        alcove_store::Database::from_url(self.database_url.as_deref(), &self.data_dir())
+            .map_err(|e| anyhow::anyhow!("--database-url: {e}"))
+    }
+
     /// The API server's configuration.
     pub fn api(&self) -> alcove_api::ServerConfig {
         alcove_api::ServerConfig {
             listen: self.listen,
             data_dir: self.data_dir(),
+            // Checked by `database()` before the server starts.
+            database: self.database().ok(),
             domain: self.domain.clone(),
             limits: Limits {
                 default_timeout: Duration::from_secs(self.default_timeout),
@@ -513,6 +671,13 @@ impl ServerOptions {
                 max_template_bytes: self.team_max_template_storage,
                 max_upload_bytes: self.max_template_upload,
                 build_timeout: self.build_timeout,
+                // A cluster's nodes can go away underneath it: looked for every 2 s, so a
+                // lost node's sandboxes are reported within 10 s of its last heartbeat.
+                liveness_interval: if self.cluster.cluster_listen.is_some() {
+                    Duration::from_secs(2)
+                } else {
+                    Limits::default().liveness_interval
+                },
                 ..Limits::default()
             },
             metering: alcove_api::MeteringConfig {
@@ -522,78 +687,6 @@ impl ServerOptions {
             // Read from --tls-cert/--tls-key when the server starts (they may fail to load).
             tls: None,
         }
-    }
-
-    /// Opens the node the server runs sandboxes on, with its warm pools set; egress
-    /// connections are reported to `egress_events`.
-    pub async fn node(
-        &self,
-        egress_events: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
-    ) -> anyhow::Result<Arc<alcove_node::Node>> {
-        let data_dir = self.data_dir();
-        let g = Global {
-            data_dir: data_dir.clone(),
-            cache_dir: self.cache_dir.clone(),
-            accel: self.accel.clone(),
-            agent_bin: None,
-            json: false,
-            jail: self.jail.clone(),
-        };
-        let accel = g.accel();
-        if accel.accel == Accel::Tcg {
-            if self.require_kvm {
-                anyhow::bail!(
-                    "--require-kvm is set but VMs would run under TCG ({}); run on a host with hardware KVM (/dev/kvm with kvm_intel or kvm_amd), or drop --require-kvm",
-                    accel.reason
-                );
-            }
-            tracing::warn!(reason = %accel.reason, "{TCG_WARNING}");
-        }
-        let pools = alcove_node::parse_warm_pool(&self.warm_pool)
-            .map_err(|e| anyhow::anyhow!("--warm-pool: {e}"))?;
-        // The egress proxy reads secret values for network rules from the server's store.
-        let secrets = alcove_net::egress::Secrets(Arc::new(
-            alcove_api::StoreSecrets::open(&data_dir)
-                .map_err(|e| anyhow::anyhow!("the secret store: {e}"))?,
-        ));
-        let node = alcove_node::Node::open(alcove_node::NodeConfig {
-            data_dir,
-            cache_dir: g.cache_dir(),
-            vmm: g.vmm(),
-            max_sandboxes: self.max_vms(),
-            egress: self.egress.config_with(egress_events, Some(secrets))?,
-        })
-        .await?;
-        let built: Vec<String> = alcove_image::build::list_templates(&g.cache_dir())
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        for (template, (min, max)) in pools {
-            if !built.contains(&template) {
-                tracing::warn!(
-                    template,
-                    "--warm-pool names a template that is not built; no pool for it (build it with `alcove template build {template}` and restart)"
-                );
-                continue;
-            }
-            node.set_warm_pool_range(&template, min, max);
-        }
-        // `fromImage` builds: pulls go through the operator's registry settings; without the
-        // agent binary (a broken install) they are refused with the reason.
-        match g.agent_bin() {
-            Ok(agent) => node.set_oci_options(self.registry.oci(
-                g.cache_dir(),
-                agent,
-                4096,
-                Arc::new(|ev| {
-                    if let alcove_image::build::ProgressEvent::Line { text } = ev {
-                        tracing::info!(target: "alcove::oci", "{text}");
-                    }
-                }),
-            )),
-            Err(e) => tracing::warn!(error = %e, "image builds are disabled"),
-        }
-        Ok(node)
     }
 }
 
@@ -714,8 +807,8 @@ mod tests {
         assert_eq!(config.limits.max_template_bytes, lib.max_template_bytes);
         assert_eq!(config.limits.max_upload_bytes, lib.max_upload_bytes);
         assert_eq!(config.limits.build_timeout, lib.build_timeout);
-        assert_eq!(opts.max_vms(), default_max_vms());
-        assert_eq!(opts.warm_pool, DEFAULT_WARM_POOL);
+        assert_eq!(opts.host.max_vms(), default_max_vms());
+        assert_eq!(opts.host.warm_pool, DEFAULT_WARM_POOL);
     }
 
     #[test]
@@ -735,7 +828,7 @@ mod tests {
         let opts = Server::try_parse_from(["alcove", "--max-vms", "7"])
             .unwrap()
             .opts;
-        assert_eq!(opts.max_vms(), 7);
+        assert_eq!(opts.host.max_vms(), 7);
     }
 
     #[test]
@@ -777,7 +870,11 @@ mod tests {
     #[test]
     fn registry_flags_become_pull_options() {
         use clap::Parser;
-        let o = Server::try_parse_from(["alcove"]).unwrap().opts.registry;
+        let o = Server::try_parse_from(["alcove"])
+            .unwrap()
+            .opts
+            .host
+            .registry;
         let oci = o.oci("/c".into(), "/a".into(), 512, Arc::new(|_| {}));
         assert_eq!(oci.mirror, None);
         assert!(oci.insecure_registries.is_empty());
@@ -795,6 +892,7 @@ mod tests {
         ])
         .unwrap()
         .opts
+        .host
         .registry;
         let oci = o.oci("/c".into(), "/a".into(), 512, Arc::new(|_| {}));
         assert_eq!(oci.mirror.as_deref(), Some("http://10.0.0.5:5000"));

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use alcove_api::models::rfc3339;
-use alcove_store::{DB_FILE, Store};
+use alcove_store::{Database, Store};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -19,6 +19,9 @@ use crate::config::default_data_dir;
 pub struct KeysArgs {
     #[arg(long, env = "ALCOVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The server's store, as `alcove server --database-url` (default: DATA_DIR/alcove.db).
+    #[arg(long, env = "ALCOVE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -46,15 +49,18 @@ pub enum KeysCommand {
 /// Runs `alcove keys` against the data directory's database.
 pub fn run_keys(args: KeysArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let db = dir.join(DB_FILE);
-    if !db.exists() {
+    let db = Database::from_url(args.database_url.as_deref(), &dir)
+        .map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
+    if let Database::Sqlite(path) = &db
+        && !path.exists()
+    {
         bail!(
             "no database at {}: start `alcove server --data-dir {}` once first",
-            db.display(),
+            path.display(),
             dir.display()
         );
     }
-    let store = Store::open(&db).context("opening the database")?;
+    let store = Store::connect(&db).with_context(|| format!("opening the database {db}"))?;
     match args.command {
         KeysCommand::Create { name, team } => {
             let team = match team {

@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod keys;
 mod mcp;
+mod node;
 mod sandbox;
 mod server;
 mod template;
@@ -28,6 +29,9 @@ struct Cli {
 enum Command {
     /// Run the E2B-compatible API server (sandboxes on this host, SQLite in the data dir).
     Server(Box<config::ServerOptions>),
+    /// Run this host's sandboxes for a cluster's control plane (`alcove server
+    /// --cluster-listen`): register with it, heartbeat, take its calls (`docs/cluster.md`).
+    Node(Box<NodeCli>),
     /// Manage API keys in the server's data dir.
     Keys(keys::KeysArgs),
     /// TLS certificates for the server's listener (`tls init`: a local CA and a wildcard).
@@ -78,6 +82,16 @@ struct InfoCli {
     global: config::Global,
 }
 
+/// `alcove node` runs the node; `alcove node ls|drain` ask the control plane about its nodes.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct NodeCli {
+    #[command(subcommand)]
+    command: Option<client::NodeCommand>,
+    #[command(flatten)]
+    run: config::NodeOptions,
+}
+
 #[derive(Subcommand)]
 enum ClientCmd {
     /// Sandboxes, through the API.
@@ -97,6 +111,7 @@ fn log_filter(command: &Command) -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| {
             EnvFilter::new(match command {
                 Command::Server(_) => "warn,alcove=info",
+                Command::Node(c) if c.command.is_none() => "warn,alcove=info",
                 _ => "warn",
             })
         })
@@ -122,6 +137,12 @@ fn main() -> std::process::ExitCode {
         Command::Usage(a) => a.client.json,
         Command::Teams(a) => a.client.json,
         Command::Audit(a) => a.client.json,
+        Command::Node(c) => match &c.command {
+            Some(
+                client::NodeCommand::Ls { client } | client::NodeCommand::Drain { client, .. },
+            ) => client.json,
+            None => false,
+        },
         Command::Server(_) | Command::Mcp(_) => false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -163,6 +184,10 @@ fn main() -> std::process::ExitCode {
                 Ok(0)
             }
             Command::Server(c) => server::run(*c, &mut out).await.map(|()| 0),
+            Command::Node(c) => match c.command {
+                Some(cmd) => client::run_node_command(cmd, &mut out).await,
+                None => node::run(c.run, &mut out).await.map(|()| 0),
+            },
             Command::Keys(k) => keys::run_keys(k, &mut out).map(|()| 0),
             Command::Tls(t) => tls::run(t, &mut out).map(|()| 0),
             Command::Client(ClientCmd::Sandbox(a)) => client::run_sandbox(a, &mut out)

@@ -41,7 +41,7 @@ pub use alcove_guest_contract::{CODE_INTERPRETER_PORT, ENVD_PORT};
 
 /// A command for [`SandboxBackend::exec`]: a program and its arguments, run as `user` with the
 /// sandbox's own environment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExecRequest {
     pub cmd: String,
     pub args: Vec<String>,
@@ -51,7 +51,7 @@ pub struct ExecRequest {
 }
 
 /// A host as [`SandboxBackend::host_info`] describes it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HostInfo {
     /// `kvm` or `tcg`.
     pub accel: String,
@@ -63,13 +63,34 @@ pub struct HostInfo {
     pub max_sandboxes: usize,
     /// Sandboxes on it now (running or starting).
     pub sandboxes: usize,
+    /// vCPUs those sandboxes were given (placement in a cluster counts against them).
+    #[serde(default)]
+    pub vcpus_used: u32,
     pub cpus: usize,
     pub memory_mib: u64,
     pub memory_available_mib: u64,
 }
 
+/// One node of a cluster as its control plane sees it ([`SandboxBackend::nodes`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    /// Its link listener.
+    pub url: String,
+    /// Heartbeating in time.
+    pub up: bool,
+    /// Taking no new sandboxes (`alcove node drain`).
+    pub draining: bool,
+    pub last_heartbeat_ms_ago: u64,
+    pub sandboxes: usize,
+    pub memory_available_mib: u64,
+    pub templates: usize,
+}
+
 /// What a command run by [`SandboxBackend::exec`] left.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ExecOutput {
     /// The exit code; -1 when a signal ended it.
     pub exit_code: i32,
@@ -78,7 +99,7 @@ pub struct ExecOutput {
 }
 
 /// What the backend needs to start a sandbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CreateSandbox {
     /// Chosen by the API; unique, lowercase alphanumeric, safe in a host name.
     pub sandbox_id: String,
@@ -107,7 +128,7 @@ pub struct CreateSandbox {
 }
 
 /// What the backend started.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StartedSandbox {
     pub cpu_count: u32,
     pub memory_mb: u32,
@@ -118,14 +139,14 @@ pub struct StartedSandbox {
 }
 
 /// A sandbox the backend has a VM for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LiveSandbox {
     pub sandbox_id: String,
     pub paused: bool,
 }
 
 /// What became of one sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SandboxStatus {
     Running,
     Paused,
@@ -138,7 +159,7 @@ pub enum SandboxStatus {
 }
 
 /// A template the host can create sandboxes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TemplateInfo {
     pub template_id: String,
     /// Names it can be created by, e.g. `base`, `code-interpreter-v1`.
@@ -155,7 +176,7 @@ pub struct TemplateInfo {
 pub type NetCounters = (u64, u64);
 
 /// One template's warm pool on the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarmPool {
     pub template_id: String,
     pub target: usize,
@@ -168,7 +189,7 @@ pub struct WarmPool {
 }
 
 /// One resource sample of a running sandbox.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResourceUsage {
     pub timestamp: SystemTime,
     pub cpu_count: u32,
@@ -181,14 +202,14 @@ pub struct ResourceUsage {
 }
 
 /// One line of a sandbox's own log (guest console, agent), beside the API's lifecycle events.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogLine {
     pub timestamp: SystemTime,
     pub level: LogLevel,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogLevel {
     Debug,
     Info,
@@ -205,6 +226,10 @@ pub enum BackendError {
     /// The host cannot fit another sandbox now (memory, CPU, slots).
     #[error("no capacity for another sandbox")]
     NoCapacity,
+    /// Nothing that could run the sandbox is there at all (a cluster with no node up that has
+    /// the template); `reason` says what is missing and what to do.
+    #[error("no node can take the sandbox: {reason}")]
+    Unavailable { reason: String },
     /// Nothing listens on the port inside the sandbox (or the agent is not up).
     #[error("port is not open in the sandbox")]
     PortNotOpen,
@@ -233,7 +258,7 @@ pub enum BackendError {
 
 /// What a pause keeps and a resume starts from: E2B's `memory` flag (`true`, the default, is
 /// `Memory`; the SDKs' `mode="filesystem"` and `on_resume="reboot"` send `false`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Keep {
     /// Memory, processes and disk: the sandbox goes on where it was.
     Memory,
@@ -276,6 +301,10 @@ pub enum BackendOp {
     NetCounters,
     /// A command run inside a sandbox for the API ([`SandboxBackend::exec`]).
     Exec,
+    /// Draining a cluster node ([`SandboxBackend::drain_node`]).
+    Drain,
+    /// Moving a paused sandbox's state off its node ([`SandboxBackend::evict`]).
+    Evict,
     /// Sandbox traffic to `port` inside the sandbox.
     Forward {
         port: u16,
@@ -304,6 +333,8 @@ impl BackendOp {
             BackendOp::StoredBytes => "stored_bytes",
             BackendOp::NetCounters => "net_counters",
             BackendOp::Exec => "exec",
+            BackendOp::Drain => "drain",
+            BackendOp::Evict => "evict",
             BackendOp::Forward { .. } => "forward",
         }
     }
@@ -493,6 +524,31 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// when the backend has no host of its own to describe.
     fn host_info(&self) -> Option<HostInfo> {
         None
+    }
+
+    /// The nodes of a cluster; `None` for a backend that is one host.
+    fn nodes(&self) -> Option<Vec<NodeInfo>> {
+        None
+    }
+
+    /// Whether this control-plane replica runs the background duties (liveness among them):
+    /// a cluster backend tells a node back from being lost to drop its sandboxes only on the
+    /// replica that declared them lost.
+    fn set_on_duty(&self, _on_duty: bool) {}
+
+    /// Stops placing sandboxes on cluster node `node_id` and answers the sandboxes it holds, for
+    /// the API to pause each and [`SandboxBackend::evict`] it.
+    fn drain_node<'a>(
+        &'a self,
+        _node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<LiveSandbox>, BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "drain" }) })
+    }
+
+    /// Moves paused sandbox `sandbox_id` off its node: its state stays (checked) in the
+    /// cluster's blob store, and its next resume runs on another node.
+    fn evict<'a>(&'a self, _sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async { Err(BackendError::Unsupported { op: "evict" }) })
     }
 
     /// Sends one HTTP request to `port` inside the sandbox: the agent ([`ENVD_PORT`]), the code

@@ -13,6 +13,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Holds `alcove.db` and, after the first start, `api-key`.
     pub data_dir: PathBuf,
+    /// The store (`--database-url`); `None` is `<data_dir>/alcove.db`.
+    pub database: Option<alcove_store::Database>,
     /// Domain for `<port>-<sandboxID>.<domain>` routing and the `domain` the SDK is given.
     /// `None` means `localhost:<listen port>`.
     pub domain: Option<String>,
@@ -308,6 +310,9 @@ impl Limits {
             BackendOp::StoredBytes => b.stored_bytes,
             BackendOp::NetCounters => b.network,
             BackendOp::Exec => b.exec,
+            BackendOp::Drain => b.list,
+            // An upload of a paused sandbox's state, as long as a pause may take.
+            BackendOp::Evict => b.pause,
             BackendOp::Forward { .. } => return None,
         })
     }
@@ -342,10 +347,18 @@ impl Default for Limits {
 }
 
 impl ServerConfig {
+    /// Where the store is: `database`, or the SQLite file in the data directory.
+    pub fn database(&self) -> alcove_store::Database {
+        self.database.clone().unwrap_or_else(|| {
+            alcove_store::Database::Sqlite(self.data_dir.join(alcove_store::DB_FILE))
+        })
+    }
+
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
             listen,
             data_dir: data_dir.into(),
+            database: None,
             domain: None,
             limits: Limits::default(),
             metering: MeteringConfig::default(),

@@ -82,6 +82,9 @@ pub enum ApiError {
     NotImplemented { what: &'static str },
     #[error("no capacity")]
     NoCapacity,
+    /// A cluster has no node that can take the sandbox (`BackendError::Unavailable`).
+    #[error("no node can take the sandbox")]
+    NoNode { reason: String },
     #[error("sandbox already paused")]
     AlreadyPaused { sandbox_id: String },
     #[error("sandbox already running")]
@@ -458,6 +461,14 @@ impl ApiError {
                 "The host has no capacity for another sandbox right now. Retry in a few seconds \
                  or kill sandboxes you no longer need."
                     .into(),
+            ),
+            NoNode { reason } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_node_available",
+                format!(
+                    "No node of this cluster can run the sandbox: {reason}. Retry once a node \
+                     is up (GET /alcove/v1/nodes lists them)."
+                ),
             ),
             CreateTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -1055,7 +1066,9 @@ impl ApiError {
             | SpendCapReached { .. }
             | CreateTimeout
             | IdempotencyKeyReused => Some(false),
-            NoCapacity | TooManyConnections { .. } | IdempotencyInProgress => Some(true),
+            NoCapacity | NoNode { .. } | TooManyConnections { .. } | IdempotencyInProgress => {
+                Some(true)
+            }
             _ => None,
         }
     }
@@ -1088,6 +1101,12 @@ mod tests {
             ),
             (ApiError::SandboxLimit { limit: 1 }, 429),
             (ApiError::NoCapacity, 503),
+            (
+                ApiError::NoNode {
+                    reason: "none has joined".into(),
+                },
+                503,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(e.parts().0.as_u16(), status, "{e:?}");

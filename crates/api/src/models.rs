@@ -1021,3 +1021,25 @@ pub struct RecordingView {
 pub struct RecordingList {
     pub recordings: Vec<RecordingView>,
 }
+
+/// What `POST /alcove/v1/nodes/{nodeID}/drain` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainReport {
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    /// Running sandboxes paused for the drain.
+    pub paused: Vec<String>,
+    /// Paused sandboxes moved off the node: their next resume runs on another node.
+    pub moved: Vec<String>,
+    /// Sandboxes that stayed, each with why.
+    pub failed: Vec<DrainFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainFailure {
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    pub message: String,
+}

@@ -78,6 +78,8 @@ use crate::handlers::{
         extensions::recordings,
         extensions::snapshot_tree,
         extensions::warm_pool,
+        extensions::nodes,
+        extensions::drain_node,
         usage::usage,
         usage::usage_events,
         usage::get_limits,

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -70,7 +70,7 @@ pub struct OverTls;
 pub const PLATFORM_PORTS: &[u16] = &[ENVD_PORT, CODE_INTERPRETER_PORT];
 
 /// Where a request should go, if it is sandbox traffic.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub sandbox_id: String,
     pub port: u16,
@@ -166,7 +166,14 @@ pub async fn dispatch(State(st): State<ProxyState>, req: Request, next: Next) ->
         Ok(None) => next.run(Request::from_parts(parts, body)).await,
         Ok(Some(route)) => {
             Metrics::inc(&METRICS.proxy_requests);
-            match proxy(&st, route, Request::from_parts(parts, body)).await {
+            let result = match admit(&st, &route, &parts).await {
+                Ok(admitted) => proxy(&st, route, admitted, parts, body).await,
+                Err(e) => {
+                    drain_refused(body).await;
+                    Err(e)
+                }
+            };
+            match result {
                 Ok(resp) => resp,
                 Err(e) => {
                     Metrics::inc(&METRICS.proxy_failures);
@@ -176,21 +183,34 @@ pub async fn dispatch(State(st): State<ProxyState>, req: Request, next: Next) ->
         }
         Err(e) => {
             Metrics::inc(&METRICS.proxy_failures);
+            drain_refused(body).await;
             e.into_response()
         }
     }
 }
 
+/// The most of a refused request's body read before answering.
+const DRAIN_LIMIT: usize = 1 << 20;
+/// How long a refused request's body is read before answering.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads (and drops) the body of a request refused before it was forwarded, bounded in size
+/// and time. Answering while a streaming client is still writing closes a connection with
+/// unread bytes, and the client sees a broken pipe instead of the error it was sent.
+async fn drain_refused(body: Body) {
+    let _ = tokio::time::timeout(DRAIN_TIME, axum::body::to_bytes(body, DRAIN_LIMIT)).await;
+}
+
 /// Whether `req` may reach `port` of a sandbox with these tokens. Checked before the sandbox
 /// is woken or reached in any way.
 fn check_access(
-    req: &Request,
+    req: &http::request::Parts,
     sandbox_id: &str,
     port: u16,
     t: &ProxyTarget,
 ) -> Result<(), ApiError> {
     // The agent's volume session is the host's own: no caller may open (and so take over) it.
-    if port == ENVD_PORT && req.uri().path().starts_with(alcove_volume::wire::PATH) {
+    if port == ENVD_PORT && req.uri.path().starts_with(alcove_volume::wire::PATH) {
         return Err(ApiError::RouteNotFound);
     }
     if PLATFORM_PORTS.contains(&port)
@@ -204,7 +224,7 @@ fn check_access(
     if port != ENVD_PORT
         && let Some(token) = &t.traffic_access_token
         && !req
-            .headers()
+            .headers
             .get(TRAFFIC_TOKEN_HEADER)
             .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
     {
@@ -216,9 +236,21 @@ fn check_access(
     Ok(())
 }
 
-async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, ApiError> {
+/// A request the proxy admitted: its sandbox's target (running) and its stream permit.
+struct Admitted {
+    target: ProxyTarget,
+    permit: StreamPermit,
+}
+
+/// Everything checked before a request is forwarded: the sandbox is there (and resumed if it
+/// auto-resumes), the caller may reach the port, and the stream caps have room.
+async fn admit(
+    st: &ProxyState,
+    route: &Route,
+    req: &http::request::Parts,
+) -> Result<Admitted, ApiError> {
     let svc = &st.svc;
-    let Route { sandbox_id, port } = route;
+    let Route { sandbox_id, port } = route.clone();
     let Some(target) = svc.proxy_target(&sandbox_id).await? else {
         return Err(ApiError::SandboxGone { sandbox_id });
     };
@@ -228,7 +260,7 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
     ) {
         return Err(ApiError::SandboxGone { sandbox_id });
     }
-    check_access(&req, &sandbox_id, port, &target)?;
+    check_access(req, &sandbox_id, port, &target)?;
     let mut target = target;
     // A paused sandbox created with autoResume comes back for its (authorized) traffic.
     if target.state == SandboxState::Paused && svc.resume_for_traffic(&sandbox_id).await? {
@@ -245,8 +277,19 @@ async fn proxy(st: &ProxyState, route: Route, req: Request) -> Result<Response, 
         _ => return Err(ApiError::SandboxGone { sandbox_id }),
     }
     let permit = st.streams.acquire(&sandbox_id)?;
+    Ok(Admitted { target, permit })
+}
 
-    let (mut parts, body) = req.into_parts();
+async fn proxy(
+    st: &ProxyState,
+    route: Route,
+    admitted: Admitted,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let svc = &st.svc;
+    let Route { sandbox_id, port } = route;
+    let Admitted { target, permit } = admitted;
     strip_credentials(&mut parts.headers, port);
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair: the backend needs them to ask
     // the server in the sandbox for the switch, and hyper's `OnUpgrade` stays in the extensions.
@@ -491,12 +534,12 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap) {
 
 /// The platform ports' access rule: the token header; without it only the requests the SDKs send
 /// tokenless (health, signed `/files` URLs on envd, context management on the interpreter).
-fn platform_request_authorized(req: &Request, port: u16, token: &str) -> bool {
-    if let Some(v) = req.headers().get(ACCESS_TOKEN_HEADER) {
+fn platform_request_authorized(req: &http::request::Parts, port: u16, token: &str) -> bool {
+    if let Some(v) = req.headers.get(ACCESS_TOKEN_HEADER) {
         return constant_time_eq(v.as_bytes(), token.as_bytes());
     }
-    let path = req.uri().path();
-    if path == "/health" && req.method() == Method::GET {
+    let path = req.uri.path();
+    if path == "/health" && req.method == Method::GET {
         return true;
     }
     if port == CODE_INTERPRETER_PORT {
@@ -504,12 +547,12 @@ fn platform_request_authorized(req: &Request, port: u16, token: &str) -> bool {
         return path == "/contexts" || path.starts_with("/contexts/");
     }
     if port == ENVD_PORT && path == "/files" {
-        let op = match *req.method() {
+        let op = match req.method {
             Method::GET => "read",
             Method::POST => "write",
             _ => return false,
         };
-        return signature_valid(req.uri().query(), op, token, unix_now());
+        return signature_valid(req.uri.query(), op, token, unix_now());
     }
     false
 }

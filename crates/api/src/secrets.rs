@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use alcove_net::secrets::{SecretLookupError, SecretSource, SecretValue};
-use alcove_store::{DB_FILE, SealedValue, Store};
+use alcove_store::{SealedValue, Store};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -254,10 +254,10 @@ impl StoreSecrets {
     }
 
     /// Over the server's data directory, before the server starts (the node's egress proxy is
-    /// made first): its own connection to `<data_dir>/alcove.db` (migrated, as
-    /// [`Store::open`] does) and the key in `<data_dir>/secrets.key`, made if missing.
+    /// made first): its own connection to the store `db` (migrated, as [`Store::connect`]
+    /// does) and the key in `<data_dir>/secrets.key`, made if missing.
     /// [`crate::Server::bind`] then finds the same key.
-    pub fn open(data_dir: &Path) -> Result<Self, KeyError> {
+    pub fn open(data_dir: &Path, db: &alcove_store::Database) -> Result<Self, KeyError> {
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -267,7 +267,7 @@ impl StoreSecrets {
                 .map_err(|e| KeyError::Create(data_dir.into(), e))?;
         }
         let key = SecretKey::load_or_create(&data_dir.join(KEY_FILE))?;
-        let store = Store::open(&data_dir.join(DB_FILE)).map_err(KeyError::Store)?;
+        let store = Store::connect(db).map_err(KeyError::Store)?;
         Ok(StoreSecrets::new(Arc::new(store), Arc::new(key)))
     }
 

@@ -16,7 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 
-use alcove_store::{DB_FILE, Store};
+use alcove_store::Store;
 use tracing::Instrument;
 
 use crate::backend::SandboxBackend;
@@ -97,13 +97,17 @@ impl Server {
     ) -> Result<Server, ServeError> {
         create_private_dir(&config.data_dir)
             .map_err(|e| ServeError::CreateDataDir(config.data_dir.clone(), e))?;
-        let db = config.data_dir.join(DB_FILE);
-        let store = tokio::task::spawn_blocking(move || Store::open(&db))
-            .await
-            .map_err(|_| ServeError::Reconcile)?
-            .map_err(ServeError::OpenStore)?;
+        let db = config.database();
+        let data_dir = config.data_dir.clone();
+        // Both block (Postgres' client too), so they run off the async workers.
+        let (store, first_start_key) = tokio::task::spawn_blocking(move || {
+            let store = Store::connect(&db).map_err(ServeError::OpenStore)?;
+            let key = bootstrap(&store, &data_dir)?;
+            Ok::<_, ServeError>((store, key))
+        })
+        .await
+        .map_err(|_| ServeError::Reconcile)??;
         let store = Arc::new(store);
-        let first_start_key = bootstrap(&store, &config.data_dir)?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -488,9 +492,13 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
     if !store.teams().map_err(ServeError::Bootstrap)?.is_empty() {
         return Ok(None);
     }
-    let team = store
-        .create_team(handlers::ADMIN_TEAM)
-        .map_err(ServeError::Bootstrap)?;
+    let team = match store.create_team(handlers::ADMIN_TEAM) {
+        Ok(team) => team,
+        // Another control-plane replica on the same database made it first: its key is the
+        // first key.
+        Err(_) if !store.teams().map_err(ServeError::Bootstrap)?.is_empty() => return Ok(None),
+        Err(e) => return Err(ServeError::Bootstrap(e)),
+    };
     let key = store
         .create_api_key(&team.id, "admin (first start)")
         .map_err(ServeError::Bootstrap)?;
@@ -511,13 +519,16 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
 }
 
 /// Kills (or pauses) sandboxes at their end time. Each sandbox's work runs in its own task
-/// ([`Service::reap_expired`]), so a tick never waits on the backend.
+/// ([`Service::reap_expired`]), so a tick never waits on the backend. Like every background
+/// duty, it runs on one control-plane replica at a time ([`Service::on_duty`]).
 async fn reaper(svc: Arc<Service>) {
     let mut tick = tokio::time::interval(svc.limits().reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        svc.reap_expired().await;
+        if svc.on_duty().await {
+            svc.reap_expired().await;
+        }
     }
 }
 
@@ -530,18 +541,25 @@ async fn liveness(svc: Arc<Service>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        svc.check_liveness("while running").await;
+        if svc.on_duty().await {
+            svc.check_liveness("while running").await;
+        }
     }
 }
 
 /// Writes usage events and checks spend caps every `--meter-interval`. Its own loop: backend
-/// size walks must not hold up the reaper or liveness.
+/// size walks must not hold up the reaper or liveness. A replica off duty only checks spend
+/// caps (its creates read the standing that check leaves; notices are recorded once).
 async fn meter(svc: Arc<Service>) {
     let mut tick = tokio::time::interval(svc.metering().interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        if !svc.on_duty().await {
+            svc.check_spend_caps(None).await;
+            continue;
+        }
         svc.meter_tick().await;
         // Audit retention, about hourly.
         if ticks.is_multiple_of((3600 / svc.metering().interval.as_secs().max(1)).max(1)) {
@@ -561,7 +579,9 @@ async fn sampler(svc: Arc<Service>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        svc.sample_metrics().await;
+        if svc.on_duty().await {
+            svc.sample_metrics().await;
+        }
     }
 }
 
@@ -587,7 +607,9 @@ async fn webhook(svc: Arc<Service>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        svc.deliver_spend_notices(&client).await;
+        if svc.on_duty().await {
+            svc.deliver_spend_notices(&client).await;
+        }
     }
 }
 
@@ -671,6 +693,11 @@ fn router_with(svc: Arc<Service>, extra: Option<Router<AppState>>) -> Router {
         )
         .route("/alcove/v1/snapshots/tree", get(extensions::snapshot_tree))
         .route("/alcove/v1/warm-pool", get(extensions::warm_pool))
+        .route("/alcove/v1/nodes", get(extensions::nodes))
+        .route(
+            "/alcove/v1/nodes/{nodeID}/drain",
+            axum::routing::post(extensions::drain_node),
+        )
         .route("/alcove/v1/usage", get(usage::usage))
         .route("/alcove/v1/audit", get(audit::audit_export))
         .route(

@@ -222,7 +222,8 @@ async fn revoking_the_key_ends_its_sessions_with_a_page_that_says_so() {
     let r = get_page(&web, &cookie, "/dashboard/sandboxes").await;
     assert_eq!(r.status, 200);
     assert!(text(&r).contains(&team));
-    let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
+    let store =
+        alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir.path())).unwrap();
     let id = store
         .list_api_keys(Some(&team))
         .unwrap()
@@ -476,7 +477,8 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
     assert_eq!(new_api.get("/sandboxes").await.status, 200);
     let keys = text(&get_page(&web, &cookie, "/dashboard/keys").await);
     assert!(!keys.contains(&secret), "the secret is shown once only");
-    let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
+    let store =
+        alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir.path())).unwrap();
     let all = store.list_api_keys(None).unwrap();
     let new_id = all.iter().find(|k| k.name == XSS).unwrap().id.clone();
     let theirs_key = all
@@ -545,7 +547,8 @@ async fn a_sandboxs_page_its_actions_the_tree_keys_usage_templates_and_host() {
 async fn a_list_of_a_thousand_sandboxes() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Arc::new(FakeBackend::new()), fast_limits()).await;
-    let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
+    let store =
+        alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir.path())).unwrap();
     let team = store.authenticate(&server.key).unwrap().unwrap().team_id;
     let now = alcove_store::now_ms();
     for i in 0..1000 {

@@ -230,7 +230,8 @@ async fn auto_resume_wakes_a_sandbox_only_for_authorized_traffic() {
 #[tokio::test]
 async fn host_wide_endpoints_need_the_admin_key() {
     let (dir, s) = start_with(fast_limits()).await;
-    let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
+    let store =
+        alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir.path())).unwrap();
     let team = store.create_team("tenant").unwrap();
     let tenant_key = store.create_api_key(&team.id, "t").unwrap().secret;
     // Team names are unique: no tenant can name itself "admin".
@@ -268,7 +269,8 @@ async fn host_wide_endpoints_need_the_admin_key() {
 #[tokio::test]
 async fn the_first_start_key_is_never_printed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = alcove_api::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    let mut config = alcove_api::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    config.database = Some(alcove_store::Database::from_test_env(dir.path()));
     let server = alcove_api::Server::bind(config, Arc::new(FakeBackend::new()))
         .await
         .unwrap();
@@ -427,18 +429,66 @@ async fn a_declared_oversize_body_is_refused_before_it_is_sent() {
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     // The 10 GB never come: the answer must not wait for them (nor for the request deadline).
+    let text = read_head(&mut conn, Duration::from_secs(5))
+        .await
+        .expect("an answer within 5 s, without the body");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+/// Reads an answer's head (status line and headers); `None` if the connection ended first
+/// (closed or reset) or `within` passed.
+async fn read_head(conn: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(5), async {
+    tokio::time::timeout(within, async {
         while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
             match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        Some(String::from_utf8_lossy(&buf).into_owned())
     })
     .await
-    .expect("an answer within 5 s, without the body");
-    let text = String::from_utf8_lossy(&buf);
-    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    .ok()?
+}
+
+#[tokio::test]
+async fn a_refused_streaming_request_gets_its_error_not_a_reset() {
+    // A Connect client streams its body (chunked); refused before forwarding (wrong token, a
+    // sandbox that is not there, a malformed route), it must read the error, not a broken pipe.
+    let (_dir, s) = start_with(fast_limits()).await;
+    let (id, _token) = sandbox(&s, json!({"templateID": "base"})).await;
+    for (sandbox_id, want) in [
+        (id.as_str(), "401"),
+        ("nosuchsandbox", "502"),
+        ("not-an-id", "400"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let head = format!(
+            "POST /process.Process/Start HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {sandbox_id}\r\n\
+             E2b-Sandbox-Port: 49983\r\nX-Access-Token: wrong\r\n\
+             Content-Type: application/connect+json\r\nTransfer-Encoding: chunked\r\n\r\n\
+             400\r\n{}\r\n",
+            "x".repeat(1024)
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // 769 KiB in all, under the 1 MiB the server reads of a refused body.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let more = format!("40000\r\n{}\r\n", "x".repeat(0x40000));
+            conn.write_all(more.as_bytes())
+                .await
+                .expect("the server kept reading the refused body");
+        }
+        conn.write_all(b"0\r\n\r\n").await.unwrap();
+        let text = read_head(&mut conn, Duration::from_secs(5))
+            .await
+            .expect("an answer, not a reset");
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {want}")),
+            "{sandbox_id}: {text}"
+        );
+    }
+    s.stop().await;
 }

@@ -231,7 +231,7 @@ async fn bytes_stored_by_paused_sandboxes_and_snapshots_are_limited() {
 
 /// The reason the store recorded for a sandbox's end, once it has one (at most 5 s).
 async fn end_reason(dir: &std::path::Path, id: &str) -> String {
-    let store = alcove_store::Store::open(&dir.join(alcove_store::DB_FILE)).unwrap();
+    let store = alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir)).unwrap();
     for _ in 0..100 {
         if let Some(r) = store.sandbox(id).unwrap().and_then(|r| r.end_reason) {
             return r;

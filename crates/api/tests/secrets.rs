@@ -295,7 +295,9 @@ async fn a_team_is_capped_at_a_thousand_secrets() {
     let api = s.client();
     // Fill the store directly (a thousand HTTP creates would be slow), then ask over HTTP.
     {
-        let store = alcove_store::Store::open(&dir.path().join(alcove_store::DB_FILE)).unwrap();
+        let store =
+            alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir.path()))
+                .unwrap();
         let team = store.teams().unwrap()[0].id.clone();
         let sealed = alcove_store::SealedValue {
             nonce: vec![0; 12],
@@ -354,7 +356,7 @@ async fn values_are_encrypted_at_rest_and_resolve_after_a_restart() {
     let key_bytes = std::fs::read(&key_file).unwrap();
 
     // Resolved through the running server's store and key.
-    let live = alcove_api::StoreSecrets::open(dir.path()).unwrap();
+    let live = alcove_api::StoreSecrets::open(dir.path(), &store_in(dir.path())).unwrap();
     let v = live.resolve(&sbx, "db-password").await.unwrap();
     assert_eq!(&v[..], VALUE.as_bytes());
 
@@ -435,7 +437,7 @@ async fn values_are_encrypted_at_rest_and_resolve_after_a_restart() {
 
     // A key file of the wrong size stops the server with a clear error.
     std::fs::write(&key_file, [0u8; 31]).unwrap();
-    let err = alcove_api::StoreSecrets::open(dir.path()).unwrap_err();
+    let err = alcove_api::StoreSecrets::open(dir.path(), &store_in(dir.path())).unwrap_err();
     assert!(err.to_string().contains("31 bytes, not 32"), "{err}");
     let mut config = alcove_api::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
     config.limits = fast_limits();
@@ -451,5 +453,10 @@ async fn values_are_encrypted_at_rest_and_resolve_after_a_restart() {
 }
 
 fn s_source(dir: &std::path::Path) -> alcove_api::StoreSecrets {
-    alcove_api::StoreSecrets::open(dir).unwrap()
+    alcove_api::StoreSecrets::open(dir, &store_in(dir)).unwrap()
+}
+
+/// The server's store in `dir` (Postgres when the suite runs on it).
+fn store_in(dir: &std::path::Path) -> alcove_store::Database {
+    alcove_store::Database::from_test_env(dir)
 }

@@ -39,6 +39,9 @@ async fn the_api_and_sandbox_names_are_served_over_tls_with_the_inited_certifica
     let certs = tls::init("alcove.localhost", &dir.path().join("tls")).unwrap();
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
     config.limits = fast_limits();
+    config.database = Some(alcove_store::Database::from_test_env(
+        &dir.path().join("data"),
+    ));
     config.domain = Some("alcove.localhost".into());
     config.tls = Some(tls::server_config(&certs.cert, &certs.key).unwrap());
     let backend = Arc::new(FakeBackend::new());

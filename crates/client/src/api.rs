@@ -168,6 +168,21 @@ impl ApiClient {
         self.json("GET", "/templates", None).await
     }
 
+    /// `GET /alcove/v1/nodes`: a cluster's nodes (admin key).
+    pub async fn nodes(&self) -> Result<Value, ClientError> {
+        self.json("GET", "/alcove/v1/nodes", None).await
+    }
+
+    /// `POST /alcove/v1/nodes/{id}/drain` (admin key).
+    pub async fn drain_node(&self, node: &str) -> Result<Value, ClientError> {
+        self.json(
+            "POST",
+            &format!("/alcove/v1/nodes/{}/drain", enc(node)),
+            None,
+        )
+        .await
+    }
+
     /// `GET /alcove/v1/snapshots/tree`: the checkpoint tree.
     pub async fn snapshot_tree(&self) -> Result<Value, ClientError> {
         self.json("GET", "/alcove/v1/snapshots/tree", None).await

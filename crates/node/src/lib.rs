@@ -17,6 +17,7 @@ mod fake;
 pub mod host;
 pub mod lifecycle;
 mod live;
+mod moving;
 mod node;
 mod persist;
 mod pool;
@@ -84,4 +85,6 @@ pub enum NodeError {
     Network(String),
     #[error("volumes: {0}")]
     Volume(String),
+    #[error("sandbox `{id}` cannot move to another node: {why}")]
+    Unmovable { id: String, why: String },
 }

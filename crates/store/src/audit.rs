@@ -9,9 +9,9 @@
 //! JSON with sorted keys. A chain's first record links to 64 zeros; after retention removed
 //! old records, the first one kept carries its `prev_hash`, which is then the anchor.
 
-use rusqlite::{OptionalExtension, Transaction, params};
 use sha2::{Digest, Sha256};
 
+use crate::db::{OptionalExtension, Row, Sql, SqlExt, params};
 use crate::{Result, Store, StoreError};
 
 /// The `prev_hash` of the first record ever written.
@@ -116,7 +116,7 @@ pub fn verify_chain(records: &[AuditRecord]) -> std::result::Result<(), ChainBre
 const COLUMNS: &str =
     "seq, at, team_id, actor, sandbox_id, kind, action, target, result, detail, prev_hash, hash";
 
-fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+fn row_to_record(r: &Row) -> crate::db::Result<AuditRecord> {
     let detail: String = r.get(9)?;
     Ok(AuditRecord {
         seq: r.get(0)?,
@@ -137,46 +137,59 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
 }
 
 /// Appends records in order, each chained to the last of its team, in the caller's transaction.
-pub(crate) fn append(tx: &Transaction<'_>, records: &[NewAuditRecord]) -> Result<()> {
-    let mut seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_events", [], |r| {
-        r.get(0)
-    })?;
+pub(crate) fn append(tx: &dyn Sql, records: &[NewAuditRecord]) -> Result<()> {
+    let mut seq: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM audit_events",
+        params![],
+        |r| r.get(0),
+    )?;
     let mut heads: std::collections::HashMap<Option<String>, String> =
         std::collections::HashMap::new();
-    let mut stmt = tx.prepare_cached(&format!(
+    let insert = format!(
         "INSERT INTO audit_events ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
          ?11, ?12)"
-    ))?;
+    );
     for e in records {
         seq += 1;
         let prev = match heads.get(&e.team_id) {
             Some(h) => h.clone(),
-            None => tx
-                .query_row(
-                    "SELECT hash FROM audit_events WHERE team_id IS ?1 ORDER BY seq DESC LIMIT 1",
-                    [&e.team_id],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .unwrap_or_else(|| GENESIS.to_owned()),
+            // The team's last record (or the last of no team): two statements rather than
+            // SQLite's `team_id IS ?1`, which Postgres lacks, so both use the team index.
+            None => match &e.team_id {
+                Some(team) => tx.query_row(
+                    "SELECT hash FROM audit_events WHERE team_id = ?1 ORDER BY seq DESC LIMIT 1",
+                    params![team],
+                    |r| r.get::<String>(0),
+                ),
+                None => tx.query_row(
+                    "SELECT hash FROM audit_events WHERE team_id IS NULL ORDER BY seq DESC LIMIT 1",
+                    params![],
+                    |r| r.get::<String>(0),
+                ),
+            }
+            .optional()?
+            .unwrap_or_else(|| GENESIS.to_owned()),
         };
         let hash = AuditRecord::compute_hash(&prev, seq, e);
         let detail =
             serde_json::to_string(&e.detail).map_err(|e| StoreError::Corrupt(Box::new(e)))?;
-        stmt.execute(params![
-            seq,
-            e.at,
-            e.team_id,
-            e.actor,
-            e.sandbox_id,
-            e.kind,
-            e.action,
-            e.target,
-            e.result,
-            detail,
-            prev,
-            hash
-        ])?;
+        tx.execute(
+            &insert,
+            params![
+                seq,
+                e.at,
+                e.team_id,
+                e.actor,
+                e.sandbox_id,
+                e.kind,
+                e.action,
+                e.target,
+                e.result,
+                detail,
+                prev,
+                hash
+            ],
+        )?;
         heads.insert(e.team_id.clone(), hash);
     }
     Ok(())
@@ -202,7 +215,7 @@ impl Store {
             return Ok(());
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         append(&tx, records)?;
         tx.commit()?;
         Ok(())
@@ -211,13 +224,16 @@ impl Store {
     /// Records in `seq` order.
     pub fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM audit_events
-             WHERE seq > ?1 AND (?2 IS NULL OR team_id = ?2) AND (?3 IS NULL OR sandbox_id = ?3)
-               AND (?4 IS NULL OR at >= ?4) AND (?5 IS NULL OR at < ?5)
-             ORDER BY seq LIMIT ?6"
-        ))?;
-        let rows = stmt.query_map(
+        Ok(conn.query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM audit_events
+                 WHERE seq > ?1
+                   AND (CAST(?2 AS TEXT) IS NULL OR team_id = ?2)
+                   AND (CAST(?3 AS TEXT) IS NULL OR sandbox_id = ?3)
+                   AND (CAST(?4 AS BIGINT) IS NULL OR at >= ?4)
+                   AND (CAST(?5 AS BIGINT) IS NULL OR at < ?5)
+                 ORDER BY seq LIMIT ?6"
+            ),
             params![
                 q.after,
                 q.team_id,
@@ -227,8 +243,7 @@ impl Store {
                 q.limit as i64
             ],
             row_to_record,
-        )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        )?)
     }
 
     /// Deletes records older than `before` (ms), never the newest (it carries the numbering
@@ -237,7 +252,7 @@ impl Store {
         Ok(self.conn().execute(
             "DELETE FROM audit_events WHERE at < ?1
              AND seq < (SELECT MAX(seq) FROM audit_events)",
-            [before],
+            params![before],
         )?)
     }
 }
@@ -295,7 +310,7 @@ mod tests {
             .conn()
             .execute(
                 "UPDATE audit_events SET target = 'rm -rf /' WHERE seq = 4",
-                [],
+                params![],
             )
             .unwrap();
         let again = store

@@ -7,8 +7,7 @@
 //! its newest ready build through `build_id`; `Sandbox.create(name)` uses that build and
 //! `name:tag` the tagged one.
 
-use rusqlite::{OptionalExtension, params};
-
+use crate::db::{DbError, OptionalExtension, Row, Sql, SqlExt, params};
 use crate::{Result, Store, StoreError, TemplateRecord, now_ms};
 
 /// Log lines kept per build; later lines are dropped (the build itself goes on).
@@ -108,27 +107,24 @@ const COLUMNS: &str = "id, template_id, team_id, status, spec, tags, image_key, 
      memory_mb, disk_size_mb, reason, reason_step, stored_bytes, created_at, updated_at, \
      finished_at, deleted_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
+fn row(r: &Row) -> crate::db::Result<BuildRecord> {
     let status: String = r.get(3)?;
     let tags: String = r.get(5)?;
-    let corrupt = |i: usize, e: Box<dyn std::error::Error + Send + Sync>| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
-    };
     Ok(BuildRecord {
         id: r.get(0)?,
         template_id: r.get(1)?,
         team_id: r.get(2)?,
         status: BuildStatus::parse(&status)
-            .ok_or_else(|| corrupt(3, format!("unknown build status `{status}`").into()))?,
+            .ok_or_else(|| DbError::conversion(3, format!("unknown build status `{status}`")))?,
         spec: r.get(4)?,
-        tags: serde_json::from_str(&tags).map_err(|e| corrupt(5, e.into()))?,
+        tags: serde_json::from_str(&tags).map_err(|e| DbError::conversion(5, e))?,
         image_key: r.get(6)?,
         cpu_count: r.get(7)?,
         memory_mb: r.get(8)?,
         disk_size_mb: r.get(9)?,
         reason: r.get(10)?,
         reason_step: r.get(11)?,
-        stored_bytes: r.get::<_, i64>(12)? as u64,
+        stored_bytes: r.get::<i64>(12)? as u64,
         created_at: r.get(13)?,
         updated_at: r.get(14)?,
         finished_at: r.get(15)?,
@@ -163,7 +159,7 @@ impl Store {
             .query_row(
                 "SELECT t.team_id FROM template_aliases a JOIN templates t ON t.id = a.template_id
                  WHERE a.alias = ?1",
-                [name],
+                params![name],
                 |r| r.get(0),
             )
             .optional()?;
@@ -186,7 +182,7 @@ impl Store {
         build: &BuildRecord,
     ) -> Result<RequestedBuild> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let existing: Option<String> = tx
             .query_row(
                 "SELECT t.id FROM template_aliases a JOIN templates t ON t.id = a.template_id
@@ -241,7 +237,7 @@ impl Store {
             .conn()
             .query_row(
                 &format!("SELECT {COLUMNS} FROM template_builds WHERE id = ?1"),
-                [id],
+                params![id],
                 row,
             )
             .optional()?)
@@ -249,25 +245,25 @@ impl Store {
 
     /// A template's builds, newest first.
     pub fn builds_of_template(&self, template_id: &str) -> Result<Vec<BuildRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM template_builds WHERE template_id = ?1
-             ORDER BY created_at DESC, id DESC"
-        ))?;
-        Ok(stmt
-            .query_map([template_id], row)?
-            .collect::<rusqlite::Result<_>>()?)
+        Ok(self.conn().query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM template_builds WHERE template_id = ?1
+                 ORDER BY created_at DESC, id DESC"
+            ),
+            params![template_id],
+            row,
+        )?)
     }
 
     /// Builds in `status`, oldest first (the queue, and restart clean-up).
     pub fn builds_in(&self, status: BuildStatus) -> Result<Vec<BuildRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM template_builds WHERE status = ?1 ORDER BY created_at, id"
-        ))?;
-        Ok(stmt
-            .query_map([status.as_str()], row)?
-            .collect::<rusqlite::Result<_>>()?)
+        Ok(self.conn().query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM template_builds WHERE status = ?1 ORDER BY created_at, id"
+            ),
+            params![status.as_str()],
+            row,
+        )?)
     }
 
     /// Records the build request of a `waiting` build; a build is triggered once.
@@ -289,11 +285,11 @@ impl Store {
         reason: Option<(&str, Option<&str>)>,
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let from: String = tx
             .query_row(
                 "SELECT status FROM template_builds WHERE id = ?1",
-                [id],
+                params![id],
                 |r| r.get(0),
             )
             .optional()?
@@ -306,7 +302,7 @@ impl Store {
         let now = now_ms();
         tx.execute(
             "UPDATE template_builds SET status = ?2, reason = ?3, reason_step = ?4,
-                 updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END
+                 updated_at = ?5, finished_at = CASE WHEN ?6 = 1 THEN ?5 ELSE finished_at END
              WHERE id = ?1",
             params![
                 id,
@@ -339,7 +335,7 @@ impl Store {
         }
         let (cpu, mem, disk) = resources;
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let now = now_ms();
         tx.execute(
             "UPDATE template_builds SET status = 'ready', image_key = ?2, cpu_count = ?3,
@@ -370,10 +366,10 @@ impl Store {
         lines: &[(i64, &str, Option<&str>, &str)],
     ) -> Result<usize> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let next: i64 = tx.query_row(
             "SELECT COALESCE(MAX(seq) + 1, 0) FROM template_build_logs WHERE build_id = ?1",
-            [build_id],
+            params![build_id],
             |r| r.get(0),
         )?;
         let room = (MAX_BUILD_LOG_LINES - next).max(0) as usize;
@@ -397,24 +393,23 @@ impl Store {
         limit: i64,
         levels: Option<&[&str]>,
     ) -> Result<Vec<BuildLogRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let rows = self.conn().query_map(
             "SELECT seq, at, level, step, message FROM template_build_logs
              WHERE build_id = ?1 ORDER BY seq",
+            params![build_id],
+            |r| {
+                Ok(BuildLogRecord {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    level: r.get(2)?,
+                    step: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            },
         )?;
-        let rows = stmt.query_map([build_id], |r| {
-            Ok(BuildLogRecord {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                level: r.get(2)?,
-                step: r.get(3)?,
-                message: r.get(4)?,
-            })
-        })?;
         let mut out = Vec::new();
         let mut skipped = 0i64;
         for r in rows {
-            let r = r?;
             if let Some(levels) = levels
                 && !levels.contains(&r.level.as_str())
             {
@@ -435,7 +430,7 @@ impl Store {
     /// Points `tags` of `template_id` at `build_id`.
     pub fn assign_tags(&self, template_id: &str, build_id: &str, tags: &[String]) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let now = now_ms();
         for tag in tags {
             upsert_tag(&tx, template_id, tag, build_id, now)?;
@@ -461,20 +456,18 @@ impl Store {
     }
 
     pub fn tags(&self, template_id: &str) -> Result<Vec<TagRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        Ok(self.conn().query_map(
             "SELECT tag, build_id, created_at FROM template_tags WHERE template_id = ?1
              ORDER BY created_at, tag",
-        )?;
-        Ok(stmt
-            .query_map([template_id], |r| {
+            params![template_id],
+            |r| {
                 Ok(TagRecord {
                     tag: r.get(0)?,
                     build_id: r.get(1)?,
                     created_at: r.get(2)?,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?)
+            },
+        )?)
     }
 
     pub fn tagged_build(&self, template_id: &str, tag: &str) -> Result<Option<String>> {
@@ -501,18 +494,18 @@ impl Store {
     /// caller once their files are handed back) so running sandboxes keep their records.
     pub fn delete_team_template(&self, template_id: &str) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         tx.execute(
             "DELETE FROM template_aliases WHERE template_id = ?1",
-            [template_id],
+            params![template_id],
         )?;
         tx.execute(
             "DELETE FROM template_tags WHERE template_id = ?1",
-            [template_id],
+            params![template_id],
         )?;
         tx.execute(
             "DELETE FROM templates WHERE id = ?1 AND team_id IS NOT NULL",
-            [template_id],
+            params![template_id],
         )?;
         tx.commit()?;
         Ok(())
@@ -521,15 +514,17 @@ impl Store {
     /// Ready builds whose files no one can reach any more: not their template's current build,
     /// not tagged, or of a deleted template. Not yet marked deleted.
     pub fn unreachable_builds(&self) -> Result<Vec<BuildRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM template_builds b
+        Ok(self.conn().query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM template_builds b
              WHERE b.status = 'ready' AND b.deleted_at IS NULL
                AND NOT EXISTS (SELECT 1 FROM templates t WHERE t.id = b.template_id
                                    AND t.build_id = b.id)
                AND NOT EXISTS (SELECT 1 FROM template_tags g WHERE g.build_id = b.id)"
-        ))?;
-        Ok(stmt.query_map([], row)?.collect::<rusqlite::Result<_>>()?)
+            ),
+            params![],
+            row,
+        )?)
     }
 
     /// Marks a build's files as handed back. Returns whether another live build still uses the
@@ -544,7 +539,7 @@ impl Store {
             "SELECT EXISTS (SELECT 1 FROM template_builds o, template_builds b
                  WHERE b.id = ?1 AND o.id != b.id AND o.image_key = b.image_key
                    AND o.deleted_at IS NULL)",
-            [id],
+            params![id],
             |r| r.get(0),
         )?;
         Ok(shared)
@@ -555,13 +550,13 @@ impl Store {
         let conn = self.conn();
         let count: i64 = conn.query_row(
             "SELECT COUNT(*) FROM templates WHERE team_id = ?1",
-            [team_id],
+            params![team_id],
             |r| r.get(0),
         )?;
         let bytes: i64 = conn.query_row(
-            "SELECT COALESCE(SUM(stored_bytes), 0) FROM template_builds
+            "SELECT CAST(COALESCE(SUM(stored_bytes), 0) AS BIGINT) FROM template_builds
              WHERE team_id = ?1 AND status = 'ready' AND deleted_at IS NULL",
-            [team_id],
+            params![team_id],
             |r| r.get(0),
         )?;
         Ok((count as u64, bytes as u64))
@@ -573,10 +568,11 @@ impl Store {
         let conn = self.conn();
         conn.execute(
             "DELETE FROM upload_nonces WHERE expires_at < ?1",
-            [now_ms()],
+            params![now_ms()],
         )?;
         let n = conn.execute(
-            "INSERT OR IGNORE INTO upload_nonces (nonce, expires_at) VALUES (?1, ?2)",
+            "INSERT INTO upload_nonces (nonce, expires_at) VALUES (?1, ?2)
+             ON CONFLICT DO NOTHING",
             params![nonce, expires_at],
         )?;
         Ok(n == 1)
@@ -586,7 +582,7 @@ impl Store {
 /// The envd protocol version built templates' agents speak (the agent is the host's).
 const ENVD_VERSION: &str = "0.2.0";
 
-fn insert_build(tx: &rusqlite::Transaction<'_>, b: &BuildRecord) -> Result<()> {
+fn insert_build(tx: &dyn Sql, b: &BuildRecord) -> Result<()> {
     tx.execute(
         &format!(
             "INSERT INTO template_builds ({COLUMNS})
@@ -615,13 +611,7 @@ fn insert_build(tx: &rusqlite::Transaction<'_>, b: &BuildRecord) -> Result<()> {
     Ok(())
 }
 
-fn upsert_tag(
-    tx: &rusqlite::Transaction<'_>,
-    template_id: &str,
-    tag: &str,
-    build_id: &str,
-    now: i64,
-) -> Result<()> {
+fn upsert_tag(tx: &dyn Sql, template_id: &str, tag: &str, build_id: &str, now: i64) -> Result<()> {
     tx.execute(
         "INSERT INTO template_tags (template_id, tag, build_id, created_at)
          VALUES (?1, ?2, ?3, ?4)

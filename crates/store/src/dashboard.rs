@@ -3,7 +3,7 @@
 //! with, a CSRF token for the session's forms, and an expiry. A session ends when it expires,
 //! when its key is revoked, or on sign-out; [`Store::dashboard_session`] says which.
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{OptionalExtension, Sql, SqlExt, params};
 
 use crate::keys::{hash_secret, random_hex};
 use crate::{Result, Store, now_ms};
@@ -51,7 +51,7 @@ impl Store {
         // Forget sessions long gone on the way.
         conn.execute(
             "DELETE FROM dashboard_sessions WHERE expires_at < ?1",
-            [now],
+            params![now],
         )?;
         conn.execute(
             "INSERT INTO dashboard_sessions (token_hash, team_id, key_id, csrf, created_at, expires_at)
@@ -77,7 +77,7 @@ impl Store {
                 "SELECT s.team_id, s.key_id, s.csrf, s.expires_at, k.revoked_at
                  FROM dashboard_sessions s LEFT JOIN api_keys k ON k.id = s.key_id
                  WHERE s.token_hash = ?1",
-                [&hash],
+                params![hash],
                 |r| {
                     Ok((
                         DashboardSession {
@@ -86,7 +86,7 @@ impl Store {
                             csrf: r.get(2)?,
                             expires_at: r.get(3)?,
                         },
-                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<Option<i64>>(4)?,
                     ))
                 },
             )
@@ -103,7 +103,7 @@ impl Store {
         };
         conn.execute(
             "DELETE FROM dashboard_sessions WHERE token_hash = ?1",
-            [&hash],
+            params![hash],
         )?;
         Ok(state)
     }
@@ -112,7 +112,7 @@ impl Store {
     pub fn close_dashboard_session(&self, token: &str) -> Result<bool> {
         Ok(self.conn().execute(
             "DELETE FROM dashboard_sessions WHERE token_hash = ?1",
-            [hash_secret(token)],
+            params![hash_secret(token)],
         )? > 0)
     }
 }

@@ -3,8 +3,7 @@
 //! same key (an SDK retry, a client that lost the answer) finds the claim instead of starting a
 //! second sandbox, and the claim names the sandbox once it exists.
 
-use rusqlite::{OptionalExtension, params};
-
+use crate::db::{OptionalExtension, Sql, SqlExt, params};
 use crate::{Result, Store};
 
 /// How long a key names its create (E2B's and the payment APIs' 24 h).
@@ -37,7 +36,7 @@ impl Store {
         now: i64,
     ) -> Result<Claim> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         tx.execute(
             "DELETE FROM idempotency_keys WHERE created_at < ?1
                 OR (sandbox_id IS NULL AND created_at < ?2)",

@@ -1,7 +1,7 @@
 //! Teams and their API keys. A key's plaintext exists only in the value returned by
 //! [`Store::create_api_key`]; the database keeps its SHA-256 and a short prefix for listings.
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{OptionalExtension, Sql, SqlExt, params};
 use sha2::{Digest, Sha256};
 
 use crate::{Result, Store, StoreError, now_ms};
@@ -72,17 +72,17 @@ impl Store {
     }
 
     pub fn teams(&self) -> Result<Vec<Team>> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, name, created_at FROM teams ORDER BY created_at")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Team {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                created_at: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(self.conn().query_map(
+            "SELECT id, name, created_at FROM teams ORDER BY created_at",
+            params![],
+            |r| {
+                Ok(Team {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            },
+        )?)
     }
 
     /// The team with this id or name.
@@ -91,7 +91,7 @@ impl Store {
             .conn()
             .query_row(
                 "SELECT id, name, created_at FROM teams WHERE id = ?1 OR name = ?1",
-                [id_or_name],
+                params![id_or_name],
                 |r| {
                     Ok(Team {
                         id: r.get(0)?,
@@ -135,23 +135,24 @@ impl Store {
 
     /// Keys of one team, or of all teams.
     pub fn list_api_keys(&self, team_id: Option<&str>) -> Result<Vec<ApiKeyInfo>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        // The CAST: Postgres cannot tell a parameter's type from `IS NULL` alone.
+        Ok(self.conn().query_map(
             "SELECT id, team_id, name, prefix, created_at, last_used_at, revoked_at
-             FROM api_keys WHERE ?1 IS NULL OR team_id = ?1 ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map([team_id], |r| {
-            Ok(ApiKeyInfo {
-                id: r.get(0)?,
-                team_id: r.get(1)?,
-                name: r.get(2)?,
-                prefix: r.get(3)?,
-                created_at: r.get(4)?,
-                last_used_at: r.get(5)?,
-                revoked_at: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+             FROM api_keys WHERE CAST(?1 AS TEXT) IS NULL OR team_id = ?1
+             ORDER BY created_at, id",
+            params![team_id],
+            |r| {
+                Ok(ApiKeyInfo {
+                    id: r.get(0)?,
+                    team_id: r.get(1)?,
+                    name: r.get(2)?,
+                    prefix: r.get(3)?,
+                    created_at: r.get(4)?,
+                    last_used_at: r.get(5)?,
+                    revoked_at: r.get(6)?,
+                })
+            },
+        )?)
     }
 
     /// Revokes the key with this id. Returns false when no active key has it.
@@ -170,7 +171,7 @@ impl Store {
         let found = conn
             .query_row(
                 "SELECT id, team_id FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
-                [&hash],
+                params![hash],
                 |r| {
                     Ok(Authenticated {
                         key_id: r.get(0)?,
@@ -181,10 +182,12 @@ impl Store {
             .optional()?;
         if let Some(a) = &found {
             // At most one write a minute per key: authentication stays a read on hot paths.
+            // (The CAST: Postgres would take `?2 - 60000` for a 32-bit integer.)
             let now = now_ms();
             conn.execute(
                 "UPDATE api_keys SET last_used_at = ?2
-                 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2 - 60000)",
+                 WHERE id = ?1
+                   AND (last_used_at IS NULL OR last_used_at < CAST(?2 AS BIGINT) - 60000)",
                 params![a.key_id, now],
             )?;
         }
@@ -205,7 +208,7 @@ mod tests {
 
         let stored: String = store
             .conn()
-            .query_row("SELECT hash FROM api_keys", [], |r| r.get(0))
+            .query_row("SELECT hash FROM api_keys", params![], |r| r.get(0))
             .unwrap();
         assert_ne!(stored, key.secret);
         assert!(!stored.contains(&key.secret[KEY_PREFIX.len()..]));

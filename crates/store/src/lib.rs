@@ -1,19 +1,24 @@
-//! alcove-store: the control plane's durable state in one SQLite file.
+//! alcove-store: the control plane's durable state, in one SQLite file (a single host, the
+//! default) or in Postgres (a cluster, shared by its control-plane replicas).
 //!
 //! Owns teams, API keys (stored as SHA-256 hashes; the plaintext is returned once at creation),
 //! templates and their aliases, snapshots (the checkpoint tree), secrets (ciphertext only,
 //! `secrets.rs`), volumes and the sandboxes that mount them (`volumes.rs`), and sandboxes with
-//! metadata, env var *names* (never values) and their state history. The database runs in WAL
-//! mode; its schema is a list of numbered migrations recorded in `PRAGMA user_version`, applied
-//! in order at [`Store::open`].
+//! metadata, env var *names* (never values) and their state history. Every query goes through
+//! one layer (`db.rs`) and is written once for both databases. SQLite runs in WAL mode with its
+//! schema version in `PRAGMA user_version`; Postgres gets the same tables from the same
+//! numbered migrations (`migrations.rs`), its version in `schema_version`. Both are migrated at
+//! [`Store::connect`].
 //!
-//! Callers: `alcove-api` (the REST server, which calls in from `spawn_blocking`) and the
-//! `alcove keys` commands. All methods take `&self`; one connection behind a mutex serialises
-//! writers, which is what SQLite does anyway.
+//! Callers: `alcove-api` (the REST server, which calls in from `spawn_blocking`: the Postgres
+//! client blocks too) and the `alcove keys` commands. All methods take `&self`; one connection
+//! per process behind a mutex serialises them, and on Postgres every transaction takes one
+//! advisory lock first, so writers from all replicas run one at a time, as SQLite's do.
 
 mod audit;
 mod builds;
 mod dashboard;
+pub mod db;
 mod idempotency;
 mod keys;
 mod lifecycle;
@@ -63,19 +68,19 @@ pub const DB_FILE: &str = "alcove.db";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening the database")]
-    Open(#[source] rusqlite::Error),
+    Open(#[source] db::DbError),
     #[error("migrating the database schema to version {version}")]
     Migrate {
         version: usize,
         #[source]
-        source: rusqlite::Error,
+        source: db::DbError,
     },
     #[error("the database schema (version {found}) is newer than this build understands ({known})")]
     SchemaTooNew { found: usize, known: usize },
     #[error("making the database file owner-only")]
     Permissions(#[source] std::io::Error),
     #[error("database query")]
-    Query(#[from] rusqlite::Error),
+    Db(#[from] db::DbError),
     #[error("sandbox not found")]
     SandboxNotFound,
     #[error("snapshot not found")]
@@ -142,9 +147,125 @@ fn private_db_file(path: &Path) -> std::io::Result<()> {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Where the store lives: a SQLite file (single host, the default) or a Postgres database
+/// (a cluster, shared by its control-plane replicas).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(std::path::PathBuf),
+    /// A `postgres://` (or `postgresql://`) URL, as libpq takes it.
+    Postgres(String),
+}
+
+impl Database {
+    /// `--database-url`: a Postgres URL, or `sqlite:PATH`; none means `<data_dir>/alcove.db`.
+    pub fn from_url(url: Option<&str>, data_dir: &Path) -> std::result::Result<Database, String> {
+        match url {
+            None => Ok(Database::Sqlite(data_dir.join(DB_FILE))),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                u.parse::<postgres::Config>().map_err(|e| {
+                    format!("the database URL is not a valid Postgres URL ({e}): write it as postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+                })?;
+                Ok(Database::Postgres(u.to_owned()))
+            }
+            Some(u) if u.starts_with("sqlite:") => {
+                let path = u.trim_start_matches("sqlite:").trim_start_matches("//");
+                if path.is_empty() {
+                    return Err(
+                        "sqlite: needs a file path, as sqlite:/var/lib/alcove/alcove.db (or use \
+                         a postgres:// URL)"
+                            .into(),
+                    );
+                }
+                Ok(Database::Sqlite(path.into()))
+            }
+            Some(_) => Err(
+                "the database URL must start with postgres:// (or postgresql://), or be sqlite:PATH"
+                    .into(),
+            ),
+        }
+    }
+
+    /// For tests: the store of a test's data directory `dir`. Normally its SQLite file; when
+    /// `ALCOVE_TEST_DATABASE_URL` is set (`scripts/with-postgres.sh`), a schema of that Postgres
+    /// database named after `dir`, so a test that reopens the same directory finds its data.
+    pub fn from_test_env(dir: &Path) -> Database {
+        match std::env::var("ALCOVE_TEST_DATABASE_URL") {
+            Ok(url) => {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+                Database::postgres_schema(&url, &format!("t_{}", hex::encode(&digest[..8])))
+            }
+            Err(_) => Database::Sqlite(dir.join(DB_FILE)),
+        }
+    }
+
+    /// The Postgres database at `url`, using (and creating if missing) the schema `schema`
+    /// (letters, digits and `_`): a database per test in one server.
+    pub fn postgres_schema(url: &str, schema: &str) -> Database {
+        assert!(
+            schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "schema name {schema:?}"
+        );
+        let config: postgres::Config = url.parse().expect("a Postgres URL");
+        let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+        // On a thread of its own: the client may not run inside an async task (see PgConn).
+        std::thread::spawn(move || {
+            let mut admin = config
+                .connect(postgres::NoTls)
+                .expect("connect to the test database");
+            admin.batch_execute(&create).expect("create a test schema");
+        })
+        .join()
+        .expect("create a test schema");
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Database::Postgres(format!("{url}{sep}options=-c%20search_path%3D{schema}"))
+    }
+}
+
+/// Without a Postgres URL's password.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// Without a Postgres URL's password: `postgres://user@host:port/db`.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            Database::Postgres(url) => {
+                let Ok(c) = url.parse::<postgres::Config>() else {
+                    return f.write_str("postgres://(invalid)");
+                };
+                let host = c
+                    .get_hosts()
+                    .first()
+                    .map(|h| match h {
+                        postgres::config::Host::Tcp(h) => h.clone(),
+                        postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .unwrap_or_default();
+                let port = c.get_ports().first().copied().unwrap_or(5432);
+                write!(
+                    f,
+                    "postgres://{}@{host}:{port}/{}",
+                    c.get_user().unwrap_or(""),
+                    c.get_dbname().unwrap_or("")
+                )
+            }
+        }
+    }
+}
+
 /// The control plane's database. Cheap to share behind an `Arc`.
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Mutex<db::Conn>,
+    /// The Postgres connection's generation plus one on which this store took
+    /// [`db::DUTY_LOCK`]; 0 when it does not hold it ([`Store::hold_duties`]).
+    on_duty: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -154,41 +275,120 @@ impl Store {
     /// it holds tokens and env var names.
     pub fn open(path: &Path) -> Result<Store> {
         private_db_file(path).map_err(StoreError::Permissions)?;
-        let conn = Connection::open(path).map_err(StoreError::Open)?;
+        let conn = Connection::open(path).map_err(|e| StoreError::Open(e.into()))?;
         Self::with_connection(conn, migrations::MIGRATIONS.len())
     }
 
-    /// A private in-memory database, for tests.
+    /// Opens (creating and migrating as needed) the store at `db`.
+    pub fn connect(db: &Database) -> Result<Store> {
+        match db {
+            Database::Sqlite(path) => Self::open(path),
+            Database::Postgres(url) => Self::open_postgres(url),
+        }
+    }
+
+    /// A private in-memory database, for tests. The store's own unit tests run on Postgres
+    /// instead when `ALCOVE_TEST_DATABASE_URL` is set (`scripts/with-postgres.sh`), each in a
+    /// schema of its own.
     pub fn open_in_memory() -> Result<Store> {
-        let conn = Connection::open_in_memory().map_err(StoreError::Open)?;
+        #[cfg(test)]
+        if let Ok(url) = std::env::var("ALCOVE_TEST_DATABASE_URL") {
+            return Self::open_test_schema(&url);
+        }
+        let conn = Connection::open_in_memory().map_err(|e| StoreError::Open(e.into()))?;
         Self::with_connection(conn, migrations::MIGRATIONS.len())
+    }
+
+    /// Opens the Postgres database at `url` (`postgres://user@host:port/db`) and migrates it to
+    /// the latest schema. Several control-plane replicas may open the same database.
+    pub fn open_postgres(url: &str) -> Result<Store> {
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Open(db::DbError::Postgres(e)))?;
+        Self::with_postgres(config, migrations::MIGRATIONS.len())
+    }
+
+    fn with_postgres(config: postgres::Config, upto: usize) -> Result<Store> {
+        let conn = db::PgConn::connect(config, move |client| {
+            migrations::migrate_postgres(client, upto)
+        })?;
+        Ok(Store {
+            conn: Mutex::new(db::Conn::Postgres(conn)),
+            on_duty: 0.into(),
+        })
+    }
+
+    /// A fresh schema of its own in the test database, for one test.
+    #[cfg(test)]
+    fn open_test_schema(url: &str) -> Result<Store> {
+        let schema = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
+        Self::connect(&Database::postgres_schema(url, &schema))
     }
 
     fn with_connection(mut conn: Connection, upto: usize) -> Result<Store> {
         // WAL: readers never block the writer and a crash loses at most the last transaction.
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(StoreError::Open)?;
+            .map_err(|e| StoreError::Open(e.into()))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(StoreError::Open)?;
+            .map_err(|e| StoreError::Open(e.into()))?;
         conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(StoreError::Open)?;
+            .map_err(|e| StoreError::Open(e.into()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(StoreError::Open)?;
+            .map_err(|e| StoreError::Open(e.into()))?;
         migrations::migrate(&mut conn, upto)?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(db::Conn::Sqlite(conn)),
+            on_duty: 0.into(),
         })
+    }
+
+    /// Whether this process runs the background duties (reaper, liveness, metering): with
+    /// several control-plane replicas on one Postgres database, one at a time does. On SQLite
+    /// (one process) always true. On Postgres the first caller to take the database's duty lock
+    /// keeps it for as long as its connection lives; when that replica dies, its connection
+    /// closes, the lock is free and the next replica that asks takes the duties over.
+    pub fn hold_duties(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        let conn = self.conn();
+        let held = match &*conn {
+            db::Conn::Sqlite(_) => true,
+            db::Conn::Postgres(pg) => {
+                // The lock lives as long as the session: held on an earlier connection (before
+                // a reconnect) it is gone, and another replica may have it now.
+                let generation = pg.generation() + 1;
+                if self.on_duty.load(Ordering::Relaxed) == generation {
+                    return Ok(true);
+                }
+                use db::SqlExt;
+                let held = conn.query_row(
+                    &format!("SELECT pg_try_advisory_lock({})", db::DUTY_LOCK),
+                    db::params![],
+                    |r| r.get::<bool>(0),
+                )?;
+                // The generation the lock was taken on (read after: the statement may have
+                // reconnected first).
+                let generation = pg.generation() + 1;
+                self.on_duty
+                    .store(if held { generation } else { 0 }, Ordering::Relaxed);
+                held
+            }
+        };
+        Ok(held)
     }
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<usize> {
-        let v: i64 = self
-            .conn()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        use db::SqlExt;
+        let conn = self.conn();
+        let sql = match db::Sql::dialect(&*conn) {
+            db::Dialect::Sqlite => "PRAGMA user_version",
+            db::Dialect::Postgres => "SELECT version FROM schema_version",
+        };
+        let v: i64 = conn.query_row(sql, db::params![], |r| r.get(0))?;
         Ok(v as usize)
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    fn conn(&self) -> MutexGuard<'_, db::Conn> {
         // A panic while holding the lock leaves SQLite consistent (statements are atomic), so
         // a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
@@ -234,6 +434,99 @@ mod tests {
         assert_eq!(store.resolve_template("base").unwrap().unwrap().id, "tpl1");
         let events = store.sandbox_events(&sandbox_id).unwrap();
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn one_store_at_a_time_holds_the_duties() {
+        let a = Store::open_in_memory().unwrap();
+        assert!(a.hold_duties().unwrap());
+        assert!(a.hold_duties().unwrap(), "kept");
+        drop(a);
+        if let Ok(url) = std::env::var("ALCOVE_TEST_DATABASE_URL") {
+            // Two replicas on one database: the second waits until the first is gone.
+            let db = Database::postgres_schema(&url, "duties");
+            let first = Store::connect(&db).unwrap();
+            let second = Store::connect(&db).unwrap();
+            assert!(first.hold_duties().unwrap());
+            assert!(!second.hold_duties().unwrap());
+            // Another schema (another test, or another Alcove) has duties of its own.
+            let other = Store::connect(&Database::postgres_schema(&url, "duties_other")).unwrap();
+            assert!(other.hold_duties().unwrap());
+            drop(first);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !second.hold_duties().unwrap() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the lock outlived its holder"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_postgres_connection_is_made_again_and_its_duty_lock_is_not_claimed() {
+        use db::SqlExt;
+        let Ok(url) = std::env::var("ALCOVE_TEST_DATABASE_URL") else {
+            return; // SQLite has no connection to lose
+        };
+        let db = Database::postgres_schema(&url, "reconnect");
+        let store = Store::connect(&db).unwrap();
+        let other = Store::connect(&db).unwrap();
+        store.create_team("kept").unwrap();
+        assert!(store.hold_duties().unwrap());
+        assert!(!other.hold_duties().unwrap());
+        let pid: i64 = store
+            .conn()
+            .query_row("SELECT pg_backend_pid()", db::params![], |r| r.get(0))
+            .unwrap();
+        let killed: bool = other
+            .conn()
+            .query_row("SELECT pg_terminate_backend(?1)", db::params![pid], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(killed);
+        // The statement that finds the connection broken fails; the next one reconnects.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let teams = loop {
+            match store.teams() {
+                Ok(t) => break t,
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "never reconnected");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        };
+        assert_eq!(teams.len(), 1);
+        // The lock went with the old session: the other store takes it, this one no longer
+        // claims it.
+        assert!(other.hold_duties().unwrap());
+        assert!(!store.hold_duties().unwrap());
+    }
+
+    #[test]
+    fn database_urls_are_checked_and_shown_without_their_password() {
+        let dir = Path::new("/var/lib/alcove");
+        assert_eq!(
+            Database::from_url(None, dir).unwrap(),
+            Database::Sqlite(dir.join(DB_FILE))
+        );
+        assert_eq!(
+            Database::from_url(Some("sqlite:/tmp/x.db"), dir).unwrap(),
+            Database::Sqlite("/tmp/x.db".into())
+        );
+        let pg = Database::from_url(
+            Some("postgres://alcove:hunter2@db.internal:6432/alcove"),
+            dir,
+        )
+        .unwrap();
+        assert_eq!(pg.to_string(), "postgres://alcove@db.internal:6432/alcove");
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        for bad in ["mysql://x", "sqlite:", "postgres://a@b:notaport/c"] {
+            let e = Database::from_url(Some(bad), dir).unwrap_err();
+            assert!(e.contains("postgres://"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! (`spend_notices`, which is also the webhook outbox: a notice stays undelivered, with its
 //! next attempt time, until the webhook accepts it, across restarts).
 
-use rusqlite::{OptionalExtension, params};
-
+use crate::db::{OptionalExtension, Row, Sql, SqlExt, params};
 use crate::{Result, Store, StoreError, now_ms};
 
 /// What to do to a team's running sandboxes when its monthly spend reaches the cap (creates
@@ -63,7 +62,7 @@ pub struct SpendNotice {
 
 pub const DEFAULT_WARN_AT_PERCENT: [u32; 3] = [50, 80, 100];
 
-fn row_to_notice(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpendNotice> {
+fn row_to_notice(r: &Row) -> crate::db::Result<SpendNotice> {
     Ok(SpendNotice {
         team_id: r.get(0)?,
         month: r.get(1)?,
@@ -89,16 +88,16 @@ impl Store {
                 "SELECT max_running, max_paused, max_storage_gib, monthly_spend_cap_usd,
                      warn_at_percent, on_cap, updated_at
                  FROM team_limits WHERE team_id = ?1",
-                [team_id],
+                params![team_id],
                 |r| {
                     Ok((
-                        r.get::<_, Option<i64>>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, Option<f64>>(2)?,
-                        r.get::<_, Option<f64>>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, i64>(6)?,
+                        r.get::<Option<i64>>(0)?,
+                        r.get::<Option<i64>>(1)?,
+                        r.get::<Option<f64>>(2)?,
+                        r.get::<Option<f64>>(3)?,
+                        r.get::<String>(4)?,
+                        r.get::<String>(5)?,
+                        r.get::<i64>(6)?,
                     ))
                 },
             )
@@ -152,11 +151,11 @@ impl Store {
     pub fn capped_teams(&self) -> Result<Vec<(String, TeamLimits)>> {
         let ids: Vec<String> = {
             let conn = self.conn();
-            let mut stmt = conn.prepare(
+            conn.query_map(
                 "SELECT team_id FROM team_limits WHERE monthly_spend_cap_usd IS NOT NULL",
-            )?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
+                params![],
+                |r| r.get(0),
+            )?
         };
         ids.into_iter()
             .map(|id| {
@@ -178,9 +177,10 @@ impl Store {
     ) -> Result<bool> {
         let now = now_ms();
         let n = self.conn().execute(
-            "INSERT OR IGNORE INTO spend_notices (team_id, month, percent, at, spend_usd, cap_usd,
+            "INSERT INTO spend_notices (team_id, month, percent, at, spend_usd, cap_usd,
                  next_try_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?4)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?4)
+             ON CONFLICT DO NOTHING",
             params![team_id, month, percent, now, spend_usd, cap_usd],
         )?;
         Ok(n == 1)
@@ -189,24 +189,28 @@ impl Store {
     /// Notices whose webhook is due at `now`, oldest first.
     pub fn due_spend_notices(&self, now: i64, limit: usize) -> Result<Vec<SpendNotice>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {NOTICE_COLUMNS} FROM spend_notices
-             WHERE delivered_at IS NULL AND next_try_at IS NOT NULL AND next_try_at <= ?1
-             ORDER BY at LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![now, limit as i64], row_to_notice)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(conn.query_map(
+            &format!(
+                "SELECT {NOTICE_COLUMNS} FROM spend_notices
+                 WHERE delivered_at IS NULL AND next_try_at IS NOT NULL AND next_try_at <= ?1
+                 ORDER BY at LIMIT ?2"
+            ),
+            params![now, limit as i64],
+            row_to_notice,
+        )?)
     }
 
     /// A team's notices, newest first.
     pub fn spend_notices(&self, team_id: &str) -> Result<Vec<SpendNotice>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {NOTICE_COLUMNS} FROM spend_notices WHERE team_id = ?1
-             ORDER BY at DESC, percent DESC"
-        ))?;
-        let rows = stmt.query_map([team_id], row_to_notice)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(conn.query_map(
+            &format!(
+                "SELECT {NOTICE_COLUMNS} FROM spend_notices WHERE team_id = ?1
+                 ORDER BY at DESC, percent DESC"
+            ),
+            params![team_id],
+            row_to_notice,
+        )?)
     }
 
     /// The outcome of one delivery attempt: delivered, or failed with the next try at

@@ -20,7 +20,7 @@
 //!   in memory and restart from zero when its VM does (resume, server restart): a mark keeps the
 //!   last values seen, and a value below it means a restart.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use crate::db::{OptionalExtension, Row, Sql, SqlExt, Value, params};
 
 use crate::{Result, SandboxState, Store, now_ms};
 
@@ -195,7 +195,7 @@ struct Interval<'a> {
 
 /// Writes `iv` as one event per clock hour it touches (nothing if it is empty). Returns how
 /// many were new (a piece written before, same key, is ignored).
-fn write_interval(tx: &Transaction<'_>, iv: &Interval<'_>) -> Result<usize> {
+fn write_interval(tx: &dyn Sql, iv: &Interval<'_>) -> Result<usize> {
     if iv.end <= iv.start {
         return Ok(0);
     }
@@ -203,12 +203,6 @@ fn write_interval(tx: &Transaction<'_>, iv: &Interval<'_>) -> Result<usize> {
     let mut written = 0;
     let (mut out_left, mut in_left) = (iv.egress_bytes, iv.ingress_bytes);
     let mut a = iv.start;
-    let mut stmt = tx.prepare_cached(
-        "INSERT OR IGNORE INTO usage_events (key, team_id, sandbox_id, template_id, kind,
-             start_at, end_at, vcpu_seconds, memory_gib_seconds, storage_gib_hours,
-             egress_bytes, ingress_bytes, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )?;
     while a < iv.end {
         let b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(iv.end);
         let len = (b - a) as f64;
@@ -228,21 +222,28 @@ fn write_interval(tx: &Transaction<'_>, iv: &Interval<'_>) -> Result<usize> {
             UsageKind::Network => format!("{}:{a}-{b}", iv.key),
             _ => format!("{}:{a}", iv.key),
         };
-        written += stmt.execute(params![
-            key,
-            iv.team_id,
-            iv.sandbox_id,
-            iv.template_id,
-            iv.kind.as_str(),
-            a,
-            b,
-            iv.vcpus * len / 1000.0,
-            iv.memory_gib * len / 1000.0,
-            iv.storage_gib * len / HOUR_MS as f64,
-            out,
-            inn,
-            now_ms()
-        ])?;
+        written += tx.execute(
+            "INSERT INTO usage_events (key, team_id, sandbox_id, template_id, kind,
+                 start_at, end_at, vcpu_seconds, memory_gib_seconds, storage_gib_hours,
+                 egress_bytes, ingress_bytes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT DO NOTHING",
+            params![
+                key,
+                iv.team_id,
+                iv.sandbox_id,
+                iv.template_id,
+                iv.kind.as_str(),
+                a,
+                b,
+                iv.vcpus * len / 1000.0,
+                iv.memory_gib * len / 1000.0,
+                iv.storage_gib * len / HOUR_MS as f64,
+                out,
+                inn,
+                now_ms()
+            ],
+        )?;
         a = b;
     }
     Ok(written)
@@ -251,12 +252,12 @@ fn write_interval(tx: &Transaction<'_>, iv: &Interval<'_>) -> Result<usize> {
 /// Writes the compute interval `[metered_at, end]` of sandbox `id` (nothing if it is not
 /// metered or the interval is empty, e.g. the clock went back) and moves `metered_at` to
 /// `next` (NULL when the sandbox stops running).
-fn close_compute(tx: &Transaction<'_>, id: &str, end: i64, next: Option<i64>) -> Result<()> {
+fn close_compute(tx: &dyn Sql, id: &str, end: i64, next: Option<i64>) -> Result<()> {
     let row: Option<(String, String, u32, u32, Option<i64>)> = tx
         .query_row(
             "SELECT team_id, COALESCE(alias, template_id), cpu_count, memory_mb, metered_at
              FROM sandboxes WHERE id = ?1",
-            [id],
+            params![id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
@@ -288,9 +289,9 @@ fn close_compute(tx: &Transaction<'_>, id: &str, end: i64, next: Option<i64>) ->
 
 /// Writes the storage interval `[mark.at, end]` of `object` at its last measured size and
 /// removes its mark (the object is gone).
-fn close_storage(tx: &Transaction<'_>, object: &str, end: i64) -> Result<()> {
+fn close_storage(tx: &dyn Sql, object: &str, end: i64) -> Result<()> {
     write_storage(tx, object, end, None)?;
-    tx.execute("DELETE FROM meter_marks WHERE object = ?1", [object])?;
+    tx.execute("DELETE FROM meter_marks WHERE object = ?1", params![object])?;
     Ok(())
 }
 
@@ -303,12 +304,12 @@ struct Mark {
     bytes: i64,
 }
 
-fn mark(tx: &Transaction<'_>, object: &str) -> Result<Option<Mark>> {
+fn mark(tx: &dyn Sql, object: &str) -> Result<Option<Mark>> {
     Ok(tx
         .query_row(
             "SELECT team_id, sandbox_id, template_id, at, bytes FROM meter_marks
              WHERE object = ?1",
-            [object],
+            params![object],
             |r| {
                 Ok(Mark {
                     team_id: r.get(0)?,
@@ -324,7 +325,7 @@ fn mark(tx: &Transaction<'_>, object: &str) -> Result<Option<Mark>> {
 
 /// Writes `[mark.at, end]` of `object`, charged at `bytes` (the new measure) or, with `None`,
 /// at the mark's own (the last measure), if the mark exists and the interval is not empty.
-fn write_storage(tx: &Transaction<'_>, object: &str, end: i64, bytes: Option<u64>) -> Result<()> {
+fn write_storage(tx: &dyn Sql, object: &str, end: i64, bytes: Option<u64>) -> Result<()> {
     let Some(m) = mark(tx, object)? else {
         return Ok(());
     };
@@ -354,7 +355,7 @@ fn write_storage(tx: &Transaction<'_>, object: &str, end: i64, bytes: Option<u64
 /// the time it was down is not charged), entering it opens one; a sandbox that ends closes
 /// its storage; a resume restarts the network counters from zero (a new egress proxy).
 pub(crate) fn on_state_change(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     id: &str,
     from: Option<SandboxState>,
     to: SandboxState,
@@ -364,7 +365,7 @@ pub(crate) fn on_state_change(
         let end = if to == SandboxState::Lost {
             let (metered, alive): (Option<i64>, Option<i64>) = tx.query_row(
                 "SELECT metered_at, alive_at FROM sandboxes WHERE id = ?1",
-                [id],
+                params![id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             match (metered, alive) {
@@ -384,30 +385,30 @@ pub(crate) fn on_state_change(
         )?;
         tx.execute(
             "UPDATE meter_marks SET out_bytes = 0, in_bytes = 0 WHERE object = ?1",
-            [net_object(id)],
+            params![net_object(id)],
         )?;
     }
     if to.is_terminal() {
         close_storage(tx, &sandbox_object(id), at)?;
         tx.execute(
             "DELETE FROM meter_marks WHERE object = ?1",
-            [net_object(id)],
+            params![net_object(id)],
         )?;
     }
     Ok(())
 }
 
 /// Called when a volume is deleted, in its transaction.
-pub(crate) fn on_volume_deleted(tx: &Transaction<'_>, id: &str, at: i64) -> Result<()> {
+pub(crate) fn on_volume_deleted(tx: &dyn Sql, id: &str, at: i64) -> Result<()> {
     close_storage(tx, &volume_object(id), at)
 }
 
 /// Called when a snapshot is deleted, in its transaction.
-pub(crate) fn on_snapshot_deleted(tx: &Transaction<'_>, id: &str, at: i64) -> Result<()> {
+pub(crate) fn on_snapshot_deleted(tx: &dyn Sql, id: &str, at: i64) -> Result<()> {
     close_storage(tx, &snapshot_object(id), at)
 }
 
-fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageEvent> {
+fn row_to_event(r: &Row) -> crate::db::Result<UsageEvent> {
     Ok(UsageEvent {
         seq: r.get(0)?,
         key: r.get(1)?,
@@ -421,8 +422,8 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageEvent> {
             vcpu_seconds: r.get(8)?,
             memory_gib_seconds: r.get(9)?,
             storage_gib_hours: r.get(10)?,
-            egress_bytes: r.get::<_, i64>(11)?.max(0) as u64,
-            ingress_bytes: r.get::<_, i64>(12)?.max(0) as u64,
+            egress_bytes: r.get::<i64>(11)?.max(0) as u64,
+            ingress_bytes: r.get::<i64>(12)?.max(0) as u64,
         },
     })
 }
@@ -432,15 +433,13 @@ impl Store {
     /// new one starts there. Returns how many intervals were written.
     pub fn meter_compute(&self, now: i64) -> Result<usize> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ids: Vec<String> = {
-            let mut stmt = tx.prepare(
-                "SELECT id FROM sandboxes WHERE state = 'running' AND metered_at IS NOT NULL
-                 AND metered_at < ?1",
-            )?;
-            stmt.query_map([now], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
-        };
+        let tx = conn.begin()?;
+        let ids: Vec<String> = tx.query_map(
+            "SELECT id FROM sandboxes WHERE state = 'running' AND metered_at IS NOT NULL
+             AND metered_at < ?1",
+            params![now],
+            |r| r.get(0),
+        )?;
         for id in &ids {
             close_compute(&tx, id, now, Some(now))?;
         }
@@ -452,14 +451,12 @@ impl Store {
     /// later found dead is charged up to here.
     pub fn mark_alive(&self, ids: &[String], now: i64) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare(
+        let tx = conn.begin()?;
+        for id in ids {
+            tx.execute(
                 "UPDATE sandboxes SET alive_at = ?2 WHERE id = ?1 AND state = 'running'",
+                params![id, now],
             )?;
-            for id in ids {
-                stmt.execute(params![id, now])?;
-            }
         }
         tx.commit()?;
         Ok(())
@@ -470,76 +467,70 @@ impl Store {
     /// snapshots not deleted, volumes, and teams' templates with the bytes their ready builds hold (from the store).
     pub fn storage_objects(&self) -> Result<Vec<StorageSample>> {
         let conn = self.conn();
-        let mut out = Vec::new();
-        let mut stmt = conn.prepare(
+        let mut out = conn.query_map(
             "SELECT id, team_id, COALESCE(alias, template_id), started_at FROM sandboxes
              WHERE state IN ('running', 'paused')",
+            params![],
+            |r| {
+                let id: String = r.get(0)?;
+                Ok(StorageSample {
+                    object: sandbox_object(&id),
+                    team_id: r.get(1)?,
+                    sandbox_id: Some(id),
+                    template_id: r.get(2)?,
+                    bytes: 0,
+                    since: r.get(3)?,
+                })
+            },
         )?;
-        let rows = stmt.query_map([], |r| {
-            let id: String = r.get(0)?;
-            Ok(StorageSample {
-                object: sandbox_object(&id),
-                team_id: r.get(1)?,
-                sandbox_id: Some(id),
-                template_id: r.get(2)?,
-                bytes: 0,
-                since: r.get(3)?,
-            })
-        })?;
-        for s in rows {
-            out.push(s?);
-        }
-        let mut stmt = conn.prepare(
+        out.extend(conn.query_map(
             "SELECT id, team_id, sandbox_id, template_id, created_at FROM snapshots
              WHERE deleted_at IS NULL",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let id: String = r.get(0)?;
-            Ok(StorageSample {
-                object: snapshot_object(&id),
-                team_id: r.get(1)?,
-                sandbox_id: r.get(2)?,
-                template_id: r.get(3)?,
-                bytes: 0,
-                since: r.get(4)?,
-            })
-        })?;
-        for s in rows {
-            out.push(s?);
-        }
-        let mut stmt = conn.prepare("SELECT id, team_id, created_at FROM volumes")?;
-        let rows = stmt.query_map([], |r| {
-            let id: String = r.get(0)?;
-            Ok(StorageSample {
-                object: volume_object(&id),
-                team_id: r.get(1)?,
-                sandbox_id: None,
-                template_id: None,
-                bytes: 0,
-                since: r.get(2)?,
-            })
-        })?;
-        for s in rows {
-            out.push(s?);
-        }
-        let mut stmt = conn.prepare(
-            "SELECT template_id, team_id, SUM(stored_bytes), MIN(created_at) FROM template_builds
+            params![],
+            |r| {
+                let id: String = r.get(0)?;
+                Ok(StorageSample {
+                    object: snapshot_object(&id),
+                    team_id: r.get(1)?,
+                    sandbox_id: r.get(2)?,
+                    template_id: r.get(3)?,
+                    bytes: 0,
+                    since: r.get(4)?,
+                })
+            },
+        )?);
+        out.extend(conn.query_map(
+            "SELECT id, team_id, created_at FROM volumes",
+            params![],
+            |r| {
+                let id: String = r.get(0)?;
+                Ok(StorageSample {
+                    object: volume_object(&id),
+                    team_id: r.get(1)?,
+                    sandbox_id: None,
+                    template_id: None,
+                    bytes: 0,
+                    since: r.get(2)?,
+                })
+            },
+        )?);
+        out.extend(conn.query_map(
+            "SELECT template_id, team_id, CAST(SUM(stored_bytes) AS BIGINT), MIN(created_at)
+             FROM template_builds
              WHERE status = 'ready' AND deleted_at IS NULL GROUP BY template_id, team_id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let id: String = r.get(0)?;
-            Ok(StorageSample {
-                object: format!("template:{id}"),
-                team_id: r.get(1)?,
-                sandbox_id: None,
-                template_id: Some(id),
-                bytes: r.get::<_, i64>(2)?.max(0) as u64,
-                since: r.get(3)?,
-            })
-        })?;
-        for s in rows {
-            out.push(s?);
-        }
+            params![],
+            |r| {
+                let id: String = r.get(0)?;
+                Ok(StorageSample {
+                    object: format!("template:{id}"),
+                    team_id: r.get(1)?,
+                    sandbox_id: None,
+                    template_id: Some(id),
+                    bytes: r.get::<i64>(2)?.max(0) as u64,
+                    since: r.get(3)?,
+                })
+            },
+        )?);
         Ok(out)
     }
 
@@ -555,13 +546,13 @@ impl Store {
         max_gap_ms: i64,
     ) -> Result<usize> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let mut written = 0;
         for s in samples {
             let at: Option<i64> = tx
                 .query_row(
                     "SELECT at FROM meter_marks WHERE object = ?1",
-                    [&s.object],
+                    params![s.object],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -582,23 +573,24 @@ impl Store {
             }
             written += write_storage(&tx, &s.object, now, Some(s.bytes)).map(|_| 1)?;
             tx.execute(
-                "UPDATE meter_marks SET at = MAX(at, ?2), bytes = ?3 WHERE object = ?1",
+                "UPDATE meter_marks SET at = CASE WHEN at > ?2 THEN at ELSE ?2 END, bytes = ?3
+                 WHERE object = ?1",
                 params![s.object, now, s.bytes as i64],
             )?;
         }
         let live: std::collections::HashSet<&str> =
             samples.iter().map(|s| s.object.as_str()).collect();
-        let stale: Vec<String> = {
-            let mut stmt =
-                tx.prepare("SELECT object FROM meter_marks WHERE object NOT LIKE 'net:%'")?;
-            stmt.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?
-                .into_iter()
-                .filter(|o| !live.contains(o.as_str()))
-                .collect()
-        };
+        let stale: Vec<String> = tx
+            .query_map(
+                "SELECT object FROM meter_marks WHERE object NOT LIKE 'net:%'",
+                params![],
+                |r| r.get::<String>(0),
+            )?
+            .into_iter()
+            .filter(|o| !live.contains(o.as_str()))
+            .collect();
         for o in stale {
-            tx.execute("DELETE FROM meter_marks WHERE object = ?1", [o])?;
+            tx.execute("DELETE FROM meter_marks WHERE object = ?1", params![o])?;
         }
         tx.commit()?;
         Ok(written)
@@ -608,14 +600,14 @@ impl Store {
     /// the last read become an event (none if nothing moved).
     pub fn meter_network(&self, now: i64, samples: &[NetSample<'_>]) -> Result<usize> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let mut written = 0;
         for s in samples {
             let obj = net_object(s.sandbox_id);
             let mark: Option<(i64, i64, i64)> = tx
                 .query_row(
                     "SELECT at, out_bytes, in_bytes FROM meter_marks WHERE object = ?1",
-                    [&obj],
+                    params![obj],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -627,7 +619,7 @@ impl Store {
                     // the sandbox started running.
                     tx.execute(
                         "INSERT INTO meter_marks (object, team_id, sandbox_id, template_id, at)
-                         SELECT ?1, team_id, id, COALESCE(alias, template_id),
+                         SELECT CAST(?1 AS TEXT), team_id, id, COALESCE(alias, template_id),
                              COALESCE(metered_at, ?3)
                          FROM sandboxes WHERE id = ?2",
                         params![obj, s.sandbox_id, now],
@@ -666,7 +658,7 @@ impl Store {
         let team_filter = if team.is_some() {
             "team_id = ?3"
         } else {
-            "?3 IS NULL"
+            "CAST(?3 AS TEXT) IS NULL"
         };
         let first_hour = start.div_euclid(HOUR_MS) + i64::from(start.rem_euclid(HOUR_MS) != 0);
         let last_hour = end.div_euclid(HOUR_MS); // exclusive
@@ -674,17 +666,21 @@ impl Store {
         let mut parts: Vec<(String, i64, i64)> = Vec::new();
         let raw = |a: i64, b: i64| {
             let col = group.column(false);
-            // An event's share inside [?1, ?2) (1 for an instant); events are at most an
-            // hour long, which bounds the index range.
+            // An event's share inside [?1, ?2) (1 for an instant), a double in both databases
+            // (so the byte sums are too); events are at most an hour long, which bounds the
+            // index range.
             let share = "(CASE WHEN end_at <= start_at THEN 1.0 ELSE
-                 (MIN(end_at, ?2) - MAX(start_at, ?1)) * 1.0 / (end_at - start_at) END)";
+                 CAST((CASE WHEN end_at < ?2 THEN end_at ELSE ?2 END)
+                     - (CASE WHEN start_at > ?1 THEN start_at ELSE ?1 END) AS DOUBLE PRECISION)
+                 / (end_at - start_at) END)";
             (
                 format!(
                     "SELECT {col} AS k, sandbox_id, SUM(vcpu_seconds * {share}),
                          SUM(memory_gib_seconds * {share}), SUM(storage_gib_hours * {share}),
                          SUM(egress_bytes * {share}), SUM(ingress_bytes * {share})
                      FROM usage_events
-                     WHERE {team_filter} AND start_at >= ?1 - {HOUR_MS} AND start_at < ?2
+                     WHERE {team_filter} AND start_at >= CAST(?1 AS BIGINT) - {HOUR_MS}
+                       AND start_at < ?2
                        AND (end_at > ?1 OR (end_at = start_at AND start_at >= ?1))
                      GROUP BY k, sandbox_id"
                 ),
@@ -697,8 +693,8 @@ impl Store {
             parts.push((
                 format!(
                     "SELECT {col} AS k, NULLIF(sandbox_id, ''), SUM(vcpu_seconds),
-                         SUM(memory_gib_seconds), SUM(storage_gib_hours), SUM(egress_bytes),
-                         SUM(ingress_bytes)
+                         SUM(memory_gib_seconds), SUM(storage_gib_hours),
+                         CAST(SUM(egress_bytes) AS BIGINT), CAST(SUM(ingress_bytes) AS BIGINT)
                      FROM usage_hourly
                      WHERE {team_filter} AND hour >= ?1 AND hour < ?2
                      GROUP BY k, sandbox_id"
@@ -717,20 +713,16 @@ impl Store {
         }
         let mut groups: BTreeMap<String, (HashSet<Option<String>>, Quantities)> = BTreeMap::new();
         for (sql, a, b) in parts {
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query(params![a, b, team])?;
-            while let Some(r) = rows.next()? {
-                let key = match r.get::<_, rusqlite::types::Value>(0)? {
-                    rusqlite::types::Value::Integer(day) if group == UsageGroup::Day => {
-                        day_name(day)
-                    }
-                    rusqlite::types::Value::Text(t) => t,
-                    rusqlite::types::Value::Null => String::new(),
+            for r in conn.query_rows(&sql, params![a, b, team])? {
+                let key = match r.get::<Value>(0)? {
+                    Value::Int(day) if group == UsageGroup::Day => day_name(day),
+                    Value::Text(t) => t,
+                    Value::Null => String::new(),
                     other => format!("{other:?}"),
                 };
                 let sandbox: Option<String> = r.get(1)?;
-                let n = |i: usize| -> rusqlite::Result<f64> {
-                    Ok(r.get::<_, Option<f64>>(i)?.unwrap_or(0.0))
+                let n = |i: usize| -> crate::db::Result<f64> {
+                    Ok(r.get::<Option<f64>>(i)?.unwrap_or(0.0))
                 };
                 let q = Quantities {
                     vcpu_seconds: n(2)?,
@@ -762,15 +754,14 @@ impl Store {
         after: i64,
         limit: usize,
     ) -> Result<Vec<UsageEvent>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        Ok(self.conn().query_map(
             "SELECT seq, key, team_id, sandbox_id, template_id, kind, start_at, end_at,
                  vcpu_seconds, memory_gib_seconds, storage_gib_hours, egress_bytes, ingress_bytes
-             FROM usage_events WHERE seq > ?1 AND (?2 IS NULL OR team_id = ?2)
+             FROM usage_events WHERE seq > ?1 AND (CAST(?2 AS TEXT) IS NULL OR team_id = ?2)
              ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![after, team, limit as i64], row_to_event)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            params![after, team, limit as i64],
+            row_to_event,
+        )?)
     }
 
     /// Where a sandbox's open compute interval starts, if one is open.
@@ -778,7 +769,7 @@ impl Store {
         self.conn()
             .query_row(
                 "SELECT metered_at FROM sandboxes WHERE id = ?1",
-                [id],
+                params![id],
                 |r| r.get(0),
             )
             .ok()
@@ -789,7 +780,7 @@ impl Store {
     pub fn reset_net_counters(&self) -> Result<()> {
         self.conn().execute(
             "UPDATE meter_marks SET out_bytes = 0, in_bytes = 0 WHERE object LIKE 'net:%'",
-            [],
+            params![],
         )?;
         Ok(())
     }
@@ -797,7 +788,7 @@ impl Store {
 
 /// Writes a network event of `out`/`inn` bytes ending at `now`, from the mark's `at`, and moves
 /// the mark's `at` to `now`. Nothing is written when nothing moved.
-fn write_network(tx: &Transaction<'_>, obj: &str, now: i64, out: i64, inn: i64) -> Result<usize> {
+fn write_network(tx: &dyn Sql, obj: &str, now: i64, out: i64, inn: i64) -> Result<usize> {
     if out <= 0 && inn <= 0 {
         return Ok(0);
     }
@@ -825,7 +816,7 @@ fn write_network(tx: &Transaction<'_>, obj: &str, now: i64, out: i64, inn: i64) 
         },
     )?;
     tx.execute(
-        "UPDATE meter_marks SET at = MAX(at, ?2) WHERE object = ?1",
+        "UPDATE meter_marks SET at = CASE WHEN at > ?2 THEN at ELSE ?2 END WHERE object = ?1",
         params![obj, now],
     )?;
     Ok(n)
@@ -986,7 +977,7 @@ mod tests {
         assert!(after > q.storage_gib_hours);
         let marks: i64 = store
             .conn()
-            .query_row("SELECT COUNT(*) FROM meter_marks", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM meter_marks", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(marks, 0);
         // An object first seen long after it was made is charged only `max_gap` back.

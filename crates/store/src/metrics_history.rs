@@ -3,11 +3,18 @@
 //! caller samples and calls [`Store::compact_metrics`] now and then; a minute is compacted only
 //! once it is whole, so its average covers all of its samples.
 
-use rusqlite::params;
+use crate::db::{Sql, SqlExt, params};
 
 use crate::{Result, Store};
 
 const MINUTE_MS: i64 = 60_000;
+
+/// A sample of a `(sandbox, res, at)` already stored is replaced by the new one.
+const REPLACE: &str = "ON CONFLICT (sandbox_id, res, at) DO UPDATE SET
+    cpu_count = excluded.cpu_count, cpu_used_pct = excluded.cpu_used_pct,
+    mem_used = excluded.mem_used, mem_total = excluded.mem_total,
+    mem_cache = excluded.mem_cache, disk_used = excluded.disk_used,
+    disk_total = excluded.disk_total, net_tx = excluded.net_tx, net_rx = excluded.net_rx";
 
 /// One sample (or a minute's average).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,16 +38,16 @@ impl Store {
     /// Stores raw samples (a repeated `(sandbox, at)` replaces the older one).
     pub fn insert_metric_samples(&self, samples: &[(String, MetricSample)]) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO sandbox_metrics (sandbox_id, res, at, cpu_count,
-                     cpu_used_pct, mem_used, mem_total, mem_cache, disk_used, disk_total,
-                     net_tx, net_rx)
-                 VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?;
-            for (id, m) in samples {
-                stmt.execute(params![
+        let tx = conn.begin()?;
+        let sql = format!(
+            "INSERT INTO sandbox_metrics (sandbox_id, res, at, cpu_count, cpu_used_pct,
+                 mem_used, mem_total, mem_cache, disk_used, disk_total, net_tx, net_rx)
+             VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {REPLACE}"
+        );
+        for (id, m) in samples {
+            tx.execute(
+                &sql,
+                params![
                     id,
                     m.at,
                     m.cpu_count,
@@ -52,8 +59,8 @@ impl Store {
                     m.disk_total as i64,
                     m.net_tx as i64,
                     m.net_rx as i64
-                ])?;
-            }
+                ],
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -68,8 +75,7 @@ impl Store {
         end: i64,
         limit: usize,
     ) -> Result<Vec<MetricSample>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        Ok(self.conn().query_map(
             "SELECT at, cpu_count, cpu_used_pct, mem_used, mem_total, mem_cache, disk_used,
                  disk_total, net_tx, net_rx
              FROM sandbox_metrics
@@ -77,29 +83,29 @@ impl Store {
                  (SELECT MIN(at) FROM sandbox_metrics WHERE sandbox_id = ?1 AND res = 0),
                  9223372036854775807))
              ORDER BY at LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![id, start, end, limit as i64], |r| {
-            Ok(MetricSample {
-                at: r.get(0)?,
-                cpu_count: r.get(1)?,
-                cpu_used_pct: r.get(2)?,
-                mem_used: r.get::<_, i64>(3)?.max(0) as u64,
-                mem_total: r.get::<_, i64>(4)?.max(0) as u64,
-                mem_cache: r.get::<_, i64>(5)?.max(0) as u64,
-                disk_used: r.get::<_, i64>(6)?.max(0) as u64,
-                disk_total: r.get::<_, i64>(7)?.max(0) as u64,
-                net_tx: r.get::<_, i64>(8)?.max(0) as u64,
-                net_rx: r.get::<_, i64>(9)?.max(0) as u64,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            params![id, start, end, limit as i64],
+            |r| {
+                Ok(MetricSample {
+                    at: r.get(0)?,
+                    cpu_count: r.get(1)?,
+                    cpu_used_pct: r.get(2)?,
+                    mem_used: r.get::<i64>(3)?.max(0) as u64,
+                    mem_total: r.get::<i64>(4)?.max(0) as u64,
+                    mem_cache: r.get::<i64>(5)?.max(0) as u64,
+                    disk_used: r.get::<i64>(6)?.max(0) as u64,
+                    disk_total: r.get::<i64>(7)?.max(0) as u64,
+                    net_tx: r.get::<i64>(8)?.max(0) as u64,
+                    net_rx: r.get::<i64>(9)?.max(0) as u64,
+                })
+            },
+        )?)
     }
 
     /// When the newest raw sample of a sandbox was taken.
     pub fn latest_metric_at(&self, id: &str) -> Result<Option<i64>> {
         Ok(self.conn().query_row(
             "SELECT MAX(at) FROM sandbox_metrics WHERE sandbox_id = ?1 AND res = 0",
-            [id],
+            params![id],
             |r| r.get(0),
         )?)
     }
@@ -109,24 +115,30 @@ impl Store {
     pub fn compact_metrics(&self, now: i64, raw_keep_ms: i64, minute_keep_ms: i64) -> Result<()> {
         let cutoff = (now - raw_keep_ms).div_euclid(MINUTE_MS) * MINUTE_MS;
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
+        // The averages of integers are truncated integer quotients (in both databases; an
+        // AVG would be a double in SQLite and a rounded NUMERIC in Postgres).
         tx.execute(
-            "INSERT OR REPLACE INTO sandbox_metrics (sandbox_id, res, at, cpu_count, cpu_used_pct,
-                 mem_used, mem_total, mem_cache, disk_used, disk_total, net_tx, net_rx)
-             SELECT sandbox_id, 1, (at / 60000) * 60000, MAX(cpu_count), AVG(cpu_used_pct),
-                 CAST(AVG(mem_used) AS INTEGER), MAX(mem_total), CAST(AVG(mem_cache) AS INTEGER),
-                 MAX(disk_used), MAX(disk_total), MAX(net_tx), MAX(net_rx)
-             FROM sandbox_metrics WHERE res = 0 AND at < ?1
-             GROUP BY sandbox_id, at / 60000",
-            [cutoff],
+            &format!(
+                "INSERT INTO sandbox_metrics (sandbox_id, res, at, cpu_count, cpu_used_pct,
+                     mem_used, mem_total, mem_cache, disk_used, disk_total, net_tx, net_rx)
+                 SELECT sandbox_id, 1, (at / 60000) * 60000, MAX(cpu_count),
+                     CAST(AVG(cpu_used_pct) AS DOUBLE PRECISION),
+                     CAST(SUM(mem_used) AS BIGINT) / COUNT(*), MAX(mem_total),
+                     CAST(SUM(mem_cache) AS BIGINT) / COUNT(*), MAX(disk_used), MAX(disk_total),
+                     MAX(net_tx), MAX(net_rx)
+                 FROM sandbox_metrics WHERE res = 0 AND at < ?1
+                 GROUP BY sandbox_id, at / 60000 {REPLACE}"
+            ),
+            params![cutoff],
         )?;
         tx.execute(
             "DELETE FROM sandbox_metrics WHERE res = 0 AND at < ?1",
-            [cutoff],
+            params![cutoff],
         )?;
         tx.execute(
             "DELETE FROM sandbox_metrics WHERE res = 1 AND at < ?1",
-            [now - minute_keep_ms],
+            params![now - minute_keep_ms],
         )?;
         tx.commit()?;
         Ok(())

@@ -4,6 +4,7 @@
 
 use rusqlite::Connection;
 
+use crate::db::{DbError, WRITE_LOCK, postgres_ddl};
 use crate::{Result, StoreError};
 
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -373,11 +374,87 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Migration `index` for Postgres: the SQLite text through [`postgres_ddl`], except where
+/// SQLite's own syntax has no such translation (a trigger's body, `strftime`); those parts are
+/// written for Postgres here, keeping the same tables, columns and effects.
+pub(crate) fn postgres_migration(index: usize) -> String {
+    let sql = postgres_ddl(MIGRATIONS[index]);
+    if index != 7 {
+        return sql;
+    }
+    let sql = sql.replace(
+        "CAST(strftime('%s', 'now') AS BIGINT) * 1000",
+        "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)",
+    );
+    let start = sql
+        .find("CREATE TRIGGER usage_events_roll_up")
+        .expect("migration 8 has its trigger");
+    let end = start + sql[start..].find("END;").expect("the trigger ends") + "END;".len();
+    let body = &sql[start..end];
+    let insert = &body[body
+        .find("INSERT INTO usage_hourly")
+        .expect("the trigger inserts")
+        ..body.rfind("END;").expect("the trigger ends")];
+    let function = format!(
+        "CREATE FUNCTION usage_events_roll_up() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        {insert}
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER usage_events_roll_up AFTER INSERT ON usage_events
+        FOR EACH ROW EXECUTE FUNCTION usage_events_roll_up();"
+    );
+    format!("{}{function}{}", &sql[..start], &sql[end..])
+}
+
+/// Brings a Postgres database to version `upto`, in one transaction under the store's write
+/// lock, so replicas starting together migrate once. The version is kept in `schema_version`.
+pub(crate) fn migrate_postgres(client: &mut postgres::Client, upto: usize) -> Result<()> {
+    let open = |e: postgres::Error| StoreError::Open(DbError::Postgres(e));
+    let mut tx = client.transaction().map_err(open)?;
+    tx.execute(&format!("SELECT {WRITE_LOCK}"), &[])
+        .map_err(open)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .map_err(open)?;
+    let current: Option<i64> = tx
+        .query_opt("SELECT version FROM schema_version", &[])
+        .map_err(open)?
+        .map(|r| r.get(0));
+    if current.is_none() {
+        tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])
+            .map_err(open)?;
+    }
+    let current = current.unwrap_or(0) as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for i in current..upto {
+        let version = i + 1;
+        tx.batch_execute(&postgres_migration(i))
+            .and_then(|()| {
+                tx.execute(
+                    "UPDATE schema_version SET version = $1",
+                    &[&(version as i64)],
+                )
+                .map(drop)
+            })
+            .map_err(|e| StoreError::Migrate {
+                version,
+                source: DbError::Postgres(e),
+            })?;
+        tracing::info!(version, "store: applied schema migration (postgres)");
+    }
+    tx.commit().map_err(open)
+}
+
 /// Applies migrations until the schema is at version `upto`, each in its own transaction.
 pub(crate) fn migrate(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(StoreError::Open)?;
+        .map_err(|e| StoreError::Open(e.into()))?;
     let current = current as usize;
     if current > MIGRATIONS.len() {
         return Err(StoreError::SchemaTooNew {
@@ -393,7 +470,10 @@ pub(crate) fn migrate(conn: &mut Connection, upto: usize) -> Result<()> {
             tx.pragma_update(None, "user_version", version as i64)?;
             tx.commit()
         };
-        step(conn).map_err(|source| StoreError::Migrate { version, source })?;
+        step(conn).map_err(|e| StoreError::Migrate {
+            version,
+            source: e.into(),
+        })?;
         tracing::info!(version, "store: applied schema migration");
     }
     Ok(())

@@ -4,8 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::types::Value;
-use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
+use crate::db::{self, DbError, OptionalExtension, Row, Sql, SqlExt, ToValue, Value, params};
 
 use crate::{Result, SandboxState, Store, StoreError, now_ms};
 
@@ -159,11 +158,11 @@ const COLUMNS: &str = "id, team_id, template_id, alias, state, created_at, start
     allow_internet_access, end_reason, ended_at, traffic_access_token, auto_resume, timeout_ms, \
     paused_at, snapshot_id, mask_request_host, auto_pause_disk_only";
 
-fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
+fn row_to_sandbox(r: &Row) -> db::Result<SandboxRecord> {
     let state: String = r.get(4)?;
-    let state = state.parse::<SandboxState>().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
-    })?;
+    let state = state
+        .parse::<SandboxState>()
+        .map_err(|e| DbError::conversion(4, e))?;
     Ok(SandboxRecord {
         id: r.get(0)?,
         team_id: r.get(1)?,
@@ -195,24 +194,26 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRecord> {
     })
 }
 
-fn load_details(conn: &rusqlite::Connection, s: &mut SandboxRecord) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, value FROM sandbox_metadata WHERE sandbox_id = ?1 ORDER BY key",
+fn load_details(conn: &dyn Sql, s: &mut SandboxRecord) -> Result<()> {
+    s.metadata = conn
+        .query_map(
+            "SELECT key, value FROM sandbox_metadata WHERE sandbox_id = ?1 ORDER BY key",
+            params![s.id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .into_iter()
+        .collect();
+    s.env_names = conn.query_map(
+        "SELECT name FROM sandbox_env_names WHERE sandbox_id = ?1 ORDER BY name",
+        params![s.id],
+        |r| r.get(0),
     )?;
-    s.metadata = stmt
-        .query_map([&s.id], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut stmt = conn
-        .prepare_cached("SELECT name FROM sandbox_env_names WHERE sandbox_id = ?1 ORDER BY name")?;
-    s.env_names = stmt
-        .query_map([&s.id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    s.volume_mounts = crate::volumes::mounts_of(conn, &s.id)?;
+    s.volume_mounts = crate::volumes::mounts(conn, &s.id)?;
     Ok(())
 }
 
 fn insert_event(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     id: &str,
     from: Option<SandboxState>,
     to: SandboxState,
@@ -226,9 +227,11 @@ fn insert_event(
     )?;
     crate::metering::on_state_change(tx, id, from, to, at)?;
     let team: Option<String> = tx
-        .query_row("SELECT team_id FROM sandboxes WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT team_id FROM sandboxes WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
         .optional()?;
     crate::audit::append(
         tx,
@@ -249,11 +252,13 @@ fn insert_event(
     )
 }
 
-fn current_state(tx: &Transaction<'_>, id: &str) -> Result<SandboxState> {
+fn current_state(tx: &dyn Sql, id: &str) -> Result<SandboxState> {
     let state: Option<String> = tx
-        .query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT state FROM sandboxes WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
         .optional()?;
     let state = state.ok_or(StoreError::SandboxNotFound)?;
     state.parse().map_err(|e| StoreError::Corrupt(Box::new(e)))
@@ -275,7 +280,7 @@ impl Store {
         mounts: &[crate::VolumeMount],
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         crate::volumes::check_mountable(&tx, &s.team_id, mounts)?;
         tx.execute(
             &format!(
@@ -315,7 +320,8 @@ impl Store {
         }
         for name in &s.env_names {
             tx.execute(
-                "INSERT OR IGNORE INTO sandbox_env_names (sandbox_id, name) VALUES (?1, ?2)",
+                "INSERT INTO sandbox_env_names (sandbox_id, name) VALUES (?1, ?2)
+                 ON CONFLICT DO NOTHING",
                 params![s.id, name],
             )?;
         }
@@ -329,7 +335,7 @@ impl Store {
     pub fn transition(&self, id: &str, to: SandboxState, reason: &str) -> Result<SandboxRecord> {
         {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            let tx = conn.begin()?;
             let from = current_state(&tx, id)?;
             if !from.can_transition_to(to) {
                 return Err(StoreError::Transition { from, to });
@@ -371,7 +377,7 @@ impl Store {
     ) -> Result<SandboxRecord> {
         {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            let tx = conn.begin()?;
             let from = current_state(&tx, id)?;
             if !from.can_transition_to(SandboxState::Running) {
                 return Err(StoreError::Transition {
@@ -404,7 +410,7 @@ impl Store {
     pub fn mark_resumed(&self, id: &str, end_at: i64, reason: &str) -> Result<SandboxRecord> {
         {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            let tx = conn.begin()?;
             let from = current_state(&tx, id)?;
             if from != SandboxState::Paused {
                 return Err(StoreError::Transition {
@@ -451,30 +457,31 @@ impl Store {
         let s = conn
             .query_row(
                 &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"),
-                [id],
+                params![id],
                 row_to_sandbox,
             )
             .optional()?;
         let Some(mut s) = s else { return Ok(None) };
-        load_details(&conn, &mut s)?;
+        load_details(&*conn, &mut s)?;
         Ok(Some(s))
     }
 
     /// State history, oldest first.
     pub fn sandbox_events(&self, id: &str) -> Result<Vec<SandboxEvent>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let rows = conn.query_map(
             "SELECT seq, at, from_state, to_state, reason FROM sandbox_events
              WHERE sandbox_id = ?1 ORDER BY seq",
+            params![id],
+            |r| {
+                let from: Option<String> = r.get(2)?;
+                let to: String = r.get(3)?;
+                Ok((r.get(0)?, r.get(1)?, from, to, r.get(4)?))
+            },
         )?;
-        let rows = stmt.query_map([id], |r| {
-            let from: Option<String> = r.get(2)?;
-            let to: String = r.get(3)?;
-            Ok((r.get(0)?, r.get(1)?, from, to, r.get(4)?))
-        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, at, from, to, reason): (i64, i64, Option<String>, String, String) = row?;
+            let (seq, at, from, to, reason): (i64, i64, Option<String>, String, String) = row;
             let parse = |s: &str| s.parse().map_err(|e| StoreError::Corrupt(Box::new(e)));
             out.push(SandboxEvent {
                 seq,
@@ -518,7 +525,7 @@ impl Store {
             sql += &format!(" AND (template_id = ?{0} OR alias = ?{0})", args.len());
         }
         if let Some(after) = f.started_after {
-            args.push(Value::Integer(after));
+            args.push(Value::Int(after));
             sql += &format!(" AND started_at >= ?{}", args.len());
         }
         let (cmp, dir) = match f.order {
@@ -526,7 +533,7 @@ impl Store {
             ListOrder::Desc => ("<", "DESC"),
         };
         if let Some(c) = &f.after {
-            args.push(Value::Integer(c.started_at));
+            args.push(Value::Int(c.started_at));
             args.push(Value::Text(c.id.clone()));
             sql += &format!(
                 " AND (started_at, id) {cmp} (?{}, ?{})",
@@ -537,14 +544,12 @@ impl Store {
         sql += &format!(" ORDER BY started_at {dir}, id {dir}");
         if let Some(limit) = f.limit {
             // One extra row tells whether another page follows.
-            args.push(Value::Integer(limit as i64 + 1));
+            args.push(Value::Int(limit as i64 + 1));
             sql += &format!(" LIMIT ?{}", args.len());
         }
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
-        let mut items = stmt
-            .query_map(params_from_iter(args), row_to_sandbox)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let refs: Vec<&dyn ToValue> = args.iter().map(|v| v as &dyn ToValue).collect();
+        let mut items = conn.query_map(&sql, &refs, row_to_sandbox)?;
         let mut next = None;
         if let Some(limit) = f.limit
             && items.len() > limit
@@ -556,7 +561,7 @@ impl Store {
             });
         }
         for s in &mut items {
-            load_details(&conn, s)?;
+            load_details(&*conn, s)?;
         }
         Ok(Page { items, next })
     }
@@ -580,13 +585,12 @@ impl Store {
     /// never expire.
     pub fn expired_sandboxes(&self, now: i64) -> Result<Vec<(String, bool, bool)>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let ids = conn.query_map(
             "SELECT id, auto_pause, auto_pause_disk_only FROM sandboxes
-             WHERE state = 'running' AND end_at <= ?1 ORDER BY end_at",
+             WHERE state = 'running' AND end_at <= ?1 ORDER BY end_at, id",
+            params![now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let ids = stmt
-            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<rusqlite::Result<_>>()?;
         Ok(ids)
     }
 
@@ -594,7 +598,7 @@ impl Store {
     pub fn count_active(&self, team_id: &str) -> Result<usize> {
         let n: i64 = self.conn().query_row(
             "SELECT COUNT(*) FROM sandboxes WHERE team_id = ?1 AND state IN ('creating','running')",
-            [team_id],
+            params![team_id],
             |r| r.get(0),
         )?;
         Ok(n as usize)

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{OptionalExtension, Row, Sql, SqlExt, params};
 
 use crate::{Result, Store, StoreError};
 
@@ -60,7 +60,7 @@ pub struct SandboxSecret {
 
 const COLUMNS: &str = "id, team_id, name, current_version, metadata, created_at, updated_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(SecretRecord, String)> {
+fn row(r: &Row) -> crate::db::Result<(SecretRecord, String)> {
     Ok((
         SecretRecord {
             id: r.get(0)?,
@@ -84,11 +84,7 @@ fn metadata_json(m: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(m).map_err(|e| StoreError::Corrupt(Box::new(e)))
 }
 
-fn find(
-    conn: &rusqlite::Connection,
-    team_id: &str,
-    id_or_name: &str,
-) -> Result<Option<SecretRecord>> {
+fn find(conn: &dyn Sql, team_id: &str, id_or_name: &str) -> Result<Option<SecretRecord>> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM secrets WHERE team_id = ?1 AND (id = ?2 OR name = ?2)"),
         params![team_id, id_or_name],
@@ -110,7 +106,7 @@ impl Store {
         max_per_team: usize,
     ) -> Result<SecretRecord> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let taken: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM secrets WHERE team_id = ?1 AND name = ?2)",
             params![rec.team_id, rec.name],
@@ -121,7 +117,7 @@ impl Store {
         }
         let count: i64 = tx.query_row(
             "SELECT COUNT(*) FROM secrets WHERE team_id = ?1",
-            [&rec.team_id],
+            params![rec.team_id],
             |r| r.get(0),
         )?;
         if count as usize >= max_per_team {
@@ -154,7 +150,7 @@ impl Store {
 
     /// A team's secret by id or (lower-cased) name.
     pub fn secret(&self, team_id: &str, id_or_name: &str) -> Result<Option<SecretRecord>> {
-        find(&self.conn(), team_id, id_or_name)
+        find(&*self.conn(), team_id, id_or_name)
     }
 
     /// One page of a team's secrets in name order, starting after the name `after`, and
@@ -165,15 +161,15 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<SecretRecord>, bool)> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM secrets WHERE team_id = ?1 AND name > ?2
-             ORDER BY name LIMIT ?3"
-        ))?;
         // One extra row tells whether another page follows.
-        let rows = stmt
-            .query_map(params![team_id, after.unwrap_or(""), limit as i64 + 1], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = self.conn().query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM secrets WHERE team_id = ?1 AND name > ?2
+                 ORDER BY name LIMIT ?3"
+            ),
+            params![team_id, after.unwrap_or(""), limit as i64 + 1],
+            row,
+        )?;
         let more = rows.len() > limit;
         let out = rows
             .into_iter()
@@ -197,7 +193,7 @@ impl Store {
         at: i64,
     ) -> Result<Option<SecretRecord>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let next = expected + 1;
         let n = tx.execute(
             "UPDATE secrets SET current_version = ?3, updated_at = ?4,
@@ -235,13 +231,13 @@ impl Store {
     /// Deletes a team's secret (by id or lower-cased name) and all its versions.
     pub fn delete_secret(&self, team_id: &str, id_or_name: &str) -> Result<SecretRecord> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let rec = find(&tx, team_id, id_or_name)?.ok_or(StoreError::SecretNotFound)?;
         tx.execute(
             "DELETE FROM secret_versions WHERE secret_id = ?1",
-            [&rec.id],
+            params![rec.id],
         )?;
-        tx.execute("DELETE FROM secrets WHERE id = ?1", [&rec.id])?;
+        tx.execute("DELETE FROM secrets WHERE id = ?1", params![rec.id])?;
         tx.commit()?;
         Ok(rec)
     }
@@ -267,12 +263,13 @@ impl Store {
     /// Of `names` (lower-cased), those the team has no secret of, in the order given.
     pub fn missing_secret_names(&self, team_id: &str, names: &[String]) -> Result<Vec<String>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM secrets WHERE team_id = ?1 AND name = ?2)",
-        )?;
         let mut out = Vec::new();
         for n in names {
-            let found: bool = stmt.query_row(params![team_id, n], |r| r.get(0))?;
+            let found: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM secrets WHERE team_id = ?1 AND name = ?2)",
+                params![team_id, n],
+                |r| r.get(0),
+            )?;
             if !found && !out.contains(n) {
                 out.push(n.clone());
             }
@@ -284,26 +281,27 @@ impl Store {
     /// `sandbox_id`, or `None` when there is no such sandbox or secret. One query over the
     /// primary key and the `(team_id, name)` index.
     pub fn sandbox_secret(&self, sandbox_id: &str, name: &str) -> Result<Option<SandboxSecret>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT s.team_id, k.id, k.current_version, v.nonce, v.ciphertext
-             FROM sandboxes s
-             JOIN secrets k ON k.team_id = s.team_id AND k.name = ?2
-             JOIN secret_versions v ON v.secret_id = k.id AND v.version = k.current_version
-             WHERE s.id = ?1",
-        )?;
-        Ok(stmt
-            .query_row(params![sandbox_id, name], |r| {
-                Ok(SandboxSecret {
-                    team_id: r.get(0)?,
-                    secret_id: r.get(1)?,
-                    version: r.get(2)?,
-                    sealed: SealedValue {
-                        nonce: r.get(3)?,
-                        ciphertext: r.get(4)?,
-                    },
-                })
-            })
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT s.team_id, k.id, k.current_version, v.nonce, v.ciphertext
+                 FROM sandboxes s
+                 JOIN secrets k ON k.team_id = s.team_id AND k.name = ?2
+                 JOIN secret_versions v ON v.secret_id = k.id AND v.version = k.current_version
+                 WHERE s.id = ?1",
+                params![sandbox_id, name],
+                |r| {
+                    Ok(SandboxSecret {
+                        team_id: r.get(0)?,
+                        secret_id: r.get(1)?,
+                        version: r.get(2)?,
+                        sealed: SealedValue {
+                            nonce: r.get(3)?,
+                            ciphertext: r.get(4)?,
+                        },
+                    })
+                },
+            )
             .optional()?)
     }
 }
@@ -421,7 +419,7 @@ mod tests {
             .conn()
             .query_row(
                 "SELECT COUNT(*) FROM secret_versions WHERE secret_id = 'sec_1'",
-                [],
+                params![],
                 |r| r.get(0),
             )
             .unwrap();

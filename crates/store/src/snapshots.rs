@@ -6,7 +6,7 @@
 //! named, but the tree keeps the node so its descendants keep their ancestry. Whether its files
 //! can go is the node's business (reference counting over disk layers, `alcove-node`).
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{self, OptionalExtension, Row, Sql, SqlExt, params};
 
 use crate::{Result, Store, StoreError, now_ms};
 
@@ -30,7 +30,7 @@ pub struct SnapshotRecord {
 const COLUMNS: &str =
     "id, team_id, sandbox_id, parent_id, name, kind, template_id, created_at, deleted_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+fn row(r: &Row) -> db::Result<SnapshotRecord> {
     Ok(SnapshotRecord {
         id: r.get(0)?,
         team_id: r.get(1)?,
@@ -71,7 +71,7 @@ impl Store {
             .conn()
             .query_row(
                 &format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1"),
-                [id],
+                params![id],
                 row,
             )
             .optional()?)
@@ -112,21 +112,18 @@ impl Store {
 
     /// Every snapshot of a team, deleted ones included, oldest first (the whole tree).
     pub fn snapshots_of_team(&self, team_id: &str) -> Result<Vec<SnapshotRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM snapshots WHERE team_id = ?1 ORDER BY created_at, id"
-        ))?;
-        let out = stmt
-            .query_map([team_id], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(out)
+        Ok(self.conn().query_map(
+            &format!("SELECT {COLUMNS} FROM snapshots WHERE team_id = ?1 ORDER BY created_at, id"),
+            params![team_id],
+            row,
+        )?)
     }
 
     /// Marks a snapshot deleted. Deleting twice is an error the caller can map to 404.
     pub fn delete_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
         {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            let tx = conn.begin()?;
             let at = now_ms();
             let n = tx.execute(
                 "UPDATE snapshots SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",

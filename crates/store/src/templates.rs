@@ -1,7 +1,7 @@
 //! Templates and their aliases. The API syncs the templates the host has built into this table
 //! at startup, so listings and sandbox records survive the backend being unavailable.
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{self, OptionalExtension, Row, Sql, SqlExt, params};
 
 use crate::{Result, Store, now_ms};
 
@@ -43,7 +43,7 @@ impl TemplateRecord {
 const COLUMNS: &str = "id, team_id, build_id, cpu_count, memory_mb, disk_size_mb, envd_version, \
                        public, created_at, updated_at";
 
-fn row_to_template(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
+fn row_to_template(r: &Row) -> db::Result<TemplateRecord> {
     Ok(TemplateRecord {
         id: r.get(0)?,
         team_id: r.get(1)?,
@@ -59,12 +59,21 @@ fn row_to_template(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
     })
 }
 
+/// A template's aliases, in order.
+fn aliases_of(conn: &dyn Sql, template_id: &str) -> db::Result<Vec<String>> {
+    conn.query_map(
+        "SELECT alias FROM template_aliases WHERE template_id = ?1 ORDER BY alias",
+        params![template_id],
+        |r| r.get(0),
+    )
+}
+
 impl Store {
     /// Inserts or updates a template and replaces its aliases. An alias another template held
     /// moves to this one (the newest build of a name wins).
     pub fn upsert_template(&self, t: &TemplateRecord) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         tx.execute(
             "INSERT INTO templates (id, team_id, build_id, cpu_count, memory_mb, disk_size_mb,
                  envd_version, public, created_at, updated_at)
@@ -90,7 +99,7 @@ impl Store {
         )?;
         tx.execute(
             "DELETE FROM template_aliases WHERE template_id = ?1",
-            [&t.id],
+            params![t.id],
         )?;
         for alias in &t.aliases {
             tx.execute(
@@ -106,19 +115,17 @@ impl Store {
     /// All templates visible to `team_id` (its own and the host's), with aliases.
     pub fn templates(&self, team_id: Option<&str>) -> Result<Vec<TemplateRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM templates
-             WHERE team_id IS NULL OR ?1 IS NULL OR team_id = ?1 ORDER BY created_at, id"
-        ))?;
-        let mut out = stmt
-            .query_map([team_id], row_to_template)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut alias_stmt = conn
-            .prepare("SELECT alias FROM template_aliases WHERE template_id = ?1 ORDER BY alias")?;
+        let mut out = conn.query_map(
+            &format!(
+                "SELECT {COLUMNS} FROM templates
+                 WHERE team_id IS NULL OR CAST(?1 AS TEXT) IS NULL OR team_id = CAST(?1 AS TEXT)
+                 ORDER BY created_at, id"
+            ),
+            params![team_id],
+            row_to_template,
+        )?;
         for t in &mut out {
-            t.aliases = alias_stmt
-                .query_map([&t.id], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            t.aliases = aliases_of(&*conn, &t.id)?;
         }
         Ok(out)
     }
@@ -133,16 +140,12 @@ impl Store {
                      OR id = (SELECT template_id FROM template_aliases WHERE alias = ?1)
                      ORDER BY id = ?1 DESC LIMIT 1"
                 ),
-                [id_or_alias],
+                params![id_or_alias],
                 row_to_template,
             )
             .optional()?;
         let Some(mut t) = t else { return Ok(None) };
-        let mut stmt = conn
-            .prepare("SELECT alias FROM template_aliases WHERE template_id = ?1 ORDER BY alias")?;
-        t.aliases = stmt
-            .query_map([&t.id], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        t.aliases = aliases_of(&*conn, &t.id)?;
         Ok(Some(t))
     }
 }

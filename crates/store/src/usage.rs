@@ -2,7 +2,7 @@
 //! paused sandboxes and live snapshots (disk), and the ids whose files the backend measures.
 //! Also the paused sandboxes past the retention period, for the reaper.
 
-use rusqlite::params;
+use crate::db::{SqlExt, params};
 
 use crate::{Result, Store};
 
@@ -33,23 +33,21 @@ impl Store {
         let conn = self.conn();
         let running: i64 = conn.query_row(
             "SELECT COUNT(*) FROM sandboxes WHERE team_id = ?1 AND state IN ('creating','running')",
-            [team_id],
+            params![team_id],
             |r| r.get(0),
         )?;
-        let mut stmt = conn.prepare(
+        let paused_ids = conn.query_map(
             "SELECT id FROM sandboxes WHERE team_id = ?1 AND state = 'paused'
              ORDER BY paused_at, id",
+            params![team_id],
+            |r| r.get(0),
         )?;
-        let paused_ids = stmt
-            .query_map([team_id], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()?;
-        let mut stmt = conn.prepare(
+        let snapshot_ids = conn.query_map(
             "SELECT id FROM snapshots WHERE team_id = ?1 AND kind = 'snapshot'
              AND deleted_at IS NULL ORDER BY created_at, id",
+            params![team_id],
+            |r| r.get(0),
         )?;
-        let snapshot_ids = stmt
-            .query_map([team_id], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()?;
         Ok(TeamUsage {
             running: running as usize,
             paused_ids,
@@ -59,15 +57,12 @@ impl Store {
 
     /// Paused sandboxes paused at or before `cutoff` (ms since the epoch), oldest first.
     pub fn paused_before(&self, cutoff: i64) -> Result<Vec<String>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        Ok(self.conn().query_map(
             "SELECT id FROM sandboxes WHERE state = 'paused' AND paused_at IS NOT NULL
              AND paused_at <= ?1 ORDER BY paused_at, id",
-        )?;
-        let ids = stmt
-            .query_map(params![cutoff], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()?;
-        Ok(ids)
+            params![cutoff],
+            |r| r.get(0),
+        )?)
     }
 }
 

@@ -12,7 +12,7 @@
 //!
 //! Callers: the API's volumes service (CRUD, the content API's lookups) and its sandbox create.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use crate::db::{OptionalExtension, Row, Sql, SqlExt, params};
 
 use crate::{Result, Store, StoreError};
 
@@ -38,7 +38,7 @@ pub struct VolumeMount {
 
 const COLUMNS: &str = "id, team_id, name, created_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
+fn row(r: &Row) -> crate::db::Result<VolumeRecord> {
     Ok(VolumeRecord {
         id: r.get(0)?,
         team_id: r.get(1)?,
@@ -48,33 +48,28 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
 }
 
 /// The mounts of one sandbox, in the order they were asked for.
-pub(crate) fn mounts_of(
-    conn: &rusqlite::Connection,
-    sandbox_id: &str,
-) -> rusqlite::Result<Vec<VolumeMount>> {
-    let mut stmt = conn.prepare_cached(
+pub(crate) fn mounts(conn: &dyn Sql, sandbox_id: &str) -> crate::db::Result<Vec<VolumeMount>> {
+    conn.query_map(
         "SELECT volume_id, name, path FROM sandbox_volumes WHERE sandbox_id = ?1 ORDER BY seq",
-    )?;
-    stmt.query_map([sandbox_id], |r| {
-        Ok(VolumeMount {
-            volume_id: r.get(0)?,
-            name: r.get(1)?,
-            path: r.get(2)?,
-        })
-    })?
-    .collect()
+        params![sandbox_id],
+        |r| {
+            Ok(VolumeMount {
+                volume_id: r.get(0)?,
+                name: r.get(1)?,
+                path: r.get(2)?,
+            })
+        },
+    )
 }
 
 /// Refuses mounts of volumes the team does not have (any more).
-pub(crate) fn check_mountable(
-    tx: &Transaction<'_>,
-    team_id: &str,
-    mounts: &[VolumeMount],
-) -> Result<()> {
-    let mut stmt =
-        tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM volumes WHERE id = ?1 AND team_id = ?2)")?;
+pub(crate) fn check_mountable(tx: &dyn Sql, team_id: &str, mounts: &[VolumeMount]) -> Result<()> {
     for m in mounts {
-        let found: bool = stmt.query_row(params![m.volume_id, team_id], |r| r.get(0))?;
+        let found: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM volumes WHERE id = ?1 AND team_id = ?2)",
+            params![m.volume_id, team_id],
+            |r| r.get(0),
+        )?;
         if !found {
             return Err(StoreError::MountedVolumeMissing {
                 name: m.name.clone(),
@@ -84,11 +79,7 @@ pub(crate) fn check_mountable(
     Ok(())
 }
 
-pub(crate) fn insert_mounts(
-    tx: &Transaction<'_>,
-    sandbox_id: &str,
-    mounts: &[VolumeMount],
-) -> Result<()> {
+pub(crate) fn insert_mounts(tx: &dyn Sql, sandbox_id: &str, mounts: &[VolumeMount]) -> Result<()> {
     for (seq, m) in mounts.iter().enumerate() {
         tx.execute(
             "INSERT INTO sandbox_volumes (sandbox_id, path, volume_id, name, seq)
@@ -105,7 +96,7 @@ impl Store {
     /// `max_per_team`.
     pub fn insert_volume(&self, rec: &VolumeRecord, max_per_team: usize) -> Result<VolumeRecord> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let taken: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM volumes WHERE team_id = ?1 AND name = ?2)",
             params![rec.team_id, rec.name],
@@ -116,7 +107,7 @@ impl Store {
         }
         let count: i64 = tx.query_row(
             "SELECT COUNT(*) FROM volumes WHERE team_id = ?1",
-            [&rec.team_id],
+            params![rec.team_id],
             |r| r.get(0),
         )?;
         if count as usize >= max_per_team {
@@ -139,7 +130,7 @@ impl Store {
             .conn()
             .query_row(
                 &format!("SELECT {COLUMNS} FROM volumes WHERE id = ?1"),
-                [volume_id],
+                params![volume_id],
                 row,
             )
             .optional()?)
@@ -164,26 +155,24 @@ impl Store {
 
     /// A team's volumes in name order.
     pub fn volumes_of_team(&self, team_id: &str) -> Result<Vec<VolumeRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM volumes WHERE team_id = ?1 ORDER BY name"
-        ))?;
-        Ok(stmt
-            .query_map([team_id], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?)
+        Ok(self.conn().query_map(
+            &format!("SELECT {COLUMNS} FROM volumes WHERE team_id = ?1 ORDER BY name"),
+            params![team_id],
+            row,
+        )?)
     }
 
     /// The sandboxes that are not killed (creating, running or paused) and mount the volume,
     /// oldest first.
     pub fn volume_users(&self, volume_id: &str) -> Result<Vec<String>> {
-        users(&self.conn(), volume_id)
+        users(&*self.conn(), volume_id)
     }
 
     /// Unregisters a team's volume, unless a sandbox that is not killed mounts it
     /// ([`StoreError::VolumeInUse`], naming them). The caller removes its directory after.
     pub fn delete_volume(&self, team_id: &str, volume_id: &str) -> Result<VolumeRecord> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.begin()?;
         let rec = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM volumes WHERE id = ?1 AND team_id = ?2"),
@@ -196,7 +185,7 @@ impl Store {
         if !sandboxes.is_empty() {
             return Err(StoreError::VolumeInUse { sandboxes });
         }
-        tx.execute("DELETE FROM volumes WHERE id = ?1", [volume_id])?;
+        tx.execute("DELETE FROM volumes WHERE id = ?1", params![volume_id])?;
         crate::metering::on_volume_deleted(&tx, volume_id, crate::now_ms())?;
         tx.commit()?;
         Ok(rec)
@@ -204,23 +193,22 @@ impl Store {
 
     /// Teams that have at least one volume.
     pub fn teams_with_volumes(&self) -> Result<Vec<String>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT DISTINCT team_id FROM volumes ORDER BY 1")?;
-        Ok(stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()?)
+        Ok(self.conn().query_map(
+            "SELECT DISTINCT team_id FROM volumes ORDER BY 1",
+            params![],
+            |r| r.get(0),
+        )?)
     }
 }
 
-fn users(conn: &rusqlite::Connection, volume_id: &str) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
+fn users(conn: &dyn Sql, volume_id: &str) -> Result<Vec<String>> {
+    Ok(conn.query_map(
         "SELECT s.id FROM sandbox_volumes v JOIN sandboxes s ON s.id = v.sandbox_id
          WHERE v.volume_id = ?1 AND s.state IN ('creating', 'running', 'paused')
          ORDER BY s.created_at, s.id",
-    )?;
-    Ok(stmt
-        .query_map([volume_id], |r| r.get(0))?
-        .collect::<rusqlite::Result<Vec<String>>>()?)
+        params![volume_id],
+        |r| r.get(0),
+    )?)
 }
 
 #[cfg(test)]

@@ -19,6 +19,10 @@ docs/benchmarks.md, not in tests).
            sandbox (the download's share), an unchanged rebuild (all cache hits), and create ->
            first command from the built template vs from base, interleaved (run with
            ALCOVE_WARM_POOL="" so neither comes from a warm pool)
+  sustained base: create -> first command -> kill by --workers clients in a loop for
+           ALCOVE_BENCH_SECONDS (300): creates per second, p50/p95, failures
+  cluster  base: create -> first command and a command's round trip through a control plane
+           and one `alcove node` vs this single-host server, interleaved (bench_cluster.py)
   mcp      base: run_command through `alcove mcp` (stdio) and `/mcp` (HTTP) vs the SDK's
            commands.run, interleaved on one sandbox (bench_mcp.py)
   desktop  desktop, with the e2b-desktop SDK: create -> first screenshot() bytes, sequential with
@@ -162,6 +166,35 @@ def bench_burst(n):
         results or [float("nan")],
         {"ok": len(results), "failed": len(failures), "wall_s": round(time.perf_counter() - t0, 1),
          "errors": failures[:3], **pool_hits("base", before)},
+    )
+
+
+def bench_sustained(workers, seconds=None):
+    """Creates for `seconds` (ALCOVE_BENCH_SECONDS, default 300): `workers` clients each doing
+    create -> first command -> kill in a loop. Creates per second over the whole run, latency
+    p50/p95, and every failure counted."""
+    seconds = seconds or float(os.environ.get("ALCOVE_BENCH_SECONDS", "300"))
+    before = wait_for_pool("base")
+    end = time.monotonic() + seconds
+    lat, failures = [], []
+
+    def worker():
+        while time.monotonic() < end:
+            try:
+                lat.append(create_and_run())
+            except Exception as e:  # counted: a sustained run's failures are its result
+                failures.append(repr(e))
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
+        for f in [ex.submit(worker) for _ in range(workers)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    summary(
+        f"sdk sustained creates -> first command (base), {workers} clients for {seconds:.0f} s",
+        lat or [float("nan")],
+        {"ok": len(lat), "failed": len(failures), "creates_per_s": round(len(lat) / wall, 2),
+         "wall_s": round(wall, 1), "errors": failures[:3], **pool_hits("base", before)},
     )
 
 
@@ -794,11 +827,18 @@ def bench_mcp(n):
     run(n)
 
 
+def bench_cluster(n):
+    from bench_cluster import bench_cluster as run
+
+    run(n)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
     ap.add_argument("-n", type=int, default=20, help="sequential iterations")
     ap.add_argument("--burst", type=int, default=20, help="concurrent creates")
+    ap.add_argument("--workers", type=int, default=4, help="clients of the sustained mode")
     args = ap.parse_args()
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
@@ -806,7 +846,8 @@ def main():
          "egress": lambda: bench_egress(args.n), "volume": lambda: bench_volume(args.n),
          "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n),
-         "desktop": lambda: bench_desktop(args.n)}[m]()
+         "desktop": lambda: bench_desktop(args.n), "cluster": lambda: bench_cluster(args.n),
+         "sustained": lambda: bench_sustained(args.workers)}[m]()
 
 
 if __name__ == "__main__":

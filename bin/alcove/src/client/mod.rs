@@ -7,6 +7,7 @@
 mod audit;
 pub mod build;
 mod exec;
+mod nodes;
 mod sandbox;
 mod snapshot;
 mod template;
@@ -22,6 +23,7 @@ use clap::Args;
 use serde_json::Value;
 
 pub use audit::{AuditArgs, run_audit};
+pub use nodes::{NodeCommand, run_node_command};
 pub use sandbox::{SandboxArgs, run_sandbox};
 pub use snapshot::{SnapshotArgs, run_snapshot};
 pub use template::{TemplateArgs, run_template};

@@ -73,6 +73,39 @@ pub async fn warm_pool(
     Ok(Json(svc.warm_pool().await?))
 }
 
+/// A cluster's nodes as the control plane sees them: up (heartbeating in time) or not,
+/// draining, sandboxes, free memory. The admin key only; 400 on a single-host server.
+#[utoipa::path(get, path = "/alcove/v1/nodes", tag = "alcove",
+    responses(
+        (status = 200, description = "One entry per node that has joined", body = [crate::backend::NodeInfo]),
+        (status = 400, description = "Not a cluster", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn nodes(
+    State(svc): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<crate::backend::NodeInfo>>, ApiError> {
+    Ok(Json(svc.nodes()?))
+}
+
+/// Drains a node: it takes no new sandboxes, its running sandboxes are paused and every paused
+/// one moves to the cluster's blob store, from where its next resume runs on another node.
+/// Sandboxes that could not be paused or moved are listed with why and stay. The admin key only.
+#[utoipa::path(post, path = "/alcove/v1/nodes/{nodeID}/drain", tag = "alcove",
+    params(("nodeID" = String, Path)),
+    responses(
+        (status = 200, description = "What was paused, moved, and what stayed", body = crate::models::DrainReport),
+        (status = 400, description = "Not a cluster", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody)),
+    security(("ApiKeyAuth" = [])))]
+pub async fn drain_node(
+    State(svc): State<AppState>,
+    _admin: Admin,
+    Path(node_id): Path<String>,
+) -> Result<Json<crate::models::DrainReport>, ApiError> {
+    Ok(Json(svc.drain_node(&node_id).await?))
+}
+
 /// Starts recording a display of a running sandbox (the `desktop` template's `:0` by default)
 /// to an MP4 in the sandbox, with ffmpeg; answers once the file is being written.
 #[utoipa::path(post, path = "/alcove/v1/sandboxes/{sandboxID}/recordings", tag = "alcove",

@@ -239,6 +239,12 @@ impl Service {
         req: models::TemplateBuildRequestV3,
     ) -> Result<models::TemplateRequestResponseV3, ApiError> {
         self.files()?;
+        if self.backend.nodes().is_some() {
+            return Err(ApiError::Unsupported {
+                feature: "template builds on a cluster (build templates on each node with \
+                          `alcove template build`)",
+            });
+        }
         let name = req
             .name
             .or(req.alias)

@@ -32,6 +32,7 @@ use crate::models::{self, CLIENT_ID};
 mod audit;
 mod background;
 mod builds;
+mod cluster;
 mod metering;
 mod network;
 mod observability;
@@ -65,6 +66,8 @@ pub use volumes::{
 pub struct Service {
     store: Arc<Store>,
     backend: Arc<dyn SandboxBackend>,
+    /// Whether this replica ran the background duties at the last ask ([`Service::on_duty`]).
+    on_duty: std::sync::atomic::AtomicBool,
     limits: Limits,
     domain: String,
     /// Serialises quota checks with reservations and with the store writes that settle them
@@ -108,6 +111,7 @@ impl Service {
         Service {
             store,
             backend,
+            on_duty: false.into(),
             limits,
             domain,
             quota_lock: tokio::sync::Mutex::new(()),
@@ -216,6 +220,32 @@ impl Service {
         Ok(rec)
     }
 
+    /// Whether this replica runs the background duties now ([`Store::hold_duties`]: always on
+    /// SQLite; one replica at a time on Postgres, the next taking over when it dies). Asked by
+    /// each background loop at each tick; a store error counts as not on duty.
+    pub async fn on_duty(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let held = match self.db(|s| s.hold_duties()).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "duties: asking the store for the duty lock failed");
+                false
+            }
+        };
+        self.backend.set_on_duty(held);
+        let was = self.on_duty.swap(held, Ordering::Relaxed);
+        if held && !was {
+            tracing::info!(
+                "this replica now runs the background duties (reaper, liveness, metering)"
+            );
+        } else if was && !held {
+            tracing::warn!(
+                "this replica no longer runs the background duties (another one took the duty lock)"
+            );
+        }
+        held
+    }
+
     /// Runs a store call on the blocking pool.
     pub async fn db<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -319,6 +349,7 @@ fn is_outcome(e: &BackendError) -> bool {
         B::SandboxNotFound
             | B::TemplateNotFound
             | B::NoCapacity
+            | B::Unavailable { .. }
             | B::PortNotOpen
             | B::Unsupported { .. }
             | B::SnapshotNotFound
@@ -345,6 +376,8 @@ pub(crate) fn api_error(op: BackendOp, id: &str, e: BackendError) -> ApiError {
             snapshot_id: sandbox_id,
         },
         (O::Create, B::NoCapacity) => ApiError::NoCapacity,
+        (O::Create | O::Resume, B::Unavailable { reason }) => ApiError::NoNode { reason },
+        (O::Create, B::Unsupported { op }) => ApiError::Unsupported { feature: op },
         (O::Create, B::Timeout) => ApiError::CreateTimeout,
         (O::Create, _) => ApiError::CreateFailed,
         // Sandbox traffic: the 502s and 504 the SDKs turn into their exceptions.

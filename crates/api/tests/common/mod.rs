@@ -58,6 +58,7 @@ impl TestServer {
         mount: impl FnOnce(Server) -> Server,
     ) -> TestServer {
         let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir);
+        config.database = Some(alcove_store::Database::from_test_env(dir));
         config.limits = limits;
         config.metering = metering;
         let server = mount(Server::bind(config, backend.clone()).await.expect("bind"));
@@ -100,7 +101,7 @@ impl TestServer {
 
 /// A new team `name` in the server's database at `dir`, and a key of it: `(team id, key)`.
 pub fn tenant(dir: &Path, name: &str) -> (String, String) {
-    let store = alcove_store::Store::open(&dir.join(alcove_store::DB_FILE)).unwrap();
+    let store = alcove_store::Store::connect(&alcove_store::Database::from_test_env(dir)).unwrap();
     let team = store.create_team(name).unwrap();
     let key = store.create_api_key(&team.id, "k").unwrap().secret;
     (team.id, key)

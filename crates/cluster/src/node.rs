@@ -1,0 +1,511 @@
+//! The node's side of the link (`alcove node`): a TLS listener that answers the control plane's
+//! calls and carries its sandbox traffic to this host's backend, and the heartbeat loop that
+//! registers the node and reports its capacity.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use std::path::PathBuf;
+
+use alcove_api::backend::{BackendError, Body, SandboxBackend};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+use crate::blobs::Blobs;
+use crate::link::{CONTROL_KEY_HEADER, NodeCert, Token};
+use crate::wire::{
+    Answer, CALL_PATH, Call, ERROR_HEADER, FORWARD_PREFIX, HEARTBEAT_PATH, Heartbeat,
+    HeartbeatAnswer, PORT_HEADER, SANDBOX_HEADER, WireError,
+};
+
+/// Largest call body (a create with its env vars and network rules).
+const MAX_CALL_BODY: usize = 4 << 20;
+/// Connections the listener holds at once (the control plane's replicas need a few each).
+const MAX_CONNECTIONS: usize = 512;
+/// Bound on a TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Bound on gathering what a heartbeat reports, and on sending it.
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct NodeState {
+    backend: Arc<dyn SandboxBackend>,
+    token: Token,
+    moves: Option<Moves>,
+    /// What the heartbeats announce as `draining` ([`Registration::draining`]).
+    draining: Arc<AtomicBool>,
+}
+
+/// What a host gives for its paused sandboxes to move between nodes.
+pub trait HostFiles: Send + Sync + 'static {
+    /// The files of paused sandbox `id` (name, path), or why it cannot move.
+    fn paused_files(&self, id: &str) -> Result<Vec<(String, PathBuf)>, BackendError>;
+    /// An empty place for the files of sandbox `id` coming from another node.
+    fn incoming_dir(&self, id: &str) -> Result<PathBuf, BackendError>;
+    /// Takes in paused sandbox `id`, whose files are complete in its incoming dir.
+    fn adopt(&self, id: &str) -> Result<(), BackendError>;
+}
+
+/// Moving paused sandboxes: the host's files and the cluster's blob store.
+#[derive(Clone)]
+pub struct Moves {
+    pub host: Arc<dyn HostFiles>,
+    pub blobs: Blobs,
+}
+
+impl Moves {
+    async fn export(&self, id: &str) -> Result<u64, BackendError> {
+        let files = self.host.paused_files(id)?;
+        let m = self
+            .blobs
+            .put_sandbox(id, &files)
+            .await
+            .map_err(BackendError::from)?;
+        Ok(m.files.iter().map(|f| f.size).sum())
+    }
+
+    async fn import(&self, id: &str) -> Result<(), BackendError> {
+        let dir = self.host.incoming_dir(id)?;
+        // What an earlier, failed import left.
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        self.blobs
+            .get_sandbox(id, &dir)
+            .await
+            .map_err(BackendError::from)?;
+        self.host.adopt(id).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+}
+
+/// The link listener's routes: `POST /node/v1/call` and `/node/v1/forward/…`, each refused
+/// without the control plane's key. With `moves`, paused sandboxes can leave and arrive.
+pub fn router(
+    backend: Arc<dyn SandboxBackend>,
+    token: Token,
+    moves: Option<Moves>,
+    draining: Arc<AtomicBool>,
+) -> Router {
+    let state = NodeState {
+        backend,
+        token,
+        moves,
+        draining,
+    };
+    Router::new()
+        .route(CALL_PATH, axum::routing::post(call))
+        .layer(DefaultBodyLimit::max(MAX_CALL_BODY))
+        .fallback(forward)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_control_key,
+        ))
+        .with_state(state)
+}
+
+async fn require_control_key(
+    State(s): State<NodeState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().path() == crate::wire::NODE_HEALTH_PATH && req.method() == http::Method::GET {
+        return "ok\n".into_response();
+    }
+    let ok = req
+        .headers()
+        .get(CONTROL_KEY_HEADER)
+        .is_some_and(|v| s.token.is_control_key(v.as_bytes()));
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "this is an Alcove node's cluster link: calls need the control plane's key \
+             (the same cluster token on both sides)",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+fn json(v: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => ([(http::header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn call(State(s): State<NodeState>, body: Bytes) -> Response {
+    let call: Call = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a cluster call this node understands: {e}"),
+            )
+                .into_response();
+        }
+    };
+    let r = match call {
+        Call::Export { sandbox_id } => match &s.moves {
+            Some(m) => value(m.export(&sandbox_id).await),
+            None => Err(no_blobs()),
+        },
+        Call::Import { sandbox_id } => match &s.moves {
+            Some(m) => value(m.import(&sandbox_id).await),
+            None => Err(no_blobs()),
+        },
+        Call::Drain => {
+            if !s.draining.swap(true, Ordering::Relaxed) {
+                tracing::info!("draining: this node takes no new sandboxes");
+            }
+            Ok(serde_json::Value::Bool(true))
+        }
+        call => dispatch(s.backend.as_ref(), call).await,
+    };
+    match r {
+        Ok(v) => json(&Answer::Ok(v)),
+        Err(e) => json(&Answer::Err(WireError::from(&e))),
+    }
+}
+
+fn no_blobs() -> BackendError {
+    BackendError::Failed {
+        op: "move a paused sandbox",
+        source: "this node has no blob store: start it with --blob-store, the control plane's"
+            .into(),
+    }
+}
+
+fn value<T: serde::Serialize>(
+    r: Result<T, BackendError>,
+) -> Result<serde_json::Value, BackendError> {
+    r.map(|v| serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
+}
+
+/// Runs one call against this host's backend.
+pub async fn dispatch(
+    b: &dyn SandboxBackend,
+    call: Call,
+) -> Result<serde_json::Value, BackendError> {
+    match call {
+        Call::Templates => value(b.templates().await),
+        Call::Create { req } => value(b.create(*req).await),
+        Call::Kill { sandbox_id } => value(b.kill(&sandbox_id).await),
+        Call::List => value(b.list().await),
+        Call::Status { sandbox_id } => value(b.status(&sandbox_id).await),
+        Call::Metrics { sandbox_id } => value(b.metrics(&sandbox_id).await),
+        Call::Logs { sandbox_id } => value(b.logs(&sandbox_id).await),
+        Call::UpdateNetwork {
+            sandbox_id,
+            network,
+        } => value(b.update_network(&sandbox_id, network).await),
+        Call::WarmPool => value(b.warm_pool().await),
+        Call::Network { sandbox_id } => value(b.network(&sandbox_id).await),
+        Call::Pause { sandbox_id, keep } => value(b.pause(&sandbox_id, keep).await),
+        Call::Resume { sandbox_id, from } => value(b.resume(&sandbox_id, from).await),
+        Call::Snapshot {
+            sandbox_id,
+            snapshot_id,
+            keep,
+        } => value(b.snapshot(&sandbox_id, &snapshot_id, keep).await),
+        Call::DeleteSnapshot { snapshot_id } => value(b.delete_snapshot(&snapshot_id).await),
+        Call::StoredBytesEach {
+            sandbox_ids,
+            snapshot_ids,
+        } => value(b.stored_bytes_each(&sandbox_ids, &snapshot_ids).await),
+        Call::NetCounters { sandbox_ids } => value(b.net_counters(&sandbox_ids).await),
+        Call::Exec { sandbox_id, req } => value(b.exec(&sandbox_id, req).await),
+        Call::KillAll => value(kill_all(b).await),
+        Call::Export { .. } | Call::Import { .. } => Err(no_blobs()),
+        Call::Drain => Err(BackendError::Unsupported { op: "drain" }),
+    }
+}
+
+/// Kills every sandbox this host has (paused ones included); answers how many went.
+pub async fn kill_all(b: &dyn SandboxBackend) -> Result<usize, BackendError> {
+    let all = b.list().await?;
+    let n = all.len();
+    futures::future::join_all(all.iter().map(|s| b.kill(&s.sandbox_id))).await;
+    Ok(n)
+}
+
+/// Sandbox traffic: `/node/v1/forward<original path and query>`, the sandbox and port in
+/// headers of their own (removed before the request goes on).
+async fn forward(State(s): State<NodeState>, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let Some(rest) = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .and_then(|pq| pq.strip_prefix(FORWARD_PREFIX))
+        .filter(|r| r.starts_with('/'))
+        .map(str::to_owned)
+    else {
+        return (StatusCode::NOT_FOUND, "no such route on the node link").into_response();
+    };
+    let sandbox = parts
+        .headers
+        .remove(SANDBOX_HEADER)
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
+    let port = parts
+        .headers
+        .remove(PORT_HEADER)
+        .and_then(|v| v.to_str().ok().and_then(|p| p.parse::<u16>().ok()));
+    parts.headers.remove(CONTROL_KEY_HEADER);
+    let (Some(sandbox), Some(port)) = (sandbox, port) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a forwarded request names its sandbox and port in headers",
+        )
+            .into_response();
+    };
+    parts.uri = match rest.parse() {
+        Ok(u) => u,
+        Err(_) => return (StatusCode::BAD_REQUEST, "bad forwarded path").into_response(),
+    };
+    let req = http::Request::from_parts(parts, Body::new(body));
+    match s.backend.forward(&sandbox, port, req).await {
+        Ok(resp) => resp.into_response(),
+        Err(e) => {
+            let wire = serde_json::to_string(&WireError::from(&e)).unwrap_or_default();
+            let mut r = (StatusCode::BAD_GATEWAY, e.to_string()).into_response();
+            if let Ok(v) = HeaderValue::from_str(&wire) {
+                r.headers_mut().insert(ERROR_HEADER, v);
+            }
+            r
+        }
+    }
+}
+
+/// Serves the link on `listener` over TLS with `cert` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cert: &NodeCert,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), crate::link::LinkError> {
+    serve_with(listener, Some(cert.server_config()?), app, shutdown).await;
+    Ok(())
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes: at most
+/// [`MAX_CONNECTIONS`] at once, handshakes and request heads under deadlines. The node's link
+/// and the control plane's cluster listener both run on it.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster link: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(%peer, "cluster link: too many connections, closing one");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .header_read_timeout(Duration::from_secs(30))
+                .timer(hyper_util::rt::TokioTimer::new());
+            b.http2()
+                .max_concurrent_streams(4096)
+                .keep_alive_interval(Duration::from_secs(20))
+                .timer(hyper_util::rt::TokioTimer::new());
+            let served = match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "cluster link: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    b.serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .await
+                }
+                None => {
+                    b.serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "cluster link: connection ended");
+            }
+        });
+    }
+}
+
+/// Who the node is and where it reports.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub node_id: String,
+    /// The link listener as the control plane reaches it (`https://host:port`).
+    pub url: String,
+    pub cert_sha256: String,
+    /// The control plane's cluster listener (`http(s)://host:port`).
+    pub server: String,
+    pub token: Token,
+    /// Set by `alcove node drain`'s signal: the node stops taking new sandboxes.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// The heartbeat client: the control plane may be plain HTTP only on loopback (heartbeats are
+/// signed, never secret, but its answers are trusted), else HTTPS verified by the host's roots
+/// plus `extra_ca` (PEM), e.g. the CA of `alcove tls init`.
+pub fn heartbeat_client(server: &str, extra_ca: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let url = reqwest::Url::parse(server).map_err(|e| format!("--server {server}: {e}"))?;
+    let host = url.host_str().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err(format!(
+            "--server {server}: use https:// (plain http is allowed only to a loopback address)"
+        ));
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(HEARTBEAT_DEADLINE);
+    if let Some(pem) = extra_ca {
+        let ca = reqwest::Certificate::from_pem(pem).map_err(|e| format!("--server-ca: {e}"))?;
+        b = b.add_root_certificate(ca);
+    }
+    b.build().map_err(|e| format!("the heartbeat client: {e}"))
+}
+
+/// Sends a heartbeat every `interval` until the task is dropped. A `reset` answer (the control
+/// plane declared this node lost) kills every sandbox here first.
+pub async fn heartbeats(
+    backend: Arc<dyn SandboxBackend>,
+    reg: Registration,
+    client: reqwest::Client,
+    interval: Duration,
+) {
+    let url = format!("{}{HEARTBEAT_PATH}", reg.server.trim_end_matches('/'));
+    let mut failing = false;
+    let mut wait = interval;
+    loop {
+        let sent = tokio::time::timeout(HEARTBEAT_DEADLINE, beat(&*backend, &reg, &client, &url))
+            .await
+            .unwrap_or_else(|_| Err("no answer within 5 s".into()));
+        match sent {
+            Ok(answer) => {
+                if failing {
+                    tracing::info!(server = %reg.server, "heartbeats reach the control plane again");
+                    failing = false;
+                }
+                if answer.reset {
+                    match kill_all(&*backend).await {
+                        Ok(n) => tracing::warn!(
+                            killed = n,
+                            "the control plane had declared this node lost and reported its \
+                             sandboxes so: they were killed"
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, "killing the sandboxes after a reset")
+                        }
+                    }
+                }
+                if answer.interval_ms > 0 {
+                    wait = Duration::from_millis(answer.interval_ms.clamp(100, 10_000));
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(server = %reg.server, error = %e, "heartbeat failed; retrying");
+                    failing = true;
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn beat(
+    b: &dyn SandboxBackend,
+    reg: &Registration,
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<HeartbeatAnswer, String> {
+    let host = b
+        .host_info()
+        .ok_or("this backend does not describe its host")?;
+    let templates = b.templates().await.map_err(|e| e.to_string())?;
+    let warm = b
+        .warm_pool()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|p| p.ready > 0)
+        .map(|p| p.template_id)
+        .collect();
+    let hb = Heartbeat {
+        node_id: reg.node_id.clone(),
+        url: reg.url.clone(),
+        cert_sha256: reg.cert_sha256.clone(),
+        host,
+        templates,
+        warm,
+        draining: reg.draining.load(Ordering::Relaxed),
+        sandboxes: b
+            .list()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|l| l.sandbox_id)
+            .collect(),
+    };
+    let body = serde_json::to_vec(&hb).map_err(|e| e.to_string())?;
+    let resp = client
+        .post(url)
+        .header(crate::link::SIGNATURE_HEADER, reg.token.sign(&body))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("{e}"))?;
+    let status = resp.status();
+    let sig = resp
+        .headers()
+        .get(crate::link::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = resp.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("the control plane answered {status}: {text}"));
+    }
+    // The answer can order this node to kill its sandboxes: only a signed one is obeyed.
+    reg.token
+        .verify(&sig, text.as_bytes(), std::time::SystemTime::now())
+        .map_err(|why| {
+            format!("the control plane's answer is not signed by the cluster token: {why}")
+        })?;
+    serde_json::from_str(&text).map_err(|e| format!("the control plane's answer: {e}"))
+}

@@ -1,0 +1,296 @@
+//! What travels on the link: heartbeats (node → control plane), calls and their answers
+//! (control plane → node, JSON over HTTP/2), and a backend error's wire form.
+
+use alcove_api::backend::{BackendError, CreateSandbox, ExecRequest, HostInfo, Keep, TemplateInfo};
+use serde::{Deserialize, Serialize};
+
+/// Paths on a node's link listener.
+pub const CALL_PATH: &str = "/node/v1/call";
+/// Sandbox traffic: the original path and query follow this prefix.
+pub const FORWARD_PREFIX: &str = "/node/v1/forward";
+/// The headers naming a forwarded request's sandbox and port.
+pub const SANDBOX_HEADER: &str = "x-alcove-node-sandbox";
+pub const PORT_HEADER: &str = "x-alcove-node-port";
+/// On a node's answer to a forwarded request: the backend error (JSON [`WireError`]) that
+/// stopped it before the sandbox answered.
+pub const ERROR_HEADER: &str = "x-alcove-node-error";
+/// Unauthenticated probes: the cluster listener's and a node link's.
+pub const CLUSTER_HEALTH_PATH: &str = "/cluster/v1/health";
+pub const NODE_HEALTH_PATH: &str = "/node/v1/health";
+/// The control plane's heartbeat path on its cluster listener.
+pub const HEARTBEAT_PATH: &str = "/cluster/v1/heartbeat";
+
+/// What a node reports every heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Stable name of the node (unique in the cluster).
+    pub node_id: String,
+    /// Where the control plane reaches the node's link listener: `https://host:port`.
+    pub url: String,
+    /// Hex SHA-256 of the link certificate the listener presents.
+    pub cert_sha256: String,
+    pub host: HostInfo,
+    /// Templates the node can create sandboxes from (their files are on it).
+    pub templates: Vec<TemplateInfo>,
+    /// Templates with a ready warm VM.
+    pub warm: Vec<String>,
+    /// Not taking new sandboxes (`alcove node drain`).
+    #[serde(default)]
+    pub draining: bool,
+    /// The sandboxes on the node (running and paused): every control-plane replica learns
+    /// where each is within a heartbeat, including those another replica placed.
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
+}
+
+/// The control plane's answer to a heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    /// The node was declared lost (no heartbeat in time) and its sandboxes reported so: it must
+    /// kill them before it takes new ones.
+    pub reset: bool,
+    /// When to send the next one.
+    pub interval_ms: u64,
+}
+
+/// One call of the [`alcove_api::backend::SandboxBackend`] trait, as sent to a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    Templates,
+    Create {
+        req: Box<CreateSandbox>,
+    },
+    Kill {
+        sandbox_id: String,
+    },
+    List,
+    Status {
+        sandbox_id: String,
+    },
+    Metrics {
+        sandbox_id: String,
+    },
+    Logs {
+        sandbox_id: String,
+    },
+    UpdateNetwork {
+        sandbox_id: String,
+        network: alcove_net::NetworkConfig,
+    },
+    WarmPool,
+    Network {
+        sandbox_id: String,
+    },
+    Pause {
+        sandbox_id: String,
+        keep: Keep,
+    },
+    Resume {
+        sandbox_id: String,
+        from: Keep,
+    },
+    Snapshot {
+        sandbox_id: String,
+        snapshot_id: String,
+        keep: Keep,
+    },
+    DeleteSnapshot {
+        snapshot_id: String,
+    },
+    StoredBytesEach {
+        sandbox_ids: Vec<String>,
+        snapshot_ids: Vec<String>,
+    },
+    NetCounters {
+        sandbox_ids: Vec<String>,
+    },
+    Exec {
+        sandbox_id: String,
+        req: ExecRequest,
+    },
+    /// Kill every sandbox (after a [`HeartbeatAnswer::reset`]); answers how many.
+    KillAll,
+    /// Stop taking new sandboxes: the node's heartbeats say it is draining from now on, so
+    /// every control-plane replica stops placing there, not only the one that was asked.
+    Drain,
+    /// Upload a paused sandbox's files to the blob store (checksummed); answers the bytes.
+    Export {
+        sandbox_id: String,
+    },
+    /// Download a paused sandbox's files from the blob store, check them, and take it in.
+    Import {
+        sandbox_id: String,
+    },
+}
+
+/// A call's answer: `{"ok": …}` or `{"err": …}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Ok(serde_json::Value),
+    Err(WireError),
+}
+
+/// [`BackendError`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireError {
+    SandboxNotFound,
+    TemplateNotFound,
+    NoCapacity,
+    Unavailable {
+        reason: String,
+    },
+    PortNotOpen,
+    Timeout,
+    Unsupported {
+        op: String,
+    },
+    CorruptSnapshot {
+        detail: String,
+    },
+    SnapshotNotFound,
+    WrongState {
+        state: String,
+    },
+    /// Anything else: what failed and why, as the node's error chain.
+    Failed {
+        op: String,
+        message: String,
+    },
+}
+
+impl From<&BackendError> for WireError {
+    fn from(e: &BackendError) -> WireError {
+        use BackendError as B;
+        match e {
+            B::SandboxNotFound => WireError::SandboxNotFound,
+            B::TemplateNotFound => WireError::TemplateNotFound,
+            B::NoCapacity => WireError::NoCapacity,
+            B::Unavailable { reason } => WireError::Unavailable {
+                reason: reason.clone(),
+            },
+            B::PortNotOpen => WireError::PortNotOpen,
+            B::Timeout => WireError::Timeout,
+            B::Unsupported { op } => WireError::Unsupported {
+                op: (*op).to_owned(),
+            },
+            B::CorruptSnapshot { detail } => WireError::CorruptSnapshot {
+                detail: detail.clone(),
+            },
+            B::SnapshotNotFound => WireError::SnapshotNotFound,
+            B::WrongState { state } => WireError::WrongState {
+                state: state.clone(),
+            },
+            B::Failed { op, source } => WireError::Failed {
+                op: (*op).to_owned(),
+                message: alcove_api::error::chain(source.as_ref()),
+            },
+        }
+    }
+}
+
+/// A failure a node reported, kept as the cause of [`BackendError::Failed`].
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: {op} failed: {message}")]
+pub struct NodeFailure {
+    pub node: String,
+    pub op: String,
+    pub message: String,
+}
+
+/// The names the API's error messages may show for an unsupported operation (they are
+/// `&'static str`); another name from a node reads as a generic one.
+fn static_op(op: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "pause",
+        "resume",
+        "snapshot",
+        "delete snapshot",
+        "network update",
+        "exec",
+        "delete_template",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == op)
+        .copied()
+        .unwrap_or("this operation on the node")
+}
+
+impl WireError {
+    /// Back to the API's error; `node` names where it came from.
+    pub fn into_backend(self, node: &str) -> BackendError {
+        use BackendError as B;
+        match self {
+            WireError::SandboxNotFound => B::SandboxNotFound,
+            WireError::TemplateNotFound => B::TemplateNotFound,
+            WireError::NoCapacity => B::NoCapacity,
+            WireError::Unavailable { reason } => B::Unavailable { reason },
+            WireError::PortNotOpen => B::PortNotOpen,
+            WireError::Timeout => B::Timeout,
+            WireError::Unsupported { op } => B::Unsupported { op: static_op(&op) },
+            WireError::CorruptSnapshot { detail } => B::CorruptSnapshot { detail },
+            WireError::SnapshotNotFound => B::SnapshotNotFound,
+            WireError::WrongState { state } => B::WrongState { state },
+            WireError::Failed { op, message } => B::Failed {
+                op: "a call to a cluster node",
+                source: Box::new(NodeFailure {
+                    node: node.to_owned(),
+                    op,
+                    message,
+                }),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_cross_the_wire_with_their_meaning() {
+        let io = std::io::Error::other("disk full");
+        let e = BackendError::Failed {
+            op: "pause",
+            source: Box::new(io),
+        };
+        let w = WireError::from(&e);
+        let back: WireError = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+        let b = back.into_backend("n1");
+        assert!(matches!(b, BackendError::Failed { .. }));
+        let chain = std::error::Error::source(&b).unwrap().to_string();
+        assert!(
+            chain.contains("n1") && chain.contains("disk full"),
+            "{chain}"
+        );
+        let w = WireError::from(&BackendError::WrongState {
+            state: "paused".into(),
+        });
+        assert!(matches!(
+            w.into_backend("n1"),
+            BackendError::WrongState { state } if state == "paused"
+        ));
+        let u = WireError::Unsupported { op: "pause".into() }.into_backend("n");
+        assert!(matches!(u, BackendError::Unsupported { op: "pause" }));
+    }
+
+    #[test]
+    fn calls_are_tagged_json() {
+        let c = Call::Pause {
+            sandbox_id: "abc".into(),
+            keep: Keep::DiskOnly,
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(s.contains(r#""call":"pause""#), "{s}");
+        assert!(matches!(
+            serde_json::from_str::<Call>(&s).unwrap(),
+            Call::Pause {
+                keep: Keep::DiskOnly,
+                ..
+            }
+        ));
+    }
+}

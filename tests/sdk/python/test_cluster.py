@@ -1,0 +1,213 @@
+"""A cluster on this host, through the official SDK (`docs/cluster.md`).
+
+This module starts its own cluster: a private Postgres (Debian's postgresql-15), two control-plane
+replicas (`alcove server --cluster-listen --database-url`, no VMs of their own) on that database,
+and three `alcove node` processes heartbeating to both. Each node has its own data directory, jail
+uid range and TLS link listener; they share the templates' cache, as nodes of one image would.
+Creates alternate between the replicas, and records are read through the other one.
+
+- Creates spread over the nodes, and each sandbox works: commands, files, pause and resume.
+- A snapshot's sandboxes and a fork's children go to the node that holds its files.
+- Draining a node (asked of one replica; the other places the next creates) pauses its running
+  sandboxes and moves every paused one to the blob store; each resumes on another node with its
+  files and processes.
+- `kill -9` of one node: within 10 s its running sandboxes are `lost` with a reason that names
+  the node, a paused one stays paused and resumes on another node, and creates go on on the
+  others.
+- `kill -9` of the replica on duty: SDK calls go on through the other, which takes the
+  background duties over (it reaps a sandbox at its end).
+
+Needs root and ALCOVE_BIN, like the rest of the real suite, and postgresql-15 (scripts/test.sh
+installs it).
+"""
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+import pytest
+from e2b import Sandbox
+
+from cluster import NODES, Cluster, wait_for
+from conftest import TEMPLATE
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    root = tempfile.mkdtemp(prefix="alcove-cluster-")
+    failed_before = request.session.testsfailed
+    c = Cluster(root)
+    started = False
+    try:
+        c.wait_ready()
+        started = True
+        yield c
+    finally:
+        c.close()
+        if not started or request.session.testsfailed > failed_before:
+            c.print_logs()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_creates_spread_over_the_nodes_and_each_sandbox_works(cluster):
+    # Through one replica: each places from the nodes' last reports and its own decisions since,
+    # so two replicas placing within one heartbeat may pick the same node.
+    sbxs = [Sandbox.create(TEMPLATE, timeout=600, **cluster.sdk(0)) for _ in range(NODES)]
+    try:
+        where = [cluster.node_of(s.sandbox_id) for s in sbxs]
+        assert None not in where, where
+        assert len(set(where)) == NODES, f"creates were not spread: {where}"
+        for i, s in enumerate(sbxs):
+            assert s.commands.run("echo hi from $(hostname)").stdout.strip() == f"hi from {s.sandbox_id}"
+            s.files.write("/home/user/note.txt", f"node {where[i]}")
+            assert s.files.read("/home/user/note.txt") == f"node {where[i]}"
+        s = sbxs[0]
+        s.commands.run("echo kept > /home/user/kept.txt")
+        s.pause()
+        assert cluster.record(s.sandbox_id)["state"] == "paused"
+        s.connect()
+        assert s.files.read("/home/user/kept.txt").strip() == "kept"
+        assert cluster.node_of(s.sandbox_id) == where[0]
+    finally:
+        for s in sbxs:
+            s.kill()
+
+
+def test_snapshots_and_forks_stay_on_the_node_with_their_files(cluster):
+    src = cluster.create()
+    made = []
+    try:
+        src.files.write("/home/user/cp.txt", "checkpoint")
+        home = cluster.node_of(src.sandbox_id)
+        snap = src.create_snapshot()
+        s = Sandbox.create(snap.snapshot_id, timeout=600, **cluster.sdk())
+        made.append(s)
+        assert s.files.read("/home/user/cp.txt") == "checkpoint"
+        assert cluster.node_of(s.sandbox_id) == home
+        kids = src.fork(count=2)
+        made.extend(k for k in kids if not isinstance(k, Exception))
+        for k in kids:
+            assert not isinstance(k, Exception), k
+            assert k.files.read("/home/user/cp.txt") == "checkpoint"
+            assert cluster.node_of(k.sandbox_id) == home
+    finally:
+        for s in made:
+            s.kill()
+        src.kill()
+
+
+def test_a_drained_nodes_sandboxes_resume_elsewhere_with_their_files_and_processes(cluster):
+    sbxs = [cluster.create() for _ in range(NODES + 1)]
+    try:
+        where = {s.sandbox_id: cluster.node_of(s.sandbox_id) for s in sbxs}
+        victim = next(n for n in where.values() if list(where.values()).count(n) >= 2)
+        mine = [s for s in sbxs if where[s.sandbox_id] == victim][:2]
+        for i, s in enumerate(mine):
+            s.files.write("/home/user/moved.txt", f"sandbox {i}")
+            s.commands.run("sleep 3600", background=True)
+        mine[0].pause()  # one paused before the drain, one still running
+        # Asked of the second replica: the first places the creates below.
+        r = cluster.http_b.post(f"/alcove/v1/nodes/{victim}/drain")
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["failed"] == [], report
+        assert mine[1].sandbox_id in report["paused"], report
+        assert {s.sandbox_id for s in mine} <= set(report["moved"]), report
+        # The first replica hears it from the node's next heartbeat (every second).
+        wait_for(f"the first replica to see {victim} draining",
+                 lambda: {n["nodeID"]: n for n in cluster.http.get("/alcove/v1/nodes").json()}
+                 [victim]["draining"], 5)
+        for s in mine:
+            assert cluster.record(s.sandbox_id)["state"] == "paused"
+            assert cluster.node_of(s.sandbox_id) is None, "the drained node kept its copy"
+        for i, s in enumerate(mine):
+            s.connect()
+            assert cluster.node_of(s.sandbox_id) not in (victim, None)
+            assert s.files.read("/home/user/moved.txt") == f"sandbox {i}"
+            assert s.commands.run("pgrep -x sleep").stdout.strip(), "the process did not move"
+        # New sandboxes keep off the drained node, through either replica.
+        extra = [cluster.create() for _ in range(2)]
+        sbxs.extend(extra)
+        for s in extra:
+            assert cluster.node_of(s.sandbox_id) not in (victim, None)
+    finally:
+        for s in sbxs:
+            s.kill()
+
+
+def test_a_killed_node_loses_its_sandboxes_within_10_s_and_creates_go_on(cluster):
+    sbxs = [cluster.create() for _ in range(NODES + 1)]
+    where = {s.sandbox_id: cluster.node_of(s.sandbox_id) for s in sbxs}
+    victim = next(n for n in where.values() if list(where.values()).count(n) >= 2)
+    proc, _ = cluster.nodes[victim]
+    on_victim = [s for s in sbxs if where[s.sandbox_id] == victim]
+    # One of its sandboxes is paused: its copy is in the blob store, so it outlives the node.
+    kept = on_victim.pop()
+    kept.files.write("/home/user/kept.txt", "outlived its node")
+    kept.pause()
+    others = [s for s in sbxs if s not in on_victim]
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        killed_at = time.time()
+        for s in on_victim:
+            rec = wait_for(f"{s.sandbox_id} lost",
+                           lambda: (r := cluster.record(s.sandbox_id))["state"] == "lost" and r, 15)
+            took = time.time() - killed_at
+            assert took <= 10, f"reported lost after {took:.1f} s"
+            reason = rec.get("reason") or str(rec)
+            assert victim in reason and "heartbeat" in reason, rec
+        assert cluster.record(kept.sandbox_id)["state"] == "paused"
+        kept.connect()
+        assert cluster.node_of(kept.sandbox_id) not in (victim, None)
+        assert kept.files.read("/home/user/kept.txt") == "outlived its node"
+        for s in others:
+            assert s.commands.run("echo alive").stdout.strip() == "alive"
+        # (The drained node takes none, and the last one's vCPUs are nearly all handed out.)
+        for _ in range(1):
+            s = cluster.create()
+            others.append(s)
+            assert cluster.node_of(s.sandbox_id) not in (victim, None)
+            assert s.commands.run("echo new").stdout.strip() == "new"
+    finally:
+        for s in others:
+            s.kill()
+
+
+def test_a_killed_replica_leaves_the_other_serving_and_on_duty(cluster):
+    a, b = cluster.replicas
+    via_a = Sandbox.create(TEMPLATE, timeout=600, **cluster.sdk(0))
+    # Reaped at its end, 25 s from now: only a replica on duty does that.
+    short = Sandbox.create(TEMPLATE, timeout=25, **cluster.sdk(1))
+    made = [via_a]
+    try:
+        via_a.files.write("/home/user/a.txt", "made through a")
+        # The first replica started first and holds the duties.
+        with open(os.path.join(cluster.root, "control-a.log"), "rb") as f:
+            assert b"now runs the background duties" in f.read()
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(30)
+        # Its sandbox, through the other replica.
+        s = Sandbox.connect(via_a.sandbox_id, **cluster.sdk(1))
+        assert s.files.read("/home/user/a.txt") == "made through a"
+        assert s.commands.run("echo via b").stdout.strip() == "via b"
+        listed = {x.sandbox_id for x in Sandbox.list(**cluster.sdk(1)).next_items()}
+        assert {via_a.sandbox_id, short.sandbox_id} <= listed, listed
+        new = Sandbox.create(TEMPLATE, timeout=600, **cluster.sdk(1))
+        made.append(new)
+        assert new.commands.run("echo new").stdout.strip() == "new"
+        # The second replica took the duties over: the short sandbox ends at its time.
+        wait_for("the short sandbox reaped by the second replica",
+                 lambda: cluster.record(short.sandbox_id)["state"] == "killed", 90)
+        with open(os.path.join(cluster.root, "control-b.log"), "rb") as f:
+            assert b"now runs the background duties" in f.read()
+    finally:
+        for x in made:
+            try:
+                Sandbox.kill(x.sandbox_id, **cluster.sdk(1))
+            except Exception:
+                pass
