@@ -72,7 +72,7 @@ fn map_err(op: &'static str, e: NodeError) -> BackendError {
         NodeError::Image(alcove_image::ImageError::UnknownTemplate(_)) => {
             BackendError::TemplateNotFound
         }
-        NodeError::Capacity(_) => BackendError::NoCapacity,
+        NodeError::Capacity(_) | NodeError::Busy { .. } => BackendError::NoCapacity,
         NodeError::AgentTimeout(_) => BackendError::Timeout,
         NodeError::SnapshotNotFound(_) => BackendError::SnapshotNotFound,
         NodeError::CorruptSnapshot { detail, .. } => BackendError::CorruptSnapshot { detail },

@@ -289,6 +289,11 @@ pub struct HostOptions {
     /// `(MemTotal - 1 GiB) / (512 MiB + 64 MiB)`, at least 1).
     #[arg(long, env = "ALCOVE_MAX_VMS")]
     pub max_vms: Option<usize>,
+    /// Sandboxes restored at once (creates the warm pool could not serve, resumes, warm-pool
+    /// fills); more wait their turn, up to 40 s, so a burst of creates finishes instead of
+    /// starving every guest of CPU (default: twice the host's cores).
+    #[arg(long, env = "ALCOVE_MAX_STARTING", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_starting: Option<u64>,
     /// Sandboxes restored ahead of demand, per template (`TEMPLATE=COUNT` for a fixed size,
     /// `TEMPLATE=MIN..MAX` to follow the last 30 s of creates; comma-separated; `""` for none).
     /// A create takes a warm one instead of restoring a VM while the caller waits; each costs an
@@ -530,6 +535,8 @@ impl HostOptions {
             cache_dir: g.cache_dir(),
             vmm: g.vmm(),
             max_sandboxes: self.max_vms(),
+            max_starting: self.max_starting.map_or(0, |n| n as usize),
+            admission_wait: alcove_node::ADMISSION_WAIT,
             egress: self.egress.config_with(egress_events, secrets)?,
         })
         .await?;
@@ -768,6 +775,9 @@ impl Global {
             cache_dir: self.cache_dir(),
             vmm: self.vmm(),
             max_sandboxes: DEFAULT_MAX_VMS,
+            max_starting: 0,
+            // A CLI command says at once that the host is full.
+            admission_wait: std::time::Duration::ZERO,
             egress: EgressOptions::from_env()?.config()?,
         })
         .await?)

@@ -72,7 +72,8 @@ impl<V: Vmm> Node<V> {
     ) -> Result<(SandboxInfo, CreateTimings), NodeError> {
         let t0 = Instant::now();
         let id = opts.id.clone().unwrap_or_else(new_sandbox_id);
-        let _slot = self.reserve_slot(&id)?;
+        let deadline = tokio::time::Instant::now() + self.cfg.admission_wait;
+        let _slot = self.admit(&id, deadline).await?;
         let source = match &opts.snapshot {
             None => {
                 let template = self.template(&opts.template)?;
@@ -115,7 +116,10 @@ impl<V: Vmm> Node<V> {
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
         crate::private::create_dir(&dir)
             .map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
-        let result = self.create_in(&id, &dir, &source, &opts, t0).await;
+        let result = match self.starting_turn(deadline).await {
+            Ok(_turn) => self.create_in(&id, &dir, &source, &opts, t0).await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }

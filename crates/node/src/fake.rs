@@ -31,6 +31,10 @@ struct Host {
     next_pid: AtomicU32,
     /// The next save fails because the VM dies in the middle of it.
     crash_on_save: AtomicBool,
+    /// Restores take this long (ms), so tests can see how many run at once.
+    restore_ms: AtomicU32,
+    restoring: AtomicU32,
+    most_restoring: AtomicU32,
 }
 
 #[derive(Clone, Default)]
@@ -53,6 +57,26 @@ impl FakeVmm {
     /// Makes the next [`Vm::save`] (pause, snapshot) find the VM dying under it.
     pub(crate) fn crash_on_next_save(&self) {
         self.host.crash_on_save.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every restore take `ms` milliseconds.
+    pub(crate) fn slow_restores(&self, ms: u32) {
+        self.host.restore_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The most restores that were running at one time.
+    pub(crate) fn most_restoring(&self) -> u32 {
+        self.host.most_restoring.load(Ordering::SeqCst)
+    }
+
+    async fn restoring(&self, spec: &VmSpec, state_file: &Path) -> Result<FakeVm, VmmError> {
+        let h = &self.host;
+        let now = h.restoring.fetch_add(1, Ordering::SeqCst) + 1;
+        h.most_restoring.fetch_max(now, Ordering::SeqCst);
+        let ms = h.restore_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(ms.into())).await;
+        h.restoring.fetch_sub(1, Ordering::SeqCst);
+        self.start(spec, Some(state_file))
     }
 
     fn start(&self, spec: &VmSpec, state_file: Option<&Path>) -> Result<FakeVm, VmmError> {
@@ -103,7 +127,7 @@ impl Vmm for FakeVmm {
         state_file: &Path,
     ) -> Result<(FakeVm, RestoreTimings), VmmError> {
         Ok((
-            self.start(spec, Some(state_file))?,
+            self.restoring(spec, state_file).await?,
             RestoreTimings::default(),
         ))
     }
@@ -114,7 +138,7 @@ impl Vmm for FakeVmm {
         state_file: &Path,
     ) -> Result<(FakeVm, RestoreTimings), VmmError> {
         Ok((
-            self.start(spec, Some(state_file))?,
+            self.restoring(spec, state_file).await?,
             RestoreTimings::default(),
         ))
     }

@@ -31,7 +31,7 @@ mod volumes;
 
 pub use create::{CreateOptions, CreateTimings};
 pub use lifecycle::{Event, SandboxState, TransitionError};
-pub use node::{Node, NodeConfig, new_sandbox_id};
+pub use node::{ADMISSION_WAIT, Node, NodeConfig, default_max_starting, new_sandbox_id};
 pub use persist::PauseTimings;
 pub use pool::{WarmPoolStatus, parse_warm_pool};
 pub use record::SandboxInfo;
@@ -70,9 +70,16 @@ pub enum NodeError {
     )]
     SnapshotNotFound(String),
     #[error(
-        "sandbox limit reached: {0} sandboxes are running on this node; kill some or raise the limit"
+        "sandbox limit reached: {0} sandboxes are running on this node and none ended while this one waited; kill some or raise the limit (--max-vms)"
     )]
     Capacity(usize),
+    #[error(
+        "this node is busy: it starts {at_once} sandboxes at a time and this one waited {waited:?} without getting a turn; retry in a few seconds"
+    )]
+    Busy {
+        waited: std::time::Duration,
+        at_once: usize,
+    },
     #[error("sandbox `{id}` cannot do this in its current state")]
     Transition {
         id: String,

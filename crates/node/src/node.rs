@@ -29,8 +29,24 @@ pub struct NodeConfig<V = QemuVmm> {
     pub cache_dir: PathBuf,
     pub vmm: V,
     pub max_sandboxes: usize,
+    /// VMs restored at once (creates that missed the warm pool, resumes, warm-pool fills); the
+    /// rest wait their turn. 0: twice the host's cores ([`default_max_starting`]).
+    pub max_starting: usize,
+    /// How long a create or resume waits for a free slot under `max_sandboxes` and then for its
+    /// turn to restore, before it is refused as over capacity ([`ADMISSION_WAIT`] in servers).
+    pub admission_wait: std::time::Duration,
     /// Egress policy settings shared by every sandbox's network.
     pub egress: Arc<EgressConfig>,
+}
+
+impl<V> NodeConfig<V> {
+    /// `max_starting`, 0 read as [`default_max_starting`].
+    pub fn max_starting_or_default(&self) -> usize {
+        match self.max_starting {
+            0 => default_max_starting(),
+            n => n,
+        }
+    }
 }
 
 /// The sandboxes of one host.
@@ -50,6 +66,10 @@ pub struct Node<V: Vmm = QemuVmm> {
     pub(crate) pool: crate::pool::Pool<V::Vm>,
     /// Namespaces and egress (root); a fake in unit tests.
     pub(crate) net: Arc<dyn HostNetwork>,
+    /// Turns to restore a VM (`NodeConfig::max_starting`): a restore and its agent's `/init` are
+    /// CPU-bound, and too many at once (a burst of creates) each get so little of the cores that
+    /// their agents miss the init deadline; in turn, each finishes in its usual time.
+    pub(crate) starting_turns: Arc<tokio::sync::Semaphore>,
     /// Template builds running at once (one: builds must not starve sandboxes on small hosts).
     pub(crate) builds: Arc<tokio::sync::Semaphore>,
     /// How builds pull OCI images (`Node::set_oci_options`); none: `fromImage` is refused.
@@ -113,6 +133,19 @@ pub fn new_sandbox_id() -> String {
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect()
+}
+
+/// A server's `NodeConfig::admission_wait`: well inside the official SDKs' 60 s request
+/// timeout, so a create refused after waiting is answered before the caller gives up on it.
+pub const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
+
+/// How often a create waiting for a slot looks again.
+const SLOT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `NodeConfig::max_starting` when it is 0: twice the host's cores (a restore waits on its
+/// memory image's reads as well as on the CPU).
+pub fn default_max_starting() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 pub(crate) fn valid_id(id: &str) -> bool {
@@ -179,6 +212,41 @@ impl<V: Vmm> Node<V> {
             node: self,
             id: id.to_owned(),
         })
+    }
+
+    /// [`Node::reserve_slot`], waiting until `deadline` for one while the node is full (kills,
+    /// pauses and failed creates free slots).
+    pub(crate) async fn admit(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Slot<'_, V>, NodeError> {
+        loop {
+            match self.reserve_slot(id) {
+                Err(NodeError::Capacity(_))
+                    if tokio::time::Instant::now() + SLOT_POLL < deadline =>
+                {
+                    tokio::time::sleep(SLOT_POLL).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Waits (until `deadline`) for a turn to restore a VM; the turn is held until the permit is
+    /// dropped, which is once the VM's agent has answered `/init`.
+    pub(crate) async fn starting_turn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, NodeError> {
+        let turns = self.starting_turns.clone();
+        match tokio::time::timeout_at(deadline, turns.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(NodeError::Busy {
+                waited: self.cfg.admission_wait,
+                at_once: self.cfg.max_starting_or_default(),
+            }),
+        }
     }
 
     pub(crate) fn live(&self, id: &str) -> Result<Arc<Live<V>>, NodeError> {

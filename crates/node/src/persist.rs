@@ -129,8 +129,9 @@ impl<V: Vmm> Node<V> {
         let _op = live.op.lock().await;
         let t0 = Instant::now();
         let info = live.snapshot();
+        let deadline = tokio::time::Instant::now() + self.cfg.admission_wait;
         let _slot = match &info.state {
-            SandboxState::Paused { .. } => Some(self.reserve_slot(id)?),
+            SandboxState::Paused { .. } => Some(self.admit(id, deadline).await?),
             _ => None,
         };
         let SandboxState::Paused {
@@ -144,6 +145,7 @@ impl<V: Vmm> Node<V> {
                 state: info.state.to_string(),
             });
         };
+        let _turn = self.starting_turn(deadline).await?;
         let state_file = live.dir().join(PAUSED_STATE);
         if *disk_only || reboot {
             if *disk_only {

@@ -309,8 +309,12 @@ impl<V: Vmm> Node<V> {
         }
     }
 
-    /// Restores one VM of `template` and warms it up.
-    async fn warm_one(self: &Arc<Self>, template: &str) -> Result<WarmVm<V::Vm>, NodeError> {
+    /// Restores one VM of `template` and warms it up, in the restore `_turn` it was given.
+    async fn warm_one(
+        self: &Arc<Self>,
+        template: &str,
+        _turn: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<WarmVm<V::Vm>, NodeError> {
         let t = self.template(template)?;
         let check = t.clone();
         crate::node::blocking(move || check.verify_state()).await?;
@@ -433,6 +437,12 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
             continue;
         }
         let Some(n) = node.upgrade() else { return };
+        // Creates and resumes waiting to restore go first: a fill only takes a free turn.
+        let Ok(turn) = n.starting_turns.clone().try_acquire_owned() else {
+            drop(n);
+            tokio::time::sleep(CPU_SAMPLE).await;
+            continue;
+        };
         {
             // The other filler may have taken this slot meanwhile.
             let mut pools = n.pool.lock();
@@ -445,7 +455,7 @@ async fn fill<V: Vmm>(node: Weak<Node<V>>, wake: Arc<tokio::sync::Notify>) {
             e.filling += 1;
         }
         let t0 = Instant::now();
-        let result = n.warm_one(&template).await;
+        let result = n.warm_one(&template, turn).await;
         let mut pools = n.pool.lock();
         let e = pools.entry(template.clone()).or_default();
         e.filling = e.filling.saturating_sub(1);

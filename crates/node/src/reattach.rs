@@ -38,8 +38,10 @@ impl<V: Vmm> Node<V> {
             .map_err(|e| NodeError::Io(cfg.data_dir.display().to_string(), e))?;
         crate::private::create_dir_all(&root)
             .map_err(|e| NodeError::Io(root.display().to_string(), e))?;
+        let turns = cfg.max_starting_or_default();
         let node = Arc::new(Node {
             cfg,
+            starting_turns: Arc::new(tokio::sync::Semaphore::new(turns)),
             sandboxes: Mutex::new(HashMap::new()),
             starting: Mutex::default(),
             templates: Mutex::new(HashMap::new()),

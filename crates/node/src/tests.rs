@@ -72,12 +72,19 @@ impl Fixture {
 
     /// A node over the fixture's data dir (again: a restarted process).
     async fn open(&self) -> Arc<Node<FakeVmm>> {
+        self.open_starting(0).await
+    }
+
+    /// [`Fixture::open`] that restores at most `max_starting` VMs at once.
+    async fn open_starting(&self, max_starting: usize) -> Arc<Node<FakeVmm>> {
         Node::open_with(
             NodeConfig {
                 data_dir: self.data.clone(),
                 cache_dir: self.cache.clone(),
                 vmm: self.vmm.clone(),
                 max_sandboxes: 10,
+                max_starting,
+                admission_wait: std::time::Duration::from_secs(2),
                 egress: Arc::new(alcove_net::EgressConfig::new(
                     alcove_net::Guard::new(&[], vec![]),
                     "127.0.0.1:53".parse().unwrap(),
@@ -376,17 +383,76 @@ async fn network_rules_are_kept_in_the_record() {
 }
 
 #[tokio::test]
-async fn creates_beyond_the_limit_are_refused() {
+async fn creates_beyond_the_limit_wait_for_a_slot_then_are_refused() {
     let f = Fixture::new();
     let node = f.open().await;
     let mut ids = Vec::new();
     for _ in 0..10 {
         ids.push(node.create(base()).await.unwrap().0.id);
     }
+    // One over the limit waits, and gets the slot a kill frees.
+    let waiting = {
+        let node = node.clone();
+        tokio::spawn(async move { node.create(base()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a create over the limit should wait"
+    );
+    node.kill(&ids.pop().unwrap()).await.unwrap();
+    ids.push(waiting.await.unwrap().expect("the slot freed").0.id);
+    // Nothing ends: refused once the fixture's admission wait (2 s) is over.
+    let t = std::time::Instant::now();
     assert!(matches!(
         node.create(base()).await,
         Err(NodeError::Capacity(10))
     ));
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    for id in ids {
+        node.kill(&id).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_creates_restores_a_few_at_a_time_and_every_one_succeeds() {
+    let f = Fixture::new();
+    let node = f.open_starting(2).await;
+    f.vmm.slow_restores(40);
+    let creates: Vec<_> = (0..8)
+        .map(|_| {
+            let node = node.clone();
+            tokio::spawn(async move { node.create(base()).await.map(|(i, _)| i.id) })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in creates {
+        ids.push(c.await.unwrap().expect("a queued create succeeds"));
+    }
+    assert_eq!(
+        f.vmm.most_restoring(),
+        2,
+        "restores ran at once beyond the limit"
+    );
+    // Resumes queue the same way.
+    for id in &ids {
+        node.pause(id).await.unwrap();
+    }
+    let resumes: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (node, id) = (node.clone(), id.clone());
+            tokio::spawn(async move { node.resume(&id).await })
+        })
+        .collect();
+    for r in resumes {
+        r.await.unwrap().expect("a queued resume succeeds");
+    }
+    assert_eq!(f.vmm.most_restoring(), 2);
     for id in ids {
         node.kill(&id).await.unwrap();
     }

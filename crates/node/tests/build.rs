@@ -27,6 +27,8 @@ async fn node(data: &Path) -> Arc<Node> {
         cache_dir: cache_dir(),
         vmm: QemuVmm::new(alcove_vmm::accel::detect(None)),
         max_sandboxes: 100,
+        max_starting: 0,
+        admission_wait: alcove_node::ADMISSION_WAIT,
         egress: Arc::new(alcove_net::EgressConfig::new(
             alcove_net::Guard::new(&alcove_net::policy::host_addresses(), vec![]),
             alcove_net::egress::host_resolver(),
