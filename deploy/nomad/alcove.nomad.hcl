@@ -41,7 +41,8 @@ job "alcove" {
   group "control-plane" {
     # ONE instance: the store is SQLite in --data-dir on this client's disk, and the cluster's
     # state (nodes, placement) lives in this one process. More instances need the Postgres
-    # store (`--database-url`, not yet available).
+    # store (`--database-url`), each addressable by every node, and the key files shared
+    # (docs/cluster.md); this job does not set that up.
     count = 1
 
     constraint {

@@ -69,6 +69,9 @@ pub enum DbError {
     /// transaction, or its thread ended.
     #[error("{0}")]
     Lost(String),
+    /// The database URL (or the TLS settings it names) cannot be used.
+    #[error("{0}")]
+    Url(String),
     /// A column's value is not what the caller reads it as.
     #[error("column {index}: {message}")]
     Conversion { index: usize, message: String },
@@ -437,7 +440,7 @@ fn lost(message: String) -> DbError {
 impl PgConn {
     /// Connects (on the new thread) and runs `setup` (migrations) there before anything else.
     pub fn connect(
-        config: postgres::Config,
+        target: crate::PgTarget,
         setup: impl FnOnce(&mut postgres::Client) -> Result<(), crate::StoreError> + Send + 'static,
     ) -> Result<PgConn, crate::StoreError> {
         use std::sync::atomic::Ordering;
@@ -448,7 +451,7 @@ impl PgConn {
         std::thread::Builder::new()
             .name("alcove-postgres".into())
             .spawn(move || {
-                let mut client = match config.connect(postgres::NoTls) {
+                let mut client = match target.connect() {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready_tx.send(Err(crate::StoreError::Open(e.into())));
@@ -463,7 +466,7 @@ impl PgConn {
                 // Ends when the connection (the last sender) is dropped.
                 while let Ok(job) = rx.recv() {
                     if client.is_closed() {
-                        match config.connect(postgres::NoTls) {
+                        match target.connect() {
                             Ok(c) => {
                                 client = c;
                                 gen_thread.fetch_add(1, Ordering::SeqCst);

@@ -26,6 +26,7 @@ mod limits;
 mod metering;
 mod metrics_history;
 mod migrations;
+mod pg_target;
 mod sandboxes;
 mod secrets;
 mod snapshots;
@@ -53,6 +54,7 @@ pub use metering::{
     NetSample, Quantities, StorageSample, UsageEvent, UsageGroup, UsageKind, UsageRow, day_name,
 };
 pub use metrics_history::MetricSample;
+pub use pg_target::PgTarget;
 pub use sandboxes::{
     ListOrder, NewSandboxRecord, Page, PageCursor, SandboxEvent, SandboxFilter, SandboxRecord,
 };
@@ -162,9 +164,7 @@ impl Database {
         match url {
             None => Ok(Database::Sqlite(data_dir.join(DB_FILE))),
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-                u.parse::<postgres::Config>().map_err(|e| {
-                    format!("the database URL is not a valid Postgres URL ({e}): write it as postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
-                })?;
+                PgTarget::parse(u).map_err(|e| format!("the database URL: {e}"))?;
                 Ok(Database::Postgres(u.to_owned()))
             }
             Some(u) if u.starts_with("sqlite:") => {
@@ -208,13 +208,11 @@ impl Database {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "schema name {schema:?}"
         );
-        let config: postgres::Config = url.parse().expect("a Postgres URL");
+        let target = PgTarget::parse(url).expect("a Postgres URL");
         let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
         // On a thread of its own: the client may not run inside an async task (see PgConn).
         std::thread::spawn(move || {
-            let mut admin = config
-                .connect(postgres::NoTls)
-                .expect("connect to the test database");
+            let mut admin = target.connect().expect("connect to the test database");
             admin.batch_execute(&create).expect("create a test schema");
         })
         .join()
@@ -237,9 +235,10 @@ impl std::fmt::Display for Database {
         match self {
             Database::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
             Database::Postgres(url) => {
-                let Ok(c) = url.parse::<postgres::Config>() else {
+                let Ok(t) = PgTarget::parse(url) else {
                     return f.write_str("postgres://(invalid)");
                 };
+                let c = &t.config;
                 let host = c
                     .get_hosts()
                     .first()
@@ -302,14 +301,12 @@ impl Store {
     /// Opens the Postgres database at `url` (`postgres://user@host:port/db`) and migrates it to
     /// the latest schema. Several control-plane replicas may open the same database.
     pub fn open_postgres(url: &str) -> Result<Store> {
-        let config: postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Open(db::DbError::Postgres(e)))?;
-        Self::with_postgres(config, migrations::MIGRATIONS.len())
+        let target = PgTarget::parse(url).map_err(|e| StoreError::Open(db::DbError::Url(e)))?;
+        Self::with_postgres(target, migrations::MIGRATIONS.len())
     }
 
-    fn with_postgres(config: postgres::Config, upto: usize) -> Result<Store> {
-        let conn = db::PgConn::connect(config, move |client| {
+    fn with_postgres(target: PgTarget, upto: usize) -> Result<Store> {
+        let conn = db::PgConn::connect(target, move |client| {
             migrations::migrate_postgres(client, upto)
         })?;
         Ok(Store {
