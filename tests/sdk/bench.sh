@@ -9,6 +9,9 @@
 #   ALCOVE_WARM_POOL=base=4 tests/sdk/bench.sh cluster -n 20   through a cluster node vs single host
 #   tests/sdk/bench.sh sustained --workers 4  creates for 5 minutes (ALCOVE_BENCH_SECONDS)
 #   tests/sdk/bench.sh burst --burst 100      100 concurrent creates
+#   tests/sdk/bench.sh drain -n 5             a node drained of 5 sandboxes (bench/bench_cluster.py)
+#   tests/sdk/bench.sh density --density 200  idle `minimal` sandboxes alive at once (--max-vms and
+#                                             the team's running limit raised to fit)
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
 #   tests/sdk/bench.sh egress -n 50       HTTPS through a secret-header rule (TLS intercepted) vs not
 #   tests/sdk/bench.sh volume -n 5        dd throughput in the guest: a mounted volume vs the root disk
@@ -39,12 +42,22 @@ pool="base=20,code-interpreter-v1=2"
 if [[ " $* " == *" desktop "* ]]; then
     others=""
     for a in "$@"; do
-        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential|cluster|sustained)$ ]]; then others=1; fi
+        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential|cluster|drain|density|sustained)$ ]]; then others=1; fi
     done
     pool="${others:+$pool,}desktop=2"
 fi
+# `density` mode: room for the sandboxes it keeps (the defaults are 40 VMs per 24 GiB host, each
+# counted at 512 MiB, and 100 running per team), and a warm pool of one `minimal` VM only.
+extra=()
+if [[ " $* " == *" density "* ]]; then
+    want=200
+    for ((i = 1; i < $#; i++)); do [[ ${!i} == --density ]] && { j=$((i + 1)); want=${!j}; }; done
+    export ALCOVE_MAX_VMS="${ALCOVE_MAX_VMS:-$((want + 10))}"
+    extra=(--max-sandboxes "$((want + 10))")
+    pool="minimal=1"
+fi
 ALCOVE_WARM_POOL="${ALCOVE_WARM_POOL-$pool}" \
-ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" >"$data/server.log" 2>&1 &
+ALCOVE_EGRESS_TRUSTED=198.51.100.2/31 "$bin" server --listen "127.0.0.1:$port" --data-dir "$data/state" "${extra[@]}" >"$data/server.log" 2>&1 &
 server_pid=$!
 cleanup() {
     kill "$server_pid" 2>/dev/null || true

@@ -19,10 +19,15 @@ docs/benchmarks.md, not in tests).
            sandbox (the download's share), an unchanged rebuild (all cache hits), and create ->
            first command from the built template vs from base, interleaved (run with
            ALCOVE_WARM_POOL="" so neither comes from a warm pool)
+  density  minimal: sandboxes kept alive until --density N are (or creates keep failing), each
+           then answering `echo ok`; host memory they take (MemAvailable, QEMU PSS)
   sustained base: create -> first command -> kill by --workers clients in a loop for
            ALCOVE_BENCH_SECONDS (300): creates per second, p50/p95, failures
   cluster  base: create -> first command and a command's round trip through a control plane
            and one `alcove node` vs this single-host server, interleaved (bench_cluster.py)
+  drain    base: `alcove node drain` of a node with n sandboxes (each a 64 MiB file and a
+           process) to a second node through the blob store: drain time, then each one's
+           resume elsewhere with the file and process checked (bench_cluster.py)
   mcp      base: run_command through `alcove mcp` (stdio) and `/mcp` (HTTP) vs the SDK's
            commands.run, interleaved on one sandbox (bench_mcp.py)
   desktop  desktop, with the e2b-desktop SDK: create -> first screenshot() bytes, sequential with
@@ -167,6 +172,82 @@ def bench_burst(n):
         {"ok": len(results), "failed": len(failures), "wall_s": round(time.perf_counter() - t0, 1),
          "errors": failures[:3], **pool_hits("base", before)},
     )
+
+
+def meminfo_kib():
+    with open("/proc/meminfo") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)}
+
+
+def qemu_pss_mib():
+    """Summed PSS of every QEMU process on the host (shared template pages counted once)."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if b"qemu-system" not in f.read().split(b"\0")[0]:
+                    continue
+            with open(f"/proc/{d}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return round(total / 1024, 1)
+
+
+def bench_density(target, workers=2):
+    """`minimal` sandboxes created (by `workers` clients) and kept until `target` are alive or
+    creates fail three times in a row; after a minute idle, every one must answer `echo ok`.
+    Host memory: MemAvailable before and after, and the QEMU processes' summed PSS. bench.sh
+    raises --max-vms and the team's running limit above `target` for this mode."""
+    import threading
+
+    from e2b import Sandbox
+
+    avail0 = meminfo_kib()["MemAvailable"]
+    alive, errors, lock = [], [], threading.Lock()
+    state = {"failed_in_a_row": 0}
+
+    def one(_):
+        if state["failed_in_a_row"] >= 3:
+            return
+        try:
+            s = Sandbox.create("minimal", timeout=3600)
+            with lock:
+                alive.append(s)
+                state["failed_in_a_row"] = 0
+        except Exception as e:  # counted: where creates start failing is the result
+            with lock:
+                errors.append(repr(e)[:300])
+                state["failed_in_a_row"] += 1
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
+        list(ex.map(one, range(target)))
+    created_s = time.perf_counter() - t0
+    time.sleep(60)
+    lat, silent = [], []
+    for s in alive:
+        t1 = time.perf_counter()
+        try:
+            assert s.commands.run("echo ok", timeout=60).stdout.strip() == "ok"
+            lat.append(time.perf_counter() - t1)
+        except Exception as e:
+            silent.append(repr(e)[:200])
+    mem = meminfo_kib()
+    extra = {"alive": len(alive), "answered": len(lat), "did_not_answer": len(silent),
+             "create_failures": len(errors), "errors": (errors + silent)[:3],
+             "created_in_s": round(created_s, 1),
+             "host_mem_used_by_them_mib": round((avail0 - mem["MemAvailable"]) / 1024, 1),
+             "host_mem_available_mib": round(mem["MemAvailable"] / 1024, 1),
+             "qemu_pss_total_mib": qemu_pss_mib()}
+    if alive:
+        extra["qemu_pss_each_mib"] = round(extra["qemu_pss_total_mib"] / len(alive), 1)
+    summary(f"density: idle minimal sandboxes alive at once (asked for {target}), echo round trip",
+            lat or [float("nan")], extra)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as ex:
+        list(ex.map(lambda s: s.kill(), alive))
 
 
 def bench_sustained(workers, seconds=None):
@@ -833,12 +914,19 @@ def bench_cluster(n):
     run(n)
 
 
+def bench_drain(n):
+    from bench_cluster import bench_drain as run
+
+    run(n)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
     ap.add_argument("-n", type=int, default=20, help="sequential iterations")
     ap.add_argument("--burst", type=int, default=20, help="concurrent creates")
     ap.add_argument("--workers", type=int, default=4, help="clients of the sustained mode")
+    ap.add_argument("--density", type=int, default=200, help="sandboxes the density mode keeps")
     args = ap.parse_args()
     for m in args.modes:
         {"create": lambda: bench_create(args.n), "burst": lambda: bench_burst(args.burst),
@@ -847,7 +935,8 @@ def main():
          "js": lambda: bench_js(args.n), "sequential": lambda: bench_sequential(args.n),
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n),
          "desktop": lambda: bench_desktop(args.n), "cluster": lambda: bench_cluster(args.n),
-         "sustained": lambda: bench_sustained(args.workers)}[m]()
+         "sustained": lambda: bench_sustained(args.workers),
+         "density": lambda: bench_density(args.density), "drain": lambda: bench_drain(args.n)}[m]()
 
 
 if __name__ == "__main__":

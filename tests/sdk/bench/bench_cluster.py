@@ -7,6 +7,8 @@ calls as JSON over HTTP/2, traffic streamed), interleaved so both see the same m
 - command round trip: `commands.run("true")` on one live sandbox of each.
 
 Prints p50/p95 of each and the ratio cluster / single host.
+
+`bench_drain` (bench.py's `drain` mode) times `alcove node drain` and the resumes that follow.
 """
 
 import json
@@ -52,22 +54,30 @@ class Target:
             time.sleep(0.1)
 
 
-def start_cluster(bin_, root, pool):
+def start_node(bin_, root, cport, name, pool, extra=()):
+    log = open(os.path.join(root, "cluster.log"), "ab")
+    return subprocess.Popen(
+        [bin_, "node", "--server", f"http://127.0.0.1:{cport}", "--token-file",
+         os.path.join(root, "control", "cluster.token"), "--listen", "127.0.0.1:0",
+         "--node-id", name, "--data-dir", os.path.join(root, name), "--warm-pool", pool, *extra],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def start_cluster(bin_, root, pool, blobs=None):
+    """A control plane and one node ("bench-node"); with `blobs` (a directory), both use it as
+    the blob store. Answers the processes, the API target and the cluster port."""
     port, cport = free_port(), free_port()
     data = os.path.join(root, "control")
     log = open(os.path.join(root, "cluster.log"), "ab")
+    store = ["--blob-store", "file://" + blobs] if blobs else []
     procs = [subprocess.Popen(
         [bin_, "server", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-         "--cluster-listen", f"127.0.0.1:{cport}"],
+         "--cluster-listen", f"127.0.0.1:{cport}", *store],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)]
     token = os.path.join(data, "cluster.token")
     while not os.path.exists(token):
         time.sleep(0.1)
-    procs.append(subprocess.Popen(
-        [bin_, "node", "--server", f"http://127.0.0.1:{cport}", "--token-file", token,
-         "--listen", "127.0.0.1:0", "--node-id", "bench-node", "--data-dir",
-         os.path.join(root, "node"), "--warm-pool", pool],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    procs.append(start_node(bin_, root, cport, "bench-node", pool, store))
     url = f"http://127.0.0.1:{port}"
     key_file = os.path.join(data, "api-key")
     for _ in range(600):
@@ -78,7 +88,7 @@ def start_cluster(bin_, root, pool):
             pass
         time.sleep(0.1)
     with open(key_file) as f:
-        return procs, Target(url, f.read().strip())
+        return procs, Target(url, f.read().strip()), cport
 
 
 def create_and_run(t):
@@ -104,8 +114,8 @@ def bench_cluster(n):
 
     single = Target(os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"])
     root = tempfile.mkdtemp(prefix="alcove-bench-cluster-")
-    procs, cluster = start_cluster(os.environ["ALCOVE_BIN"], root,
-                                   os.environ.get("ALCOVE_WARM_POOL") or "base=4")
+    procs, cluster, _ = start_cluster(os.environ["ALCOVE_BIN"], root,
+                                      os.environ.get("ALCOVE_WARM_POOL") or "base=4")
     try:
         results = {"single host": [], "cluster (1 node)": []}
         targets = {"single host": single, "cluster (1 node)": cluster}
@@ -139,11 +149,71 @@ def bench_cluster(n):
                               "cluster_p50_ms": c50, "cluster_p95_ms": c95,
                               "ratio_p50": round(c50 / s50, 2)}), flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        subprocess.run(["pkill", "-9", "-f", root], check=False)
+        stop(procs, root)
+
+
+def stop(procs, root):
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    subprocess.run(["pkill", "-9", "-f", root], check=False)
+
+
+def api(t, method, path, timeout=600):
+    req = urllib.request.Request(t.url + path, method=method, headers={"X-API-KEY": t.key})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def bench_drain(n):
+    """`alcove node drain` with n sandboxes on the drained node, each with a 64 MiB file and a
+    process running: the drain's wall time (each sandbox paused, uploaded to the blob store with
+    its SHA-256s, removed from the node), then each one's first call after it (a resume on the
+    other node: download, checks, restore), with the file and the process checked there."""
+    from e2b import Sandbox
+
+    bin_ = os.environ["ALCOVE_BIN"]
+    root = tempfile.mkdtemp(prefix="alcove-bench-drain-")
+    blobs = os.path.join(root, "blobs")
+    procs, t, cport = start_cluster(bin_, root, "base=1", blobs)
+    try:
+        t.wait_pool()
+        sbxs = [Sandbox.create("base", timeout=1800, **t.sdk()) for _ in range(n)]
+        for s in sbxs:
+            s.commands.run("head -c 64M /dev/urandom > /home/user/blob && sha256sum /home/user/blob > /home/user/blob.sum")
+            s.commands.run("sleep 36000", background=True)
+        procs.append(start_node(bin_, root, cport, "bench-other", "base=1", ["--blob-store", "file://" + blobs]))
+        deadline = time.monotonic() + 300
+        while len([x for x in api(t, "GET", "/alcove/v1/nodes") if x["up"] and x["templates"]]) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the second node did not join")
+            time.sleep(0.5)
+        t0 = time.perf_counter()
+        report = api(t, "POST", "/alcove/v1/nodes/bench-node/drain")
+        drain_s = time.perf_counter() - t0
+        du = subprocess.run(["du", "-sm", blobs], capture_output=True, text=True).stdout.split()
+        moved = report.get("moved", [])
+        resumes, bad = [], []
+        for s in sbxs:
+            t1 = time.perf_counter()
+            s.connect()
+            ok = s.commands.run("sha256sum -c /home/user/blob.sum >/dev/null && pgrep -x sleep >/dev/null",
+                                timeout=120).exit_code == 0
+            resumes.append(time.perf_counter() - t1)
+            if not ok:
+                bad.append(s.sandbox_id)
+        p50, p95 = stats(resumes)
+        print(json.dumps({"name": "drain: sandboxes moved through the blob store", "n": n,
+                          "moved": len(moved), "failed": report.get("failed"),
+                          "drain_s": round(drain_s, 1), "drain_per_sandbox_s": round(drain_s / n, 2),
+                          "resume_elsewhere_p50_ms": p50, "resume_elsewhere_p95_ms": p95,
+                          "blob_store_mib_after_drain": int(du[0]) if du else None,
+                          "file_or_process_lost": bad}), flush=True)
+        for s in sbxs:
+            s.kill()
+    finally:
+        stop(procs, root)
