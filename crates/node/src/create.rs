@@ -113,13 +113,11 @@ impl<V: Vmm> Node<V> {
                 }
             }
         }
+        let _turn = self.starting_turn(deadline).await?;
         let dir = self.cfg.data_dir.join("sandboxes").join(&id);
         crate::private::create_dir(&dir)
             .map_err(|e| NodeError::Io(dir.display().to_string(), e))?;
-        let result = match self.starting_turn(deadline).await {
-            Ok(_turn) => self.create_in(&id, &dir, &source, &opts, t0).await,
-            Err(e) => Err(e),
-        };
+        let result = self.create_in(&id, &dir, &source, &opts, t0).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use percent_encoding::percent_decode_str;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -27,27 +28,6 @@ impl std::fmt::Debug for PgTarget {
     }
 }
 
-/// `%XX` escapes of a URL parameter's value decoded.
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl PgTarget {
     /// Parses `url`, and with TLS asked for, loads the CAs its certificate is checked against.
     pub fn parse(url: &str) -> Result<PgTarget, String> {
@@ -57,7 +37,9 @@ impl PgTarget {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
-                "sslrootcert" => root = Some(percent_decode(v)),
+                "sslrootcert" => {
+                    root = Some(percent_decode_str(v).decode_utf8_lossy().into_owned());
+                }
                 "sslmode" => match v {
                     "require" | "verify-ca" | "verify-full" => {
                         tls = true;
@@ -182,8 +164,10 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.contains("no certificate"), "{err}");
-        assert_eq!(percent_decode("%2Ftmp%2Fca.pem"), "/tmp/ca.pem");
-        assert_eq!(percent_decode("100%"), "100%");
+        // The path is percent-decoded, as URL values are.
+        let err = PgTarget::parse("postgres://a@h/d?sslmode=require&sslrootcert=%2Fno%20such.pem")
+            .unwrap_err();
+        assert!(err.contains("sslrootcert /no such.pem"), "{err}");
     }
 
     /// Against the Postgres of `scripts/with-postgres.sh`, which serves TLS with a certificate
