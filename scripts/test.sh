@@ -16,6 +16,8 @@ cargo test --locked --release --workspace
 echo "[test] the store and the API on Postgres (a private postgresql-15)" >&2
 # (The binaries the step above built: `cargo test -p` would rebuild every dependency.)
 scripts/with-postgres.sh scripts/test-packages.sh alcove-store alcove-api
+echo "[test] the cluster's blob store on S3 (a private moto S3 server)" >&2
+scripts/with-s3.sh scripts/test-packages.sh alcove-cluster
 echo "[test] tests that need root (network namespaces, acting as other users)" >&2
 cargo test --locked --release --workspace --exclude alcove-node -- --ignored
 echo "[test] end-to-end tests on microVMs" >&2

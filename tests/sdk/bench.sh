@@ -10,6 +10,7 @@
 #   tests/sdk/bench.sh sustained --workers 4  creates for 5 minutes (ALCOVE_BENCH_SECONDS)
 #   tests/sdk/bench.sh burst --burst 100      100 concurrent creates
 #   tests/sdk/bench.sh drain -n 5             a node drained of 5 sandboxes (bench/bench_cluster.py)
+#   tests/sdk/bench.sh moves -n 5             snapshots and templates moving between nodes
 #   tests/sdk/bench.sh density --density 200  idle `minimal` sandboxes alive at once (--max-vms and
 #                                             the team's running limit raised to fit)
 #   tests/sdk/bench.sh mcp -n 50          run_command via `alcove mcp` vs the SDK (bench/bench_mcp.py)
@@ -42,7 +43,7 @@ pool="base=20,code-interpreter-v1=2"
 if [[ " $* " == *" desktop "* ]]; then
     others=""
     for a in "$@"; do
-        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential|cluster|drain|density|sustained)$ ]]; then others=1; fi
+        if [[ $a =~ ^(create|burst|code|chart|net|egress|template|mcp|volume|js|sequential|cluster|drain|moves|density|sustained)$ ]]; then others=1; fi
     done
     pool="${others:+$pool,}desktop=2"
 fi

@@ -113,25 +113,57 @@ fn build_id(key: &str) -> String {
     )
 }
 
-/// A cluster node's paused sandboxes leave and arrive through the blob store
+/// A cluster node's paused sandboxes, snapshots and templates leave and arrive through the blob store
 /// (`alcove_cluster::node::Moves`); the files are the node's.
 impl alcove_cluster::node::HostFiles for NodeBackend {
-    fn paused_files(&self, id: &str) -> Result<Vec<(String, std::path::PathBuf)>, BackendError> {
-        self.node
-            .paused_files(id)
-            .map_err(|e| map_err("list a paused sandbox's files", e))
+    fn outgoing<'a>(
+        &'a self,
+        kind: alcove_cluster::blobs::Kind,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<alcove_cluster::node::Outgoing, BackendError>> {
+        use alcove_cluster::blobs::Kind;
+        Box::pin(async move {
+            let out = match kind {
+                Kind::Paused => self.node.outgoing_paused(id).await,
+                Kind::Snapshot => self.node.outgoing_snapshot(id).await,
+                Kind::Template => self.node.outgoing_template(id).await,
+            }
+            .map_err(|e| map_err("list the files that move", e))?;
+            Ok(alcove_cluster::node::Outgoing {
+                files: out.files,
+                scratch: out.scratch,
+            })
+        })
     }
 
-    fn incoming_dir(&self, id: &str) -> Result<std::path::PathBuf, BackendError> {
-        self.node
-            .incoming_dir(id)
-            .map_err(|e| map_err("take in a sandbox", e))
+    fn incoming_dir(
+        &self,
+        kind: alcove_cluster::blobs::Kind,
+        id: &str,
+    ) -> Result<Option<std::path::PathBuf>, BackendError> {
+        use alcove_cluster::blobs::Kind;
+        match kind {
+            Kind::Paused => self.node.incoming_dir(id).map(Some),
+            Kind::Snapshot => self.node.incoming_snapshot_dir(id),
+            Kind::Template => self.node.incoming_template_dir(id),
+        }
+        .map_err(|e| map_err("take in a sandbox, snapshot or template", e))
     }
 
-    fn adopt(&self, id: &str) -> Result<(), BackendError> {
-        self.node
-            .adopt_paused(id)
-            .map_err(|e| map_err("take in a sandbox", e))
+    fn adopt<'a>(
+        &'a self,
+        kind: alcove_cluster::blobs::Kind,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        use alcove_cluster::blobs::Kind;
+        Box::pin(async move {
+            match kind {
+                Kind::Paused => self.node.adopt_paused(id).await,
+                Kind::Snapshot => self.node.adopt_snapshot(id).await,
+                Kind::Template => self.node.adopt_template(id).await,
+            }
+            .map_err(|e| map_err("take in a sandbox, snapshot or template", e))
+        })
     }
 }
 
@@ -149,6 +181,7 @@ impl SandboxBackend for NodeBackend {
                         memory_mb: t.recipe.memory_mib,
                         disk_size_mb: t.recipe.disk_mib,
                         envd_version: ENVD_VERSION.to_string(),
+                        build_key: Some(t.key.clone()),
                     })
                     .collect(),
             )

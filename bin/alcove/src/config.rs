@@ -230,8 +230,11 @@ pub struct ClusterOptions {
     /// (fullest that fits first, keeping whole nodes free).
     #[arg(long, env = "ALCOVE_PLACEMENT", default_value = "spread", value_parser = ["spread", "pack"])]
     pub placement: String,
-    /// Where paused sandboxes are copied so that another node can resume them (a drained or
-    /// lost node's): `file:///shared/dir`, the same for the control plane and every node.
+    /// Where paused sandboxes and kept snapshots are copied so that another node can resume
+    /// or make sandboxes from them (a drained or lost node's): `file:///shared/dir` or
+    /// `s3://bucket[/prefix]` (with the AWS_* variables: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT for an S3-compatible store), the same for
+    /// the control plane and every node.
     #[arg(long, env = "ALCOVE_BLOB_STORE")]
     pub blob_store: Option<String>,
 }
@@ -263,8 +266,8 @@ pub struct NodeOptions {
     /// `alcove tls init`'s ca.pem), trusted besides the host's roots.
     #[arg(long, env = "ALCOVE_SERVER_CA")]
     pub server_ca: Option<PathBuf>,
-    /// The cluster's blob store (the control plane's --blob-store): paused sandboxes leave and
-    /// arrive through it.
+    /// The cluster's blob store (the control plane's --blob-store): paused sandboxes and
+    /// snapshots leave and arrive through it.
     #[arg(long, env = "ALCOVE_BLOB_STORE")]
     pub blob_store: Option<String>,
     #[command(flatten)]

@@ -63,9 +63,28 @@ pub async fn run(opts: NodeOptions, out: &mut (dyn Write + Send)) -> anyhow::Res
     }
     let data_dir = opts.host.data_dir();
     let cert = alcove_cluster::NodeCert::load_or_create(&data_dir.join("node-link"), &node_id)?;
-    // No egress events and no secret values on a node: the control plane's store has them, and
-    // it refuses network rules and volume mounts for cluster sandboxes until they travel.
-    let node = opts.host.node(None, None).await?;
+    // Network rules' secret values come from the control plane's store, asked for each time
+    // (signed, for a sandbox on this node only), and egress events go to its audit log.
+    // Volume mounts are refused for cluster sandboxes.
+    let replicas: Vec<_> = servers
+        .iter()
+        .cloned()
+        .zip(clients.iter().cloned())
+        .collect();
+    let secrets =
+        alcove_net::egress::Secrets(Arc::new(alcove_cluster::node::ControlPlaneSecrets::new(
+            node_id.clone(),
+            token.clone(),
+            replicas.clone(),
+        )));
+    let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(alcove_api::EGRESS_EVENT_QUEUE);
+    tokio::spawn(alcove_cluster::node::forward_egress(
+        egress_rx,
+        node_id.clone(),
+        token.clone(),
+        replicas,
+    ));
+    let node = opts.host.node(Some(egress_tx), Some(secrets)).await?;
     let node_backend = Arc::new(NodeBackend::new(node.clone()));
     let backend: Arc<dyn alcove_api::backend::SandboxBackend> = node_backend.clone();
     let moves = match &opts.blob_store {

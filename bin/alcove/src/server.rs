@@ -21,8 +21,7 @@ pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::R
     // Egress connections go to the audit log (bounded; the API's writer drains it).
     let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(alcove_api::EGRESS_EVENT_QUEUE);
     if let Some(addr) = opts.cluster.cluster_listen {
-        drop(egress_tx);
-        return run_control_plane(&opts, addr, egress_rx, out).await;
+        return run_control_plane(&opts, addr, egress_tx, egress_rx, out).await;
     }
     // The egress proxy reads secret values for network rules from the server's store.
     let secrets = alcove_net::egress::Secrets(Arc::new(
@@ -49,6 +48,7 @@ pub async fn run(opts: ServerOptions, out: &mut (dyn Write + Send)) -> anyhow::R
 async fn run_control_plane(
     opts: &ServerOptions,
     addr: std::net::SocketAddr,
+    egress_tx: tokio::sync::mpsc::Sender<alcove_net::EgressEvent>,
     egress_rx: tokio::sync::mpsc::Receiver<alcove_net::EgressEvent>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
@@ -68,6 +68,13 @@ async fn run_control_plane(
     if let Some(url) = &opts.cluster.blob_store {
         cfg.blobs = Some(alcove_cluster::blobs::Blobs::open(url)?);
     }
+    // The nodes' egress events go to the audit log like this host's would.
+    cfg.egress = Some(egress_tx);
+    // The nodes' egress proxies fill network rules' secrets from this store, through the link.
+    cfg.secrets = Some(Arc::new(
+        alcove_api::StoreSecrets::open(&data_dir, &opts.database()?)
+            .map_err(|e| anyhow::anyhow!("the secret store: {e}"))?,
+    ));
     let cluster = Arc::new(alcove_cluster::ClusterBackend::new(cfg));
     let stored = cluster
         .load_stored()

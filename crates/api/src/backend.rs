@@ -170,6 +170,10 @@ pub struct TemplateInfo {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub envd_version: String,
+    /// The host's build key of it, by which it can move between the hosts of a cluster
+    /// (through the blob store); none where templates do not move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
 }
 
 /// A sandbox's egress proxy counters: `(bytes out, bytes in)` since its VM started.
@@ -544,6 +548,12 @@ pub trait SandboxBackend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<LiveSandbox>, BackendError>> {
         Box::pin(async { Err(BackendError::Unsupported { op: "drain" }) })
     }
+
+    /// Snapshot `snapshot_id` is one to keep (a user's, not a fork's, which goes once its
+    /// children exist): a cluster copies it to its blob store, so that sandboxes can be made
+    /// from it on any node, whatever becomes of the one that took it. Returns at once; the
+    /// copy runs behind.
+    fn keep_snapshot(&self, _snapshot_id: &str) {}
 
     /// Moves paused sandbox `sandbox_id` off its node: its state stays (checked) in the
     /// cluster's blob store, and its next resume runs on another node.

@@ -312,9 +312,7 @@ impl SecretSource for StoreSecrets {
         &'a self,
         sandbox_id: &'a str,
         name: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<SecretValue, SecretLookupError>> + Send + 'a>,
-    > {
+    ) -> alcove_net::secrets::Resolving<'a> {
         Box::pin(self.lookup(sandbox_id, name))
     }
 }

@@ -30,16 +30,19 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::blobs::Blobs;
+use crate::blobs::{Blobs, Kind};
 use crate::link::{SIGNATURE_HEADER, Token};
 use crate::remote::RemoteNode;
-use crate::wire::{Call, HEARTBEAT_PATH, Heartbeat, HeartbeatAnswer, NodeFailure};
+use crate::wire::{
+    Call, EGRESS_PATH, EgressBatch, EgressReceipt, HEARTBEAT_PATH, Heartbeat, HeartbeatAnswer,
+    NodeFailure, SECRET_PATH, SecretAnswer, SecretRequest,
+};
 
 /// Deadlines on the link, behind the API's own per-operation ones.
 const SHORT: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(900);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClusterConfig {
     pub token: Token,
     pub policy: Policy,
@@ -52,6 +55,11 @@ pub struct ClusterConfig {
     /// Where paused sandboxes are kept so that another node can resume them (the nodes have
     /// the same one); without it a paused sandbox resumes only on its own node.
     pub blobs: Option<Blobs>,
+    /// The secret store that network rules' placeholders are filled from: each node's egress
+    /// proxy asks for a value ([`SECRET_PATH`]) for a sandbox on that node.
+    pub secrets: Option<Arc<dyn alcove_net::secrets::SecretSource>>,
+    /// Where the nodes' egress events go ([`EGRESS_PATH`]): the API's audit writer.
+    pub egress: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
 }
 
 impl ClusterConfig {
@@ -63,6 +71,8 @@ impl ClusterConfig {
             lost_after: Duration::from_secs(3),
             vcpu_overcommit: 4,
             blobs: None,
+            secrets: None,
+            egress: None,
         }
     }
 }
@@ -90,11 +100,42 @@ pub struct ClusterBackend {
     cfg: ClusterConfig,
     started: Instant,
     state: Mutex<Members>,
+    /// Copies to the blob store under way ([`copy_tag`]); a snapshot's delete takes its tag
+    /// out, and `keep_snapshot`'s copy, once done, is removed again.
+    exporting: Arc<Mutex<HashSet<String>>>,
     /// Whether this control-plane replica runs the background duties, liveness among them:
     /// only then did it report a silent node's sandboxes lost, and only then does it tell the
     /// node, back, to drop them (another replica may have missed heartbeats that this one's
     /// duty holder saw).
     on_duty: std::sync::atomic::AtomicBool,
+}
+
+/// Names a copy to the blob store under way in `ClusterBackend::exporting`.
+fn copy_tag(kind: Kind, id: &str) -> String {
+    format!("{kind:?} {id}")
+}
+
+/// Which of the id → node maps.
+#[derive(Clone, Copy)]
+enum Map {
+    Sandboxes,
+    Snapshots,
+}
+
+impl Map {
+    fn of(self, st: &Members) -> &HashMap<String, String> {
+        match self {
+            Map::Sandboxes => &st.sandboxes,
+            Map::Snapshots => &st.snapshots,
+        }
+    }
+
+    fn of_mut(self, st: &mut Members) -> &mut HashMap<String, String> {
+        match self {
+            Map::Sandboxes => &mut st.sandboxes,
+            Map::Snapshots => &mut st.snapshots,
+        }
+    }
 }
 
 /// A node's sandbox: the node, or why it cannot be reached.
@@ -133,6 +174,7 @@ impl ClusterBackend {
             cfg,
             started: Instant::now(),
             state: Mutex::new(Members::default()),
+            exporting: Arc::default(),
             // One control plane until the API says otherwise (`set_on_duty`).
             on_duty: true.into(),
         }
@@ -158,7 +200,7 @@ impl ClusterBackend {
         let Some(b) = &self.cfg.blobs else {
             return Ok(0);
         };
-        let ids = b.sandboxes().await?;
+        let ids = b.list(Kind::Paused).await?;
         let n = ids.len();
         self.lock().stored.extend(ids);
         Ok(n)
@@ -171,7 +213,7 @@ impl ClusterBackend {
         let Some(b) = &self.cfg.blobs else {
             return false;
         };
-        match b.has_sandbox(id).await {
+        match b.has(Kind::Paused, id).await {
             Ok(true) => {
                 self.lock().stored.insert(id.to_owned());
                 true
@@ -192,7 +234,7 @@ impl ClusterBackend {
         let Some(b) = &self.cfg.blobs else {
             return;
         };
-        match b.sandboxes().await {
+        match b.list(Kind::Paused).await {
             Ok(ids) => self.lock().stored = ids.into_iter().collect(),
             Err(e) => tracing::warn!(error = %e, "listing the blob store's sandboxes"),
         }
@@ -323,29 +365,44 @@ impl ClusterBackend {
 
     /// Where a sandbox is: the map, else the first up node that knows it.
     async fn sandbox(&self, id: &str) -> Result<Where, BackendError> {
-        {
-            let st = self.lock();
-            if let Some(w) = self.locate(&st.sandboxes, &st, id) {
-                return Ok(w);
-            }
-        }
-        let nodes = self.up_nodes();
         let call = Call::Status {
             sandbox_id: id.to_owned(),
         };
-        let answers =
-            futures::future::join_all(nodes.iter().map(|n| n.call::<SandboxStatus>(&call, SHORT)))
-                .await;
-        for (n, a) in nodes.iter().zip(answers) {
-            if matches!(
+        self.find(Map::Sandboxes, id, call, |a: &SandboxStatus| {
+            matches!(
                 a,
-                Ok(SandboxStatus::Running | SandboxStatus::Paused | SandboxStatus::Exited { .. })
-            ) {
-                self.lock().sandboxes.insert(id.to_owned(), n.id.clone());
-                return Ok(Where::Up(Arc::clone(n)));
+                SandboxStatus::Running | SandboxStatus::Paused | SandboxStatus::Exited { .. }
+            )
+        })
+        .await
+        .ok_or(BackendError::SandboxNotFound)
+    }
+
+    /// Where sandbox or snapshot `id` is: `map`, else the first up node whose answer to `call`
+    /// passes `found` (then remembered in `map`).
+    async fn find<T: serde::de::DeserializeOwned>(
+        &self,
+        map: Map,
+        id: &str,
+        call: Call,
+        found: impl Fn(&T) -> bool,
+    ) -> Option<Where> {
+        {
+            let st = self.lock();
+            if let Some(w) = self.locate(map.of(&st), &st, id) {
+                return Some(w);
             }
         }
-        Err(BackendError::SandboxNotFound)
+        let nodes = self.up_nodes();
+        let answers =
+            futures::future::join_all(nodes.iter().map(|n| n.call::<T>(&call, SHORT))).await;
+        let (n, _) = nodes
+            .iter()
+            .zip(answers)
+            .find(|(_, a)| a.as_ref().is_ok_and(&found))?;
+        map.of_mut(&mut self.lock())
+            .insert(id.to_owned(), n.id.clone());
+        Some(Where::Up(Arc::clone(n)))
     }
 
     /// `call` on the node that runs sandbox `id`, its answer within `deadline`.
@@ -367,26 +424,15 @@ impl ClusterBackend {
 
     /// Where a snapshot's files are: the map, else the first up node holding bytes of it.
     async fn snapshot_node(&self, id: &str) -> Result<Where, BackendError> {
-        {
-            let st = self.lock();
-            if let Some(w) = self.locate(&st.snapshots, &st, id) {
-                return Ok(w);
-            }
-        }
-        let nodes = self.up_nodes();
         let call = Call::StoredBytesEach {
             sandbox_ids: Vec::new(),
             snapshot_ids: vec![id.to_owned()],
         };
-        let answers =
-            futures::future::join_all(nodes.iter().map(|n| n.call::<Vec<u64>>(&call, SHORT))).await;
-        for (n, a) in nodes.iter().zip(answers) {
-            if a.is_ok_and(|b| b.first().is_some_and(|b| *b > 0)) {
-                self.lock().snapshots.insert(id.to_owned(), n.id.clone());
-                return Ok(Where::Up(Arc::clone(n)));
-            }
-        }
-        Err(BackendError::SnapshotNotFound)
+        self.find(Map::Snapshots, id, call, |b: &Vec<u64>| {
+            b.first().is_some_and(|b| *b > 0)
+        })
+        .await
+        .ok_or(BackendError::SnapshotNotFound)
     }
 
     fn any_up_has(&self, template: &str) -> bool {
@@ -470,13 +516,7 @@ impl ClusterBackend {
     /// Runs `f` against each node holding some of `ids` (by `map`: the sandboxes' or the
     /// snapshots'), with that node's share, and puts the answers back in `ids`' order; unknown
     /// ones get `default`.
-    async fn by_node<T, F, Fut>(
-        &self,
-        map: fn(&Members) -> &HashMap<String, String>,
-        ids: &[String],
-        default: T,
-        f: F,
-    ) -> Vec<T>
+    async fn by_node<T, F, Fut>(&self, map: Map, ids: &[String], default: T, f: F) -> Vec<T>
     where
         T: Clone,
         F: Fn(Arc<RemoteNode>, Vec<String>) -> Fut,
@@ -486,7 +526,7 @@ impl ClusterBackend {
         {
             let st = self.lock();
             for (i, id) in ids.iter().enumerate() {
-                if let Some(Where::Up(n)) = self.locate(map(&st), &st, id) {
+                if let Some(Where::Up(n)) = self.locate(map.of(&st), &st, id) {
                     groups
                         .entry(n.id.clone())
                         .or_insert_with(|| (n, Vec::new()))
@@ -529,9 +569,252 @@ impl ClusterBackend {
         }
         self.lock().stored.remove(id);
         if let Some(b) = &self.cfg.blobs
-            && let Err(e) = b.delete_sandbox(id).await
+            && let Err(e) = b.delete(Kind::Paused, id).await
         {
             tracing::warn!(sandbox_id = id, error = %e, "removing a resumed sandbox's stored copy");
+        }
+    }
+
+    /// Sandbox `req` made on `node`, which is remembered as its node.
+    async fn create_on(
+        &self,
+        node: &RemoteNode,
+        req: &CreateSandbox,
+    ) -> Result<StartedSandbox, BackendError> {
+        let call = Call::Create {
+            req: Box::new(req.clone()),
+        };
+        let started = node.call::<StartedSandbox>(&call, LONG).await?;
+        self.lock()
+            .sandboxes
+            .insert(req.sandbox_id.clone(), node.id.clone());
+        Ok(started)
+    }
+
+    /// Whether node `id` is up and takes new sandboxes (not draining).
+    fn takes_sandboxes(&self, id: &str) -> bool {
+        let st = self.lock();
+        st.nodes.get(id).is_some_and(|m| {
+            self.is_up(m, Instant::now()) && !m.report.draining && !st.draining.contains(id)
+        })
+    }
+
+    /// Whether `id` of `kind` has a complete copy in the blob store, made now by `from` (a node
+    /// that has it, if up) when there is none yet. One copy of an entry at a time: one under
+    /// way (`keep_snapshot`'s included) is waited for.
+    async fn copied(&self, kind: Kind, id: &str, from: Option<&RemoteNode>) -> bool {
+        let Some(b) = &self.cfg.blobs else {
+            return false;
+        };
+        let tag = copy_tag(kind, id);
+        let deadline = Instant::now() + LONG;
+        loop {
+            match b.has(kind, id).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(id, kind = ?kind, error = %e, "asking the blob store");
+                    return false;
+                }
+            }
+            let under_way = {
+                let mut exporting = self.exporting.lock().expect("exports lock");
+                match from {
+                    Some(_) => !exporting.insert(tag.clone()),
+                    None => exporting.contains(&tag),
+                }
+            };
+            if !under_way {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let Some(from) = from else {
+            return false;
+        };
+        let call = match kind {
+            Kind::Paused => Call::Export {
+                sandbox_id: id.to_owned(),
+            },
+            Kind::Snapshot => Call::ExportSnapshot {
+                snapshot_id: id.to_owned(),
+            },
+            Kind::Template => Call::ExportTemplate { key: id.to_owned() },
+        };
+        let t0 = Instant::now();
+        let r = from.call::<u64>(&call, LONG).await;
+        self.exporting.lock().expect("exports lock").remove(&tag);
+        match r {
+            Ok(bytes) => {
+                tracing::info!(id, kind = ?kind, node = %from.id, bytes, secs = t0.elapsed().as_secs_f64(), "copied to the blob store");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(id, kind = ?kind, node = %from.id, error = %alcove_api::error::chain(&e), "copying to the blob store");
+                false
+            }
+        }
+    }
+
+    /// A sandbox from snapshot `snap` on a node other than `home` (lost, full or draining),
+    /// which takes the snapshot in from the blob store first.
+    async fn create_elsewhere(
+        &self,
+        req: &CreateSandbox,
+        home: Option<&str>,
+    ) -> Result<StartedSandbox, BackendError> {
+        let snap = req.snapshot_id.as_deref().unwrap_or_default();
+        let mut tried: Vec<String> = home.into_iter().map(str::to_owned).collect();
+        let first = tried.len();
+        loop {
+            let node = match self.place(req, &tried) {
+                Ok(n) => n,
+                Err(_) if tried.len() > first => return Err(BackendError::NoCapacity),
+                Err(e) => return Err(no_place(e)),
+            };
+            let import = Call::ImportSnapshot {
+                snapshot_id: snap.to_owned(),
+            };
+            let made = match node.call::<()>(&import, LONG).await {
+                Ok(()) => self.create_on(&node, req).await,
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(started) => {
+                    tracing::info!(snapshot_id = snap, node = %node.id, sandbox_id = %req.sandbox_id, "sandbox made from a snapshot of another node, through the blob store");
+                    return Ok(started);
+                }
+                Err(e) if tried.len() < first + 2 => {
+                    tracing::warn!(snapshot_id = snap, node = %node.id, error = %alcove_api::error::chain(&e), "a sandbox from a snapshot in the blob store failed there; trying another node");
+                    tried.push(node.id.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A node that reports template `name` (up, draining or not) and its build key there.
+    fn template_holder(&self, name: &str) -> Option<(Arc<RemoteNode>, String)> {
+        let now = Instant::now();
+        let st = self.lock();
+        st.nodes
+            .values()
+            .filter(|m| self.is_up(m, now))
+            .find_map(|m| {
+                m.report
+                    .templates
+                    .iter()
+                    .find(|t| t.template_id == name || t.aliases.iter().any(|a| a == name))
+                    .and_then(|t| t.build_key.clone())
+                    .map(|k| (Arc::clone(&m.node), k))
+            })
+    }
+
+    /// A sandbox of `req.template_id` on a node that does not have the template, which takes it
+    /// in from the blob store first (copied there by a node that has it). `None` when that
+    /// cannot be: no blob store, no node with the template, or no node with room.
+    async fn create_with_template_moved(
+        &self,
+        req: &CreateSandbox,
+    ) -> Option<Result<StartedSandbox, BackendError>> {
+        self.cfg.blobs.as_ref()?;
+        let (holder, key) = self.template_holder(&req.template_id)?;
+        let node = self
+            .place_sized(None, u64::from(req.memory_mb), req.cpu_count, &[])
+            .ok()?;
+        if !self.copied(Kind::Template, &key, Some(&holder)).await {
+            return None;
+        }
+        let t0 = Instant::now();
+        let import = Call::ImportTemplate { key: key.clone() };
+        if let Err(e) = node.call::<()>(&import, LONG).await {
+            return Some(Err(e));
+        }
+        tracing::info!(template = %req.template_id, template_key = %key, node = %node.id, secs = t0.elapsed().as_secs_f64(), "template taken in from the blob store");
+        Some(self.create_on(&node, req).await)
+    }
+
+    /// A sandbox from snapshot `req.snapshot_id`: on the snapshot's node while it is up and
+    /// has room, else on another through the blob store.
+    async fn create_from_snapshot(
+        &self,
+        req: &CreateSandbox,
+        snap: &str,
+    ) -> Result<StartedSandbox, BackendError> {
+        let home = match self.snapshot_node(snap).await {
+            Ok(Where::Up(n)) => {
+                // Without a blob store the snapshot is only there: a draining node still
+                // makes its sandboxes.
+                if self.takes_sandboxes(&n.id) || self.cfg.blobs.is_none() {
+                    match self.create_on(&n, req).await {
+                        Ok(started) => return Ok(started),
+                        Err(BackendError::NoCapacity) if self.cfg.blobs.is_some() => {
+                            tracing::info!(snapshot_id = snap, node = %n.id, "the snapshot's node is full; making the sandbox elsewhere");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !self.copied(Kind::Snapshot, snap, Some(&n)).await {
+                    return Err(BackendError::NoCapacity);
+                }
+                Some(n.id.clone())
+            }
+            Ok(Where::Lost { node, reason }) => {
+                if !self.copied(Kind::Snapshot, snap, None).await {
+                    return Err(lost_error(&node, reason));
+                }
+                Some(node)
+            }
+            Err(BackendError::SnapshotNotFound) => {
+                if !self.copied(Kind::Snapshot, snap, None).await {
+                    return Err(BackendError::SnapshotNotFound);
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        self.create_elsewhere(req, home.as_deref()).await
+    }
+
+    /// Whether sandbox `sandbox_id` runs on node `node_id` (up), as the node's last heartbeat
+    /// or this control plane's own placement says.
+    fn runs_on(&self, node_id: &str, sandbox_id: &str) -> bool {
+        let st = self.lock();
+        let now = Instant::now();
+        st.nodes.get(node_id).is_some_and(|m| {
+            self.is_up(m, now)
+                && (m.report.sandboxes.iter().any(|s| s == sandbox_id)
+                    || st.sandboxes.get(sandbox_id).is_some_and(|n| n == node_id))
+        })
+    }
+
+    /// A secret's value for `req`, if its sandbox runs on the asking node (as the node's last
+    /// heartbeat or this control plane's own placement says).
+    async fn answer_secret(&self, req: &SecretRequest) -> SecretAnswer {
+        let Some(store) = &self.cfg.secrets else {
+            return SecretAnswer::Refused {
+                reason: "this control plane has no secret store".into(),
+            };
+        };
+        if !self.runs_on(&req.node_id, &req.sandbox_id) {
+            return SecretAnswer::Refused {
+                reason: format!(
+                    "sandbox {} is not on node {} as far as this control plane knows",
+                    req.sandbox_id, req.node_id
+                ),
+            };
+        }
+        match store.resolve(&req.sandbox_id, &req.name).await {
+            Ok(v) => SecretAnswer::Value {
+                hex: hex::encode(&*v),
+            },
+            Err(alcove_net::secrets::SecretLookupError::NotFound(_)) => SecretAnswer::NotFound,
+            Err(e) => SecretAnswer::Refused {
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -539,6 +822,8 @@ impl ClusterBackend {
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route(HEARTBEAT_PATH, axum::routing::post(heartbeat))
+            .route(SECRET_PATH, axum::routing::post(secret))
+            .route(EGRESS_PATH, axum::routing::post(egress))
             // For load balancers' and orchestrators' probes: no secret, no state.
             .route(
                 crate::wire::CLUSTER_HEALTH_PATH,
@@ -549,47 +834,111 @@ impl ClusterBackend {
     }
 }
 
+/// A signed request's body as `T`, or the status and message that refuse it (`what` names it).
+fn signed<T: serde::de::DeserializeOwned>(
+    c: &ClusterBackend,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    what: &str,
+) -> Result<T, (StatusCode, String)> {
+    let sig = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if let Err(why) = c.cfg.token.verify(sig, body, SystemTime::now()) {
+        tracing::warn!(why, "refused a {what}");
+        return Err((StatusCode::UNAUTHORIZED, format!("{what} refused: {why}")));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("not a {what}: {e}")))
+}
+
+/// `answer` as JSON, signed with the cluster token (nodes obey only signed answers).
+fn signed_answer(c: &ClusterBackend, answer: &impl serde::Serialize) -> Response {
+    let body = serde_json::to_vec(answer).unwrap_or_default();
+    let sig = c.cfg.token.sign(&body);
+    (
+        [
+            (
+                http::header::CONTENT_TYPE.as_str(),
+                "application/json".to_owned(),
+            ),
+            (SIGNATURE_HEADER, sig),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 async fn heartbeat(
     State(c): State<Arc<ClusterBackend>>,
     headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let sig = headers
-        .get(SIGNATURE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if let Err(why) = c.cfg.token.verify(sig, &body, SystemTime::now()) {
-        tracing::warn!(why, "refused a heartbeat");
-        return (
-            StatusCode::UNAUTHORIZED,
-            format!("heartbeat refused: {why}"),
-        )
-            .into_response();
-    }
-    let hb: Heartbeat = match serde_json::from_slice(&body) {
+    let hb: Heartbeat = match signed(&c, &headers, &body, "heartbeat") {
         Ok(h) => h,
-        Err(e) => {
-            return (StatusCode::BAD_REQUEST, format!("not a heartbeat: {e}")).into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     match c.heartbeat(hb) {
-        Ok(answer) => {
-            let body = serde_json::to_vec(&answer).unwrap_or_default();
-            let sig = c.cfg.token.sign(&body);
-            (
-                [
-                    (
-                        http::header::CONTENT_TYPE.as_str(),
-                        "application/json".to_owned(),
-                    ),
-                    (SIGNATURE_HEADER, sig),
-                ],
-                body,
-            )
-                .into_response()
-        }
+        Ok(answer) => signed_answer(&c, &answer),
         Err((status, msg)) => (status, msg).into_response(),
     }
+}
+
+/// A node's egress proxy asks for a secret's value: given only for a sandbox this control
+/// plane knows to run on that node, the request and the answer signed with the cluster token.
+async fn secret(
+    State(c): State<Arc<ClusterBackend>>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req: SecretRequest = match signed(&c, &headers, &body, "secret request") {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
+    };
+    let answer = c.answer_secret(&req).await;
+    if let SecretAnswer::Refused { reason } = &answer {
+        tracing::warn!(node = %req.node_id, sandbox_id = %req.sandbox_id, reason, "secret not given to a node");
+    }
+    signed_answer(&c, &answer)
+}
+
+/// A node's egress events: those of sandboxes that run on it go to the audit writer (dropped,
+/// and counted in the log, when its queue is full); the rest are not this node's to report.
+async fn egress(
+    State(c): State<Arc<ClusterBackend>>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let batch: EgressBatch = match signed(&c, &headers, &body, "batch of egress events") {
+        Ok(b) => b,
+        Err(refused) => return refused.into_response(),
+    };
+    let Some(tx) = &c.cfg.egress else {
+        // No audit log to put them in.
+        let dropped = batch.events.len();
+        return signed_answer(
+            &c,
+            &EgressReceipt {
+                dropped,
+                ..Default::default()
+            },
+        );
+    };
+    let mut r = EgressReceipt::default();
+    for ev in batch.events {
+        if !c.runs_on(&batch.node_id, &ev.sandbox_id) {
+            r.foreign += 1;
+        } else if tx.try_send(ev).is_ok() {
+            r.recorded += 1;
+        } else {
+            r.dropped += 1;
+        }
+    }
+    if r.dropped + r.foreign > 0 {
+        tracing::warn!(node = %batch.node_id, dropped = r.dropped, foreign = r.foreign, "egress events not recorded (queue full, or of sandboxes not on that node)");
+    }
+    signed_answer(&c, &r)
 }
 
 /// What a sandbox moved from the blob store is placed by (its size is in its record, which the
@@ -630,23 +979,9 @@ impl SandboxBackend for ClusterBackend {
             if !req.volume_mounts.is_empty() {
                 return Err(unsupported_in_cluster("volume mounts on a cluster"));
             }
-            if !req.network.rules.is_empty() {
-                return Err(unsupported_in_cluster("network.rules on a cluster"));
-            }
             self.settled().await;
-            let call = |r: &CreateSandbox| Call::Create {
-                req: Box::new(r.clone()),
-            };
             if let Some(snap) = &req.snapshot_id {
-                let node = match self.snapshot_node(snap).await? {
-                    Where::Up(n) => n,
-                    Where::Lost { node, reason } => return Err(lost_error(&node, reason)),
-                };
-                let started: StartedSandbox = node.call(&call(&req), LONG).await?;
-                self.lock()
-                    .sandboxes
-                    .insert(req.sandbox_id.clone(), node.id.clone());
-                return Ok(started);
+                return self.create_from_snapshot(&req, snap).await;
             }
             if !self.any_up_has(&req.template_id) && !self.up_nodes().is_empty() {
                 return Err(BackendError::TemplateNotFound);
@@ -657,15 +992,15 @@ impl SandboxBackend for ClusterBackend {
                     Ok(n) => n,
                     // Every node that looked free refused: the cluster is full.
                     Err(_) if !tried.is_empty() => return Err(BackendError::NoCapacity),
-                    Err(e) => return Err(no_place(e)),
+                    // No node with the template has room (or takes sandboxes): one without it
+                    // takes it in from the blob store.
+                    Err(e) => match self.create_with_template_moved(&req).await {
+                        Some(r) => return r,
+                        None => return Err(no_place(e)),
+                    },
                 };
-                match node.call::<StartedSandbox>(&call(&req), LONG).await {
-                    Ok(started) => {
-                        self.lock()
-                            .sandboxes
-                            .insert(req.sandbox_id.clone(), node.id.clone());
-                        return Ok(started);
-                    }
+                match self.create_on(&node, &req).await {
+                    Ok(started) => return Ok(started),
                     Err(BackendError::NoCapacity) if tried.len() < 3 => {
                         tracing::info!(node = %node.id, "node full at create; trying another");
                         tried.push(node.id.clone());
@@ -680,7 +1015,7 @@ impl SandboxBackend for ClusterBackend {
         Box::pin(async move {
             let stored = self.is_stored(sandbox_id).await;
             if stored && let Some(b) = &self.cfg.blobs {
-                b.delete_sandbox(sandbox_id)
+                b.delete(Kind::Paused, sandbox_id)
                     .await
                     .map_err(BackendError::from)?;
                 self.lock().stored.remove(sandbox_id);
@@ -829,9 +1164,6 @@ impl SandboxBackend for ClusterBackend {
         network: alcove_net::NetworkConfig,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            if !network.rules.is_empty() {
-                return Err(unsupported_in_cluster("network update"));
-            }
             self.on_sandbox(
                 sandbox_id,
                 Call::UpdateNetwork {
@@ -1007,22 +1339,52 @@ impl SandboxBackend for ClusterBackend {
         snapshot_id: &'a str,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            let r = match self.snapshot_node(snapshot_id).await? {
-                Where::Up(n) => {
-                    n.call::<()>(
-                        &Call::DeleteSnapshot {
-                            snapshot_id: snapshot_id.to_owned(),
-                        },
-                        LONG,
-                    )
-                    .await
-                }
-                Where::Lost { node, reason } => Err(lost_error(&node, reason)),
+            // A copy under way removes itself when it ends.
+            self.exporting
+                .lock()
+                .expect("exports lock")
+                .remove(&copy_tag(Kind::Snapshot, snapshot_id));
+            let home = self.snapshot_node(snapshot_id).await;
+            // Every up node: its own node, and those that took it in from the blob store.
+            let call = Call::DeleteSnapshot {
+                snapshot_id: snapshot_id.to_owned(),
             };
-            if matches!(r, Ok(()) | Err(BackendError::SnapshotNotFound)) {
-                self.lock().snapshots.remove(snapshot_id);
+            let nodes = self.up_nodes();
+            let answers =
+                futures::future::join_all(nodes.iter().map(|n| n.call::<()>(&call, LONG))).await;
+            let mut deleted = false;
+            let mut failure = None;
+            for a in answers {
+                match a {
+                    Ok(()) => deleted = true,
+                    Err(BackendError::SnapshotNotFound) => {}
+                    Err(e) => failure = failure.or(Some(e)),
+                }
             }
-            r
+            if let Some(b) = &self.cfg.blobs {
+                match b.has(Kind::Snapshot, snapshot_id).await {
+                    Ok(true) => {
+                        b.delete(Kind::Snapshot, snapshot_id)
+                            .await
+                            .map_err(BackendError::from)?;
+                        deleted = true;
+                    }
+                    Ok(false) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if !deleted {
+                return Err(match home {
+                    Ok(Where::Lost { node, reason }) => lost_error(&node, reason),
+                    Err(e) => e,
+                    Ok(Where::Up(_)) => BackendError::SnapshotNotFound,
+                });
+            }
+            self.lock().snapshots.remove(snapshot_id);
+            Ok(())
         })
     }
 
@@ -1033,39 +1395,29 @@ impl SandboxBackend for ClusterBackend {
     ) -> BoxFuture<'a, Result<Vec<u64>, BackendError>> {
         Box::pin(async move {
             let mut out = self
-                .by_node(
-                    |m| &m.sandboxes,
-                    sandbox_ids,
-                    0u64,
-                    |n, share| async move {
-                        n.call::<Vec<u64>>(
-                            &Call::StoredBytesEach {
-                                sandbox_ids: share,
-                                snapshot_ids: Vec::new(),
-                            },
-                            SHORT,
-                        )
-                        .await
-                    },
-                )
+                .by_node(Map::Sandboxes, sandbox_ids, 0u64, |n, share| async move {
+                    n.call::<Vec<u64>>(
+                        &Call::StoredBytesEach {
+                            sandbox_ids: share,
+                            snapshot_ids: Vec::new(),
+                        },
+                        SHORT,
+                    )
+                    .await
+                })
                 .await;
             // Snapshots by their own map (a snapshot outlives the sandbox it was taken of).
             let snaps = self
-                .by_node(
-                    |m| &m.snapshots,
-                    snapshot_ids,
-                    0u64,
-                    |n, share| async move {
-                        n.call::<Vec<u64>>(
-                            &Call::StoredBytesEach {
-                                sandbox_ids: Vec::new(),
-                                snapshot_ids: share,
-                            },
-                            SHORT,
-                        )
-                        .await
-                    },
-                )
+                .by_node(Map::Snapshots, snapshot_ids, 0u64, |n, share| async move {
+                    n.call::<Vec<u64>>(
+                        &Call::StoredBytesEach {
+                            sandbox_ids: Vec::new(),
+                            snapshot_ids: share,
+                        },
+                        SHORT,
+                    )
+                    .await
+                })
                 .await;
             out.extend(snaps);
             Ok(out)
@@ -1078,18 +1430,13 @@ impl SandboxBackend for ClusterBackend {
     ) -> BoxFuture<'a, Result<Vec<Option<NetCounters>>, BackendError>> {
         Box::pin(async move {
             Ok(self
-                .by_node(
-                    |m| &m.sandboxes,
-                    sandbox_ids,
-                    None,
-                    |n, share| async move {
-                        n.call::<Vec<Option<NetCounters>>>(
-                            &Call::NetCounters { sandbox_ids: share },
-                            SHORT,
-                        )
-                        .await
-                    },
-                )
+                .by_node(Map::Sandboxes, sandbox_ids, None, |n, share| async move {
+                    n.call::<Vec<Option<NetCounters>>>(
+                        &Call::NetCounters { sandbox_ids: share },
+                        SHORT,
+                    )
+                    .await
+                })
                 .await)
         })
     }
@@ -1177,13 +1524,69 @@ impl SandboxBackend for ClusterBackend {
                 tracing::warn!(node = node_id, error = %alcove_api::error::chain(&e), "telling the node it drains");
             }
             let live: Vec<LiveSandbox> = node.call(&Call::List, SHORT).await?;
-            let mut st = self.lock();
-            for l in &live {
-                st.sandboxes
-                    .insert(l.sandbox_id.clone(), node_id.to_owned());
+            let snapshots: Vec<String> = {
+                let mut st = self.lock();
+                for l in &live {
+                    st.sandboxes
+                        .insert(l.sandbox_id.clone(), node_id.to_owned());
+                }
+                st.snapshots
+                    .iter()
+                    .filter(|(_, n)| n.as_str() == node_id)
+                    .map(|(s, _)| s.clone())
+                    .collect()
+            };
+            // Its snapshots are copied to the blob store (those that are not yet), so that
+            // sandboxes are made from them elsewhere once the node is gone.
+            for snap in snapshots {
+                if self.cfg.blobs.is_some()
+                    && !self.copied(Kind::Snapshot, &snap, Some(&node)).await
+                {
+                    tracing::warn!(node = node_id, snapshot_id = %snap, "a drained node's snapshot is not in the blob store");
+                }
             }
             Ok(live)
         })
+    }
+
+    fn keep_snapshot(&self, snapshot_id: &str) {
+        let Some(blobs) = self.cfg.blobs.clone() else {
+            return;
+        };
+        let node = {
+            let st = self.lock();
+            match self.locate(&st.snapshots, &st, snapshot_id) {
+                Some(Where::Up(n)) => n,
+                _ => return,
+            }
+        };
+        let id = snapshot_id.to_owned();
+        let tag = copy_tag(Kind::Snapshot, &id);
+        let exporting = Arc::clone(&self.exporting);
+        if !exporting.lock().expect("exports lock").insert(tag.clone()) {
+            return; // a copy is under way
+        }
+        tokio::spawn(async move {
+            let call = Call::ExportSnapshot {
+                snapshot_id: id.clone(),
+            };
+            let r = node.call::<u64>(&call, LONG).await;
+            let kept = exporting.lock().expect("exports lock").remove(&tag);
+            match r {
+                Ok(bytes) if kept => {
+                    tracing::info!(snapshot_id = %id, node = %node.id, bytes, "snapshot copied to the blob store");
+                }
+                Ok(_) => {
+                    // Deleted while it was being copied.
+                    if let Err(e) = blobs.delete(Kind::Snapshot, &id).await {
+                        tracing::warn!(snapshot_id = %id, error = %e, "removing a deleted snapshot's copy");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot_id = %id, node = %node.id, error = %alcove_api::error::chain(&e), "the snapshot could not be copied to the blob store; sandboxes are made from it only on its node");
+                }
+            }
+        });
     }
 
     fn evict<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {

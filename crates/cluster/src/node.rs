@@ -8,18 +8,19 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use alcove_api::backend::{BackendError, Body, SandboxBackend};
+use alcove_api::backend::{BackendError, Body, BoxFuture, SandboxBackend};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
-use crate::blobs::Blobs;
+use crate::blobs::{Blobs, Kind};
 use crate::link::{CONTROL_KEY_HEADER, NodeCert, Token};
 use crate::wire::{
-    Answer, CALL_PATH, Call, ERROR_HEADER, FORWARD_PREFIX, HEARTBEAT_PATH, Heartbeat,
-    HeartbeatAnswer, PORT_HEADER, SANDBOX_HEADER, WireError,
+    Answer, CALL_PATH, Call, EGRESS_PATH, ERROR_HEADER, EgressBatch, EgressReceipt, FORWARD_PREFIX,
+    HEARTBEAT_PATH, Heartbeat, HeartbeatAnswer, PORT_HEADER, SANDBOX_HEADER, SECRET_PATH,
+    SecretAnswer, SecretRequest, WireError,
 };
 
 /// Largest call body (a create with its env vars and network rules).
@@ -40,17 +41,30 @@ struct NodeState {
     draining: Arc<AtomicBool>,
 }
 
-/// What a host gives for its paused sandboxes to move between nodes.
-pub trait HostFiles: Send + Sync + 'static {
-    /// The files of paused sandbox `id` (name, path), or why it cannot move.
-    fn paused_files(&self, id: &str) -> Result<Vec<(String, PathBuf)>, BackendError>;
-    /// An empty place for the files of sandbox `id` coming from another node.
-    fn incoming_dir(&self, id: &str) -> Result<PathBuf, BackendError>;
-    /// Takes in paused sandbox `id`, whose files are complete in its incoming dir.
-    fn adopt(&self, id: &str) -> Result<(), BackendError>;
+/// Files leaving a host for the blob store, and the scratch dir made for them (removed once
+/// they are uploaded).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub files: Vec<(String, PathBuf)>,
+    pub scratch: Option<PathBuf>,
 }
 
-/// Moving paused sandboxes: the host's files and the cluster's blob store.
+/// What a host gives for its paused sandboxes and snapshots to move between nodes.
+pub trait HostFiles: Send + Sync + 'static {
+    /// The files of paused sandbox or snapshot `id`, or why it cannot move.
+    fn outgoing<'a>(
+        &'a self,
+        kind: Kind,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Outgoing, BackendError>>;
+    /// An empty place for the files of `id` coming from another node; `None` when this host
+    /// has it already (a snapshot).
+    fn incoming_dir(&self, kind: Kind, id: &str) -> Result<Option<PathBuf>, BackendError>;
+    /// Takes in `id`, whose files are complete in its incoming dir.
+    fn adopt<'a>(&'a self, kind: Kind, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+}
+
+/// Moving paused sandboxes and snapshots: the host's files and the cluster's blob store.
 #[derive(Clone)]
 pub struct Moves {
     pub host: Arc<dyn HostFiles>,
@@ -58,27 +72,34 @@ pub struct Moves {
 }
 
 impl Moves {
-    async fn export(&self, id: &str) -> Result<u64, BackendError> {
-        let files = self.host.paused_files(id)?;
-        let m = self
-            .blobs
-            .put_sandbox(id, &files)
-            .await
-            .map_err(BackendError::from)?;
+    /// Uploads `id` (checksummed); answers the bytes.
+    async fn export(&self, kind: Kind, id: &str) -> Result<u64, BackendError> {
+        let out = self.host.outgoing(kind, id).await?;
+        let put = self.blobs.put(kind, id, &out.files).await;
+        if let Some(d) = &out.scratch {
+            let _ = tokio::fs::remove_dir_all(d).await;
+        }
+        let m = put.map_err(BackendError::from)?;
         Ok(m.files.iter().map(|f| f.size).sum())
     }
 
-    async fn import(&self, id: &str) -> Result<(), BackendError> {
-        let dir = self.host.incoming_dir(id)?;
+    /// Downloads `id` (each file checked) and takes it in; a snapshot this host has already
+    /// is not downloaded again.
+    async fn import(&self, kind: Kind, id: &str) -> Result<(), BackendError> {
+        let Some(dir) = self.host.incoming_dir(kind, id)? else {
+            return Ok(());
+        };
         // What an earlier, failed import left.
         let _ = tokio::fs::remove_dir_all(&dir).await;
         self.blobs
-            .get_sandbox(id, &dir)
+            .get(kind, id, &dir)
             .await
             .map_err(BackendError::from)?;
-        self.host.adopt(id).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
-        })
+        let adopted = self.host.adopt(kind, id).await;
+        if adopted.is_err() {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        adopted
     }
 }
 
@@ -150,11 +171,27 @@ async fn call(State(s): State<NodeState>, body: Bytes) -> Response {
     };
     let r = match call {
         Call::Export { sandbox_id } => match &s.moves {
-            Some(m) => value(m.export(&sandbox_id).await),
+            Some(m) => value(m.export(Kind::Paused, &sandbox_id).await),
             None => Err(no_blobs()),
         },
         Call::Import { sandbox_id } => match &s.moves {
-            Some(m) => value(m.import(&sandbox_id).await),
+            Some(m) => value(m.import(Kind::Paused, &sandbox_id).await),
+            None => Err(no_blobs()),
+        },
+        Call::ExportSnapshot { snapshot_id } => match &s.moves {
+            Some(m) => value(m.export(Kind::Snapshot, &snapshot_id).await),
+            None => Err(no_blobs()),
+        },
+        Call::ImportSnapshot { snapshot_id } => match &s.moves {
+            Some(m) => value(m.import(Kind::Snapshot, &snapshot_id).await),
+            None => Err(no_blobs()),
+        },
+        Call::ExportTemplate { key } => match &s.moves {
+            Some(m) => value(m.export(Kind::Template, &key).await),
+            None => Err(no_blobs()),
+        },
+        Call::ImportTemplate { key } => match &s.moves {
+            Some(m) => value(m.import(Kind::Template, &key).await),
             None => Err(no_blobs()),
         },
         Call::Drain => {
@@ -173,7 +210,7 @@ async fn call(State(s): State<NodeState>, body: Bytes) -> Response {
 
 fn no_blobs() -> BackendError {
     BackendError::Failed {
-        op: "move a paused sandbox",
+        op: "move a paused sandbox, snapshot or template",
         source: "this node has no blob store: start it with --blob-store, the control plane's"
             .into(),
     }
@@ -219,7 +256,12 @@ pub async fn dispatch(
         Call::NetCounters { sandbox_ids } => value(b.net_counters(&sandbox_ids).await),
         Call::Exec { sandbox_id, req } => value(b.exec(&sandbox_id, req).await),
         Call::KillAll => value(kill_all(b).await),
-        Call::Export { .. } | Call::Import { .. } => Err(no_blobs()),
+        Call::Export { .. }
+        | Call::Import { .. }
+        | Call::ExportSnapshot { .. }
+        | Call::ImportSnapshot { .. }
+        | Call::ExportTemplate { .. }
+        | Call::ImportTemplate { .. } => Err(no_blobs()),
         Call::Drain => Err(BackendError::Unsupported { op: "drain" }),
     }
 }
@@ -399,6 +441,150 @@ pub fn heartbeat_client(server: &str, extra_ca: Option<&[u8]>) -> Result<reqwest
     b.build().map_err(|e| format!("the heartbeat client: {e}"))
 }
 
+/// Secret values for this node's egress proxy (network rules' placeholders), asked of the
+/// control plane: each replica in turn until one answers. Requests and answers are signed with
+/// the cluster token; a value travels only over the link to the control plane (https off
+/// loopback), and the control plane gives it only for a sandbox it knows to run on this node.
+pub struct ControlPlaneSecrets {
+    node_id: String,
+    token: Token,
+    /// Each replica's secret URL and client.
+    servers: Vec<(String, reqwest::Client)>,
+}
+
+impl ControlPlaneSecrets {
+    /// `servers`: the control-plane replicas (`--server`) with their heartbeat clients.
+    pub fn new(
+        node_id: String,
+        token: Token,
+        servers: Vec<(String, reqwest::Client)>,
+    ) -> ControlPlaneSecrets {
+        let servers = servers
+            .into_iter()
+            .map(|(s, c)| (format!("{}{SECRET_PATH}", s.trim_end_matches('/')), c))
+            .collect();
+        ControlPlaneSecrets {
+            node_id,
+            token,
+            servers,
+        }
+    }
+}
+
+impl alcove_net::secrets::SecretSource for ControlPlaneSecrets {
+    fn resolve<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        name: &'a str,
+    ) -> alcove_net::secrets::Resolving<'a> {
+        use alcove_net::secrets::SecretLookupError as E;
+        Box::pin(async move {
+            let req = SecretRequest {
+                node_id: self.node_id.clone(),
+                sandbox_id: sandbox_id.to_owned(),
+                name: name.to_owned(),
+            };
+            let body = serde_json::to_vec(&req).map_err(|e| E::Unavailable(e.to_string()))?;
+            let mut last = String::from("no control plane is configured");
+            for (url, client) in &self.servers {
+                let ask = post_signed::<SecretAnswer>(client, url, &self.token, body.clone());
+                let asked = tokio::time::timeout(HEARTBEAT_DEADLINE, ask).await;
+                match asked {
+                    Ok(Ok(SecretAnswer::Value { hex })) => {
+                        return hex::decode(hex)
+                            .map(zeroize::Zeroizing::new)
+                            .map_err(|e| E::Unavailable(format!("a bad value: {e}")));
+                    }
+                    Ok(Ok(SecretAnswer::NotFound)) => return Err(E::NotFound(name.to_owned())),
+                    Ok(Ok(SecretAnswer::Refused { reason })) => last = reason,
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = "no answer within 5 s".into(),
+                }
+            }
+            Err(E::Unavailable(format!("the control plane: {last}")))
+        })
+    }
+}
+
+/// Most egress events kept while no control plane takes them (older ones are dropped first).
+const EGRESS_BACKLOG: usize = 10_000;
+/// Most egress events in one batch.
+const EGRESS_BATCH: usize = 500;
+
+/// Sends this node's egress events (`rx`: the egress proxy's) to the control plane for its audit
+/// log, in signed batches every half second, each replica in turn until one takes a batch.
+/// While none does, the newest [`EGRESS_BACKLOG`] wait. Ends when the proxy's side closes.
+pub async fn forward_egress(
+    mut rx: tokio::sync::mpsc::Receiver<alcove_net::EgressEvent>,
+    node_id: String,
+    token: Token,
+    servers: Vec<(String, reqwest::Client)>,
+) {
+    let urls: Vec<(String, reqwest::Client)> = servers
+        .into_iter()
+        .map(|(s, c)| (format!("{}{EGRESS_PATH}", s.trim_end_matches('/')), c))
+        .collect();
+    let mut backlog = std::collections::VecDeque::new();
+    let mut dropped = 0u64;
+    let mut failing = false;
+    loop {
+        if backlog.is_empty() {
+            match rx.recv().await {
+                Some(ev) => backlog.push_back(ev),
+                None => return,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while let Ok(ev) = rx.try_recv() {
+            backlog.push_back(ev);
+            if backlog.len() > EGRESS_BACKLOG {
+                backlog.pop_front();
+                dropped += 1;
+            }
+        }
+        while !backlog.is_empty() {
+            let n = backlog.len().min(EGRESS_BATCH);
+            let batch = EgressBatch {
+                node_id: node_id.clone(),
+                events: backlog.iter().take(n).cloned().collect(),
+            };
+            let Ok(body) = serde_json::to_vec(&batch) else {
+                backlog.drain(..n);
+                continue;
+            };
+            let mut last = String::new();
+            let mut sent = false;
+            for (url, client) in &urls {
+                let post = post_signed::<EgressReceipt>(client, url, &token, body.clone());
+                match tokio::time::timeout(HEARTBEAT_DEADLINE, post).await {
+                    Ok(Ok(_)) => {
+                        sent = true;
+                        break;
+                    }
+                    Ok(Err(e)) => last = format!("{url}: {e}"),
+                    Err(_) => last = format!("{url}: no answer within 5 s"),
+                }
+            }
+            if !sent {
+                if !failing {
+                    tracing::warn!(error = %last, waiting = backlog.len(), "egress events: no control plane takes them; kept and retried");
+                    failing = true;
+                }
+                break;
+            }
+            failing = false;
+            backlog.drain(..n);
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "egress events dropped: more waited than the backlog holds"
+            );
+            dropped = 0;
+        }
+    }
+}
+
 /// Sends a heartbeat every `interval` until the task is dropped. A `reset` answer (the control
 /// plane declared this node lost) kills every sandbox here first.
 pub async fn heartbeats(
@@ -482,9 +668,21 @@ async fn beat(
             .collect(),
     };
     let body = serde_json::to_vec(&hb).map_err(|e| e.to_string())?;
+    // The answer can order this node to kill its sandboxes: only a signed one is obeyed.
+    post_signed(client, url, &reg.token, body).await
+}
+
+/// POSTs `body` to the control plane at `url`, signed with `token`, and answers its JSON
+/// answer, which must be signed with the same token.
+async fn post_signed<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+    token: &Token,
+    body: Vec<u8>,
+) -> Result<T, String> {
     let resp = client
         .post(url)
-        .header(crate::link::SIGNATURE_HEADER, reg.token.sign(&body))
+        .header(crate::link::SIGNATURE_HEADER, token.sign(&body))
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
         .send()
@@ -501,8 +699,7 @@ async fn beat(
     if !status.is_success() {
         return Err(format!("the control plane answered {status}: {text}"));
     }
-    // The answer can order this node to kill its sandboxes: only a signed one is obeyed.
-    reg.token
+    token
         .verify(&sig, text.as_bytes(), std::time::SystemTime::now())
         .map_err(|why| {
             format!("the control plane's answer is not signed by the cluster token: {why}")

@@ -20,6 +20,54 @@ pub const NODE_HEALTH_PATH: &str = "/node/v1/health";
 /// The control plane's heartbeat path on its cluster listener.
 pub const HEARTBEAT_PATH: &str = "/cluster/v1/heartbeat";
 
+/// The control plane's path for a node's egress proxy to fetch a secret's value (for a network
+/// rule of a sandbox on that node), signed both ways like heartbeats.
+pub const SECRET_PATH: &str = "/cluster/v1/secret";
+
+/// A node asks for secret `name` of the team of `sandbox_id`, which runs on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretRequest {
+    pub node_id: String,
+    pub sandbox_id: String,
+    pub name: String,
+}
+
+/// The control plane's answer to a [`SecretRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SecretAnswer {
+    /// The value, hex-encoded.
+    Value {
+        hex: String,
+    },
+    NotFound,
+    /// Not given: the store cannot answer, or the sandbox is not on the asking node.
+    Refused {
+        reason: String,
+    },
+}
+
+/// The control plane's path for a node's egress proxy events (for the audit log and run
+/// traces), a signed batch at a time.
+pub const EGRESS_PATH: &str = "/cluster/v1/egress";
+
+/// A node's egress events since its last batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EgressBatch {
+    pub node_id: String,
+    pub events: Vec<alcove_net::EgressEvent>,
+}
+
+/// The control plane's signed answer to an [`EgressBatch`]: how many of its events went to the
+/// audit log, how many were dropped (its queue full, or no audit log), and how many were of
+/// sandboxes not on that node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EgressReceipt {
+    pub recorded: usize,
+    pub dropped: usize,
+    pub foreign: usize,
+}
+
 /// What a node reports every heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -121,6 +169,24 @@ pub enum Call {
     /// Download a paused sandbox's files from the blob store, check them, and take it in.
     Import {
         sandbox_id: String,
+    },
+    /// Upload a snapshot's files (its disk flattened onto the template's) to the blob store;
+    /// answers the bytes.
+    ExportSnapshot {
+        snapshot_id: String,
+    },
+    /// Download a snapshot from the blob store (unless the node has it), check it, take it in.
+    ImportSnapshot {
+        snapshot_id: String,
+    },
+    /// Upload template build `key` (its disk as qcow2) to the blob store; answers the bytes.
+    ExportTemplate {
+        key: String,
+    },
+    /// Download template build `key` from the blob store (unless the node has it), check it,
+    /// take it in.
+    ImportTemplate {
+        key: String,
     },
 }
 

@@ -51,6 +51,7 @@ impl SandboxBackend for Host {
                 memory_mb: 256,
                 disk_size_mb: 1024,
                 envd_version: "0.2.0".into(),
+                build_key: None,
             }])
         })
     }
@@ -252,7 +253,16 @@ async fn start_node(
 }
 
 async fn control_plane() -> (Arc<ClusterBackend>, String) {
+    control_plane_with(None, None).await
+}
+
+async fn control_plane_with(
+    secrets: Option<Arc<dyn alcove_net::secrets::SecretSource>>,
+    egress: Option<tokio::sync::mpsc::Sender<alcove_net::EgressEvent>>,
+) -> (Arc<ClusterBackend>, String) {
     let mut cfg = ClusterConfig::new(Token::new(TOKEN));
+    cfg.secrets = secrets;
+    cfg.egress = egress;
     cfg.heartbeat_interval = Duration::from_millis(100);
     cfg.lost_after = Duration::from_millis(600);
     let cluster = Arc::new(ClusterBackend::new(cfg));
@@ -517,4 +527,108 @@ async fn strangers_are_refused_on_both_sides() {
     assert!(msg.contains("--node-id"), "{msg}");
     hb.url = "http://127.0.0.1:1".into();
     assert_eq!(cluster.heartbeat(hb).unwrap_err().0, 400);
+}
+
+/// Secret `key` of every sandbox's team: `value-of-<sandbox>`; no other name exists.
+struct Store;
+
+impl alcove_net::secrets::SecretSource for Store {
+    fn resolve<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        name: &'a str,
+    ) -> alcove_net::secrets::Resolving<'a> {
+        Box::pin(async move {
+            match name {
+                "key" => Ok(zeroize::Zeroizing::new(
+                    format!("value-of-{sandbox_id}").into_bytes(),
+                )),
+                _ => Err(alcove_net::secrets::SecretLookupError::NotFound(
+                    name.into(),
+                )),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_secrets_and_reports_egress_only_for_its_own_sandboxes() {
+    use alcove_net::secrets::{SecretLookupError, SecretSource};
+    let dir = tempfile::tempdir().unwrap();
+    let (egress_tx, mut egress_rx) = tokio::sync::mpsc::channel(100);
+    let (cluster, url) = control_plane_with(Some(Arc::new(Store)), Some(egress_tx)).await;
+    let a = start_node("node-a", 6000, &url, dir.path(), TOKEN).await;
+    let b = start_node("node-b", 4000, &url, dir.path(), TOKEN).await;
+    cluster.create(create_req("sb1")).await.unwrap();
+    let (mine, other) = if a.host.ids().contains(&"sb1".to_owned()) {
+        ("node-a", "node-b")
+    } else {
+        assert!(b.host.ids().contains(&"sb1".to_owned()));
+        ("node-b", "node-a")
+    };
+    let asker = |node: &str, token: &str| {
+        alcove_cluster::node::ControlPlaneSecrets::new(
+            node.into(),
+            Token::new(token),
+            vec![(
+                url.clone(),
+                alcove_cluster::node::heartbeat_client(&url, None).unwrap(),
+            )],
+        )
+    };
+    let v = asker(mine, TOKEN).resolve("sb1", "key").await.unwrap();
+    assert_eq!(&v[..], b"value-of-sb1");
+    assert!(matches!(
+        asker(mine, TOKEN).resolve("sb1", "other").await,
+        Err(SecretLookupError::NotFound(_))
+    ));
+    // Another node, a sandbox nobody runs, another token: nothing.
+    for (node, sandbox, token, says) in [
+        (other, "sb1", TOKEN, "is not on node"),
+        (mine, "sb-unknown", TOKEN, "is not on node"),
+        (mine, "sb1", "another-token-0123456789abcdef0123", "401"),
+    ] {
+        match asker(node, token).resolve(sandbox, "key").await {
+            Err(SecretLookupError::Unavailable(why)) => assert!(why.contains(says), "{why}"),
+            r => panic!("{node} {sandbox}: {r:?}"),
+        }
+    }
+
+    // Egress events: a node's of its own sandboxes reach the audit writer, no others.
+    let event = |sandbox: &str| alcove_net::EgressEvent {
+        sandbox_id: sandbox.into(),
+        at_ms: 1,
+        dst: "198.51.100.7:443".parse().unwrap(),
+        name: Some("a.test".into()),
+        allowed: true,
+        verdict: "allowed".into(),
+        bytes_out: 10,
+        bytes_in: 20,
+        duration_ms: 3,
+    };
+    for (node, token) in [
+        (mine, TOKEN),
+        (other, TOKEN),
+        (mine, "another-token-0123456789abcdef0123"),
+    ] {
+        let (tx, rx) = tokio::sync::mpsc::channel(10);
+        let client = alcove_cluster::node::heartbeat_client(&url, None).unwrap();
+        let fwd = tokio::spawn(alcove_cluster::node::forward_egress(
+            rx,
+            node.into(),
+            Token::new(token),
+            vec![(url.clone(), client)],
+        ));
+        tx.send(event("sb1")).await.unwrap();
+        tx.send(event("sb-unknown")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(tx);
+        fwd.abort();
+    }
+    let got = egress_rx.try_recv().unwrap();
+    assert_eq!(got, event("sb1"));
+    assert!(
+        egress_rx.try_recv().is_err(),
+        "only the node's own sandbox's event"
+    );
 }

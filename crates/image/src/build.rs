@@ -565,6 +565,12 @@ fn make_writable(dir: &Path) {
     }
 }
 
+/// Makes build `key` the one template `name` resolves to in `cache` (a template taken in from
+/// another node of a cluster, say).
+pub fn set_template_name(cache: &Path, name: &str, key: &str) -> Result<(), ImageError> {
+    set_name(cache, name, key)
+}
+
 fn set_name(cache: &Path, name: &str, key: &str) -> Result<(), ImageError> {
     let dir = templates_dir(cache).join("by-name");
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;

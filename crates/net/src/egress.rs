@@ -57,8 +57,9 @@ impl std::fmt::Debug for Secrets {
 }
 
 /// One egress connection of a sandbox, for its run trace: where it went, the name it asked
-/// for (TLS SNI or HTTP Host), what the rules said and, if it was allowed, its bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// for (TLS SNI or HTTP Host), what the rules said and, if it was allowed, its bytes. (Serde:
+/// a cluster node sends them to the control plane.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EgressEvent {
     pub sandbox_id: String,
     /// When it was opened (ms since the epoch).

@@ -26,15 +26,16 @@ pub enum SecretLookupError {
     Unavailable(String),
 }
 
-/// Where the egress proxy gets secret values: the server's encrypted secret store.
+/// A lookup under way ([`SecretSource::resolve`]).
+pub type Resolving<'a> =
+    Pin<Box<dyn Future<Output = Result<SecretValue, SecretLookupError>> + Send + 'a>>;
+
+/// Where the egress proxy gets secret values: the server's encrypted secret store (or, on a
+/// cluster node, the control plane's, through the link).
 pub trait SecretSource: Send + Sync + 'static {
     /// The current value of the secret `name` (already lower-cased) of the team that owns
     /// `sandbox_id`.
-    fn resolve<'a>(
-        &'a self,
-        sandbox_id: &'a str,
-        name: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<SecretValue, SecretLookupError>> + Send + 'a>>;
+    fn resolve<'a>(&'a self, sandbox_id: &'a str, name: &'a str) -> Resolving<'a>;
 }
 
 /// One piece of a header template: literal text or a secret's name.

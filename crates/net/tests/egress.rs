@@ -647,17 +647,7 @@ impl alcove_net::secrets::SecretSource for FakeSecrets {
         &'a self,
         _sandbox_id: &'a str,
         name: &'a str,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        alcove_net::secrets::SecretValue,
-                        alcove_net::secrets::SecretLookupError,
-                    >,
-                > + Send
-                + 'a,
-        >,
-    > {
+    ) -> alcove_net::secrets::Resolving<'a> {
         Box::pin(async move {
             match name {
                 "tok" => Ok(zeroize::Zeroizing::new(b"s3cret".to_vec())),

@@ -387,31 +387,52 @@ impl<V: Vmm> Node<V> {
     }
 }
 
+/// Runs `qemu-img` with `args`; a failure is reported on `subject` (the image it makes or
+/// changes) with the tool's own words.
+pub(crate) async fn qemu_img<'a>(
+    subject: &Path,
+    args: impl IntoIterator<Item = &'a std::ffi::OsStr>,
+) -> Result<(), NodeError> {
+    let args: Vec<&std::ffi::OsStr> = args.into_iter().collect();
+    let out = tokio::process::Command::new("qemu-img")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| NodeError::Io("qemu-img".into(), e))?;
+    if !out.status.success() {
+        let op = args
+            .first()
+            .map(|a| a.to_string_lossy())
+            .unwrap_or_default();
+        return Err(NodeError::Io(
+            subject.display().to_string(),
+            std::io::Error::other(format!(
+                "qemu-img {op} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        ));
+    }
+    Ok(())
+}
+
 /// A new qcow2 overlay at `out` over the read-only layer `backing`.
 pub(crate) async fn make_overlay(backing: &Path, out: &Path) -> Result<(), NodeError> {
     // qemu-img resolves a relative backing name against the overlay's directory: record an
     // absolute one, so the chain does not depend on where the data dir was named from.
     let backing = std::path::absolute(backing)
         .map_err(|e| NodeError::Io(backing.display().to_string(), e))?;
-    let status = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&backing)
-        .arg(out)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .await
-        .map_err(|e| NodeError::Io("qemu-img".into(), e))?;
-    if !status.status.success() {
-        return Err(NodeError::Io(
-            out.display().to_string(),
-            std::io::Error::other(format!(
-                "qemu-img create failed: {}",
-                String::from_utf8_lossy(&status.stderr).trim()
-            )),
-        ));
-    }
+    let flags = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"].map(std::ffi::OsStr::new);
+    qemu_img(
+        out,
+        flags
+            .into_iter()
+            .chain([backing.as_os_str(), out.as_os_str()]),
+    )
+    .await?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| NodeError::Io(out.display().to_string(), e))

@@ -31,6 +31,7 @@ mod volumes;
 
 pub use create::{CreateOptions, CreateTimings};
 pub use lifecycle::{Event, SandboxState, TransitionError};
+pub use moving::Outgoing;
 pub use node::{ADMISSION_WAIT, Node, NodeConfig, default_max_starting, new_sandbox_id};
 pub use persist::PauseTimings;
 pub use pool::{WarmPoolStatus, parse_warm_pool};

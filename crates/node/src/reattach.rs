@@ -53,6 +53,7 @@ impl<V: Vmm> Node<V> {
             volumes: Mutex::new(None),
         });
         node.remove_half_built();
+        node.remove_stale_scratch();
         let entries =
             std::fs::read_dir(&root).map_err(|e| NodeError::Io(root.display().to_string(), e))?;
         for entry in entries.flatten() {

@@ -1,7 +1,8 @@
 //! A sandbox's record: what the node knows about it ([`SandboxInfo`]), in memory and as
 //! `record.json` in its dir.
 //!
-//! Invariant: [`Record::create`] writes a record once, in state `creating`; after that
+//! Invariant: [`Record::create`] writes a record once, in state `creating` (or
+//! [`Record::taken_in`], once, for a paused sandbox arriving from another node); after that
 //! [`Record::apply`] is the only writer of the record, in memory and on disk, and it changes
 //! nothing that [`crate::lifecycle::transition`] refuses. Every applied event is logged at `info`
 //! with the sandbox id, the states before and after, and the reason.
@@ -66,6 +67,13 @@ impl Record {
     /// Writes the first record of a sandbox being created into `dir`.
     pub(crate) fn create(dir: &Path, info: SandboxInfo) -> Result<Record, NodeError> {
         debug_assert_eq!(info.state, SandboxState::Creating);
+        write(dir, &info)?;
+        Ok(Record::loaded(dir, info))
+    }
+
+    /// The record of a sandbox taken in from another node, as this node has it (its disk
+    /// re-pointed here), written over the one that arrived.
+    pub(crate) fn taken_in(dir: &Path, info: SandboxInfo) -> Result<Record, NodeError> {
         write(dir, &info)?;
         Ok(Record::loaded(dir, info))
     }

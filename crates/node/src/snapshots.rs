@@ -66,7 +66,7 @@ pub(crate) const DISK: &str = "disk.qcow2";
 pub(crate) const MEMORY: &str = "memory.state";
 pub(crate) const RAM: &str = "ram";
 pub(crate) const RAM_STATE: &str = "ram.state";
-const META: &str = "snapshot.json";
+pub(crate) const META: &str = "snapshot.json";
 
 pub(crate) fn snapshots_root(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshots")

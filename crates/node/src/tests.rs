@@ -633,3 +633,197 @@ async fn racing_creates_and_resumes_pass_exactly_the_hosts_limit() {
         .count();
     assert_eq!(running, 10);
 }
+
+/// Writes `pattern` over the first 64 KiB at `offset` of qcow2 image `disk` (what a guest's
+/// writes leave in its overlay).
+fn write_disk(disk: &Path, offset: u64, pattern: u8) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {pattern} {offset} 64k"))
+        .arg(disk)
+        .output()
+        .expect("qemu-io runs");
+    assert!(out.status.success(), "qemu-io: {out:?}");
+}
+
+/// Whether two disk images (with their chains) read the same.
+fn same_content(a: &Path, b: &Path) -> bool {
+    std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-U"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("qemu-img runs")
+        .success()
+}
+
+fn backing_of(disk: &Path) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(disk)
+        .output()
+        .expect("qemu-img runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["backing-filename"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Copies what another node exported into where this node takes it in (the blob store's part).
+fn carry(out: &crate::Outgoing, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for (name, path) in &out.files {
+        std::fs::copy(path, to.join(name)).unwrap();
+    }
+    if let Some(s) = &out.scratch {
+        std::fs::remove_dir_all(s).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn snapshots_and_sandboxes_on_snapshot_layers_move_flattened_onto_the_template() {
+    let (fa, fb) = (Fixture::new(), Fixture::new());
+    let (a_node, b_node) = (fa.open().await, fb.open().await);
+    let template_b = b_node.template_by_key(KEY).unwrap();
+
+    // On node A: a sandbox writes, snapshot s1; a sandbox from s1 writes more, snapshot s2
+    // (its layer sits on s1's).
+    let (a, _) = a_node.create(base()).await.unwrap();
+    write_disk(&fa.dir(&a.id).join("disk.qcow2"), 0, 0x11);
+    a_node.snapshot(&a.id, "s1").await.unwrap();
+    let from_snap = |s: &str| CreateOptions {
+        snapshot: Some(s.into()),
+        ..Default::default()
+    };
+    let (b, _) = a_node.create(from_snap("s1")).await.unwrap();
+    write_disk(&fa.dir(&b.id).join("disk.qcow2"), 1 << 20, 0x22);
+    let (m2, _) = a_node.snapshot(&b.id, "s2").await.unwrap();
+    assert_eq!(m2.parent.as_deref(), Some("s1"));
+    let a_layer = fa.data.join("snapshots/s2/disk.qcow2");
+
+    // s2 leaves as one image over the template's disk, made in a scratch dir.
+    let out = a_node.outgoing_snapshot("s2").await.unwrap();
+    let scratch = out.scratch.clone().expect("a layered disk is flattened");
+    assert!(scratch.starts_with(fa.data.join("outgoing")));
+    let disk = &out.files.iter().find(|(n, _)| n == "disk.qcow2").unwrap().1;
+    assert!(same_content(disk, &a_layer));
+    let mut names: Vec<_> = out.files.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["disk.qcow2", "ram", "ram.state", "snapshot.json"]);
+    let to = b_node.incoming_snapshot_dir("s2").unwrap().unwrap();
+    carry(&out, &to);
+    assert!(!scratch.exists());
+    b_node.adopt_snapshot("s2").await.unwrap();
+    // Node B has it: on its own template's disk, the same content, no parent here.
+    let b_layer = fb.data.join("snapshots/s2/disk.qcow2");
+    assert_eq!(backing_of(&b_layer), template_b.disk.display().to_string());
+    assert!(same_content(&b_layer, &a_layer));
+    assert!(b_node.incoming_snapshot_dir("s2").unwrap().is_none());
+    let meta = b_node
+        .snapshots()
+        .into_iter()
+        .find(|m| m.id == "s2")
+        .unwrap();
+    assert_eq!(meta.parent, None);
+    let (c, _) = b_node.create(from_snap("s2")).await.unwrap();
+    assert_eq!(c.base_snapshot.as_deref(), Some("s2"));
+    b_node.agent(&c.id).await.unwrap().health().await.unwrap();
+
+    // A paused sandbox on s1's layer moves with its disk flattened, and resumes on B.
+    a_node.pause(&b.id).await.unwrap();
+    let b_disk = fa.dir(&b.id).join("disk.qcow2");
+    let out = a_node.outgoing_paused(&b.id).await.unwrap();
+    let disk = &out.files.iter().find(|(n, _)| n == "disk.qcow2").unwrap().1;
+    assert_ne!(disk, &b_disk, "its disk leaves flattened");
+    assert!(same_content(disk, &b_disk));
+    let to = b_node.incoming_dir(&b.id).unwrap();
+    carry(&out, &to);
+    b_node.adopt_paused(&b.id).await.unwrap();
+    let moved = b_node.get(&b.id).unwrap();
+    assert_eq!(moved.base_snapshot, None);
+    assert_eq!(on_disk(&fb.dir(&b.id)).base_snapshot, None);
+    let moved_disk = fb.dir(&b.id).join("disk.qcow2");
+    assert_eq!(
+        backing_of(&moved_disk),
+        template_b.disk.display().to_string()
+    );
+    assert!(same_content(&moved_disk, &b_disk));
+    b_node.resume(&b.id).await.unwrap();
+    b_node.agent(&b.id).await.unwrap().health().await.unwrap();
+
+    // A deleted snapshot does not leave; one B has already is not taken in twice.
+    a_node.delete_snapshot("s1").unwrap();
+    assert!(matches!(
+        a_node.outgoing_snapshot("s1").await,
+        Err(NodeError::SnapshotNotFound(_))
+    ));
+    for id in [&a.id, &b.id, &c.id] {
+        let _ = a_node.kill(id).await;
+        let _ = b_node.kill(id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_template_leaves_and_comes_back_checked_at_its_path() {
+    let f = Fixture::new();
+    let home = f.cache.join("templates").join(KEY);
+    let kernel = f.cache.join("kernel/k1/vmlinux");
+    std::fs::create_dir_all(kernel.parent().unwrap()).unwrap();
+    std::fs::write(&kernel, b"a kernel").unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("manifest.json")).unwrap()).unwrap();
+    manifest["kernel"] = serde_json::json!(kernel);
+    manifest["mem_sha256"] =
+        serde_json::json!(alcove_image::build::sha256_file(&home.join("mem")).unwrap());
+    std::fs::write(home.join("manifest.json"), manifest.to_string()).unwrap();
+    let node = f.open().await;
+    assert!(
+        node.incoming_template_dir(KEY).unwrap().is_none(),
+        "it is here"
+    );
+
+    let out = node.outgoing_template(KEY).await.unwrap();
+    let mut names: Vec<_> = out.files.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["disk.qcow2", "mem", "state", "template.json", "vmlinux"]
+    );
+    let held = f._tmp.path().join("held");
+    carry(&out, &held);
+
+    // A node whose cache (at the same path) has neither the template nor its kernel.
+    std::fs::remove_dir_all(&home).unwrap();
+    std::fs::remove_dir_all(kernel.parent().unwrap()).unwrap();
+    std::fs::remove_file(f.cache.join("templates/by-name/base")).unwrap();
+    let take_in = |tamper: bool| {
+        let to = node.incoming_template_dir(KEY).unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&held).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        if tamper {
+            std::fs::write(to.join("state"), b"another state").unwrap();
+        }
+    };
+    take_in(true);
+    let e = node.adopt_template(KEY).await.unwrap_err();
+    assert!(e.to_string().contains("does not check out"), "{e}");
+    assert!(!home.exists());
+
+    take_in(false);
+    node.adopt_template(KEY).await.unwrap();
+    let t = alcove_image::build::load_template(&f.cache, "base").unwrap();
+    assert_eq!(t.key, KEY);
+    assert_eq!(std::fs::read(&kernel).unwrap(), b"a kernel");
+    assert!(!home.join("vmlinux").exists() && !home.join("disk.qcow2").exists());
+    assert_eq!(backing_of(&t.overlay), t.disk.display().to_string());
+    t.verify_all().unwrap();
+    assert!(node.incoming_template_dir(KEY).unwrap().is_none());
+    let (s, _) = node.create(base()).await.unwrap();
+    node.agent(&s.id).await.unwrap().health().await.unwrap();
+    node.kill(&s.id).await.unwrap();
+}

@@ -28,6 +28,9 @@ docs/benchmarks.md, not in tests).
   drain    base: `alcove node drain` of a node with n sandboxes (each a 64 MiB file and a
            process) to a second node through the blob store: drain time, then each one's
            resume elsewhere with the file and process checked (bench_cluster.py)
+  moves    base: a snapshot's copy to the blob store, creates from it on its node and (drained)
+           on another, and a node that joins with an empty cache taking the template in from
+           the store (needs root: a mount namespace) (bench_cluster.py)
   mcp      base: run_command through `alcove mcp` (stdio) and `/mcp` (HTTP) vs the SDK's
            commands.run, interleaved on one sandbox (bench_mcp.py)
   desktop  desktop, with the e2b-desktop SDK: create -> first screenshot() bytes, sequential with
@@ -920,6 +923,12 @@ def bench_drain(n):
     run(n)
 
 
+def bench_moves(n):
+    from bench_cluster import bench_moves as run
+
+    run(n)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("modes", nargs="*", default=["create", "burst", "code", "chart"])
@@ -936,7 +945,8 @@ def main():
          "template": lambda: bench_template(args.n), "mcp": lambda: bench_mcp(args.n),
          "desktop": lambda: bench_desktop(args.n), "cluster": lambda: bench_cluster(args.n),
          "sustained": lambda: bench_sustained(args.workers),
-         "density": lambda: bench_density(args.density), "drain": lambda: bench_drain(args.n)}[m]()
+         "density": lambda: bench_density(args.density), "drain": lambda: bench_drain(args.n),
+         "moves": lambda: bench_moves(args.n)}[m]()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ calls as JSON over HTTP/2, traffic streamed), interleaved so both see the same m
 
 Prints p50/p95 of each and the ratio cluster / single host.
 
-`bench_drain` (bench.py's `drain` mode) times `alcove node drain` and the resumes that follow.
+`bench_drain` (bench.py's `drain` mode) times `alcove node drain` and the resumes that follow;
+`bench_moves` (`moves`) times snapshots and templates moving between nodes through the blob store.
 """
 
 import json
@@ -54,10 +55,10 @@ class Target:
             time.sleep(0.1)
 
 
-def start_node(bin_, root, cport, name, pool, extra=()):
+def start_node(bin_, root, cport, name, pool, extra=(), prefix=()):
     log = open(os.path.join(root, "cluster.log"), "ab")
     return subprocess.Popen(
-        [bin_, "node", "--server", f"http://127.0.0.1:{cport}", "--token-file",
+        [*prefix, bin_, "node", "--server", f"http://127.0.0.1:{cport}", "--token-file",
          os.path.join(root, "control", "cluster.token"), "--listen", "127.0.0.1:0",
          "--node-id", name, "--data-dir", os.path.join(root, name), "--warm-pool", pool, *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -215,5 +216,86 @@ def bench_drain(n):
                           "file_or_process_lost": bad}), flush=True)
         for s in sbxs:
             s.kill()
+    finally:
+        stop(procs, root)
+
+
+def du_mib(path):
+    out = subprocess.run(["du", "-sm", path], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def wait_nodes(t, up, limit=300):
+    deadline = time.monotonic() + limit
+    while len([x for x in api(t, "GET", "/alcove/v1/nodes") if x["up"]]) < up:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {up} nodes up after {limit} s")
+        time.sleep(0.5)
+
+
+def bench_moves(n):
+    """Snapshots and templates between nodes through the blob store (a directory here):
+    - a snapshot of a sandbox with 64 MiB written: how long its copy to the store takes (behind
+      the snapshot call) and its size there;
+    - create -> first command from that snapshot, n times on its own node, then n times after
+      that node is drained: the first on another node includes taking the snapshot in, the
+      rest use that node's copy;
+    - a node that joins with an empty cache (its own mount namespace over the cache path): the
+      first create it gets (every other node draining) includes copying the template to the
+      store and taking it in; then n more creates there."""
+    from e2b import Sandbox
+
+    bin_ = os.environ["ALCOVE_BIN"]
+    root = tempfile.mkdtemp(prefix="alcove-bench-moves-")
+    blobs = os.path.join(root, "blobs")
+    store = ["--blob-store", "file://" + blobs]
+    procs, t, cport = start_cluster(bin_, root, "base=1", blobs)
+
+    def from_snapshot(snap):
+        t0 = time.perf_counter()
+        s = Sandbox.create(snap, timeout=600, **t.sdk())
+        try:
+            assert s.commands.run("sha256sum -c /home/user/blob.sum >/dev/null").exit_code == 0
+            return time.perf_counter() - t0
+        finally:
+            s.kill()
+
+    try:
+        t.wait_pool()
+        src = Sandbox.create("base", timeout=1800, **t.sdk())
+        src.commands.run("head -c 64M /dev/urandom > /home/user/blob && sha256sum /home/user/blob > /home/user/blob.sum")
+        snap = src.create_snapshot().snapshot_id
+        t0 = time.perf_counter()
+        manifest = os.path.join(blobs, "snapshots", snap, "manifest.json")
+        while not os.path.exists(manifest):
+            time.sleep(0.05)
+        copy_s = time.perf_counter() - t0
+        home = [from_snapshot(snap) for _ in range(n)]
+        procs.append(start_node(bin_, root, cport, "bench-other", "base=1", store))
+        wait_nodes(t, 2)
+        api(t, "POST", "/alcove/v1/nodes/bench-node/drain")
+        elsewhere = [from_snapshot(snap) for _ in range(n + 1)]
+        cache = os.environ.get("ALCOVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "alcove")
+        fresh = os.path.join(root, "fresh-cache")
+        os.makedirs(fresh)
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", fresh, cache]
+        procs.append(start_node(bin_, root, cport, "bench-fresh", "base=0", store, prefix=wrap))
+        wait_nodes(t, 3)
+        api(t, "POST", "/alcove/v1/nodes/bench-other/drain")
+        fresh_creates = [create_and_run(t) for _ in range(n + 1)]
+        hp50, hp95 = stats(home)
+        ep50, ep95 = stats(elsewhere[1:])
+        fp50, fp95 = stats(fresh_creates[1:])
+        print(json.dumps({"name": "moves: snapshots and templates through the blob store", "n": n,
+                          "snapshot_copy_s": round(copy_s, 1),
+                          "snapshot_mib_in_store": du_mib(os.path.join(blobs, "snapshots")),
+                          "from_snapshot_on_its_node_p50_ms": hp50, "p95_ms": hp95,
+                          "from_snapshot_first_elsewhere_ms": round(elsewhere[0] * 1000, 1),
+                          "from_snapshot_elsewhere_after_p50_ms": ep50, "after_p95_ms": ep95,
+                          "template_first_create_on_new_node_s": round(fresh_creates[0], 1),
+                          "template_mib_in_store": du_mib(os.path.join(blobs, "templates")),
+                          "new_node_later_creates_p50_ms": fp50, "later_p95_ms": fp95}), flush=True)
+        src.kill()
     finally:
         stop(procs, root)

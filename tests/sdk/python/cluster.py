@@ -102,7 +102,8 @@ class Cluster:
         self.bin = os.environ["ALCOVE_BIN"]
         self.pg = Postgres()
         # The blob store: a directory all of them share, as a bucket would be.
-        self.blobs = "file://" + os.path.join(root, "blobs")
+        self.blobs_dir = os.path.join(root, "blobs")
+        self.blobs = "file://" + self.blobs_dir
         a = Replica(self, "control-a")
         # The first replica makes the cluster token, the secrets and upload keys and the first
         # API key; the second gets copies of the keys, as replicas of one deployment share them.
@@ -127,17 +128,18 @@ class Cluster:
         self.http_b = httpx.Client(base_url=b.url, headers={"X-API-KEY": self.key}, timeout=120)
         self.turn = 0
 
-    def start_node(self, name):
+    def start_node(self, name, prefix=(), warm=1):
+        """Starts node `name`; `prefix` goes before its command line (a wrapper that runs it)."""
         data = os.path.join(self.root, name)
         log = open(os.path.join(self.root, f"{name}.log"), "ab")
         proc = subprocess.Popen(
-            [self.bin, "node", "--server",
+            [*prefix, self.bin, "node", "--server",
              ",".join(f"http://127.0.0.1:{r.cluster_port}" for r in self.replicas),
              "--token-file", self.token, "--listen", "127.0.0.1:0", "--node-id", name,
              # The jail's default uid range, as the main suite's server: a uid owned by a running
              # process is never handed out again, whichever Alcove process runs it, and the
              # shared templates keep one group.
-             "--data-dir", data, "--blob-store", self.blobs, "--warm-pool", f"{TEMPLATE}=1", "--max-vms", "12"],
+             "--data-dir", data, "--blob-store", self.blobs, "--warm-pool", f"{TEMPLATE}={warm}", "--max-vms", "12"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         self.nodes[name] = (proc, data)

@@ -7,15 +7,22 @@ uid range and TLS link listener; they share the templates' cache, as nodes of on
 Creates alternate between the replicas, and records are read through the other one.
 
 - Creates spread over the nodes, and each sandbox works: commands, files, pause and resume.
+- A network rule's secret is filled in by the egress proxy of the sandbox's node, which asks the
+  control plane's store for it over the link (test_secret_egress.py's test internet), and the
+  node's egress events reach the control plane's audit log.
 - A snapshot's sandboxes and a fork's children go to the node that holds its files.
 - Draining a node (asked of one replica; the other places the next creates) pauses its running
   sandboxes and moves every paused one to the blob store; each resumes on another node with its
-  files and processes.
+  files and processes, a fork child too (its disk leaves flattened off the fork's layers). A
+  snapshot taken there makes sandboxes elsewhere.
 - `kill -9` of one node: within 10 s its running sandboxes are `lost` with a reason that names
-  the node, a paused one stays paused and resumes on another node, and creates go on on the
-  others.
+  the node, a paused one stays paused and resumes on another node, a snapshot taken there makes
+  a sandbox on another node (through the blob store), and creates go on on the others.
 - `kill -9` of the replica on duty: SDK calls go on through the other, which takes the
   background duties over (it reaps a sandbox at its end).
+- A node that joins without the template (its cache empty, at the same path, in a mount
+  namespace of its own) takes it in from the blob store when the nodes that have it take no
+  more sandboxes, and runs the sandbox.
 
 Needs root and ALCOVE_BIN, like the rest of the real suite, and postgresql-15 (scripts/test.sh
 installs it).
@@ -26,9 +33,10 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid
 
 import pytest
-from e2b import Sandbox
+from e2b import ALL_TRAFFIC, Sandbox, Secret
 
 from cluster import NODES, Cluster, wait_for
 from conftest import TEMPLATE
@@ -77,6 +85,54 @@ def test_creates_spread_over_the_nodes_and_each_sandbox_works(cluster):
             s.kill()
 
 
+def test_a_network_rule_fills_a_secret_on_the_sandboxs_node(cluster):
+    import test_secret_egress as egress
+
+    tls = os.environ.get("ALCOVE_SDK_TEST_TLS")
+    if os.environ.get("ALCOVE_DNS_UPSTREAM") != "198.51.100.2:5353" or not tls:
+        pytest.skip("the test internet and its CA are set up by tests/sdk/run.sh")
+    egress.https_server("198.51.100.2", "a.test", tls)
+    name = f"cluster-{uuid.uuid4().hex[:12]}"
+    value = f"sk-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    Secret.create(name, value, **cluster.sdk(0))
+    egress.EXPECTED["auth"] = f"Bearer {value}"
+    try:
+        # Made through the other replica: the node asks whichever answers.
+        sbx = Sandbox.create(TEMPLATE, timeout=300, network={
+            "allow_out": ["a.test"], "deny_out": [ALL_TRAFFIC],
+            "rules": egress.rule_for("a.test", name)}, **cluster.sdk(1))
+        try:
+            node = cluster.node_of(sbx.sandbox_id)
+            assert node is not None
+            url = f"https://a.test:{egress.PORT}/check"
+            assert sbx.commands.run(f"curl -sS {url}", timeout=60).stdout == "match"
+            assert egress.SEEN["a.test"][-1] == f"Bearer {value}"
+            # The node's egress events reach the control plane's audit log.
+            def egress_recorded():
+                r = cluster.http_b.get(f"/alcove/v1/sandboxes/{sbx.sandbox_id}/events?limit=10000")
+                return r.status_code == 200 and any(
+                    e["kind"] == "egress" and "a.test" in str(e) for e in r.json())
+            wait_for("the node's egress events in the audit log", egress_recorded, 30)
+            # The value stays out of the sandbox and the node's files.
+            assert value not in sbx.commands.run("env", timeout=30).stdout
+            assert egress.files_holding(value, [cluster.nodes[node][1]]) == []
+            # A live update without rules ends it (the guest sees a.test's own certificate, and
+            # no header is set); one with rules brings it back.
+            sbx.update_network({"allow_out": ["a.test"], "deny_out": [ALL_TRAFFIC]})
+            with open(f"{tls}/ca.pem") as f:
+                sbx.files.write("/tmp/test-ca.pem", f.read())
+            out = sbx.commands.run(f"curl -sS --cacert /tmp/test-ca.pem {url}", timeout=60)
+            assert out.stdout == "nomatch"
+            assert egress.SEEN["a.test"][-1] == ""
+            sbx.update_network({"allow_out": ["a.test"], "deny_out": [ALL_TRAFFIC],
+                                "rules": egress.rule_for("a.test", name)})
+            assert sbx.commands.run(f"curl -sS {url}", timeout=60).stdout == "match"
+        finally:
+            sbx.kill()
+    finally:
+        Secret.destroy(name, **cluster.sdk(0))
+
+
 def test_snapshots_and_forks_stay_on_the_node_with_their_files(cluster):
     src = cluster.create()
     made = []
@@ -109,14 +165,20 @@ def test_a_drained_nodes_sandboxes_resume_elsewhere_with_their_files_and_process
         for i, s in enumerate(mine):
             s.files.write("/home/user/moved.txt", f"sandbox {i}")
             s.commands.run("sleep 3600", background=True)
-        mine[0].pause()  # one paused before the drain, one still running
+        # A fork child (its disk on the fork's layers) and a snapshot, both on the victim.
+        kid = mine[0].fork(count=1)[0]
+        assert not isinstance(kid, Exception), kid
+        sbxs.append(kid)
+        assert cluster.node_of(kid.sandbox_id) == victim
+        snap = mine[1].create_snapshot()
+        mine[0].pause()  # one paused before the drain, the others still running
         # Asked of the second replica: the first places the creates below.
         r = cluster.http_b.post(f"/alcove/v1/nodes/{victim}/drain")
         assert r.status_code == 200, r.text
         report = r.json()
         assert report["failed"] == [], report
         assert mine[1].sandbox_id in report["paused"], report
-        assert {s.sandbox_id for s in mine} <= set(report["moved"]), report
+        assert {s.sandbox_id for s in mine + [kid]} <= set(report["moved"]), report
         # The first replica hears it from the node's next heartbeat (every second).
         wait_for(f"the first replica to see {victim} draining",
                  lambda: {n["nodeID"]: n for n in cluster.http.get("/alcove/v1/nodes").json()}
@@ -129,6 +191,17 @@ def test_a_drained_nodes_sandboxes_resume_elsewhere_with_their_files_and_process
             assert cluster.node_of(s.sandbox_id) not in (victim, None)
             assert s.files.read("/home/user/moved.txt") == f"sandbox {i}"
             assert s.commands.run("pgrep -x sleep").stdout.strip(), "the process did not move"
+        kid.connect()
+        assert cluster.node_of(kid.sandbox_id) not in (victim, None)
+        assert kid.files.read("/home/user/moved.txt") == "sandbox 0"
+        assert kid.commands.run("pgrep -x sleep").stdout.strip(), "the fork's process did not move"
+        kid.kill()
+        # The snapshot makes sandboxes elsewhere now.
+        s = Sandbox.create(snap.snapshot_id, timeout=600, **cluster.sdk())
+        sbxs.append(s)
+        assert cluster.node_of(s.sandbox_id) not in (victim, None)
+        assert s.files.read("/home/user/moved.txt") == "sandbox 1"
+        s.kill()
         # New sandboxes keep off the drained node, through either replica.
         extra = [cluster.create() for _ in range(2)]
         sbxs.extend(extra)
@@ -148,6 +221,10 @@ def test_a_killed_node_loses_its_sandboxes_within_10_s_and_creates_go_on(cluster
     # One of its sandboxes is paused: its copy is in the blob store, so it outlives the node.
     kept = on_victim.pop()
     kept.files.write("/home/user/kept.txt", "outlived its node")
+    # A snapshot of it: copied to the blob store behind the call.
+    snap = kept.create_snapshot()
+    manifest = os.path.join(cluster.blobs_dir, "snapshots", snap.snapshot_id, "manifest.json")
+    wait_for("the snapshot's copy in the blob store", lambda: os.path.exists(manifest), 120)
     kept.pause()
     others = [s for s in sbxs if s not in on_victim]
     try:
@@ -167,12 +244,14 @@ def test_a_killed_node_loses_its_sandboxes_within_10_s_and_creates_go_on(cluster
         assert kept.files.read("/home/user/kept.txt") == "outlived its node"
         for s in others:
             assert s.commands.run("echo alive").stdout.strip() == "alive"
-        # (The drained node takes none, and the last one's vCPUs are nearly all handed out.)
-        for _ in range(1):
-            s = cluster.create()
-            others.append(s)
-            assert cluster.node_of(s.sandbox_id) not in (victim, None)
-            assert s.commands.run("echo new").stdout.strip() == "new"
+        # A create goes on, on another node: from the lost node's snapshot, through the blob
+        # store. (The drained node takes none, and the last one's vCPUs are nearly all handed
+        # out.)
+        s = Sandbox.create(snap.snapshot_id, timeout=600, **cluster.sdk())
+        others.append(s)
+        assert cluster.node_of(s.sandbox_id) not in (victim, None)
+        assert s.files.read("/home/user/kept.txt") == "outlived its node"
+        assert s.commands.run("echo new").stdout.strip() == "new"
     finally:
         for s in others:
             s.kill()
@@ -211,3 +290,36 @@ def test_a_killed_replica_leaves_the_other_serving_and_on_duty(cluster):
                 Sandbox.kill(x.sandbox_id, **cluster.sdk(1))
             except Exception:
                 pass
+
+
+def test_a_node_without_the_template_takes_it_from_the_blob_store(cluster):
+    # Through the second replica: the first was killed above.
+    http = cluster.http_b
+    nodes = http.get("/alcove/v1/nodes").json()
+    # Every node that still takes sandboxes drains: only the newcomer will.
+    for n in nodes:
+        if n["up"] and not n["draining"]:
+            r = http.post(f"/alcove/v1/nodes/{n['nodeID']}/drain")
+            assert r.status_code == 200, r.text
+    cache = os.environ.get("ALCOVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "alcove")
+    fresh = os.path.join(cluster.root, "fresh-cache")
+    os.makedirs(fresh)
+    # Its own mount namespace: the cache path shows an empty directory to it alone.
+    wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", fresh, cache]
+    cluster.start_node("node-new", prefix=wrap, warm=0)
+    wait_for("the new node to join",
+             lambda: any(n["nodeID"] == "node-new" and n["up"]
+                         for n in http.get("/alcove/v1/nodes").json()), 60)
+    assert not os.path.exists(os.path.join(fresh, "templates", "by-name", TEMPLATE))
+    s = Sandbox.create(TEMPLATE, timeout=600, **cluster.sdk(1))
+    try:
+        assert cluster.node_of(s.sandbox_id) == "node-new"
+        assert s.commands.run("echo on the new node").stdout.strip() == "on the new node"
+        # It came through the store, checked, into the new node's own cache.
+        stored = os.listdir(os.path.join(cluster.blobs_dir, "templates"))
+        assert len(stored) == 1, stored
+        with open(os.path.join(fresh, "templates", "by-name", TEMPLATE)) as f:
+            assert f.read().strip() == stored[0]
+    finally:
+        s.kill()

@@ -26,7 +26,15 @@ SEEN = {"a.test": [], "b.test": []}
 EXPECTED = {}
 
 
+STARTED = set()
+
+
 def https_server(ip, name, tls_dir):
+    """Serves `name` on `ip`, once per process (test_cluster.py uses it too)."""
+    if ip in STARTED:
+        return
+    STARTED.add(ip)
+
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             auth = self.headers.get("Authorization", "")

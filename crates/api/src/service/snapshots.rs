@@ -105,6 +105,7 @@ impl Service {
         let r = self.live_record(team_id, id).await?;
         let keep = Keep::from_memory_flag(memory);
         let snap = self.take_snapshot(&r, name, "snapshot", keep).await?;
+        self.backend.keep_snapshot(&snap.id);
         Ok(snapshot_info(&snap))
     }
 

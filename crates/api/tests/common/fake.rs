@@ -96,6 +96,7 @@ pub fn templates() -> Vec<TemplateInfo> {
             memory_mb: 512,
             disk_size_mb: 2048,
             envd_version: "0.2.0".into(),
+            build_key: None,
         },
         TemplateInfo {
             template_id: "tpl-ci-0001".into(),
@@ -105,6 +106,7 @@ pub fn templates() -> Vec<TemplateInfo> {
             memory_mb: 1024,
             disk_size_mb: 4096,
             envd_version: "0.2.0".into(),
+            build_key: None,
         },
     ]
 }
