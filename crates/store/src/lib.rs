@@ -260,9 +260,19 @@ impl std::fmt::Display for Database {
 }
 
 /// The control plane's database. Cheap to share behind an `Arc`.
+///
+/// On SQLite one connection (one writer by design). On Postgres a few (`connection_limit` in
+/// the URL, default [`pg_target::DEFAULT_CONNECTIONS`]): a statement takes whichever is free,
+/// so a slow one (a metering roll-up, a long list) does not hold up every other request of the
+/// replica. Transactions still run one at a time across all of them ([`db::WRITE_LOCK`]). The
+/// first connection is the one that holds the duty lock.
 pub struct Store {
-    conn: Mutex<db::Conn>,
-    /// The Postgres connection's generation plus one on which this store took
+    conns: Vec<Mutex<db::Conn>>,
+    /// Where the next statement starts looking for a free connection.
+    next: std::sync::atomic::AtomicUsize,
+    /// Signalled each time a connection is given back, for statements waiting for one.
+    freed: (Mutex<()>, std::sync::Condvar),
+    /// The first Postgres connection's generation plus one on which this store took
     /// [`db::DUTY_LOCK`]; 0 when it does not hold it ([`Store::hold_duties`]).
     on_duty: std::sync::atomic::AtomicU64,
 }
@@ -306,13 +316,26 @@ impl Store {
     }
 
     fn with_postgres(target: PgTarget, upto: usize) -> Result<Store> {
-        let conn = db::PgConn::connect(target, move |client| {
+        let n = target.connections;
+        // The first connection migrates; the others open once the schema is there.
+        let first = db::PgConn::connect(target.clone(), move |client| {
             migrations::migrate_postgres(client, upto)
         })?;
-        Ok(Store {
-            conn: Mutex::new(db::Conn::Postgres(conn)),
+        let mut conns = vec![Mutex::new(db::Conn::Postgres(first))];
+        for _ in 1..n {
+            let c = db::PgConn::connect(target.clone(), |_| Ok(()))?;
+            conns.push(Mutex::new(db::Conn::Postgres(c)));
+        }
+        Ok(Store::with_conns(conns))
+    }
+
+    fn with_conns(conns: Vec<Mutex<db::Conn>>) -> Store {
+        Store {
+            conns,
+            next: 0.into(),
+            freed: Default::default(),
             on_duty: 0.into(),
-        })
+        }
     }
 
     /// A fresh schema of its own in the test database, for one test.
@@ -333,10 +356,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| StoreError::Open(e.into()))?;
         migrations::migrate(&mut conn, upto)?;
-        Ok(Store {
-            conn: Mutex::new(db::Conn::Sqlite(conn)),
-            on_duty: 0.into(),
-        })
+        Ok(Store::with_conns(vec![Mutex::new(db::Conn::Sqlite(conn))]))
     }
 
     /// Whether this process runs the background duties (reaper, liveness, metering): with
@@ -346,17 +366,28 @@ impl Store {
     /// closes, the lock is free and the next replica that asks takes the duties over.
     pub fn hold_duties(&self) -> Result<bool> {
         use std::sync::atomic::Ordering;
-        let conn = self.conn();
+        // Always on the first connection: a session lock belongs to the connection that took
+        // it.
+        let conn = Conn {
+            guard: Some(lock(&self.conns[0])),
+            freed: &self.freed,
+        };
         let held = match &*conn {
             db::Conn::Sqlite(_) => true,
             db::Conn::Postgres(pg) => {
                 // The lock lives as long as the session: held on an earlier connection (before
                 // a reconnect) it is gone, and another replica may have it now.
-                let generation = pg.generation() + 1;
-                if self.on_duty.load(Ordering::Relaxed) == generation {
-                    return Ok(true);
-                }
                 use db::SqlExt;
+                if self.on_duty.load(Ordering::Relaxed) == pg.generation() + 1 {
+                    // Other statements may run on other connections, so the session may have
+                    // ended (the server restarted, the connection was cut) without one
+                    // noticing: a statement on this one does now (an error, or a reconnect
+                    // that makes the generation another).
+                    conn.query_row("SELECT 1", db::params![], |r| r.get::<i64>(0))?;
+                    if self.on_duty.load(Ordering::Relaxed) == pg.generation() + 1 {
+                        return Ok(true);
+                    }
+                }
                 let held = conn.query_row(
                     &format!("SELECT pg_try_advisory_lock({})", db::DUTY_LOCK),
                     db::params![],
@@ -385,11 +416,81 @@ impl Store {
         Ok(v as usize)
     }
 
-    fn conn(&self) -> MutexGuard<'_, db::Conn> {
-        // A panic while holding the lock leaves SQLite consistent (statements are atomic), so
-        // a poisoned lock is still safe to use.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// A connection for a statement or a transaction: a free one, waiting for the first to
+    /// be given back when all are busy.
+    fn conn(&self) -> Conn<'_> {
+        use std::sync::atomic::Ordering;
+        let n = self.conns.len();
+        let free = |start: usize| {
+            (0..n).find_map(|i| match self.conns[(start + i) % n].try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            })
+        };
+        let guard = if n == 1 {
+            lock(&self.conns[0])
+        } else {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            match free(start) {
+                Some(g) => g,
+                None => {
+                    let mut waiting = self.freed.0.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        // Looked at again under the lock: a connection given back since is
+                        // seen here, or its signal comes after the wait begins.
+                        if let Some(g) = free(start) {
+                            break g;
+                        }
+                        waiting = self
+                            .freed
+                            .1
+                            .wait_timeout(waiting, std::time::Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+            }
+        };
+        Conn {
+            guard: Some(guard),
+            freed: &self.freed,
+        }
     }
+}
+
+/// A connection taken from the store ([`Store::conn`]); given back (and a waiting statement
+/// told) when dropped.
+struct Conn<'a> {
+    guard: Option<MutexGuard<'a, db::Conn>>,
+    freed: &'a (Mutex<()>, std::sync::Condvar),
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = db::Conn;
+    fn deref(&self) -> &db::Conn {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut db::Conn {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let _l = self.freed.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.freed.1.notify_one();
+    }
+}
+
+fn lock(conn: &Mutex<db::Conn>) -> MutexGuard<'_, db::Conn> {
+    // A panic while holding the lock leaves the database consistent (statements are atomic,
+    // a transaction not committed rolls back), so a poisoned lock is still safe to use.
+    conn.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Milliseconds since the Unix epoch: the one time unit stored in the database.
@@ -473,8 +574,7 @@ mod tests {
         store.create_team("kept").unwrap();
         assert!(store.hold_duties().unwrap());
         assert!(!other.hold_duties().unwrap());
-        let pid: i64 = store
-            .conn()
+        let pid: i64 = lock(&store.conns[0])
             .query_row("SELECT pg_backend_pid()", db::params![], |r| r.get(0))
             .unwrap();
         let killed: bool = other
@@ -484,22 +584,89 @@ mod tests {
             })
             .unwrap();
         assert!(killed);
-        // The statement that finds the connection broken fails; the next one reconnects.
+        // The lock went with the old session: the other store takes it.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let teams = loop {
-            match store.teams() {
-                Ok(t) => break t,
+        while !other.hold_duties().unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lock outlived its session"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // This one no longer claims it: the statement that finds its connection broken fails,
+        // the next one reconnects and finds the lock taken.
+        let held = loop {
+            match store.hold_duties() {
+                Ok(held) => break held,
                 Err(_) => {
                     assert!(std::time::Instant::now() < deadline, "never reconnected");
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             }
         };
-        assert_eq!(teams.len(), 1);
-        // The lock went with the old session: the other store takes it, this one no longer
-        // claims it.
-        assert!(other.hold_duties().unwrap());
-        assert!(!store.hold_duties().unwrap());
+        assert!(!held, "a lock lost with its session is still claimed");
+        // Every connection serves again.
+        for _ in 0..2 * pg_target::DEFAULT_CONNECTIONS {
+            let teams = loop {
+                match store.teams() {
+                    Ok(t) => break t,
+                    Err(_) => {
+                        assert!(std::time::Instant::now() < deadline, "never reconnected");
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+            };
+            assert_eq!(teams.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_busy_postgres_connection_does_not_hold_up_the_others() {
+        use db::SqlExt;
+        let Ok(url) = std::env::var("ALCOVE_TEST_DATABASE_URL") else {
+            return; // SQLite keeps one connection
+        };
+        let Database::Postgres(base) = Database::postgres_schema(&url, "pool") else {
+            unreachable!()
+        };
+        let with = |n: usize| Database::Postgres(format!("{base}&connection_limit={n}"));
+        let store = std::sync::Arc::new(Store::connect(&with(2)).unwrap());
+        assert_eq!(store.conns.len(), 2);
+        store.create_team("first").unwrap();
+        // One connection is busy for 30 s (a slow statement, say); another request still runs.
+        let busy = std::sync::Arc::clone(&store);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let slow = std::thread::spawn(move || {
+            let c = busy.conn();
+            started_tx.send(()).unwrap();
+            c.query_row("SELECT 1 FROM pg_sleep(30)", db::params![], |r| {
+                r.get::<i64>(0)
+            })
+        });
+        started.recv().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = std::sync::Arc::clone(&store);
+        std::thread::spawn(move || tx.send(s.create_team("second").and_then(|_| s.teams())));
+        let teams = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a request waited for the busy connection")
+            .unwrap();
+        assert_eq!(teams.len(), 2);
+        // Cut the slow statement short: the test need not wait for it.
+        let one = Store::connect(&with(1)).unwrap();
+        assert_eq!(one.conns.len(), 1);
+        one.conn()
+            .query_row(
+                "SELECT COUNT(pg_cancel_backend(pid)) FROM pg_stat_activity
+                 WHERE query LIKE 'SELECT 1 FROM pg_sleep%' AND pid != pg_backend_pid()",
+                db::params![],
+                |r| r.get::<i64>(0),
+            )
+            .unwrap();
+        assert!(
+            slow.join().unwrap().is_err(),
+            "the slow statement was cancelled"
+        );
     }
 
     #[test]

@@ -13,11 +13,20 @@ use percent_encoding::percent_decode_str;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+/// Connections a replica's store keeps when the URL does not say (`connection_limit`).
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// The most `connection_limit` may ask for: each connection is a Postgres backend process, and
+/// the server's `max_connections` (100 by default) is shared by every replica.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// A parsed `postgres://` URL.
 #[derive(Clone)]
 pub struct PgTarget {
     pub(crate) config: postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// How many connections the store opens (`connection_limit=N`; not a libpq parameter, so
+    /// it is taken out of the URL before the client reads it).
+    pub(crate) connections: usize,
 }
 
 impl std::fmt::Debug for PgTarget {
@@ -34,9 +43,23 @@ impl PgTarget {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut kept = Vec::new();
         let (mut root, mut tls) = (None, false);
+        let mut connections = DEFAULT_CONNECTIONS;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
+                "connection_limit" => {
+                    connections = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_CONNECTIONS).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "connection_limit={v}: give the number of connections this \
+                                 replica keeps, 1 to {MAX_CONNECTIONS} (default \
+                                 {DEFAULT_CONNECTIONS})"
+                            )
+                        })?;
+                }
                 "sslrootcert" => {
                     root = Some(percent_decode_str(v).decode_utf8_lossy().into_owned());
                 }
@@ -77,7 +100,11 @@ impl PgTarget {
         } else {
             None
         };
-        Ok(PgTarget { config, tls })
+        Ok(PgTarget {
+            config,
+            tls,
+            connections,
+        })
     }
 
     /// Whether connections use TLS.
@@ -143,6 +170,23 @@ mod tests {
         let t = PgTarget::parse("postgres://a@h/d?sslmode=disable&connect_timeout=5").unwrap();
         assert!(!t.tls());
         assert!(PgTarget::parse("mysql://x").is_err());
+    }
+
+    #[test]
+    fn connection_limit_is_read_and_kept_from_the_client() {
+        let t = PgTarget::parse("postgres://a@h/d").unwrap();
+        assert_eq!(t.connections, DEFAULT_CONNECTIONS);
+        let t = PgTarget::parse("postgres://a@h/d?connection_limit=9&connect_timeout=5").unwrap();
+        assert_eq!(t.connections, 9);
+        assert_eq!(
+            t.config.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(5))
+        );
+        for bad in ["0", "65", "many", ""] {
+            let err = PgTarget::parse(&format!("postgres://a@h/d?connection_limit={bad}"))
+                .expect_err(bad);
+            assert!(err.contains("1 to 64"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -194,21 +194,51 @@ fn row_to_sandbox(r: &Row) -> db::Result<SandboxRecord> {
     })
 }
 
-fn load_details(conn: &dyn Sql, s: &mut SandboxRecord) -> Result<()> {
-    s.metadata = conn
-        .query_map(
-            "SELECT key, value FROM sandbox_metadata WHERE sandbox_id = ?1 ORDER BY key",
-            params![s.id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?
-        .into_iter()
-        .collect();
-    s.env_names = conn.query_map(
-        "SELECT name FROM sandbox_env_names WHERE sandbox_id = ?1 ORDER BY name",
-        params![s.id],
-        |r| r.get(0),
-    )?;
-    s.volume_mounts = crate::volumes::mounts(conn, &s.id)?;
+/// Sandboxes whose details one round of [`load_details`] asks for at once: few enough
+/// parameters for either database, and three statements per batch instead of per sandbox.
+const DETAILS_BATCH: usize = 500;
+
+/// Fills in each record's metadata, env var names and volume mounts, a batch of sandboxes per
+/// statement (a list of thousands, as the background duties read every few seconds, is a few
+/// statements, not three per sandbox).
+fn load_details(conn: &dyn Sql, records: &mut [SandboxRecord]) -> Result<()> {
+    use std::collections::HashMap;
+    for batch in records.chunks_mut(DETAILS_BATCH) {
+        let ids: Vec<Value> = batch.iter().map(|s| Value::Text(s.id.clone())).collect();
+        let refs: Vec<&dyn ToValue> = ids.iter().map(|v| v as &dyn ToValue).collect();
+        let marks = (1..=ids.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut metadata: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+        for (id, k, v) in conn.query_map(
+            &format!(
+                "SELECT sandbox_id, key, value FROM sandbox_metadata
+                 WHERE sandbox_id IN ({marks})"
+            ),
+            &refs,
+            |r| Ok((r.get::<String>(0)?, r.get(1)?, r.get(2)?)),
+        )? {
+            metadata.entry(id).or_default().insert(k, v);
+        }
+        let mut env: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, name) in conn.query_map(
+            &format!(
+                "SELECT sandbox_id, name FROM sandbox_env_names
+                 WHERE sandbox_id IN ({marks}) ORDER BY sandbox_id, name"
+            ),
+            &refs,
+            |r| Ok((r.get::<String>(0)?, r.get(1)?)),
+        )? {
+            env.entry(id).or_default().push(name);
+        }
+        let mut mounts = crate::volumes::mounts_of(conn, &marks, &refs)?;
+        for s in batch {
+            s.metadata = metadata.remove(&s.id).unwrap_or_default();
+            s.env_names = env.remove(&s.id).unwrap_or_default();
+            s.volume_mounts = mounts.remove(&s.id).unwrap_or_default();
+        }
+    }
     Ok(())
 }
 
@@ -461,8 +491,10 @@ impl Store {
                 row_to_sandbox,
             )
             .optional()?;
-        let Some(mut s) = s else { return Ok(None) };
-        load_details(&*conn, &mut s)?;
+        let Some(s) = s else { return Ok(None) };
+        let mut one = [s];
+        load_details(&*conn, &mut one)?;
+        let [s] = one;
         Ok(Some(s))
     }
 
@@ -560,9 +592,7 @@ impl Store {
                 id: s.id.clone(),
             });
         }
-        for s in &mut items {
-            load_details(&*conn, s)?;
-        }
+        load_details(&*conn, &mut items)?;
         Ok(Page { items, next })
     }
 
@@ -661,6 +691,55 @@ mod tests {
         store.insert_sandbox(&rec).unwrap();
         let s = store.sandbox("s1").unwrap().unwrap();
         assert_eq!(s.env_names, ["SECRET"]);
+    }
+
+    #[test]
+    fn a_long_list_brings_each_sandbox_its_own_details() {
+        let (store, team) = store_with_team();
+        // More than one batch of details, and some sandboxes with none.
+        let n = DETAILS_BATCH * 2 + 7;
+        for i in 0..n {
+            let mut rec = NewSandboxRecord::sample(&format!("s{i:05}"), &team, "base");
+            rec.metadata = if i % 3 == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([
+                    ("i".to_string(), i.to_string()),
+                    ("z".into(), "last".into()),
+                ])
+            };
+            rec.env_names = if i % 5 == 0 {
+                vec![]
+            } else {
+                vec![format!("B{i}"), format!("A{i}")]
+            };
+            store.insert_sandbox(&rec).unwrap();
+        }
+        let all = store
+            .list_sandboxes(&SandboxFilter {
+                order: ListOrder::Asc,
+                ..Default::default()
+            })
+            .unwrap()
+            .items;
+        assert_eq!(all.len(), n);
+        for (i, s) in all.iter().enumerate() {
+            assert_eq!(s.id, format!("s{i:05}"));
+            let meta: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if i % 3 == 0 {
+                assert!(meta.is_empty(), "{}: {meta:?}", s.id);
+            } else {
+                assert_eq!(meta, [format!("i={i}"), "z=last".into()], "{}", s.id);
+            }
+            let env: Vec<String> = if i % 5 == 0 {
+                vec![]
+            } else {
+                vec![format!("A{i}"), format!("B{i}")]
+            };
+            assert_eq!(s.env_names, env, "{}", s.id);
+        }
+        // One sandbox alone reads the same.
+        assert_eq!(store.sandbox("s00001").unwrap().unwrap(), all[1]);
     }
 
     #[test]

@@ -48,18 +48,34 @@ fn row(r: &Row) -> crate::db::Result<VolumeRecord> {
 }
 
 /// The mounts of one sandbox, in the order they were asked for.
-pub(crate) fn mounts(conn: &dyn Sql, sandbox_id: &str) -> crate::db::Result<Vec<VolumeMount>> {
-    conn.query_map(
-        "SELECT volume_id, name, path FROM sandbox_volumes WHERE sandbox_id = ?1 ORDER BY seq",
-        params![sandbox_id],
+/// The volume mounts of the sandboxes whose ids are the parameters `refs` (`marks`:
+/// `?1,?2,…` for them), by sandbox, each sandbox's in mount order.
+pub(crate) fn mounts_of(
+    conn: &dyn Sql,
+    marks: &str,
+    refs: &[&dyn crate::db::ToValue],
+) -> crate::db::Result<std::collections::HashMap<String, Vec<VolumeMount>>> {
+    let mut out: std::collections::HashMap<String, Vec<VolumeMount>> = Default::default();
+    for (id, m) in conn.query_map(
+        &format!(
+            "SELECT sandbox_id, volume_id, name, path FROM sandbox_volumes
+             WHERE sandbox_id IN ({marks}) ORDER BY sandbox_id, seq"
+        ),
+        refs,
         |r| {
-            Ok(VolumeMount {
-                volume_id: r.get(0)?,
-                name: r.get(1)?,
-                path: r.get(2)?,
-            })
+            Ok((
+                r.get::<String>(0)?,
+                VolumeMount {
+                    volume_id: r.get(1)?,
+                    name: r.get(2)?,
+                    path: r.get(3)?,
+                },
+            ))
         },
-    )
+    )? {
+        out.entry(id).or_default().push(m);
+    }
+    Ok(out)
 }
 
 /// Refuses mounts of volumes the team does not have (any more).
