@@ -27,9 +27,9 @@ mode=real
 [[ "${1:-}" == "--fake" ]] && mode=fake
 suites="${SUITES:-python js security cluster}"
 # The Python suite's modules that also run against a cluster: sandboxes, commands, files, PTYs,
-# the code interpreter, pause/resume and snapshots, ports. (Template builds and volumes are
-# refused on a cluster, and test_cluster.py covers secrets in network rules there; the rest reads
-# the single server's own files.)
+# the code interpreter, pause/resume and snapshots, ports. (Volumes are refused on a cluster;
+# test_cluster.py covers template builds and secrets in network rules there; the rest reads the
+# single server's own files.)
 cluster_modules="${CLUSTER_MODULES:-test_commands.py test_files.py test_pty.py test_code_interpreter.py test_persistence.py test_control.py test_ports.py}"
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

@@ -196,6 +196,18 @@ impl SandboxBackend for NodeBackend {
         Box::pin(async move { self.node.build_template(spec, log).await })
     }
 
+    fn built_templates(&self) -> BoxFuture<'_, Result<Vec<String>, BackendError>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || node.built_templates())
+                .await
+                .map_err(|e| BackendError::Failed {
+                    op: "list built templates",
+                    source: Box::new(e),
+                })
+        })
+    }
+
     fn delete_template<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             self.node

@@ -123,7 +123,13 @@ pub async fn run(opts: NodeOptions, out: &mut (dyn Write + Send)) -> anyhow::Res
         servers.join(", ")
     )?;
     out.flush()?;
-    let app = alcove_cluster::node::router(backend, token, moves, draining);
+    let app = alcove_cluster::node::router(
+        backend,
+        token,
+        moves,
+        draining,
+        data_dir.join("build-files"),
+    );
     let served =
         alcove_cluster::node::serve(listener, &cert, app, alcove_api::server::shutdown_signal())
             .await;

@@ -513,6 +513,13 @@ pub trait SandboxBackend: Send + Sync + 'static {
         })
     }
 
+    /// Keys of the templates [`SandboxBackend::build_template`] made that this backend still
+    /// has (a node's heartbeat reports them, so its control plane places sandboxes from them
+    /// there).
+    fn built_templates(&self) -> BoxFuture<'_, Result<Vec<String>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// Gives back a built template (`key` from [`SandboxBackend::build_template`]): no new
     /// sandbox is made from it, and its files go once no sandbox, paused sandbox or snapshot
     /// needs them (running sandboxes keep running).

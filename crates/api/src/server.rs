@@ -528,6 +528,7 @@ async fn reaper(svc: Arc<Service>) {
         tick.tick().await;
         if svc.on_duty().await {
             svc.reap_expired().await;
+            svc.interrupt_stale_builds().await;
         }
     }
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// One build, as the API validated it.
-#[derive(Debug, Clone)]
+/// One build, as the API validated it. Serializable: on a cluster it travels over the node link
+/// (TLS, the control key), registry credentials included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BuildSpec {
     /// The API's build id (a UUID); names the build in logs and in the builder VM's metadata.
     pub build_id: String,
@@ -36,7 +37,7 @@ pub struct BuildSpec {
 }
 
 /// What the build starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BuildFrom {
     /// A built template: a host template's name (`base`) or a built template's key.
     Template(String),
@@ -48,7 +49,7 @@ pub enum BuildFrom {
 }
 
 /// Credentials for a private registry (`fromImageRegistry`). Never logged.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRegistry {
     pub username: String,
     pub password: String,
@@ -122,7 +123,7 @@ pub enum LogLevel {
 }
 
 /// One build log line (a step's output line, or the builder's own message).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildLogEntry {
     pub level: LogLevel,
     pub step: StepRef,
@@ -133,7 +134,7 @@ pub struct BuildLogEntry {
 pub type BuildLog = Arc<dyn Fn(BuildLogEntry) + Send + Sync>;
 
 /// A finished build: a template this node can create sandboxes from by `key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuiltTemplate {
     /// The template's build key (hex): `CreateOptions::template` accepts it.
     pub key: String,
@@ -147,7 +148,7 @@ pub struct BuiltTemplate {
 }
 
 /// A failed build: which step, and a message for the user (the last log lines are in the log).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildFailure {
     pub step: StepRef,
     pub message: String,

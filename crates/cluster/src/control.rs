@@ -23,6 +23,10 @@ use alcove_api::backend::{
     LiveSandbox, LogLine, NetCounters, NodeInfo, ResourceUsage, SandboxBackend, SandboxStatus,
     StartedSandbox, TemplateInfo, WarmPool,
 };
+use alcove_build_spec::{
+    BuildFailure, BuildFrom, BuildLog, BuildLogEntry, BuildSpec, BuiltTemplate, LogLevel, StepKind,
+    StepRef,
+};
 use alcove_placement::{NoPlace, Policy};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -161,6 +165,12 @@ fn lost_error(node: &str, reason: String) -> BackendError {
             message: reason,
         }),
     }
+}
+
+/// Whether a node's report has template `t`: one of its templates, or one built through the
+/// API on it (by key).
+fn has_template(report: &Heartbeat, t: &str) -> bool {
+    report.templates.iter().any(|x| x.template_id == t) || report.built.iter().any(|k| k == t)
 }
 
 /// A cluster-wide answer for a call the API makes on a single host's terms.
@@ -438,9 +448,25 @@ impl ClusterBackend {
     fn any_up_has(&self, template: &str) -> bool {
         let now = Instant::now();
         let st = self.lock();
-        st.nodes.values().any(|m| {
-            self.is_up(m, now) && m.report.templates.iter().any(|t| t.template_id == template)
-        })
+        st.nodes
+            .values()
+            .any(|m| self.is_up(m, now) && has_template(&m.report, template))
+    }
+
+    /// Whether an up node has `template`, waiting up to two heartbeats for one to report it
+    /// when none does yet: a template built a moment ago on a node (through another replica)
+    /// shows in that node's next heartbeat. (The API asks only for templates its store knows.)
+    async fn template_reported(&self, template: &str) -> bool {
+        let until = Instant::now() + self.cfg.heartbeat_interval * 2 + Duration::from_millis(500);
+        loop {
+            if self.any_up_has(template) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Chooses a node for `req` (debiting it), skipping `tried`.
@@ -471,9 +497,7 @@ impl ClusterBackend {
                 .map(|id| {
                     let m = &st.nodes[id];
                     let h = &m.report.host;
-                    let has = |t: Option<&str>| {
-                        t.is_none_or(|t| m.report.templates.iter().any(|x| x.template_id == t))
-                    };
+                    let has = |t: Option<&str>| t.is_none_or(|t| has_template(&m.report, t));
                     alcove_placement::NodeState {
                         id: id.clone(),
                         up: self.is_up(m, now) && !tried.contains(id) && has(template),
@@ -492,6 +516,7 @@ impl ClusterBackend {
                             .templates
                             .iter()
                             .map(|t| t.template_id.clone())
+                            .chain(m.report.built.iter().cloned())
                             .collect(),
                     }
                 })
@@ -957,7 +982,115 @@ fn no_place(e: NoPlace) -> BackendError {
     }
 }
 
+impl ClusterBackend {
+    /// [`SandboxBackend::build_template`]: on a node that has the parent template and room for
+    /// the builder VM, placed like a sandbox; the `COPY` archives go to it first.
+    async fn build_on_a_node(
+        &self,
+        spec: BuildSpec,
+        log: BuildLog,
+    ) -> Result<BuiltTemplate, BuildFailure> {
+        let failure = |step: StepRef, message: String| BuildFailure { step, message };
+        self.settled().await;
+        let parent = match &spec.from {
+            BuildFrom::Template(t) => Some(t.as_str()),
+            BuildFrom::Image { .. } => None,
+        };
+        if let Some(p) = parent {
+            // A parent built a moment ago (through another replica) shows in a heartbeat.
+            self.template_reported(p).await;
+        }
+        let node = self
+            .place_sized(parent, u64::from(spec.memory_mib), spec.vcpus, &[])
+            .map_err(|e| {
+                let why = match e {
+                    NoPlace::Full { .. } => {
+                        "every node that has the parent template is full; try again once \
+                         sandboxes end"
+                    }
+                    NoPlace::NoNodes => {
+                        "no node that is up and taking sandboxes has the parent template"
+                    }
+                };
+                failure(
+                    StepRef::Base,
+                    format!("no cluster node can run this build: {why}"),
+                )
+            })?;
+        log(BuildLogEntry {
+            level: LogLevel::Info,
+            step: StepRef::Base,
+            message: format!("Building on cluster node {}", node.id),
+        });
+        // Each archive once, before the build asks for it.
+        let mut sent = HashSet::new();
+        for (i, step) in spec.steps.iter().enumerate() {
+            let StepKind::Copy { files_hash, .. } = &step.kind else {
+                continue;
+            };
+            if !sent.insert(files_hash.as_str()) {
+                continue;
+            }
+            node.put_build_file(files_hash, &spec.files_dir.join(files_hash), LONG)
+                .await
+                .map_err(|e| {
+                    failure(
+                        StepRef::Step(i as u32 + 1),
+                        format!(
+                            "sending its files to node {}: {}",
+                            node.id,
+                            alcove_api::error::chain(&e)
+                        ),
+                    )
+                })?;
+        }
+        let built = node.build(&spec, &log, SHORT).await?;
+        // Known there before the node's next heartbeat says so.
+        if let Some(m) = self.lock().nodes.get_mut(&node.id)
+            && !m.report.built.contains(&built.key)
+        {
+            m.report.built.push(built.key.clone());
+        }
+        tracing::info!(template_key = %built.key, node = %node.id, "template built on a node");
+        Ok(built)
+    }
+}
+
 impl SandboxBackend for ClusterBackend {
+    fn build_template(
+        &self,
+        spec: BuildSpec,
+        log: BuildLog,
+    ) -> BoxFuture<'_, Result<BuiltTemplate, BuildFailure>> {
+        Box::pin(self.build_on_a_node(spec, log))
+    }
+
+    fn delete_template<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            // Every node that has it; one that is down drops it when asked again (the API
+            // collects a deleted build's files once more later) or keeps it unused.
+            let holders: Vec<Arc<RemoteNode>> = {
+                let now = Instant::now();
+                let st = self.lock();
+                st.nodes
+                    .values()
+                    .filter(|m| self.is_up(m, now) && m.report.built.iter().any(|k| k == key))
+                    .map(|m| Arc::clone(&m.node))
+                    .collect()
+            };
+            let call = Call::DeleteTemplate {
+                key: key.to_owned(),
+            };
+            for node in holders {
+                node.call::<()>(&call, SHORT).await?;
+                if let Some(m) = self.lock().nodes.get_mut(&node.id) {
+                    m.report.built.retain(|k| k != key);
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn templates(&self) -> BoxFuture<'_, Result<Vec<TemplateInfo>, BackendError>> {
         Box::pin(async move {
             self.settled().await;
@@ -983,7 +1116,7 @@ impl SandboxBackend for ClusterBackend {
             if let Some(snap) = &req.snapshot_id {
                 return self.create_from_snapshot(&req, snap).await;
             }
-            if !self.any_up_has(&req.template_id) && !self.up_nodes().is_empty() {
+            if !self.up_nodes().is_empty() && !self.template_reported(&req.template_id).await {
                 return Err(BackendError::TemplateNotFound);
             }
             let mut tried: Vec<String> = Vec::new();

@@ -18,9 +18,9 @@ use http::{HeaderValue, StatusCode};
 use crate::blobs::{Blobs, Kind};
 use crate::link::{CONTROL_KEY_HEADER, NodeCert, Token};
 use crate::wire::{
-    Answer, CALL_PATH, Call, EGRESS_PATH, ERROR_HEADER, EgressBatch, EgressReceipt, FORWARD_PREFIX,
-    HEARTBEAT_PATH, Heartbeat, HeartbeatAnswer, PORT_HEADER, SANDBOX_HEADER, SECRET_PATH,
-    SecretAnswer, SecretRequest, WireError,
+    Answer, BUILD_FILES_PREFIX, BUILD_PATH, BuildEvent, CALL_PATH, Call, EGRESS_PATH, ERROR_HEADER,
+    EgressBatch, EgressReceipt, FORWARD_PREFIX, HEARTBEAT_PATH, Heartbeat, HeartbeatAnswer,
+    PORT_HEADER, SANDBOX_HEADER, SECRET_PATH, SecretAnswer, SecretRequest, WireError,
 };
 
 /// Largest call body (a create with its env vars and network rules).
@@ -32,6 +32,10 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Bound on gathering what a heartbeat reports, and on sending it.
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Largest `COPY` archive a build may bring to this node (the control plane's own upload
+/// limit, 1 GiB by default, is normally the smaller).
+const MAX_BUILD_FILE: u64 = 8 << 30;
+
 #[derive(Clone)]
 struct NodeState {
     backend: Arc<dyn SandboxBackend>,
@@ -39,6 +43,8 @@ struct NodeState {
     moves: Option<Moves>,
     /// What the heartbeats announce as `draining` ([`Registration::draining`]).
     draining: Arc<AtomicBool>,
+    /// Where the `COPY` archives of builds run here are kept (`<data>/build-files`).
+    build_files: PathBuf,
 }
 
 /// Files leaving a host for the blob store, and the scratch dir made for them (removed once
@@ -103,23 +109,32 @@ impl Moves {
     }
 }
 
-/// The link listener's routes: `POST /node/v1/call` and `/node/v1/forward/…`, each refused
-/// without the control plane's key. With `moves`, paused sandboxes can leave and arrive.
+/// The link listener's routes: `POST /node/v1/call`, template builds (`POST /node/v1/build`,
+/// their archives put under `/node/v1/build-files/`, kept in `build_files`) and
+/// `/node/v1/forward/…`, each refused without the control plane's key. With `moves`, paused
+/// sandboxes can leave and arrive.
 pub fn router(
     backend: Arc<dyn SandboxBackend>,
     token: Token,
     moves: Option<Moves>,
     draining: Arc<AtomicBool>,
+    build_files: PathBuf,
 ) -> Router {
     let state = NodeState {
         backend,
         token,
         moves,
         draining,
+        build_files,
     };
     Router::new()
         .route(CALL_PATH, axum::routing::post(call))
+        .route(BUILD_PATH, axum::routing::post(build))
         .layer(DefaultBodyLimit::max(MAX_CALL_BODY))
+        .route(
+            &format!("{BUILD_FILES_PREFIX}{{hash}}"),
+            axum::routing::put(put_build_file),
+        )
         .fallback(forward)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -208,6 +223,157 @@ async fn call(State(s): State<NodeState>, body: Bytes) -> Response {
     }
 }
 
+/// A template build on this host's backend, its events streamed back a line each: log lines
+/// as they come, then the outcome. The build runs in a task of its own, stopped when the
+/// answer is dropped (the control plane gave up or went away), which kills its builder VM.
+async fn build(State(s): State<NodeState>, body: Bytes) -> Response {
+    let mut spec: alcove_build_spec::BuildSpec = match serde_json::from_slice(&body) {
+        Ok(spec) => spec,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a build this node understands: {e}"),
+            )
+                .into_response();
+        }
+    };
+    // The archives were put here beforehand (`put_build_file`).
+    spec.files_dir = s.build_files.clone();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
+    let log: alcove_build_spec::BuildLog = {
+        let tx = tx.clone();
+        Arc::new(move |entry| {
+            let _ = tx.send(BuildEvent::Log { entry });
+        })
+    };
+    let backend = Arc::clone(&s.backend);
+    let task = tokio::spawn(async move {
+        let event = match backend.build_template(spec, log).await {
+            Ok(template) => BuildEvent::Built { template },
+            Err(failure) => BuildEvent::Failed { failure },
+        };
+        let _ = tx.send(event);
+    });
+    /// Stops the build when the answer (and with it this guard) is dropped before the end.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let lines = futures::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, guard)| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+            (rx, guard),
+        ))
+    });
+    (
+        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// A `COPY` archive for builds on this node, streamed to `<build_files>/<hash>` (written
+/// aside, then renamed into place, so a build never reads half of one).
+async fn put_build_file(
+    State(s): State<NodeState>,
+    axum::extract::Path(hash): axum::extract::Path<String>,
+    body: axum::body::Body,
+) -> Response {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    if hash.is_empty() || hash.len() > 128 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a build file is named by its files hash (hex)",
+        )
+            .into_response();
+    }
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} {}: {e}", s.build_files.display()),
+        )
+            .into_response()
+    };
+    if let Err(e) = tokio::fs::create_dir_all(&s.build_files).await {
+        return failed("creating", &e);
+    }
+    let dest = s.build_files.join(&hash);
+    let part = s
+        .build_files
+        .join(format!(".{hash}.{}.part", rand::random::<u64>()));
+    let mut file = match tokio::fs::File::create(&part).await {
+        Ok(f) => f,
+        Err(e) => return failed("writing in", &e),
+    };
+    let mut stream = body.into_data_stream();
+    let mut written = 0u64;
+    let outcome: Result<(), Response> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("the build file's upload broke: {e}"),
+                )
+                    .into_response()
+            })?;
+            written += chunk.len() as u64;
+            if written > MAX_BUILD_FILE {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a build file may be at most {MAX_BUILD_FILE} bytes"),
+                )
+                    .into_response());
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| failed("writing in", &e))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| failed("writing in", &e))?;
+        tokio::fs::rename(&part, &dest)
+            .await
+            .map_err(|e| failed("writing in", &e))
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let dir = s.build_files.clone();
+            tokio::task::spawn_blocking(move || sweep_build_files(&dir, BUILD_FILE_KEPT));
+            (StatusCode::NO_CONTENT, "").into_response()
+        }
+        Err(r) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            r
+        }
+    }
+}
+
+/// How long a build file stays after it was last put: longer than any build waits for its
+/// turn and runs (a build that needs it again puts it again).
+const BUILD_FILE_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes the build files (and parts of broken uploads) last written more than `kept` ago.
+fn sweep_build_files(dir: &std::path::Path, kept: Duration) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > kept);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn no_blobs() -> BackendError {
     BackendError::Failed {
         op: "move a paused sandbox, snapshot or template",
@@ -256,6 +422,7 @@ pub async fn dispatch(
         Call::NetCounters { sandbox_ids } => value(b.net_counters(&sandbox_ids).await),
         Call::Exec { sandbox_id, req } => value(b.exec(&sandbox_id, req).await),
         Call::KillAll => value(kill_all(b).await),
+        Call::DeleteTemplate { key } => value(b.delete_template(&key).await),
         Call::Export { .. }
         | Call::Import { .. }
         | Call::ExportSnapshot { .. }
@@ -659,6 +826,7 @@ async fn beat(
         templates,
         warm,
         draining: reg.draining.load(Ordering::Relaxed),
+        built: b.built_templates().await.map_err(|e| e.to_string())?,
         sandboxes: b
             .list()
             .await

@@ -14,14 +14,16 @@ use serde::de::DeserializeOwned;
 
 use crate::link::{CONTROL_KEY_HEADER, LinkError, Token, pinned_client_config};
 use crate::wire::{
-    Answer, CALL_PATH, Call, ERROR_HEADER, FORWARD_PREFIX, NodeFailure, PORT_HEADER,
-    SANDBOX_HEADER, WireError,
+    Answer, BUILD_FILES_PREFIX, BUILD_PATH, BuildEvent, CALL_PATH, Call, ERROR_HEADER,
+    FORWARD_PREFIX, NodeFailure, PORT_HEADER, SANDBOX_HEADER, WireError,
 };
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Largest call answer read from a node (a list of thousands of sandboxes, logs).
 const MAX_ANSWER: usize = 64 << 20;
+/// Longest line of a build's answer (a log line, the outcome).
+const MAX_BUILD_LINE: usize = 1 << 20;
 /// Bound on joining both upgraded sides after a 101.
 const UPGRADE_JOIN: Duration = Duration::from_secs(30);
 
@@ -43,6 +45,16 @@ fn link_failed(node: &str, what: &str, e: impl std::fmt::Display) -> BackendErro
             message: e.to_string(),
         }),
     }
+}
+
+/// A node's refusal as text: its status and (the start of) its body.
+async fn refusal(status: http::StatusCode, body: hyper::body::Incoming) -> String {
+    let bytes = http_body_util::Limited::new(body, 64 << 10)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    format!("{status}: {}", String::from_utf8_lossy(&bytes))
 }
 
 /// `Connection: upgrade` with an `Upgrade` header.
@@ -128,6 +140,114 @@ impl RemoteNode {
         tokio::time::timeout(deadline, exchange)
             .await
             .unwrap_or(Err(BackendError::Timeout))
+    }
+
+    /// Puts the `COPY` archive at `path` on this node as build file `hash`.
+    pub async fn put_build_file(
+        &self,
+        hash: &str,
+        path: &std::path::Path,
+        deadline: Duration,
+    ) -> Result<(), BackendError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| link_failed(&self.id, "read a build file", e))?;
+        let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+        let req = http::Request::put(format!("{}{BUILD_FILES_PREFIX}{hash}", self.url))
+            .version(Version::HTTP_2)
+            .header(CONTROL_KEY_HEADER, self.key.clone())
+            .body(body)
+            .map_err(|e| link_failed(&self.id, "build a request", e))?;
+        let exchange = async {
+            let resp = self.h2.request(req).await.map_err(|e| {
+                link_failed(&self.id, "reach the node", alcove_api::error::chain(&e))
+            })?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            Err(link_failed(
+                &self.id,
+                "put a build file",
+                refusal(status, resp.into_body()).await,
+            ))
+        };
+        tokio::time::timeout(deadline, exchange)
+            .await
+            .unwrap_or(Err(BackendError::Timeout))
+    }
+
+    /// Runs template build `spec` on this node: its log lines go to `log` as they come, and the
+    /// outcome is the node's, or the link's failure as a failure of the build's `base` step.
+    /// The build's own deadline bounds it, plus `margin`; dropping this future stops it on the
+    /// node.
+    pub async fn build(
+        &self,
+        spec: &alcove_build_spec::BuildSpec,
+        log: &alcove_build_spec::BuildLog,
+        margin: Duration,
+    ) -> Result<alcove_build_spec::BuiltTemplate, alcove_build_spec::BuildFailure> {
+        use alcove_build_spec::{BuildFailure, StepRef};
+        let failed = |message: String| BuildFailure {
+            step: StepRef::Base,
+            message: format!("the build on cluster node {}: {message}", self.id),
+        };
+        let body = serde_json::to_vec(spec).map_err(|e| failed(e.to_string()))?;
+        let req = http::Request::post(format!("{}{BUILD_PATH}", self.url))
+            .version(Version::HTTP_2)
+            .header(CONTROL_KEY_HEADER, self.key.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .map_err(|e| failed(e.to_string()))?;
+        let exchange = async {
+            let resp = self.h2.request(req).await.map_err(|e| {
+                failed(format!(
+                    "could not reach the node: {}",
+                    alcove_api::error::chain(&e)
+                ))
+            })?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                return Err(failed(refusal(status, body).await));
+            }
+            // One event per line; a line is bounded (a log line is, and so is the outcome).
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let frame = match body.frame().await {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => {
+                        return Err(failed(format!("the link broke during the build: {e}")));
+                    }
+                    None => {
+                        return Err(failed(
+                            "the node ended the build's answer without an outcome".into(),
+                        ));
+                    }
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    match serde_json::from_slice::<BuildEvent>(&line) {
+                        Ok(BuildEvent::Log { entry }) => log(entry),
+                        Ok(BuildEvent::Built { template }) => return Ok(template),
+                        Ok(BuildEvent::Failed { failure }) => return Err(failure),
+                        Err(e) => {
+                            return Err(failed(format!("an answer line it sent: {e}")));
+                        }
+                    }
+                }
+                if pending.len() > MAX_BUILD_LINE {
+                    return Err(failed("it sent a line longer than allowed".into()));
+                }
+            }
+        };
+        tokio::time::timeout(spec.deadline + margin, exchange)
+            .await
+            .unwrap_or_else(|_| Err(failed("no outcome within the build's deadline".into())))
     }
 
     /// Sandbox traffic to `port` in `sandbox_id` on this node, streamed both ways.

@@ -89,6 +89,10 @@ pub struct Heartbeat {
     /// where each is within a heartbeat, including those another replica placed.
     #[serde(default)]
     pub sandboxes: Vec<String>,
+    /// Keys of the templates built through the API on this node (sandboxes and builds from
+    /// them are placed here).
+    #[serde(default)]
+    pub built: Vec<String>,
 }
 
 /// The control plane's answer to a heartbeat.
@@ -187,6 +191,33 @@ pub enum Call {
     /// take it in.
     ImportTemplate {
         key: String,
+    },
+    /// Give back template `key` built through the API (see `SandboxBackend::delete_template`).
+    DeleteTemplate {
+        key: String,
+    },
+}
+
+/// A node's path for a template build (`POST`, a [`alcove_build_spec::BuildSpec`] as JSON):
+/// the answer streams [`BuildEvent`]s, one JSON object per line, until the build ends. A
+/// build whose answer is dropped (the control plane went away) is stopped.
+pub const BUILD_PATH: &str = "/node/v1/build";
+/// A node's path for an uploaded `COPY` archive a build needs (`PUT`, the archive as the body):
+/// `/node/v1/build-files/<filesHash>`.
+pub const BUILD_FILES_PREFIX: &str = "/node/v1/build-files/";
+
+/// One line of a build's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum BuildEvent {
+    Log {
+        entry: alcove_build_spec::BuildLogEntry,
+    },
+    Built {
+        template: alcove_build_spec::BuiltTemplate,
+    },
+    Failed {
+        failure: alcove_build_spec::BuildFailure,
     },
 }
 

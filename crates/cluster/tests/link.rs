@@ -23,6 +23,8 @@ struct Host {
     name: String,
     memory_available_mib: u64,
     sandboxes: Mutex<HashMap<String, bool>>,
+    /// Keys of templates built here (`build_template`).
+    built: Mutex<Vec<String>>,
 }
 
 impl Host {
@@ -31,6 +33,7 @@ impl Host {
             name: name.into(),
             memory_available_mib: mem,
             sandboxes: Mutex::new(HashMap::new()),
+            built: Mutex::new(Vec::new()),
         })
     }
     fn ids(&self) -> Vec<String> {
@@ -55,9 +58,73 @@ impl SandboxBackend for Host {
             }])
         })
     }
+    /// A build that logs each step and reads each `COPY` archive from `files_dir` (so the
+    /// archives must have arrived); its key is the archives' contents in hex. A `RUN` of
+    /// `fail` fails that step.
+    fn build_template(
+        &self,
+        spec: alcove_build_spec::BuildSpec,
+        log: alcove_build_spec::BuildLog,
+    ) -> BoxFuture<'_, Result<alcove_build_spec::BuiltTemplate, alcove_build_spec::BuildFailure>>
+    {
+        use alcove_build_spec::{BuildFailure, BuildLogEntry, LogLevel, StepKind, StepRef};
+        Box::pin(async move {
+            let mut key = String::new();
+            for (i, step) in spec.steps.iter().enumerate() {
+                let at = StepRef::Step(i as u32 + 1);
+                let message = match &step.kind {
+                    StepKind::Copy { files_hash, .. } => {
+                        let data = std::fs::read(spec.files_dir.join(files_hash)).map_err(|e| {
+                            BuildFailure {
+                                step: at,
+                                message: format!("no archive {files_hash}: {e}"),
+                            }
+                        })?;
+                        key += &hex(&data);
+                        format!("copied {} bytes on {}", data.len(), self.name)
+                    }
+                    StepKind::Run { cmd, .. } if cmd == "fail" => {
+                        return Err(BuildFailure {
+                            step: at,
+                            message: "exit 1".into(),
+                        });
+                    }
+                    other => format!("{other:?}"),
+                };
+                log(BuildLogEntry {
+                    level: LogLevel::Info,
+                    step: at,
+                    message,
+                });
+            }
+            self.built.lock().unwrap().push(key.clone());
+            Ok(alcove_build_spec::BuiltTemplate {
+                key,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                disk_mib: 1024,
+                cached_steps: 0,
+                stored_bytes: 1,
+            })
+        })
+    }
+    fn built_templates(&self) -> BoxFuture<'_, Result<Vec<String>, BackendError>> {
+        Box::pin(async { Ok(self.built.lock().unwrap().clone()) })
+    }
+    fn delete_template<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut built = self.built.lock().unwrap();
+            let n = built.len();
+            built.retain(|k| k != key);
+            if built.len() == n {
+                return Err(BackendError::TemplateNotFound);
+            }
+            Ok(())
+        })
+    }
     fn create(&self, req: CreateSandbox) -> BoxFuture<'_, Result<StartedSandbox, BackendError>> {
         Box::pin(async move {
-            if req.template_id != "base" {
+            if req.template_id != "base" && !self.built.lock().unwrap().contains(&req.template_id) {
                 return Err(BackendError::TemplateNotFound);
             }
             self.sandboxes
@@ -227,6 +294,7 @@ async fn start_node(
         Token::new(token),
         None,
         Default::default(),
+        dir.join(name).join("build-files"),
     );
     let fp = cert.fingerprint();
     tokio::spawn(async move {
@@ -423,6 +491,159 @@ async fn creates_are_placed_routed_and_carried_and_a_silent_node_is_lost() {
     }
 }
 
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn build_spec(
+    from: &str,
+    steps: Vec<alcove_build_spec::StepKind>,
+    files_dir: &std::path::Path,
+) -> alcove_build_spec::BuildSpec {
+    alcove_build_spec::BuildSpec {
+        build_id: "b1".into(),
+        name: "app".into(),
+        from: alcove_build_spec::BuildFrom::Template(from.into()),
+        steps: steps
+            .into_iter()
+            .map(|kind| alcove_build_spec::Step { kind, force: false })
+            .collect(),
+        start_cmd: None,
+        ready_cmd: None,
+        vcpus: 1,
+        memory_mib: 512,
+        force: false,
+        files_dir: files_dir.into(),
+        network: create_req("x").network,
+        deadline: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_run_on_a_node_with_their_files_and_sandboxes_follow_the_template() {
+    use alcove_build_spec::{StepKind, StepRef};
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, url) = control_plane().await;
+    let a = start_node("node-a", 6000, &url, dir.path(), TOKEN).await;
+    let b = start_node("node-b", 4000, &url, dir.path(), TOKEN).await;
+    // The control plane's uploads: one archive, used by two COPY steps.
+    let uploads = dir.path().join("uploads");
+    std::fs::create_dir_all(&uploads).unwrap();
+    std::fs::write(uploads.join("ab12"), b"archive").unwrap();
+    let copy = || StepKind::Copy {
+        files_hash: "ab12".into(),
+        src: ".".into(),
+        dest: "/app/".into(),
+        owner: None,
+        mode: None,
+    };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let log: alcove_build_spec::BuildLog = {
+        let lines = Arc::clone(&lines);
+        Arc::new(move |e| lines.lock().unwrap().push(e))
+    };
+    let spec = build_spec(
+        "base",
+        vec![
+            copy(),
+            StepKind::Run {
+                cmd: "make".into(),
+                user: None,
+            },
+            copy(),
+        ],
+        &uploads,
+    );
+    let built = cluster.build_template(spec, log).await.unwrap();
+    assert_eq!(built.key, hex(b"archive").repeat(2));
+    // Spread: the node with more free memory built it, with the archive beside it.
+    assert_eq!(*a.host.built.lock().unwrap(), vec![built.key.clone()]);
+    assert!(b.host.built.lock().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read(dir.path().join("node-a/build-files/ab12")).unwrap(),
+        b"archive"
+    );
+    let lines = lines.lock().unwrap().clone();
+    let messages: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(messages[0], "Building on cluster node node-a");
+    assert_eq!(messages[1], "copied 7 bytes on node-a");
+    assert_eq!(lines[3].step, StepRef::Step(3));
+    assert_eq!(lines.len(), 4);
+
+    // Sandboxes of the built template go to the node that has it, although b has room too.
+    for i in 0..3 {
+        let mut req = create_req(&format!("app{i}"));
+        req.template_id = built.key.clone();
+        cluster.create(req).await.unwrap();
+    }
+    assert_eq!(a.host.ids(), ["app0", "app1", "app2"]);
+    // So does a build from it (and its node's next heartbeat also lists it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from_built = build_spec(&built.key, vec![], &uploads);
+    let noop: alcove_build_spec::BuildLog = Arc::new(|_| {});
+    cluster
+        .build_template(from_built, noop.clone())
+        .await
+        .unwrap();
+    assert_eq!(a.host.built.lock().unwrap().len(), 2);
+
+    // A failed step comes back as that step's failure; a missing archive as its COPY's.
+    let failing = build_spec(
+        "base",
+        vec![StepKind::Run {
+            cmd: "fail".into(),
+            user: None,
+        }],
+        &uploads,
+    );
+    let f = cluster
+        .build_template(failing, noop.clone())
+        .await
+        .unwrap_err();
+    assert_eq!((f.step, f.message.as_str()), (StepRef::Step(1), "exit 1"));
+    let mut missing = build_spec(
+        "base",
+        vec![
+            StepKind::Run {
+                cmd: "x".into(),
+                user: None,
+            },
+            copy(),
+        ],
+        &uploads,
+    );
+    missing.steps[1].kind = StepKind::Copy {
+        files_hash: "cd34".into(),
+        src: ".".into(),
+        dest: "/".into(),
+        owner: None,
+        mode: None,
+    };
+    let f = cluster
+        .build_template(missing, noop.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(f.step, StepRef::Step(2));
+    assert!(f.message.contains("sending its files"), "{}", f.message);
+    // No node has the parent.
+    let f = cluster
+        .build_template(build_spec("nope", vec![], &uploads), noop)
+        .await
+        .unwrap_err();
+    assert_eq!(f.step, StepRef::Base);
+    assert!(f.message.contains("no cluster node"), "{}", f.message);
+
+    // Deleted: gone from its node, and no new sandbox is made from it.
+    cluster.delete_template(&built.key).await.unwrap();
+    assert!(!a.host.built.lock().unwrap().contains(&built.key));
+    let mut req = create_req("app9");
+    req.template_id = built.key.clone();
+    assert!(matches!(
+        cluster.create(req).await,
+        Err(BackendError::TemplateNotFound)
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_are_joined_through_the_link() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -521,6 +742,7 @@ async fn strangers_are_refused_on_both_sides() {
         warm: vec![],
         draining: false,
         sandboxes: vec![],
+        built: vec![],
     };
     let (status, msg) = cluster.heartbeat(hb.clone()).unwrap_err();
     assert_eq!(status, 409);

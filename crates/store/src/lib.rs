@@ -593,30 +593,24 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        // This one no longer claims it: the statement that finds its connection broken fails,
-        // the next one reconnects and finds the lock taken.
-        let held = loop {
-            match store.hold_duties() {
-                Ok(held) => break held,
-                Err(_) => {
-                    assert!(std::time::Instant::now() < deadline, "never reconnected");
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-            }
-        };
-        assert!(!held, "a lock lost with its session is still claimed");
-        // Every connection serves again.
-        for _ in 0..2 * pg_target::DEFAULT_CONNECTIONS {
-            let teams = loop {
-                match store.teams() {
-                    Ok(t) => break t,
+        // The statement that finds a connection broken fails; the next one reconnects.
+        fn retried<T>(deadline: std::time::Instant, f: impl Fn() -> Result<T>) -> T {
+            loop {
+                match f() {
+                    Ok(v) => return v,
                     Err(_) => {
                         assert!(std::time::Instant::now() < deadline, "never reconnected");
                         std::thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
-            };
-            assert_eq!(teams.len(), 1);
+            }
+        }
+        // This one no longer claims it: its connection, made again, finds the lock taken.
+        let held = retried(deadline, || store.hold_duties());
+        assert!(!held, "a lock lost with its session is still claimed");
+        // Every connection serves again.
+        for _ in 0..2 * pg_target::DEFAULT_CONNECTIONS {
+            assert_eq!(retried(deadline, || store.teams()).len(), 1);
         }
     }
 

@@ -7,6 +7,9 @@ uid range and TLS link listener; they share the templates' cache, as nodes of on
 Creates alternate between the replicas, and records are read through the other one.
 
 - Creates spread over the nodes, and each sandbox works: commands, files, pause and resume.
+- A template built through the API (`Template.build`, a `COPY` and a `RUN`) is built in a
+  builder microVM on one node, which receives the uploaded archive over the link; its sandboxes,
+  made through the other replica, go to that node; deleting it removes its files there.
 - A network rule's secret is filled in by the egress proxy of the sandbox's node, which asks the
   control plane's store for it over the link (test_secret_egress.py's test internet), and the
   node's egress events reach the control plane's audit log.
@@ -83,6 +86,47 @@ def test_creates_spread_over_the_nodes_and_each_sandbox_works(cluster):
     finally:
         for s in sbxs:
             s.kill()
+
+
+def test_a_template_built_through_the_api_runs_on_its_node(cluster):
+    from e2b import Template
+
+    ctx = tempfile.mkdtemp(dir=cluster.root)
+    with open(os.path.join(ctx, "hello.txt"), "w") as f:
+        f.write("from the build context\n")
+    name = f"cluster-built-{uuid.uuid4().hex[:8]}"
+    t = (Template(file_context_path=ctx).from_template(TEMPLATE)
+         .copy("hello.txt", "/home/user/hello.txt")
+         .run_cmd("echo built-$((40+2)) > /home/user/run.txt"))
+    logs = []
+    info = Template.build(t, name, on_build_logs=logs.append, **cluster.sdk(0))
+    msgs = [str(getattr(e, "message", "")) for e in logs]
+    on = [m for m in msgs if m.startswith("Building on cluster node ")]
+    assert len(on) == 1, msgs
+    builder = on[0].rsplit(" ", 1)[1]
+    assert builder in cluster.nodes, on
+    # The archive came to that node over the link.
+    files = os.listdir(os.path.join(cluster.nodes[builder][1], "build-files"))
+    assert len(files) == 1, files
+    built = os.path.join(cluster.nodes[builder][1], "templates")
+    keys = os.listdir(built)
+    assert len(keys) == 1, keys
+    # Through the other replica, which learns where the template is from the heartbeats.
+    sbxs = [Sandbox.create(name, timeout=300, **cluster.sdk(1)) for _ in range(2)]
+    try:
+        for s in sbxs:
+            assert cluster.node_of(s.sandbox_id) == builder
+            assert s.files.read("/home/user/hello.txt") == "from the build context\n"
+            assert s.commands.run("cat /home/user/run.txt").stdout.strip() == "built-42"
+    finally:
+        for s in sbxs:
+            s.kill()
+    r = cluster.http_b.delete(f"/templates/{info.template_id}")
+    assert r.status_code == 204, r.text
+    wait_for("the deleted template's files to go from its node",
+             lambda: not os.path.exists(os.path.join(built, keys[0])), 30)
+    with pytest.raises(Exception):
+        Sandbox.create(name, timeout=60, **cluster.sdk(0))
 
 
 def test_a_network_rule_fills_a_secret_on_the_sandboxs_node(cluster):

@@ -239,12 +239,6 @@ impl Service {
         req: models::TemplateBuildRequestV3,
     ) -> Result<models::TemplateRequestResponseV3, ApiError> {
         self.files()?;
-        if self.backend.nodes().is_some() {
-            return Err(ApiError::Unsupported {
-                feature: "template builds on a cluster (build templates on each node with \
-                          `alcove template build`)",
-            });
-        }
         let name = req
             .name
             .or(req.alias)
@@ -1003,22 +997,49 @@ impl Service {
         }
     }
 
-    /// At startup: builds the previous process was running or had queued can't finish.
+    /// At startup: builds the previous process was running or had queued can't finish. On a
+    /// cluster, whose control-plane replicas share the store, another replica may be running
+    /// them: only builds too old to be alive anywhere (past the build deadline, with a margin)
+    /// are interrupted, at startup and by the replica on duty from then on
+    /// ([`Service::interrupt_stale_builds`]).
     pub async fn interrupt_builds(&self) -> Result<usize, ApiError> {
+        let shared = self.backend.nodes().is_some();
+        self.interrupt_builds_older(shared).await
+    }
+
+    /// On a cluster: builds a replica that died was running or had queued, once they are past
+    /// any deadline. Called by the reaper on the replica on duty.
+    pub async fn interrupt_stale_builds(&self) {
+        if self.backend.nodes().is_none() {
+            return;
+        }
+        if let Err(e) = self.interrupt_builds_older(true).await {
+            tracing::warn!(error = %chain(&e), "interrupting stale template builds failed");
+        }
+    }
+
+    async fn interrupt_builds_older(&self, only_stale: bool) -> Result<usize, ApiError> {
+        // A build task gives up a minute after the build's deadline; five is beyond any doubt.
+        let stale_before =
+            now_ms() - (self.limits.build_timeout + Duration::from_secs(300)).as_millis() as i64;
         let n = self
-            .db(|s| {
+            .db(move |s| {
                 let mut n = 0;
                 for status in [BuildStatus::Building, BuildStatus::Waiting] {
                     for b in s.builds_in(status)? {
-                        s.set_build_status(
-                            &b.id,
-                            BuildStatus::Error,
-                            Some((
-                                "interrupted: the server restarted during the build; start the \
-                                 build again",
-                                None,
-                            )),
-                        )?;
+                        // Never triggered (no spec yet): nothing runs it anywhere, and its
+                        // caller may still start it.
+                        if only_stale && (b.updated_at > stale_before || b.spec.is_none()) {
+                            continue;
+                        }
+                        let why = if only_stale {
+                            "interrupted: the control-plane replica running the build stopped; \
+                             start the build again"
+                        } else {
+                            "interrupted: the server restarted during the build; start the \
+                             build again"
+                        };
+                        s.set_build_status(&b.id, BuildStatus::Error, Some((why, None)))?;
                         n += 1;
                     }
                 }

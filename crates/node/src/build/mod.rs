@@ -534,6 +534,25 @@ impl<V: Vmm> Node<V> {
         Ok(())
     }
 
+    /// Keys of the API-built templates this node has, whole and not deleted (a cluster's
+    /// control plane places sandboxes and builds from them here).
+    pub fn built_templates(&self) -> Vec<String> {
+        let root = built_root(&self.cfg.data_dir);
+        let mut keys: Vec<String> = std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let dir = e.path();
+                dir.join("manifest.json").exists() && !dir.join(DELETED).exists()
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|k| valid_key(k))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Removes the files of deleted API-built templates nothing references any more.
     pub fn collect_templates(&self) -> Vec<String> {
         let root = built_root(&self.cfg.data_dir);
