@@ -108,6 +108,19 @@ job "alcove" {
         change_mode = "restart"
       }
 
+      # The store: SQLite in --data-dir, unless the job's variable also holds `database_url`
+      # (postgres://USER:PASSWORD@HOST/DATABASE?sslmode=require), given to the server as
+      # ALCOVE_DATABASE_URL from this file of the task's secrets, never on its command line.
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/alcove" }}{{ if .database_url }}ALCOVE_DATABASE_URL={{ .database_url }}{{ end }}{{ end }}
+        EOT
+        destination = "secrets/database.env"
+        env         = true
+        perms       = "400"
+        change_mode = "restart"
+      }
+
       kill_timeout = "30s"
 
       resources {
