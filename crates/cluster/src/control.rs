@@ -991,6 +991,12 @@ impl ClusterBackend {
         log: BuildLog,
     ) -> Result<BuiltTemplate, BuildFailure> {
         let failure = |step: StepRef, message: String| BuildFailure { step, message };
+        if !crate::wire::valid_build_id(&spec.build_id) {
+            return Err(failure(
+                StepRef::Base,
+                format!("build id {:?} is not a UUID", spec.build_id),
+            ));
+        }
         self.settled().await;
         let parent = match &spec.from {
             BuildFrom::Template(t) => Some(t.as_str()),
@@ -1031,7 +1037,8 @@ impl ClusterBackend {
             if !sent.insert(files_hash.as_str()) {
                 continue;
             }
-            node.put_build_file(files_hash, &spec.files_dir.join(files_hash), LONG)
+            let path = spec.files_dir.join(files_hash);
+            node.put_build_file(&spec.build_id, files_hash, &path, LONG)
                 .await
                 .map_err(|e| {
                     failure(

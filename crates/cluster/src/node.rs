@@ -43,7 +43,9 @@ struct NodeState {
     moves: Option<Moves>,
     /// What the heartbeats announce as `draining` ([`Registration::draining`]).
     draining: Arc<AtomicBool>,
-    /// Where the `COPY` archives of builds run here are kept (`<data>/build-files`).
+    /// Where the `COPY` archives of builds run here are kept, a directory per build
+    /// (`<data>/build-files/<build id>/<files hash>`): never shared between builds, since a
+    /// files hash is the uploader's word, not checked against the content.
     build_files: PathBuf,
 }
 
@@ -132,7 +134,7 @@ pub fn router(
         .route(BUILD_PATH, axum::routing::post(build))
         .layer(DefaultBodyLimit::max(MAX_CALL_BODY))
         .route(
-            &format!("{BUILD_FILES_PREFIX}{{hash}}"),
+            &format!("{BUILD_FILES_PREFIX}{{build}}/{{hash}}"),
             axum::routing::put(put_build_file),
         )
         .fallback(forward)
@@ -237,8 +239,11 @@ async fn build(State(s): State<NodeState>, body: Bytes) -> Response {
                 .into_response();
         }
     };
-    // The archives were put here beforehand (`put_build_file`).
-    spec.files_dir = s.build_files.clone();
+    let Some(files) = build_dir(&s.build_files, &spec.build_id) else {
+        return (StatusCode::BAD_REQUEST, "a build id is a UUID").into_response();
+    };
+    // The archives were put here beforehand (`put_build_file`); they go with the build.
+    spec.files_dir = files.clone();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
     let log: alcove_build_spec::BuildLog = {
         let tx = tx.clone();
@@ -248,6 +253,14 @@ async fn build(State(s): State<NodeState>, body: Bytes) -> Response {
     };
     let backend = Arc::clone(&s.backend);
     let task = tokio::spawn(async move {
+        // Removes the build's archives when the build ends, or is stopped.
+        struct Files(PathBuf);
+        impl Drop for Files {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _files = Files(files);
         let event = match backend.build_template(spec, log).await {
             Ok(template) => BuildEvent::Built { template },
             Err(failure) => BuildEvent::Failed { failure },
@@ -277,36 +290,44 @@ async fn build(State(s): State<NodeState>, body: Bytes) -> Response {
         .into_response()
 }
 
-/// A `COPY` archive for builds on this node, streamed to `<build_files>/<hash>` (written
-/// aside, then renamed into place, so a build never reads half of one).
+/// The directory of build `build_id`'s archives, or `None` for an id that is not a UUID's
+/// characters (it names a directory).
+fn build_dir(root: &std::path::Path, build_id: &str) -> Option<PathBuf> {
+    crate::wire::valid_build_id(build_id).then(|| root.join(build_id))
+}
+
+/// A `COPY` archive for build `build` on this node, streamed to
+/// `<build_files>/<build>/<hash>` (written aside, then renamed into place, so a build never
+/// reads half of one).
 async fn put_build_file(
     State(s): State<NodeState>,
-    axum::extract::Path(hash): axum::extract::Path<String>,
+    axum::extract::Path((build, hash)): axum::extract::Path<(String, String)>,
     body: axum::body::Body,
 ) -> Response {
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
-    if hash.is_empty() || hash.len() > 128 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+    let dir = build_dir(&s.build_files, &build);
+    let Some(dir) = dir.filter(|_| {
+        !hash.is_empty() && hash.len() <= 128 && hash.chars().all(|c| c.is_ascii_hexdigit())
+    }) else {
         return (
             StatusCode::BAD_REQUEST,
-            "a build file is named by its files hash (hex)",
+            "a build file is named by its build's id (a UUID) and its files hash (hex)",
         )
             .into_response();
-    }
+    };
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{what} {}: {e}", s.build_files.display()),
+            format!("{what} {}: {e}", dir.display()),
         )
             .into_response()
     };
-    if let Err(e) = tokio::fs::create_dir_all(&s.build_files).await {
+    if let Err(e) = tokio::fs::create_dir_all(&dir).await {
         return failed("creating", &e);
     }
-    let dest = s.build_files.join(&hash);
-    let part = s
-        .build_files
-        .join(format!(".{hash}.{}.part", rand::random::<u64>()));
+    let dest = dir.join(&hash);
+    let part = dir.join(format!(".{hash}.{}.part", rand::random::<u64>()));
     let mut file = match tokio::fs::File::create(&part).await {
         Ok(f) => f,
         Err(e) => return failed("writing in", &e),
@@ -344,8 +365,8 @@ async fn put_build_file(
     .await;
     match outcome {
         Ok(()) => {
-            let dir = s.build_files.clone();
-            tokio::task::spawn_blocking(move || sweep_build_files(&dir, BUILD_FILE_KEPT));
+            let root = s.build_files.clone();
+            tokio::task::spawn_blocking(move || sweep_build_files(&root, BUILD_FILE_KEPT));
             (StatusCode::NO_CONTENT, "").into_response()
         }
         Err(r) => {
@@ -355,13 +376,14 @@ async fn put_build_file(
     }
 }
 
-/// How long a build file stays after it was last put: longer than any build waits for its
-/// turn and runs (a build that needs it again puts it again).
+/// How long the archives of a build that never started (its call never came) stay: longer
+/// than any build waits for its turn and runs.
 const BUILD_FILE_KEPT: Duration = Duration::from_secs(24 * 3600);
 
-/// Removes the build files (and parts of broken uploads) last written more than `kept` ago.
-fn sweep_build_files(dir: &std::path::Path, kept: Duration) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+/// Removes the build directories last written more than `kept` ago (a build removes its own
+/// when it ends).
+fn sweep_build_files(root: &std::path::Path, kept: Duration) {
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let old = e
             .metadata()
             .and_then(|m| m.modified())
@@ -369,7 +391,7 @@ fn sweep_build_files(dir: &std::path::Path, kept: Duration) {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > kept);
         if old {
-            let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -142,9 +142,10 @@ impl RemoteNode {
             .unwrap_or(Err(BackendError::Timeout))
     }
 
-    /// Puts the `COPY` archive at `path` on this node as build file `hash`.
+    /// Puts the `COPY` archive at `path` on this node as file `hash` of build `build_id`.
     pub async fn put_build_file(
         &self,
+        build_id: &str,
         hash: &str,
         path: &std::path::Path,
         deadline: Duration,
@@ -153,7 +154,7 @@ impl RemoteNode {
             .await
             .map_err(|e| link_failed(&self.id, "read a build file", e))?;
         let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-        let req = http::Request::put(format!("{}{BUILD_FILES_PREFIX}{hash}", self.url))
+        let req = http::Request::put(format!("{}{BUILD_FILES_PREFIX}{build_id}/{hash}", self.url))
             .version(Version::HTTP_2)
             .header(CONTROL_KEY_HEADER, self.key.clone())
             .body(body)

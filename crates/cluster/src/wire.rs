@@ -203,8 +203,13 @@ pub enum Call {
 /// build whose answer is dropped (the control plane went away) is stopped.
 pub const BUILD_PATH: &str = "/node/v1/build";
 /// A node's path for an uploaded `COPY` archive a build needs (`PUT`, the archive as the body):
-/// `/node/v1/build-files/<filesHash>`.
+/// `/node/v1/build-files/<build id>/<filesHash>`, removed when that build ends.
 pub const BUILD_FILES_PREFIX: &str = "/node/v1/build-files/";
+
+/// Whether `id` can name a build on the link (a UUID's characters: it names a directory).
+pub fn valid_build_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
 
 /// One line of a build's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]

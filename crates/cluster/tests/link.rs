@@ -559,10 +559,8 @@ async fn builds_run_on_a_node_with_their_files_and_sandboxes_follow_the_template
     // Spread: the node with more free memory built it, with the archive beside it.
     assert_eq!(*a.host.built.lock().unwrap(), vec![built.key.clone()]);
     assert!(b.host.built.lock().unwrap().is_empty());
-    assert_eq!(
-        std::fs::read(dir.path().join("node-a/build-files/ab12")).unwrap(),
-        b"archive"
-    );
+    // Its archives (read by the build: the key is made of them) went with the build.
+    assert!(!dir.path().join("node-a/build-files/b1").exists());
     let lines = lines.lock().unwrap().clone();
     let messages: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
     assert_eq!(messages[0], "Building on cluster node node-a");
@@ -627,11 +625,32 @@ async fn builds_run_on_a_node_with_their_files_and_sandboxes_follow_the_template
     assert!(f.message.contains("sending its files"), "{}", f.message);
     // No node has the parent.
     let f = cluster
-        .build_template(build_spec("nope", vec![], &uploads), noop)
+        .build_template(build_spec("nope", vec![], &uploads), noop.clone())
         .await
         .unwrap_err();
     assert_eq!(f.step, StepRef::Base);
     assert!(f.message.contains("no cluster node"), "{}", f.message);
+
+    // Each build reads its own archives: another build's upload under the same files hash
+    // (which the uploader names, unchecked) never reaches it.
+    std::fs::write(uploads.join("ab12"), b"other").unwrap();
+    let mut other = build_spec("base", vec![copy()], &uploads);
+    other.build_id = "b2".into();
+    let (a_built, b_built) = tokio::join!(cluster.build_template(other, noop.clone()), async {
+        std::fs::write(dir.path().join("u2"), b"archive").unwrap();
+        let mut again = build_spec("base", vec![copy()], &dir.path().join("u2d"));
+        std::fs::create_dir_all(dir.path().join("u2d")).unwrap();
+        std::fs::rename(dir.path().join("u2"), dir.path().join("u2d/ab12")).unwrap();
+        again.build_id = "b3".into();
+        cluster.build_template(again, noop.clone()).await
+    });
+    assert_eq!(a_built.unwrap().key, hex(b"other"));
+    assert_eq!(b_built.unwrap().key, hex(b"archive"));
+    // A build id names a directory: only a UUID's characters.
+    let mut bad = build_spec("base", vec![copy()], &uploads);
+    bad.build_id = "../x".into();
+    let f = cluster.build_template(bad, noop).await.unwrap_err();
+    assert!(f.message.contains("UUID"), "{}", f.message);
 
     // Deleted: gone from its node, and no new sandbox is made from it.
     cluster.delete_template(&built.key).await.unwrap();
