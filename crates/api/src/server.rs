@@ -524,14 +524,23 @@ fn bootstrap(store: &Store, data_dir: &Path) -> Result<Option<String>, ServeErro
 async fn reaper(svc: Arc<Service>) {
     let mut tick = tokio::time::interval(svc.limits().reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Builds go stale over minutes (their deadline plus five), not seconds: looked for once a
+    // minute, not at every tick (the start-up pass just did).
+    let mut builds_checked = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if svc.on_duty().await {
             svc.reap_expired().await;
-            svc.interrupt_stale_builds().await;
+            if builds_checked.elapsed() >= STALE_BUILD_CHECK {
+                builds_checked = tokio::time::Instant::now();
+                svc.interrupt_stale_builds().await;
+            }
         }
     }
 }
+
+/// How often the replica on duty looks for the builds of a replica that died.
+const STALE_BUILD_CHECK: Duration = Duration::from_secs(60);
 
 /// Notices VMs that vanished. Its own loop: a slow or hung backend `list` (cut off at its
 /// deadline) must not hold up the reaper.

@@ -186,38 +186,17 @@ async fn call(State(s): State<NodeState>, body: Bytes) -> Response {
                 .into_response();
         }
     };
-    let r = match call {
-        Call::Export { sandbox_id } => match &s.moves {
-            Some(m) => value(m.export(Kind::Paused, &sandbox_id).await),
-            None => Err(no_blobs()),
-        },
-        Call::Import { sandbox_id } => match &s.moves {
-            Some(m) => value(m.import(Kind::Paused, &sandbox_id).await),
-            None => Err(no_blobs()),
-        },
-        Call::ExportSnapshot { snapshot_id } => match &s.moves {
-            Some(m) => value(m.export(Kind::Snapshot, &snapshot_id).await),
-            None => Err(no_blobs()),
-        },
-        Call::ImportSnapshot { snapshot_id } => match &s.moves {
-            Some(m) => value(m.import(Kind::Snapshot, &snapshot_id).await),
-            None => Err(no_blobs()),
-        },
-        Call::ExportTemplate { key } => match &s.moves {
-            Some(m) => value(m.export(Kind::Template, &key).await),
-            None => Err(no_blobs()),
-        },
-        Call::ImportTemplate { key } => match &s.moves {
-            Some(m) => value(m.import(Kind::Template, &key).await),
-            None => Err(no_blobs()),
-        },
-        Call::Drain => {
+    let r = match (call.movement(), &s.moves) {
+        (Some((true, kind, id)), Some(m)) => value(m.export(kind, id).await),
+        (Some((false, kind, id)), Some(m)) => value(m.import(kind, id).await),
+        (Some(_), None) => Err(no_blobs()),
+        (None, _) if matches!(call, Call::Drain) => {
             if !s.draining.swap(true, Ordering::Relaxed) {
                 tracing::info!("draining: this node takes no new sandboxes");
             }
             Ok(serde_json::Value::Bool(true))
         }
-        call => dispatch(s.backend.as_ref(), call).await,
+        (None, _) => dispatch(s.backend.as_ref(), call).await,
     };
     match r {
         Ok(v) => json(&Answer::Ok(v)),

@@ -99,6 +99,15 @@ impl RemoteNode {
         })
     }
 
+    /// A request to `path` on this node's link: HTTP/2, with the control key.
+    fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .version(Version::HTTP_2)
+            .header(CONTROL_KEY_HEADER, self.key.clone())
+    }
+
     /// One call, its answer read within `deadline`.
     pub async fn call<T: DeserializeOwned>(
         &self,
@@ -106,9 +115,8 @@ impl RemoteNode {
         deadline: Duration,
     ) -> Result<T, BackendError> {
         let body = serde_json::to_vec(call).map_err(|e| link_failed(&self.id, "encode", e))?;
-        let req = http::Request::post(format!("{}{CALL_PATH}", self.url))
-            .version(Version::HTTP_2)
-            .header(CONTROL_KEY_HEADER, self.key.clone())
+        let req = self
+            .request(http::Method::POST, CALL_PATH)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .map_err(|e| link_failed(&self.id, "build a call", e))?;
@@ -154,9 +162,11 @@ impl RemoteNode {
             .await
             .map_err(|e| link_failed(&self.id, "read a build file", e))?;
         let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-        let req = http::Request::put(format!("{}{BUILD_FILES_PREFIX}{build_id}/{hash}", self.url))
-            .version(Version::HTTP_2)
-            .header(CONTROL_KEY_HEADER, self.key.clone())
+        let req = self
+            .request(
+                http::Method::PUT,
+                &format!("{BUILD_FILES_PREFIX}{build_id}/{hash}"),
+            )
             .body(body)
             .map_err(|e| link_failed(&self.id, "build a request", e))?;
         let exchange = async {
@@ -194,9 +204,8 @@ impl RemoteNode {
             message: format!("the build on cluster node {}: {message}", self.id),
         };
         let body = serde_json::to_vec(spec).map_err(|e| failed(e.to_string()))?;
-        let req = http::Request::post(format!("{}{BUILD_PATH}", self.url))
-            .version(Version::HTTP_2)
-            .header(CONTROL_KEY_HEADER, self.key.clone())
+        let req = self
+            .request(http::Method::POST, BUILD_PATH)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .map_err(|e| failed(e.to_string()))?;

@@ -226,6 +226,23 @@ pub enum BuildEvent {
     },
 }
 
+impl Call {
+    /// For a call that moves files through the blob store: whether it exports (else imports),
+    /// what it moves, and which.
+    pub fn movement(&self) -> Option<(bool, crate::blobs::Kind, &str)> {
+        use crate::blobs::Kind;
+        Some(match self {
+            Call::Export { sandbox_id } => (true, Kind::Paused, sandbox_id),
+            Call::Import { sandbox_id } => (false, Kind::Paused, sandbox_id),
+            Call::ExportSnapshot { snapshot_id } => (true, Kind::Snapshot, snapshot_id),
+            Call::ImportSnapshot { snapshot_id } => (false, Kind::Snapshot, snapshot_id),
+            Call::ExportTemplate { key } => (true, Kind::Template, key),
+            Call::ImportTemplate { key } => (false, Kind::Template, key),
+            _ => return None,
+        })
+    }
+}
+
 /// A call's answer: `{"ok": …}` or `{"err": …}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
